@@ -1,0 +1,69 @@
+"""Wire schemas, constants and ZeroMQ plumbing shared by every splittun process.
+
+- `verdict`, `marks`: Portmaster's verdict enum and packet marks, defined once.
+- `schema`, `events`, `control`: typed msgpack schemas for bus messages and control requests.
+- `flows`: the flow key the interceptor and the proxies both use for a connection.
+- `endpoints`, `transport`, `loop`, `log`: where sockets live, publish/subscribe/request/reply helpers,
+  the poll loop every process runs, and the one log-line format.
+- `bus`: the XSUB/XPUB forwarder program (`python -m messages.bus`).
+"""
+
+from .control import Reply, Request, RequestFailed
+from .events import (
+    ConnEnd,
+    ConnNew,
+    ConnVerdict,
+    GatewayRecord,
+    Heartbeat,
+    InterfaceRecord,
+    IvpnStatus,
+    NetenvChanged,
+    Notification,
+    NotificationAction,
+    PolicyRule,
+    PolicySnapshot,
+    ProcessInfo,
+    ProxySessionClose,
+    ProxySessionOpen,
+    ProxySessionStats,
+    SessionCounters,
+)
+from .flows import canonical_ip, flow_key
+from .marks import Mark, Queue
+from .schema import Message, MessageError, decode, known_topics, schema_for_topic
+from .verdict import Verdict, verdict_string, verdict_verb
+
+__all__ = [
+    "ConnEnd",
+    "ConnNew",
+    "ConnVerdict",
+    "GatewayRecord",
+    "Heartbeat",
+    "InterfaceRecord",
+    "IvpnStatus",
+    "Mark",
+    "Message",
+    "MessageError",
+    "NetenvChanged",
+    "Notification",
+    "NotificationAction",
+    "PolicyRule",
+    "PolicySnapshot",
+    "ProcessInfo",
+    "ProxySessionClose",
+    "ProxySessionOpen",
+    "ProxySessionStats",
+    "Queue",
+    "Reply",
+    "Request",
+    "RequestFailed",
+    "SessionCounters",
+    "Verdict",
+    "canonical_ip",
+    "decode",
+    "flow_key",
+    "known_topics",
+    "schema_for_topic",
+    "verdict_string",
+    "verdict_verb",
+]

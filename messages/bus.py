@@ -1,0 +1,118 @@
+"""The bus: an XSUB/XPUB forwarder every actor publishes into and anyone subscribes to.
+
+Run as `python -m messages.bus` (supervisord program `bus`). Publishers connect to `bus-in.sock`,
+subscribers to `bus-out.sock` in the runtime dir; subscriptions travel upstream so publishers only send
+what somebody wants. A slow subscriber loses events at its high-water mark; nobody ever blocks.
+The bus sends its own `actor.heartbeat` so `splittun status` shows it like any actor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+from . import endpoints
+from . import log as logmod
+from .events import Heartbeat
+from .loop import Loop, die_with_parent
+
+BATCH = 256
+
+
+class Bus:
+    def __init__(self, run_dir: os.PathLike[str] | str, log: logmod.EventLog, loop: Loop) -> None:
+        self.log = log
+        self.loop = loop
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.ctx = zmq.Context()
+        self.xsub = self.ctx.socket(zmq.XSUB)
+        self.xpub = self.ctx.socket(zmq.XPUB)
+        for sock in (self.xsub, self.xpub):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.xsub.setsockopt(zmq.RCVHWM, 100_000)
+        self.xpub.setsockopt(zmq.SNDHWM, 100_000)
+        self.in_endpoint = endpoints.bus_in(self.run_dir)
+        self.out_endpoint = endpoints.bus_out(self.run_dir)
+        self.xsub.bind(self.in_endpoint)
+        self.xpub.bind(self.out_endpoint)
+        self.forwarded = 0
+        self.subscription_changes = 0
+        self.started = time.time()
+        self.instance = os.environ.get("SUPERVISOR_PROCESS_NAME", "bus")
+        loop.add_socket(self.xsub, self._forward_events)
+        loop.add_socket(self.xpub, self._forward_subscriptions)
+        loop.call_every(1.0, self._heartbeat, first=0.0)
+
+    def _forward_events(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self.xsub.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self.xpub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                self.forwarded += 1
+            except zmq.Again:
+                pass
+
+    def _forward_subscriptions(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frame = self.xpub.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.subscription_changes += 1
+            self.xsub.send(frame)
+
+    def _heartbeat(self) -> None:
+        now = time.time()
+        beat = Heartbeat(
+            name="bus",
+            instance=self.instance,
+            pid=os.getpid(),
+            started=self.started,
+            uptime=now - self.started,
+            ts=now,
+            counters={"forwarded": self.forwarded, "subscription_changes": self.subscription_changes},
+        )
+        with contextlib.suppress(zmq.Again):
+            self.xpub.send_multipart(beat.encode(), flags=zmq.NOBLOCK)
+
+    def close(self) -> None:
+        self.xsub.close(linger=0)
+        self.xpub.close(linger=0)
+        self.ctx.term()
+        for address in (self.in_endpoint, self.out_endpoint):
+            path = endpoints.endpoint_file(address)
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+def main() -> int:
+    log = logmod.setup(os.environ.get("SUPERVISOR_PROCESS_NAME", "bus"))
+    die_with_parent()
+    loop = Loop(log)
+    loop.install_signal_handlers()
+    try:
+        bus = Bus(endpoints.run_dir(), log, loop)
+    except (endpoints.EndpointError, zmq.ZMQError, OSError) as exc:
+        log.error("bus.start_failed", error=str(exc))
+        return 1
+    log.info("bus.started", bus_in=bus.in_endpoint, bus_out=bus.out_endpoint)
+    try:
+        loop.run()
+    finally:
+        bus.close()
+        loop.close()
+        log.info("bus.stopped", reason=loop.stop_reason or "loop ended", forwarded=bus.forwarded)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The bus messages: one schema per topic (DESIGN.md, "Messages"). Fields grow; keep old ones readable.
+
+Every event carries `ts` (sender's wall clock, seconds since the epoch). Addresses are text, in the
+compressed form `flows.canonical_ip` gives, so a third party can compare them as strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any
+
+from .schema import Message, Struct, message, record
+from .verdict import Verdict, verdict_verb
+
+# --- actors -----------------------------------------------------------------------------------------
+
+
+@message("actor.heartbeat")
+class Heartbeat(Message):
+    """Sent every second by every actor (and the bus): proof of life plus the actor's own counters."""
+
+    name: str  # program: bus, controller, proxy_tcp…
+    instance: str  # supervisord process name: proxy_tcp_00…
+    pid: int
+    started: float
+    uptime: float
+    ts: float
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+# --- connections (interceptor) ----------------------------------------------------------------------
+
+
+@record
+class ProcessInfo(Struct):
+    pid: int = -1
+    ppid: int = -1
+    uid: int = -1
+    name: str = ""
+    exe: str = ""
+    cmdline: list[str] = field(default_factory=list)
+
+
+@message("conn.new")
+class ConnNew(Message):
+    conn_id: str
+    ts: float
+    ip_version: int
+    protocol: int  # IANA number: 6 tcp, 17 udp, 1 icmp, 58 icmpv6
+    src_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+    inbound: bool = False
+    process: ProcessInfo | None = None
+    domain: str = ""
+
+
+@message("conn.verdict")
+class ConnVerdict(Message):
+    conn_id: str
+    ts: float
+    verdict: Verdict
+    verb: str = ""  # filled from verdict when empty, for subscribers without our enum
+    rule: str = ""  # id of the rule that decided; "" = the default
+    reason: str = ""
+    split_key: str = ""  # flows.flow_key of the connection when split: the proxies publish the same key
+    interface: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.verb:
+            object.__setattr__(self, "verb", verdict_verb(self.verdict))
+
+
+@message("conn.end")
+class ConnEnd(Message):
+    conn_id: str
+    ts: float
+    reason: str = ""
+
+
+# --- proxies ----------------------------------------------------------------------------------------
+
+
+@record
+class SessionCounters(Struct):
+    bytes_up: int = 0  # client → remote
+    bytes_down: int = 0  # remote → client
+    packets_up: int = 0
+    packets_down: int = 0
+
+
+@message("proxy.session.open")
+class ProxySessionOpen(Message):
+    session_id: str
+    worker: str
+    protocol: str  # "tcp" | "udp"
+    split_key: str
+    ts: float
+    client_ip: str
+    client_port: int
+    orig_dst_ip: str
+    orig_dst_port: int
+    local_ip: str = ""  # upstream socket's local address
+    local_port: int = 0
+    interface: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@message("proxy.session.stats")
+class ProxySessionStats(Message):
+    """Periodic counters of a long-lived session, so byte counts are live before close."""
+
+    session_id: str
+    worker: str
+    split_key: str
+    ts: float
+    counters: SessionCounters
+
+
+@message("proxy.session.close")
+class ProxySessionClose(Message):
+    session_id: str
+    worker: str
+    split_key: str
+    ts: float
+    counters: SessionCounters
+    duration: float = 0.0
+    reason: str = ""  # "closed", "reset", "idle", "refused: …", "dial failed: …"
+
+
+# --- network environment ----------------------------------------------------------------------------
+
+
+@record
+class InterfaceRecord(Struct):
+    name: str
+    index: int
+    mac: str = ""
+    kind: str = ""  # physical, virtual, tunnel, loopback, bridge…
+    is_physical: bool = False
+    mtu: int = 0
+    flags: list[str] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)  # "addr/prefix"
+    ipv4: str = ""  # first routable IPv4
+    ipv6: str = ""  # first routable IPv6
+
+
+@record
+class GatewayRecord(Struct):
+    gateway: str
+    interface: str
+    family: int  # 4 | 6
+    prefix: str = "default"
+    table: int = 254
+
+
+@message("netenv.changed")
+class NetenvChanged(Message):
+    """The whole snapshot, so a subscriber never has to ask back."""
+
+    seq: int
+    ts: float
+    interfaces: list[InterfaceRecord] = field(default_factory=list)
+    gateways: list[GatewayRecord] = field(default_factory=list)
+    uplink_ipv4: str = ""  # interface carrying the physical default route, "" = none
+    uplink_ipv6: str = ""
+
+
+# --- IVPN -------------------------------------------------------------------------------------------
+
+
+@message("ivpn.status")
+class IvpnStatus(Message):
+    ts: float
+    daemon: bool  # connected to the IVPN daemon
+    state: str = "UNKNOWN"  # DISCONNECTED, CONNECTING, CONNECTED…
+    connected: bool = False
+    vpn_type: str = ""  # "openvpn" | "wireguard"
+    client_ip: str = ""
+    client_ipv6: str = ""
+    server_ip: str = ""
+    interface: str = ""
+    paused: bool = False
+
+
+# --- policy -----------------------------------------------------------------------------------------
+
+
+@record
+class PolicyRule(Struct):
+    """One user rule. Every condition set must hold (AND); an empty condition matches anything."""
+
+    id: str
+    action: str  # "split" | "keep"
+    app_path: str = ""  # executable path or glob
+    app_name: str = ""  # process name
+    uid: int = -1
+    children: bool = False  # also the app's child processes
+    dest: str = ""  # domain (wildcards), IP or CIDR
+    proto: str = ""  # "tcp" | "udp" | ""
+    port_lo: int = 0
+    port_hi: int = 0
+    interface: str = ""  # "" = the global choice
+    source: str = ""  # original text (Portmaster endpoint string) when it came from one
+
+
+@message("policy.snapshot")
+class PolicySnapshot(Message):
+    version: int  # increases with every compile
+    ts: float
+    enabled: bool = False
+    interface: str = ""  # configured: "" = auto, else name, IP or MAC
+    rules: list[PolicyRule] = field(default_factory=list)
+
+
+# --- notifications ----------------------------------------------------------------------------------
+
+
+@record
+class NotificationAction(Struct):
+    id: str
+    text: str
+    type: str = ""  # open-url, open-page, open-setting, open-profile, inject-event, call-webhook
+    payload: Any = None
+    visibility: str = ""  # "", "detailed", "in-app-only"
+
+
+@message("notify.", family=True)
+class Notification(Message):
+    topic: str  # full topic, e.g. notify.ivpn.connected
+    id: str
+    ts: float
+    title: str = ""
+    message: str = ""
+    level: str = "info"  # info | warning | error | prompt
+    state: str = "active"  # active | responded | executed
+    actions: list[NotificationAction] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.topic.startswith("notify.") or self.topic == "notify.":
+            raise ValueError(f"notification topic must be notify.<category>, got {self.topic!r}")
+
+    def wire_topic(self) -> str:
+        return self.topic
+
+    def to_wire(self) -> dict[str, Any]:
+        data = Message.to_wire(self)  # slots dataclasses break zero-arg super() on 3.11
+        del data["topic"]  # travels as the topic frame
+        return data

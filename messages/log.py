@@ -1,0 +1,69 @@
+"""One consistent log line per event, on stderr (supervisord writes it to the program's log file).
+
+`2026-11-25T10:00:00.123Z INFO proxy_tcp_00[4242] session.open id=3 client=192.0.2.10:43210`
+
+Built on stdlib logging so library messages (pyroute2, supervisor…) come out in the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+
+class _Formatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        t = time.gmtime(record.created)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}Z"
+
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
+
+
+def setup(instance: str, level: str | None = None) -> EventLog:
+    """Route all logging to stderr in our line format and return the actor's event log."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(_FORMAT))
+    root.addHandler(handler)
+    root.setLevel((level or os.environ.get("SPLITTUN_LOG_LEVEL") or "INFO").upper())
+    for noisy in ("pyroute2",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return EventLog(instance)
+
+
+def format_value(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if text == "" or any(c in text for c in ' "=\n\t'):
+        return json.dumps(text)
+    return text
+
+
+class EventLog:
+    """`log.info("session.open", id=3, client="…")` → one line: event name, then key=value pairs."""
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+
+    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if self.logger.isEnabledFor(level):
+            parts = [event, *(f"{k}={format_value(v)}" for k, v in fields.items())]
+            self.logger.log(level, " ".join(parts))
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit(logging.ERROR, event, fields)

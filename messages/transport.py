@@ -1,0 +1,190 @@
+"""Small helpers over pyzmq: publish, subscribe, request and reply.
+
+Publishing is fire-and-forget: a full send queue drops the event and counts it, it never blocks the
+caller (the hot-path rule). Requests are for the control plane only; each call uses a fresh REQ socket
+with a deadline, so a dead server costs a timeout, never a stuck client.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import control
+from .control import Reply, Request, RequestFailed
+from .endpoints import endpoint_file
+from .log import EventLog
+from .schema import Message, MessageError, decode, decode_payload, encode_payload
+
+DEFAULT_HWM = 10_000
+
+
+class Publisher:
+    """A PUB socket connected to the bus. Thread-safe; never blocks."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = DEFAULT_HWM) -> None:
+        self.sock = ctx.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.SNDHWM, hwm)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.dropped = 0
+
+    def publish(self, msg: Message) -> bool:
+        return self.send_frames(msg.encode())
+
+    def send_frames(self, frames: list[bytes]) -> bool:
+        with self._lock:
+            try:
+                self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.dropped += 1
+                return False
+            except zmq.ZMQError:
+                self.dropped += 1  # socket closing during shutdown
+                return False
+            self.sent += 1
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            self.sock.close(linger=0)
+
+
+class Subscriber:
+    """A SUB socket on the bus for the given topic prefixes (None = everything)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, prefixes: Iterable[str] | None = None) -> None:
+        self.sock = ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        for prefix in [""] if prefixes is None else prefixes:
+            self.sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        self.sock.connect(endpoint)
+
+    def recv_frames(self, timeout: float | None = None) -> list[bytes] | None:
+        """Next raw message, or None after `timeout` seconds (None = wait forever)."""
+        if timeout is not None and not self.sock.poll(int(timeout * 1000)):
+            return None
+        return self.sock.recv_multipart()
+
+    def recv_frames_nowait(self) -> list[bytes] | None:
+        try:
+            return self.sock.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+
+    def recv(self, timeout: float | None = None) -> Message | None:
+        """Next decoded message; raises MessageError for a malformed one."""
+        frames = self.recv_frames(timeout)
+        return None if frames is None else decode(frames)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class ReplyServer:
+    """A ROUTER answering `Request`s with the handler's result.
+
+    The handler returns a msgpack-able result or raises RequestFailed(code, message). A malformed
+    request gets a `bad_request` error reply; an exception in the handler an `internal` one. Either
+    way the server keeps serving.
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, handler: Callable[[Request], Any], log: EventLog) -> None:
+        self.endpoint = endpoint
+        self.handler = handler
+        self.log = log
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+        self.handled = 0
+        self.bad_requests = 0
+
+    def handle_ready(self) -> None:
+        for _ in range(64):  # bounded batch: keep the loop fair to other sockets
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            self.bad_requests += 1
+            self.log.warning("request.malformed", reason=f"{len(frames)} frame(s), expected envelope+body")
+            return
+        envelope, body = frames[:-1], frames[-1]
+        try:
+            req = decode_payload(Request, body, "request")
+        except MessageError as exc:
+            self.bad_requests += 1
+            self.log.warning("request.malformed", reason=str(exc))
+            self._send(envelope, _error_reply(control.BAD_REQUEST, str(exc)))
+            return
+        try:
+            reply = Reply(ok=True, result=self.handler(req))
+        except RequestFailed as exc:
+            reply = _error_reply(exc.code, exc.message)
+        except Exception as exc:
+            self.log.error("request.failed", op=req.op, error=f"{type(exc).__name__}: {exc}")
+            reply = _error_reply(control.INTERNAL, f"{req.op} failed: {type(exc).__name__}: {exc}")
+        self.handled += 1
+        self._send(envelope, reply)
+
+    def _send(self, envelope: list[bytes], reply: Reply) -> None:
+        try:
+            payload = encode_payload(reply)
+        except (TypeError, ValueError) as exc:  # result not msgpack-able: a bug, but answer anyway
+            payload = encode_payload(_error_reply(control.INTERNAL, f"unencodable result: {exc}"))
+        try:
+            self.sock.send_multipart([*envelope, payload], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self.log.warning("reply.dropped", error=str(exc))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        path = endpoint_file(self.endpoint)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+def _error_reply(code: str, message: str) -> Reply:
+    return Reply(ok=False, error=control.ErrorInfo(code=code, message=message))
+
+
+def request(
+    endpoint: str,
+    op: str,
+    args: dict[str, Any] | None = None,
+    *,
+    timeout: float = 3.0,
+    ctx: zmq.Context | None = None,
+    who: str = "server",
+) -> Any:
+    """Send one request and return the result; RequestFailed on an error reply or no answer."""
+    path = endpoint_file(endpoint)
+    if path is not None and not Path(path).exists():
+        raise RequestFailed(control.UNAVAILABLE, f"{who} is not running (no socket {path})")
+    context = ctx or zmq.Context.instance()
+    sock = context.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(encode_payload(Request(op=op, args=args or {})))
+        if not sock.poll(int(timeout * 1000)):
+            raise RequestFailed(control.UNAVAILABLE, f"{who} did not answer {op!r} within {timeout:g} s")
+        reply = decode_payload(Reply, sock.recv(), "reply")
+    except MessageError as exc:
+        raise RequestFailed(control.BAD_REQUEST, f"{who} sent a malformed reply: {exc}") from None
+    finally:
+        sock.close(linger=0)
+    if not reply.ok:
+        err = reply.error or control.ErrorInfo(code=control.INTERNAL, message="error without details")
+        raise RequestFailed(err.code, err.message)
+    return reply.result
