@@ -1,0 +1,6 @@
+"""The splittun actors: one package per OS process, all built on `actors.runtime`.
+
+interceptor (verdicts, firewall rules), proxy_tcp / proxy_udp (the split data path), netenv (interfaces
+and the physical uplink), ivpn (IVPN daemon interop), controller (config, policy, connection registry,
+the CLI's endpoint). Each runs as `python -m actors.<name>` under supervisord.
+"""

@@ -1,0 +1,247 @@
+"""The runtime every actor process shares: bus connection, heartbeats, requests, signals, logging.
+
+An actor is a subclass of `Actor`; its package's `__main__` calls `main(TheActor)`. The runtime then
+- connects a publisher to the bus and subscribes to the actor's topic prefixes,
+- binds the actor's request endpoint (`<instance>.ctl.sock`) and answers `ping` and `counters` itself,
+- publishes `actor.heartbeat` (name, pid, uptime, counters) every second,
+- decodes every bus message; a malformed one is logged in one line, counted and dropped,
+- stops on SIGTERM/SIGINT (or when supervisord dies: PR_SET_PDEATHSIG) within 2 s, closing its
+  sockets and removing its ipc file.
+Actor code runs on the loop thread; worker threads may call `publish` (it is thread-safe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import zmq
+
+from messages import endpoints
+from messages import log as logmod
+from messages.control import UNKNOWN_OP, Request, RequestFailed
+from messages.events import Heartbeat
+from messages.loop import Loop, die_with_parent
+from messages.schema import Message, MessageError, decode
+from messages.transport import Publisher, ReplyServer, Subscriber
+from messages.transport import request as send_request
+
+HEARTBEAT_INTERVAL = 1.0
+_MESSAGE_BATCH = 256
+_MALFORMED_LOG_LINES_PER_SECOND = 5
+
+
+class Actor:
+    """Base class of the six actors. Override what the actor needs; everything has a safe default."""
+
+    name: ClassVar[str] = ""
+    #: Topic prefixes this actor receives in `on_message`.
+    subscriptions: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.log = rt.log
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add actor-specific command-line options."""
+
+    def start(self) -> None:
+        """Open resources and register fds or timers with `self.rt.loop`. Raising aborts the process."""
+
+    def on_message(self, msg: Message) -> None:
+        """One decoded bus message on a subscribed topic."""
+
+    def handle_request(self, req: Request) -> Any:
+        """Answer a request; raise RequestFailed(code, message) to answer with an error."""
+        raise RequestFailed(UNKNOWN_OP, f"{self.name} has no op {req.op!r}")
+
+    def counters(self) -> dict[str, int]:
+        """The actor's own counters, sent in every heartbeat."""
+        return {}
+
+    def stop(self) -> None:
+        """Release resources; must return quickly (the whole stop has 2 s)."""
+
+
+class Runtime:
+    """What an actor gets from its process: identity, log, loop, bus, requests."""
+
+    def __init__(self, name: str, instance: str, args: argparse.Namespace, log: logmod.EventLog) -> None:
+        self.name = name
+        self.instance = instance
+        self.args = args
+        self.log = log
+        self.pid = os.getpid()
+        self.started = time.time()
+        self.run_dir = endpoints.run_dir()
+        self.loop = Loop(log)
+        self.ctx = zmq.Context()
+        self.publisher: Publisher | None = None
+        self.subscriber: Subscriber | None = None
+        self.server: ReplyServer | None = None
+        self.received = 0
+        self.malformed = 0
+        self.handler_errors = 0
+        self._malformed_window = (0, 0)  # (second, lines logged in it)
+
+    # --- for actors -------------------------------------------------------------------------------
+
+    @property
+    def worker_index(self) -> int:
+        """0 for a single process; N for supervisord's `<program>_NN` workers."""
+        tail = self.instance.rsplit("_", 1)[-1]
+        return int(tail) if tail.isdigit() and self.instance != self.name else 0
+
+    def publish(self, msg: Message) -> bool:
+        """Fire-and-forget; False when the event was dropped (full queue or shutting down)."""
+        return self.publisher.publish(msg) if self.publisher else False
+
+    def request(self, instance: str, op: str, args: dict[str, Any] | None = None, timeout: float = 2.0) -> Any:
+        """Ask another actor (control plane only; never from a packet path)."""
+        address = endpoints.actor_endpoint(self.run_dir, instance)
+        return send_request(address, op, args, timeout=timeout, ctx=self.ctx, who=instance)
+
+    def stat(self) -> dict[str, int]:
+        pub = self.publisher
+        return {
+            "received": self.received,
+            "malformed": self.malformed,
+            "handler_errors": self.handler_errors + self.loop.errors,
+            "published": pub.sent if pub else 0,
+            "dropped": pub.dropped if pub else 0,
+            "requests": self.server.handled if self.server else 0,
+            "bad_requests": self.server.bad_requests if self.server else 0,
+        }
+
+    # --- wiring -----------------------------------------------------------------------------------
+
+    def open(self, actor: Actor) -> None:
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.publisher = Publisher(self.ctx, endpoints.bus_in(self.run_dir))
+        if actor.subscriptions:
+            self.subscriber = Subscriber(self.ctx, endpoints.bus_out(self.run_dir), actor.subscriptions)
+            self.loop.add_socket(self.subscriber.sock, lambda: self._drain_bus(actor))
+        self.server = ReplyServer(
+            self.ctx,
+            endpoints.actor_endpoint(self.run_dir, self.instance),
+            lambda r: self._answer(actor, r),
+            self.log,
+        )
+        self.loop.add_socket(self.server.sock, self.server.handle_ready)
+
+    def _drain_bus(self, actor: Actor) -> None:
+        assert self.subscriber is not None
+        for _ in range(_MESSAGE_BATCH):
+            frames = self.subscriber.recv_frames_nowait()
+            if frames is None:
+                return
+            self.received += 1
+            try:
+                msg = decode(frames)
+            except MessageError as exc:
+                self.malformed += 1
+                self._log_malformed(exc)
+                continue
+            try:
+                actor.on_message(msg)
+            except Exception as exc:  # the message was valid; the actor failed on it: log, go on
+                self.handler_errors += 1
+                self.log.error("message.failed", topic=msg.wire_topic(), error=f"{type(exc).__name__}: {exc}")
+
+    def _log_malformed(self, exc: MessageError) -> None:
+        second = int(time.monotonic())
+        window, lines = self._malformed_window
+        if window != second:
+            window, lines = second, 0
+        if lines < _MALFORMED_LOG_LINES_PER_SECOND:
+            self.log.warning("message.malformed", reason=str(exc), total=self.malformed)
+        self._malformed_window = (window, lines + 1)
+
+    def _answer(self, actor: Actor, req: Request) -> Any:
+        if req.op == "ping":
+            return {"name": self.name, "instance": self.instance, "pid": self.pid, "uptime": self.uptime()}
+        if req.op == "counters":
+            return self.all_counters(actor)
+        return actor.handle_request(req)
+
+    def uptime(self) -> float:
+        return time.time() - self.started
+
+    def all_counters(self, actor: Actor) -> dict[str, int]:
+        counters = self.stat()
+        try:
+            counters.update(actor.counters())
+        except Exception as exc:
+            self.log.error("counters.failed", error=f"{type(exc).__name__}: {exc}")
+        return counters
+
+    def heartbeat(self, actor: Actor) -> None:
+        now = time.time()
+        self.publish(
+            Heartbeat(
+                name=self.name,
+                instance=self.instance,
+                pid=self.pid,
+                started=self.started,
+                uptime=now - self.started,
+                ts=now,
+                counters=self.all_counters(actor),
+            )
+        )
+
+    def close(self) -> None:
+        for closer in (self.server, self.subscriber, self.publisher):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    closer.close()
+        self.ctx.term()
+        if self.server is not None:
+            path = endpoints.endpoint_file(self.server.endpoint)
+            if path is not None:
+                Path(path).unlink(missing_ok=True)
+        self.loop.close()
+
+
+def main(actor_cls: type[Actor], argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m actors.{actor_cls.name}", description=actor_cls.__doc__)
+    parser.add_argument("--instance", help="instance name (default: supervisord's process name)")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: SPLITTUN_LOG_LEVEL)")
+    actor_cls.add_arguments(parser)
+    args = parser.parse_args(argv)
+    instance = args.instance or os.environ.get("SUPERVISOR_PROCESS_NAME") or actor_cls.name
+    log = logmod.setup(instance, args.log_level)
+    die_with_parent()
+    try:
+        rt = Runtime(actor_cls.name, instance, args, log)
+    except endpoints.EndpointError as exc:
+        log.error("actor.start_failed", error=str(exc))
+        return 2
+    rt.loop.install_signal_handlers()
+    actor = actor_cls(rt)
+    try:
+        rt.open(actor)
+        actor.start()
+    except Exception as exc:
+        log.error("actor.start_failed", error=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(Exception):
+            actor.stop()
+        rt.close()
+        return 1
+    rt.loop.call_every(HEARTBEAT_INTERVAL, lambda: rt.heartbeat(actor), first=0.0)
+    log.info("actor.started", pid=rt.pid, run_dir=rt.run_dir)
+    try:
+        rt.loop.run()
+    finally:
+        try:
+            actor.stop()
+        except Exception as exc:
+            log.error("actor.stop_failed", error=f"{type(exc).__name__}: {exc}")
+        rt.close()
+        log.info("actor.stopped", reason=rt.loop.stop_reason or "loop ended", uptime=f"{rt.uptime():.1f}s")
+    return 0

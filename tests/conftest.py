@@ -1,0 +1,104 @@
+"""Shared test fixtures.
+
+Tests marked `netns` need root and network namespaces; elsewhere they are skipped with the reason.
+Everything a test creates (namespaces, processes, homes) is removed in fixture teardown, also on failure.
+splittun itself only ever runs inside namespaces the tests create: never in the root namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parent.parent
+SPLITTUN = [sys.executable, "-m", "splittun.cli"]
+
+
+def netns_unavailable_reason() -> str | None:
+    """Why namespace tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, firewall rules); CI runs as root"
+    if shutil.which("ip") is None:
+        return "needs iproute2 ('ip'); `make deps` installs it"
+    probe = f"splittun-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create network namespaces here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+_NETNS_REASON: list[str | None] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    needs = [item for item in items if item.get_closest_marker("netns")]
+    if not needs:
+        return
+    if not _NETNS_REASON:
+        _NETNS_REASON.append(netns_unavailable_reason())
+    reason = _NETNS_REASON[0]
+    if reason:
+        for item in needs:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    """A fresh SPLITTUN_HOME with a short path (ipc socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="st-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """An empty network namespace (loopback up) to run splittun in; removed with every process in it."""
+    name = f"splittun-t-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    yield name
+    kill_netns_processes(name)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def kill_netns_processes(name: str) -> None:
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), 9)
+
+
+def splittun(
+    *args: str, home: Path | None = None, ns: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the splittun CLI (inside `ns` when given) and capture its output."""
+    full_env = dict(os.environ)
+    full_env.pop("SPLITTUN_RUN_DIR", None)
+    if home is not None:
+        full_env["SPLITTUN_HOME"] = str(home)
+    full_env.update(env or {})
+    argv = [*(["ip", "netns", "exec", ns] if ns else []), *SPLITTUN, *args]
+    return subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture
+def running(home: Path, netns: str) -> Iterator[tuple[Path, str]]:
+    """splittun up inside a fresh namespace; always brought down again."""
+    up = splittun("up", home=home, ns=netns)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield home, netns
+    finally:
+        splittun("down", home=home, ns=netns)
