@@ -1,0 +1,39 @@
+"""CLI command modules. Each has `register(subparsers)` adding its subcommands with `func=` handlers.
+
+A handler gets the parsed args and returns an exit code; a user mistake raises `UserError`, which
+`splittun.cli` prints as one line (no traceback).
+"""
+
+from __future__ import annotations
+
+import os
+
+from splittun.home import Home, HomeError
+
+# Exit codes
+OK = 0
+FAILED = 1
+USER_ERROR = 2
+NOT_RUNNING = 3
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as `splittun: <message>`."""
+
+    def __init__(self, message: str, code: int = USER_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        raise UserError(f"{action} needs root (it manages firewall rules, routes and namespaces): use sudo")
+
+
+def current_home() -> Home:
+    try:
+        home = Home.from_env()
+        home.check()
+    except HomeError as exc:
+        raise UserError(str(exc)) from None
+    return home

@@ -1,0 +1,210 @@
+"""`splittun up`, `down` and `status`: the life of one instance under supervisord."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import zmq
+
+from messages import Heartbeat, MessageError, endpoints
+from messages.control import RequestFailed
+from messages.transport import Subscriber, request
+from splittun.home import Home, HomeError
+from splittun.output import duration, table
+from splittun.supervise import ProcessState, Supervisor, SupervisorError
+
+from . import FAILED, NOT_RUNNING, OK, UserError, current_home, require_root
+
+GAVE_UP_STATES = {"FATAL", "EXITED", "STOPPED", "UNKNOWN"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start every actor under supervisord and wait for their heartbeats")
+    p.add_argument("--tcp-workers", type=_positive, default=1, help="proxy_tcp worker processes (default 1)")
+    p.add_argument("--udp-workers", type=_positive, default=1, help="proxy_udp worker processes (default 1)")
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for heartbeats (default 20)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop everything (does nothing when nothing runs)")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("status", help="table of actors: state, pid, uptime, age of last heartbeat")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_status)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError("must be between 1 and 64")
+    return value
+
+
+# --- up ---------------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    require_root("splittun up")
+    home = current_home()
+    try:
+        home.prepare()
+    except HomeError as exc:
+        raise UserError(str(exc)) from None
+    sup = Supervisor(home)
+    running = sup.pid()
+    if running is not None:
+        raise UserError(
+            f"splittun is already running (supervisord pid {running}, home {home.root}); 'splittun down' stops it"
+        )
+    ctx = zmq.Context()
+    # Subscribe before starting: the bus comes up inside supervisord and the SUB socket reconnects to it.
+    heartbeats = Subscriber(ctx, endpoints.bus_out(home.run_dir), ["actor.heartbeat"])
+    try:
+        try:
+            pid = sup.start(args.tcp_workers, args.udp_workers)
+        except SupervisorError as exc:
+            print(f"splittun: {exc}")
+            return FAILED
+        seen, states = _wait_for_heartbeats(sup, heartbeats, args.timeout)
+    finally:
+        heartbeats.close()
+        ctx.term()
+    missing = [s for s in states if s.instance not in seen]
+    if missing or not states:
+        print(f"splittun: {len(missing)} of {len(states)} actors sent no heartbeat within {args.timeout:g} s:")
+        for state in missing:
+            print(f"  {state.instance}: {state.state} {state.description}".rstrip() + _last_log_line(home, state))
+        print(f"splittun: stopping what did start (logs are in {home.log_dir})")
+        sup.shutdown()
+        return FAILED
+    print(f"splittun is up: supervisord pid {pid}, {len(states)} processes heartbeating (home {home.root})")
+    return OK
+
+
+def _wait_for_heartbeats(
+    sup: Supervisor, heartbeats: Subscriber, timeout: float
+) -> tuple[dict[str, Heartbeat], list[ProcessState]]:
+    seen: dict[str, Heartbeat] = {}
+    deadline = time.monotonic() + timeout
+    states: list[ProcessState] = []
+    next_poll = 0.0
+    while time.monotonic() < deadline:
+        if time.monotonic() >= next_poll:
+            states = sup.processes()
+            next_poll = time.monotonic() + 0.5
+            if states and all(s.instance in seen for s in states):
+                break
+            if any(s.state in GAVE_UP_STATES and s.instance not in seen for s in states):
+                break  # supervisord gave up on one: waiting longer cannot help
+        try:
+            msg = heartbeats.recv(timeout=0.2)
+        except MessageError:
+            continue
+        if isinstance(msg, Heartbeat):
+            seen[msg.instance] = msg
+    return seen, states
+
+
+def _last_log_line(home: Home, state: ProcessState) -> str:
+    try:
+        lines = home.program_log(state.instance).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    tail = [line[:200] for line in lines[-3:]]
+    return "".join(f"\n      | {line}" for line in tail)
+
+
+# --- down -------------------------------------------------------------------------------------------
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    require_root("splittun down")
+    home = current_home()
+    if not home.run_dir.exists():
+        print(f"splittun is not running (home {home.root}); nothing to stop")
+        return OK
+    stopped = Supervisor(home).shutdown()
+    print("splittun stopped" if stopped else f"splittun is not running (home {home.root}); nothing to stop")
+    return OK
+
+
+# --- status -----------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    require_root("splittun status")
+    home = current_home()
+    sup = Supervisor(home)
+    pid = sup.pid()
+    if pid is None:
+        raise UserError(f"splittun is not running (home {home.root}); start it with 'splittun up'", NOT_RUNNING)
+    try:
+        states = sup.processes()
+    except SupervisorError as exc:
+        raise UserError(str(exc), FAILED) from None
+    ages = heartbeat_ages(home, {s.instance for s in states if s.pid})
+    rows = [
+        {
+            "actor": s.instance,
+            "state": s.state,
+            "pid": s.pid or None,
+            "uptime": round(s.uptime, 1) if s.pid else None,
+            "heartbeat_age": None if ages.get(s.instance) is None else round(ages[s.instance], 2),
+        }
+        for s in states
+    ]
+    if args.json:
+        print(json.dumps({"supervisord_pid": pid, "home": str(home.root), "actors": rows}))
+    else:
+        print(
+            table(
+                ["ACTOR", "STATE", "PID", "UPTIME", "LAST HEARTBEAT"],
+                [
+                    [
+                        r["actor"],
+                        r["state"],
+                        r["pid"] or "-",
+                        duration(r["uptime"]),
+                        "never" if r["heartbeat_age"] is None else f"{duration(r['heartbeat_age'])} ago",
+                    ]
+                    for r in rows
+                ],
+            )
+        )
+    return OK
+
+
+def heartbeat_ages(home: Home, instances: set[str]) -> dict[str, float | None]:
+    """Age of each instance's last heartbeat: from the controller's registry, or heard on the bus."""
+    ages: dict[str, float | None] = {}
+    try:
+        for row in request(endpoints.control(home.run_dir), "actors", timeout=1.0, who="controller"):
+            ages[row["instance"]] = float(row["age"])
+    except (RequestFailed, KeyError, TypeError, ValueError):
+        pass
+    missing = instances - ages.keys()
+    if missing:
+        ages.update(_listen_for_heartbeats(home, missing, 1.5))
+    return ages
+
+
+def _listen_for_heartbeats(home: Home, instances: set[str], timeout: float) -> dict[str, Any]:
+    ctx = zmq.Context()
+    sub = Subscriber(ctx, endpoints.bus_out(home.run_dir), ["actor.heartbeat"])
+    heard: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not instances <= heard.keys():
+            try:
+                msg = sub.recv(timeout=0.1)
+            except MessageError:
+                continue
+            if isinstance(msg, Heartbeat):
+                heard[msg.instance] = max(0.0, time.time() - msg.ts)
+    finally:
+        sub.close()
+        ctx.term()
+    return heard

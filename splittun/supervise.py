@@ -1,0 +1,183 @@
+"""Starting, asking and stopping the supervisord that runs one splittun instance.
+
+supervisord comes from the `supervisor` package in our own virtualenv; it is started with the packaged
+`supervisord.conf` and an environment that pins every path to one `Home`. We talk to it over XML-RPC on
+its unix socket. Leftovers of a crash (stale pid file, sockets, orphaned actors) are cleaned up before
+`up` and by `down`; orphaned actors are found by the `SUPERVISOR_SERVER_URL` supervisord gave them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor.xmlrpc import SupervisorTransport
+
+from .home import Home
+
+CONF_FILE = Path(__file__).with_name("supervisord.conf")
+PROGRAMS = ("bus", "controller", "netenv", "ivpn", "proxy_tcp", "proxy_udp", "interceptor")
+
+
+class SupervisorError(RuntimeError):
+    """supervisord could not be started, reached or stopped; the message says why."""
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    instance: str  # supervisord process name: bus, proxy_tcp_00…
+    state: str  # RUNNING, STARTING, BACKOFF, FATAL, EXITED…
+    pid: int
+    uptime: float  # seconds since start, 0 when not running
+    description: str  # supervisord's own words ("Exited too quickly…")
+
+
+class Supervisor:
+    def __init__(self, home: Home) -> None:
+        self.home = home
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        """supervisord's pid when it is running for this home, else None (stale files are ignored)."""
+        try:
+            pid = int(self.home.supervisord_pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _is_our_supervisord(pid, self.home) else None
+
+    def rpc(self, timeout: float = 5.0) -> Any:
+        transport = SupervisorTransport(None, None, f"unix://{self.home.supervisord_socket}")
+        transport.timeout = timeout  # type: ignore[attr-defined]
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    def processes(self) -> list[ProcessState]:
+        try:
+            infos = self.rpc().supervisor.getAllProcessInfo()
+        except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError) as exc:
+            raise SupervisorError(f"cannot reach supervisord at {self.home.supervisord_socket}: {exc}") from None
+        out = []
+        for info in infos:
+            running = info["statename"] in ("RUNNING", "STARTING", "STOPPING")
+            out.append(
+                ProcessState(
+                    instance=info["name"],
+                    state=info["statename"],
+                    pid=info["pid"] if running else 0,
+                    uptime=max(0.0, info["now"] - info["start"]) if running and info["start"] else 0.0,
+                    description=info.get("description", ""),
+                )
+            )
+        return out
+
+    # --- start ------------------------------------------------------------------------------------
+
+    def start(self, tcp_workers: int = 1, udp_workers: int = 1, extra_env: dict[str, str] | None = None) -> int:
+        """Start supervisord (it daemonizes) and wait until its socket answers; returns its pid."""
+        self.clean_stale()
+        env = self.home.child_env()
+        env.update(
+            SPLITTUN_PYTHON=sys.executable,
+            SPLITTUN_TCP_WORKERS=str(tcp_workers),
+            SPLITTUN_UDP_WORKERS=str(udp_workers),
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(extra_env or {})
+        argv = [sys.executable, "-m", "supervisor.supervisord", "-c", str(CONF_FILE)]
+        proc = subprocess.run(argv, env=env, cwd=self.home.root, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            lines = (proc.stderr + proc.stdout).strip().splitlines()
+            errors = [line for line in lines if line.startswith("Error:")] or lines or [f"exit {proc.returncode}"]
+            raise SupervisorError(f"supervisord did not start: {errors[0][:300]}")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pid = self.pid()
+            if pid is not None:
+                with contextlib.suppress(OSError, xmlrpc.client.Error):
+                    if self.rpc(timeout=1).supervisor.getState()["statename"] == "RUNNING":
+                        return pid
+            time.sleep(0.05)
+        raise SupervisorError(f"supervisord did not come up within 10 s (see {self.home.supervisord_log})")
+
+    # --- stop -------------------------------------------------------------------------------------
+
+    def shutdown(self, timeout: float = 20.0) -> bool:
+        """Stop supervisord and everything it runs. Returns False when nothing was running."""
+        pid = self.pid()
+        if pid is None:
+            self.clean_stale()
+            return False
+        with contextlib.suppress(OSError, xmlrpc.client.Error):
+            self.rpc().supervisor.shutdown()
+        if not _wait_gone(pid, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 2)
+        self.clean_stale()
+        return True
+
+    def clean_stale(self) -> None:
+        """Remove what a crashed instance left: orphaned actors, pid file, sockets."""
+        if self.pid() is not None:
+            return
+        for pid in self.orphans():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in self.orphans():
+            if not _wait_gone(pid, 2):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.home.supervisord_pidfile.unlink(missing_ok=True)
+        if self.home.run_dir.is_dir():
+            for sock in self.home.run_dir.glob("*.sock"):
+                sock.unlink(missing_ok=True)
+
+    def orphans(self) -> list[int]:
+        """Processes supervisord started for this home that are still alive."""
+        marker = f"SUPERVISOR_SERVER_URL=unix://{self.home.supervisord_socket}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if marker in environ.split(b"\0") and not _is_zombie(int(entry.name)):
+                found.append(int(entry.name))
+        return found
+
+
+def _is_our_supervisord(pid: int, home: Home) -> bool:
+    """The pid file may be stale and its pid reused: check it is supervisord, for this home."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"supervisord" in cmdline and f"SPLITTUN_RUN_DIR={home.run_dir}".encode() in environ
+
+
+def _is_zombie(pid: int) -> bool:
+    """Dead but not yet reaped (in containers pid 1 may reap late): gone for our purposes."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True  # vanished while we looked
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _is_zombie(pid):
+            return True
+        time.sleep(0.05)
+    return False
