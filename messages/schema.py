@@ -46,10 +46,14 @@ class Struct:
 
     __slots__ = ()
     _decoders: ClassVar[tuple[tuple[str, _Decoder, bool, Any], ...] | None] = None
+    _field_names: ClassVar[tuple[str, ...] | None] = None
 
     def to_wire(self) -> dict[str, Any]:
         """Field values as a dict; nested records are packed by `_pack_default`."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        names = type(self)._field_names
+        if names is None:
+            names = type(self)._field_names = tuple(f.name for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        return {name: getattr(self, name) for name in names}
 
     @classmethod
     def from_wire(cls, data: Any, kind: str, path: str = "") -> Self:

@@ -1,0 +1,148 @@
+"""Evaluating a policy snapshot against one connection: first matching rule wins, default keep.
+
+The interceptor compiles each `policy.snapshot` it receives once (`CompiledPolicy(snapshot)`) and then
+calls `evaluate(facts)` on its verdict path, so matching is precomputed sets, networks and compiled
+patterns — no parsing per packet. The controller uses the same code to explain decisions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from messages import PolicyRule, PolicySnapshot
+
+from .rules import classify_dest, has_glob, normalize_domain
+
+TCP, UDP = 6, 17
+_PROTO_NUMBERS = {"tcp": TCP, "udp": UDP}
+
+
+@dataclass(frozen=True, slots=True)
+class AppFacts:
+    """Who owns the connection. `ancestors` are (exe, name) pairs from the parent upward."""
+
+    pid: int = -1
+    exe: str = ""
+    name: str = ""
+    uid: int = -1
+    ancestors: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFacts:
+    protocol: int  # 6 tcp, 17 udp
+    dst_ip: str
+    dst_port: int
+    domain: str = ""  # learned from DNS answers; "" when unknown
+    app: AppFacts = field(default_factory=AppFacts)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    split: bool
+    rule_id: str = ""  # "" = no rule matched (the default: keep)
+    interface: str = ""  # the rule's own interface; "" = the global choice
+
+
+KEEP_BY_DEFAULT = Decision(split=False)
+
+_Check = Callable[[ConnectionFacts], bool]
+
+
+def _domain_check(pattern: str) -> _Check:
+    pattern = normalize_domain(pattern)
+    if pattern.startswith("."):  # Portmaster: .example.com = the domain and all its subdomains
+        base = pattern[1:]
+        suffix = pattern
+        return lambda f: f.domain == base or f.domain.endswith(suffix)
+    if has_glob(pattern):
+        regex = re.compile(fnmatch.translate(pattern))
+        return lambda f: bool(f.domain) and regex.match(f.domain) is not None
+    return lambda f: f.domain == pattern
+
+
+def _ip_check(dest: str, kind: str) -> _Check:
+    network = ipaddress.ip_network(dest, strict=False)
+
+    def check(f: ConnectionFacts) -> bool:
+        try:
+            ip = ipaddress.ip_address(f.dst_ip)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.version == network.version and ip in network
+
+    return check
+
+
+def _app_matches(path_pattern: str, name: str, exe: str, comm: str) -> bool:
+    if path_pattern:
+        if not exe:
+            return False
+        if has_glob(path_pattern):
+            if not fnmatch.fnmatchcase(exe, path_pattern):
+                return False
+        elif exe != path_pattern:
+            return False
+    if name:
+        base = exe.rsplit("/", 1)[-1] if exe else ""
+        # /proc/PID/comm is cut at 15 characters; the executable's basename is not.
+        if name not in (comm, base) and name[:15] != comm:
+            return False
+    return True
+
+
+def compile_rule(rule: PolicyRule) -> tuple[_Check, ...]:
+    checks: list[_Check] = []
+    if rule.proto:
+        number = _PROTO_NUMBERS[rule.proto]
+        checks.append(lambda f: f.protocol == number)
+    if rule.port_lo:
+        lo, hi = rule.port_lo, rule.port_hi
+        checks.append(lambda f: lo <= f.dst_port <= hi)
+    kind = classify_dest(rule.dest)
+    if kind == "domain":
+        checks.append(_domain_check(rule.dest))
+    elif kind in ("ip", "cidr"):
+        checks.append(_ip_check(rule.dest, kind))
+    if rule.uid >= 0:
+        uid = rule.uid
+        checks.append(lambda f: f.app.uid == uid)
+    if rule.app_path or rule.app_name:
+        path, name, children = rule.app_path, rule.app_name, rule.children
+
+        def app_check(f: ConnectionFacts) -> bool:
+            if _app_matches(path, name, f.app.exe, f.app.name):
+                return True
+            return children and any(_app_matches(path, name, exe, comm) for exe, comm in f.app.ancestors)
+
+        checks.append(app_check)
+    return tuple(checks)
+
+
+class CompiledPolicy:
+    """A policy snapshot ready for the verdict path."""
+
+    def __init__(self, snapshot: PolicySnapshot) -> None:
+        self.snapshot = snapshot
+        self.version = snapshot.version
+        self.enabled = snapshot.enabled
+        self._rules = [(rule, compile_rule(rule)) for rule in snapshot.rules]
+        self.uses_domains = any(classify_dest(rule.dest) == "domain" for rule in snapshot.rules)
+        self.uses_apps = any(rule.app_path or rule.app_name or rule.uid >= 0 for rule in snapshot.rules)
+
+    def evaluate(self, facts: ConnectionFacts) -> Decision:
+        if not self.enabled:
+            return KEEP_BY_DEFAULT
+        for rule, checks in self._rules:
+            if all(check(facts) for check in checks):
+                return Decision(split=rule.action == "split", rule_id=rule.id, interface=rule.interface)
+        return KEEP_BY_DEFAULT
+
+
+EMPTY_POLICY = CompiledPolicy(PolicySnapshot(version=0, ts=0.0, enabled=False))
