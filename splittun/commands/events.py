@@ -87,6 +87,8 @@ def _text(value: Any) -> str:
         return json.dumps(value) if (" " in value or not value) else value
     if isinstance(value, float):
         return f"{value:.3f}"
+    if isinstance(value, dict):  # human view: zero counters are noise (--json keeps everything)
+        value = {k: v for k, v in value.items() if v not in (0, "", None)}
     if isinstance(value, (dict, list)):
         return json.dumps(value, default=_jsonable, separators=(",", ":"))
     return str(value)
