@@ -1,0 +1,303 @@
+"""The config: options named like Portmaster's, validated as a whole, stored as one JSON file.
+
+The CLI edits the file (validate → write to a temporary file → fsync → rename, so a reader never sees
+half a file); the controller notices the change and reloads it. Invalid config is refused with one
+message naming the key and the problem, and whatever config was in force stays in force.
+
+Options carry an expertise level like Portmaster's: user ⊂ expert ⊂ developer. The split-tunnel
+options are user level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from messages import PolicyRule
+from splittun.policy import RuleError
+from splittun.policy import validate as validate_rule
+
+LEVELS = ("user", "expert", "developer")
+
+ENABLE = "splittun/enable"
+INTERFACE = "splittun/interface"
+RULES = "splittun/rules"
+
+
+class ConfigError(ValueError):
+    """Invalid config. `str()` is one line: `<key>: <problem>`."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {_json_type(value)}")
+    return value
+
+
+def _interface(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string (empty = auto, or a name, IP or MAC), got {_json_type(value)}")
+    value = value.strip()
+    return "" if value.lower() == "auto" else value
+
+
+def _rules(key: str, value: Any) -> list[PolicyRule]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a list of rules, got {_json_type(value)}")
+    out: list[PolicyRule] = []
+    seen: set[str] = set()
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        rule = rule_from_json(where, item)
+        if rule.id in seen:
+            raise ConfigError(f"{where}.id", f"duplicate rule id {rule.id!r}")
+        seen.add(rule.id)
+        out.append(rule)
+    return out
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    level: str
+    default: Any
+    description: str
+    check: Callable[[str, Any], Any]  # (key, JSON value) → canonical value, or ConfigError
+    parse_text: Callable[[str], Any]  # CLI text → JSON value
+
+    def value_text(self, value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, list):
+            return json.dumps([rule_to_json(r) if isinstance(r, PolicyRule) else r for r in value])
+        return str(value) if value != "" else '""'
+
+
+def _parse_bool_text(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "yes", "on", "1"):
+        return True
+    if low in ("false", "no", "off", "0"):
+        return False
+    return text  # let the check name the problem
+
+
+def _parse_json_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return _Unparsable(f"not valid JSON ({exc.msg} at column {exc.colno})")
+
+
+@dataclass(frozen=True)
+class _Unparsable:
+    problem: str
+
+
+OPTIONS: dict[str, Option] = {
+    opt.key: opt
+    for opt in (
+        Option(
+            ENABLE,
+            "user",
+            False,
+            "Split tunnelling on or off. When off, every connection stays in the VPN.",
+            _bool,
+            _parse_bool_text,
+        ),
+        Option(
+            INTERFACE,
+            "user",
+            "",
+            "Interface split connections leave through: empty (auto) = the physical adapter that carries the "
+            "default route; or an interface name, IP address or MAC address.",
+            _interface,
+            lambda text: text,
+        ),
+        Option(
+            RULES,
+            "user",
+            [],
+            "Which connections are split, first match wins; a connection no rule matches stays in the VPN. "
+            "Edit with `splittun rules`.",
+            _rules,
+            _parse_json_text,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    enable: bool = False
+    interface: str = ""
+    rules: tuple[PolicyRule, ...] = ()
+
+    def value(self, key: str) -> Any:
+        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: list(self.rules)}[key]
+
+    def to_json(self) -> dict[str, Any]:
+        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: [rule_to_json(r) for r in self.rules]}
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def next_rule_id(self) -> str:
+        numbers = [int(r.id[1:]) for r in self.rules if r.id[:1] == "r" and r.id[1:].isdigit()]
+        return f"r{max(numbers, default=0) + 1}"
+
+
+# --- rules as JSON --------------------------------------------------------------------------------------
+
+_RULE_FIELDS = {f.name: f for f in dataclasses.fields(PolicyRule)}
+_RULE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PolicyRule) if f.default is not dataclasses.MISSING}
+
+
+def rule_to_json(rule: PolicyRule) -> dict[str, Any]:
+    """Only what differs from the defaults: short, readable config files."""
+    data = {"id": rule.id, "action": rule.action}
+    for name, default in _RULE_DEFAULTS.items():
+        value = getattr(rule, name)
+        if value != default:
+            data[name] = value
+    return data
+
+
+def rule_from_json(where: str, item: Any) -> PolicyRule:
+    if isinstance(item, str):  # a Portmaster endpoint-list line is a rule too
+        raise ConfigError(where, 'endpoint strings need an id: use {"id": ..., "endpoint": "+ ..."}')
+    if not isinstance(item, dict):
+        raise ConfigError(where, f"expected a rule object, got {_json_type(item)}")
+    if "endpoint" in item:
+        from splittun.policy import parse_endpoint
+
+        extra = set(item) - {"id", "endpoint", "interface"}
+        if extra:
+            raise ConfigError(f"{where}.{sorted(extra)[0]}", "unknown field next to 'endpoint'")
+        try:
+            rule = parse_endpoint(str(item["endpoint"]), str(item.get("id", "")))
+            return validate_rule(dataclasses.replace(rule, interface=str(item.get("interface", ""))))
+        except RuleError as exc:
+            raise ConfigError(f"{where}.{exc.field}", exc.problem) from None
+    values: dict[str, Any] = {}
+    for name, value in item.items():
+        spec = _RULE_FIELDS.get(name)
+        if spec is None:
+            raise ConfigError(f"{where}.{name}", "unknown rule field")
+        expected = {"str": str, "int": int, "bool": bool}[str(spec.type)]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}.{name}", f"expected {expected.__name__}, got {_json_type(value)}")
+        values[name] = value
+    for required in ("id", "action"):
+        if required not in values:
+            raise ConfigError(f"{where}.{required}", "missing")
+    try:
+        return validate_rule(PolicyRule(**values))
+    except RuleError as exc:
+        raise ConfigError(f"{where}.{exc.field}", exc.problem) from None
+
+
+# --- whole config ---------------------------------------------------------------------------------------
+
+
+def from_json(data: Any, interface_exists: Callable[[str], bool] | None = None) -> Config:
+    """Validate a decoded config file. `interface_exists` checks names/IPs/MACs when given."""
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"expected a JSON object of options, got {_json_type(data)}")
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        option = OPTIONS.get(key)
+        if option is None:
+            raise ConfigError(key, f"unknown key (known: {', '.join(OPTIONS)})")
+        values[key] = option.check(key, raw)
+    config = Config(
+        enable=values.get(ENABLE, False),
+        interface=values.get(INTERFACE, ""),
+        rules=tuple(values.get(RULES, ())),
+    )
+    if interface_exists is not None:
+        check_interfaces(config, interface_exists)
+    return config
+
+
+def check_interfaces(config: Config, interface_exists: Callable[[str], bool]) -> None:
+    if config.interface and not interface_exists(config.interface):
+        raise ConfigError(INTERFACE, f"unknown interface {config.interface!r} (no interface has that name, IP or MAC)")
+    for index, rule in enumerate(config.rules):
+        if rule.interface and not interface_exists(rule.interface):
+            raise ConfigError(f"{RULES}[{index}].interface", f"unknown interface {rule.interface!r}")
+
+
+def set_value(config: Config, key: str, text: str) -> Config:
+    """Apply `splittun config set KEY VALUE` to a config (not yet saved)."""
+    option = OPTIONS.get(key)
+    if option is None:
+        raise ConfigError(key, f"unknown key (known: {', '.join(OPTIONS)})")
+    raw = option.parse_text(text)
+    if isinstance(raw, _Unparsable):
+        raise ConfigError(key, raw.problem)
+    data = config.to_json()
+    data[key] = raw
+    return from_json(data)
+
+
+def load(path: Path, interface_exists: Callable[[str], bool] | None = None) -> Config:
+    """The config in `path`; defaults when the file does not exist."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return Config()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(str(path), f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    return from_json(data, interface_exists)
+
+
+def save(path: Path, config: Config) -> None:
+    """Atomic write: a reader sees the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config.to_json(), indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".config-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def options_for_level(level: str) -> list[Option]:
+    allowed = LEVELS[: LEVELS.index(level) + 1]
+    return [o for o in OPTIONS.values() if o.level in allowed]
+
+
+def _json_type(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
