@@ -1,0 +1,102 @@
+"""`splittun connections` and `splittun conn show ID`: the controller's connection registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from messages import endpoints
+from messages.control import NOT_FOUND, UNAVAILABLE, RequestFailed
+from messages.flows import endpoint_text
+from messages.transport import request
+from splittun.output import duration, table
+
+from . import FAILED, NOT_RUNNING, OK, UserError, current_home, require_root
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("connections", help="recent connections with their verdicts and split-tunnel details")
+    p.add_argument("--verdict", help="split, accept, block… (a verb, name or number)")
+    p.add_argument("--app", help="text in the process name, path or command line")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_connections)
+
+    conn = sub.add_parser("conn", help="one connection")
+    csub = conn.add_subparsers(dest="conn_command", required=True, metavar="{show}")
+    p = csub.add_parser("show", help="everything known about one connection")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_conn_show)
+
+
+def ask(op: str, **args: Any) -> Any:
+    require_root(f"splittun {op}")
+    home = current_home()
+    try:
+        return request(endpoints.control(home.run_dir), op, args, timeout=3, who="controller")
+    except RequestFailed as exc:
+        code = NOT_RUNNING if exc.code == UNAVAILABLE else FAILED
+        if exc.code == NOT_FOUND:
+            code = FAILED
+        raise UserError(str(exc), code) from None
+
+
+def _app(row: dict[str, Any]) -> str:
+    return row["process_name"] or (row["exe"].rsplit("/", 1)[-1] if row["exe"] else "?")
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_connections(args: argparse.Namespace) -> int:
+    rows = ask("connections", verdict=args.verdict or "", app=args.app or "", limit=args.limit)
+    if args.json:
+        print(json.dumps(rows))
+        return OK
+    now = time.time()
+    out = []
+    for r in rows:
+        split = r.get("split") or {}
+        out.append(
+            [
+                r["conn_id"],
+                _app(r),
+                r["protocol"],
+                endpoint_text(r["dst_ip"], r["dst_port"]) + (f" ({r['domain']})" if r["domain"] else ""),
+                r["verb"],
+                r["rule"] or "-",
+                split.get("interface") or r["interface"] or "-",
+                endpoint_text(split["local_ip"], split["local_port"]) if split.get("local_ip") else "-",
+                _bytes(split.get("bytes_up", 0)) if split else "-",
+                _bytes(split.get("bytes_down", 0)) if split else "-",
+                "open " + duration(now - r["started"]) if r["ended"] is None else "closed",
+            ]
+        )
+    if not out:
+        print("no connections recorded yet")
+        return OK
+    print(table(["ID", "APP", "PROTO", "DESTINATION", "VERDICT", "RULE", "IFACE", "LOCAL", "UP", "DOWN", "STATE"], out))
+    return OK
+
+
+def cmd_conn_show(args: argparse.Namespace) -> int:
+    row = ask("connection", id=args.id)
+    if args.json:
+        print(json.dumps(row))
+        return OK
+    split = row.pop("split", None)
+    for key, value in row.items():
+        print(f"{key:>12}: {value}")
+    if split:
+        print("  split tunnel:")
+        for key, value in split.items():
+            print(f"{key:>14}: {value}")
+    return OK
