@@ -35,7 +35,7 @@ SAMPLE = ConnNew(
 )
 
 
-def per_call_us(fn, n: int) -> float:  # noqa: ANN001
+def per_call_us(fn, n: int) -> float:
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()

@@ -21,6 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+pytest_plugins = ["lab_fixtures"]
+
 REPO = Path(__file__).resolve().parent.parent
 SPLITTUN = [sys.executable, "-m", "splittun.cli"]
 

@@ -1,0 +1,125 @@
+"""Pytest fixtures for tests that need the lab (host/isp/vpnsrv/inet network namespaces).
+
+Load as a plugin, e.g. ``pytest_plugins = ["lab_fixtures"]`` in tests/conftest.py (tests/ must be on
+sys.path, which conftest.py arranges). Fixtures:
+
+- ``lab``: one session-wide ``Lab(name="t", style="replaced")`` (``t-gw0``... under xdist);
+  leftovers of a crashed run are removed first and the lab is torn down at session end, also when
+  tests fail.
+- ``lab_style``: the same lab in each routing style (session-scoped parametrisation, so pytest
+  groups tests per style and switches only twice); it restores "replaced" afterwards.
+- ``lab_replaced``: the lab, guaranteed in plain "replaced" style (for tests run after lab_style ones).
+- ``make_lab``: factory for extra, test-private labs (``make_lab("tlife", style="wgquick")``), all
+  torn down after the test.
+
+Tests that change the lab beyond ``set_style`` must undo it themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from splittun.lab import Lab
+
+#: One lab per pytest-xdist worker (namespaces are global), plain "t" otherwise.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+LAB_NAME = f"t-{_WORKER}" if _WORKER else "t"
+
+
+def lab_name(base: str) -> str:
+    """Name for an extra, test-private lab, unique per xdist worker."""
+    return f"{base}-{_WORKER}" if _WORKER else base
+
+
+#: ids of the lab_style parametrisation: style, optionally "+antispoof".
+LAB_STYLES = ("replaced", "wgquick", "wgquick+antispoof")
+
+_netns_reason: list[str | None] = []
+
+
+def netns_skip_reason() -> str | None:
+    """Why the lab cannot be built here (None when it can); probed once per session."""
+    if _netns_reason:
+        return _netns_reason[0]
+    reason = None
+    if os.geteuid() != 0:
+        reason = "lab needs root (network namespaces, TUN devices, namespaced firewalls)"
+    elif missing := [t for t in ("ip", "nft", "iptables-legacy", "ip6tables-legacy", "sysctl") if not shutil.which(t)]:
+        reason = f"lab needs {', '.join(missing)} (iproute2, nftables, iptables, procps)"
+    elif not os.path.exists("/dev/net/tun"):
+        reason = "lab needs /dev/net/tun"
+    else:
+        probe = f"splittun-labprobe-{os.getpid()}"
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+        if made.returncode != 0:
+            reason = f"cannot create network namespaces here: {made.stderr.strip()}"
+        else:
+            subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    _netns_reason.append(reason)
+    return reason
+
+
+def require_netns() -> None:
+    """pytest.skip() with the reason when the lab cannot be built (not root, no netns, ...)."""
+    reason = netns_skip_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def parse_style(param: str) -> tuple[str, bool]:
+    style, _, extra = param.partition("+")
+    return style, extra == "antispoof"
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """The session's lab in "replaced" style; always torn down, also after failures or a crash before."""
+    require_netns()
+    lab = Lab(name=LAB_NAME, style="replaced")
+    lab.down()  # leftovers of a crashed earlier run (up() would do it too; be explicit)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture(scope="session", params=LAB_STYLES)
+def lab_style(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Lab]:
+    """The lab switched to each style in turn (ids: replaced, wgquick, wgquick+antispoof)."""
+    style, antispoof = parse_style(request.param)
+    lab.set_style(style, antispoof=antispoof)
+    yield lab
+    if lab.exists():
+        lab.set_style("replaced", antispoof=False)
+
+
+@pytest.fixture
+def make_lab() -> Iterator[Callable[..., Lab]]:
+    """Factory for extra, test-private labs (name made unique per xdist worker, leftovers removed);
+    every lab it made is torn down after the test."""
+    require_netns()
+    made: list[Lab] = []
+
+    def make(base: str, **kw: Any) -> Lab:
+        lab = Lab(name=lab_name(base), **kw)
+        lab.down()
+        made.append(lab)
+        return lab
+
+    yield make
+    for lab in made:
+        lab.down()
+
+
+@pytest.fixture
+def lab_replaced(lab: Lab) -> Lab:
+    """The lab in plain "replaced" style (a no-op when it already is)."""
+    lab.set_style("replaced", antispoof=False)
+    return lab
