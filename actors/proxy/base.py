@@ -1,0 +1,266 @@
+"""What the TCP and UDP proxies share: listeners, the decider call, the session table, hooks, deadlines,
+the data thread and graceful shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from .config import ProxyConfig
+from .decider import Address, Decider, Decision, Refusal, SessionRequest
+from .loop import READ, DataLoop, raise_fd_limit
+from .session import Session, SessionTable
+from .upstream import family_of
+
+log = logging.getLogger("splittun.proxy")
+
+
+class SessionHooks:
+    """What the proxy tells its owner, called on the data thread (keep them quick; publish and return)."""
+
+    def on_open(self, session: Session) -> None:
+        """The upstream is there (TCP: connected) and bytes may flow."""
+
+    def on_stats(self, session: Session) -> None:
+        """Periodic counters of a session older than `stats_interval`."""
+
+    def on_close(self, session: Session) -> None:
+        """The session ended (also: refused, dial failed). `session.close_reason` says why."""
+
+
+def parse_address(text: str) -> Address:
+    """`127.0.0.17:719`, `[::1]:719` → (ip, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+    else:
+        host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"bad listen address {text!r}: want IP:PORT or [IPv6]:PORT")
+    return host, int(port)
+
+
+class RateLimitedLog:
+    """One line per problem kind, at most `per_second` lines a second overall (bad input must not flood)."""
+
+    def __init__(self, per_second: int = 5) -> None:
+        self.per_second = per_second
+        self._window = (0, 0)
+        self.suppressed = 0
+
+    def __call__(self, level: int, msg: str, *args: Any) -> None:
+        second = int(time.monotonic())
+        window, lines = self._window
+        if window != second:
+            window, lines = second, 0
+        if lines < self.per_second:
+            log.log(level, msg, *args)
+        else:
+            self.suppressed += 1
+        self._window = (window, lines + 1)
+
+
+class ProxyBase:
+    protocol: ClassVar[str] = ""
+    kind: ClassVar[socket.SocketKind]
+
+    def __init__(
+        self,
+        listen: Sequence[Address],
+        decider: Decider,
+        config: ProxyConfig | None = None,
+        hooks: SessionHooks | None = None,
+        id_prefix: str | None = None,
+    ) -> None:
+        self.config = config or ProxyConfig()
+        self.decider = decider
+        self.hooks = hooks or SessionHooks()
+        self.table = SessionTable(self.config.max_sessions, id_prefix)
+        self.loop = DataLoop(self.config.edge_triggered, name=f"proxy-{self.protocol}")
+        self.edge = self.loop.edge_triggered
+        self.say = RateLimitedLog()
+        self.draining = False
+        self.stopped = threading.Event()
+        self._drain_deadline = 0.0
+        self._started = False
+        self.stats: dict[str, int] = {}
+        raise_fd_limit()
+        self.listeners: list[socket.socket] = []
+        try:
+            for addr in listen:
+                self.listeners.append(self._bind(addr))
+        except BaseException:
+            for sock in self.listeners:
+                sock.close()
+            raise
+        self.addresses: list[Address] = [tuple(s.getsockname()[:2]) for s in self.listeners]  # type: ignore[misc]
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def _bind(self, addr: Address) -> socket.socket:
+        family = family_of(addr[0])
+        sock = socket.socket(family, self.kind)
+        try:
+            if self.kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.config.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            self._tune_listener(sock)
+            sock.bind(addr)
+            if self.kind == socket.SOCK_STREAM:
+                sock.listen(self.config.backlog)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _tune_listener(self, sock: socket.socket) -> None:
+        """Socket options before bind (UDP: a larger receive buffer)."""
+
+    def start(self) -> None:
+        """Start serving on a thread of its own; returns at once."""
+        self._prepare()
+        self.loop.start_thread()
+
+    def run(self) -> None:
+        """Serve on the calling thread until `shutdown`."""
+        self._prepare()
+        try:
+            self.loop.run()
+        finally:
+            self._cleanup()
+
+    def _prepare(self) -> None:
+        if self._started:
+            raise RuntimeError("proxy already started")
+        self._started = True
+        for sock in self.listeners:
+            self._register_listener(sock)
+        self.loop.call_every(self.config.tick(), self._sweep)
+
+    def _register_listener(self, sock: socket.socket) -> None:
+        listen = tuple(sock.getsockname()[:2])
+        self.loop.add(sock.fileno(), READ, lambda ev: self._on_listener(sock, listen), edge=False)
+
+    def _on_listener(self, sock: socket.socket, listen: Any) -> None:
+        raise NotImplementedError
+
+    def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, let live sessions finish for up to `drain_timeout` s, close the rest, stop.
+
+        Thread-safe; blocks until the data thread has ended (when it runs on one)."""
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        if not self._started:
+            self._close_listeners()
+            self.stopped.set()
+            return
+        self.loop.call_soon_threadsafe(lambda: self._begin_drain(timeout))
+        thread = self.loop.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout + 5.0)
+            self._cleanup()
+
+    def _begin_drain(self, timeout: float) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self._drain_deadline = time.monotonic() + timeout
+        self._close_listeners()
+        self.loop.call_later(timeout, self._check_drained)
+        self._check_drained()
+
+    def _close_listeners(self) -> None:
+        for sock in self.listeners:
+            self.loop.remove(sock.fileno())
+            sock.close()
+        self.listeners = []
+
+    def _check_drained(self) -> None:
+        if not self.draining:
+            return
+        if self.table.active and time.monotonic() < self._drain_deadline:
+            return
+        for session in self.table.sessions():
+            self._close_session(session, "shutdown")
+        self.loop.running = False
+
+    def _cleanup(self) -> None:
+        if self.stopped.is_set():
+            return
+        for session in self.table.sessions():  # the loop stopped some other way: still close everything
+            self._close_session(session, "shutdown")
+        self._close_listeners()
+        self._release()
+        self.loop.close()
+        self.stopped.set()
+
+    def _release(self) -> None:
+        """Free protocol resources (pipes, resolvers)."""
+
+    # --- sessions -----------------------------------------------------------------------------------
+
+    def _decide(self, req: SessionRequest) -> Decision | Refusal:
+        try:
+            answer = self.decider(req)
+        except Exception as exc:
+            self.say(logging.ERROR, "decider failed for %s: %s: %s", req, type(exc).__name__, exc)
+            return Refusal(f"decider failed: {type(exc).__name__}")
+        if not isinstance(answer, (Decision, Refusal)):
+            return Refusal(f"decider returned {type(answer).__name__}")
+        if isinstance(answer, Decision) and answer.remote in self.addresses:
+            return Refusal("loop: the remote is this proxy")
+        return answer
+
+    def _refused(self, session: Session, reason: str) -> None:
+        self.table.refuse()
+        session.closed = True
+        session.close_reason = f"refused: {reason}"
+        self._count("refused")
+        self._hook("on_close", session)
+
+    def _hook(self, name: str, session: Session) -> None:
+        try:
+            getattr(self.hooks, name)(session)
+        except Exception as exc:
+            self.say(logging.ERROR, "session hook %s failed: %s: %s", name, type(exc).__name__, exc)
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def _close_session(self, session: Session, reason: str) -> None:
+        raise NotImplementedError
+
+    def _sweep(self) -> None:
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, int]:
+        """Aggregate metrics plus the proxy's own counters (for heartbeats)."""
+        out = {f"sessions_{k}": v for k, v in self.table.metrics().items()}
+        out.update(self.stats)
+        if self.loop.errors:
+            out["loop_errors"] = self.loop.errors
+        return out
+
+    def close_all(self, reason: str = "closed") -> None:
+        """Thread-safe: end every live session."""
+
+        def _do() -> None:
+            for session in self.table.sessions():
+                self._close_session(session, reason)
+
+        self.loop.call_soon_threadsafe(_do)
+
+    def __enter__(self) -> ProxyBase:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        with contextlib.suppress(Exception):
+            self.shutdown(0.0)

@@ -1,0 +1,134 @@
+"""Which interface, source address and gateway split traffic leaves through (pure: snapshot in, answer out).
+
+The choice is Portmaster's `splittun/interface`: "" = auto (the interface carrying the physical default
+route, per family), otherwise an interface name, one of its IP addresses or its MAC. It is resolved
+against the latest netenv snapshot; for standalone use `static_egress` takes the values directly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from messages.events import InterfaceRecord, NetenvChanged
+
+
+@dataclass(frozen=True, slots=True)
+class Egress:
+    family: int  # 4 | 6
+    interface: str
+    source: str = ""  # the interface's address to bind; "" = let the kernel pick on that device
+    gateway: str = ""  # next hop for the split routing table; "" only for point-to-point devices
+    ifindex: int = 0
+    point_to_point: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EgressSet:
+    """The egress per address family, plus why a family has none (for refusals and logs)."""
+
+    v4: Egress | None = None
+    v6: Egress | None = None
+    reason: str = ""  # why v4/v6 is missing when no family-specific reason is given
+    reasons: dict[int, str] = field(default_factory=dict)
+
+    def for_family(self, family: int) -> Egress | None:
+        return self.v4 if family == 4 else self.v6
+
+    def why(self, family: int) -> str:
+        return self.reasons.get(family) or self.reason or f"no split interface for IPv{family}"
+
+    def all(self) -> list[Egress]:
+        return [e for e in (self.v4, self.v6) if e is not None]
+
+
+def static_egress(
+    interface: str, *, source4: str = "", gateway4: str = "", source6: str = "", gateway6: str = ""
+) -> EgressSet:
+    """An egress given by hand (library use without netenv); a family without a gateway is left out."""
+    v4 = Egress(4, interface, source4, gateway4) if gateway4 else None
+    v6 = Egress(6, interface, source6, gateway6) if gateway6 else None
+    reasons = {f: f"no IPv{f} gateway given for {interface}" for f, e in ((4, v4), (6, v6)) if e is None}
+    return EgressSet(v4=v4, v6=v6, reasons=reasons)
+
+
+def _normal_mac(text: str) -> str:
+    return text.strip().lower().replace("-", ":")
+
+
+def find_interface(netenv: NetenvChanged, choice: str) -> InterfaceRecord | None:
+    """The interface named by `choice`: its name, one of its addresses or its MAC."""
+    choice = choice.strip()
+    for iface in netenv.interfaces:
+        if iface.name == choice:
+            return iface
+    try:
+        wanted_ip = ipaddress.ip_address(choice.split("%", 1)[0])
+    except ValueError:
+        wanted_ip = None
+    if wanted_ip is not None:
+        for iface in netenv.interfaces:
+            addrs = [a.split("/", 1)[0] for a in iface.addresses] + [iface.ipv4, iface.ipv6]
+            for addr in addrs:
+                try:
+                    if addr and ipaddress.ip_address(addr.split("%", 1)[0]) == wanted_ip:
+                        return iface
+                except ValueError:
+                    continue
+        return None
+    mac = _normal_mac(choice)
+    for iface in netenv.interfaces:
+        if iface.mac and _normal_mac(iface.mac) == mac:
+            return iface
+    return None
+
+
+def _gateway(netenv: NetenvChanged, interface: str, family: int) -> str:
+    found = [g for g in netenv.gateways if g.interface == interface and g.family == family and g.gateway]
+    found.sort(key=lambda g: (g.prefix not in ("default", "0.0.0.0/0", "::/0"), g.table != 254))
+    return found[0].gateway if found else ""
+
+
+def _source(iface: InterfaceRecord, family: int, chosen_ip: str) -> str:
+    if chosen_ip and (":" in chosen_ip) == (family == 6):
+        return chosen_ip
+    return iface.ipv4 if family == 4 else iface.ipv6
+
+
+def resolve_egress(netenv: NetenvChanged | None, choice: str = "") -> EgressSet:
+    """Resolve the configured interface choice against a netenv snapshot, per family."""
+    if netenv is None:
+        return EgressSet(reason="no network environment yet")
+    chosen_ip = ""
+    per_family: dict[int, InterfaceRecord | None] = {}
+    reasons: dict[int, str] = {}
+    if choice.strip():
+        iface = find_interface(netenv, choice)
+        if iface is None:
+            return EgressSet(reason=f"split interface {choice!r} not found")
+        try:
+            ipaddress.ip_address(choice.strip().split("%", 1)[0])
+            chosen_ip = choice.strip()
+        except ValueError:
+            pass
+        per_family = {4: iface, 6: iface}
+    else:
+        for family, name in ((4, netenv.uplink_ipv4), (6, netenv.uplink_ipv6)):
+            per_family[family] = next((i for i in netenv.interfaces if i.name == name), None) if name else None
+            if per_family[family] is None:
+                reasons[family] = f"no physical IPv{family} uplink"
+    out: dict[int, Egress | None] = {4: None, 6: None}
+    for family, iface in per_family.items():
+        if iface is None:
+            continue
+        source = _source(iface, family, chosen_ip)
+        if not source:
+            reasons[family] = f"{iface.name} has no IPv{family} address"
+            continue
+        p2p = "POINTOPOINT" in {f.upper() for f in iface.flags}
+        gateway = _gateway(netenv, iface.name, family)
+        if not gateway and not p2p:
+            reasons[family] = f"no IPv{family} gateway on {iface.name}"
+            continue
+        out[family] = Egress(family, iface.name, source, gateway, iface.index, p2p)
+    return EgressSet(v4=out[4], v6=out[6], reasons=reasons)

@@ -1,0 +1,275 @@
+"""Transparent UDP proxy: one session per (client address, original destination), one upstream socket each.
+
+How a datagram finds its way (Linux, DNAT to the proxy):
+- The app's socket sends to peer P; nat OUTPUT DNATs it to the proxy. Its conntrack entry's reply tuple is
+  (proxy → client). When the same app socket also sends to peer Q, Q's entry would get the same reply
+  tuple, so the kernel's implicit source NAT gives it another client port: the proxy sees the app as
+  client:5000 for P and client:34418 for Q. The "client address as seen" therefore names one flow.
+- A new seen address → one conntrack lookup by reply tuple (O(1) in the kernel) → the original tuple:
+  the app's real address and P. The session key is (seen client, original destination).
+- Replies from P arrive on the session's connected upstream socket and are sent from the proxy's listening
+  socket to the seen address: that is exactly the flow's reply tuple, so conntrack un-NATs it and the app
+  sees the datagram coming from P to its own port, per peer.
+- A session must not outlive the kernel's NAT entry (udp_idle_timeout stays below conntrack's UDP
+  timeout), and the mapping is re-checked at most every `udp_revalidate` seconds while traffic flows, so
+  an entry deleted by the firewall and a seen address reused for another peer never cross-deliver.
+Datagrams are handled one by one on the data thread; a burst of first packets creates one session,
+because the session exists before the second datagram is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .base import ProxyBase
+from .decider import Address, Refusal, SessionRequest
+from .loop import READ
+from .session import Session
+from .upstream import open_upstream
+
+log = logging.getLogger("splittun.proxy")
+
+#: (client as seen, listen address) → (app's own address, original destination), or None if not NAT'd.
+Resolver = Callable[[Address, Address], "tuple[Address, Address] | None"]
+
+_REFUSAL_MEMORY = 2.0  # seconds a refused flow's further datagrams are dropped without asking again
+_LISTEN_RCVBUF = 4 << 20
+
+
+class UdpConn:
+    __slots__ = ("check", "client_addr", "key", "listener", "seen", "session", "upstream", "validated_at")
+
+    def __init__(
+        self, session: Session, listener: socket.socket, client_addr: Any, upstream: socket.socket, key: Any
+    ) -> None:
+        self.session = session
+        self.listener = listener
+        self.client_addr = client_addr  # exactly as recvfrom gave it: replies go back to it
+        self.upstream = upstream
+        self.key = key
+        self.validated_at = time.monotonic()
+        self.check = False  # set by the sweep: re-check the conntrack mapping before the next datagram
+        self.seen = 0
+
+
+def default_resolver() -> Resolver | None:
+    """Conntrack lookups on Linux when this process may make them; otherwise none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    from .origdst import ConntrackResolver
+
+    try:
+        return ConntrackResolver()
+    except OSError as exc:
+        log.warning("udp original destinations unavailable (conntrack netlink: %s)", exc.strerror)
+        return None
+
+
+class UdpProxy(ProxyBase):
+    """Transparent UDP proxy on one or more listen addresses (see module docstring)."""
+
+    protocol = "udp"
+    kind = socket.SOCK_DGRAM
+
+    def __init__(self, *args: Any, resolver: Resolver | str | None = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resolver: Resolver | None = default_resolver() if resolver == "auto" else resolver  # type: ignore[assignment]
+        self.buffer = bytearray(self.config.udp_buffer_size)
+        self.view = memoryview(self.buffer)
+        self.flows: dict[tuple[int, Address], UdpConn] = {}
+        self.conns: dict[str, UdpConn] = {}
+        self._refused_recently: dict[tuple[int, Address], float] = {}
+
+    def _tune_listener(self, sock: socket.socket) -> None:
+        for opt in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, _LISTEN_RCVBUF)
+                return
+            except OSError:
+                continue
+
+    # --- client → upstream --------------------------------------------------------------------------
+
+    def _on_listener(self, sock: socket.socket, listen: Any) -> None:
+        buf, view, flows = self.buffer, self.view, self.flows
+        lfd = sock.fileno()
+        for _ in range(self.config.batch):
+            try:
+                n, addr = sock.recvfrom_into(buf)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._count("recv_errors")
+                self.say(logging.WARNING, "udp receive failed on %s: %s", listen, exc.strerror)
+                return
+            key = (lfd, (addr[0], addr[1]))
+            conn = flows.get(key)
+            if conn is None or conn.check:
+                try:
+                    conn = self._session_for(sock, listen, addr, key, conn)
+                except Exception as exc:  # odd input or kernel answer: drop the datagram, keep serving
+                    self._count("dropped_errors")
+                    self.say(logging.ERROR, "udp session setup failed: %s: %s", type(exc).__name__, exc)
+                    continue
+                if conn is None:
+                    self._count("dropped_refused")
+                    continue
+            try:
+                conn.upstream.send(view[:n])
+            except BlockingIOError:
+                self._count("dropped_upstream_full")
+                continue
+            except OSError as exc:  # e.g. ICMP unreachable reported on the connected socket
+                self._count("send_errors")
+                self.say(logging.INFO, "udp send to %s failed: %s", conn.session.remote, exc.strerror)
+                continue
+            s = conn.session
+            s.bytes_up += n
+            s.packets_up += 1
+
+    def _session_for(
+        self, sock: socket.socket, listen: Address, addr: Any, key: tuple[int, Address], known: UdpConn | None
+    ) -> UdpConn | None:
+        """The flow's session: re-checked `known`, a new one, or None when refused."""
+        client = key[1]
+        resolved = self.resolver(client, listen) if self.resolver is not None else None
+        orig_client, orig_dst = resolved if resolved is not None else (None, None)
+        if known is not None:
+            s = known.session
+            if orig_dst == s.orig_dst and (orig_client or client) == s.orig_client:
+                known.check = False
+                known.validated_at = time.monotonic()
+                return known
+            self._close_conn(known, "flow replaced: conntrack mapping changed")
+        now = time.monotonic()
+        until = self._refused_recently.get(key)
+        if until is not None:
+            if now < until:
+                return None
+            del self._refused_recently[key]
+        session = Session(self.table.new_id(), "udp", client, listen, orig_dst, orig_client, now=now)
+        if self.table.full():
+            self._refuse(key, session, f"session limit {self.table.max_sessions} reached", now)
+            return None
+        decision = self._decide(SessionRequest("udp", client, listen, orig_dst, orig_client))
+        if isinstance(decision, Refusal):
+            self._refuse(key, session, decision.reason, now)
+            return None
+        session.remote = decision.remote
+        session.interface = decision.binding.interface
+        session.extra = decision.extra
+        try:
+            upstream = open_upstream(socket.SOCK_DGRAM, decision.remote, decision.binding)
+        except OSError as exc:
+            self._refuse(key, session, f"upstream socket: {exc.strerror or exc}", now)
+            return None
+        try:
+            upstream.connect(decision.remote)
+            session.local = tuple(upstream.getsockname()[:2])  # type: ignore[assignment]
+        except OSError as exc:
+            upstream.close()
+            self._refuse(key, session, f"dial failed: {exc.strerror or exc}", now)
+            return None
+        conn = UdpConn(session, sock, addr, upstream, key)
+        self.table.add(session)
+        self.flows[key] = conn
+        self.conns[session.id] = conn
+        session._closer = lambda reason: self.loop.call_soon_threadsafe(lambda: self._close_conn(conn, reason))
+        self.loop.add(upstream.fileno(), READ, lambda _ev: self._on_upstream(conn), edge=False)
+        self._hook("on_open", session)
+        return conn
+
+    def _refuse(self, key: tuple[int, Address], session: Session, reason: str, now: float) -> None:
+        if len(self._refused_recently) > 4 * self.table.max_sessions:
+            self._refused_recently.clear()
+        self._refused_recently[key] = now + _REFUSAL_MEMORY
+        self._refused(session, reason)
+
+    # --- upstream → client --------------------------------------------------------------------------
+
+    def _on_upstream(self, conn: UdpConn) -> None:
+        buf, view = self.buffer, self.view
+        up, listener, client_addr, s = conn.upstream, conn.listener, conn.client_addr, conn.session
+        for _ in range(self.config.batch):
+            try:
+                n = up.recv_into(buf)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:
+                self._count("upstream_unreachable")  # ICMP port unreachable from the remote
+                continue
+            except OSError as exc:
+                self._count("recv_errors")
+                self.say(logging.WARNING, "udp receive from %s failed: %s", s.remote, exc.strerror)
+                return
+            try:
+                listener.sendto(view[:n], client_addr)
+            except BlockingIOError:
+                self._count("dropped_client_full")
+                continue
+            except OSError as exc:
+                self._count("send_errors")
+                self.say(logging.INFO, "udp reply to %s failed: %s", client_addr, exc.strerror)
+                continue
+            s.bytes_down += n
+            s.packets_down += 1
+
+    # --- sessions -----------------------------------------------------------------------------------
+
+    def _close_conn(self, conn: UdpConn, reason: str) -> None:
+        s = conn.session
+        if s.closed:
+            return
+        s.closed = True
+        s.close_reason = reason
+        self.loop.remove(conn.upstream.fileno())
+        conn.upstream.close()
+        if self.flows.get(conn.key) is conn:
+            del self.flows[conn.key]
+        self.conns.pop(s.id, None)
+        self.table.remove(s)
+        self._count("closed_" + reason.split(":", 1)[0].replace(" ", "_"))
+        self._hook("on_close", s)
+        if self.draining:
+            self._check_drained()
+
+    def _close_session(self, session: Session, reason: str) -> None:
+        conn = self.conns.get(session.id)
+        if conn is not None:
+            self._close_conn(conn, reason)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        cfg = self.config
+        for conn in list(self.conns.values()):
+            s = conn.session
+            moved = s.packets_up + s.packets_down
+            if moved != conn.seen:
+                conn.seen = moved
+                s.last_seen = now
+            elif now - s.last_seen >= cfg.udp_idle_timeout:
+                self._close_conn(conn, "idle")
+                continue
+            if self.resolver is not None and now - conn.validated_at >= cfg.udp_revalidate:
+                conn.check = True
+            if now - s.stats_at >= cfg.stats_interval:
+                s.stats_at = now
+                self._hook("on_stats", s)
+        if self._refused_recently:
+            for key, until in list(self._refused_recently.items()):
+                if until <= now:
+                    del self._refused_recently[key]
+        if self.draining:
+            self._check_drained()
+
+    def _release(self) -> None:
+        closer = getattr(self.resolver, "close", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                closer()
