@@ -4,6 +4,7 @@ the data thread and graceful shutdown."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
 import threading
@@ -40,7 +41,13 @@ def parse_address(text: str) -> Address:
         host, _, port = text[1:].partition("]:")
     else:
         host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
+        if ":" in host:
+            host = ""  # an IPv6 address needs brackets, or its last group would read as the port
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        host = ""
+    if not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"bad listen address {text!r}: want IP:PORT or [IPv6]:PORT")
     return host, int(port)
 

@@ -1,0 +1,274 @@
+"""The proxy library's pure parts, with plain objects and bytes: egress choice, deciders, the session
+cache, conntrack and sockaddr parsing (kernel answers captured from a real namespace), the route plan."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+import pytest
+
+from actors.proxy import (
+    Decision,
+    ProxyConfig,
+    Refusal,
+    Session,
+    SessionRequest,
+    SessionTable,
+    SplitDecider,
+    SplitRoute,
+    parse_address,
+    plan,
+    resolve_egress,
+    static_egress,
+    to_original_destination,
+)
+from actors.proxy.origdst import ConntrackError, build_get_by_reply, parse_response, parse_sockaddr
+from messages import Mark
+from messages.events import GatewayRecord, InterfaceRecord, NetenvChanged
+
+# --- egress -------------------------------------------------------------------------------------------
+
+
+def netenv(**kw: object) -> NetenvChanged:
+    base: dict[str, object] = {
+        "seq": 1,
+        "ts": 0.0,
+        "interfaces": [
+            InterfaceRecord(
+                name="eth0",
+                index=2,
+                mac="52:54:00:AA:BB:CC",
+                is_physical=True,
+                addresses=["192.0.2.10/26", "2001:db8:10::10/64"],
+                ipv4="192.0.2.10",
+                ipv6="2001:db8:10::10",
+            ),
+            InterfaceRecord(
+                name="wlan0",
+                index=3,
+                mac="52:54:00:11:22:33",
+                is_physical=True,
+                addresses=["198.51.100.7/24"],
+                ipv4="198.51.100.7",
+            ),
+            InterfaceRecord(
+                name="wgivpn",
+                index=9,
+                kind="tunnel",
+                flags=["UP", "POINTOPOINT", "NOARP"],
+                addresses=["192.0.2.66/32"],
+                ipv4="192.0.2.66",
+            ),
+        ],
+        "gateways": [
+            GatewayRecord(gateway="192.0.2.1", interface="eth0", family=4),
+            GatewayRecord(gateway="2001:db8:10::1", interface="eth0", family=6),
+            GatewayRecord(gateway="198.51.100.1", interface="wlan0", family=4),
+        ],
+        "uplink_ipv4": "eth0",
+        "uplink_ipv6": "eth0",
+    }
+    base.update(kw)
+    return NetenvChanged(**base)  # type: ignore[arg-type]
+
+
+def test_auto_egress_is_the_uplink_per_family() -> None:
+    egress = resolve_egress(netenv(), "")
+    assert egress.v4 is not None and egress.v6 is not None
+    assert (egress.v4.interface, egress.v4.source, egress.v4.gateway) == ("eth0", "192.0.2.10", "192.0.2.1")
+    assert (egress.v6.interface, egress.v6.source, egress.v6.gateway) == ("eth0", "2001:db8:10::10", "2001:db8:10::1")
+
+
+@pytest.mark.parametrize("choice", ["wlan0", "198.51.100.7", "52-54-00-11-22-33", "52:54:00:11:22:33"])
+def test_configured_interface_by_name_ip_or_mac(choice: str) -> None:
+    egress = resolve_egress(netenv(), choice)
+    assert egress.v4 is not None and egress.v4.interface == "wlan0" and egress.v4.gateway == "198.51.100.1"
+    assert egress.v6 is None and egress.why(6) == "wlan0 has no IPv6 address"
+
+
+def test_chosen_ip_is_the_source_address() -> None:
+    env = netenv()
+    env.interfaces[0].addresses.append("192.0.2.11/26")
+    egress = resolve_egress(env, "192.0.2.11")
+    assert egress.v4 is not None and egress.v4.source == "192.0.2.11"
+
+
+def test_missing_pieces_are_named() -> None:
+    assert resolve_egress(None, "").why(4) == "no network environment yet"
+    assert resolve_egress(netenv(), "eth9").why(4) == "split interface 'eth9' not found"
+    no_uplink = resolve_egress(netenv(uplink_ipv6=""), "")
+    assert no_uplink.v6 is None and no_uplink.why(6) == "no physical IPv6 uplink"
+    no_gw = resolve_egress(netenv(gateways=[]), "")
+    assert no_gw.v4 is None and no_gw.why(4) == "no IPv4 gateway on eth0"  # never the on-link guess
+
+
+def test_point_to_point_interface_needs_no_gateway() -> None:
+    egress = resolve_egress(netenv(), "wgivpn")
+    assert egress.v4 is not None and egress.v4.point_to_point and egress.v4.gateway == ""
+    assert plan(egress.all()) == [SplitRoute(4, "wgivpn", "", 9)]
+
+
+def test_route_plan_one_route_per_family_and_interface() -> None:
+    routes = plan([*resolve_egress(netenv(), "").all(), *resolve_egress(netenv(), "wlan0").all()])
+    assert [str(r) for r in routes] == [
+        "IPv4 default via 192.0.2.1 dev eth0",
+        "IPv4 default via 198.51.100.1 dev wlan0",
+        "IPv6 default via 2001:db8:10::1 dev eth0",
+    ]
+
+
+# --- deciders -----------------------------------------------------------------------------------------
+
+
+def request(dst: tuple[str, int] | None = ("203.0.113.80", 80)) -> SessionRequest:
+    return SessionRequest("tcp", ("192.0.2.66", 40000), ("127.0.0.17", 719), dst)
+
+
+def test_split_decider_binds_to_the_family_egress() -> None:
+    decider = SplitDecider(static_egress("eth0", source4="192.0.2.10", gateway4="192.0.2.1"))
+    decision = decider(request())
+    assert isinstance(decision, Decision)
+    assert decision.remote == ("203.0.113.80", 80)
+    assert (decision.binding.interface, decision.binding.source_ip) == ("eth0", "192.0.2.10")
+    assert decision.binding.mark == Mark.SPLIT_EGRESS
+    assert decider(request(("2001:db8:30::80", 80))) == Refusal("no IPv6 gateway given for eth0")
+    assert decider(request(None)) == Refusal("no original destination")
+
+
+def test_split_decider_follows_updates() -> None:
+    decider = SplitDecider()
+    assert decider(request()) == Refusal("no network environment yet")
+    decider.update(resolve_egress(netenv(), "wlan0"))
+    decision = decider(request())
+    assert isinstance(decision, Decision) and decision.binding.interface == "wlan0"
+
+
+def test_plain_transparent_decider() -> None:
+    assert to_original_destination(request()) == Decision(("203.0.113.80", 80))
+    assert isinstance(to_original_destination(request(None)), Refusal)
+
+
+# --- sessions -----------------------------------------------------------------------------------------
+
+
+def make_session(table: SessionTable, remote: tuple[str, int], client_port: int = 40000) -> Session:
+    s = Session(table.new_id(), "tcp", ("192.0.2.66", client_port), ("127.0.0.17", 719), ("203.0.113.80", 80))
+    s.remote = remote
+    return s
+
+
+def test_table_metrics_and_upstream_index() -> None:
+    table = SessionTable(max_sessions=2, id_prefix="t0-")
+    a = make_session(table, ("203.0.113.80", 80))
+    b = make_session(table, ("203.0.113.80", 80), 40001)
+    table.add(a)
+    table.add(b)
+    assert table.full()
+    assert {s.id for s in table.by_upstream("203.0.113.80", 80)} == {"t0-1", "t0-2"}
+    assert table.by_upstream("::ffff:203.0.113.80", 80) == table.by_upstream("203.0.113.80", 80)
+    assert table.by_upstream("203.0.113.80", 443) == []
+    table.set_remote(b, ("203.0.113.81", 80))
+    assert table.by_upstream("203.0.113.81", 80) == [b]
+    assert table.remove(a) and not table.remove(a)
+    table.refuse()
+    assert table.by_upstream("203.0.113.80", 80) == []
+    assert table.metrics() == {"active": 1, "created": 2, "closed": 1, "refused": 1}
+
+
+def test_split_key_uses_the_apps_own_address() -> None:
+    """UDP: the proxy may see a NAT-remapped port; the interceptor saw the app's port."""
+    s = Session("x", "udp", ("192.0.2.10", 33384), ("127.0.0.17", 719), ("203.0.113.81", 5300), ("192.0.2.10", 5000))
+    assert s.split_key == "udp 192.0.2.10:5000 203.0.113.81:5300"
+    assert s.to_dict()["client"] == ["192.0.2.10", 5000]
+
+
+def test_config_tick_follows_shortest_timeout() -> None:
+    assert ProxyConfig().tick() == 1.0
+    assert ProxyConfig(dial_timeout=0.2).tick() == pytest.approx(0.05)
+    assert ProxyConfig(read_timeout=0.0001).tick() == 0.01
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.17:719", ("127.0.0.17", 719)), ("[::1]:719", ("::1", 719)), (" 0.0.0.0:1 ", ("0.0.0.0", 1))],
+)
+def test_parse_address(text: str, expected: tuple[str, int]) -> None:
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["127.0.0.17", "::1:719", "[::1]", "host:x"])
+def test_parse_address_refuses_bad_input(text: str) -> None:
+    with pytest.raises(ValueError, match="bad listen address"):
+        parse_address(text)
+
+
+# --- kernel data --------------------------------------------------------------------------------------
+
+
+def test_sockaddr_parsing() -> None:
+    v4 = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 80) + socket.inet_aton("203.0.113.80") + bytes(8)
+    assert parse_sockaddr(v4) == ("203.0.113.80", 80)
+    v6 = (
+        struct.pack("=H", socket.AF_INET6)
+        + struct.pack("!HI", 443, 0)
+        + socket.inet_pton(socket.AF_INET6, "2001:db8:30::80")
+        + bytes(4)
+    )
+    assert parse_sockaddr(v6) == ("2001:db8:30::80", 443)
+    with pytest.raises(ValueError):
+        parse_sockaddr(b"\x00")
+
+
+# Captured from Linux 6.18: two UDP flows from one socket (port 5000) DNAT'd to 127.0.0.17:7190; the
+# second was seen by the proxy as port 33384 (the kernel's clash-avoiding source NAT).
+KERNEL_V4 = bytes.fromhex(
+    "a40000000001020007000000dc72000002000000340001801400018008000100c000020a08000200cb0071511c000280050001"
+    "001100000006000200138800000600030014b400003400028014000180080001007f00001108000200c000020a1c0002800500"
+    "010011000000060002001c160000060003008268000008000300000001b8080008000000000008000c00966d792c08000b0000"
+    "000002080007000000001e"
+)
+KERNEL_V6 = bytes.fromhex(
+    "d40000000001020009000000ed7200000a0000004c0001802c0001801400030020010db8001000000000000000000010140004"
+    "0020010db80030000000000000000000811c000280050001001100000006000200138800000600030014b400004c0002802c00"
+    "018014000300000000000000000000000000000000011400040020010db80010000000000000000000101c0002800500010011"
+    "000000060002001c160000060003006ccc000008000300000001b8080008000000000008000c00b556ee3408000b0000000002"
+    "080007000000001e"
+)
+KERNEL_ENOENT = bytes.fromhex(
+    "74000000020000000a000000ed720000feffffff60000000010101000a000000000000000a0000004c0002802c000180140003"
+    "00000000000000000000000000000000011400040020010db80010000000000000000000101c00028005000100110000000600"
+    "02001c1600000600030000010000"
+)
+REQUEST_V6 = bytes.fromhex(
+    "600000000101010009000000000000000a0000004c0002802c00018014000300000000000000000000000000000000011400"
+    "040020010db80010000000000000000000101c0002800500010011000000060002001c160000060003006ccc0000"
+)
+
+
+def test_conntrack_request_bytes() -> None:
+    assert build_get_by_reply(9, 17, ("::1", 7190), ("2001:db8:10::10", 27852)) == REQUEST_V6
+
+
+def test_conntrack_answer_gives_the_apps_port_and_original_peer() -> None:
+    entry = parse_response(KERNEL_V4, 7)
+    assert entry is not None
+    assert entry.orig.src == ("192.0.2.10", 5000) and entry.orig.dst == ("203.0.113.81", 5300)
+    assert entry.reply.src == ("127.0.0.17", 7190) and entry.reply.dst == ("192.0.2.10", 33384)
+    assert entry.orig.proto == 17 and entry.id == 2523756844
+    entry6 = parse_response(KERNEL_V6, 9)
+    assert entry6 is not None and entry6.orig.dst == ("2001:db8:30::81", 5300)
+    assert entry6.orig.src == ("2001:db8:10::10", 5000)
+
+
+def test_conntrack_errors() -> None:
+    assert parse_response(KERNEL_ENOENT, 10) is None
+    eperm = bytearray(KERNEL_ENOENT)
+    eperm[16:20] = struct.pack("=i", -errno.EPERM)
+    with pytest.raises(ConntrackError):
+        parse_response(bytes(eperm), 10)
+    with pytest.raises(ValueError):
+        parse_response(KERNEL_V4, 8)  # not the answer to request 8
+    with pytest.raises(ValueError):
+        parse_response(KERNEL_V4[:40], 7)  # truncated
