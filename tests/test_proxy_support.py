@@ -93,9 +93,9 @@ def recv_all(sock: socket.socket) -> bytes:
 class UdpEcho:
     """Answers each datagram with `prefix + datagram`; `got` keeps what arrived, with the sender."""
 
-    def __init__(self, ip: str, prefix: bytes = b"", sock: socket.socket | None = None) -> None:
-        self.sock = sock or socket.socket(family_of(ip), socket.SOCK_DGRAM)
-        self.sock.bind((ip, 0))
+    def __init__(self, ip: str, prefix: bytes = b"", port: int = 0) -> None:
+        self.sock = socket.socket(family_of(ip), socket.SOCK_DGRAM)
+        self.sock.bind((ip, port))
         self.address = self.sock.getsockname()[:2]
         self.prefix = prefix
         self.got: list[tuple[bytes, Any]] = []
