@@ -137,13 +137,15 @@ class InterfaceRecord(Struct):
     name: str
     index: int
     mac: str = ""
-    kind: str = ""  # physical, virtual, tunnel, loopback, bridge…
+    kind: str = ""  # physical, wifi, virtual, bridge, tunnel, loopback
     is_physical: bool = False
     mtu: int = 0
     flags: list[str] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)  # "addr/prefix"
     ipv4: str = ""  # first routable IPv4
     ipv6: str = ""  # first routable IPv6
+    operstate: str = ""  # the kernel's: up, unknown (tun, loopback), dormant…
+    link_kind: str = ""  # the kernel's link type: veth, bridge, wireguard, tun… ("" for hardware)
 
 
 @record
@@ -152,7 +154,9 @@ class GatewayRecord(Struct):
     interface: str
     family: int  # 4 | 6
     prefix: str = "default"
-    table: int = 254
+    table: int = 254  # 0: inferred, not in any routing table (see origin)
+    metric: int = 0
+    origin: str = "route"  # route | remembered (last default before a VPN took it) | neighbour (IPv6 router)
 
 
 @message("netenv.changed")
@@ -165,6 +169,11 @@ class NetenvChanged(Message):
     gateways: list[GatewayRecord] = field(default_factory=list)
     uplink_ipv4: str = ""  # interface carrying the physical default route, "" = none
     uplink_ipv6: str = ""
+    uplink_gateway_ipv4: str = ""  # next hop on the uplink (also while a VPN owns the default), "" = unknown
+    uplink_gateway_ipv6: str = ""
+    default_ipv4: str = ""  # interface unmarked traffic takes now after policy rules (the VPN's while on)
+    default_ipv6: str = ""
+    location_disabled: bool = False  # network-derived location lookups are off (a VPN is connecting)
 
 
 # --- IVPN -------------------------------------------------------------------------------------------
