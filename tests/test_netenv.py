@@ -19,6 +19,7 @@ import pytest
 import actors.netenv as netenv
 from actors.netenv import cache as cache_mod
 from actors.netenv import rtnl, windows
+from actors.netenv.actor import refresh_delay
 from actors.netenv.decide import Memory, classify, decide, first_routable, route_for
 from actors.netenv.info import FROM_DEFAULT, FROM_GATEWAY_ROUTE, FROM_OTHER_FAMILY, FROM_REMEMBERED
 from actors.netenv.linux import LinuxSource, RecordedNetlink, parse_proc_ipv6_route, parse_proc_route
@@ -456,6 +457,12 @@ def test_snapshot_message_round_trip() -> None:
 def test_same_as_ignores_time_but_not_content() -> None:
     a, b = snap_of("wgquick"), snap_of("wgquick")
     assert a.same_as(b) and not a.same_as(snap_of("vpn_replaced")) and not a.same_as(None)
+
+
+def test_refresh_timing_policy() -> None:
+    assert refresh_delay(10.0, None) == pytest.approx(0.1)  # first change: read soon, with the burst
+    assert refresh_delay(10.0, 5.0) == pytest.approx(0.1)
+    assert refresh_delay(10.0, 9.7) == pytest.approx(0.7)  # never two reads within a second
 
 
 # --- Windows ----------------------------------------------------------------------------------------
