@@ -105,6 +105,8 @@ class ProxySessionOpen(Message):
     local_port: int = 0
     interface: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    remote_ip: str = ""  # where the upstream goes (the decider's choice; usually the original destination)
+    remote_port: int = 0
 
 
 @message("proxy.session.stats")

@@ -104,6 +104,13 @@ def test_missing_pieces_are_named() -> None:
     assert no_gw.v4 is None and no_gw.why(4) == "no IPv4 gateway on eth0"  # never the on-link guess
 
 
+def test_uplink_gateway_known_while_the_vpn_owns_the_default() -> None:
+    """The VPN replaced the default route: no gateway record for eth0, but netenv remembers the next hop."""
+    egress = resolve_egress(netenv(gateways=[], uplink_gateway_ipv4="192.0.2.1", uplink_gateway_ipv6="fe80::1"), "")
+    assert egress.v4 is not None and egress.v4.gateway == "192.0.2.1"
+    assert egress.v6 is not None and egress.v6.gateway == "fe80::1"
+
+
 def test_point_to_point_interface_needs_no_gateway() -> None:
     egress = resolve_egress(netenv(), "wgivpn")
     assert egress.v4 is not None and egress.v4.point_to_point and egress.v4.gateway == ""

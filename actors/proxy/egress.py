@@ -126,7 +126,11 @@ def resolve_egress(netenv: NetenvChanged | None, choice: str = "") -> EgressSet:
             reasons[family] = f"{iface.name} has no IPv{family} address"
             continue
         p2p = "POINTOPOINT" in {f.upper() for f in iface.flags}
-        gateway = _gateway(netenv, iface.name, family)
+        gateway = ""
+        if iface.name == (netenv.uplink_ipv4 if family == 4 else netenv.uplink_ipv6):
+            # netenv knows the uplink's next hop even while a VPN owns the default route
+            gateway = netenv.uplink_gateway_ipv4 if family == 4 else netenv.uplink_gateway_ipv6
+        gateway = gateway or _gateway(netenv, iface.name, family)
         if not gateway and not p2p:
             reasons[family] = f"no IPv{family} gateway on {iface.name}"
             continue

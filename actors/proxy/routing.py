@@ -14,8 +14,9 @@ idempotent, and two processes applying the same plan converge. `remove` takes ev
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,8 @@ class SplitRouting:
                 have = self._routes(ipr, af)
                 for (index, gateway, metric), msg in have.items():
                     if (index, gateway) not in wanted or metric != index:
-                        ipr.route("del", **_route_args(msg, af, self.table))
+                        with _tolerate(_ENOENT):
+                            ipr.route("del", **_route_args(msg, af, self.table))
                         changes.append(f"removed IPv{fam} default via {gateway or '-'} ifindex {index}")
                 present = {(i, g) for (i, g, m) in have if m == i}
                 for (index, gateway), r in wanted.items():
@@ -110,11 +112,14 @@ class SplitRouting:
         with contextlib.closing(self._ipr()) as ipr:
             for fam, af in _FAMILIES.items():
                 for rule in self._our_rules(ipr, af):
-                    ipr.rule("del", family=af, priority=self.priority, fwmark=rule["FRA_FWMARK"], table=self.table)
-                    changes.append(f"removed IPv{fam} rule fwmark {self.mark} lookup {self.table}")
+                    with _tolerate(_ENOENT):
+                        ipr.rule("del", family=af, priority=self.priority, fwmark=rule.get("FRA_FWMARK", 0),
+                                 table=rule.get("FRA_TABLE", self.table))  # fmt: skip
+                        changes.append(f"removed IPv{fam} rule fwmark {self.mark} lookup {self.table}")
                 for (index, gateway, _metric), msg in self._routes(ipr, af).items():
-                    ipr.route("del", **_route_args(msg, af, self.table))
-                    changes.append(f"removed IPv{fam} default via {gateway or '-'} ifindex {index}")
+                    with _tolerate(_ENOENT):
+                        ipr.route("del", **_route_args(msg, af, self.table))
+                        changes.append(f"removed IPv{fam} default via {gateway or '-'} ifindex {index}")
         return changes
 
     def _our_rules(self, ipr: Any, af: int) -> list[dict[str, Any]]:
@@ -140,9 +145,11 @@ class SplitRouting:
         if len(good) == 1 and len(rules) == 1:
             return changes
         for r in rules:  # stale or duplicate: rebuild from scratch
-            ipr.rule("del", family=af, priority=self.priority, fwmark=r.get("FRA_FWMARK", 0), table=r["FRA_TABLE"])
-        ipr.rule("add", family=af, fwmark=self.mark, fwmask=_FULL_MASK, table=self.table, priority=self.priority)
-        changes.append(f"added IPv{fam} rule fwmark {self.mark} lookup {self.table} priority {self.priority}")
+            with _tolerate(_ENOENT):  # another worker may have just removed it
+                ipr.rule("del", family=af, priority=self.priority, fwmark=r.get("FRA_FWMARK", 0), table=r["FRA_TABLE"])
+        with _tolerate(_EEXIST):  # another worker (proxy_tcp vs proxy_udp) may have just added it
+            ipr.rule("add", family=af, fwmark=self.mark, fwmask=_FULL_MASK, table=self.table, priority=self.priority)
+            changes.append(f"added IPv{fam} rule fwmark {self.mark} lookup {self.table} priority {self.priority}")
         return changes
 
     def _routes(self, ipr: Any, af: int) -> dict[tuple[int, str, int], Any]:
@@ -165,6 +172,19 @@ class SplitRouting:
                 }
                 for fam, af in _FAMILIES.items()
             }
+
+
+_EEXIST, _ENOENT = errno.EEXIST, errno.ENOENT
+
+
+@contextlib.contextmanager
+def _tolerate(code: int) -> Iterator[None]:
+    """Swallow one netlink error code: two workers reconciling at once race harmlessly."""
+    try:
+        yield
+    except Exception as exc:  # pyroute2's NetlinkError carries the errno as .code
+        if getattr(exc, "code", getattr(exc, "errno", None)) != code:
+            raise
 
 
 def _ifindex(ipr: Any, name: str) -> int:

@@ -1,23 +1,13 @@
-"""A proxy_udp worker process. Foundation stage: follows the policy and netenv snapshots."""
+"""A proxy_udp worker process: the UDP split proxy (actors/proxy) behind the shared proxy actor."""
 
 from __future__ import annotations
 
-from actors.runtime import Actor
-from messages import Message, NetenvChanged, PolicySnapshot
+from actors.proxy.actor import ProxyActor
+from actors.proxy.udp import UdpProxy
 
 
-class ProxyUdpActor(Actor):
+class ProxyUdpActor(ProxyActor):
     """Transparent UDP split proxy worker."""
 
     name = "proxy_udp"
-    subscriptions = ("policy.snapshot", "netenv.changed")
-
-    def start(self) -> None:
-        self.policy: PolicySnapshot | None = None
-        self.netenv: NetenvChanged | None = None
-
-    def on_message(self, msg: Message) -> None:
-        if isinstance(msg, PolicySnapshot):
-            self.policy = msg
-        elif isinstance(msg, NetenvChanged):
-            self.netenv = msg
+    proxy_class = UdpProxy
