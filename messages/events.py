@@ -39,6 +39,7 @@ class ProcessInfo(Struct):
     name: str = ""
     exe: str = ""
     cmdline: list[str] = field(default_factory=list)
+    ancestors: list[str] = field(default_factory=list)  # executable (or name) of the parent, its parent…
 
 
 @message("conn.new")
