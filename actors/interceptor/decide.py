@@ -1,0 +1,191 @@
+"""The verdict for one connection: scope, precedence, policy, external handler → verdict and mark.
+
+Pure: everything it needs arrives as arguments (the flow, its process and name, the compiled policy,
+the handler), so every precedence rule is tested with plain objects. The same function decides a
+new connection and re-evaluates a live one, so the external handler applies to both.
+
+Order (a verdict only goes up within one evaluation):
+1. Our own connections (our marks, our actors' pids) → Accept, accept-final (1709). Nobody overrides.
+2. Everyone else starts at Accept. The external handler may raise it (Block, Drop, RerouteToTunnel…);
+   anything above Accept except a split request is final: a tunnelled connection is never split.
+3. Only accepted outbound TCP/UDP to a routable destination qualifies for splitting: never localhost,
+   multicast, broadcast or link-local; never ICMP or other protocols.
+4. The policy's first matching rule decides split or keep.
+5. Only a connection's first packet can be split (the proxy cannot take over a stream half-way): a TCP
+   packet without SYN — seen after a conntrack flush or a re-evaluation — gets a permanent non-split
+   verdict instead, so it keeps going where it went: through the VPN.
+Every verdict except the malformed-packet one is permanent (saved to the connmark).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from functools import lru_cache
+
+from messages import IvpnStatus, Mark, ProcessInfo, Verdict
+from splittun.policy import AppFacts, CompiledPolicy, ConnectionFacts
+
+from .hook import ConnectionView, VerdictHandler
+from .packet import TCP, UDP
+
+#: Marks the rules give our own traffic; a packet carrying one is ours (accept-final, never split).
+OWN_MARKS = frozenset({Mark.ACCEPT_FINAL, Mark.SPLIT_EGRESS})
+
+_MARK_FOR = {
+    Verdict.ACCEPT: Mark.ACCEPT_ALWAYS,
+    Verdict.BLOCK: Mark.BLOCK_ALWAYS,
+    Verdict.DROP: Mark.DROP_ALWAYS,
+    Verdict.REROUTE_TO_TUNNEL: Mark.REROUTE_TO_TUNNEL,  # no DNAT: "tunnelled" = through the VPN
+    Verdict.REROUTE_TO_SPLIT_TUN: Mark.REROUTE_TO_SPLIT_TUN,
+}
+#: Handler verdicts honoured as final (besides the split request).
+_HANDLER_FINAL = frozenset({Verdict.BLOCK, Verdict.DROP, Verdict.REROUTE_TO_TUNNEL})
+
+RULE_EXTERNAL = "external"
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """The connection as its first queued packet shows it."""
+
+    ip_version: int
+    protocol: int
+    src_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+    inbound: bool = False
+    first_packet: bool = True  # TCP: SYN without ACK; other protocols: always
+    packet_mark: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    verdict: Verdict
+    mark: int
+    rule: str = ""  # id of the rule that decided ("" = default, "external" = the handler)
+    reason: str = ""
+    interface: str = ""  # split only: the rule's interface, "" = the global choice
+
+    @property
+    def split(self) -> bool:
+        return self.verdict == Verdict.REROUTE_TO_SPLIT_TUN
+
+    @property
+    def permanent(self) -> bool:
+        return self.mark != Mark.ACCEPT
+
+
+MALFORMED = Outcome(Verdict.ACCEPT, Mark.ACCEPT, reason="malformed packet: accepted unsplit, this packet only")
+OWN = Outcome(Verdict.ACCEPT, Mark.ACCEPT_FINAL, reason="splittun's own connection")
+
+
+@lru_cache(maxsize=4096)
+def never_split_destination(address: str) -> str:
+    """Why a destination can never be split ("" = it can): these never go through the VPN anyway."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return "unreadable destination"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "localhost"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_unspecified or (ip.version == 4 and int(ip) == 0xFFFFFFFF):
+        return "broadcast/unspecified"
+    if ip.is_link_local:
+        return "link-local"
+    return ""
+
+
+def _handler_verdict(handler: VerdictHandler | None, view: ConnectionView) -> tuple[Verdict | None, str, str | None]:
+    """(verdict or None, reason, error) — an exception is reported, never raised into the verdict path."""
+    if handler is None:
+        return None, "", None
+    try:
+        result = handler(view)
+    except Exception as exc:
+        return None, "", f"{type(exc).__name__}: {exc}"
+    reason = ""
+    if isinstance(result, tuple):
+        result, reason = result[0], str(result[1]) if len(result) > 1 else ""
+    if result is None:
+        return None, reason, None
+    try:
+        return Verdict(int(result)), reason, None
+    except (TypeError, ValueError):
+        return None, "", f"handler returned {result!r}, not a Verdict"
+
+
+def decide(
+    flow: Flow,
+    policy: CompiledPolicy,
+    *,
+    app: AppFacts | None = None,
+    process: ProcessInfo | None = None,
+    domain: str = "",
+    own: bool = False,
+    handler: VerdictHandler | None = None,
+    ivpn: IvpnStatus | None = None,
+    errors: list[str] | None = None,
+) -> Outcome:
+    """The filtering function every connection goes through (first packet and re-evaluation).
+
+    Handler errors are appended to `errors` (when given) so the caller can log them once.
+    """
+    if own or flow.packet_mark in OWN_MARKS:
+        return OWN
+    view = ConnectionView(
+        flow.ip_version, flow.protocol, flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port,
+        flow.inbound, process, domain, ivpn,
+    )  # fmt: skip
+    wanted, reason, error = _handler_verdict(handler, view)
+    if error is not None:
+        if errors is not None:
+            errors.append(error)
+        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, RULE_EXTERNAL, "external handler failed: kept in the VPN")
+    if wanted is not None and wanted > Verdict.ACCEPT and wanted != Verdict.REROUTE_TO_SPLIT_TUN:
+        if wanted in _HANDLER_FINAL:
+            return Outcome(wanted, _MARK_FOR[wanted], RULE_EXTERNAL, reason or "external handler")
+        why = f"external handler asked {wanted.string()}, which splittun does not implement: kept in the VPN"
+        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, RULE_EXTERNAL, why)
+    # Accepted. Does it qualify for a split at all?
+    if flow.inbound:
+        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, reason="inbound: never split")
+    if flow.protocol not in (TCP, UDP):
+        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, reason="only TCP and UDP can be split")
+    scope = never_split_destination(flow.dst_ip)
+    if scope:
+        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, reason=f"{scope}: never split")
+    if wanted == Verdict.REROUTE_TO_SPLIT_TUN:
+        rule, split, interface = RULE_EXTERNAL, True, ""
+        reason = reason or "external handler"
+    else:
+        facts = ConnectionFacts(flow.protocol, flow.dst_ip, flow.dst_port, domain, app or AppFacts())
+        decision = policy.evaluate(facts)
+        rule, split, interface = decision.rule_id, decision.split, decision.interface
+        reason = ""
+    if not split:
+        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, reason)
+    if not flow.first_packet:
+        return Outcome(
+            Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, "mid-stream TCP (no SYN) cannot be split: kept in the VPN"
+        )
+    return Outcome(Verdict.REROUTE_TO_SPLIT_TUN, Mark.REROUTE_TO_SPLIT_TUN, rule, reason, interface)
+
+
+def reevaluation_resets(protocol: int, old: Outcome, new: Outcome) -> bool:
+    """Should a live connection be re-queued (its conntrack entry deleted) after a policy change?
+
+    UDP: whenever the verdict changes (a datagram flow can move between proxy and VPN at any packet).
+    TCP: only between non-split verdicts (e.g. Accept ↔ Block); a split stream keeps its proxy until it
+    closes and an unsplit one cannot be moved to the proxy mid-way. Others: when the verdict changes.
+    """
+    if old.verdict == new.verdict:
+        return False
+    if protocol == TCP:
+        return not old.split and not new.split
+    return True
