@@ -1,0 +1,137 @@
+"""Address → domain name, learned from DNS answers and shared by every interceptor worker.
+
+With `--queue-balance` the DNS answer and the connection that follows it usually land on different
+queues (the kernel hashes each flow's addresses), so a per-process dict would miss the very first
+connection. The table therefore lives in one small memory-mapped file that all workers open: a
+fixed-size open-addressing hash table (crc32 of the address, 8-slot probe window).
+
+Writers (one DNS answer at a time) serialise with flock; readers are lock-free with a per-slot
+sequence counter (odd = being written; a changed counter = read again), so the verdict path never
+waits for another process. A name is kept for max(TTL, GRACE) seconds: apps keep using addresses after
+the record expired, and an address is re-learned at the next lookup anyway. When two names share an
+address (CDNs), the latest answer wins — the app connecting right after its lookup is the one asking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import mmap
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+GRACE = 600  # seconds a learned name is kept at least
+_MAGIC = b"STNAMES1"
+_HEADER = struct.Struct("!8sII")  # magic, slot count, slot size
+_HEADER_SIZE = 64
+_SLOT = struct.Struct("!IIBB2x16s")  # seq, expiry, addr length, name length, address
+_SLOT_SIZE = 288  # _SLOT (28) + 255 name bytes, rounded up
+_NAME_MAX = 255
+_PROBE = 8
+DEFAULT_SLOTS = 16384  # 4.5 MiB
+
+
+def _address_bytes(address: str) -> bytes:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.packed
+
+
+class NameTable:
+    """The shared table; `path=None` gives a private in-memory one (tests, a single process)."""
+
+    def __init__(self, path: Path | None = None, slots: int = DEFAULT_SLOTS) -> None:
+        self.path = path
+        size = _HEADER_SIZE + slots * _SLOT_SIZE
+        self._fd = -1
+        if path is None:
+            self._map = mmap.mmap(-1, size)
+            self._map[: _HEADER.size] = _HEADER.pack(_MAGIC, slots, _SLOT_SIZE)
+        else:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            with self._locked():
+                header = os.pread(self._fd, _HEADER.size, 0)
+                if len(header) < _HEADER.size or _HEADER.unpack(header) != (_MAGIC, slots, _SLOT_SIZE):
+                    os.ftruncate(self._fd, 0)  # another layout (or garbage): start empty
+                    os.ftruncate(self._fd, size)
+                    os.pwrite(self._fd, _HEADER.pack(_MAGIC, slots, _SLOT_SIZE), 0)
+            self._map = mmap.mmap(self._fd, size)
+        self.slots = slots
+        self.learned = 0
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._map.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @contextlib.contextmanager
+    def _locked(self):  # type: ignore[no-untyped-def]
+        if self._fd < 0:
+            yield
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _window(self, key: bytes) -> range:
+        start = zlib.crc32(key) % self.slots
+        return range(start, start + _PROBE)
+
+    def _offset(self, index: int) -> int:
+        return _HEADER_SIZE + (index % self.slots) * _SLOT_SIZE
+
+    def learn(self, address: str, name: str, ttl: int, now: float | None = None) -> None:
+        """Remember that `address` belongs to `name` (called for every A/AAAA of a DNS answer)."""
+        key = _address_bytes(address)
+        raw_name = name.encode("ascii", errors="replace")[:_NAME_MAX]
+        now = time.time() if now is None else now
+        expiry = int(now) + max(int(ttl), GRACE)
+        with self._locked():
+            best, best_expiry = -1, None
+            for index in self._window(key):
+                off = self._offset(index)
+                seq, exp, alen, _nlen, addr = _SLOT.unpack_from(self._map, off)
+                if alen and addr[:alen] == key:
+                    best = off
+                    break
+                stale = 0 if not alen or exp <= now else exp
+                if best_expiry is None or stale < best_expiry:
+                    best, best_expiry = off, stale
+            seq = _SLOT.unpack_from(self._map, best)[0]
+            struct.pack_into("!I", self._map, best, (seq + 1) & 0xFFFFFFFF)  # odd: being written
+            struct.pack_into("!IBB2x16s", self._map, best + 4, expiry, len(key), len(raw_name), key)
+            self._map[best + _SLOT.size : best + _SLOT.size + len(raw_name)] = raw_name
+            struct.pack_into("!I", self._map, best, (seq + 2) & 0xFFFFFFFF)
+        self.learned += 1
+
+    def lookup(self, address: str, now: float | None = None) -> str:
+        """The name last learned for `address`, or "" (unknown or expired)."""
+        try:
+            key = _address_bytes(address)
+        except ValueError:
+            return ""
+        now = time.time() if now is None else now
+        for index in self._window(key):
+            off = self._offset(index)
+            for _attempt in range(3):
+                seq, exp, alen, nlen, addr = _SLOT.unpack_from(self._map, off)
+                if seq & 1:
+                    continue
+                name = bytes(self._map[off + _SLOT.size : off + _SLOT.size + nlen])
+                if _SLOT.unpack_from(self._map, off)[0] != seq:
+                    continue
+                break
+            else:
+                return ""  # a writer keeps changing it: treat as unknown rather than wait
+            if alen and addr[:alen] == key:
+                return name.decode("ascii", errors="replace") if exp > now else ""
+        return ""

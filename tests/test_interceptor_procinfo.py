@@ -1,0 +1,250 @@
+"""Process attribution (fake /proc trees, sock_diag bytes), the shared name table, ctnetlink bytes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+
+from actors.interceptor import conntrack as ct
+from actors.interceptor.names import GRACE, NameTable
+from actors.interceptor.netlink import NLA_F_NESTED, NLMSG_HDR, iter_messages, nla, nla_nested, nlmsg
+from actors.interceptor.procinfo import (
+    Attributor,
+    DiagSocket,
+    ProcReader,
+    best_udp_match,
+    diag_request,
+    ip_bytes,
+    parse_diag_message,
+    parse_stat_start,
+    parse_status,
+    socket_inode,
+)
+
+# --- fake /proc -------------------------------------------------------------------------------------------
+
+
+def make_proc(
+    root: Path, pid: int, *, name: str, exe: str, ppid: int, uid: int = 1000, start: int = 100, sockets: tuple = ()
+) -> None:
+    d = root / str(pid)
+    (d / "fd").mkdir(parents=True, exist_ok=True)
+    (d / "status").write_text(f"Name:\t{name}\nState:\tS\nPPid:\t{ppid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    fields = ["S", str(ppid)] + ["0"] * 17 + [str(start)] + ["0"] * 10
+    (d / "stat").write_text(f"{pid} ({name}) " + " ".join(fields) + "\n")
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in [exe, "--flag", "x y"]) + b"\0")
+    if (d / "exe").is_symlink():
+        (d / "exe").unlink()
+    (d / "exe").symlink_to(exe)
+    for i, inode in enumerate(sockets, start=3):
+        (d / "fd" / str(i)).symlink_to(f"socket:[{inode}]")
+    (d / "fd" / "0").symlink_to("/dev/null") if not (d / "fd" / "0").exists() else None
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> Path:
+    make_proc(tmp_path, 1, name="systemd", exe="/usr/lib/systemd/systemd", ppid=0, uid=0)
+    make_proc(tmp_path, 50, name="firefox", exe="/usr/bin/firefox", ppid=1)
+    make_proc(tmp_path, 100, name="Web Content", exe="/usr/lib/firefox/firefox-bin", ppid=50, sockets=(555, 556))
+    return tmp_path
+
+
+class FakeDiag:
+    def __init__(self, table: dict[tuple, DiagSocket]) -> None:
+        self.table = table
+
+    def lookup(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> DiagSocket | None:
+        return self.table.get((protocol, src_ip, sport, dst_ip, dport))
+
+
+def diag_socket(inode: int, uid: int = 1000) -> DiagSocket:
+    return DiagSocket(socket.AF_INET, 2, bytes(16), 40000, bytes(16), 443, uid, inode)
+
+
+def test_status_and_stat_parsing() -> None:
+    assert parse_status("Name:\tcurl\nPPid:\t7\nUid:\t1000\t1001\t1000\t1000\n") == ("curl", 7, 1001)
+    assert parse_stat_start("9 (a b) c) S 1 " + " ".join(["0"] * 17) + " 4242 0 0") == 4242
+    assert socket_inode("socket:[12345]") == 12345
+    assert socket_inode("pipe:[12345]") == 0
+
+
+def test_socket_owner_process_and_its_parents(proc: Path) -> None:
+    key = (6, "192.0.2.66", 40000, "203.0.113.80", 443)
+    attr = Attributor(FakeDiag({key: diag_socket(556)}), ProcReader(proc))  # type: ignore[arg-type]
+    owner = attr.attribute(*key)
+    assert owner is not None
+    info = owner.info
+    assert (info.pid, info.ppid, info.uid, info.name, info.exe) == (
+        100,
+        50,
+        1000,
+        "Web Content",
+        "/usr/lib/firefox/firefox-bin",
+    )
+    assert info.cmdline == ["/usr/lib/firefox/firefox-bin", "--flag", "x y"]
+    assert info.ancestors == ["/usr/bin/firefox", "/usr/lib/systemd/systemd"]
+    assert owner.app.ancestors == (("/usr/bin/firefox", "firefox"), ("/usr/lib/systemd/systemd", "systemd"))
+
+
+def test_unknown_socket_gives_none_then_a_started_process_is_found(proc: Path) -> None:
+    key = (17, "192.0.2.66", 5353, "203.0.113.80", 53)
+    diag = FakeDiag({key: diag_socket(777)})
+    attr = Attributor(diag, ProcReader(proc))  # type: ignore[arg-type]
+    assert attr.attribute(*key) is None  # socket seen, process not (yet): the engine retries
+    make_proc(proc, 200, name="dig", exe="/usr/bin/dig", ppid=50, sockets=(777,))
+    owner = attr.attribute(*key)
+    assert owner is not None and owner.info.exe == "/usr/bin/dig"
+    assert attr.attribute(17, "192.0.2.66", 1, "203.0.113.80", 53) is None  # no socket at all
+
+
+def test_process_cache_notices_exec_and_pid_reuse(proc: Path) -> None:
+    attr = Attributor(None, ProcReader(proc))
+    first = attr.processes.describe(100)
+    assert attr.processes.describe(100) is first and attr.processes.hits == 1
+    make_proc(proc, 100, name="curl", exe="/usr/bin/curl", ppid=50, sockets=())  # exec: same pid, new image
+    assert attr.processes.describe(100).info.exe == "/usr/bin/curl"
+    make_proc(proc, 100, name="curl", exe="/usr/bin/curl", ppid=1, start=999)  # reused pid: new start time
+    assert attr.processes.describe(100).info.ppid == 1
+    assert attr.processes.describe(4242) is None
+
+
+def test_deleted_executable_keeps_its_path(tmp_path: Path) -> None:
+    make_proc(tmp_path, 5, name="app", exe="/opt/app (deleted)", ppid=0)
+    assert ProcReader(tmp_path).exe(5) == "/opt/app"
+
+
+# --- sock_diag bytes --------------------------------------------------------------------------------------
+
+
+def test_diag_request_layout() -> None:
+    family, src = ip_bytes("192.0.2.66")
+    _, dst = ip_bytes("203.0.113.80")
+    req = diag_request(family, 6, src, 40000, dst, 443)
+    assert len(req) == 56
+    assert req[:4] == bytes([socket.AF_INET, 6, 0, 0])
+    assert struct.unpack_from("!HH", req, 8) == (40000, 443)
+    assert req[12:16] == bytes([192, 0, 2, 66]) and req[28:32] == bytes([203, 0, 113, 80])
+    assert struct.unpack_from("=II", req, 48) == (0xFFFFFFFF, 0xFFFFFFFF)
+
+
+def test_diag_message_parsing() -> None:
+    src, dst = socket.inet_pton(socket.AF_INET6, "fd00:5717::2"), socket.inet_pton(socket.AF_INET6, "2001:db8:30::80")
+    msg = bytes([socket.AF_INET6, 2, 0, 0]) + struct.pack("!HH16s16s", 4321, 80, src, dst)
+    msg += struct.pack("=III", 0, 1, 2) + struct.pack("=IIIII", 0, 0, 0, 1000, 98765)
+    parsed = parse_diag_message(msg)
+    assert parsed is not None
+    assert (parsed.family, parsed.sport, parsed.dport, parsed.uid, parsed.inode) == (
+        socket.AF_INET6,
+        4321,
+        80,
+        1000,
+        98765,
+    )
+    assert parse_diag_message(msg[:40]) is None
+
+
+def test_udp_fallback_prefers_the_connected_socket_and_understands_dual_stack() -> None:
+    _, me = ip_bytes("192.0.2.66")
+    _, peer = ip_bytes("203.0.113.80")
+    mapped = bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 66])
+    wildcard = DiagSocket(socket.AF_INET, 7, bytes(16), 5000, bytes(16), 0, 0, 1)
+    connected = DiagSocket(socket.AF_INET, 1, me, 5000, peer, 53, 0, 2)
+    dual = DiagSocket(socket.AF_INET6, 7, mapped, 6000, bytes(16), 0, 0, 3)
+    other = DiagSocket(socket.AF_INET, 1, me, 5000, peer, 54, 0, 4)
+    assert best_udp_match([wildcard, other, connected], socket.AF_INET, me, 5000, peer, 53).inode == 2
+    assert best_udp_match([wildcard, other], socket.AF_INET, me, 5000, peer, 53).inode == 1
+    assert best_udp_match([dual], socket.AF_INET, me, 6000, peer, 53).inode == 3
+    assert best_udp_match([other], socket.AF_INET, me, 5000, peer, 53) is None
+
+
+# --- the shared name table --------------------------------------------------------------------------------
+
+
+def test_names_are_shared_through_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "names"
+    writer, reader = NameTable(path, slots=64), NameTable(path, slots=64)
+    writer.learn("203.0.113.80", "www.example.com", 30, now=1000.0)
+    writer.learn("2001:db8:30::80", "www.example.com", 30, now=1000.0)
+    assert reader.lookup("203.0.113.80", now=1001.0) == "www.example.com"
+    assert reader.lookup("::ffff:203.0.113.80", now=1001.0) == "www.example.com"
+    assert reader.lookup("2001:db8:30:0::80", now=1001.0) == "www.example.com"
+    assert reader.lookup("203.0.113.81", now=1001.0) == ""
+    assert reader.lookup("not an address") == ""
+
+
+def test_names_outlive_short_ttls_by_the_grace_period_then_expire() -> None:
+    table = NameTable(None, slots=64)
+    table.learn("203.0.113.80", "a.example.com", 5, now=1000.0)
+    assert table.lookup("203.0.113.80", now=1000.0 + GRACE - 1) == "a.example.com"
+    assert table.lookup("203.0.113.80", now=1000.0 + GRACE + 1) == ""
+    table.learn("203.0.113.80", "b.example.com", 86400, now=1000.0)  # the latest answer wins
+    assert table.lookup("203.0.113.80", now=1000.0 + GRACE + 1) == "b.example.com"
+
+
+def test_full_table_replaces_the_oldest_entry_of_the_probe_window() -> None:
+    table = NameTable(None, slots=8)  # one probe window covers the whole table
+    for i in range(8):
+        table.learn(f"203.0.113.{i}", f"n{i}.example.com", 1000 + i, now=0.0)
+    table.learn("203.0.113.100", "new.example.com", 5000, now=0.0)
+    assert table.lookup("203.0.113.100", now=1.0) == "new.example.com"
+    assert table.lookup("203.0.113.0", now=1.0) == ""  # the shortest-lived went
+    assert table.lookup("203.0.113.7", now=1.0) == "n7.example.com"
+
+
+def test_a_garbage_file_is_reinitialised(tmp_path: Path) -> None:
+    path = tmp_path / "names"
+    path.write_bytes(b"junk" * 100)
+    table = NameTable(path, slots=16)
+    table.learn("203.0.113.80", "www.example.com", 60)
+    assert table.lookup("203.0.113.80") == "www.example.com"
+
+
+def test_names_learned_in_another_process_are_seen(tmp_path: Path) -> None:
+    path = tmp_path / "names"
+    reader = NameTable(path, slots=64)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        NameTable(path, slots=64).learn("203.0.113.80", "forked.example.com", 60)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert reader.lookup("203.0.113.80") == "forked.example.com"
+
+
+# --- ctnetlink bytes --------------------------------------------------------------------------------------
+
+
+def test_delete_payload_round_trips_through_the_parser() -> None:
+    for t in (
+        ct.CtTuple(6, "192.0.2.66", 40000, "203.0.113.80", 80),
+        ct.CtTuple(17, "fd00:5717::2", 5353, "2001:db8:30::80", 53),
+        ct.CtTuple(1, "192.0.2.66", 0x1234, "203.0.113.80", 0),
+        ct.CtTuple(58, "fd00:5717::2", 0x1234, "2001:db8:30::80", 0),
+    ):
+        payload = ct.delete_payload(t)
+        assert payload[0] == t.family
+        assert ct.parse_entry(payload) == ct.CtEntry(t)
+
+
+def test_destroy_event_with_mark_and_id() -> None:
+    t = ct.CtTuple(6, "192.0.2.66", 40000, "203.0.113.81", 80)
+    payload = ct.delete_payload(t) + nla(ct.CTA_MARK, struct.pack("!I", 1719)) + nla(ct.CTA_ID, struct.pack("!I", 77))
+    datagram = nlmsg(ct.MSG_DELETE, 0, 0, payload) + nlmsg(ct.MSG_DELETE, 0, 0, b"\x02")  # second: unreadable
+    entries = [ct.parse_entry(p) for _t, _f, _s, p in iter_messages(datagram)]
+    assert entries == [ct.CtEntry(t, 1719, 77), None]
+
+
+def test_flush_by_mark_payload() -> None:
+    payload = ct.flush_mark_payload(1719)
+    assert payload[:4] == bytes([socket.AF_UNSPEC, 0, 0, 0])
+    assert struct.pack("!I", 1719) in payload and struct.pack("!I", 0xFFFFFFFF) in payload
+
+
+def test_attribute_walk_survives_broken_lengths() -> None:
+    broken = nla_nested(ct.CTA_TUPLE_ORIG, b"\xff\xff\x01\x00")
+    assert ct.parse_entry(b"\x02\x00\x00\x00" + broken) is None
+    assert list(iter_messages(NLMSG_HDR.pack(4, 1, 0, 0, 0))) == []
+    assert NLA_F_NESTED == 0x8000
