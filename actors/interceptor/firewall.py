@@ -1,0 +1,336 @@
+"""The Linux firewall rules of the interceptor: install, remove, keep our jumps on top, clean up.
+
+This kernel queues packets to user space only through the xt NFQUEUE target, so the rules are
+iptables-legacy / ip6tables-legacy. The full layout, and why each rule is there, is in README.md.
+In short, per IP version:
+
+- mangle `SPLITTUN-INGEST-OUTPUT` (from OUTPUT): leave packets marked by their socket alone (our
+  proxies' SPLIT_EGRESS, other VPN software); skip loopback; restore our permanent verdict from the
+  connmark; queue only the first packet (ctstate NEW) of a connection nobody decided yet.
+- mangle `SPLITTUN-INGEST-INPUT` (from INPUT): restore our verdict; queue DNS answers (learn names).
+- filter `SPLITTUN-FILTER` (from OUTPUT and INPUT): act on the mark and save permanent ones to the
+  connmark. Mark 0 (undecided: queue bypassed because no interceptor runs) simply RETURNs — unlike
+  Portmaster we never drop it, so failure means "unsplit, through the VPN", never "no network".
+- nat `SPLITTUN-REDIRECT` (from nat OUTPUT): mark 1719 → DNAT to the split proxies (TCP only on SYN).
+
+Every change is one `iptables-legacy-restore --noflush` per table: libiptc applies all lines to a copy
+of the table and the kernel swaps the whole table at once, so there is never a moment without our
+rules (when moving a displaced jump: delete the old one and insert the new one in the same commit).
+Install is idempotent (it first deletes whatever of ours is there, in the same commit) and `remove`
+needs no state: it finds our chains by their SPLITTUN- prefix, so it also works after a crash.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT, Mark, Queue
+
+PREFIX = "SPLITTUN-"
+INGEST_OUT = "SPLITTUN-INGEST-OUTPUT"
+INGEST_IN = "SPLITTUN-INGEST-INPUT"
+FILTER = "SPLITTUN-FILTER"
+REDIRECT = "SPLITTUN-REDIRECT"
+
+#: (table, built-in chain, our chain): the jump rules we keep at position 1.
+JUMPS: tuple[tuple[str, str, str], ...] = (
+    ("mangle", "OUTPUT", INGEST_OUT),
+    ("mangle", "INPUT", INGEST_IN),
+    ("filter", "OUTPUT", FILTER),
+    ("filter", "INPUT", FILTER),
+    ("nat", "OUTPUT", REDIRECT),
+)
+TABLES = ("mangle", "filter", "nat")
+#: Install order: what acts on marks first, the queueing last; removal the other way round.
+INSTALL_ORDER = ("nat", "filter", "mangle")
+REMOVE_ORDER = ("mangle", "filter", "nat")
+
+#: Connmark values we restore and save: every permanent verdict mark we set.
+RESTORED_MARKS = (
+    Mark.ACCEPT_FINAL,
+    Mark.ACCEPT_ALWAYS,
+    Mark.BLOCK_ALWAYS,
+    Mark.DROP_ALWAYS,
+    Mark.REROUTE_TO_TUNNEL,
+    Mark.REROUTE_TO_SPLIT_TUN,
+)
+#: Conntrack entries carrying these marks are ours: cleanup deletes them.
+CONNTRACK_MARKS = frozenset(int(m) for m in RESTORED_MARKS)
+
+#: Queue groups are 20 apart (17040 v4 out, 17060 v6 out…), so at most 20 workers fit.
+MAX_WORKERS = 20
+
+FAMILIES = (4, 6)
+
+
+class FirewallError(RuntimeError):
+    """A rule change failed; the message carries the tool's own error line."""
+
+
+def queue_spec(base: int, workers: int) -> str:
+    """NFQUEUE target options: one queue per worker, flows spread by the kernel's hash."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"interceptor workers must be 1-{MAX_WORKERS}, got {workers}")
+    queue = f"--queue-num {base}" if workers == 1 else f"--queue-balance {base}:{base + workers - 1}"
+    return f"{queue} --queue-bypass"
+
+
+def worker_queues(index: int) -> dict[str, int]:
+    """The queues worker `index` binds: its slot in each of the four queue groups."""
+    return {
+        "v4out": Queue.IPV4_OUT + index,
+        "v4in": Queue.IPV4_IN + index,
+        "v6out": Queue.IPV6_OUT + index,
+        "v6in": Queue.IPV6_IN + index,
+    }
+
+
+def render(family: int, workers: int = 1) -> dict[str, list[str]]:
+    """Our chains' rules per table, in iptables-restore syntax (`-A CHAIN …`)."""
+    out_queue = queue_spec(Queue.IPV4_OUT if family == 4 else Queue.IPV6_OUT, workers)
+    in_queue = queue_spec(Queue.IPV4_IN if family == 4 else Queue.IPV6_IN, workers)
+    reject = "icmp-admin-prohibited" if family == 4 else "icmp6-adm-prohibited"
+    proxy = f"{PROXY_IPV4}:{SPLIT_PROXY_PORT}" if family == 4 else f"[{PROXY_IPV6}]:{SPLIT_PROXY_PORT}"
+    restore = [f"-m connmark --mark {int(m)} -j MARK --set-mark {int(m)}" for m in RESTORED_MARKS]
+    mangle = [
+        f"-A {INGEST_OUT} -m mark ! --mark 0 -j RETURN",  # socket marks (SPLIT_EGRESS, VPN software): not ours to touch
+        f"-A {INGEST_OUT} -o lo -j RETURN",  # localhost is never split
+        *(f"-A {INGEST_OUT} {r}" for r in restore),
+        f"-A {INGEST_OUT} -m mark ! --mark 0 -j RETURN",  # decided earlier: never queued again
+        f"-A {INGEST_OUT} -m connmark ! --mark 0 -j RETURN",  # another program's connmark: its connection
+        f"-A {INGEST_OUT} -m conntrack --ctstate NEW -j NFQUEUE {out_queue}",
+        f"-A {INGEST_IN} -m mark ! --mark 0 -j RETURN",
+        *(f"-A {INGEST_IN} {r}" for r in restore),
+        f"-A {INGEST_IN} -p udp -m conntrack --ctdir REPLY --ctorigdstport 53 -j NFQUEUE {in_queue}",
+    ]
+    filt = [
+        f"-A {FILTER} -m mark --mark 0 -j RETURN",  # undecided: continue unsplit (through the VPN), never drop
+        f"-A {FILTER} -m mark --mark {int(Mark.ACCEPT)} -j RETURN",
+        f"-A {FILTER} -m mark --mark {int(Mark.BLOCK)} -j REJECT --reject-with {reject}",
+        f"-A {FILTER} -m mark --mark {int(Mark.DROP)} -j DROP",
+        f"-A {FILTER} -m mark --mark {int(Mark.SPLIT_EGRESS)} -j ACCEPT",  # proxies' upstream: accept-final
+    ]
+    final = {
+        Mark.ACCEPT_FINAL: "ACCEPT",
+        Mark.ACCEPT_ALWAYS: "RETURN",
+        Mark.BLOCK_ALWAYS: f"REJECT --reject-with {reject}",
+        Mark.DROP_ALWAYS: "DROP",
+        Mark.REROUTE_TO_TUNNEL: "RETURN",
+        Mark.REROUTE_TO_SPLIT_TUN: "RETURN",
+    }
+    for mark in RESTORED_MARKS:
+        filt.append(f"-A {FILTER} -m mark --mark {int(mark)} -j CONNMARK --save-mark")
+        filt.append(f"-A {FILTER} -m mark --mark {int(mark)} -j {final[mark]}")
+    split = int(Mark.REROUTE_TO_SPLIT_TUN)
+    nat = [
+        f"-A {REDIRECT} -p tcp -m mark --mark {split} -m tcp --syn -j DNAT --to-destination {proxy}",
+        f"-A {REDIRECT} -p udp -m mark --mark {split} -j DNAT --to-destination {proxy}",
+    ]
+    return {"mangle": mangle, "filter": filt, "nat": nat}
+
+
+# --- reading and planning (pure) ----------------------------------------------------------------------
+
+
+@dataclass
+class SavedTable:
+    """One table as `iptables-legacy-save -t TABLE` prints it."""
+
+    name: str
+    chains: list[str] = field(default_factory=list)  # every chain, built-ins first
+    rules: list[str] = field(default_factory=list)  # `-A CHAIN …` lines, in order
+
+    def chain_rules(self, chain: str) -> list[str]:
+        head = f"-A {chain} "
+        return [r for r in self.rules if r.startswith(head)]
+
+
+def parse_save(text: str, table: str) -> SavedTable:
+    saved = SavedTable(table)
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("*"):
+            current = line[1:]
+        elif current != table or not line or line.startswith("#"):
+            continue
+        elif line.startswith(":"):
+            saved.chains.append(line[1:].split()[0])
+        elif line.startswith("-A "):
+            saved.rules.append(line)
+    return saved
+
+
+def _target(rule: str) -> str:
+    parts = rule.split()
+    for i, part in enumerate(parts[:-1]):
+        if part in ("-j", "-g"):
+            return parts[i + 1]
+    return ""
+
+
+def _our_chains(saved: SavedTable) -> list[str]:
+    return [c for c in saved.chains if c.startswith(PREFIX)]
+
+
+def _references(saved: SavedTable) -> list[str]:
+    """Rules in chains that are not ours which jump to one of ours."""
+    return [r for r in saved.rules if _target(r).startswith(PREFIX) and not r.split()[1].startswith(PREFIX)]
+
+
+def plan_remove(saved: SavedTable) -> list[str]:
+    """Restore lines removing every trace of us from one table ([] = nothing of ours there)."""
+    lines = ["-D " + r[3:] for r in _references(saved)]
+    ours = _our_chains(saved)
+    lines += [f"-F {c}" for c in ours]
+    lines += [f"-X {c}" for c in ours]
+    return lines
+
+
+def plan_install(saved: SavedTable, family: int, workers: int) -> list[str]:
+    """Restore lines that leave exactly our current rules in one table, whatever was there before."""
+    wanted = render(family, workers)[saved.name]
+    chains = sorted({r.split()[1] for r in wanted})
+    stale = [c for c in _our_chains(saved) if c not in chains]
+    lines = [f":{c} - [0:0]" for c in chains]  # with --noflush: created, or flushed when present
+    lines += ["-D " + r[3:] for r in _references(saved)]
+    lines += [f"-F {c}" for c in stale] + [f"-X {c}" for c in stale]
+    lines += wanted
+    for table, builtin, chain in reversed(JUMPS):
+        if table == saved.name:
+            lines.append(f"-I {builtin} 1 -j {chain}")
+    return lines
+
+
+def jump_problems(saved: SavedTable) -> list[tuple[str, str]]:
+    """(built-in chain, our chain) pairs whose jump is not exactly once, at position 1."""
+    problems = []
+    for table, builtin, chain in JUMPS:
+        if table != saved.name:
+            continue
+        rules = saved.chain_rules(builtin)
+        ours = [i for i, r in enumerate(rules) if r == f"-A {builtin} -j {chain}"]
+        if ours != [0]:
+            problems.append((builtin, chain))
+    return problems
+
+
+def plan_jump_fix(saved: SavedTable, problems: Sequence[tuple[str, str]]) -> list[str]:
+    """Move displaced jumps back to the top. Deletes and inserts go in one commit: no unfiltered moment."""
+    lines = []
+    for builtin, chain in problems:
+        jump = f"-A {builtin} -j {chain}"
+        lines += [f"-D {builtin} -j {chain}"] * saved.chain_rules(builtin).count(jump)
+        lines.append(f"-I {builtin} 1 -j {chain}")
+    return lines
+
+
+def restore_script(table: str, lines: Sequence[str]) -> str:
+    return f"*{table}\n" + "".join(line + "\n" for line in lines) + "COMMIT\n"
+
+
+# --- running the tools --------------------------------------------------------------------------------
+
+Runner = Callable[..., subprocess.CompletedProcess[str]]
+
+
+class Xtables:
+    """iptables-legacy or ip6tables-legacy in the current network namespace."""
+
+    def __init__(self, family: int, run: Runner = subprocess.run, proc_net: str = "/proc/net") -> None:
+        self.family = family
+        base = "iptables-legacy" if family == 4 else "ip6tables-legacy"
+        self.save_cmd = f"{base}-save"
+        self.restore_cmd = f"{base}-restore"
+        self.names_file = f"{proc_net}/{'ip' if family == 4 else 'ip6'}_tables_names"
+        self.run = run
+
+    def tables(self) -> set[str]:
+        """Tables that exist in this namespace (saving one that does not would create it)."""
+        try:
+            with open(self.names_file) as f:
+                return {line.strip() for line in f if line.strip()}
+        except OSError:
+            return set()
+
+    def save(self, table: str) -> SavedTable:
+        proc = self.run([self.save_cmd, "-t", table], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise FirewallError(f"{self.save_cmd} -t {table}: {(proc.stderr or proc.stdout).strip()[:300]}")
+        return parse_save(proc.stdout, table)
+
+    def restore(self, table: str, lines: Sequence[str]) -> None:
+        script = restore_script(table, lines)
+        proc = self.run(
+            [self.restore_cmd, "-w", "5", "--noflush"], input=script, capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise FirewallError(f"{self.restore_cmd} ({table}): {(proc.stderr or proc.stdout).strip()[:300]}")
+
+
+def tools_missing() -> list[str]:
+    return [t for t in ("iptables-legacy-restore", "ip6tables-legacy-restore") if shutil.which(t) is None]
+
+
+class LinuxFirewall:
+    """The interceptor's rules in this network namespace, both IP versions."""
+
+    def __init__(self, workers: int = 1, xtables: dict[int, Xtables] | None = None) -> None:
+        queue_spec(Queue.IPV4_OUT, workers)  # validates the worker count
+        self.workers = workers
+        self.xt = xtables or {family: Xtables(family) for family in FAMILIES}
+
+    def _apply(self, family: int, table: str, planner: Callable[[SavedTable], list[str]]) -> bool:
+        """Plan from a fresh listing and apply; one retry when another program changed it meanwhile."""
+        xt = self.xt[family]
+        for attempt in range(2):
+            lines = planner(xt.save(table))
+            if not lines:
+                return False
+            try:
+                xt.restore(table, lines)
+                return True
+            except FirewallError:
+                if attempt:
+                    raise
+        return False
+
+    def install(self) -> None:
+        """Our rules, exactly once, jumps on top (replaces whatever of ours was there: crash leftovers)."""
+        for family in FAMILIES:
+            for table in INSTALL_ORDER:
+                self._apply(family, table, lambda saved, f=family: plan_install(saved, f, self.workers))
+
+    def remove(self) -> list[str]:
+        """Remove every chain and jump of ours; returns "ip4 mangle"-style names of tables changed."""
+        changed = []
+        for family in FAMILIES:
+            existing = self.xt[family].tables()
+            for table in REMOVE_ORDER:
+                if table in existing and self._apply(family, table, plan_remove):
+                    changed.append(f"ip{family} {table}")
+        return changed
+
+    def check_jump_order(self) -> list[str]:
+        """Put displaced jumps back on top; returns what was moved ("ip4 mangle OUTPUT", …).
+
+        A missing chain (another program flushed our table) is repaired by reinstalling that table.
+        """
+        moved = []
+        for family in FAMILIES:
+            xt = self.xt[family]
+            for table in TABLES:
+                saved = xt.save(table)
+                problems = jump_problems(saved)
+                if not problems:
+                    continue
+                wanted = {r.split()[1] for r in render(family, self.workers)[table]}
+                if not wanted <= set(saved.chains):
+                    xt.restore(table, plan_install(saved, family, self.workers))
+                else:
+                    xt.restore(table, plan_jump_fix(saved, problems))
+                moved += [f"ip{family} {table} {builtin}" for builtin, _chain in problems]
+        return moved
