@@ -176,10 +176,12 @@ class Snapshot:
         found = self.by_ip.get(text)  # the common case: a canonical address, one dict access
         if found is not None:
             return found
-        found = self.by_ip_text(text) if (":" in text or "." in text) else None
+        # A MAC is never valid IP text, so asking the MAC table before parsing keeps the order's meaning
+        # and spares MAC lookups the (slow) address parse.
+        found = self.by_mac.get(_norm_mac(text))
         if found is not None:
             return found
-        found = self.by_mac.get(_norm_mac(text))
+        found = self.by_ip_text(text) if (":" in text or "." in text) else None
         if found is not None:
             return found
         return self.by_name.get(text)
