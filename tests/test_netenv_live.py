@@ -30,7 +30,7 @@ from messages.transport import Subscriber, request
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
-from conftest import REPO
+from conftest import REPO, splittun
 from lab_fixtures import lab_name, require_netns
 
 #: The issue's promise: a change is in the published snapshot within 2 s.
@@ -346,3 +346,25 @@ def test_location_gate_is_published(watched: Watched) -> None:
         t1 = time.monotonic()
         watched.ask("location", disabled=False)
     watched.feed.wait_for(lambda m: not m.location_disabled, t1)
+
+
+@pytest.mark.netns
+def test_cli_names_the_isp_link_in_both_styles(watched: Watched) -> None:
+    """`splittun interfaces` in the lab's host namespace, with no help from the actors (done criterion)."""
+    lab = watched.lab
+    isp_v6 = {T.ISP_LAN_V6} | {
+        a["local"] for x in ip_json("addr", "show", "dev", T.ISP_LAN_IF, ns=lab.ns_isp) for a in x["addr_info"]
+    }
+    try:
+        for style in ("replaced", "wgquick"):
+            lab.set_style(style)
+            out = splittun("interfaces", "--json", ns=lab.ns_host)
+            assert out.returncode == 0, out.stderr
+            data = json.loads(out.stdout)
+            assert data["uplink"] == {"ipv4": T.HOST_IF, "ipv6": T.HOST_IF}, style
+            assert data["uplink_gateway"]["ipv4"] == T.ISP_LAN_V4, style
+            assert data["uplink_gateway"]["ipv6"] in isp_v6, style  # the ISP router, by either of its addresses
+            text = splittun("interfaces", ns=lab.ns_host).stdout
+            assert f"uplink ipv4:  {T.HOST_IF} via {T.ISP_LAN_V4}" in text
+    finally:
+        lab.set_style("replaced")
