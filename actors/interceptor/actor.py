@@ -1,30 +1,251 @@
-"""The interceptor process. Foundation stage: follows the policy, netenv and ivpn state it will decide from."""
+"""The interceptor process: binds its NFQUEUE queues, runs the engine, owns the rules (worker 0).
+
+Workers: supervisord runs `interceptor` (worker 0) plus `interceptor_01…` (SPLITTUN_INTERCEPTOR_WORKERS
+in total). Worker i binds queue slot i of each of the four queue groups (17040+i v4 out, 17140+i v4 in,
+17060+i v6 out, 17160+i v6 in); the rules spread flows over the slots with --queue-balance. Only
+worker 0 installs, checks and removes the rules: it is the only one that knows when interception
+starts and stops, and a restart of any other worker must not touch them. While a worker is down its
+slot's packets bypass the queue (--queue-bypass): unsplit, through the VPN.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
+import threading
+from typing import Any
+
 from actors.runtime import Actor
-from messages import IvpnStatus, Message, NetenvChanged, PolicySnapshot
+from messages import Heartbeat, IvpnStatus, Message, MessageError, NetenvChanged, PolicySnapshot
+from messages.control import INVALID_ARGUMENT, Request, RequestFailed
+
+from . import hook
+from .cleanup import NAMES_FILE, cleanup, write_rules_marker
+from .conntrack import Conntrack, ConntrackEvents
+from .engine import Engine
+from .firewall import MAX_WORKERS, worker_queues
+from .names import NameTable
+from .platform import Firewall, PacketSource, firewall, packet_source
+from .procinfo import Attributor, ProcReader, SockDiag
+
+DEFAULT_HANDLER = "actors.ivpn.interop:interceptor_verdict_handler"
+DEFAULT_JUMP_CHECKS = "5,15,45"
+POLICY_RETRY = 1.0
+PASSIVE_RETRY = 5.0
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
 
 
 class InterceptorActor(Actor):
     """Packet interceptor: NFQUEUE verdicts and the firewall rule lifecycle."""
 
     name = "interceptor"
-    subscriptions = ("policy.snapshot", "netenv.changed", "ivpn.status")
+    subscriptions = ("policy.snapshot", "netenv.changed", "ivpn.status", "actor.heartbeat")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=_env_int("SPLITTUN_INTERCEPTOR_WORKERS", 1),
+            help=f"interceptor workers in total, 1-{MAX_WORKERS} (default: SPLITTUN_INTERCEPTOR_WORKERS or 1)",
+        )
+        parser.add_argument(
+            "--jump-checks",
+            default=os.environ.get("SPLITTUN_JUMP_CHECKS", DEFAULT_JUMP_CHECKS),
+            help="seconds after start at which displaced jump rules are put back on top (default 5,15,45)",
+        )
+        parser.add_argument(
+            "--verdict-handler",
+            default=os.environ.get("SPLITTUN_VERDICT_HANDLER", DEFAULT_HANDLER),
+            help="module:function registered as the external verdict handler ('' = none)",
+        )
+        parser.add_argument(
+            "--cleanup",
+            action="store_true",
+            help="remove every rule and conntrack mark the interceptor may have left here, then exit",
+        )
 
     def start(self) -> None:
-        self.policy: PolicySnapshot | None = None
+        args = self.rt.args
         self.netenv: NetenvChanged | None = None
-        self.ivpn: IvpnStatus | None = None
+        self.index = self.rt.worker_index
+        self.workers = args.workers
+        if not 1 <= self.workers <= MAX_WORKERS or self.index >= self.workers:
+            raise ValueError(f"worker {self.index} of {self.workers}: workers must be 1-{MAX_WORKERS}")
+        self.owns_rules = self.index == 0
+        self._stopping = threading.Event()
+        self.names = NameTable(self.rt.run_dir / NAMES_FILE)
+        self.diag = SockDiag()
+        self.attributor = Attributor(self.diag, ProcReader())
+        self.conntrack = Conntrack()
+        self.ct_events = ConntrackEvents()
+        if args.verdict_handler and hook.SLOT.get() is None:
+            try:
+                if hook.load(args.verdict_handler):
+                    self.log.info("handler.registered", handler=args.verdict_handler)
+            except Exception as exc:  # a broken handler module must not stop interception
+                self.log.error(
+                    "handler.load_failed", handler=args.verdict_handler, error=f"{type(exc).__name__}: {exc}"
+                )
+        self.engine = Engine(
+            instance=self.rt.instance,
+            log=self.log,
+            publish=self.rt.publish,
+            attribute=self.attributor.attribute,
+            names=self.names,
+            schedule=self.rt.loop.call_later,
+            delete_conntrack=self.conntrack.delete,
+        )
+        self.rt.loop.add_fd(self.ct_events.fileno(), self._read_conntrack)
+        self.source: PacketSource = packet_source()
+        self.fw: Firewall | None = None
+        self.active = False
+        self._passive_logged = False
+        self._activate()
+        threading.Thread(target=self._fetch_policy, name="policy-fetch", daemon=True).start()
+
+    def _activate(self) -> None:
+        """Bind our queues; worker 0 then installs the rules. Queues taken → passive, retry later.
+
+        The kernel gives a queue number to one listener per network namespace: if another splittun
+        instance intercepts here, this one stays passive (heartbeating, touching no rule) and takes over
+        once the other one is gone.
+        """
+        try:
+            self.source.open(worker_queues(self.index), self.engine.on_packet, self.rt.loop.add_fd)
+        except OSError as exc:
+            if not self._passive_logged:
+                self.log.error(
+                    "interceptor.passive",
+                    reason=f"cannot bind queues {sorted(worker_queues(self.index).values())}: {exc}",
+                    hint="another splittun instance intercepts in this network namespace; retrying",
+                )
+                self._passive_logged = True
+            self.rt.loop.call_later(PASSIVE_RETRY, self._activate)
+            return
+        self.active = True
+        if self._passive_logged:
+            self.log.info("interceptor.active", queues=sorted(worker_queues(self.index).values()))
+        if self.owns_rules:
+            self.fw = firewall(self.workers)
+            write_rules_marker(self.rt.run_dir)  # before installing: a crash right after still gets cleaned up
+            self.fw.install()
+            self.log.info("rules.installed", workers=self.workers)
+            for delay in self._check_schedule(self.rt.args.jump_checks):
+                self.rt.loop.call_later(delay, lambda d=delay: self._check_jumps(f"scheduled {d:g}s"))
+
+    @staticmethod
+    def _check_schedule(text: str) -> list[float]:
+        try:
+            return [float(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            return [float(x) for x in DEFAULT_JUMP_CHECKS.split(",")]
+
+    # --- control plane ---------------------------------------------------------------------------------
+
+    def _fetch_policy(self) -> None:
+        """Ask the controller for the current policy until it answers or a snapshot arrives on the bus.
+
+        Runs in a thread: packets keep flowing meanwhile, decided with the policy disabled (unsplit).
+        """
+        while not self._stopping.is_set() and self.engine.policy.version == 0:
+            try:
+                data = self.rt.request("controller", "policy", timeout=2.0)
+                snapshot = PolicySnapshot.from_wire(data, "policy.snapshot")
+            except (RequestFailed, MessageError) as exc:
+                self._stopping.wait(POLICY_RETRY)
+                if self._stopping.is_set():
+                    return
+                self.log.debug("policy.fetch_retry", error=str(exc))
+                continue
+            self.rt.loop.call_soon_threadsafe(lambda s=snapshot: self._adopt(s, "controller"))
+            return
+
+    def _adopt(self, snapshot: PolicySnapshot, source: str) -> None:
+        if self.engine.set_policy(snapshot):
+            self.log.info(
+                "policy.adopted",
+                version=snapshot.version,
+                enabled=snapshot.enabled,
+                rules=len(snapshot.rules),
+                source=source,
+            )
 
     def on_message(self, msg: Message) -> None:
-        # Each status object is replaced whole (copy-on-write): the verdict path reads one reference.
         if isinstance(msg, PolicySnapshot):
-            self.policy = msg
+            self._adopt(msg, "bus")
+        elif isinstance(msg, Heartbeat):
+            self.engine.heard_actor(msg.instance, msg.pid)
+        elif isinstance(msg, IvpnStatus):
+            self.engine.set_ivpn(msg)
         elif isinstance(msg, NetenvChanged):
             self.netenv = msg
-        elif isinstance(msg, IvpnStatus):
-            self.ivpn = msg
+
+    def _read_conntrack(self) -> None:
+        self.engine.on_conntrack_destroyed(self.ct_events.read())
+
+    def _check_jumps(self, why: str) -> list[str]:
+        if self.fw is None:
+            return []
+        try:
+            moved = self.fw.check_jump_order()
+        except Exception as exc:
+            self.log.error("rules.check_failed", why=why, error=f"{type(exc).__name__}: {exc}")
+            raise
+        if moved:
+            self.log.warning("rules.jumps_moved_back", why=why, moved=",".join(moved))
+        return moved
+
+    def handle_request(self, req: Request) -> Any:
+        if req.op == "check_rules":
+            if not self.owns_rules:
+                raise RequestFailed(INVALID_ARGUMENT, "only worker 0 (interceptor) owns the rules")
+            return {"moved": self._check_jumps("requested")}
+        if req.op == "status":
+            return {
+                "active": self.active,
+                "worker": self.index,
+                "workers": self.workers,
+                "owns_rules": self.owns_rules,
+                "queues": worker_queues(self.index),
+                "handler": hook.SLOT.name,
+                **self.engine.status(),
+            }
+        return super().handle_request(req)
 
     def counters(self) -> dict[str, int]:
-        return {"policy_version": self.policy.version if self.policy else 0}
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            return {}
+        out = {k: v for k, v in engine.status().items() if isinstance(v, int)}
+        out["active"] = int(self.active)
+        out["conntrack_overruns"] = self.ct_events.overruns
+        out["attribution_scans"] = self.attributor.scans
+        return out
+
+    def stop(self) -> None:
+        """Worker 0 removes the rules first (nothing queued any more), then every worker lets go."""
+        if hasattr(self, "_stopping"):
+            self._stopping.set()
+        if getattr(self, "owns_rules", False) and getattr(self, "active", False):
+            try:
+                removed = cleanup(self.rt.run_dir)
+                self.log.info("rules.removed", **{k: str(v) for k, v in removed.items()})
+            except Exception as exc:
+                self.log.error("rules.remove_failed", error=f"{type(exc).__name__}: {exc}")
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.flush_pending()
+        for name in ("source", "ct_events", "conntrack", "diag", "names"):
+            thing = getattr(self, name, None)
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception as exc:
+                    self.log.warning("close.failed", what=name, error=f"{type(exc).__name__}: {exc}")

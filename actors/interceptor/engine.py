@@ -1,0 +1,377 @@
+"""The interceptor's packet path: parse → attribute → decide → verdict and mark → events.
+
+Platform-neutral and free of sockets: the actor hands it queued packets (anything with
+`get_payload/set_mark/accept`) and gives it functions to attribute a flow, delete a conntrack entry,
+publish an event and schedule a retry. Tests drive it with fake packets and fakes for those.
+
+Every queued packet gets a verdict, whatever happens: an exception anywhere on the path accepts the
+packet unmarked (mark 0 = unsplit, through the VPN), logs once and keeps going.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from messages import ConnEnd, ConnNew, ConnVerdict, IvpnStatus, Message, PolicySnapshot, flow_key
+from messages.log import EventLog
+from splittun.policy import EMPTY_POLICY, CompiledPolicy
+
+from .conntrack import CtEntry, CtTuple
+from .decide import MALFORMED, Flow, Outcome, decide, reevaluation_resets
+from .dns import DnsError, parse_response
+from .hook import SLOT, HandlerSlot
+from .names import NameTable
+from .packet import ICMP, ICMPV6, TCP, UDP, MalformedPacket, PacketInfo, parse_packet
+from .procinfo import Owner
+
+#: Delays (s) between attribution attempts for a socket or process not visible yet; only used when the
+#: policy has app rules (otherwise the verdict does not depend on the process and nobody should wait).
+RETRY_DELAYS = (0.002, 0.008, 0.03)
+MAX_LIVE = 65536
+OWN_PID_TTL = 5.0  # seconds a heartbeat's pid counts as ours
+
+
+class QueuedPacket(Protocol):
+    def get_payload(self) -> bytes: ...
+    def set_mark(self, mark: int) -> None: ...
+    def accept(self) -> None: ...
+
+
+@dataclass
+class LiveConn:
+    conn_id: str
+    flow: Flow
+    owner: Owner | None
+    domain: str
+    own: bool
+    outcome: Outcome
+    started: float
+
+
+@dataclass
+class _Pending:
+    info: PacketInfo
+    packets: list[QueuedPacket] = field(default_factory=list)
+
+
+def ct_tuple(info: PacketInfo) -> CtTuple:
+    """The conntrack original tuple of the packet's connection (ICMP echo: id in src_port)."""
+    if info.protocol in (ICMP, ICMPV6):
+        return CtTuple(info.protocol, info.src_ip, info.icmp_id, info.dst_ip, 0)
+    return CtTuple(info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        instance: str,
+        log: EventLog,
+        publish: Callable[[Message], Any],
+        attribute: Callable[[int, str, int, str, int], Owner | None],
+        names: NameTable,
+        schedule: Callable[[float, Callable[[], Any]], Any],
+        delete_conntrack: Callable[[CtTuple], bool] | None = None,
+        handler_slot: HandlerSlot = SLOT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.instance = instance
+        self.log = log
+        self.publish = publish
+        self.attribute = attribute
+        self.names = names
+        self.schedule = schedule
+        self.delete_conntrack = delete_conntrack
+        self.slot = handler_slot
+        self.clock = clock
+        self.policy: CompiledPolicy = EMPTY_POLICY
+        self.ivpn: IvpnStatus | None = None
+        self.live: OrderedDict[CtTuple, LiveConn] = OrderedDict()
+        self._pending: dict[CtTuple, _Pending] = {}
+        self._own: dict[str, tuple[int, float]] = {}
+        self._logged: set[str] = set()
+        self._id_prefix = f"{instance}-{int(clock()):x}"
+        self._next_id = 0
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "queued",
+                "decided",
+                "split",
+                "malformed",
+                "dns_answers",
+                "names_learned",
+                "attribution_retries",
+                "unattributed",
+                "reevaluated",
+                "reevaluation_resets",
+                "errors",
+                "handler_errors",
+                "untracked",
+            ),
+            0,
+        )
+
+    # --- state fed by the bus --------------------------------------------------------------------------
+
+    def set_policy(self, snapshot: PolicySnapshot) -> bool:
+        """Adopt a newer snapshot and re-evaluate live connections; False when it is not newer."""
+        if snapshot.version <= self.policy.version:
+            return False
+        self.policy = CompiledPolicy(snapshot)
+        self.reevaluate(f"policy {snapshot.version}")
+        return True
+
+    def set_ivpn(self, status: IvpnStatus) -> None:
+        """The handler may decide by VPN state: a changed state re-evaluates live connections."""
+        old = self.ivpn
+        self.ivpn = status
+        changed = old is None or (old.state, old.connected, old.interface, old.paused) != (
+            status.state,
+            status.connected,
+            status.interface,
+            status.paused,
+        )
+        if changed and self.slot.get() is not None:
+            self.reevaluate(f"ivpn {status.state}")
+
+    def heard_actor(self, instance: str, pid: int, now: float | None = None) -> None:
+        self._own[instance] = (pid, time.monotonic() if now is None else now)
+
+    def own_pids(self, now: float | None = None) -> set[int]:
+        now = time.monotonic() if now is None else now
+        return {pid for pid, seen in self._own.values() if now - seen < OWN_PID_TTL} | {os.getpid()}
+
+    # --- packets ---------------------------------------------------------------------------------------
+
+    def on_packet(self, inbound: bool, pkt: QueuedPacket) -> None:
+        """NFQUEUE callback. Never raises; every packet gets a verdict."""
+        try:
+            if inbound:
+                self._on_inbound(pkt)
+            else:
+                self._on_outbound(pkt)
+        except Exception as exc:
+            self.counters["errors"] += 1
+            self._once("packet.failed", f"{type(exc).__name__}: {exc}")
+            self._accept_unmarked(pkt)
+
+    def _accept_unmarked(self, pkt: QueuedPacket) -> None:
+        try:
+            pkt.set_mark(0)
+            pkt.accept()
+        except Exception as exc:  # the verdict was already given, or the queue is gone
+            self._once("packet.verdict_failed", f"{type(exc).__name__}: {exc}")
+
+    def _once(self, event: str, reason: str) -> None:
+        """Log a problem the first time it happens (per event and reason), never per packet."""
+        key = f"{event}:{reason}"
+        if key not in self._logged and len(self._logged) < 1024:
+            self._logged.add(key)
+            self.log.warning(event, reason=reason, note="logged once")
+
+    def _on_inbound(self, pkt: QueuedPacket) -> None:
+        """A DNS answer: learn its names, then let it through unchanged."""
+        data = pkt.get_payload()
+        try:
+            info = parse_packet(data)
+            answer = parse_response(data[info.payload_offset :]) if info.protocol == UDP else None
+        except (MalformedPacket, DnsError) as exc:
+            self._once("dns.unreadable", exc.reason)
+            answer = None
+        if answer is not None:
+            self.counters["dns_answers"] += 1
+            now = self.clock()
+            for address, ttl in answer.addresses:
+                self.names.learn(address, answer.qname, ttl, now)
+                self.counters["names_learned"] += 1
+        pkt.accept()
+
+    def _on_outbound(self, pkt: QueuedPacket) -> None:
+        self.counters["queued"] += 1
+        data = pkt.get_payload()
+        try:
+            info = parse_packet(data)
+        except MalformedPacket as exc:
+            self.counters["malformed"] += 1
+            self._once("packet.malformed", exc.reason)
+            self._apply(pkt, MALFORMED)
+            return
+        key = ct_tuple(info)
+        live = self.live.get(key)
+        if live is not None:  # a second packet that was queued before the first one's connmark was saved
+            self._apply(pkt, live.outcome)
+            return
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.packets.append(pkt)
+            return
+        self._attempt(key, info, [pkt], 0)
+
+    def _attempt(self, key: CtTuple, info: PacketInfo, packets: list[QueuedPacket], attempt: int) -> None:
+        owner = None
+        if info.protocol in (TCP, UDP):
+            owner = self.attribute(info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
+            if owner is None and self.policy.uses_apps and attempt < len(RETRY_DELAYS):
+                self.counters["attribution_retries"] += 1
+                self._pending[key] = _Pending(info, packets)
+                self.schedule(RETRY_DELAYS[attempt], lambda: self._retry(key, attempt + 1))
+                return
+            if owner is None:
+                self.counters["unattributed"] += 1
+        self._decide_new(key, info, owner, packets)
+
+    def _retry(self, key: CtTuple, attempt: int) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            return
+        try:
+            self._attempt(key, pending.info, pending.packets, attempt)
+        except Exception as exc:
+            self.counters["errors"] += 1
+            self._once("packet.failed", f"{type(exc).__name__}: {exc}")
+            for pkt in pending.packets:
+                self._accept_unmarked(pkt)
+
+    def flush_pending(self) -> None:
+        """Decide every packet still waiting for attribution (on stop: unbinding would drop them)."""
+        for key in list(self._pending):
+            pending = self._pending.pop(key)
+            self._decide_new(key, pending.info, None, pending.packets)
+
+    def _apply(self, pkt: QueuedPacket, outcome: Outcome) -> None:
+        pkt.set_mark(int(outcome.mark))
+        pkt.accept()
+
+    def _evaluate(self, flow: Flow, owner: Owner | None, domain: str, own: bool) -> Outcome:
+        errors: list[str] = []
+        outcome = decide(
+            flow,
+            self.policy,
+            app=owner.app if owner else None,
+            process=owner.info if owner else None,
+            domain=domain,
+            own=own,
+            handler=self.slot.get(),
+            ivpn=self.ivpn,
+            errors=errors,
+        )
+        for error in errors:
+            self.counters["handler_errors"] += 1
+            self._once("handler.failed", error)
+        return outcome
+
+    def _decide_new(self, key: CtTuple, info: PacketInfo, owner: Owner | None, packets: list[QueuedPacket]) -> None:
+        now = self.clock()
+        domain = self.names.lookup(info.dst_ip, now)
+        own = owner is not None and owner.info.pid in self.own_pids()
+        flow = Flow(
+            ip_version=info.ip_version,
+            protocol=info.protocol,
+            src_ip=info.src_ip,
+            src_port=info.src_port,
+            dst_ip=info.dst_ip,
+            dst_port=info.dst_port,
+            first_packet=info.protocol != TCP or info.tcp_first,
+        )
+        outcome = self._evaluate(flow, owner, domain, own)
+        for pkt in packets:
+            self._apply(pkt, outcome)
+        self.counters["decided"] += 1
+        if outcome.split:
+            self.counters["split"] += 1
+        self._next_id += 1
+        conn = LiveConn(f"{self._id_prefix}-{self._next_id}", flow, owner, domain, own, outcome, now)
+        self.live[key] = conn
+        if len(self.live) > MAX_LIVE:
+            self.live.popitem(last=False)
+            self.counters["untracked"] += 1
+        self._publish_new(conn, now)
+        self._publish_verdict(conn, now)
+
+    # --- events ----------------------------------------------------------------------------------------
+
+    def _publish_new(self, conn: LiveConn, now: float) -> None:
+        f = conn.flow
+        icmp = f.protocol in (ICMP, ICMPV6)
+        self.publish(
+            ConnNew(
+                conn_id=conn.conn_id,
+                ts=now,
+                ip_version=f.ip_version,
+                protocol=f.protocol,
+                src_ip=f.src_ip,
+                src_port=0 if icmp else f.src_port,
+                dst_ip=f.dst_ip,
+                dst_port=0 if icmp else f.dst_port,
+                inbound=f.inbound,
+                process=conn.owner.info if conn.owner else None,
+                domain=conn.domain,
+            )
+        )
+
+    def _publish_verdict(self, conn: LiveConn, now: float) -> None:
+        o, f = conn.outcome, conn.flow
+        self.publish(
+            ConnVerdict(
+                conn_id=conn.conn_id,
+                ts=now,
+                verdict=o.verdict,
+                rule=o.rule,
+                reason=o.reason,
+                split_key=flow_key(f.protocol, f.src_ip, f.src_port, f.dst_ip, f.dst_port) if o.split else "",
+                interface=o.interface if o.split else "",
+            )
+        )
+
+    def on_conntrack_destroyed(self, entries: list[CtEntry]) -> None:
+        """conn.end for our connections whose conntrack entry is gone (closed or timed out)."""
+        now = self.clock()
+        for entry in entries:
+            conn = self.live.pop(entry.tuple, None)
+            if conn is not None:
+                self.publish(ConnEnd(conn_id=conn.conn_id, ts=now, reason="closed"))
+
+    # --- re-evaluation ---------------------------------------------------------------------------------
+
+    def reevaluate(self, why: str) -> int:
+        """Run every live connection through the filter again; re-queue those whose verdict must change.
+
+        Re-queueing = deleting the conntrack entry: the next packet is NEW, our rules queue it and it is
+        decided afresh (a new conn_id: conn.end closes the old one, so a conn_id's verdict only goes up).
+        """
+        resets = 0
+        now = self.clock()
+        for key, conn in list(self.live.items()):
+            domain = conn.domain or self.names.lookup(conn.flow.dst_ip, now)
+            new = self._evaluate(conn.flow, conn.owner, domain, conn.own)
+            self.counters["reevaluated"] += 1
+            if not reevaluation_resets(conn.flow.protocol, conn.outcome, new):
+                continue
+            if self.delete_conntrack is not None:
+                try:
+                    self.delete_conntrack(key)
+                except OSError as exc:
+                    self._once("conntrack.delete_failed", f"{type(exc).__name__}: {exc}")
+                    continue
+            self.live.pop(key, None)
+            resets += 1
+            reason = f"re-evaluated ({why}): {conn.outcome.verdict.verb()} -> {new.verdict.verb()}"
+            self.publish(ConnEnd(conn_id=conn.conn_id, ts=now, reason=reason))
+        self.counters["reevaluation_resets"] += resets
+        if resets:
+            self.log.info("connections.reevaluated", why=why, reset=resets, live=len(self.live))
+        return resets
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "policy_version": self.policy.version,
+            "policy_enabled": int(self.policy.enabled),
+            "live": len(self.live),
+            "pending": len(self._pending),
+        }

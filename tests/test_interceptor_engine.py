@@ -1,0 +1,292 @@
+"""The packet path with fakes: verdicts and marks on packets, events, retries, DNS learning, re-evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.interceptor.conntrack import CtEntry, CtTuple
+from actors.interceptor.engine import RETRY_DELAYS, Engine
+from actors.interceptor.hook import HandlerSlot
+from actors.interceptor.names import NameTable
+from actors.interceptor.procinfo import Owner
+from messages import ConnEnd, ConnNew, ConnVerdict, Mark, PolicyRule, PolicySnapshot, ProcessInfo, Verdict, flow_key
+from messages.log import EventLog
+from splittun.policy import AppFacts
+
+FIXTURES = Path(__file__).parent / "fixtures" / "interceptor"
+PACKETS = {k: bytes.fromhex(v) for k, v in json.loads((FIXTURES / "packets.json").read_text()).items() if k[0] != "_"}
+
+
+class FakePacket:
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.mark: int | None = None
+        self.accepted = 0
+
+    def get_payload(self) -> bytes:
+        return self.payload
+
+    def set_mark(self, mark: int) -> None:
+        self.mark = mark
+
+    def accept(self) -> None:
+        self.accepted += 1
+
+
+CURL = Owner(
+    ProcessInfo(pid=4242, ppid=1, uid=1000, name="curl", exe="/usr/bin/curl"),
+    AppFacts(4242, "/usr/bin/curl", "curl", 1000),
+)
+
+
+class Harness:
+    def __init__(self, owner: Owner | None = CURL, handler: Any = None) -> None:
+        self.events: list[Any] = []
+        self.timers: list[tuple[float, Any]] = []
+        self.deleted: list[CtTuple] = []
+        self.owner = owner
+        self.attribute_calls = 0
+        self.slot = HandlerSlot()
+        if handler is not None:
+            self.slot.set(handler)
+        self.engine = Engine(
+            instance="interceptor",
+            log=EventLog("test"),
+            publish=self.events.append,
+            attribute=self._attribute,
+            names=NameTable(None, slots=256),
+            schedule=lambda delay, cb: self.timers.append((delay, cb)),
+            delete_conntrack=self._delete,
+            handler_slot=self.slot,
+            clock=lambda: 1000.0,
+        )
+
+    def _attribute(self, *key: Any) -> Owner | None:
+        self.attribute_calls += 1
+        return self.owner
+
+    def _delete(self, t: CtTuple) -> bool:
+        self.deleted.append(t)
+        return True
+
+    def policy(self, version: int, *rules: PolicyRule, enabled: bool = True) -> bool:
+        return self.engine.set_policy(PolicySnapshot(version=version, ts=0.0, enabled=enabled, rules=list(rules)))
+
+    def send(self, name_or_bytes: str | bytes, inbound: bool = False) -> FakePacket:
+        data = PACKETS[name_or_bytes] if isinstance(name_or_bytes, str) else name_or_bytes
+        pkt = FakePacket(data)
+        self.engine.on_packet(inbound, pkt)
+        return pkt
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def run_timers(self) -> None:
+        while self.timers:
+            _, cb = self.timers.pop(0)
+            cb()
+
+
+SPLIT_80 = PolicyRule(id="srv", action="split", dest="203.0.113.80", interface="eth0")
+SPLIT_CURL = PolicyRule(id="curl", action="split", app_name="curl")
+SPLIT_DOMAIN = PolicyRule(id="dom", action="split", dest=".example.com")
+
+
+def test_split_connection_gets_mark_1719_and_events_with_the_proxy_key() -> None:
+    h = Harness()
+    h.policy(1, SPLIT_80)
+    pkt = h.send("tcp4_syn")
+    assert (pkt.mark, pkt.accepted) == (Mark.REROUTE_TO_SPLIT_TUN, 1)
+    [new] = h.of(ConnNew)
+    [verdict] = h.of(ConnVerdict)
+    assert new.conn_id == verdict.conn_id and new.process == CURL.info
+    assert (new.src_ip, new.dst_ip, new.dst_port, new.protocol) == ("192.0.2.66", "203.0.113.80", 80, 6)
+    assert (verdict.verdict, verdict.verb, verdict.rule, verdict.interface) == (8, "split tunneled", "srv", "eth0")
+    assert verdict.split_key == flow_key(6, "192.0.2.66", new.src_port, "203.0.113.80", 80)
+
+
+def test_unsplit_connection_is_accepted_permanently_without_split_key() -> None:
+    h = Harness()
+    pkt = h.send("tcp6_syn")  # policy disabled until a snapshot arrives
+    assert pkt.mark == Mark.ACCEPT_ALWAYS
+    [verdict] = h.of(ConnVerdict)
+    assert (verdict.verdict, verdict.split_key, verdict.interface) == (Verdict.ACCEPT, "", "")
+
+
+def test_a_second_queued_packet_of_the_same_flow_gets_the_same_verdict_and_no_new_events() -> None:
+    h = Harness()
+    h.policy(1, SPLIT_80)
+    first, second = h.send("udp4"), h.send("udp4")
+    assert first.mark == second.mark == Mark.REROUTE_TO_SPLIT_TUN  # the rule splits every port of .80
+    assert len(h.of(ConnNew)) == 1
+
+
+def test_mid_stream_tcp_after_a_flush_stays_in_the_vpn() -> None:
+    h = Harness()
+    h.policy(1, SPLIT_80)
+    pkt = h.send("tcp4_data")
+    assert pkt.mark == Mark.ACCEPT_ALWAYS
+    assert "mid-stream" in h.of(ConnVerdict)[0].reason
+
+
+def test_malformed_packet_is_accepted_unsplit_for_this_packet_only_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness()
+    h.policy(1, PolicyRule(id="all", action="split"))
+    with caplog.at_level(logging.WARNING):
+        packets = [h.send(PACKETS["tcp4_syn"][:30]) for _ in range(5)]
+    assert all(p.mark == Mark.ACCEPT and p.accepted == 1 for p in packets)
+    assert len([r for r in caplog.records if "packet.malformed" in r.getMessage()]) == 1
+    assert h.engine.counters["malformed"] == 5 and h.of(ConnNew) == []
+
+
+def test_any_failure_on_the_path_still_gives_a_verdict_without_a_split_mark() -> None:
+    h = Harness()
+    h.policy(1, PolicyRule(id="all", action="split"))
+
+    def broken(*key: Any) -> Owner:
+        raise RuntimeError("netlink exploded")
+
+    h.engine.attribute = broken
+    pkt = h.send("tcp4_syn")
+    assert (pkt.mark, pkt.accepted) == (0, 1)
+    assert h.engine.counters["errors"] == 1
+
+
+def test_attribution_is_retried_when_the_policy_needs_the_app() -> None:
+    h = Harness(owner=None)
+    h.policy(1, SPLIT_CURL)
+    pkt = h.send("tcp4_syn")
+    assert pkt.accepted == 0 and [d for d, _ in h.timers] == [RETRY_DELAYS[0]]
+    h.send("tcp4_syn")  # a retransmission while waiting joins the pending flow
+    h.owner = CURL
+    h.run_timers()
+    assert pkt.mark == Mark.REROUTE_TO_SPLIT_TUN and pkt.accepted == 1
+    assert len(h.of(ConnNew)) == 1 and h.of(ConnNew)[0].process == CURL.info
+
+
+def test_attribution_gives_up_after_the_retries_and_decides_without_the_app() -> None:
+    h = Harness(owner=None)
+    h.policy(1, SPLIT_CURL)
+    pkt = h.send("tcp4_syn")
+    h.run_timers()
+    assert h.attribute_calls == len(RETRY_DELAYS) + 1
+    assert (pkt.mark, pkt.accepted) == (Mark.ACCEPT_ALWAYS, 1)
+    assert h.of(ConnNew)[0].process is None
+
+
+def test_no_waiting_when_the_policy_has_no_app_rules() -> None:
+    h = Harness(owner=None)
+    h.policy(1, SPLIT_80)
+    assert h.send("tcp4_syn").mark == Mark.REROUTE_TO_SPLIT_TUN and h.timers == []
+
+
+def test_pending_packets_are_decided_on_stop() -> None:
+    h = Harness(owner=None)
+    h.policy(1, SPLIT_CURL)
+    pkt = h.send("tcp4_syn")
+    h.engine.flush_pending()
+    assert pkt.accepted == 1 and pkt.mark == Mark.ACCEPT_ALWAYS
+
+
+def dns_answer_packet(name: str, address: bytes) -> bytes:
+    """IPv4/UDP packet from a resolver carrying one A answer for `name`."""
+    q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    dns = struct.pack("!HHHHHH", 1, 0x8180, 1, 1, 0, 0) + q + struct.pack("!HH", 1, 1)
+    dns += b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + address
+    udp = struct.pack("!HHHH", 53, 40000, 8 + len(dns), 0) + dns
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, bytes([203, 0, 113, 2]), bytes([192, 0, 2, 66])
+    )
+    return ip + udp
+
+
+def test_first_connection_after_a_lookup_matches_the_domain_rule() -> None:
+    h = Harness()
+    h.policy(1, SPLIT_DOMAIN)
+    answer = h.send(dns_answer_packet("www.example.com", bytes([203, 0, 113, 80])), inbound=True)
+    assert answer.accepted == 1 and answer.mark is None  # DNS answers pass unchanged
+    pkt = h.send("tcp4_syn")
+    assert pkt.mark == Mark.REROUTE_TO_SPLIT_TUN
+    assert h.of(ConnNew)[0].domain == "www.example.com"
+    assert h.of(ConnVerdict)[0].rule == "dom"
+
+
+def test_unreadable_dns_answer_is_accepted() -> None:
+    h = Harness()
+    broken = dns_answer_packet("www.example.com", bytes(4))[:-6]
+    pkt = h.send(broken, inbound=True)
+    assert pkt.accepted == 1 and h.engine.counters["dns_answers"] == 0
+
+
+def test_own_actor_pid_from_heartbeat_is_accept_final() -> None:
+    h = Harness()
+    h.policy(1, PolicyRule(id="all", action="split"))
+    h.engine.heard_actor("controller", CURL.info.pid)
+    assert h.send("tcp4_syn").mark == Mark.ACCEPT_FINAL
+
+
+def test_older_policy_is_ignored() -> None:
+    h = Harness()
+    assert h.policy(5, SPLIT_80)
+    assert not h.policy(4)
+    assert h.engine.policy.version == 5
+
+
+def test_policy_change_requeues_udp_flows_and_leaves_split_tcp_alone() -> None:
+    h = Harness()
+    h.policy(1, SPLIT_80)
+    tcp = h.send("tcp4_syn")
+    udp = h.send("udp4")
+    assert tcp.mark == udp.mark == Mark.REROUTE_TO_SPLIT_TUN
+    h.events.clear()
+    h.policy(2)  # split nothing any more
+    [end] = h.of(ConnEnd)
+    assert h.deleted == [CtTuple(17, "192.0.2.66", udp_sport(), "203.0.113.80", 5300)]
+    assert "re-evaluated" in end.reason and "split tunneled -> accepted" in end.reason
+    # The UDP flow's next packet is queued again and decided by the new policy, under a new conn_id.
+    again = h.send("udp4")
+    assert again.mark == Mark.ACCEPT_ALWAYS and h.of(ConnNew)[0].conn_id != end.conn_id
+    assert len(h.engine.live) == 2  # the split TCP connection is still tracked: it keeps its proxy
+
+
+def udp_sport() -> int:
+    return struct.unpack_from("!H", PACKETS["udp4"], 20)[0]
+
+
+def test_reevaluation_applies_the_external_handler_too() -> None:
+    calls: list[Any] = []
+
+    def handler(view: Any) -> Verdict | None:
+        calls.append(view)
+        return Verdict.BLOCK if len(calls) > 1 else None
+
+    h = Harness(handler=handler)
+    h.policy(1)
+    assert h.send("tcp4_syn").mark == Mark.ACCEPT_ALWAYS
+    h.policy(2)
+    assert len(calls) == 2  # the same filtering function ran again for the live connection
+    assert len(h.deleted) == 1 and h.of(ConnEnd)[0].reason.endswith("accepted -> blocked")
+
+
+def test_conntrack_destroy_ends_our_connections_only() -> None:
+    h = Harness()
+    h.send("tcp4_syn")
+    conn_id = h.of(ConnNew)[0].conn_id
+    sport = struct.unpack_from("!H", PACKETS["tcp4_syn"], 20)[0]
+    h.engine.on_conntrack_destroyed(
+        [
+            CtEntry(CtTuple(6, "192.0.2.66", 1, "203.0.113.9", 80)),
+            CtEntry(CtTuple(6, "192.0.2.66", sport, "203.0.113.80", 80)),
+        ]
+    )
+    [end] = h.of(ConnEnd)
+    assert (end.conn_id, end.reason) == (conn_id, "closed")
+    assert not h.engine.live
