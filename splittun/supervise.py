@@ -80,7 +80,13 @@ class Supervisor:
 
     # --- start ------------------------------------------------------------------------------------
 
-    def start(self, tcp_workers: int = 1, udp_workers: int = 1, extra_env: dict[str, str] | None = None) -> int:
+    def start(
+        self,
+        tcp_workers: int = 1,
+        udp_workers: int = 1,
+        extra_env: dict[str, str] | None = None,
+        interceptor_workers: int = 1,
+    ) -> int:
         """Start supervisord (it daemonizes) and wait until its socket answers; returns its pid."""
         self.clean_stale()
         env = self.home.child_env()
@@ -88,6 +94,8 @@ class Supervisor:
             SPLITTUN_PYTHON=sys.executable,
             SPLITTUN_TCP_WORKERS=str(tcp_workers),
             SPLITTUN_UDP_WORKERS=str(udp_workers),
+            SPLITTUN_INTERCEPTOR_WORKERS=str(interceptor_workers),
+            SPLITTUN_INTERCEPTOR_EXTRA=str(interceptor_workers - 1),
             PYTHONUNBUFFERED="1",
         )
         env.update(extra_env or {})
@@ -154,6 +162,96 @@ class Supervisor:
             if marker in environ.split(b"\0") and not _is_zombie(int(entry.name)):
                 found.append(int(entry.name))
         return found
+
+    # --- the interceptor's rules, wherever this instance runs ------------------------------------
+
+    @property
+    def rules_marker(self) -> Path:
+        from actors.interceptor.cleanup import RULES_MARKER
+
+        return self.home.run_dir / RULES_MARKER
+
+    def open_netns(self) -> int | None:
+        """An fd of the namespace holding this instance's interceptor rules, None when it has none.
+
+        The interceptor leaves a marker (with its namespace's identity) while its rules may be installed.
+        Live supervisord: its namespace. Otherwise the recorded one: ours when it is the same, else a
+        named one (/run/netns). Holding the fd keeps the namespace alive until the cleanup ran.
+        """
+        from actors.interceptor.cleanup import netns_id
+
+        try:
+            recorded = self.rules_marker.read_text().strip()
+        except OSError:
+            return None
+        pid = self.pid()
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                return os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        candidates = ["/proc/self/ns/net"]
+        with contextlib.suppress(OSError):
+            candidates += [str(p) for p in sorted(Path("/run/netns").iterdir())]
+        for path in candidates:
+            with contextlib.suppress(OSError):
+                if netns_id(path) == recorded:
+                    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return None  # the namespace is gone, and its rules with it
+
+    def cleanup_interceptor(self, netns_fd: int | None) -> dict[str, Any] | None:
+        """After supervisord stopped: remove rules and marks a killed interceptor left behind.
+
+        Worker 0 removes its rules itself on a clean stop (and its marker with them): then, or when no
+        namespace is known, there is nothing to do (None).
+        """
+        try:
+            if netns_fd is None or not self.rules_marker.exists():
+                return None
+            return run_in_netns(netns_fd, lambda: _interceptor_cleanup(self.home.run_dir))
+        finally:
+            if netns_fd is not None:
+                os.close(netns_fd)
+            self.rules_marker.unlink(missing_ok=True)
+
+
+def _interceptor_cleanup(run_dir: Path) -> dict[str, Any]:
+    from actors.interceptor.cleanup import cleanup
+
+    return cleanup(run_dir)
+
+
+def run_in_netns(netns_fd: int, func: Any) -> Any:
+    """Run `func()` in a forked child that entered the namespace; its JSON-able result comes back."""
+    import ctypes
+    import json
+
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(read_end)
+            if ctypes.CDLL(None, use_errno=True).setns(netns_fd, 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), "setns failed")
+            payload = json.dumps({"ok": True, "result": func()})
+            code = 0
+        except BaseException as exc:
+            payload = json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        with contextlib.suppress(OSError):
+            os.write(write_end, payload.encode())
+        os._exit(code)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    os.waitpid(child, 0)
+    try:
+        answer = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        answer = {}
+    if not answer.get("ok"):
+        raise SupervisorError(f"interceptor cleanup failed: {answer.get('error', 'no answer from the child')}")
+    return answer["result"]
 
 
 def _is_our_supervisord(pid: int, home: Home) -> bool:

@@ -25,6 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start every actor under supervisord and wait for their heartbeats")
     p.add_argument("--tcp-workers", type=_positive, default=1, help="proxy_tcp worker processes (default 1)")
     p.add_argument("--udp-workers", type=_positive, default=1, help="proxy_udp worker processes (default 1)")
+    p.add_argument(
+        "--interceptor-workers",
+        type=_interceptor_workers,
+        default=1,
+        help="interceptor processes, one NFQUEUE slot each (--queue-balance; default 1, at most 20)",
+    )
     p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for heartbeats (default 20)")
     p.set_defaults(func=cmd_up)
 
@@ -40,6 +46,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 64:
         raise argparse.ArgumentTypeError("must be between 1 and 64")
+    return value
+
+
+def _interceptor_workers(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 20:  # queue groups are 20 apart (actors/interceptor/firewall.py)
+        raise argparse.ArgumentTypeError("must be between 1 and 20")
     return value
 
 
@@ -64,7 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     heartbeats = Subscriber(ctx, endpoints.bus_out(home.run_dir), ["actor.heartbeat"])
     try:
         try:
-            pid = sup.start(args.tcp_workers, args.udp_workers)
+            pid = sup.start(args.tcp_workers, args.udp_workers, interceptor_workers=args.interceptor_workers)
         except SupervisorError as exc:
             print(f"splittun: {exc}")
             return FAILED
@@ -126,8 +139,19 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not home.run_dir.exists():
         print(f"splittun is not running (home {home.root}); nothing to stop")
         return OK
-    stopped = Supervisor(home).shutdown()
+    sup = Supervisor(home)
+    # The namespace splittun runs in, taken before supervisord exits: the interceptor's rules live there,
+    # whichever namespace this command runs in.
+    netns_fd = sup.open_netns()
+    stopped = sup.shutdown()
+    try:
+        cleaned = sup.cleanup_interceptor(netns_fd)
+    except SupervisorError as exc:
+        print(f"splittun: {exc}")
+        return FAILED
     print("splittun stopped" if stopped else f"splittun is not running (home {home.root}); nothing to stop")
+    if cleaned and (cleaned.get("tables") or cleaned.get("conntrack")):
+        print(f"splittun: removed interceptor leftovers: {', '.join(cleaned['tables']) or 'no rules'}")
     return OK
 
 
