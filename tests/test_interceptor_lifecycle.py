@@ -1,0 +1,149 @@
+"""The interceptor's rule lifecycle in the lab: stop leaves the firewall exactly as it was, start is
+idempotent (over its own rules, after a crash), `splittun down` cleans up after a crash even from
+another namespace, and the scheduled checks push a displacing rule down. Each test runs its own
+`splittun up` in a private lab's host namespace."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from test_interceptor_support import (
+    SPLIT,
+    TOOLS,
+    VPN,
+    chain_rules,
+    gone,
+    ours_on_top,
+    own_lab,
+    push_ours_down,
+    remove_foreign,
+    saves,
+    start,
+    stop,
+    wait_until,
+)
+
+from splittun.lab import Lab
+
+from conftest import splittun
+
+pytestmark = pytest.mark.netns
+
+#: Another program's rules in every table we use, so "exactly as before" has something to keep.
+FOREIGN = (("mangle", "OUTPUT"), ("mangle", "INPUT"), ("filter", "INPUT"), ("nat", "OUTPUT"))
+
+
+@pytest.fixture(scope="module")
+def lc_lab() -> Iterator[Lab]:
+    yield from own_lab("iclc")
+
+
+@pytest.fixture
+def foreign_rules(lc_lab: Lab) -> Iterator[None]:
+    for tool in TOOLS:
+        for table, chain in FOREIGN:
+            lc_lab.exec("host", [tool, "-w", "-t", table, "-A", chain, "-p", "udp", "--dport", "9", "-j", "ACCEPT"],
+                        check=True)  # fmt: skip
+    yield
+    for tool in TOOLS:
+        for table, chain in FOREIGN:
+            lc_lab.exec("host", [tool, "-w", "-t", table, "-D", chain, "-p", "udp", "--dport", "9", "-j", "ACCEPT"])
+
+
+def ip_rules(lab: Lab) -> str:
+    return lab.exec("host", ["ip", "rule"]).stdout + lab.exec("host", ["ip", "-6", "rule"]).stdout
+
+
+def our_conntrack_marks(lab: Lab) -> list[str]:
+    return re.findall(r"mark=17[01]\d\b", lab.exec("host", ["conntrack", "-L"]).stdout)
+
+
+def cleanup_here(lab: Lab) -> subprocess.CompletedProcess[str]:
+    """`python -m actors.interceptor --cleanup` in the lab host, with no state at all."""
+    env = {**os.environ, "SPLITTUN_RUN_DIR": "/nonexistent/run"}
+    argv = ["ip", "netns", "exec", lab.ns_host, sys.executable, "-m", "actors.interceptor", "--cleanup"]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+
+
+def test_stop_restores_the_firewall_exactly_and_start_never_duplicates(lc_lab: Lab, foreign_rules: None) -> None:
+    lab = lc_lab
+    before, rules_before = saves(lab), ip_rules(lab)
+    inst = start(lab)
+    try:
+        installed = saves(lab)
+        assert installed.count("-A OUTPUT -j SPLITTUN-INGEST-OUTPUT") == 2  # once per IP version
+        assert lab.whoami(proto="tcp", target=SPLIT[4]) == VPN[4]  # traffic flows (no split rule yet)
+        # Stop and start again (SIGTERM: worker 0 removes its rules, supervisord starts a new one) …
+        pid = inst.pid()
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: gone(pid) and inst.active())
+        assert saves(lab) == installed
+        # … and start after a crash (kill -9 leaves the rules; the new worker installs over them).
+        pid = inst.pid()
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: gone(pid) and inst.active())
+        assert saves(lab) == installed
+    finally:
+        result = stop(inst)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert saves(lab) == before
+    assert ip_rules(lab) == rules_before  # (the proxies' split routing rule went with them)
+    assert our_conntrack_marks(lab) == []
+    # Stopping twice: the stateless cleanup finds nothing and changes nothing.
+    again = cleanup_here(lab)
+    assert again.returncode == 0 and '"tables": []' in again.stdout, again.stdout + again.stderr
+    assert saves(lab) == before
+
+
+def test_down_from_another_namespace_cleans_up_after_a_crash(lc_lab: Lab, foreign_rules: None) -> None:
+    lab = lc_lab
+    before = saves(lab)
+    inst = start(lab)
+    try:
+        pid, sup = inst.pid(), inst.supervisord_pid()
+        os.kill(pid, signal.SIGSTOP)  # so it cannot clean up on the SIGTERM that supervisord's death sends
+        os.kill(sup, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: gone(pid) and gone(sup))
+        assert "SPLITTUN-INGEST-OUTPUT" in saves(lab)  # what a crash leaves behind
+        # This `down` runs in the root namespace; it finds the lab's host namespace the rules live in.
+        result = splittun("down", home=inst.home)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "removed interceptor leftovers" in result.stdout
+        assert saves(lab) == before
+    finally:
+        stop(inst)
+
+
+def test_stateless_cleanup_removes_a_crashed_instances_rules(lc_lab: Lab) -> None:
+    lab = lc_lab
+    before = saves(lab)
+    inst = start(lab)
+    try:
+        assert "SPLITTUN-FILTER" in saves(lab)
+        result = cleanup_here(lab)
+        assert result.returncode == 0, result.stderr
+        assert saves(lab) == before
+    finally:
+        stop(inst)
+    assert saves(lab) == before
+
+
+def test_scheduled_checks_push_a_displacing_rule_down(lc_lab: Lab) -> None:
+    lab = lc_lab
+    inst = start(lab, env={"SPLITTUN_JUMP_CHECKS": "3,6,12"})
+    try:
+        push_ours_down(lab)  # right after start, like a VPN client coming up at boot
+        assert chain_rules(lab, 4, "nat", "OUTPUT")[0] != "-A OUTPUT -j SPLITTUN-REDIRECT"
+        log = inst.log_dir / "interceptor.log"
+        assert wait_until(lambda: 'why="scheduled' in log.read_text() and ours_on_top(lab), timeout=20)
+        assert "rules.jumps_moved_back" in log.read_text()
+    finally:
+        remove_foreign(lab)
+        stop(inst)
