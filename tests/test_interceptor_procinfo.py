@@ -101,6 +101,21 @@ def test_unknown_socket_gives_none_then_a_started_process_is_found(proc: Path) -
     assert attr.attribute(17, "192.0.2.66", 1, "203.0.113.80", 53) is None  # no socket at all
 
 
+def test_socket_scan_starts_at_the_newest_process_and_stops_at_the_owner(proc: Path) -> None:
+    for pid in range(200, 260):
+        make_proc(proc, pid, name=f"p{pid}", exe="/usr/bin/sleep", ppid=1, sockets=(10_000 + pid,))
+    reader = ProcReader(proc)
+    read: list[int] = []
+    original = reader.socket_inodes
+    reader.socket_inodes = lambda pid: read.append(pid) or original(pid)  # type: ignore[method-assign]
+    attr = Attributor(None, reader)
+    assert attr.pid_of_inode(10_257) == 257
+    assert read == [259, 258, 257]
+    assert attr.pid_of_inode(10_258) == 258 and len(read) == 3  # read on the way: cached
+    assert attr.pid_of_inode(555) == 100  # an older process: found further down
+    assert attr.pid_of_inode(999_999) is None
+
+
 def test_process_cache_notices_exec_and_pid_reuse(proc: Path) -> None:
     attr = Attributor(None, ProcReader(proc))
     first = attr.processes.describe(100)

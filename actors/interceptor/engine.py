@@ -112,6 +112,7 @@ class Engine:
                 "errors",
                 "handler_errors",
                 "untracked",
+                "busy_us",  # time spent deciding packets, in microseconds (busy_us / queued = cost per packet)
             ),
             0,
         )
@@ -150,6 +151,7 @@ class Engine:
 
     def on_packet(self, inbound: bool, pkt: QueuedPacket) -> None:
         """NFQUEUE callback. Never raises; every packet gets a verdict."""
+        started = time.perf_counter_ns()
         try:
             if inbound:
                 self._on_inbound(pkt)
@@ -159,6 +161,7 @@ class Engine:
             self.counters["errors"] += 1
             self._once("packet.failed", f"{type(exc).__name__}: {exc}")
             self._accept_unmarked(pkt)
+        self.counters["busy_us"] += (time.perf_counter_ns() - started) // 1000
 
     def _accept_unmarked(self, pkt: QueuedPacket) -> None:
         try:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import mmap
 import os
+import socket
 import struct
 import time
 import zlib
@@ -35,11 +35,15 @@ _PROBE = 8
 DEFAULT_SLOTS = 16384  # 4.5 MiB
 
 
+_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
 def _address_bytes(address: str) -> bytes:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.packed
+    """Packed address (IPv4-mapped IPv6 as IPv4); OSError when it is not one. inet_pton: on the verdict path."""
+    if ":" in address:
+        raw = socket.inet_pton(socket.AF_INET6, address)
+        return raw[12:] if raw[:12] == _MAPPED else raw
+    return socket.inet_pton(socket.AF_INET, address)
 
 
 class NameTable:
@@ -117,7 +121,7 @@ class NameTable:
         """The name last learned for `address`, or "" (unknown or expired)."""
         try:
             key = _address_bytes(address)
-        except ValueError:
+        except (OSError, ValueError):
             return ""
         now = time.time() if now is None else now
         for index in self._window(key):

@@ -3,9 +3,9 @@
 1. sock_diag (NETLINK_SOCK_DIAG) looks the packet's 5-tuple up and returns the socket's inode and uid.
    TCP is an exact lookup; UDP too (the kernel matches it like an incoming datagram, so unconnected
    sockets are found), with a dump of that port as fallback.
-2. The inode is mapped to a pid by scanning /proc/<pid>/fd (the map is cached; a miss rescans).
+2. The inode is mapped to a pid by scanning /proc/<pid>/fd, newest process first (cached).
 3. The pid is described from /proc: executable, command line, uid, parent chain (for "children"
-   rules). Cached per (pid, start time) and re-checked against /proc/<pid>/exe, which changes on exec.
+   rules). Cached per (pid, start time, comm): a reused pid or an exec gives a fresh description.
 
 A socket or process that is not visible yet (a process that was just started, a scan that raced
 with it) gives None: the caller retries a few times within milliseconds, then decides without it.
@@ -38,6 +38,8 @@ _MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 _MSG_SIZE = _MSG.size + _SOCKID.size + _SOCKID_TAIL.size + _MSG_TAIL.size  # 72
 _ALL_STATES = 0xFFFFFFFF
 MAX_ANCESTORS = 16
+MAX_CACHED_SOCKETS = 65536
+RECENT_OWNERS = 16
 
 
 # --- sock_diag: pure encode/decode -------------------------------------------------------------------
@@ -223,29 +225,22 @@ class ProcReader:
         except OSError:
             return []
 
-    def socket_owners(self, uid: int | None = None) -> dict[int, int]:
-        """{socket inode: pid} over all processes (or those owned by `uid`); lowest pid wins."""
-        owners: dict[int, int] = {}
-        for pid in self.pids():
-            base = f"{self.root}/{pid}"
-            if uid is not None:
-                try:
-                    if os.stat(base).st_uid != uid:
-                        continue
-                except OSError:
-                    continue
+    def socket_inodes(self, pid: int) -> list[int]:
+        """Inodes of the sockets process `pid` holds open ([] when it is gone or unreadable)."""
+        base = f"{self.root}/{pid}/fd"
+        try:
+            entries = os.listdir(base)
+        except OSError:
+            return []
+        inodes = []
+        for fd in entries:
             try:
-                entries = os.listdir(f"{base}/fd")
+                inode = socket_inode(os.readlink(f"{base}/{fd}"))
             except OSError:
                 continue
-            for fd in entries:
-                try:
-                    inode = socket_inode(os.readlink(f"{base}/fd/{fd}"))
-                except OSError:
-                    continue
-                if inode and inode not in owners:
-                    owners[inode] = pid
-        return owners
+            if inode:
+                inodes.append(inode)
+        return inodes
 
     def exe(self, pid: int) -> str:
         try:
@@ -263,6 +258,20 @@ class ProcReader:
         except (OSError, ValueError, IndexError):
             return None
         return ProcStat(pid, ppid, uid, name, start)
+
+    def identity(self, pid: int) -> tuple[int, str] | None:
+        """(start time, comm) from /proc/<pid>/stat alone: one read tells whether a cached description
+        still holds (a reused pid has another start time, an exec another comm)."""
+        try:
+            with open(f"{self.root}/{pid}/stat") as f:
+                text = f.read()
+        except OSError:
+            return None
+        head = text.rpartition(")")[0]
+        try:
+            return parse_stat_start(text), head.partition("(")[2]
+        except (ValueError, IndexError):
+            return None
 
     def cmdline(self, pid: int) -> list[str]:
         try:
@@ -282,26 +291,29 @@ class Owner:
 
 
 class ProcessCache:
-    """pid → Owner, cached per (pid, start time, exe)."""
+    """pid → Owner, cached per (pid, start time, comm): a hit costs one read of /proc/<pid>/stat."""
 
     def __init__(self, reader: ProcReader, max_entries: int = 4096) -> None:
         self.reader = reader
         self.max_entries = max_entries
-        self._cache: OrderedDict[int, tuple[int, str, Owner]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[tuple[int, str], Owner]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     def describe(self, pid: int) -> Owner | None:
+        ident = self.reader.identity(pid)
+        if ident is None:
+            return None
+        cached = self._cache.get(pid)
+        if cached is not None and cached[0] == ident:
+            self.hits += 1
+            self._cache.move_to_end(pid)
+            return cached[1]
         stat = self.reader.stat(pid)
         if stat is None:
             return None
-        exe = self.reader.exe(pid)
-        cached = self._cache.get(pid)
-        if cached is not None and cached[0] == stat.start and cached[1] == exe:
-            self.hits += 1
-            self._cache.move_to_end(pid)
-            return cached[2]
         self.misses += 1
+        exe = self.reader.exe(pid)
         ancestors: list[tuple[str, str]] = []
         parent, seen = stat.ppid, {pid}
         while parent > 0 and parent not in seen and len(ancestors) < MAX_ANCESTORS:
@@ -321,7 +333,7 @@ class ProcessCache:
             ancestors=[a_exe or a_name for a_exe, a_name in ancestors],
         )
         owner = Owner(info, AppFacts(pid=pid, exe=exe, name=stat.name, uid=stat.uid, ancestors=tuple(ancestors)))
-        self._cache[pid] = (stat.start, exe, owner)
+        self._cache[pid] = (ident, owner)
         if len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
         return owner
@@ -335,16 +347,41 @@ class Attributor:
         self.reader = reader
         self.processes = ProcessCache(reader)
         self._owners: dict[int, int] = {}
+        self._recent: OrderedDict[int, None] = OrderedDict()
         self.scans = 0
 
-    def pid_of_inode(self, inode: int, uid: int | None = None) -> int | None:
+    def pid_of_inode(self, inode: int) -> int | None:
+        """The process holding socket `inode`.
+
+        Looked for first in the processes that owned the last connections (an app making one connection
+        usually makes more), then in all processes, newest first (a new connection's socket mostly
+        belongs to a process started a moment ago: curl, a browser's new helper). Either way the scan
+        stops at the owner, and every socket read on the way is cached.
+        """
         pid = self._owners.get(inode)
         if pid is not None and os.path.exists(f"{self.reader.root}/{pid}"):
-            return pid
+            return self._remember(pid)
         self.scans += 1
-        self._owners = self.reader.socket_owners()
-        _ = uid  # a uid-filtered scan misses sockets passed between users; scan all
-        return self._owners.get(inode)
+        if len(self._owners) > MAX_CACHED_SOCKETS:
+            self._owners.clear()
+        checked: set[int] = set()
+        for candidates in (lambda: list(reversed(self._recent)), lambda: reversed(self.reader.pids())):
+            for pid in candidates():  # listing /proc only when the recent owners do not have it
+                if pid in checked:
+                    continue
+                checked.add(pid)
+                for found in self.reader.socket_inodes(pid):
+                    self._owners[found] = pid
+                if self._owners.get(inode) == pid:
+                    return self._remember(pid)
+        return None
+
+    def _remember(self, pid: int) -> int:
+        self._recent.pop(pid, None)
+        self._recent[pid] = None
+        if len(self._recent) > RECENT_OWNERS:
+            self._recent.popitem(last=False)
+        return pid
 
     def attribute(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> Owner | None:
         if self.diag is None:
@@ -352,7 +389,7 @@ class Attributor:
         found = self.diag.lookup(protocol, src_ip, sport, dst_ip, dport)
         if found is None or not found.inode:
             return None
-        pid = self.pid_of_inode(found.inode, found.uid)
+        pid = self.pid_of_inode(found.inode)
         if pid is None:
             return None
         return self.processes.describe(pid)
