@@ -49,7 +49,7 @@ from test_interceptor_support import (
     wait_until,
 )
 
-from messages import ConnNew, ConnVerdict, PolicyRule, ProxySessionOpen, endpoints
+from messages import ConnEnd, ConnNew, ConnVerdict, PolicyRule, ProxySessionOpen, endpoints
 from messages.transport import Subscriber
 from splittun.lab import Lab
 from splittun.lab import topology as T
@@ -132,6 +132,36 @@ def test_split_connection_events_join_the_proxy_session(inst: Instance) -> None:
     assert (new.src_ip, new.dst_port, new.protocol) == (T.TUN_HOST_V4, 80, 6)
     assert (verdict.verdict, verdict.verb, verdict.rule) == (8, "split tunneled", "by-address-4")
     assert verdict.split_key == session.split_key  # what the controller joins on
+
+
+def test_conn_end_when_conntrack_forgets_the_connection(inst: Instance) -> None:
+    ctx = zmq.Context()
+    sub = Subscriber(ctx, endpoints.bus_out(inst.run_dir), ["conn."])
+    seen: list[Any] = []
+    try:
+        time.sleep(0.3)
+        assert client(inst.lab, "datagrams", SPLIT[4], str(T.WHOAMI_UDP_PORT), "2") == [ISP[4]] * 2
+
+        def the_flow() -> Any:
+            while (msg := sub.recv(timeout=0.05)) is not None:
+                seen.append(msg)
+            return next((m for m in seen if isinstance(m, ConnNew) and m.dst_ip == SPLIT[4] and m.protocol == 17), None)
+
+        new = wait_until(the_flow)
+        assert new is not None
+        # The flow ends (here: deleted, as a timeout would): conntrack's destroy event becomes conn.end.
+        spec = ["-p", "udp", "-s", T.TUN_HOST_V4, "-d", SPLIT[4], "--dport", str(T.WHOAMI_UDP_PORT)]
+        inst.lab.exec("host", ["conntrack", "-D", *spec], check=True)
+
+        def ended() -> Any:
+            the_flow()
+            return next((m for m in seen if isinstance(m, ConnEnd) and m.conn_id == new.conn_id), None)
+
+        end = wait_until(ended)
+        assert end is not None and end.reason == "closed"
+    finally:
+        sub.close()
+        ctx.term()
 
 
 @pytest.fixture
