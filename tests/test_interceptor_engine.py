@@ -147,6 +147,15 @@ def test_malformed_packet_is_accepted_unsplit_for_this_packet_only_and_logged_on
     assert h.engine.counters["malformed"] == 5 and h.of(ConnNew) == []
 
 
+def test_a_fragment_is_never_split() -> None:
+    h = Harness()
+    h.policy(1, PolicyRule(id="all", action="split"))
+    data = bytearray(PACKETS["udp4"])
+    struct.pack_into("!H", data, 6, 185)
+    pkt = h.send(bytes(data))
+    assert (pkt.mark, pkt.accepted) == (Mark.ACCEPT, 1) and h.of(ConnNew) == []
+
+
 def test_any_failure_on_the_path_still_gives_a_verdict_without_a_split_mark() -> None:
     h = Harness()
     h.policy(1, PolicyRule(id="all", action="split"))

@@ -204,6 +204,11 @@ class Engine:
             self._once("packet.malformed", exc.reason)
             self._apply(pkt, MALFORMED)
             return
+        if info.fragment:  # conntrack reassembles before OUTPUT, so this is odd: pass it, never split it
+            self.counters["malformed"] += 1
+            self._once("packet.malformed", "non-first fragment")
+            self._apply(pkt, MALFORMED)
+            return
         key = ct_tuple(info)
         live = self.live.get(key)
         if live is not None:  # a second packet that was queued before the first one's connmark was saved
