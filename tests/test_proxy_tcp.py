@@ -105,6 +105,7 @@ def test_large_transfer_both_ways_keeps_every_byte(
     (session,) = hooks.wait_closed()
     assert (session.bytes_up, session.bytes_down) == (len(data), len(data))
     assert session.packets_up > 0 and session.packets_down > 0
+    assert proxy.counters().get("spliced_directions", 0) == (2 if mode["splice"] else 0)
 
 
 @pytest.mark.parametrize("mode", MODES)

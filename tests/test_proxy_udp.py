@@ -7,6 +7,7 @@ multi-peer case needs the kernel's NAT and conntrack and lives in test_proxy_net
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -166,13 +167,20 @@ def test_udp_decider_refusal_and_failure_keep_serving(
     assert [data for data, _ in server.got] == [b"z"]
 
 
-def test_shutdown_closes_udp_sessions(echoes: list[UdpEcho], hooks: Hooks) -> None:
+def test_udp_drain_keeps_live_sessions_and_refuses_new_flows(echoes: list[UdpEcho], hooks: Hooks) -> None:
     server = echo_server(echoes)
     proxy = UdpProxy([("127.0.0.1", 0)], lambda _r: Decision(server.address), hooks=hooks, resolver=None)
     proxy.start()
-    with client() as c:
-        c.sendto(b"hi", proxy.addresses[0])
-        assert c.recv(100) == b"re:hi"
-        proxy.shutdown(0.0)
+    done = threading.Event()
+    with client() as live, client() as late:
+        live.sendto(b"hi", proxy.addresses[0])
+        assert live.recv(100) == b"re:hi"
+        threading.Thread(target=lambda: (proxy.shutdown(0.5), done.set()), daemon=True).start()
+        assert wait_until(lambda: proxy.draining)
+        live.sendto(b"still", proxy.addresses[0])  # answers still come back while draining
+        assert live.recv(100) == b"re:still"
+        late.sendto(b"new", proxy.addresses[0])
+        assert done.wait(WAIT)
     assert hooks.reasons() == ["shutdown"]
+    assert b"new" not in [data for data, _ in server.got]
     assert proxy.table.active == 0 and proxy.stopped.is_set()

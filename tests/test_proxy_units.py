@@ -25,7 +25,8 @@ from actors.proxy import (
     to_original_destination,
 )
 from actors.proxy.origdst import ConntrackError, build_get_by_reply, parse_response, parse_sockaddr
-from messages import Mark
+from actors.proxy.session import split_key
+from messages import Mark, flow_key
 from messages.events import GatewayRecord, InterfaceRecord, NetenvChanged
 
 # --- egress -------------------------------------------------------------------------------------------
@@ -189,6 +190,19 @@ def test_split_key_uses_the_apps_own_address() -> None:
     s = Session("x", "udp", ("192.0.2.10", 33384), ("127.0.0.17", 719), ("203.0.113.81", 5300), ("192.0.2.10", 5000))
     assert s.split_key == "udp 192.0.2.10:5000 203.0.113.81:5300"
     assert s.to_dict()["client"] == ["192.0.2.10", 5000]
+
+
+@pytest.mark.parametrize(
+    ("proto", "src", "dst"),
+    [
+        ("tcp", ("192.0.2.66", 40000), ("203.0.113.80", 80)),
+        ("udp", ("2001:db8:10::10", 5000), ("2001:DB8:30:0:0:0:0:80", 5300)),
+        ("udp", ("::ffff:192.0.2.10", 5000), ("fe80::1%eth0", 53)),
+    ],
+)
+def test_cached_split_key_is_the_interceptors_flow_key(proto: str, src: tuple[str, int], dst: tuple[str, int]) -> None:
+    for _ in range(2):  # cold and cached
+        assert split_key(proto, src, dst) == flow_key(proto, src[0], src[1], dst[0], dst[1])
 
 
 def test_config_tick_follows_shortest_timeout() -> None:

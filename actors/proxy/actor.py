@@ -22,7 +22,6 @@ from messages import (
     ProxySessionOpen,
     ProxySessionStats,
     SessionCounters,
-    canonical_ip,
 )
 from messages.control import INVALID_ARGUMENT, Request, RequestFailed
 from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT
@@ -33,7 +32,7 @@ from .config import ProxyConfig
 from .decider import SplitDecider
 from .egress import EgressSet, resolve_egress, static_egress
 from .routing import SplitRouting, plan
-from .session import Session
+from .session import Session, canon
 
 DEFAULT_LISTEN = (f"{PROXY_IPV4}:{SPLIT_PROXY_PORT}", f"[{PROXY_IPV6}]:{SPLIT_PROXY_PORT}")
 ROUTING_RECHECK = 10.0  # seconds: repair the split rule/table if something (a VPN client) removed it
@@ -59,15 +58,15 @@ class BusHooks(SessionHooks):
                 protocol=s.protocol,
                 split_key=s.split_key,
                 ts=time.time(),
-                client_ip=canonical_ip(s.orig_client[0]),
+                client_ip=canon(s.orig_client[0]),
                 client_port=s.orig_client[1],
-                orig_dst_ip=canonical_ip(dst[0]),
+                orig_dst_ip=canon(dst[0]),
                 orig_dst_port=dst[1],
-                local_ip=canonical_ip(local[0]) if local[0] else "",
+                local_ip=canon(local[0]) if local[0] else "",
                 local_port=local[1],
                 interface=s.interface,
                 extra=dict(s.extra),
-                remote_ip=canonical_ip(remote[0]) if remote[0] else "",
+                remote_ip=canon(remote[0]) if remote[0] else "",
                 remote_port=remote[1],
             )
         )
@@ -120,6 +119,7 @@ class ProxyActor(Actor):
         add("--write-timeout", type=float, default=d.write_timeout)
         add("--dial-timeout", type=float, default=d.dial_timeout)
         add("--buffer-size", type=int, default=d.buffer_size)
+        add("--pipe-size", type=int, default=d.pipe_size, help="splice pipe capacity per direction in flight")
         add("--udp-idle-timeout", type=float, default=d.udp_idle_timeout)
         add("--stats-interval", type=float, default=d.stats_interval)
         add("--no-splice", action="store_true", help="copy bytes instead of os.splice")
@@ -146,6 +146,7 @@ class ProxyActor(Actor):
             write_timeout=args.write_timeout,
             dial_timeout=args.dial_timeout,
             buffer_size=args.buffer_size,
+            pipe_size=args.pipe_size,
             udp_idle_timeout=args.udp_idle_timeout,
             stats_interval=args.stats_interval,
             splice=False if args.no_splice else None,

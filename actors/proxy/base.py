@@ -180,9 +180,13 @@ class ProxyBase:
             return
         self.draining = True
         self._drain_deadline = time.monotonic() + timeout
-        self._close_listeners()
+        self._stop_accepting()
         self.loop.call_later(timeout, self._check_drained)
         self._check_drained()
+
+    def _stop_accepting(self) -> None:
+        """Drain begins: no new sessions from here on (TCP: close the listeners)."""
+        self._close_listeners()
 
     def _close_listeners(self) -> None:
         for sock in self.listeners:

@@ -17,13 +17,32 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from messages.flows import canonical_ip, flow_key
+from messages.flows import canonical_ip, endpoint_text
 
 from .decider import Address
 
+_CANON: dict[str, str] = {}
+_CANON_MAX = 4096
+
+
+def canon(ip: str) -> str:
+    """`canonical_ip` with a cache: a proxy sees the same few addresses over and over, and parsing one
+    with `ipaddress` costs more than the rest of a session's bookkeeping."""
+    found = _CANON.get(ip)
+    if found is None:
+        if len(_CANON) >= _CANON_MAX:
+            _CANON.clear()
+        found = _CANON[ip] = canonical_ip(ip)
+    return found
+
+
+def split_key(protocol: str, src: Address, dst: Address) -> str:
+    """`messages.flows.flow_key` (the interceptor's key), through the address cache."""
+    return f"{protocol} {endpoint_text(canon(src[0]), src[1])} {endpoint_text(canon(dst[0]), dst[1])}"
+
 
 def _canon(addr: Address) -> Address:
-    return (canonical_ip(addr[0]), int(addr[1]))
+    return (canon(addr[0]), int(addr[1]))
 
 
 class Session:
@@ -86,7 +105,7 @@ class Session:
         self.close_reason = ""
         self._closer: Callable[[str], None] | None = None
         dst = orig_dst or listen
-        self.split_key = flow_key(protocol, self.orig_client[0], self.orig_client[1], dst[0], dst[1])
+        self.split_key = split_key(protocol, self.orig_client, dst)
 
     def close(self, reason: str = "closed") -> None:
         """Ask the proxy to end the session (resets a TCP session); returns at once."""
@@ -194,7 +213,7 @@ class SessionTable:
     def by_upstream(self, ip: str, port: int) -> list[Session]:
         """Sessions whose upstream goes to ip:port (O(1) plus the matches)."""
         with self._lock:
-            bucket = self._by_upstream.get((canonical_ip(ip), int(port)))
+            bucket = self._by_upstream.get((canon(ip), int(port)))
             return list(bucket.values()) if bucket else []
 
     def sessions(self) -> list[Session]:

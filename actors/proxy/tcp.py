@@ -8,10 +8,12 @@ Per session the lifecycle follows the peers exactly (a client must not be able t
   and the peer takes none → reset);
 - refusal (decider, session limit): the client gets an RST before any upstream exists.
 
-Bytes move with os.splice through kernel pipes on Linux (zero copy: socket → pipe → socket). A direction
-borrows the loop's shared scratch pipe, and only keeps a pipe of its own while its peer is slow to take
-the bytes; idle sessions therefore hold no pipes. Elsewhere (or splice=False) bytes are copied through one
-shared buffer, and only the unsent remainder of a slow peer is kept per direction.
+Bytes start on the copy path (recv_into one shared buffer, send): for requests and answers that is the
+fewest syscalls. A direction whose read fills the buffer carries bulk data and moves to os.splice through
+kernel pipes on Linux (zero copy: socket → pipe → socket). It borrows the loop's shared scratch pipe and
+only keeps a pipe of its own while its peer is slow to take the bytes, so idle sessions hold no pipes and
+no buffers; only the unsent remainder of a slow peer is kept per direction. Without splice (other systems,
+splice=False) everything stays on the copy path.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 from typing import Any
 
@@ -34,6 +37,7 @@ from .session import Session
 from .upstream import open_upstream
 
 HAS_SPLICE = hasattr(os, "splice")
+HAS_TCP_INFO = sys.platform.startswith("linux")
 _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)) if HAS_SPLICE else 0
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
@@ -102,7 +106,7 @@ def _close_pipe(pipe: tuple[int, int]) -> None:
 class _Direction:
     """Bytes from `src` to `dst`."""
 
-    __slots__ = ("buf", "dst", "dst_fd", "eof", "pending", "pipe", "shut", "src", "src_fd", "stalled_at", "up")
+    __slots__ = ("buf", "bulk", "dst", "dst_fd", "eof", "pending", "pipe", "shut", "src", "src_fd", "stalled_at", "up")
 
     def __init__(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
         self.src = src
@@ -116,6 +120,7 @@ class _Direction:
         self.eof = False  # src sent FIN (read returned 0)
         self.shut = False  # FIN passed on: dst.shutdown(SHUT_WR) done
         self.stalled_at = 0.0  # when dst stopped taking bytes (0 = it takes them)
+        self.bulk = False  # moved to the splice path after a full buffer (small exchanges stay on copy)
 
     def waiting(self) -> bool:
         return bool(self.pending or self.buf is not None)
@@ -142,7 +147,7 @@ class TcpConn:
         if self.state != OPEN:
             return  # until the upstream answers, the client's bytes wait in its socket buffer
         if events & (READ | RDHUP | HANGUP | ERROR):
-            self.pump(self.up)
+            self.pump(self.up, events)
         if self.state == OPEN and events & (WRITE | ERROR | HANGUP) and self.down.waiting():
             self.pump(self.down)
         if self.state == OPEN and events & ERROR:
@@ -155,19 +160,20 @@ class TcpConn:
         if self.state != OPEN:
             return
         if events & (READ | RDHUP | HANGUP | ERROR):
-            self.pump(self.down)
+            self.pump(self.down, events)
         if self.state == OPEN and events & (WRITE | ERROR | HANGUP) and self.up.waiting():
             self.pump(self.up)
         if self.state == OPEN and events & ERROR:
             self._check_error(self.upstream, "upstream")
 
     def _connected(self, events: int) -> None:
-        err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self.close(f"dial failed: {os.strerror(err)}", rst=True)
-            return
-        if not events & WRITE:
-            return
+        if events & (ERROR | HANGUP) or not events & WRITE:  # writable without error = connected
+            err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.close(f"dial failed: {os.strerror(err)}", rst=True)
+                return
+            if not events & WRITE:
+                return
         self.state = OPEN
         with contextlib.suppress(OSError):
             self.session.local = tuple(self.upstream.getsockname()[:2])  # type: ignore[assignment]
@@ -183,11 +189,12 @@ class TcpConn:
 
     # --- moving bytes -------------------------------------------------------------------------------
 
-    def pump(self, d: _Direction) -> None:
-        if self.proxy.use_splice:
+    def pump(self, d: _Direction, events: int = 0) -> None:
+        """Move what can be moved now. `events` = the readiness that woke us for d's source, if any."""
+        if d.bulk:
             self._pump_splice(d)
         else:
-            self._pump_copy(d)
+            self._pump_copy(d, events)
         if not self.proxy.edge and self.state == OPEN:
             self._update_interest()
 
@@ -236,10 +243,16 @@ class TcpConn:
             else:
                 session.bytes_down += n
 
-    def _pump_copy(self, d: _Direction) -> None:
+    def _pump_copy(self, d: _Direction, events: int) -> None:
+        """Copy through the shared buffer. Small exchanges (requests, answers) cost fewest syscalls here:
+        a short read means the socket is drained, so unless the peer also closed or erred (then we read on
+        to see it) we wait for the next readiness instead of paying for one more read that says EAGAIN.
+        A read that fills the buffer means bulk data: the direction moves to the splice path."""
         buf = self.proxy.buffer
         view = self.proxy.view
+        size = len(buf)
         session = self.session
+        stop_short = bool(events & READ) and not events & (RDHUP | HANGUP | ERROR)
         while True:
             if d.buf is not None:
                 try:
@@ -256,6 +269,9 @@ class TcpConn:
                 continue
             if d.eof:
                 self._shut(d)
+                return
+            if d.bulk:
+                self._pump_splice(d)
                 return
             try:
                 n = d.src.recv_into(buf)
@@ -282,6 +298,12 @@ class TcpConn:
                 return
             if sent < n:
                 d.buf = memoryview(bytes(view[sent:n]))
+            elif n == size:
+                if self.proxy.use_splice:
+                    d.bulk = True
+                    self.proxy._count("spliced_directions")
+            elif stop_short:
+                return
 
     def _broken(self, d: _Direction, exc: OSError, writing: bool) -> None:
         """A read or write error means that peer is gone (normally: it sent RST): reset the other one."""
@@ -307,8 +329,9 @@ class TcpConn:
     # --- the end ------------------------------------------------------------------------------------
 
     def packets(self) -> None:
-        """Data segments each way, from the kernel's TCP_INFO (splice never sees packets)."""
-        if not self.proxy.use_splice:
+        """Data segments each way, from the kernel's TCP_INFO, once splice moved bytes (splice never sees
+        packets; on the copy path each read counted as one, which is what small exchanges are)."""
+        if not (HAS_TCP_INFO and (self.up.bulk or self.down.bulk)):
             return
         for sock, attr in ((self.client, "packets_up"), (self.upstream, "packets_down")):
             with contextlib.suppress(OSError, struct.error):
@@ -324,7 +347,7 @@ class TcpConn:
             self.packets()
         loop = self.proxy.loop
         for sock in (self.client, self.upstream):
-            loop.remove(sock.fileno())
+            loop.forget(sock.fileno())
             if rst:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
@@ -356,6 +379,10 @@ class TcpProxy(ProxyBase):
         self._paused = False
 
     # --- accepting ----------------------------------------------------------------------------------
+
+    def _tune_listener(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # inherited by accepted sockets: one syscall less per session
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_listener(self, sock: socket.socket, listen: Any) -> None:
         for _ in range(self.config.batch):
@@ -420,9 +447,7 @@ class TcpProxy(ProxyBase):
             self._refused(session, f"upstream socket: {exc.strerror or exc}")
             return
         err = upstream.connect_ex(decision.remote)
-        client.setblocking(False)
-        with contextlib.suppress(OSError):
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.setblocking(False)  # TCP_NODELAY came with accept: it is set on the listener
         conn = TcpConn(self, session, client, upstream)
         self.table.add(session)
         self.conns[session.id] = conn

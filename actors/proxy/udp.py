@@ -82,9 +82,14 @@ class UdpProxy(ProxyBase):
         self.resolver: Resolver | None = default_resolver() if resolver == "auto" else resolver  # type: ignore[assignment]
         self.buffer = bytearray(self.config.udp_buffer_size)
         self.view = memoryview(self.buffer)
-        self.flows: dict[tuple[int, Address], UdpConn] = {}
+        # per listening socket: client address exactly as recvfrom gives it → session (no per-datagram tuples)
+        self.flows: dict[int, dict[Any, UdpConn]] = {sock.fileno(): {} for sock in self.listeners}
         self.conns: dict[str, UdpConn] = {}
-        self._refused_recently: dict[tuple[int, Address], float] = {}
+        self._refused_recently: dict[tuple[int, Any], float] = {}
+
+    def _stop_accepting(self) -> None:
+        """UDP replies leave through the listening socket: it stays open while live sessions drain,
+        and datagrams of new flows are refused instead."""
 
     def _tune_listener(self, sock: socket.socket) -> None:
         for opt in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
@@ -97,8 +102,9 @@ class UdpProxy(ProxyBase):
     # --- client → upstream --------------------------------------------------------------------------
 
     def _on_listener(self, sock: socket.socket, listen: Any) -> None:
-        buf, view, flows = self.buffer, self.view, self.flows
+        buf, view = self.buffer, self.view
         lfd = sock.fileno()
+        flows = self.flows[lfd]
         for _ in range(self.config.batch):
             try:
                 n, addr = sock.recvfrom_into(buf)
@@ -108,11 +114,10 @@ class UdpProxy(ProxyBase):
                 self._count("recv_errors")
                 self.say(logging.WARNING, "udp receive failed on %s: %s", listen, exc.strerror)
                 return
-            key = (lfd, (addr[0], addr[1]))
-            conn = flows.get(key)
+            conn = flows.get(addr)
             if conn is None or conn.check:
                 try:
-                    conn = self._session_for(sock, listen, addr, key, conn)
+                    conn = self._session_for(sock, listen, addr, (lfd, addr), conn)
                 except Exception as exc:  # odd input or kernel answer: drop the datagram, keep serving
                     self._count("dropped_errors")
                     self.say(logging.ERROR, "udp session setup failed: %s: %s", type(exc).__name__, exc)
@@ -134,10 +139,10 @@ class UdpProxy(ProxyBase):
             s.packets_up += 1
 
     def _session_for(
-        self, sock: socket.socket, listen: Address, addr: Any, key: tuple[int, Address], known: UdpConn | None
+        self, sock: socket.socket, listen: Address, addr: Any, key: tuple[int, Any], known: UdpConn | None
     ) -> UdpConn | None:
         """The flow's session: re-checked `known`, a new one, or None when refused."""
-        client = key[1]
+        client = (addr[0], addr[1])
         resolved = self.resolver(client, listen) if self.resolver is not None else None
         orig_client, orig_dst = resolved if resolved is not None else (None, None)
         if known is not None:
@@ -148,6 +153,8 @@ class UdpProxy(ProxyBase):
                 return known
             self._close_conn(known, "flow replaced: conntrack mapping changed")
         now = time.monotonic()
+        if self.draining:
+            return None
         until = self._refused_recently.get(key)
         if until is not None:
             if now < until:
@@ -178,14 +185,14 @@ class UdpProxy(ProxyBase):
             return None
         conn = UdpConn(session, sock, addr, upstream, key)
         self.table.add(session)
-        self.flows[key] = conn
+        self.flows[key[0]][addr] = conn
         self.conns[session.id] = conn
         session._closer = lambda reason: self.loop.call_soon_threadsafe(lambda: self._close_conn(conn, reason))
         self.loop.add(upstream.fileno(), READ, lambda _ev: self._on_upstream(conn), edge=False)
         self._hook("on_open", session)
         return conn
 
-    def _refuse(self, key: tuple[int, Address], session: Session, reason: str, now: float) -> None:
+    def _refuse(self, key: tuple[int, Any], session: Session, reason: str, now: float) -> None:
         if len(self._refused_recently) > 4 * self.table.max_sessions:
             self._refused_recently.clear()
         self._refused_recently[key] = now + _REFUSAL_MEMORY
@@ -230,8 +237,10 @@ class UdpProxy(ProxyBase):
         s.close_reason = reason
         self.loop.remove(conn.upstream.fileno())
         conn.upstream.close()
-        if self.flows.get(conn.key) is conn:
-            del self.flows[conn.key]
+        lfd, addr = conn.key
+        flows = self.flows.get(lfd, {})
+        if flows.get(addr) is conn:
+            del flows[addr]
         self.conns.pop(s.id, None)
         self.table.remove(s)
         self._count("closed_" + reason.split(":", 1)[0].replace(" ", "_"))
