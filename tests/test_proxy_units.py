@@ -26,6 +26,7 @@ from actors.proxy import (
 )
 from actors.proxy.origdst import ConntrackError, build_get_by_reply, parse_response, parse_sockaddr
 from actors.proxy.session import split_key
+from actors.proxy.udp import DatagramBatch
 from messages import Mark, flow_key
 from messages.events import GatewayRecord, InterfaceRecord, NetenvChanged
 
@@ -203,6 +204,19 @@ def test_split_key_uses_the_apps_own_address() -> None:
 def test_cached_split_key_is_the_interceptors_flow_key(proto: str, src: tuple[str, int], dst: tuple[str, int]) -> None:
     for _ in range(2):  # cold and cached
         assert split_key(proto, src, dst) == flow_key(proto, src[0], src[1], dst[0], dst[1])
+
+
+def test_udp_batches_equal_sizes_for_one_gso_send() -> None:
+    batch = DatagramBatch(memoryview(b"a" * 64))
+    assert batch.add(memoryview(b"b" * 64)) and batch.add(memoryview(b"c" * 10))  # the last may be shorter
+    assert not batch.add(memoryview(b"d" * 10))  # nothing after a short one: GSO could not split it right
+    assert (batch.count, batch.size, len(batch.data)) == (3, 64, 138)
+    assert [bytes(d) for d in batch.datagrams()] == [b"a" * 64, b"b" * 64, b"c" * 10]
+    assert not DatagramBatch(memoryview(b"x" * 10)).add(memoryview(b"y" * 11))  # a bigger one starts a new batch
+    big = DatagramBatch(memoryview(bytes(1400)))
+    while big.add(memoryview(bytes(1400))):
+        pass
+    assert big.count == 42 and len(big.data) <= 60_000  # one GSO send stays one IP packet
 
 
 def test_config_tick_follows_shortest_timeout() -> None:

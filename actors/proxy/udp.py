@@ -13,15 +13,19 @@ How a datagram finds its way (Linux, DNAT to the proxy):
 - A session must not outlive the kernel's NAT entry (udp_idle_timeout stays below conntrack's UDP
   timeout), and the mapping is re-checked at most every `udp_revalidate` seconds while traffic flows, so
   an entry deleted by the firewall and a seen address reused for another peer never cross-deliver.
-Datagrams are handled one by one on the data thread; a burst of first packets creates one session,
-because the session exists before the second datagram is read.
+Datagrams are read one by one on the data thread, so a burst of first packets creates one session (it
+exists before the second datagram is read). What one readiness event finds queued for a session is sent
+on together: with UDP GSO (Linux) one send carries up to 64 equal-sized datagrams through routing and
+netfilter once, and the kernel splits them on the way out; order is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -38,8 +42,52 @@ log = logging.getLogger("splittun.proxy")
 #: (client as seen, listen address) → (app's own address, original destination), or None if not NAT'd.
 Resolver = Callable[[Address, Address], "tuple[Address, Address] | None"]
 
+_SOL_UDP = getattr(socket, "SOL_UDP", 17)
+_UDP_SEGMENT = 103  # linux/udp.h: UDP GSO segment size
+_U16 = struct.Struct("=H")
+_GSO_MAX_SEGMENTS = 64
+_GSO_MAX_BYTES = 60_000  # one GSO send is one IP packet before segmentation: stay below 64 KiB
+_NO_GSO = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 _REFUSAL_MEMORY = 2.0  # seconds a refused flow's further datagrams are dropped without asking again
 _LISTEN_RCVBUF = 4 << 20
+
+
+class DatagramBatch:
+    """Datagrams of one session read in one round: equal sizes (the last may be shorter) can go as one
+    UDP GSO send; a datagram that breaks the pattern or the size limits starts a new batch."""
+
+    __slots__ = ("count", "data", "last", "size")
+
+    def __init__(self, first: memoryview) -> None:
+        self.data = bytearray(first)
+        self.size = len(first)
+        self.count = 1
+        self.last = len(first)
+
+    def add(self, datagram: memoryview) -> bool:
+        n = len(datagram)
+        if (
+            n > self.size
+            or self.last < self.size
+            or self.count >= _GSO_MAX_SEGMENTS
+            or len(self.data) + n > _GSO_MAX_BYTES
+        ):
+            return False
+        self.data += datagram
+        self.count += 1
+        self.last = n
+        return True
+
+    def datagrams(self) -> list[memoryview]:
+        view = memoryview(self.data)
+        return [view[start : start + self.size] for start in range(0, len(self.data), self.size)]
+
+    def send_each(self, sock: socket.socket, addr: Any = None) -> None:
+        for datagram in self.datagrams():
+            if addr is None:
+                sock.send(datagram)
+            else:
+                sock.sendto(datagram, addr)
 
 
 class UdpConn:
@@ -80,6 +128,7 @@ class UdpProxy(ProxyBase):
     def __init__(self, *args: Any, resolver: Resolver | str | None = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.resolver: Resolver | None = default_resolver() if resolver == "auto" else resolver  # type: ignore[assignment]
+        self.gso = sys.platform.startswith("linux")
         self.buffer = bytearray(self.config.udp_buffer_size)
         self.view = memoryview(self.buffer)
         # per listening socket: client address exactly as recvfrom gives it → session (no per-datagram tuples)
@@ -102,41 +151,69 @@ class UdpProxy(ProxyBase):
     # --- client → upstream --------------------------------------------------------------------------
 
     def _on_listener(self, sock: socket.socket, listen: Any) -> None:
+        """Read what is queued (up to `batch` datagrams); forward each session's datagrams together."""
         buf, view = self.buffer, self.view
         lfd = sock.fileno()
         flows = self.flows[lfd]
-        for _ in range(self.config.batch):
-            try:
-                n, addr = sock.recvfrom_into(buf)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._count("recv_errors")
-                self.say(logging.WARNING, "udp receive failed on %s: %s", listen, exc.strerror)
-                return
-            conn = flows.get(addr)
-            if conn is None or conn.check:
+        out: dict[UdpConn, DatagramBatch] = {}
+        try:
+            for _ in range(self.config.batch):
                 try:
-                    conn = self._session_for(sock, listen, addr, (lfd, addr), conn)
-                except Exception as exc:  # odd input or kernel answer: drop the datagram, keep serving
-                    self._count("dropped_errors")
-                    self.say(logging.ERROR, "udp session setup failed: %s: %s", type(exc).__name__, exc)
-                    continue
-                if conn is None:
-                    self._count("dropped_refused")
-                    continue
-            try:
-                conn.upstream.send(view[:n])
-            except BlockingIOError:
-                self._count("dropped_upstream_full")
-                continue
-            except OSError as exc:  # e.g. ICMP unreachable reported on the connected socket
-                self._count("send_errors")
-                self.say(logging.INFO, "udp send to %s failed: %s", conn.session.remote, exc.strerror)
-                continue
-            s = conn.session
-            s.bytes_up += n
-            s.packets_up += 1
+                    n, addr = sock.recvfrom_into(buf)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    self._count("recv_errors")
+                    self.say(logging.WARNING, "udp receive failed on %s: %s", listen, exc.strerror)
+                    return
+                conn = flows.get(addr)
+                if conn is None or conn.check:
+                    try:
+                        conn = self._session_for(sock, listen, addr, (lfd, addr), conn)
+                    except Exception as exc:  # odd input or kernel answer: drop the datagram, keep serving
+                        self._count("dropped_errors")
+                        self.say(logging.ERROR, "udp session setup failed: %s: %s", type(exc).__name__, exc)
+                        continue
+                    if conn is None:
+                        self._count("dropped_refused")
+                        continue
+                batch = out.get(conn)
+                if batch is None:
+                    out[conn] = DatagramBatch(view[:n])
+                elif not batch.add(view[:n]):
+                    self._forward(conn, batch)
+                    out[conn] = DatagramBatch(view[:n])
+        finally:
+            for conn, batch in out.items():
+                self._forward(conn, batch)
+
+    def _forward(self, conn: UdpConn, batch: DatagramBatch) -> None:
+        """One send for a session's queued datagrams: UDP GSO (one pass through routing and netfilter for
+        all of them, split into datagrams on the way out) when they allow it, else one send each."""
+        up = conn.upstream
+        try:
+            if batch.count == 1:
+                up.send(batch.data)
+            elif self.gso:
+                try:
+                    up.sendmsg([batch.data], [(_SOL_UDP, _UDP_SEGMENT, _U16.pack(batch.size))])
+                except OSError as exc:
+                    if exc.errno not in _NO_GSO:
+                        raise
+                    self._no_gso(exc)
+                    batch.send_each(up)
+            else:
+                batch.send_each(up)
+        except BlockingIOError:
+            self._count("dropped_upstream_full")
+            return
+        except OSError as exc:  # e.g. ICMP unreachable reported on the connected socket
+            self._count("send_errors")
+            self.say(logging.INFO, "udp send to %s failed: %s", conn.session.remote, exc.strerror)
+            return
+        s = conn.session
+        s.bytes_up += len(batch.data)
+        s.packets_up += batch.count
 
     def _session_for(
         self, sock: socket.socket, listen: Address, addr: Any, key: tuple[int, Any], known: UdpConn | None
@@ -201,31 +278,62 @@ class UdpProxy(ProxyBase):
     # --- upstream → client --------------------------------------------------------------------------
 
     def _on_upstream(self, conn: UdpConn) -> None:
+        """Replies: read what is queued, send it to the client from the listening socket (batched)."""
         buf, view = self.buffer, self.view
-        up, listener, client_addr, s = conn.upstream, conn.listener, conn.client_addr, conn.session
-        for _ in range(self.config.batch):
-            try:
-                n = up.recv_into(buf)
-            except BlockingIOError:
-                return
-            except ConnectionRefusedError:
-                self._count("upstream_unreachable")  # ICMP port unreachable from the remote
-                continue
-            except OSError as exc:
-                self._count("recv_errors")
-                self.say(logging.WARNING, "udp receive from %s failed: %s", s.remote, exc.strerror)
-                return
-            try:
-                listener.sendto(view[:n], client_addr)
-            except BlockingIOError:
-                self._count("dropped_client_full")
-                continue
-            except OSError as exc:
-                self._count("send_errors")
-                self.say(logging.INFO, "udp reply to %s failed: %s", client_addr, exc.strerror)
-                continue
-            s.bytes_down += n
-            s.packets_down += 1
+        up, s = conn.upstream, conn.session
+        batch: DatagramBatch | None = None
+        try:
+            for _ in range(self.config.batch):
+                try:
+                    n = up.recv_into(buf)
+                except BlockingIOError:
+                    return
+                except ConnectionRefusedError:
+                    self._count("upstream_unreachable")  # ICMP port unreachable from the remote
+                    continue
+                except OSError as exc:
+                    self._count("recv_errors")
+                    self.say(logging.WARNING, "udp receive from %s failed: %s", s.remote, exc.strerror)
+                    return
+                if batch is None:
+                    batch = DatagramBatch(view[:n])
+                elif not batch.add(view[:n]):
+                    self._reply(conn, batch)
+                    batch = DatagramBatch(view[:n])
+        finally:
+            if batch is not None:
+                self._reply(conn, batch)
+
+    def _reply(self, conn: UdpConn, batch: DatagramBatch) -> None:
+        listener, client_addr = conn.listener, conn.client_addr
+        try:
+            if batch.count == 1:
+                listener.sendto(batch.data, client_addr)
+            elif self.gso:
+                try:
+                    opt = [(_SOL_UDP, _UDP_SEGMENT, _U16.pack(batch.size))]
+                    listener.sendmsg([batch.data], opt, 0, client_addr)
+                except OSError as exc:
+                    if exc.errno not in _NO_GSO:
+                        raise
+                    self._no_gso(exc)
+                    batch.send_each(listener, client_addr)
+            else:
+                batch.send_each(listener, client_addr)
+        except BlockingIOError:
+            self._count("dropped_client_full")
+            return
+        except OSError as exc:
+            self._count("send_errors")
+            self.say(logging.INFO, "udp reply to %s failed: %s", client_addr, exc.strerror)
+            return
+        s = conn.session
+        s.bytes_down += len(batch.data)
+        s.packets_down += batch.count
+
+    def _no_gso(self, exc: OSError) -> None:
+        self.gso = False  # a device on the way cannot segment: datagram by datagram from now on
+        self.say(logging.INFO, "udp GSO unavailable (%s): sending datagram by datagram", exc.strerror)
 
     # --- sessions -----------------------------------------------------------------------------------
 
