@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from splittun.lab import Lab, LabError
@@ -34,12 +35,20 @@ class Demo:
     def step(title: str) -> None:
         print(f"\n=== {title}", flush=True)
 
-    def sh(self, argv: list[str], *, ns: str | None = "host", check: bool = True, shown: str | None = None) -> str:
+    def sh(
+        self,
+        argv: list[str],
+        *,
+        ns: str | None = "host",
+        check: bool = True,
+        shown: str | None = None,
+        input: str | None = None,
+    ) -> str:
         """Run a command (in a lab namespace), print it as a user would type it, then its output."""
         full = [*(["ip", "netns", "exec", self.lab.ns(ns)] if ns else []), *argv]
         where = f"[{ns}] " if ns else ""
         print(f"{where}$ {shown or shlex.join(argv)}", flush=True)
-        result = subprocess.run(full, env=self.env, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(full, env=self.env, capture_output=True, text=True, timeout=120, input=input)
         output = (result.stdout + result.stderr).rstrip()
         if output:
             print("\n".join("    " + line for line in output.splitlines()), flush=True)
@@ -59,6 +68,7 @@ class Demo:
         self.lab.up()
         self.sh(["ip", "-brief", "address"])
         self.sh(["ip", "route"])
+        before = self.firewall()
 
         self.step("What the internet sees today: everything leaves through the VPN")
         self.sh(["curl", "-s", "--max-time", "5", f"http://{T.WHOAMI_V4}/"])
@@ -68,12 +78,72 @@ class Demo:
         self.step("Start splittun inside the laptop's namespace (supervisord runs the bus and the six actors)")
         self.splittun("up")
         self.splittun("status")
+        self.splittun("interface")
 
-        self.step("Watch the bus for a few seconds (any program with pyzmq + msgpack can do the same)")
-        self.splittun("events", "--duration", "3")
+        self.step("Split curl (TCP) and socat (UDP) out of the VPN; everything else stays in")
+        self.splittun("rules", "add", "--name", "curl")
+        self.splittun("rules", "add", "--name", "socat", "--proto", "udp")
+        self.splittun("enable")
+        self.splittun("rules", "list")
 
-        self.step("Tear everything down")
+        self.step("Side by side: the split apps are seen with the ISP address, another app with the VPN's")
+        for family, target in ((4, T.WHOAMI_V4), (6, T.WHOAMI_V6)):
+            url_host = target if family == 4 else f"[{target}]"
+            self.sh(["curl", "-s", "--max-time", "5", f"http://{url_host}/"])
+            self.other_app("tcp", family, target)
+            self.sh(
+                ["socat", "-t", "2", "-", f"UDP{'6' if family == 6 else ''}:{url_host}:{T.WHOAMI_UDP_PORT}"],
+                input="hello\n",
+            )
+            self.other_app("udp", family, target)
+
+        self.step("The connections, with what the split tunnel did with them")
+        self.splittun("connections", "--limit", "12")
+
+        self.step("The same story on the bus, live, while curl fetches a page")
+        self.events_during(
+            ["conn.verdict", "proxy.session"],
+            ["curl", "-s", "-o", "/dev/null", "--max-time", "5", f"http://{T.SERVER_V4[1]}/"],
+        )
+
+        self.step("Stop splittun: the firewall is back to exactly what it was")
         self.splittun("down")
+        after = self.firewall()
+        print(
+            "    iptables-legacy-save + ip6tables-legacy-save, before up vs after down: "
+            + ("identical" if before == after else "DIFFERENT")
+            + "\n    (empty tables are left out: legacy xtables cannot unload a table once it was used)",
+            flush=True,
+        )
+        if before != after:
+            raise RuntimeError("the firewall differs after splittun down")
+
+    def events_during(self, prefixes: list[str], action: list[str]) -> None:
+        """`splittun events PREFIX…` running while `action` runs, as two terminals would show it."""
+        argv = [sys.executable, "-m", "splittun.cli", "events", *prefixes, "--duration", "2.5"]
+        print(f"[host] $ {shlex.join(['splittun', 'events', *prefixes])}   # in another terminal", flush=True)
+        watcher = subprocess.Popen(
+            ["ip", "netns", "exec", self.lab.ns("host"), *argv],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(0.8)  # let the subscription reach the bus before the connection starts
+        self.sh(action)
+        out, _ = watcher.communicate(timeout=30)
+        print("\n".join("    " + line for line in out.rstrip().splitlines()), flush=True)
+
+    def other_app(self, proto: str, family: int, target: str) -> None:
+        """The lab's plain Python client: an app no rule matches."""
+        self.sh(
+            [sys.executable, "-m", "splittun.lab.client", "--proto", proto, "--target", target],
+            shown=f"python3 whoami-client --proto {proto} {target}      # no rule matches python3",
+        )
+
+    def firewall(self) -> str:
+        """Both rule sets, without counters, timestamps and empty tables (see Lab.firewall_rules)."""
+        return self.lab.firewall_rules("host")
 
     def cleanup(self) -> None:
         self.step("Cleanup")

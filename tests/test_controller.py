@@ -103,7 +103,9 @@ def test_registry_joins_verdict_and_session_in_either_order() -> None:
             )
         )
         assert reg.get("c1").split.bytes_down == 20
+        assert reg.get("c1").state == "open"
         reg.handle(closed())
+        assert reg.get("c1").state == "closed"  # the session closed: no need to wait for conntrack
         reg.handle(ConnEnd(conn_id="c1", ts=2.1, reason="closed"))
         rec = reg.get("c1")
         assert rec is not None and rec.verb == "split tunneled", order

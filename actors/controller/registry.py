@@ -84,9 +84,16 @@ class ConnectionRecord:
     def verb(self) -> str:
         return verdict_verb(self.verdict)
 
+    @property
+    def state(self) -> str:
+        """closed once conntrack forgot it, or — sooner — once its proxy session closed (TCP entries
+        linger in conntrack for minutes after the close)."""
+        return "closed" if self.ended is not None or (self.split and self.split.closed is not None) else "open"
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["verb"] = self.verb
+        data["state"] = self.state
         return data
 
     def matches_app(self, text: str) -> bool:

@@ -77,7 +77,7 @@ def cmd_connections(args: argparse.Namespace) -> int:
                 endpoint_text(split["local_ip"], split["local_port"]) if split.get("local_ip") else "-",
                 _bytes(split.get("bytes_up", 0)) if split else "-",
                 _bytes(split.get("bytes_down", 0)) if split else "-",
-                "open " + duration(now - r["started"]) if r["ended"] is None else "closed",
+                "open " + duration(now - r["started"]) if r["state"] == "open" else "closed",
             ]
         )
     if not out:

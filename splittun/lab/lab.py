@@ -368,6 +368,21 @@ class Lab:
 
     # -- running things inside -------------------------------------------------------------------
 
+    def firewall_rules(self, ns: str = "host") -> str:
+        """iptables-legacy-save + ip6tables-legacy-save of a lab namespace, comparable across time.
+
+        Timestamps and counters are dropped, and so are tables that hold nothing (built-in chains with
+        ACCEPT policies, no rules): legacy xtables cannot unregister a table once a program used it, so an
+        empty table that appeared is not a rule anybody left behind.
+        """
+        lines: list[str] = []
+        for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+            out = self.exec(ns, [tool], check=True).stdout
+            lines += _drop_empty_tables(
+                [re.sub(r"\[\d+:\d+\]", "[0:0]", line) for line in out.splitlines() if not line.startswith("#")]
+            )
+        return "\n".join(lines)
+
     def exec(self, ns: str, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in a lab namespace; text output captured, no exception on failure by default."""
         kw.setdefault("text", True)
@@ -769,6 +784,27 @@ class Lab:
                 tail = (self.state_dir / f"{key}.log").read_text(errors="replace").splitlines()[-lines:]
                 out.append(f"\n--- {key}.log ---\n" + "\n".join(tail))
         return "".join(out)
+
+
+def _drop_empty_tables(lines: list[str]) -> list[str]:
+    """Leave out `*table … COMMIT` blocks with only built-in ACCEPT chains and no rules."""
+    out: list[str] = []
+    block: list[str] = []
+    for line in lines:
+        if line.startswith("*"):
+            block = [line]
+            continue
+        if block:
+            block.append(line)
+            if line == "COMMIT":
+                body = block[1:-1]
+                empty = all(entry.startswith(":") and entry.split()[1] == "ACCEPT" for entry in body)
+                if not empty:
+                    out += block
+                block = []
+            continue
+        out.append(line)
+    return out
 
 
 def _check_style(style: str) -> None:
