@@ -65,6 +65,10 @@ class Actor:
         """The actor's own counters, sent in every heartbeat."""
         return {}
 
+    def readiness(self) -> str:
+        """ "" when the actor can do its job, else why not (sent in every heartbeat; `up` waits for it)."""
+        return ""
+
     def stop(self) -> None:
         """Release resources; must return quickly (the whole stop has 2 s)."""
 
@@ -183,6 +187,10 @@ class Runtime:
 
     def heartbeat(self, actor: Actor) -> None:
         now = time.time()
+        try:
+            not_ready = actor.readiness()
+        except Exception as exc:
+            not_ready = f"readiness check failed: {type(exc).__name__}: {exc}"
         self.publish(
             Heartbeat(
                 name=self.name,
@@ -192,6 +200,8 @@ class Runtime:
                 uptime=now - self.started,
                 ts=now,
                 counters=self.all_counters(actor),
+                ready=not not_ready,
+                not_ready=not_ready,
             )
         )
 

@@ -26,6 +26,8 @@ class Heartbeat(Message):
     uptime: float
     ts: float
     counters: dict[str, int] = field(default_factory=dict)
+    ready: bool = True  # alive is not enough: e.g. a proxy without an egress refuses every session
+    not_ready: str = ""  # why not, in a few words
 
 
 # --- connections (interceptor) ----------------------------------------------------------------------

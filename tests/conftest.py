@@ -66,13 +66,41 @@ def home() -> Iterator[Path]:
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    """An empty network namespace (loopback up) to run splittun in; removed with every process in it."""
+    """An empty network namespace (loopback up); removed with every process in it."""
     name = f"splittun-t-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    yield name
-    kill_netns_processes(name)
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        kill_netns_processes(name)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.fixture
+def host_ns(netns: str) -> Iterator[str]:
+    """`netns` plus an uplink `eth0` (192.0.2.10/24, 2001:db8::10/64) to a gateway namespace, so the proxies
+    have an egress as on any connected machine: a place to run splittun without the whole lab."""
+    gateway = f"{netns}-gw"
+    subprocess.run(["ip", "netns", "add", gateway], check=True)
+    setup = [
+        ["ip", "-n", netns, "link", "add", "eth0", "type", "veth", "peer", "name", "lan0", "netns", gateway],
+        ["ip", "-n", netns, "addr", "add", "192.0.2.10/24", "dev", "eth0"],
+        ["ip", "-n", netns, "addr", "add", "2001:db8::10/64", "dev", "eth0", "nodad"],
+        ["ip", "-n", gateway, "addr", "add", "192.0.2.1/24", "dev", "lan0"],
+        ["ip", "-n", gateway, "addr", "add", "2001:db8::1/64", "dev", "lan0", "nodad"],
+        ["ip", "-n", netns, "link", "set", "eth0", "up"],
+        ["ip", "-n", gateway, "link", "set", "lan0", "up"],
+        ["ip", "-n", netns, "route", "add", "default", "via", "192.0.2.1"],
+        ["ip", "-n", netns, "-6", "route", "add", "default", "via", "2001:db8::1"],
+    ]
+    try:
+        for argv in setup:
+            subprocess.run(argv, check=True, capture_output=True)
+        yield netns
+    finally:
+        kill_netns_processes(gateway)
+        subprocess.run(["ip", "netns", "del", gateway], capture_output=True)
 
 
 def kill_netns_processes(name: str) -> None:
@@ -96,11 +124,11 @@ def splittun(
 
 
 @pytest.fixture
-def running(home: Path, netns: str) -> Iterator[tuple[Path, str]]:
-    """splittun up inside a fresh namespace; always brought down again."""
-    up = splittun("up", home=home, ns=netns)
+def running(home: Path, host_ns: str) -> Iterator[tuple[Path, str]]:
+    """splittun up inside a fresh namespace with an uplink; always brought down again."""
+    up = splittun("up", home=home, ns=host_ns)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
-        yield home, netns
+        yield home, host_ns
     finally:
-        splittun("down", home=home, ns=netns)
+        splittun("down", home=home, ns=host_ns)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -86,37 +87,53 @@ def test_nothing_running(home: Path) -> None:
 
 
 @pytest.mark.netns
-def test_up_status_events_down_cycle(home: Path, netns: str) -> None:
-    up = splittun("up", home=home, ns=netns)
+def test_up_status_events_down_cycle(home: Path, host_ns: str) -> None:
+    up = splittun("up", home=home, ns=host_ns)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "7 processes heartbeating" in up.stdout
-        rows = actors_by_name(home, netns)
+        rows = actors_by_name(home, host_ns)
         assert set(rows) == ALL_SINGLE
         for row in rows.values():
             assert row["state"] == "RUNNING" and row["pid"] > 0
             assert row["heartbeat_age"] is not None and row["heartbeat_age"] < 3
+            assert row["ready"] is True, row
 
-        table = splittun("status", home=home, ns=netns).stdout.splitlines()
-        assert table[0].split() == ["ACTOR", "STATE", "PID", "UPTIME", "LAST", "HEARTBEAT"]
+        table = splittun("status", home=home, ns=host_ns).stdout.splitlines()
+        assert table[0].split() == ["ACTOR", "STATE", "PID", "UPTIME", "LAST", "HEARTBEAT", "NOTE"]
         assert len(table) == 1 + len(ALL_SINGLE)
 
-        events = splittun("events", "actor.heartbeat", "--json", "--count", "8", home=home, ns=netns)
+        events = splittun("events", "actor.heartbeat", "--json", "--count", "8", home=home, ns=host_ns)
         seen = [json.loads(line) for line in events.stdout.splitlines()]
         assert len(seen) == 8 and all(e["topic"] == "actor.heartbeat" for e in seen)
         assert {e["pid"] for e in seen} <= {row["pid"] for row in rows.values()}
-        human = splittun("events", "--count", "2", home=home, ns=netns).stdout.splitlines()
+        human = splittun("events", "--count", "2", home=home, ns=host_ns).stdout.splitlines()
         assert len(human) == 2 and all(" actor.heartbeat name=" in line for line in human)
 
-        assert_one_line_error(splittun("up", home=home, ns=netns), 2, "already running")
+        assert_one_line_error(splittun("up", home=home, ns=host_ns), 2, "already running")
     finally:
-        down = splittun("down", home=home, ns=netns)
+        down = splittun("down", home=home, ns=host_ns)
     assert down.returncode == 0 and "stopped" in down.stdout
     assert leftover_processes(home) == []
     assert list((home / "run").glob("*.sock")) == []
-    assert splittun("status", home=home, ns=netns).returncode == 3
-    again = splittun("down", home=home, ns=netns)
+    assert splittun("status", home=home, ns=host_ns).returncode == 3
+    again = splittun("down", home=home, ns=host_ns)
     assert again.returncode == 0 and "not running" in again.stdout
+
+
+@pytest.mark.netns
+def test_up_warns_about_an_actor_that_cannot_do_its_job(home: Path, host_ns: str) -> None:
+    subprocess.run(["ip", "-n", host_ns, "link", "set", "eth0", "down"], check=True)  # no uplink at all
+    up = splittun("up", home=home, ns=host_ns)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr  # everything runs; split connections stay in the VPN
+        assert "warning: proxy_tcp_00 is not ready: no egress" in up.stdout
+        rows = actors_by_name(home, host_ns)
+        assert rows["proxy_udp_00"]["ready"] is False and "no egress" in rows["proxy_udp_00"]["not_ready"]
+        assert rows["controller"]["ready"] is True
+        assert "not ready: no egress" in splittun("status", home=home, ns=host_ns).stdout
+    finally:
+        splittun("down", home=home, ns=host_ns)
 
 
 @pytest.mark.netns
@@ -136,21 +153,21 @@ def test_killed_actor_is_restarted_with_a_new_pid(running: tuple[Path, str]) -> 
 
 
 @pytest.mark.netns
-def test_workers_scale_with_numprocs(home: Path, netns: str) -> None:
-    up = splittun("up", "--tcp-workers", "2", "--udp-workers", "3", home=home, ns=netns)
+def test_workers_scale_with_numprocs(home: Path, host_ns: str) -> None:
+    up = splittun("up", "--tcp-workers", "2", "--udp-workers", "3", home=home, ns=host_ns)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        rows = actors_by_name(home, netns)
+        rows = actors_by_name(home, host_ns)
         workers = {name for name in rows if name.startswith("proxy_")}
         assert workers == {"proxy_tcp_00", "proxy_tcp_01", "proxy_udp_00", "proxy_udp_01", "proxy_udp_02"}
         assert all(rows[w]["heartbeat_age"] is not None for w in workers)
         assert len({rows[w]["pid"] for w in workers}) == 5
     finally:
-        splittun("down", home=home, ns=netns)
+        splittun("down", home=home, ns=host_ns)
 
 
 @pytest.mark.netns
-def test_up_names_the_actor_that_did_not_start_and_leaves_nothing(home: Path, netns: str, tmp_path: Path) -> None:
+def test_up_names_the_actor_that_did_not_start_and_leaves_nothing(home: Path, host_ns: str, tmp_path: Path) -> None:
     # A sitecustomize on PYTHONPATH makes exactly one actor fail at start, as a broken install would.
     (tmp_path / "sitecustomize.py").write_text(
         "import os, sys\n"
@@ -159,17 +176,17 @@ def test_up_names_the_actor_that_did_not_start_and_leaves_nothing(home: Path, ne
         "    sys.stderr.flush()\n"
         "    os._exit(3)\n"
     )
-    result = splittun("up", "--timeout", "6", home=home, ns=netns, env={"PYTHONPATH": str(tmp_path)})
+    result = splittun("up", "--timeout", "6", home=home, ns=host_ns, env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 1
     assert "ivpn:" in result.stdout and "simulated failure" in result.stdout
     assert "controller:" not in result.stdout  # only the one that failed is named
     assert leftover_processes(home) == []
-    assert splittun("status", home=home, ns=netns).returncode == 3
+    assert splittun("status", home=home, ns=host_ns).returncode == 3
 
 
 @pytest.mark.netns
-def test_crashed_supervisord_is_cleaned_up(home: Path, netns: str) -> None:
-    assert splittun("up", home=home, ns=netns).returncode == 0
+def test_crashed_supervisord_is_cleaned_up(home: Path, host_ns: str) -> None:
+    assert splittun("up", home=home, ns=host_ns).returncode == 0
     sup = Supervisor(Home.from_env({"SPLITTUN_HOME": str(home)}))
     pid = sup.pid()
     assert pid is not None
@@ -179,31 +196,31 @@ def test_crashed_supervisord_is_cleaned_up(home: Path, netns: str) -> None:
         time.sleep(0.1)
     assert sup.orphans() == []
     assert (home / "run" / "supervisord.pid").exists()  # stale
-    down = splittun("down", home=home, ns=netns)
+    down = splittun("down", home=home, ns=host_ns)
     assert down.returncode == 0
     assert not (home / "run" / "supervisord.pid").exists()
     assert list((home / "run").glob("*.sock")) == []
-    up = splittun("up", home=home, ns=netns)
+    up = splittun("up", home=home, ns=host_ns)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
     finally:
-        splittun("down", home=home, ns=netns)
+        splittun("down", home=home, ns=host_ns)
 
 
 @pytest.mark.netns
-def test_two_instances_side_by_side(home: Path, netns: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_two_instances_side_by_side(home: Path, host_ns: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     import shutil
     import tempfile
 
     other = Path(tempfile.mkdtemp(prefix="st-", dir="/tmp"))
     try:
-        assert splittun("up", home=home, ns=netns).returncode == 0
-        assert splittun("up", home=other, ns=netns).returncode == 0
-        first, second = actors_by_name(home, netns), actors_by_name(other, netns)
+        assert splittun("up", home=home, ns=host_ns).returncode == 0
+        assert splittun("up", home=other, ns=host_ns).returncode == 0
+        first, second = actors_by_name(home, host_ns), actors_by_name(other, host_ns)
         assert not {r["pid"] for r in first.values()} & {r["pid"] for r in second.values()}
-        assert splittun("down", home=home, ns=netns).returncode == 0
-        assert all(r["state"] == "RUNNING" for r in actors_by_name(other, netns).values())
+        assert splittun("down", home=home, ns=host_ns).returncode == 0
+        assert all(r["state"] == "RUNNING" for r in actors_by_name(other, host_ns).values())
     finally:
-        splittun("down", home=home, ns=netns)
-        splittun("down", home=other, ns=netns)
+        splittun("down", home=home, ns=host_ns)
+        splittun("down", home=other, ns=host_ns)
         shutil.rmtree(other, ignore_errors=True)

@@ -307,3 +307,14 @@ def test_conntrack_errors() -> None:
         parse_response(KERNEL_V4, 8)  # not the answer to request 8
     with pytest.raises(ValueError):
         parse_response(KERNEL_V4[:40], 7)  # truncated
+
+
+def test_session_counters_are_first_reported_early_then_every_interval() -> None:
+    from actors.proxy.session import Session
+
+    s = Session("s1", "udp", ("192.0.2.66", 5000), ("127.0.0.17", 719), ("203.0.113.80", 5300), now=100.0)
+    assert not s.stats_due(100.5, first=1.0, every=10.0)
+    assert s.stats_due(101.0, first=1.0, every=10.0)  # first report after 1 s: tables show live bytes
+    s.stats_at = 101.0
+    assert not s.stats_due(105.0, first=1.0, every=10.0)
+    assert s.stats_due(111.0, first=1.0, every=10.0)

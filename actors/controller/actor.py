@@ -177,6 +177,8 @@ class ControllerActor(Actor):
                 "uptime": beat.uptime,
                 "age": now - received,
                 "counters": beat.counters,
+                "ready": beat.ready,
+                "not_ready": beat.not_ready,
             }
             for instance, (beat, received) in sorted(self.heartbeats.items())
         ]

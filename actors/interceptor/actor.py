@@ -219,6 +219,9 @@ class InterceptorActor(Actor):
             }
         return super().handle_request(req)
 
+    def readiness(self) -> str:
+        return "" if getattr(self, "active", False) else "passive: another interceptor holds the queues"
+
     def counters(self) -> dict[str, int]:
         engine = getattr(self, "engine", None)
         if engine is None:

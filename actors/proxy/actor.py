@@ -36,7 +36,7 @@ from .session import Session, canon
 
 DEFAULT_LISTEN = (f"{PROXY_IPV4}:{SPLIT_PROXY_PORT}", f"[{PROXY_IPV6}]:{SPLIT_PROXY_PORT}")
 ROUTING_RECHECK = 10.0  # seconds: repair the split rule/table if something (a VPN client) removed it
-SNAPSHOT_RETRY = 2.0  # seconds between asking the controller for snapshots we have not received yet
+SNAPSHOT_RETRY = 0.25  # seconds between asking for snapshots we have not received yet
 STOP_DRAIN = 1.0  # the runtime gives an actor 2 s to stop
 
 
@@ -195,16 +195,17 @@ class ProxyActor(Actor):
             self._recompute()
 
     def _ask_for_snapshots(self) -> None:
-        """A worker that starts after the last netenv change would wait for the next one: ask instead."""
+        """A worker that starts after the last change would wait for the next one: ask each owner instead
+        (the policy from the controller, the network from netenv itself)."""
         if self.static or self.netenv is not None:
             return
-        for op, cls in (("policy", PolicySnapshot), ("netenv", NetenvChanged)):
+        for actor, op, cls in (("controller", "policy", PolicySnapshot), ("netenv", "snapshot", NetenvChanged)):
             try:
-                data = self.rt.request("controller", op, timeout=0.3)
+                data = self.rt.request(actor, op, timeout=0.3)
                 if data:
                     self.on_message(cls.from_wire(data, cls.TOPIC))
             except (RequestFailed, MessageError) as exc:
-                self.log.debug("proxy.snapshot_unavailable", op=op, error=str(exc))
+                self.log.debug("proxy.snapshot_unavailable", actor=actor, op=op, error=str(exc))
         if self.netenv is None:
             self.rt.loop.call_later(SNAPSHOT_RETRY, self._ask_for_snapshots)
 
@@ -258,6 +259,12 @@ class ProxyActor(Actor):
                 "counters": self.proxy.counters(),
             }
         return super().handle_request(req)
+
+    def readiness(self) -> str:
+        egress = self.decider.egress
+        if egress.for_family(4) is None and egress.for_family(6) is None:
+            return f"no egress: {egress.why(4)}"
+        return ""
 
     def counters(self) -> dict[str, int]:
         out = self.proxy.counters()

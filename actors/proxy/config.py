@@ -19,7 +19,8 @@ class ProxyConfig:
     # default); replies un-NAT through that mapping, so a session must never outlive it. Keep it below.
     udp_idle_timeout: float = 25.0
     udp_revalidate: float = 5.0  # re-check a UDP session's conntrack mapping at most this often
-    stats_interval: float = 10.0  # sessions older than this report their counters every interval
+    first_stats: float = 1.0  # a session's first counters report comes this soon, so tables are live early
+    stats_interval: float = 10.0  # then every interval
     drain_timeout: float = 5.0  # graceful shutdown: wait this long for live sessions, then close them
     backlog: int = 1024
     reuse_port: bool = True  # N worker processes share the listening port

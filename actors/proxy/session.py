@@ -107,6 +107,10 @@ class Session:
         dst = orig_dst or listen
         self.split_key = split_key(protocol, self.orig_client, dst)
 
+    def stats_due(self, now: float, first: float, every: float) -> bool:
+        """Time to report counters: `first` seconds after opening, then every `every` seconds."""
+        return now - self.stats_at >= (first if self.stats_at == self.created else every)
+
     def close(self, reason: str = "closed") -> None:
         """Ask the proxy to end the session (resets a TCP session); returns at once."""
         closer = self._closer

@@ -497,7 +497,7 @@ class TcpProxy(ProxyBase):
                 if d.stalled_at and now - d.stalled_at >= cfg.write_timeout:
                     conn.close("write timeout", rst=True)
                     break
-            if conn.state == OPEN and now - s.stats_at >= cfg.stats_interval:
+            if conn.state == OPEN and s.stats_due(now, cfg.first_stats, cfg.stats_interval):
                 s.stats_at = now
                 conn.packets()
                 self._hook("on_stats", s)

@@ -375,7 +375,7 @@ class UdpProxy(ProxyBase):
                 continue
             if self.resolver is not None and now - conn.validated_at >= cfg.udp_revalidate:
                 conn.check = True
-            if now - s.stats_at >= cfg.stats_interval:
+            if s.stats_due(now, cfg.first_stats, cfg.stats_interval):
                 s.stats_at = now
                 self._hook("on_stats", s)
         if self._refused_recently:

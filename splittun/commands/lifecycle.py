@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
 
 import zmq
 
@@ -19,6 +18,8 @@ from splittun.supervise import ProcessState, Supervisor, SupervisorError
 from . import FAILED, NOT_RUNNING, OK, UserError, current_home, require_root
 
 GAVE_UP_STATES = {"FATAL", "EXITED", "STOPPED", "UNKNOWN"}
+#: Seconds `up` waits, once every process heartbeats, for all of them to say they are ready.
+READY_GRACE = 5.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,12 +95,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         sup.shutdown()
         return FAILED
     print(f"splittun is up: supervisord pid {pid}, {len(states)} processes heartbeating (home {home.root})")
+    for instance, beat in sorted(seen.items()):
+        if not beat.ready:  # running, but not doing its job yet: say so (its traffic stays in the VPN)
+            print(f"splittun: warning: {instance} is not ready: {beat.not_ready}")
     return OK
 
 
 def _wait_for_heartbeats(
     sup: Supervisor, heartbeats: Subscriber, timeout: float
 ) -> tuple[dict[str, Heartbeat], list[ProcessState]]:
+    """Until every process heartbeats and says it is ready (ready gets READY_GRACE more seconds)."""
     seen: dict[str, Heartbeat] = {}
     deadline = time.monotonic() + timeout
     states: list[ProcessState] = []
@@ -107,9 +112,11 @@ def _wait_for_heartbeats(
     while time.monotonic() < deadline:
         if time.monotonic() >= next_poll:
             states = sup.processes()
-            next_poll = time.monotonic() + 0.5
+            next_poll = time.monotonic() + 0.25
             if states and all(s.instance in seen for s in states):
-                break
+                if all(beat.ready for beat in seen.values()):
+                    break
+                deadline = min(deadline, time.monotonic() + READY_GRACE)
             if any(s.state in GAVE_UP_STATES and s.instance not in seen for s in states):
                 break  # supervisord gave up on one: waiting longer cannot help
         try:
@@ -169,56 +176,62 @@ def cmd_status(args: argparse.Namespace) -> int:
         states = sup.processes()
     except SupervisorError as exc:
         raise UserError(str(exc), FAILED) from None
-    ages = heartbeat_ages(home, {s.instance for s in states if s.pid})
-    rows = [
-        {
-            "actor": s.instance,
-            "state": s.state,
-            "pid": s.pid or None,
-            "uptime": round(s.uptime, 1) if s.pid else None,
-            "heartbeat_age": None if ages.get(s.instance) is None else round(ages[s.instance], 2),
-        }
-        for s in states
-    ]
+    beats = last_heartbeats(home, {s.instance for s in states if s.pid})
+    rows = []
+    for s in states:
+        age, not_ready = beats.get(s.instance, (None, ""))
+        rows.append(
+            {
+                "actor": s.instance,
+                "state": s.state,
+                "pid": s.pid or None,
+                "uptime": round(s.uptime, 1) if s.pid else None,
+                "heartbeat_age": None if age is None else round(age, 2),
+                "ready": age is not None and not not_ready,
+                "not_ready": not_ready,
+            }
+        )
     if args.json:
         print(json.dumps({"supervisord_pid": pid, "home": str(home.root), "actors": rows}))
-    else:
-        print(
-            table(
-                ["ACTOR", "STATE", "PID", "UPTIME", "LAST HEARTBEAT"],
+        return OK
+    print(
+        table(
+            ["ACTOR", "STATE", "PID", "UPTIME", "LAST HEARTBEAT", "NOTE"],
+            [
                 [
-                    [
-                        r["actor"],
-                        r["state"],
-                        r["pid"] or "-",
-                        duration(r["uptime"]),
-                        "never" if r["heartbeat_age"] is None else f"{duration(r['heartbeat_age'])} ago",
-                    ]
-                    for r in rows
-                ],
-            )
+                    r["actor"],
+                    r["state"],
+                    r["pid"] or "-",
+                    duration(r["uptime"]),
+                    "never" if r["heartbeat_age"] is None else f"{duration(r['heartbeat_age'])} ago",
+                    f"not ready: {r['not_ready']}" if r["not_ready"] else "",
+                ]
+                for r in rows
+            ],
         )
+    )
     return OK
 
 
-def heartbeat_ages(home: Home, instances: set[str]) -> dict[str, float | None]:
-    """Age of each instance's last heartbeat: from the controller's registry, or heard on the bus."""
-    ages: dict[str, float | None] = {}
+def last_heartbeats(home: Home, instances: set[str]) -> dict[str, tuple[float, str]]:
+    """(age, not-ready reason) of each instance's last heartbeat: from the controller's registry, or heard
+    on the bus when the controller cannot answer."""
+    beats: dict[str, tuple[float, str]] = {}
     try:
         for row in request(endpoints.control(home.run_dir), "actors", timeout=1.0, who="controller"):
-            ages[row["instance"]] = float(row["age"])
+            beats[row["instance"]] = (float(row["age"]), str(row.get("not_ready", "")))
     except (RequestFailed, KeyError, TypeError, ValueError):
         pass
-    missing = instances - ages.keys()
+    missing = instances - beats.keys()
     if missing:
-        ages.update(_listen_for_heartbeats(home, missing, 1.5))
-    return ages
+        beats.update(_listen_for_heartbeats(home, missing, 1.5))
+    return beats
 
 
-def _listen_for_heartbeats(home: Home, instances: set[str], timeout: float) -> dict[str, Any]:
+def _listen_for_heartbeats(home: Home, instances: set[str], timeout: float) -> dict[str, tuple[float, str]]:
     ctx = zmq.Context()
     sub = Subscriber(ctx, endpoints.bus_out(home.run_dir), ["actor.heartbeat"])
-    heard: dict[str, float] = {}
+    heard: dict[str, tuple[float, str]] = {}
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and not instances <= heard.keys():
@@ -227,7 +240,7 @@ def _listen_for_heartbeats(home: Home, instances: set[str], timeout: float) -> d
             except MessageError:
                 continue
             if isinstance(msg, Heartbeat):
-                heard[msg.instance] = max(0.0, time.time() - msg.ts)
+                heard[msg.instance] = (max(0.0, time.time() - msg.ts), msg.not_ready)
     finally:
         sub.close()
         ctx.term()
