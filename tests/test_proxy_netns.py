@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -207,3 +209,45 @@ def _ep(ip: str, port: int) -> str:
 
 def _app_ip(session: Any) -> str:
     return session.orig_client[0]
+
+
+PORT_CLASH_SCRIPT = """
+import socket, sys
+from actors.proxy.decider import Binding
+from actors.proxy.upstream import open_upstream
+from messages import Mark
+up = open_upstream(socket.SOCK_STREAM, ("192.0.2.1", 80), Binding("eth0", "192.0.2.10", int(Mark.SPLIT_EGRESS)))
+up.setblocking(True)
+up.connect(("192.0.2.1", 80))
+app = socket.socket()  # an app on the split interface's address (VPN down): no device, no bind
+try:
+    app.connect(("192.0.2.1", 80))
+except OSError as exc:
+    print("app refused:", exc.strerror)
+    sys.exit(0)
+print("app got", app.getsockname()[1], "upstream has", up.getsockname()[1])
+sys.exit(1 if app.getsockname() == up.getsockname() else 0)
+"""
+
+
+def test_an_app_never_gets_the_port_an_upstream_holds(host_ns: str) -> None:
+    """Device-bound sockets are invisible to an unbound socket's 4-tuple check; a port the upstream bound
+    itself is not (connect() skips explicitly bound ports). One ephemeral port makes a clash certain."""
+    gateway = f"{host_ns}-gw"
+    server = subprocess.Popen(["ip", "netns", "exec", gateway, sys.executable, "-c",
+                               "import socket,time; s=socket.socket(); s.bind(('192.0.2.1', 80)); s.listen(8);"
+                               " time.sleep(30)"])  # fmt: skip
+    try:
+        run(host_ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40000")
+        for _ in range(50):
+            probe = subprocess.run(["ip", "netns", "exec", gateway, "ss", "-Htln", "sport = :80"],
+                                   capture_output=True, text=True)  # fmt: skip
+            if probe.stdout.strip():
+                break
+            time.sleep(0.1)
+        done = subprocess.run(["ip", "netns", "exec", host_ns, sys.executable, "-c", PORT_CLASH_SCRIPT],
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        server.kill()
+        server.wait()

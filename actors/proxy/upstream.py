@@ -11,14 +11,12 @@ device; otherwise the kernel falls back on an on-link guess that fails on real n
 
 from __future__ import annotations
 
-import contextlib
 import socket
 
 from .decider import Address, Binding
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 def family_of(ip: str) -> socket.AddressFamily:
@@ -35,10 +33,10 @@ def open_upstream(kind: socket.SocketKind, remote: Address, binding: Binding) ->
         if binding.interface:
             sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, binding.interface.encode())
         if binding.source_ip:
-            if kind == socket.SOCK_STREAM:
-                # Pick the port at connect time, by the full 4-tuple: many sessions, few ports.
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            # bind() reserves the port now. Not IP_BIND_ADDRESS_NO_PORT: a port chosen at connect time is
+            # shared by 4-tuple, and a device-bound socket is invisible to an unbound socket's 4-tuple
+            # check, so an app on the same address could connect from our port and conntrack would merge
+            # the two flows. connect() never picks a port somebody bound explicitly.
             sock.bind((binding.source_ip, 0))
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
