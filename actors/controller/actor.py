@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from actors.netenv.egress import find_interface
 from actors.runtime import Actor
 from messages import Heartbeat, Message, NetenvChanged, Notification, PolicySnapshot
 from messages.control import INVALID_ARGUMENT, NOT_FOUND, Request, RequestFailed
@@ -32,11 +33,7 @@ def interface_checker(snapshot: NetenvChanged | None) -> Any:
     """`exists(name_ip_or_mac)` against the latest netenv snapshot; None when none arrived yet."""
     if snapshot is None:
         return None
-    known: set[str] = set()
-    for iface in snapshot.interfaces:
-        known.update({iface.name, iface.mac.lower()})
-        known.update(addr.split("/", 1)[0] for addr in iface.addresses)
-    return lambda text: text in known or text.lower() in known
+    return lambda text: find_interface(snapshot, text) is not None
 
 
 class ControllerActor(Actor):

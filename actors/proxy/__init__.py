@@ -10,6 +10,8 @@
 README.md explains how the proxies sit in the data path.
 """
 
+from actors.netenv.egress import Egress, EgressSet, resolve_egress, static_egress
+
 from .base import ProxyBase, SessionHooks, parse_address
 from .config import ProxyConfig
 from .decider import (
@@ -22,7 +24,6 @@ from .decider import (
     SplitDecider,
     to_original_destination,
 )
-from .egress import Egress, EgressSet, resolve_egress, static_egress
 from .routing import SplitRoute, SplitRouting, plan
 from .session import Session, SessionTable
 from .tcp import TcpProxy

@@ -13,6 +13,7 @@ import ipaddress
 import time
 from typing import Any, ClassVar
 
+from actors.netenv.egress import EgressSet, resolve_egress, static_egress
 from actors.runtime import Actor, Runtime
 from messages import (
     Message,
@@ -30,7 +31,6 @@ from messages.schema import MessageError
 from .base import ProxyBase, SessionHooks, parse_address
 from .config import ProxyConfig
 from .decider import SplitDecider
-from .egress import EgressSet, resolve_egress, static_egress
 from .routing import SplitRouting, plan
 from .session import Session, canon
 

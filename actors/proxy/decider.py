@@ -13,9 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.netenv.egress import EgressSet
 from messages.marks import Mark
-
-from .egress import EgressSet
 
 Address = tuple[str, int]
 

@@ -20,9 +20,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from actors.netenv.egress import Egress
 from messages.marks import SPLIT_ROUTE_TABLE, SPLIT_RULE_PRIORITY, Mark
-
-from .egress import Egress
 
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}

@@ -1,5 +1,9 @@
 """Which interface, source address and gateway split traffic leaves through (pure: snapshot in, answer out).
 
+Shared by the proxies (how an upstream socket leaves), the interceptor (whether a split connection has
+somewhere to go, and the interface index it puts in the split mark) and the controller (does a named
+interface exist).
+
 The choice is Portmaster's `splittun/interface`: "" = auto (the interface carrying the physical default
 route, per family), otherwise an interface name, one of its IP addresses or its MAC. It is resolved
 against the latest netenv snapshot; for standalone use `static_egress` takes the values directly.
