@@ -41,6 +41,27 @@ PERMANENT_MARKS = frozenset(
 )
 
 
+#: A split connection's mark carries, above the verdict's 16 bits, the index of the interface its rule
+#: chose (0 = the global choice). The rules match 1719 under VERDICT_MASK; the proxies read the index
+#: back from the connection's conntrack mark, so no process has to ask another one per connection.
+VERDICT_MASK = 0xFFFF
+INTERFACE_SHIFT = 16
+MAX_INTERFACE_INDEX = 0xFFFF
+
+
+def split_mark(interface_index: int = 0) -> int:
+    if not 0 <= interface_index <= MAX_INTERFACE_INDEX:
+        raise ValueError(f"interface index {interface_index} does not fit in a split mark")
+    return int(Mark.REROUTE_TO_SPLIT_TUN) | (interface_index << INTERFACE_SHIFT)
+
+
+def split_interface_index(mark: int) -> int | None:
+    """The interface index in a split mark (0 = the global choice); None when `mark` is not a split mark."""
+    if mark & VERDICT_MASK != Mark.REROUTE_TO_SPLIT_TUN:
+        return None
+    return mark >> INTERFACE_SHIFT
+
+
 class Queue(IntEnum):
     IPV4_OUT = 17040
     IPV4_IN = 17140

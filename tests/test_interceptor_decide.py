@@ -8,6 +8,7 @@ from actors.interceptor import hook
 from actors.interceptor.decide import Flow, Outcome, decide, never_split_destination, reevaluation_resets
 from actors.interceptor.hook import ConnectionView, HandlerAlreadySet, HandlerSlot
 from messages import IvpnStatus, Mark, PolicyRule, PolicySnapshot, ProcessInfo, Verdict
+from messages.marks import split_interface_index, split_mark
 from splittun.policy import AppFacts, CompiledPolicy
 
 TCP, UDP, ICMP = 6, 17, 1
@@ -34,6 +35,33 @@ def test_split_rule_gives_split_verdict_mark_and_interface() -> None:
         "eth0",
     )
     assert out.split and out.permanent
+
+
+def test_split_mark_carries_the_rules_interface_index() -> None:
+    asked: list[tuple[str, int]] = []
+
+    def egress(interface: str, version: int) -> tuple[int, str]:
+        asked.append((interface, version))
+        return 7, ""
+
+    out = decide(flow(), SPLIT_SERVER, egress=egress)
+    assert asked == [("eth0", 4)]
+    assert out.split and out.mark == 1719 | (7 << 16)
+    assert split_interface_index(out.mark) == 7
+    assert split_interface_index(int(Mark.ACCEPT_ALWAYS)) is None
+
+
+def test_a_split_with_nowhere_to_go_stays_in_the_vpn() -> None:
+    out = decide(flow(dst="2001:db8:30::80"), SPLIT_ALL, egress=lambda i, v: (0, f"no IPv{v} uplink"))
+    assert (out.verdict, out.mark, out.rule) == (Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, "all")
+    assert out.reason == "no IPv6 uplink: kept in the VPN" and not out.split
+
+
+def test_split_marks_fit_the_rules_mask() -> None:
+    assert split_mark() == Mark.REROUTE_TO_SPLIT_TUN
+    assert split_mark(0xFFFF) & 0xFFFF == Mark.REROUTE_TO_SPLIT_TUN
+    with pytest.raises(ValueError):
+        split_mark(0x10000)
 
 
 def test_no_matching_rule_keeps_connection_in_the_vpn_permanently() -> None:

@@ -60,8 +60,8 @@ def test_ipv6_rules_use_ipv6_queues_proxy_and_reject() -> None:
     assert any("--queue-balance 17060:17062 --queue-bypass" in r for r in rules["mangle"])
     assert any("--queue-balance 17160:17162 --queue-bypass" in r for r in rules["mangle"])
     assert rules["nat"] == [
-        f"-A {fw.REDIRECT} -p tcp -m mark --mark 1719 -m tcp --syn -j DNAT --to-destination [::1]:719",
-        f"-A {fw.REDIRECT} -p udp -m mark --mark 1719 -j DNAT --to-destination [::1]:719",
+        f"-A {fw.REDIRECT} -p tcp -m mark --mark 1719/0xffff -m tcp --syn -j DNAT --to-destination [::1]:719",
+        f"-A {fw.REDIRECT} -p udp -m mark --mark 1719/0xffff -j DNAT --to-destination [::1]:719",
     ]
     assert any("icmp6-adm-prohibited" in r for r in rules["filter"])
 

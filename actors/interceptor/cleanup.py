@@ -34,6 +34,8 @@ def write_rules_marker(run_dir: Path) -> None:
 
 def cleanup(run_dir: Path | None = None) -> dict[str, Any]:
     """Returns what was removed: {"tables": [...], "conntrack": n, "names_file": bool}."""
+    from messages.marks import VERDICT_MASK
+
     from .conntrack import Conntrack
     from .firewall import CONNTRACK_MARKS
     from .platform import firewall
@@ -42,8 +44,8 @@ def cleanup(run_dir: Path | None = None) -> dict[str, Any]:
     with contextlib.suppress(OSError):
         ct = Conntrack()
         try:
-            before = sum(1 for e in ct.dump() if e.mark in CONNTRACK_MARKS)
-            ct.flush_marks(CONNTRACK_MARKS)
+            before = sum(1 for e in ct.dump() if e.mark & VERDICT_MASK in CONNTRACK_MARKS)
+            ct.flush_marks(CONNTRACK_MARKS, VERDICT_MASK)
             result["conntrack"] = before
         finally:
             ct.close()

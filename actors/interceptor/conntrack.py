@@ -106,12 +106,10 @@ def delete_payload(t: CtTuple) -> bytes:
     return NFGEN.pack(t.family, 0, 0) + tuple_attr(t)
 
 
-def flush_mark_payload(mark: int, family: int = socket.AF_UNSPEC) -> bytes:
-    """Delete every entry whose mark equals `mark` (AF_UNSPEC: both IP versions)."""
+def flush_mark_payload(mark: int, mask: int = 0xFFFFFFFF, family: int = socket.AF_UNSPEC) -> bytes:
+    """Delete every entry whose mark & `mask` equals `mark` (AF_UNSPEC: both IP versions)."""
     return (
-        NFGEN.pack(family, 0, 0)
-        + nla(CTA_MARK, struct.pack("!I", mark))
-        + nla(CTA_MARK_MASK, struct.pack("!I", 0xFFFFFFFF))
+        NFGEN.pack(family, 0, 0) + nla(CTA_MARK, struct.pack("!I", mark)) + nla(CTA_MARK_MASK, struct.pack("!I", mask))
     )
 
 
@@ -181,16 +179,17 @@ class Conntrack:
         replies = self.nl.request(MSG_GET, NLM_F_DUMP, NFGEN.pack(socket.AF_UNSPEC, 0, 0))
         return [e for _t, p in replies if (e := parse_entry(p)) is not None]
 
-    def flush_marks(self, marks: Iterable[int]) -> int:
-        """Delete every entry carrying one of `marks`; returns how many were left to delete one by one."""
+    def flush_marks(self, marks: Iterable[int], mask: int = 0xFFFFFFFF) -> int:
+        """Delete every entry whose mark & `mask` is one of `marks`; returns how many were left to delete
+        one by one (kernels without masked deletes)."""
         marks = set(marks)
         try:
             for mark in sorted(marks):
-                self.nl.request(MSG_DELETE, NLM_F_ACK, flush_mark_payload(mark))
+                self.nl.request(MSG_DELETE, NLM_F_ACK, flush_mark_payload(mark, mask))
         except NetlinkError as exc:
             if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-        left = [e for e in self.dump() if e.mark in marks]
+        left = [e for e in self.dump() if e.mark & mask in marks]
         for entry in left:
             try:
                 self.delete(entry.tuple)

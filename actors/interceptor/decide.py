@@ -14,16 +14,20 @@ Order (a verdict only goes up within one evaluation):
 5. Only a connection's first packet can be split (the proxy cannot take over a stream half-way): a TCP
    packet without SYN — seen after a conntrack flush or a re-evaluation — gets a permanent non-split
    verdict instead, so it keeps going where it went: through the VPN.
+6. A split needs somewhere to go: when its interface (the rule's, or the global choice) has no egress
+   for the flow's IP version, it stays in the VPN. The split mark carries the rule's interface index.
 Every verdict except the malformed-packet one is permanent (saved to the connmark).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
 from messages import IvpnStatus, Mark, ProcessInfo, Verdict
+from messages.marks import split_mark
 from splittun.policy import AppFacts, CompiledPolicy, ConnectionFacts
 
 from .hook import ConnectionView, VerdictHandler
@@ -43,6 +47,11 @@ _MARK_FOR = {
 _HANDLER_FINAL = frozenset({Verdict.BLOCK, Verdict.DROP, Verdict.REROUTE_TO_TUNNEL})
 
 RULE_EXTERNAL = "external"
+
+#: (interface choice, IP version) → (interface index for the split mark, 0 = the global choice; why the
+#: split has nowhere to go, "" = it has). A split without an egress stays in the VPN instead of reaching a
+#: proxy that could only refuse it.
+EgressCheck = Callable[[str, int], tuple[int, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +140,7 @@ def decide(
     handler: VerdictHandler | None = None,
     ivpn: IvpnStatus | None = None,
     errors: list[str] | None = None,
+    egress: EgressCheck | None = None,
 ) -> Outcome:
     """The filtering function every connection goes through (first packet and re-evaluation).
 
@@ -174,7 +184,10 @@ def decide(
         return Outcome(
             Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, "mid-stream TCP (no SYN) cannot be split: kept in the VPN"
         )
-    return Outcome(Verdict.REROUTE_TO_SPLIT_TUN, Mark.REROUTE_TO_SPLIT_TUN, rule, reason, interface)
+    index, problem = egress(interface, flow.ip_version) if egress is not None else (0, "")
+    if problem:
+        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, f"{problem}: kept in the VPN", interface)
+    return Outcome(Verdict.REROUTE_TO_SPLIT_TUN, split_mark(index), rule, reason, interface)
 
 
 def reevaluation_resets(protocol: int, old: Outcome, new: Outcome) -> bool:

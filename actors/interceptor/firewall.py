@@ -27,7 +27,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT, Mark, Queue
+from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT, VERDICT_MASK, Mark, Queue
 
 PREFIX = "SPLITTUN-"
 INGEST_OUT = "SPLITTUN-INGEST-OUTPUT"
@@ -57,8 +57,16 @@ RESTORED_MARKS = (
     Mark.REROUTE_TO_TUNNEL,
     Mark.REROUTE_TO_SPLIT_TUN,
 )
-#: Conntrack entries carrying these marks are ours: cleanup deletes them.
+#: Conntrack entries carrying these marks (under VERDICT_MASK: a split mark also holds an interface index)
+#: are ours: cleanup deletes them.
 CONNTRACK_MARKS = frozenset(int(m) for m in RESTORED_MARKS)
+#: The split mark, as the rules match it: 1719 with any interface index above the verdict bits.
+SPLIT_MATCH = f"{int(Mark.REROUTE_TO_SPLIT_TUN)}/{VERDICT_MASK:#x}"
+
+
+def _match(mark: Mark) -> str:
+    return SPLIT_MATCH if mark == Mark.REROUTE_TO_SPLIT_TUN else str(int(mark))
+
 
 #: Queue groups are 20 apart (17040 v4 out, 17060 v6 out…), so at most 20 workers fit.
 MAX_WORKERS = 20
@@ -94,7 +102,12 @@ def render(family: int, workers: int = 1) -> dict[str, list[str]]:
     in_queue = queue_spec(Queue.IPV4_IN if family == 4 else Queue.IPV6_IN, workers)
     reject = "icmp-admin-prohibited" if family == 4 else "icmp6-adm-prohibited"
     proxy = f"{PROXY_IPV4}:{SPLIT_PROXY_PORT}" if family == 4 else f"[{PROXY_IPV6}]:{SPLIT_PROXY_PORT}"
-    restore = [f"-m connmark --mark {int(m)} -j MARK --set-mark {int(m)}" for m in RESTORED_MARKS]
+    restore = [
+        f"-m connmark --mark {SPLIT_MATCH} -j CONNMARK --restore-mark"  # with its interface index
+        if m == Mark.REROUTE_TO_SPLIT_TUN
+        else f"-m connmark --mark {int(m)} -j MARK --set-mark {int(m)}"
+        for m in RESTORED_MARKS
+    ]
     mangle = [
         f"-A {INGEST_OUT} -m mark ! --mark 0 -j RETURN",  # socket marks (SPLIT_EGRESS, VPN software): not ours to touch
         f"-A {INGEST_OUT} -o lo -j RETURN",  # localhost is never split
@@ -122,12 +135,11 @@ def render(family: int, workers: int = 1) -> dict[str, list[str]]:
         Mark.REROUTE_TO_SPLIT_TUN: "RETURN",
     }
     for mark in RESTORED_MARKS:
-        filt.append(f"-A {FILTER} -m mark --mark {int(mark)} -j CONNMARK --save-mark")
-        filt.append(f"-A {FILTER} -m mark --mark {int(mark)} -j {final[mark]}")
-    split = int(Mark.REROUTE_TO_SPLIT_TUN)
+        filt.append(f"-A {FILTER} -m mark --mark {_match(mark)} -j CONNMARK --save-mark")
+        filt.append(f"-A {FILTER} -m mark --mark {_match(mark)} -j {final[mark]}")
     nat = [
-        f"-A {REDIRECT} -p tcp -m mark --mark {split} -m tcp --syn -j DNAT --to-destination {proxy}",
-        f"-A {REDIRECT} -p udp -m mark --mark {split} -j DNAT --to-destination {proxy}",
+        f"-A {REDIRECT} -p tcp -m mark --mark {SPLIT_MATCH} -m tcp --syn -j DNAT --to-destination {proxy}",
+        f"-A {REDIRECT} -p udp -m mark --mark {SPLIT_MATCH} -j DNAT --to-destination {proxy}",
     ]
     return {"mangle": mangle, "filter": filt, "nat": nat}
 
