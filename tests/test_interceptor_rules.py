@@ -66,10 +66,46 @@ def test_ipv6_rules_use_ipv6_queues_proxy_and_reject() -> None:
     assert any("icmp6-adm-prohibited" in r for r in rules["filter"])
 
 
-def test_proxy_egress_mark_is_accept_final_and_never_saved() -> None:
+def test_proxy_egress_mark_is_accept_final_and_its_replies_get_it_back() -> None:
     filt = fw.render(4)["filter"]
-    assert f"-A {fw.FILTER} -m mark --mark 1720 -j ACCEPT" in filt
-    assert not [r for r in filt if "--mark 1720" in r and "CONNMARK" in r]
+    save = f"-A {fw.FILTER} -m mark --mark 1720 -j CONNMARK --save-mark"
+    assert filt.index(save) + 1 == filt.index(f"-A {fw.FILTER} -m mark --mark 1720 -j ACCEPT")
+    # before routing, so strict rp_filter (with src_valid_mark) checks replies against the split route
+    assert f"-A {fw.EGRESS_REPLIES} -m connmark --mark 1720 -j MARK --set-mark 1720" in fw.render(4)["mangle"]
+    assert ("mangle", "PREROUTING", fw.EGRESS_REPLIES) in fw.JUMPS
+
+
+def test_the_src_valid_mark_note_survives_reinstalls_and_only_the_first_value_counts() -> None:
+    rules = fw.render(4, valid_mark_was=0)["mangle"]
+    note = [r for r in rules if fw.VALID_MARK_NOTE in r]
+    assert note == [f'-A {fw.EGRESS_REPLIES} -m comment --comment "{fw.VALID_MARK_NOTE}0" -j RETURN']
+    assert not [r for r in fw.render(6, valid_mark_was=0)["mangle"] if "comment" in r]  # an IPv4 sysctl
+    saved = fw.parse_save("*mangle\n:" + fw.EGRESS_REPLIES + " - [0:0]\n" + note[0] + "\nCOMMIT\n", "mangle")
+    assert fw.valid_mark_note(saved) == 0
+    replan = fw.plan_install(saved, 4, 1, valid_mark_was=1)  # a later install must not overwrite it
+    assert f'--comment "{fw.VALID_MARK_NOTE}0"' in " ".join(replan)
+    assert fw.valid_mark_note(fw.parse_save("*mangle\nCOMMIT\n", "mangle")) is None
+
+
+def test_strict_rp_filter_sets_src_valid_mark_and_remove_puts_it_back(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    conf = tmp_path / "net/ipv4/conf"
+    for name, rp in (("all", "0"), ("default", "0"), ("eth0", "1")):
+        (conf / name).mkdir(parents=True)
+        (conf / name / "rp_filter").write_text(rp + "\n")
+    (conf / "all/src_valid_mark").write_text("0\n")
+    (tmp_path / "ip_tables_names").write_text("mangle\nfilter\nnat\n")
+    (tmp_path / "ip6_tables_names").write_text("")
+    run = RecordingRun("")
+    xtables = {f: fw.Xtables(f, run=run, proc_net=str(tmp_path)) for f in fw.FAMILIES}
+    firewall = fw.LinuxFirewall(1, xtables, sysctl_root=str(tmp_path))
+    firewall.install()
+    assert (conf / "all/src_valid_mark").read_text().strip() == "1"
+    assert any(f'{fw.VALID_MARK_NOTE}0"' in script for script in run.scripts)
+    run.saved = (
+        "*mangle\n:" + fw.EGRESS_REPLIES + " - [0:0]\n" + fw.render(4, valid_mark_was=0)["mangle"][-1] + "\nCOMMIT\n"
+    )
+    assert "src_valid_mark=0" in firewall.remove()  # after a crash too: the note is in the rules
+    assert (conf / "all/src_valid_mark").read_text().strip() == "0"
 
 
 @pytest.mark.parametrize(("workers", "ok"), [(1, True), (20, True), (0, False), (21, False)])
@@ -98,7 +134,7 @@ def test_parse_save_reads_one_table() -> None:
 def test_install_plan_replaces_everything_of_ours_in_one_commit() -> None:
     saved = fw.parse_save(SAVED_WITH_OURS_DISPLACED, "mangle")
     lines = fw.plan_install(saved, 4, 1)
-    assert lines[:2] == [f":{fw.INGEST_IN} - [0:0]", f":{fw.INGEST_OUT} - [0:0]"]
+    assert lines[:3] == [f":{fw.EGRESS_REPLIES} - [0:0]", f":{fw.INGEST_IN} - [0:0]", f":{fw.INGEST_OUT} - [0:0]"]
     deletes = [line for line in lines if line.startswith("-D ")]
     assert deletes == [
         "-D INPUT -j SPLITTUN-INGEST-INPUT",
@@ -107,7 +143,11 @@ def test_install_plan_replaces_everything_of_ours_in_one_commit() -> None:
         "-D OUTPUT -p udp -j SPLITTUN-OLD",
     ]
     assert "-X SPLITTUN-OLD" in lines and not [x for x in lines if "OTHER-VPN" in x]
-    assert lines[-2:] == ["-I INPUT 1 -j SPLITTUN-INGEST-INPUT", "-I OUTPUT 1 -j SPLITTUN-INGEST-OUTPUT"]
+    assert lines[-3:] == [
+        "-I PREROUTING 1 -j SPLITTUN-EGRESS-REPLIES",
+        "-I INPUT 1 -j SPLITTUN-INGEST-INPUT",
+        "-I OUTPUT 1 -j SPLITTUN-INGEST-OUTPUT",
+    ]
     script = fw.restore_script("mangle", lines)
     assert script.startswith("*mangle\n") and script.endswith("COMMIT\n") and script.count("COMMIT") == 1
 
@@ -122,7 +162,9 @@ def test_remove_plan_leaves_other_programs_alone() -> None:
 def test_displaced_jump_is_deleted_and_reinserted_in_the_same_commit() -> None:
     saved = fw.parse_save(SAVED_WITH_OURS_DISPLACED, "mangle")
     problems = fw.jump_problems(saved)
-    assert problems == [("OUTPUT", fw.INGEST_OUT)]  # INPUT's jump is on top: fine
+    # INPUT's jump is on top: fine; PREROUTING's is missing (check_jump_order reinstalls the table then)
+    assert problems == [("OUTPUT", fw.INGEST_OUT), ("PREROUTING", fw.EGRESS_REPLIES)]
+    problems = problems[:1]
     assert fw.plan_jump_fix(saved, problems) == [
         "-D OUTPUT -j SPLITTUN-INGEST-OUTPUT",
         "-D OUTPUT -j SPLITTUN-INGEST-OUTPUT",

@@ -22,10 +22,13 @@ needs no state: it finds our chains by their SPLITTUN- prefix, so it also works 
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT, VERDICT_MASK, Mark, Queue
 
@@ -34,11 +37,13 @@ INGEST_OUT = "SPLITTUN-INGEST-OUTPUT"
 INGEST_IN = "SPLITTUN-INGEST-INPUT"
 FILTER = "SPLITTUN-FILTER"
 REDIRECT = "SPLITTUN-REDIRECT"
+EGRESS_REPLIES = "SPLITTUN-EGRESS-REPLIES"
 
 #: (table, built-in chain, our chain): the jump rules we keep at position 1.
 JUMPS: tuple[tuple[str, str, str], ...] = (
     ("mangle", "OUTPUT", INGEST_OUT),
     ("mangle", "INPUT", INGEST_IN),
+    ("mangle", "PREROUTING", EGRESS_REPLIES),
     ("filter", "OUTPUT", FILTER),
     ("filter", "INPUT", FILTER),
     ("nat", "OUTPUT", REDIRECT),
@@ -59,7 +64,7 @@ RESTORED_MARKS = (
 )
 #: Conntrack entries carrying these marks (under VERDICT_MASK: a split mark also holds an interface index)
 #: are ours: cleanup deletes them.
-CONNTRACK_MARKS = frozenset(int(m) for m in RESTORED_MARKS)
+CONNTRACK_MARKS = frozenset(int(m) for m in (*RESTORED_MARKS, Mark.SPLIT_EGRESS))
 #: The split mark, as the rules match it: 1719 with any interface index above the verdict bits.
 SPLIT_MATCH = f"{int(Mark.REROUTE_TO_SPLIT_TUN)}/{VERDICT_MASK:#x}"
 
@@ -96,8 +101,15 @@ def worker_queues(index: int) -> dict[str, int]:
     }
 
 
-def render(family: int, workers: int = 1) -> dict[str, list[str]]:
-    """Our chains' rules per table, in iptables-restore syntax (`-A CHAIN …`)."""
+VALID_MARK_NOTE = "splittun: src_valid_mark was "
+
+
+def render(family: int, workers: int = 1, valid_mark_was: int | None = None) -> dict[str, list[str]]:
+    """Our chains' rules per table, in iptables-restore syntax (`-A CHAIN …`).
+
+    `valid_mark_was`: we set net.ipv4.conf.all.src_valid_mark and this was its value before; it is kept
+    as a comment rule, so whoever removes our rules (also after a crash, in the right namespace) puts it
+    back."""
     out_queue = queue_spec(Queue.IPV4_OUT if family == 4 else Queue.IPV6_OUT, workers)
     in_queue = queue_spec(Queue.IPV4_IN if family == 4 else Queue.IPV6_IN, workers)
     reject = "icmp-admin-prohibited" if family == 4 else "icmp6-adm-prohibited"
@@ -118,13 +130,20 @@ def render(family: int, workers: int = 1) -> dict[str, list[str]]:
         f"-A {INGEST_IN} -m mark ! --mark 0 -j RETURN",
         *(f"-A {INGEST_IN} {r}" for r in restore),
         f"-A {INGEST_IN} -p udp -m conntrack --ctdir REPLY --ctorigdstport 53 -j NFQUEUE {in_queue}",
+        # Replies to the proxies' upstream get their mark back before routing: with strict rp_filter (and
+        # src_valid_mark) the reverse-path check then finds the split route, not the VPN default.
+        f"-A {EGRESS_REPLIES} -m connmark --mark {int(Mark.SPLIT_EGRESS)} -j MARK --set-mark {int(Mark.SPLIT_EGRESS)}",
     ]
+    if family == 4 and valid_mark_was is not None:
+        mangle.append(f'-A {EGRESS_REPLIES} -m comment --comment "{VALID_MARK_NOTE}{valid_mark_was}" -j RETURN')
     filt = [
         f"-A {FILTER} -m mark --mark 0 -j RETURN",  # undecided: continue unsplit (through the VPN), never drop
         f"-A {FILTER} -m mark --mark {int(Mark.ACCEPT)} -j RETURN",
         f"-A {FILTER} -m mark --mark {int(Mark.BLOCK)} -j REJECT --reject-with {reject}",
         f"-A {FILTER} -m mark --mark {int(Mark.DROP)} -j DROP",
-        f"-A {FILTER} -m mark --mark {int(Mark.SPLIT_EGRESS)} -j ACCEPT",  # proxies' upstream: accept-final
+        # proxies' upstream: accept-final; saved so its replies can be marked (see EGRESS_REPLIES)
+        f"-A {FILTER} -m mark --mark {int(Mark.SPLIT_EGRESS)} -j CONNMARK --save-mark",
+        f"-A {FILTER} -m mark --mark {int(Mark.SPLIT_EGRESS)} -j ACCEPT",
     ]
     final = {
         Mark.ACCEPT_FINAL: "ACCEPT",
@@ -202,9 +221,20 @@ def plan_remove(saved: SavedTable) -> list[str]:
     return lines
 
 
-def plan_install(saved: SavedTable, family: int, workers: int) -> list[str]:
-    """Restore lines that leave exactly our current rules in one table, whatever was there before."""
-    wanted = render(family, workers)[saved.name]
+def valid_mark_note(saved: SavedTable) -> int | None:
+    """The src_valid_mark value our rules say to restore (None: we did not change it)."""
+    for rule in saved.chain_rules(EGRESS_REPLIES):
+        found = re.search(re.escape(VALID_MARK_NOTE) + r"(\d+)", rule)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def plan_install(saved: SavedTable, family: int, workers: int, valid_mark_was: int | None = None) -> list[str]:
+    """Restore lines that leave exactly our current rules in one table, whatever was there before.
+    A src_valid_mark note already there wins: it holds the value from before we first changed it."""
+    kept = valid_mark_note(saved)
+    wanted = render(family, workers, kept if kept is not None else valid_mark_was)[saved.name]
     chains = sorted({r.split()[1] for r in wanted})
     stale = [c for c in _our_chains(saved) if c not in chains]
     lines = [f":{c} - [0:0]" for c in chains]  # with --noflush: created, or flushed when present
@@ -290,10 +320,39 @@ def tools_missing() -> list[str]:
 class LinuxFirewall:
     """The interceptor's rules in this network namespace, both IP versions."""
 
-    def __init__(self, workers: int = 1, xtables: dict[int, Xtables] | None = None) -> None:
+    def __init__(
+        self, workers: int = 1, xtables: dict[int, Xtables] | None = None, sysctl_root: str = "/proc/sys"
+    ) -> None:
         queue_spec(Queue.IPV4_OUT, workers)  # validates the worker count
         self.workers = workers
         self.xt = xtables or {family: Xtables(family) for family in FAMILIES}
+        self.ipv4_conf = Path(sysctl_root) / "net/ipv4/conf"
+        self.valid_mark_was: int | None = None
+
+    # --- src_valid_mark: strict rp_filter must see the split egress mark on replies -----------------
+
+    def _strict_rp_filter(self) -> bool:
+        for path in self.ipv4_conf.glob("*/rp_filter"):
+            with contextlib.suppress(OSError, ValueError):
+                if int(path.read_text()) == 1:
+                    return True
+        return False
+
+    def _valid_mark(self, value: int | None = None) -> int:
+        path = self.ipv4_conf / "all/src_valid_mark"
+        if value is not None:
+            path.write_text(f"{value}\n")
+        return int(path.read_text())
+
+    def _prepare_valid_mark(self) -> None:
+        """With strict rp_filter, replies to marked egress pass only when the check uses the mark.
+        After a crash it is already 1 and the note from before stays in our rules (plan_install)."""
+        try:
+            if self._strict_rp_filter() and self._valid_mark() != 1:
+                self.valid_mark_was = self._valid_mark()
+                self._valid_mark(1)
+        except OSError:
+            pass  # no /proc/sys here: nothing to adapt
 
     def _apply(self, family: int, table: str, planner: Callable[[SavedTable], list[str]]) -> bool:
         """Plan from a fresh listing and apply; one retry when another program changed it meanwhile."""
@@ -312,18 +371,35 @@ class LinuxFirewall:
 
     def install(self) -> None:
         """Our rules, exactly once, jumps on top (replaces whatever of ours was there: crash leftovers)."""
+        self._prepare_valid_mark()
         for family in FAMILIES:
             for table in INSTALL_ORDER:
-                self._apply(family, table, lambda saved, f=family: plan_install(saved, f, self.workers))
+                self._apply(family, table, lambda saved, f=family: self._plan_install(saved, f))
+
+    def _plan_install(self, saved: SavedTable, family: int) -> list[str]:
+        return plan_install(saved, family, self.workers, self.valid_mark_was)
 
     def remove(self) -> list[str]:
-        """Remove every chain and jump of ours; returns "ip4 mangle"-style names of tables changed."""
+        """Remove every chain and jump of ours; returns "ip4 mangle"-style names of tables changed.
+        A src_valid_mark we changed (the note in our rules says from what) is put back."""
         changed = []
+        notes: list[int | None] = []
+
+        def planner(saved: SavedTable) -> list[str]:  # the note comes from the listing the removal uses
+            if saved.name == "mangle":
+                notes.append(valid_mark_note(saved))
+            return plan_remove(saved)
+
         for family in FAMILIES:
             existing = self.xt[family].tables()
             for table in REMOVE_ORDER:
-                if table in existing and self._apply(family, table, plan_remove):
+                if table in existing and self._apply(family, table, planner if family == 4 else plan_remove):
                     changed.append(f"ip{family} {table}")
+        restore_valid_mark = notes[-1] if notes else None
+        if restore_valid_mark is not None:
+            with contextlib.suppress(OSError):
+                self._valid_mark(restore_valid_mark)
+            changed.append(f"src_valid_mark={restore_valid_mark}")
         return changed
 
     def check_jump_order(self) -> list[str]:
@@ -341,7 +417,7 @@ class LinuxFirewall:
                     continue
                 wanted = {r.split()[1] for r in render(family, self.workers)[table]}
                 if not wanted <= set(saved.chains):
-                    xt.restore(table, plan_install(saved, family, self.workers))
+                    xt.restore(table, self._plan_install(saved, family))
                 else:
                     xt.restore(table, plan_jump_fix(saved, problems))
                 moved += [f"ip{family} {table} {builtin}" for builtin, _chain in problems]
