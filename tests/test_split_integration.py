@@ -91,3 +91,38 @@ def test_split_works_with_strict_rp_filter_and_down_restores_everything(strict_l
         assert lab.firewall_rules() == firewall_before
     finally:
         st.close()
+
+
+@pytest.fixture
+def antispoof_lab() -> Iterator[Lab]:
+    lab = Lab(name="sias", style="wgquick", antispoof=True)
+    lab.up()
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+def test_split_replies_pass_wgquick_antispoof_and_its_table_is_left_as_found(antispoof_lab: Lab) -> None:
+    lab = antispoof_lab
+    nft_before = lab.exec("host", ["nft", "list", "ruleset"]).stdout
+    st = Instance(lab)
+    try:
+        st.cli("up")
+        st.cli("rules", "add", "--name", "curl")
+        st.cli("enable")
+        # The app sends from the tunnel address; the proxy's un-NATed replies arrive on lo addressed to it
+        # from the original peer: without the exemption wg-quick's raw rule drops them.
+        for proto, target, expected in (
+            ("tcp", T.WHOAMI_V4, T.HOST_V4),
+            ("udp", T.WHOAMI_V4, T.HOST_V4),
+            ("tcp", T.WHOAMI_V6, T.HOST_V6),
+        ):
+            assert st.seen(proto, target) == expected, (proto, target)
+        assert st.seen("tcp", app="wget") == T.VPNSRV_V4
+        spoofed = lab.exec("host", ["nft", "list", "ruleset"]).stdout
+        assert spoofed.count('iifname "lo"') == 2  # one exemption per family, before wg-quick's drop
+        st.cli("down")
+        assert lab.exec("host", ["nft", "list", "ruleset"]).stdout == nft_before
+    finally:
+        st.close()

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT, VERDICT_MASK, Mark, Queue
 
+from .vpn_interop import NftInterop
+
 PREFIX = "SPLITTUN-"
 INGEST_OUT = "SPLITTUN-INGEST-OUTPUT"
 INGEST_IN = "SPLITTUN-INGEST-INPUT"
@@ -321,11 +323,18 @@ class LinuxFirewall:
     """The interceptor's rules in this network namespace, both IP versions."""
 
     def __init__(
-        self, workers: int = 1, xtables: dict[int, Xtables] | None = None, sysctl_root: str = "/proc/sys"
+        self,
+        workers: int = 1,
+        xtables: dict[int, Xtables] | None = None,
+        sysctl_root: str = "/proc/sys",
+        interop: NftInterop | None = None,
     ) -> None:
         queue_spec(Queue.IPV4_OUT, workers)  # validates the worker count
         self.workers = workers
         self.xt = xtables or {family: Xtables(family) for family in FAMILIES}
+        # wg-quick's anti-spoofing rule lives in nftables (vpn_interop.py); tests injecting fake xtables
+        # get no real nft either.
+        self.interop = interop if interop is not None else (NftInterop() if xtables is None else None)
         self.ipv4_conf = Path(sysctl_root) / "net/ipv4/conf"
         self.valid_mark_was: int | None = None
 
@@ -375,6 +384,16 @@ class LinuxFirewall:
         for family in FAMILIES:
             for table in INSTALL_ORDER:
                 self._apply(family, table, lambda saved, f=family: self._plan_install(saved, f))
+        self._ensure_interop()
+
+    def _ensure_interop(self) -> list[str]:
+        """Exemptions for other VPN software's rules that would drop split replies ([] = none needed)."""
+        if self.interop is None:
+            return []
+        try:
+            return [f"nft {c.split(' comment ')[0]}" for c in self.interop.ensure()]
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            return [f"nft exemption failed: {exc}"]
 
     def _plan_install(self, saved: SavedTable, family: int) -> list[str]:
         return plan_install(saved, family, self.workers, self.valid_mark_was)
@@ -395,6 +414,9 @@ class LinuxFirewall:
             for table in REMOVE_ORDER:
                 if table in existing and self._apply(family, table, planner if family == 4 else plan_remove):
                     changed.append(f"ip{family} {table}")
+        if self.interop is not None:
+            with contextlib.suppress(OSError, RuntimeError, subprocess.SubprocessError):
+                changed += [f"nft {c}" for c in self.interop.remove()]
         restore_valid_mark = notes[-1] if notes else None
         if restore_valid_mark is not None:
             with contextlib.suppress(OSError):
@@ -406,6 +428,8 @@ class LinuxFirewall:
         """Put displaced jumps back on top; returns what was moved ("ip4 mangle OUTPUT", …).
 
         A missing chain (another program flushed our table) is repaired by reinstalling that table.
+        Other VPN software's rules that would drop split replies get their exemption back too (wg-quick
+        recreates its table on every reconnect).
         """
         moved = []
         for family in FAMILIES:
@@ -421,4 +445,4 @@ class LinuxFirewall:
                 else:
                     xt.restore(table, plan_jump_fix(saved, problems))
                 moved += [f"ip{family} {table} {builtin}" for builtin, _chain in problems]
-        return moved
+        return moved + self._ensure_interop()
