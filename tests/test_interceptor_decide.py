@@ -245,3 +245,33 @@ def test_load_registers_a_module_function_and_skips_a_missing_module() -> None:
     assert slot.get() is handler_for_tests
     with pytest.raises(HandlerAlreadySet):
         hook.load("test_interceptor_decide:handler_for_tests", slot)
+
+
+def test_split_egress_table_answers_from_the_network_snapshot() -> None:
+    from actors.interceptor.decide import SplitEgress
+    from messages import GatewayRecord, InterfaceRecord, NetenvChanged
+
+    netenv = NetenvChanged(
+        seq=1,
+        ts=0.0,
+        interfaces=[
+            InterfaceRecord(name="eth0", index=2, addresses=["192.0.2.10/26"], ipv4="192.0.2.10"),
+            InterfaceRecord(name="eth1", index=5, addresses=["192.0.2.130/26"], ipv4="192.0.2.130",
+                            mac="02:00:00:00:00:05"),
+        ],
+        gateways=[
+            GatewayRecord(gateway="192.0.2.1", interface="eth0", family=4),
+            GatewayRecord(gateway="192.0.2.129", interface="eth1", family=4),
+        ],
+        uplink_ipv4="eth0",
+        uplink_gateway_ipv4="192.0.2.1",
+    )  # fmt: skip
+    table = SplitEgress(netenv, "", ["eth1", "02:00:00:00:00:05", "wlan9"])
+    assert table.check("", 4) == (0, "")  # the global choice: no index in the mark
+    assert table.check("eth1", 4) == (5, "")
+    assert table.check("02:00:00:00:00:05", 4) == (5, "")  # a rule may name its interface by MAC
+    assert table.check("", 6)[1] == "no physical IPv6 uplink"  # no IPv6 here: such splits stay in the VPN
+    assert "wlan9" in table.check("wlan9", 4)[1]
+    assert "not known" in table.check("eth7", 4)[1]  # a rule newer than the table: kept, never guessed
+    early = SplitEgress(None, "", ["eth1"])
+    assert early.check("", 4) == (0, "") and early.check("eth1", 4)[1] == "the network state is not known yet"

@@ -318,3 +318,26 @@ def test_session_counters_are_first_reported_early_then_every_interval() -> None
     s.stats_at = 101.0
     assert not s.stats_due(105.0, first=1.0, every=10.0)
     assert s.stats_due(111.0, first=1.0, every=10.0)
+
+
+def test_split_decider_uses_the_interface_the_split_mark_names() -> None:
+    from messages.marks import split_mark
+
+    eth0 = static_egress("eth0", source4="192.0.2.10", gateway4="192.0.2.1")
+    eth1 = static_egress("eth1", source4="192.0.2.130", gateway4="192.0.2.129")
+    decider = SplitDecider(eth0)
+    decider.update(eth0, {2: eth0, 5: eth1}, wants_ct_mark=True)
+    assert decider.wants_ct_mark
+
+    def ask(mark: int) -> Decision | Refusal:
+        return decider(SessionRequest("tcp", ("192.0.2.66", 40000), ("127.0.0.17", 719), ("203.0.113.80", 80),
+                                      ct_mark=mark))  # fmt: skip
+
+    assert ask(split_mark(0)).binding.interface == "eth0"  # type: ignore[union-attr]  # the global choice
+    chosen = ask(split_mark(5))
+    assert isinstance(chosen, Decision)
+    assert (chosen.binding.interface, chosen.binding.source_ip) == ("eth1", "192.0.2.130")
+    refused = ask(split_mark(9))
+    assert isinstance(refused, Refusal) and "index 9" in refused.reason
+    decider.update(eth0)
+    assert not decider.wants_ct_mark

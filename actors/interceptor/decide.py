@@ -22,12 +22,13 @@ Every verdict except the malformed-packet one is permanent (saved to the connmar
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from messages import IvpnStatus, Mark, ProcessInfo, Verdict
-from messages.marks import split_mark
+from actors.netenv.egress import resolve_egress
+from messages import IvpnStatus, Mark, NetenvChanged, ProcessInfo, Verdict
+from messages.marks import MAX_INTERFACE_INDEX, split_mark
 from splittun.policy import AppFacts, CompiledPolicy, ConnectionFacts
 
 from .hook import ConnectionView, VerdictHandler
@@ -52,6 +53,36 @@ RULE_EXTERNAL = "external"
 #: split has nowhere to go, "" = it has). A split without an egress stays in the VPN instead of reaching a
 #: proxy that could only refuse it.
 EgressCheck = Callable[[str, int], tuple[int, str]]
+
+
+class SplitEgress:
+    """Where split connections can go, precomputed whenever the network or the policy changes, so the
+    verdict path only does a dict lookup. Without a netenv snapshot yet, the global choice is left to the
+    proxies (they refuse what they cannot send) and a rule's own interface cannot be checked: kept."""
+
+    def __init__(self, netenv: NetenvChanged | None, global_choice: str, rule_interfaces: Iterable[str]) -> None:
+        self.known = netenv is not None
+        self._answers: dict[tuple[str, int], tuple[int, str]] = {}
+        if netenv is None:
+            return
+        for spec in {"", *rule_interfaces}:
+            egress = resolve_egress(netenv, spec or global_choice)
+            for version in (4, 6):
+                found = egress.for_family(version)
+                if found is None:
+                    self._answers[(spec, version)] = (0, egress.why(version))
+                elif spec and not 0 < found.ifindex <= MAX_INTERFACE_INDEX:
+                    self._answers[(spec, version)] = (0, f"interface index {found.ifindex} of {spec!r} unusable")
+                else:
+                    self._answers[(spec, version)] = (found.ifindex if spec else 0, "")
+
+    def check(self, interface: str, version: int) -> tuple[int, str]:
+        answer = self._answers.get((interface, version))
+        if answer is not None:
+            return answer
+        if not self.known:
+            return (0, "") if not interface else (0, "the network state is not known yet")
+        return 0, f"interface {interface!r} is not known"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import ipaddress
 import time
 from typing import Any, ClassVar
 
-from actors.netenv.egress import EgressSet, resolve_egress, static_egress
+from actors.netenv.egress import EgressSet, find_interface, resolve_egress, static_egress
 from actors.runtime import Actor, Runtime
 from messages import (
     Message,
@@ -153,6 +153,7 @@ class ProxyActor(Actor):
         )
         self.netenv: NetenvChanged | None = None
         self.choice = ""  # the policy's splittun/interface
+        self.rule_interfaces: list[str] = []  # interfaces rules chose for themselves
         self.static = bool(args.interface and (args.gateway4 or args.gateway6))
         self.decider = SplitDecider()
         self.routing = SplitRouting() if (not args.no_routing and self.rt.worker_index == 0) else None
@@ -187,8 +188,9 @@ class ProxyActor(Actor):
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, PolicySnapshot):
-            if msg.interface != self.choice:
-                self.choice = msg.interface
+            rule_interfaces = sorted({r.interface for r in msg.rules if r.interface})
+            if (msg.interface, rule_interfaces) != (self.choice, self.rule_interfaces):
+                self.choice, self.rule_interfaces = msg.interface, rule_interfaces
                 self._recompute()
         elif isinstance(msg, NetenvChanged):
             self.netenv = msg
@@ -213,14 +215,23 @@ class ProxyActor(Actor):
         if self.static:
             return
         choice = self.rt.args.interface if self.rt.args.interface is not None else self.choice
-        self._set_egress(resolve_egress(self.netenv, choice))
+        egress = resolve_egress(self.netenv, choice)
+        # Any interface index the interceptor may put in a split mark resolves; routes only where used.
+        by_index = {i.index: resolve_egress(self.netenv, i.name) for i in self.netenv.interfaces} if self.netenv else {}
+        used = {
+            iface.index for spec in self.rule_interfaces if self.netenv and (iface := find_interface(self.netenv, spec))
+        }
+        self._set_egress(egress, by_index, used)
 
-    def _set_egress(self, egress: EgressSet) -> None:
+    def _set_egress(
+        self, egress: EgressSet, by_index: dict[int, EgressSet] | None = None, used: set[int] | None = None
+    ) -> None:
         old = self.decider.egress
-        self.decider.update(egress)
+        self.decider.update(egress, by_index, wants_ct_mark=bool(self.rule_interfaces))
         if egress != old:
             self.log.info("proxy.egress", **{f"ipv{f}": _describe(egress, f) for f in (4, 6)})
-        self._routes_wanted = plan(egress.all())
+        rule_egresses = [e for index in sorted(used or ()) for e in (by_index or {})[index].all()]
+        self._routes_wanted = plan([*egress.all(), *rule_egresses])
         self._reconcile_routing()
 
     def _reconcile_routing(self) -> None:

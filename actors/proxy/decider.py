@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.netenv.egress import EgressSet
-from messages.marks import Mark
+from messages.marks import Mark, split_interface_index
 
 Address = tuple[str, int]
 
@@ -26,6 +26,7 @@ class SessionRequest:
     listen: Address  # the proxy address the session arrived on
     orig_dst: Address | None  # where the app was going; None when the kernel has no NAT record
     orig_client: Address | None = None  # the app's own address before NAT, when it differs from `client`
+    ct_mark: int = 0  # the connection's conntrack mark, when the decider asked for it (wants_ct_mark)
 
     @property
     def family(self) -> int:
@@ -74,24 +75,36 @@ class SplitDecider:
 
     def __init__(self, egress: EgressSet | None = None, mark: int = Mark.SPLIT_EGRESS) -> None:
         self._egress = egress or EgressSet(reason="no network environment yet")
+        self._by_index: Mapping[int, EgressSet] = {}
         self.mark = mark
+        self.wants_ct_mark = False  # True while some rule names its own interface (the mark carries it)
         self._lock = threading.Lock()
 
     @property
     def egress(self) -> EgressSet:
         return self._egress
 
-    def update(self, egress: EgressSet) -> None:
+    def update(
+        self, egress: EgressSet, by_index: Mapping[int, EgressSet] | None = None, wants_ct_mark: bool = False
+    ) -> None:
+        """The global egress, and one per interface index for connections whose rule chose an interface
+        (the interceptor puts the index in the split mark)."""
         with self._lock:
             self._egress = egress
+            self._by_index = dict(by_index or {})
+            self.wants_ct_mark = wants_ct_mark
 
     def __call__(self, req: SessionRequest) -> Decision | Refusal:
         if req.orig_dst is None:
             return Refusal("no original destination")
         family = 6 if ":" in req.orig_dst[0] else 4
-        egress = self._egress.for_family(family)
+        chosen = self._egress
+        index = split_interface_index(req.ct_mark) if req.ct_mark else None
+        if index:
+            chosen = self._by_index.get(index) or EgressSet(reason=f"no interface with index {index} here")
+        egress = chosen.for_family(family)
         if egress is None:
-            return Refusal(self._egress.why(family))
+            return Refusal(chosen.why(family))
         return Decision(
             remote=req.orig_dst,
             binding=Binding(interface=egress.interface, source_ip=egress.source, mark=self.mark),

@@ -221,18 +221,19 @@ def _only_other_seqs(data: bytes, seq: int) -> bool:
 
 
 class ConntrackResolver:
-    """UDP original destination by conntrack reply-tuple lookup: (orig_client, orig_dst) or None.
+    """UDP original destination by conntrack reply-tuple lookup: (orig_client, orig_dst, mark) or None.
 
     None means the kernel has no NAT record for the flow; other failures raise (OSError, ValueError)."""
 
-    def __init__(self, conntrack: Conntrack | None = None) -> None:
+    def __init__(self, conntrack: Conntrack | None = None, protocol: int = socket.IPPROTO_UDP) -> None:
         self.ct = conntrack or Conntrack()
+        self.protocol = protocol
 
-    def __call__(self, client: Address, listen: Address) -> tuple[Address, Address] | None:
-        entry = self.ct.lookup_reply(socket.IPPROTO_UDP, (listen[0], listen[1]), (client[0], client[1]))
+    def __call__(self, client: Address, listen: Address) -> tuple[Address, Address, int] | None:
+        entry = self.ct.lookup_reply(self.protocol, (listen[0], listen[1]), (client[0], client[1]))
         if entry is None:
             return None
-        return entry.orig.src, entry.orig.dst
+        return entry.orig.src, entry.orig.dst, entry.mark
 
     def close(self) -> None:
         self.ct.close()

@@ -373,6 +373,7 @@ class TcpProxy(ProxyBase):
         splice = self.config.splice
         self.use_splice = HAS_SPLICE if splice is None else (splice and HAS_SPLICE)
         self.pipes = PipePool(self.config.pipe_size) if self.use_splice else None  # type: ignore[assignment]
+        self._conntrack: Any = None  # opened on first use (_ct_mark)
         self.buffer = bytearray(self.config.buffer_size)
         self.view = memoryview(self.buffer)
         self.conns: dict[str, TcpConn] = {}
@@ -420,6 +421,20 @@ class TcpProxy(ProxyBase):
 
         self.loop.call_later(0.1, resume)
 
+    def _ct_mark(self, client: Address, listen: Address) -> int:
+        """The connection's conntrack mark (it says which interface a rule chose); 0 when unreadable.
+        One netlink lookup, only while some rule names an interface."""
+        try:
+            if self._conntrack is None:
+                from .origdst import Conntrack
+
+                self._conntrack = Conntrack()
+            entry = self._conntrack.lookup_reply(socket.IPPROTO_TCP, listen, client)
+        except (OSError, ValueError) as exc:
+            self.say(logging.WARNING, "conntrack mark of %s unreadable: %s", client, exc)
+            return 0
+        return entry.mark if entry is not None else 0
+
     def _admit(self, client: socket.socket, addr: Address, listen: Address) -> None:
         orig = None
         if self.use_orig_dst:
@@ -432,7 +447,8 @@ class TcpProxy(ProxyBase):
             _reset(client)
             self._refused(session, f"session limit {self.table.max_sessions} reached")
             return
-        decision = self._decide(SessionRequest("tcp", addr, listen, orig))
+        ct_mark = self._ct_mark(addr, listen) if getattr(self.decider, "wants_ct_mark", False) else 0
+        decision = self._decide(SessionRequest("tcp", addr, listen, orig, ct_mark=ct_mark))
         if isinstance(decision, Refusal):
             _reset(client)
             self._refused(session, decision.reason)
@@ -507,6 +523,8 @@ class TcpProxy(ProxyBase):
     def _release(self) -> None:
         if self.pipes is not None:
             self.pipes.close()
+        if self._conntrack is not None:
+            self._conntrack.close()
 
 
 def _reset(sock: socket.socket) -> None:

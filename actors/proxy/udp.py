@@ -40,7 +40,8 @@ from .upstream import open_upstream
 log = logging.getLogger("splittun.proxy")
 
 #: (client as seen, listen address) → (app's own address, original destination), or None if not NAT'd.
-Resolver = Callable[[Address, Address], "tuple[Address, Address] | None"]
+#: (client, listen) → (the app's own address, its original destination, the conntrack mark) or None
+Resolver = Callable[[Address, Address], "tuple[Address, Address, int] | None"]
 
 _SOL_UDP = getattr(socket, "SOL_UDP", 17)
 _UDP_SEGMENT = 103  # linux/udp.h: UDP GSO segment size
@@ -221,7 +222,7 @@ class UdpProxy(ProxyBase):
         """The flow's session: re-checked `known`, a new one, or None when refused."""
         client = (addr[0], addr[1])
         resolved = self.resolver(client, listen) if self.resolver is not None else None
-        orig_client, orig_dst = resolved if resolved is not None else (None, None)
+        orig_client, orig_dst, ct_mark = resolved if resolved is not None else (None, None, 0)
         if known is not None:
             s = known.session
             if orig_dst == s.orig_dst and (orig_client or client) == s.orig_client:
@@ -241,7 +242,7 @@ class UdpProxy(ProxyBase):
         if self.table.full():
             self._refuse(key, session, f"session limit {self.table.max_sessions} reached", now)
             return None
-        decision = self._decide(SessionRequest("udp", client, listen, orig_dst, orig_client))
+        decision = self._decide(SessionRequest("udp", client, listen, orig_dst, orig_client, ct_mark))
         if isinstance(decision, Refusal):
             self._refuse(key, session, decision.reason, now)
             return None

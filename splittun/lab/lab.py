@@ -219,6 +219,7 @@ class Lab:
         style: str = "replaced",
         antispoof: bool = False,
         rp_filter: int = T.HOST_RP_FILTER,
+        second_uplink: bool = False,
     ) -> None:
         if not _NAME_RE.match(name):
             raise ValueError(f"bad lab name {name!r}: letters, digits, '_', '.', '-', at most 32")
@@ -229,6 +230,7 @@ class Lab:
         self.style = style
         self.antispoof = antispoof
         self.rp_filter = rp_filter
+        self.second_uplink = second_uplink
         self.ns_host = ns_name(name, "host")
         self.ns_isp = ns_name(name, "isp")
         self.ns_vpnsrv = ns_name(name, "vpnsrv")
@@ -514,6 +516,20 @@ class Lab:
             f"link set {T.ISP_VPNSRV_IF} up",
             f"link set {T.ISP_INET_IF} up",
         ])  # fmt: skip
+        if self.second_uplink:
+            _run(["ip", "-n", self.ns_host, "link", "add", T.HOST2_IF, "index", str(T.IFINDEX["host:eth1"]),
+                  "type", "veth", "peer", "name", T.ISP_LAN2_IF, "index", str(T.IFINDEX["isp:lan1"]),
+                  "netns", self.ns_isp])  # fmt: skip
+            self._batch("host", [
+                f"addr add {T.HOST2_V4}/{T.HOST2_PLEN_V4} dev {T.HOST2_IF}",
+                f"addr add {T.HOST2_V6}/{T.HOST2_PLEN_V6} dev {T.HOST2_IF} nodad",
+                f"link set {T.HOST2_IF} up",
+            ])  # fmt: skip
+            self._batch("isp", [
+                f"addr add {T.ISP_LAN2_V4}/{T.HOST2_PLEN_V4} dev {T.ISP_LAN2_IF}",
+                f"addr add {T.ISP_LAN2_V6}/{T.HOST2_PLEN_V6} dev {T.ISP_LAN2_IF} nodad",
+                f"link set {T.ISP_LAN2_IF} up",
+            ])  # fmt: skip
         self._batch("vpnsrv", [
             "link set lo up",
             f"addr add {T.VPNSRV_V4}/{T.VPNSRV_PLEN_V4} dev {T.VPNSRV_IF}",
@@ -575,6 +591,10 @@ class Lab:
                     f"rule add table main suppress_prefixlength 0 pref {T.WG_RULE_PREF_SUPPRESS}",
                 ], fam)  # fmt: skip
             valid_mark = 1  # wg-quick sets it so rp_filter sees the connmark-restored transport mark
+        if self.second_uplink:
+            for fam, gw in (("-4", T.ISP_LAN2_V4), ("-6", T.ISP_LAN2_V6)):
+                self._batch("host", [f"route add default via {gw} dev {T.HOST2_IF} metric {T.SECOND_UPLINK_METRIC}"],
+                            fam)  # fmt: skip
         nft = self._nft_script(style, antispoof)
         if nft:
             _run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=nft)
@@ -619,13 +639,15 @@ class Lab:
 
     def _wait_links_up(self, deadline: float) -> None:
         """Wait until every veth reports operstate UP (carrier seen by linkwatch: qdisc and IPv6 ready)."""
-        pending = {key.split(":")[0] for key in T.IFINDEX}
+        optional = set() if self.second_uplink else {"host:eth1", "isp:lan1"}
+        links_made = [key for key in T.IFINDEX if key not in optional]
+        pending = {key.split(":")[0] for key in links_made}
         while pending:
             for role in sorted(pending):
                 out = _run(["ip", "-n", self.ns(role), "-j", "link", "show", "type", "veth"], check=False).stdout
                 with contextlib.suppress(ValueError):
                     links = json.loads(out)
-                    want = {k.split(":")[1] for k in T.IFINDEX if k.startswith(f"{role}:")}
+                    want = {k.split(":")[1] for k in links_made if k.startswith(f"{role}:")}
                     if want <= {link["ifname"] for link in links if link.get("operstate") == "UP"}:
                         pending.discard(role)
             if pending and time.monotonic() >= deadline:
@@ -759,7 +781,8 @@ class Lab:
 
     def _save_state(self, st: dict[str, Any] | None = None) -> None:
         st = dict(self._load_state() if st is None else st)
-        st.update(name=self.name, style=self.style, antispoof=self.antispoof, rp_filter=self.rp_filter)
+        st.update(name=self.name, style=self.style, antispoof=self.antispoof, rp_filter=self.rp_filter,
+                  second_uplink=self.second_uplink)  # fmt: skip
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / "state.json.tmp"
         tmp.write_text(json.dumps(st, indent=1, sort_keys=True) + "\n")

@@ -24,7 +24,7 @@ STYLES: tuple[str, ...] = ("replaced", "wgquick")
 #: kernel's linkwatch then treats their carrier changes as non-urgent and applies them up to 1 s late
 #: (operstate, qdisc, IPv6 addrconf readiness). Distinct indexes make lab links usable at once.
 IFINDEX: dict[str, int] = {"host:eth0": 10, "isp:lan0": 11, "isp:vpnsrv0": 20, "vpnsrv:eth0": 21,
-                           "isp:inet0": 30, "inet:eth0": 31}  # fmt: skip
+                           "isp:inet0": 30, "inet:eth0": 31, "host:eth1": 12, "isp:lan1": 13}  # fmt: skip
 
 # --- host <-> isp: the laptop's physical uplink (a veth standing in for Wi-Fi/Ethernet) -------------
 HOST_IF = "eth0"
@@ -37,6 +37,18 @@ HOST_NET_V4 = "192.0.2.0/26"
 HOST_NET_V6 = "2001:db8:10::/64"
 HOST_PLEN_V4 = 26
 HOST_PLEN_V6 = 64
+
+# --- host <-> isp, optional second uplink (Lab(second_uplink=True)): Wi-Fi next to Ethernet --------
+# Its default route has a higher metric, as DHCP leaves it on a second adapter; a split rule can choose it.
+HOST2_IF = "eth1"
+HOST2_V4 = "192.0.2.130"
+HOST2_V6 = "2001:db8:11::10"
+ISP_LAN2_IF = "lan1"
+ISP_LAN2_V4 = "192.0.2.129"
+ISP_LAN2_V6 = "2001:db8:11::1"
+HOST2_PLEN_V4 = 26
+HOST2_PLEN_V6 = 64
+SECOND_UPLINK_METRIC = 2048  # above IPv6 routes' default 1024: the VPN default still wins
 
 # --- isp <-> vpnsrv: the VPN server's public side ------------------------------------------------
 ISP_VPNSRV_IF = "vpnsrv0"
