@@ -408,6 +408,7 @@ def test_invalid_config_is_refused_and_the_running_one_stays(st: E2E) -> None:
             {"splittun/enable": True, "splittun/rules": broader_and_invalid}
         ),
     }
+    fixed = False
     try:
         for problem, text in bad_files.items():
             seen = len(refused_lines(st))
@@ -418,10 +419,15 @@ def test_invalid_config_is_refused_and_the_running_one_stays(st: E2E) -> None:
             # The CLI says what is wrong with the file instead of editing it.
             message = st.refused("rules", "list")
             assert "config file is invalid" in message and problem in message
+        # The user fixes the file: a valid edit is applied as soon as it is saved, no command needed.
+        write_atomically(config, json.dumps({"splittun/enable": True, "splittun/rules": broader_and_invalid[:1]}))
+        fixed = True
+        assert wait_until(lambda: st.policy_version() > version), "the fixed file was not applied"
+        assert (curl(lab, SPLIT[4]), curl(lab, KEEP[4])) == (ISP[4], ISP[4])
+        assert [r["dest"] for r in st.rules()] == ["203.0.113.0/24"]
     finally:
-        write_atomically(config, good)
-    assert st.rules() == rules
-    still_as_before()
+        if not fixed:
+            write_atomically(config, good)  # the next tests' reset must be able to read it
 
 
 def refused_lines(st: E2E) -> list[str]:
