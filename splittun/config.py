@@ -234,7 +234,11 @@ def from_json(data: Any, interface_exists: Callable[[str], bool] | None = None) 
 
 def check_interfaces(config: Config, interface_exists: Callable[[str], bool]) -> None:
     if config.interface and not interface_exists(config.interface):
-        raise ConfigError(INTERFACE, f"unknown interface {config.interface!r} (no interface has that name, IP or MAC)")
+        raise ConfigError(
+            INTERFACE,
+            f"unknown interface {config.interface!r} (no usable interface — up, with a routable address, not "
+            "loopback — has that name, IP or MAC)",
+        )
     for index, rule in enumerate(config.rules):
         if rule.interface and not interface_exists(rule.interface):
             raise ConfigError(f"{RULES}[{index}].interface", f"unknown interface {rule.interface!r}")

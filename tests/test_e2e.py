@@ -326,16 +326,11 @@ def test_a_manual_choice_is_what_split_connections_use(st: E2E) -> None:
         rows = [r for r in st.connections("--verdict", "split", "--app", "curl") if r["started"] >= t0]
         assert [(r["split"]["interface"], r["split"]["local_ip"]) for r in rows] == [(T.TUN_HOST_IF, TUN[4])]
     finally:
-        repair_split_table(st)
+        back_to_auto(st)
 
 
-def repair_split_table(st: E2E) -> None:
-    """Back to auto. Works around the proxies' routing bug (see the xfail below): the link-scope route to
-    wgivpn is taken out of table 1720 by hand, then a manual eth0 makes the proxies reconcile the table at
-    once (they would in 10 s anyway), so the next tests start from a working split table."""
-    for family in ("-4", "-6"):
-        st.lab.exec("host", ["ip", family, "route", "del", "default", "dev", T.TUN_HOST_IF, "table", "1720"])
-    st.interface(T.HOST_IF, expect=T.HOST_IF)
+def back_to_auto(st: E2E) -> None:
+    """The next tests start from auto with eth0's routes in the split table."""
     st.interface("auto", expect=T.HOST_IF)
 
     def eth0_routes() -> bool:
@@ -345,19 +340,6 @@ def repair_split_table(st: E2E) -> None:
     assert wait_until(eth0_routes), host_state(st.lab).split_table
 
 
-#: Found by these tests; actors/proxy/ is not ours to edit, so reported instead of fixed.
-ROUTING_SCOPE_BUG = (
-    "product bug in actors/proxy/routing.py: SplitRouting deletes split routes with _route_args(), which leaves "
-    "out the route's scope, so pyroute2 asks for scope universe and the kernel answers ESRCH for a "
-    "point-to-point egress's link-scope route ('default dev wgivpn scope link table 1720'); only ENOENT is "
-    "tolerated, so apply()/remove() abort there. After `splittun interface auto` table 1720 keeps the "
-    "wgivpn route and never gets eth0's: split TCP is reset (proxy bound to eth0, no route). `splittun down` "
-    "leaves the IPv4 route, the IPv6 rule and the IPv6 route behind. Fix: delete with the route's own scope "
-    "(msg['scope']) or RT_SCOPE_NOWHERE, and tolerate ESRCH as well (a route the other worker just removed)."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=ROUTING_SCOPE_BUG)
 def test_switching_back_from_a_point_to_point_interface_restores_the_split_path(st: E2E) -> None:
     lab = st.lab
     st.apply("rules", "add", "--name", "curl")
@@ -369,7 +351,7 @@ def test_switching_back_from_a_point_to_point_interface_restores_the_split_path(
         assert curl(lab, SPLIT[6]) == ISP[6]
         assert T.TUN_HOST_IF not in host_state(lab).split_table
     finally:
-        repair_split_table(st)
+        back_to_auto(st)
 
 
 # --- invalid config ----------------------------------------------------------------------------------------
@@ -511,7 +493,6 @@ def test_down_leaves_firewall_rules_routes_and_conntrack_as_before_up(e2e: E2E, 
     assert (curl(lab, SPLIT[4]), python_app(lab, "udp", SPLIT[4])) == (VPN[4], VPN[4])
 
 
-@pytest.mark.xfail(strict=True, reason=ROUTING_SCOPE_BUG)
 def test_down_after_a_point_to_point_choice_leaves_no_split_routing_behind(e2e: E2E) -> None:
     lab = e2e.lab
     e2e.ensure("replaced")
@@ -527,10 +508,6 @@ def test_down_after_a_point_to_point_choice_leaves_no_split_routing_behind(e2e: 
         assert (after.rules, after.split_table) == (before.rules, before.split_table)
     finally:
         e2e.stop()
-        # What the bug leaves, taken out by hand so the next tests start from the host as it was.
-        for family in ("-4", "-6"):
-            lab.exec("host", ["ip", family, "route", "flush", "table", "1720"])
-            lab.exec("host", ["ip", family, "rule", "del", "pref", "1720"])
     assert host_state(lab) == before
 
 

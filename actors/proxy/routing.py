@@ -88,7 +88,7 @@ class SplitRouting:
                 have = self._routes(ipr, af)
                 for (index, gateway, metric), msg in have.items():
                     if (index, gateway) not in wanted or metric != index:
-                        with _tolerate(_ENOENT):
+                        with _tolerate(_ENOENT, _ESRCH):
                             ipr.route("del", **_route_args(msg, af, self.table))
                         changes.append(f"removed IPv{fam} default via {gateway or '-'} ifindex {index}")
                 present = {(i, g) for (i, g, m) in have if m == i}
@@ -111,12 +111,12 @@ class SplitRouting:
         with contextlib.closing(self._ipr()) as ipr:
             for fam, af in _FAMILIES.items():
                 for rule in self._our_rules(ipr, af):
-                    with _tolerate(_ENOENT):
+                    with _tolerate(_ENOENT, _ESRCH):
                         ipr.rule("del", family=af, priority=self.priority, fwmark=rule.get("FRA_FWMARK", 0),
                                  table=rule.get("FRA_TABLE", self.table))  # fmt: skip
                         changes.append(f"removed IPv{fam} rule fwmark {self.mark} lookup {self.table}")
                 for (index, gateway, _metric), msg in self._routes(ipr, af).items():
-                    with _tolerate(_ENOENT):
+                    with _tolerate(_ENOENT, _ESRCH):
                         ipr.route("del", **_route_args(msg, af, self.table))
                         changes.append(f"removed IPv{fam} default via {gateway or '-'} ifindex {index}")
         return changes
@@ -144,7 +144,7 @@ class SplitRouting:
         if len(good) == 1 and len(rules) == 1:
             return changes
         for r in rules:  # stale or duplicate: rebuild from scratch
-            with _tolerate(_ENOENT):  # another worker may have just removed it
+            with _tolerate(_ENOENT, _ESRCH):  # another worker may have just removed it
                 ipr.rule("del", family=af, priority=self.priority, fwmark=r.get("FRA_FWMARK", 0), table=r["FRA_TABLE"])
         with _tolerate(_EEXIST):  # another worker (proxy_tcp vs proxy_udp) may have just added it
             ipr.rule("add", family=af, fwmark=self.mark, fwmask=_FULL_MASK, table=self.table, priority=self.priority)
@@ -173,16 +173,16 @@ class SplitRouting:
             }
 
 
-_EEXIST, _ENOENT = errno.EEXIST, errno.ENOENT
+_EEXIST, _ENOENT, _ESRCH = errno.EEXIST, errno.ENOENT, errno.ESRCH
 
 
 @contextlib.contextmanager
-def _tolerate(code: int) -> Iterator[None]:
-    """Swallow one netlink error code: two workers reconciling at once race harmlessly."""
+def _tolerate(*codes: int) -> Iterator[None]:
+    """Swallow these netlink error codes: two workers reconciling at once race harmlessly."""
     try:
         yield
     except Exception as exc:  # pyroute2's NetlinkError carries the errno as .code
-        if getattr(exc, "code", getattr(exc, "errno", None)) != code:
+        if getattr(exc, "code", getattr(exc, "errno", None)) not in codes:
             raise
 
 
@@ -192,8 +192,15 @@ def _ifindex(ipr: Any, name: str) -> int:
 
 
 def _route_args(msg: Any, af: int, table: int) -> dict[str, Any]:
+    """What deletes exactly this route. The scope matters: without it the kernel looks for a universe
+    route and answers ESRCH for the link-scope default a point-to-point egress gets."""
     attrs = dict(msg["attrs"])
-    args: dict[str, Any] = {"family": af, "dst": _DEFAULT[4 if af == socket.AF_INET else 6], "table": table}
+    args: dict[str, Any] = {
+        "family": af,
+        "dst": _DEFAULT[4 if af == socket.AF_INET else 6],
+        "table": table,
+        "scope": msg["scope"],
+    }
     for key, name in (("RTA_OIF", "oif"), ("RTA_GATEWAY", "gateway"), ("RTA_PRIORITY", "priority")):
         if key in attrs:
             args[name] = attrs[key]
