@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 from pathlib import Path
@@ -29,11 +30,24 @@ from actors.interceptor.procinfo import (
 
 
 def make_proc(
-    root: Path, pid: int, *, name: str, exe: str, ppid: int, uid: int = 1000, start: int = 100, sockets: tuple = ()
+    root: Path,
+    pid: int,
+    *,
+    name: str,
+    exe: str,
+    ppid: int,
+    uid: int = 1000,
+    start: int = 100,
+    sockets: tuple = (),
+    tgid: int = 0,
 ) -> None:
-    d = root / str(pid)
+    """A fake /proc/<pid>; with `tgid`, a thread of process `tgid` (a hidden entry: not listed by /proc)."""
+    d = root / (str(pid) if not tgid else f".task-{pid}")
     (d / "fd").mkdir(parents=True, exist_ok=True)
-    (d / "status").write_text(f"Name:\t{name}\nState:\tS\nPPid:\t{ppid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    (d / "status").write_text(
+        f"Name:\t{name}\nState:\tS\nTgid:\t{tgid or pid}\nPid:\t{pid}\nPPid:\t{ppid}\n"
+        f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+    )
     fields = ["S", str(ppid)] + ["0"] * 17 + [str(start)] + ["0"] * 10
     (d / "stat").write_text(f"{pid} ({name}) " + " ".join(fields) + "\n")
     (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in [exe, "--flag", "x y"]) + b"\0")
@@ -101,19 +115,116 @@ def test_unknown_socket_gives_none_then_a_started_process_is_found(proc: Path) -
     assert attr.attribute(17, "192.0.2.66", 1, "203.0.113.80", 53) is None  # no socket at all
 
 
+def scanned(reader: ProcReader) -> list[int]:
+    """Record which processes' fds the reader scans, in order."""
+    read: list[int] = []
+    original = reader.sockets
+    reader.sockets = lambda pid: read.append(pid) or original(pid)  # type: ignore[method-assign]
+    return read
+
+
 def test_socket_scan_starts_at_the_newest_process_and_stops_at_the_owner(proc: Path) -> None:
     for pid in range(200, 260):
         make_proc(proc, pid, name=f"p{pid}", exe="/usr/bin/sleep", ppid=1, sockets=(10_000 + pid,))
     reader = ProcReader(proc)
-    read: list[int] = []
-    original = reader.socket_inodes
-    reader.socket_inodes = lambda pid: read.append(pid) or original(pid)  # type: ignore[method-assign]
+    read = scanned(reader)
     attr = Attributor(None, reader)
     assert attr.pid_of_inode(10_257) == 257
     assert read == [259, 258, 257]
     assert attr.pid_of_inode(10_258) == 258 and len(read) == 3  # read on the way: cached
     assert attr.pid_of_inode(555) == 100  # an older process: found further down
     assert attr.pid_of_inode(999_999) is None
+
+
+def test_newest_first_survives_pid_numbers_wrapping_around(proc: Path) -> None:
+    """After pid_max the kernel starts again at small numbers: the newest process is not the biggest."""
+    for pid in (30_000, 31_000, 120, 130):
+        make_proc(proc, pid, name=f"p{pid}", exe="/usr/bin/sleep", ppid=1, sockets=(pid,))
+    (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 125\n")  # 125 was handed out last
+    reader = ProcReader(proc)
+    assert reader.pids() == [120, 100, 50, 1, 31_000, 30_000, 130]
+    read = scanned(reader)
+    assert Attributor(None, reader).pid_of_inode(120) == 120 and read == [120]  # probed: /proc not listed
+
+
+def test_a_new_thread_of_an_old_process_is_not_taken_for_the_owner(proc: Path) -> None:
+    """/proc/<tid>/fd of a thread shows its process's fds: probing by number must not report the thread."""
+    make_proc(proc, 124, name="Socket Thread", exe="/usr/lib/firefox/firefox-bin", ppid=50, sockets=(555, 556),
+              tgid=100)  # fmt: skip
+    (proc / ".task-124").rename(proc / "124")  # reachable by number, like a real thread id
+    (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 124\n")
+    reader = ProcReader(proc)
+    listing = reader.pids
+    reader.pids = lambda last=None: [p for p in listing(last) if p != 124]  # type: ignore[method-assign]
+    read = scanned(reader)  # (/proc does not list thread ids)
+    assert Attributor(None, reader).pid_of_inode(556) == 100
+    assert 124 not in read
+
+
+def test_one_pass_finds_several_sockets_and_stops_when_all_are_found(proc: Path) -> None:
+    for pid in range(200, 210):
+        make_proc(proc, pid, name=f"p{pid}", exe="/usr/bin/sleep", ppid=1, sockets=(10_000 + pid,))
+    reader = ProcReader(proc)
+    read = scanned(reader)
+    attr = Attributor(None, reader)
+    assert attr.owners_of([10_207, 10_209, 555, 4]) == {10_207: 207, 10_209: 209, 555: 100}
+    assert read.count(209) == read.count(100) == 1 and len(read) == len(set(read))  # one pass, nobody twice
+
+
+def test_a_known_owner_is_asked_first_and_read_to_the_end(proc: Path) -> None:
+    make_proc(proc, 300, name="wrk", exe="/usr/bin/wrk", ppid=1, sockets=(3001, 3002, 3003))
+    reader = ProcReader(proc)
+    attr = Attributor(None, reader)
+    assert attr.pid_of_inode(3002) == 300
+    for fd, inode in ((9, 3009), (10, 3010)):  # two new connections; the first one's packet is queued first
+        (proc / "300" / "fd" / str(fd)).symlink_to(f"socket:[{inode}]")
+    read = scanned(reader)
+    assert attr.pid_of_inode(3009) == 300 and read == [300]  # the recent owner first: /proc is not listed
+    assert attr.pid_of_inode(3010) == 300 and read == [300]  # read on the way: nothing to scan
+
+
+def test_a_new_process_is_found_before_older_recent_owners_are_read(proc: Path) -> None:
+    """Long-lived apps that made a connection once (a VPN client, a chat app) are not read for every
+    connection of a new process: only the most recent owner comes before the newest processes."""
+    make_proc(proc, 300, name="chat", exe="/usr/bin/chat", ppid=1, sockets=(3000, 3001))
+    make_proc(proc, 310, name="mail", exe="/usr/bin/mail", ppid=1, sockets=(3100, 3101))
+    (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 310\n")
+    reader = ProcReader(proc)
+    attr = Attributor(None, reader)
+    assert attr.pid_of_inode(3000) == 300 and attr.pid_of_inode(3100) == 310  # recent owners, 310 the last
+    make_proc(proc, 320, name="curl", exe="/usr/bin/curl", ppid=1, sockets=(3200,))  # started just now
+    (proc / "loadavg").write_text("0.10 0.20 0.30 1/201 320\n")
+    read = scanned(reader)
+    assert attr.pid_of_inode(3200) == 320
+    assert read == [310, 320]  # the chat app was not read
+
+
+def test_a_recent_owner_that_exited_is_forgotten(proc: Path) -> None:
+    make_proc(proc, 400, name="curl", exe="/usr/bin/curl", ppid=50, sockets=(4000,))
+    reader = ProcReader(proc)
+    attr = Attributor(None, reader)
+    assert attr.pid_of_inode(4000) == 400
+    for entry in sorted((proc / "400").rglob("*"), reverse=True):
+        entry.unlink() if entry.is_symlink() or entry.is_file() else entry.rmdir()
+    (proc / "400").rmdir()
+    assert attr.pid_of_inode(556) == 100
+    read = scanned(reader)
+    assert attr.pid_of_inode(12345) is None and 400 not in read
+
+
+def test_a_new_child_of_a_known_parent_reads_itself_and_checks_the_parent_only(proc: Path) -> None:
+    attr = Attributor(None, ProcReader(proc))
+    attr.processes.describe(100)  # Web Content, child of firefox, grandchild of systemd: all described
+    make_proc(proc, 101, name="curl", exe="/usr/bin/curl", ppid=100, sockets=())
+    asked: list[int] = []
+    reader = attr.reader
+    read, identity = reader._read, reader.identity
+    reader._read = lambda pid, name, size=4096: asked.append(pid) or read(pid, name, size)  # type: ignore[method-assign]
+    reader.identity = lambda pid: asked.append(pid) or identity(pid)  # type: ignore[method-assign]
+    owner = attr.processes.describe(101)
+    assert owner is not None
+    assert owner.info.ancestors == ["/usr/lib/firefox/firefox-bin", "/usr/bin/firefox", "/usr/lib/systemd/systemd"]
+    assert [pid for pid in asked if pid != 101] == [100]  # the parent's identity, nothing further up
 
 
 def test_process_cache_notices_exec_and_pid_reuse(proc: Path) -> None:
@@ -263,3 +374,36 @@ def test_attribute_walk_survives_broken_lengths() -> None:
     assert ct.parse_entry(b"\x02\x00\x00\x00" + broken) is None
     assert list(iter_messages(NLMSG_HDR.pack(4, 1, 0, 0, 0))) == []
     assert NLA_F_NESTED == 0x8000
+
+
+def test_a_kept_open_stat_file_does_not_outlive_its_process() -> None:
+    """Identity checks read kept-open /proc/<pid>/stat files: once the process is gone the kernel answers
+    ESRCH there, so a later process with the same pid is never taken for the old one."""
+    reader = ProcReader()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: waits to be killed
+        signal.pause()
+        os._exit(0)
+    try:
+        first = reader.identity(pid)
+        assert first is not None and reader.identity(pid) == first
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert reader.identity(pid) is None
+    reader.close()
+
+
+def test_the_socket_found_for_its_uid_is_not_looked_up_again_to_attribute_it(proc: Path) -> None:
+    key = (6, "192.0.2.66", 40000, "203.0.113.80", 443)
+    (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 100\n")  # the owner is the newest process
+    diag = FakeDiag({key: diag_socket(556, uid=1000)})
+    lookups: list[tuple] = []
+    lookup = diag.lookup
+    diag.lookup = lambda *flow: lookups.append(flow) or lookup(*flow)  # type: ignore[method-assign]
+    attr = Attributor(diag, ProcReader(proc))  # type: ignore[arg-type]
+    assert attr.socket_uid(*key) == 1000
+    owner = attr.attribute(*key)
+    assert owner is not None and owner.info.pid == 100 and lookups == [key]
+    assert attr.attribute(*key) is not None and len(lookups) == 2  # kept for one use only
+    assert attr.uid_of(100) == 1000 and attr.uid_of(4242) is None

@@ -3,9 +3,14 @@
 1. sock_diag (NETLINK_SOCK_DIAG) looks the packet's 5-tuple up and returns the socket's inode and uid.
    TCP is an exact lookup; UDP too (the kernel matches it like an incoming datagram, so unconnected
    sockets are found), with a dump of that port as fallback.
-2. The inode is mapped to a pid by scanning /proc/<pid>/fd, newest process first (cached).
+2. The inode is mapped to a pid by scanning /proc/<pid>/fd: first the processes that owned the last
+   connections, then the newest processes (pid numbers wrap around, so "newest" starts at the last
+   pid the kernel handed out), then all. Every socket read on the way is cached, so the next
+   connections of a busy app are found without reading /proc at all.
 3. The pid is described from /proc: executable, command line, uid, parent chain (for "children"
-   rules). Cached per (pid, start time, comm): a reused pid or an exec gives a fresh description.
+   rules). Cached per (pid, start time, comm): a reused pid or an exec gives a fresh description. The
+   parent chain comes from the parent's own cached description, so a new process (curl) costs reads
+   of itself and one check of its parent, not of every ancestor.
 
 A socket or process that is not visible yet (a process that was just started, a scan that raced
 with it) gives None: the caller retries a few times within milliseconds, then decides without it.
@@ -14,11 +19,14 @@ Everything reading /proc takes the proc root as a parameter, so tests run on fak
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import operator
 import os
 import socket
 import struct
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +48,8 @@ _ALL_STATES = 0xFFFFFFFF
 MAX_ANCESTORS = 16
 MAX_CACHED_SOCKETS = 65536
 RECENT_OWNERS = 16
+NEWEST_PROBES = 8  # pids below the last one handed out that are tried before listing /proc
+KEEP_OPEN = 64  # /proc/<pid>/stat files kept open for cheap identity checks
 
 
 # --- sock_diag: pure encode/decode -------------------------------------------------------------------
@@ -214,33 +224,102 @@ def socket_inode(link: str) -> int:
 
 
 class ProcReader:
-    """Reads processes from a /proc tree (the real one, or a fake one in tests)."""
+    """Reads processes from a /proc tree (the real one, or a fake one in tests).
 
-    def __init__(self, root: str | Path = "/proc") -> None:
+    Every read costs syscalls, which are what attribution spends its time on: files are read with plain
+    os calls, the stat files of the processes asked about most recently stay open (a later check is
+    one pread; once the process is gone the kernel answers ESRCH, even if its pid was reused), and a
+    status file read to tell a process from a thread is not read again to describe the process.
+    """
+
+    def __init__(self, root: str | Path = "/proc", keep_open: int = KEEP_OPEN) -> None:
         self.root = str(root)
+        self.keep_open = keep_open
+        self._stat_fds: OrderedDict[int, int] = OrderedDict()
+        self._status: tuple[int, bytes] = (0, b"")  # the status file tgid() just read, for status() to reuse
+        self._loadavg_fd = -1
 
-    def pids(self) -> list[int]:
+    def close(self) -> None:
+        for fd in [*self._stat_fds.values(), self._loadavg_fd]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._stat_fds.clear()
+        self._loadavg_fd = -1
+
+    def pids(self, last: int | None = None) -> list[int]:
+        """Every pid, newest first as far as numbers tell: descending from the last pid handed out (read
+        here unless given), then the rest (after pid numbers wrapped around at pid_max, the newest
+        processes have small numbers)."""
         try:
-            return sorted(int(e) for e in os.listdir(self.root) if e.isdigit())
+            numbers = sorted((int(e) for e in os.listdir(self.root) if e.isdigit()), reverse=True)
         except OSError:
             return []
+        last = self.last_pid() if last is None else last
+        if last is None:
+            return numbers
+        split = bisect.bisect_left(numbers, -last, key=operator.neg)  # first index with a number <= last
+        return numbers[split:] + numbers[:split]
+
+    def last_pid(self) -> int | None:
+        """The pid the kernel handed out last (the last field of /proc/loadavg), None when unknown."""
+        try:
+            if self._loadavg_fd < 0:
+                self._loadavg_fd = os.open(f"{self.root}/loadavg", os.O_RDONLY | os.O_CLOEXEC)
+            return int(os.pread(self._loadavg_fd, 256, 0).split()[-1])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def sockets(self, pid: int) -> Iterator[tuple[str, int]]:
+        """(fd, socket inode) for each socket process `pid` holds, read lazily: a caller that found what
+        it wanted stops early and pays for no more readlinks."""
+        try:
+            dirfd = os.open(f"{self.root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            for name in os.listdir(dirfd):
+                try:
+                    link = os.readlink(name, dir_fd=dirfd)
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    try:
+                        yield name, int(link[8:-1])
+                    except ValueError:
+                        continue
+        finally:
+            os.close(dirfd)
 
     def socket_inodes(self, pid: int) -> list[int]:
         """Inodes of the sockets process `pid` holds open ([] when it is gone or unreadable)."""
-        base = f"{self.root}/{pid}/fd"
+        return [inode for _fd, inode in self.sockets(pid)]
+
+    def _read(self, pid: int, name: str, size: int = 4096) -> bytes:
+        """One /proc/<pid>/<name> file, read with plain syscalls (a third of what open() costs)."""
+        fd = os.open(f"{self.root}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            entries = os.listdir(base)
+            chunks = [os.read(fd, size)]
+            while len(chunks[-1]) == size:  # long command lines
+                chunks.append(os.read(fd, size))
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
+
+    def tgid(self, pid: int) -> int | None:
+        """The process a task id belongs to (itself for a process), None when there is no such task.
+        The status file read stays for the next `status(pid)` (describing the process just found)."""
+        try:
+            text = self._read(pid, "status")
         except OSError:
-            return []
-        inodes = []
-        for fd in entries:
-            try:
-                inode = socket_inode(os.readlink(f"{base}/{fd}"))
-            except OSError:
-                continue
-            if inode:
-                inodes.append(inode)
-        return inodes
+            return None
+        self._status = (pid, text)
+        start = text.find(b"\nTgid:")
+        if start < 0:
+            return None
+        try:
+            return int(text[start + 6 : text.index(b"\n", start + 1)])
+        except ValueError:
+            return None
 
     def exe(self, pid: int) -> str:
         try:
@@ -249,34 +328,79 @@ class ProcReader:
             return ""
         return target.removesuffix(" (deleted)")
 
-    def stat(self, pid: int) -> ProcStat | None:
+    def status(self, pid: int) -> tuple[str, int, int] | None:
+        """(Name, PPid, effective Uid) of process `pid`, None when it is gone."""
+        cached_pid, text = self._status
+        self._status = (0, b"")
         try:
-            with open(f"{self.root}/{pid}/status") as f:
-                name, ppid, uid = parse_status(f.read())
-            with open(f"{self.root}/{pid}/stat") as f:
-                start = parse_stat_start(f.read())
+            if cached_pid != pid:
+                text = self._read(pid, "status")
+            return parse_status(text.decode(errors="replace"))
         except (OSError, ValueError, IndexError):
             return None
-        return ProcStat(pid, ppid, uid, name, start)
+
+    def stat(self, pid: int) -> ProcStat | None:
+        status, ident = self.status(pid), self.identity(pid)
+        if status is None or ident is None:
+            return None
+        return ProcStat(pid, status[1], status[2], status[0], ident[0])
+
+    def _stat_text(self, pid: int, reopen: bool = True) -> bytes | None:
+        fd = self._stat_fds.get(pid)
+        if fd is not None:
+            try:
+                text = os.pread(fd, 4096, 0)
+            except OSError:  # the process is gone (its pid may belong to another one now): open afresh
+                text = b""
+            if text:
+                self._stat_fds.move_to_end(pid)
+                return text
+            del self._stat_fds[pid]
+            os.close(fd)
+            if not reopen:
+                return None
+        try:
+            fd = os.open(f"{self.root}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            text = os.pread(fd, 4096, 0)
+        except OSError:
+            os.close(fd)
+            return None
+        if self.keep_open <= 0:
+            os.close(fd)
+            return text
+        self._stat_fds[pid] = fd
+        if len(self._stat_fds) > self.keep_open:
+            os.close(self._stat_fds.popitem(last=False)[1])
+        return text
 
     def identity(self, pid: int) -> tuple[int, str] | None:
         """(start time, comm) from /proc/<pid>/stat alone: one read tells whether a cached description
         still holds (a reused pid has another start time, an exec another comm)."""
-        try:
-            with open(f"{self.root}/{pid}/stat") as f:
-                text = f.read()
-        except OSError:
+        raw = self._stat_text(pid)
+        if raw is None:
             return None
+        text = raw.decode(errors="replace")
         head = text.rpartition(")")[0]
         try:
             return parse_stat_start(text), head.partition("(")[2]
         except (ValueError, IndexError):
             return None
 
+    def running(self, pid: int) -> bool:
+        """The process last seen under this pid is alive: not gone (nor replaced by a new one with the same
+        pid), not a zombie. One pread when its stat file is kept open."""
+        raw = self._stat_text(pid, reopen=False)
+        if raw is None:
+            return False
+        state = raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3]
+        return state not in (b"Z", b"X", b"x")
+
     def cmdline(self, pid: int) -> list[str]:
         try:
-            with open(f"{self.root}/{pid}/cmdline", "rb") as f:
-                raw = f.read()
+            raw = self._read(pid, "cmdline")
         except OSError:
             return []
         return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
@@ -291,7 +415,12 @@ class Owner:
 
 
 class ProcessCache:
-    """pid → Owner, cached per (pid, start time, comm): a hit costs one read of /proc/<pid>/stat."""
+    """pid → Owner, cached per (pid, start time, comm): a hit costs one read of /proc/<pid>/stat.
+
+    A description's parent chain is its parent's cached description plus that parent, so describing a
+    new child of a known process reads the child and checks the parent only. The chain is as it was when
+    the process was first described (a process re-parented later, after its parent exited, keeps it).
+    """
 
     def __init__(self, reader: ProcReader, max_entries: int = 4096) -> None:
         self.reader = reader
@@ -300,7 +429,7 @@ class ProcessCache:
         self.hits = 0
         self.misses = 0
 
-    def describe(self, pid: int) -> Owner | None:
+    def describe(self, pid: int, _depth: int = 0) -> Owner | None:
         ident = self.reader.identity(pid)
         if ident is None:
             return None
@@ -309,20 +438,17 @@ class ProcessCache:
             self.hits += 1
             self._cache.move_to_end(pid)
             return cached[1]
-        stat = self.reader.stat(pid)
-        if stat is None:
+        status = self.reader.status(pid)  # the start time is known from the identity: no second stat read
+        if status is None:
             return None
+        stat = ProcStat(pid, status[1], status[2], status[0], ident[0])
         self.misses += 1
         exe = self.reader.exe(pid)
-        ancestors: list[tuple[str, str]] = []
-        parent, seen = stat.ppid, {pid}
-        while parent > 0 and parent not in seen and len(ancestors) < MAX_ANCESTORS:
-            seen.add(parent)
-            pstat = self.reader.stat(parent)
-            if pstat is None:
-                break
-            ancestors.append((self.reader.exe(parent), pstat.name))
-            parent = pstat.ppid
+        ancestors: tuple[tuple[str, str], ...] = ()
+        if stat.ppid > 0 and stat.ppid != pid and _depth < MAX_ANCESTORS:
+            parent = self.describe(stat.ppid, _depth + 1)
+            if parent is not None:
+                ancestors = ((parent.app.exe, parent.app.name), *parent.app.ancestors)[:MAX_ANCESTORS]
         info = ProcessInfo(
             pid=pid,
             ppid=stat.ppid,
@@ -332,11 +458,14 @@ class ProcessCache:
             cmdline=self.reader.cmdline(pid),
             ancestors=[a_exe or a_name for a_exe, a_name in ancestors],
         )
-        owner = Owner(info, AppFacts(pid=pid, exe=exe, name=stat.name, uid=stat.uid, ancestors=tuple(ancestors)))
+        owner = Owner(info, AppFacts(pid=pid, exe=exe, name=stat.name, uid=stat.uid, ancestors=ancestors))
         self._cache[pid] = (ident, owner)
         if len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
         return owner
+
+
+Flow5 = tuple[int, str, int, str, int]  # protocol, src ip, src port, dst ip, dst port
 
 
 class Attributor:
@@ -348,33 +477,94 @@ class Attributor:
         self.processes = ProcessCache(reader)
         self._owners: dict[int, int] = {}
         self._recent: OrderedDict[int, None] = OrderedDict()
-        self.scans = 0
+        self.scans = 0  # lookups that had to read /proc/<pid>/fd (the socket was not cached)
+        self.listings = 0  # of those, lookups that had to list every process
+        self.no_socket = 0  # sock_diag did not know the connection (gone already, or not a socket of ours)
+        self.no_process = 0  # the socket was known, but no process holds it (closed, or a process exited)
+        self._last_socket: tuple[Flow5, DiagSocket] | None = None  # what socket_uid() found
 
     def pid_of_inode(self, inode: int) -> int | None:
-        """The process holding socket `inode`.
+        """The process holding socket `inode` (see `owners_of`)."""
+        return self.owners_of([inode]).get(inode)
 
-        Looked for first in the processes that owned the last connections (an app making one connection
-        usually makes more), then in all processes, newest first (a new connection's socket mostly
-        belongs to a process started a moment ago: curl, a browser's new helper). Either way the scan
-        stops at the owner, and every socket read on the way is cached.
+    def owners_of(self, inodes: Iterable[int], still_open: Callable[[int], bool] | None = None) -> dict[int, int]:
+        """inode → pid for each socket whose process is found, in one pass over the processes.
+
+        Looked for, in this order, until every socket is found:
+        1. in the process that owned the last connection (an app making one connection usually makes
+           more: a browser, wrk);
+        2. in the few newest processes, probed by number down from the last pid handed out, without
+           listing /proc (a new connection's socket mostly belongs to a process started a moment ago:
+           curl, a browser's new helper); a number that is a thread, not a process, is skipped;
+        3. in the other processes that owned recent connections; one that holds no socket any more
+           (exited, a zombie) is forgotten;
+        4. in every process, newest first — the expensive step, so sockets that `still_open` says are
+           closed by now (a short connection of a process that already exited) are not looked for.
+        Every socket read on the way is cached.
         """
-        pid = self._owners.get(inode)
-        if pid is not None and os.path.exists(f"{self.reader.root}/{pid}"):
-            return self._remember(pid)
+        found: dict[int, int] = {}
+        wanted: set[int] = set()
+        for inode in inodes:
+            pid = self._owners.get(inode)
+            if pid is not None:  # read in an earlier scan (checked by describing it: see attribute_many)
+                found[inode] = self._remember(pid)
+            else:
+                wanted.add(inode)
+        if not wanted:
+            return found
         self.scans += 1
         if len(self._owners) > MAX_CACHED_SOCKETS:
             self._owners.clear()
         checked: set[int] = set()
-        for candidates in (lambda: list(reversed(self._recent)), lambda: reversed(self.reader.pids())):
-            for pid in candidates():  # listing /proc only when the recent owners do not have it
-                if pid in checked:
-                    continue
-                checked.add(pid)
-                for found in self.reader.socket_inodes(pid):
-                    self._owners[found] = pid
-                if self._owners.get(inode) == pid:
-                    return self._remember(pid)
-        return None
+        recent = list(reversed(self._recent))
+        for pid in recent[:1]:
+            self._scan_recent(pid, wanted, found, checked)
+            if not wanted:
+                return found
+        last = self.reader.last_pid()
+        if last is not None:
+            for pid in range(last, max(last - NEWEST_PROBES, 0), -1):
+                if pid not in checked and self.reader.tgid(pid) == pid:  # a process: not gone, not a thread
+                    checked.add(pid)
+                    self._scan(pid, wanted, found)
+                    if not wanted:
+                        return found
+        for pid in recent[1:]:
+            self._scan_recent(pid, wanted, found, checked)
+            if not wanted:
+                return found
+        if still_open is not None:
+            wanted = {inode for inode in wanted if still_open(inode)}
+            if not wanted:
+                return found
+        self.listings += 1
+        for pid in self.reader.pids(last):
+            if pid not in checked:
+                self._scan(pid, wanted, found)
+                if not wanted:
+                    return found
+        return found
+
+    def _scan_recent(self, pid: int, wanted: set[int], found: dict[int, int], checked: set[int]) -> None:
+        checked.add(pid)
+        if not self.reader.running(pid) or not self._scan(pid, wanted, found, recent=True):
+            self._recent.pop(pid, None)  # exited, a zombie, or no sockets: do not look there first again
+
+    def _scan(self, pid: int, wanted: set[int], found: dict[int, int], recent: bool = False) -> bool:
+        """Read `pid`'s sockets until the wanted ones are found (moved from `wanted` to `found`); False
+        when it holds none. A recent owner is read to the end: its other new sockets, whose first
+        packets are likely queued right behind this one, are cached on the way."""
+        any_socket = False
+        with contextlib.closing(self.reader.sockets(pid)) as scan:
+            for _fd, inode in scan:
+                any_socket = True
+                self._owners[inode] = pid
+                if inode in wanted:
+                    wanted.discard(inode)
+                    found[inode] = self._remember(pid)
+                    if not wanted and not recent:
+                        break
+        return any_socket
 
     def _remember(self, pid: int) -> int:
         self._recent.pop(pid, None)
@@ -383,13 +573,53 @@ class Attributor:
             self._recent.popitem(last=False)
         return pid
 
-    def attribute(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> Owner | None:
+    def attribute_many(self, flows: Sequence[Flow5]) -> list[Owner | None]:
+        """Owners of several connections (sock_diag each, then one pass over the processes for all)."""
+        if self.diag is None:
+            return [None] * len(flows)
+        diag = self.diag
+        last, self._last_socket = self._last_socket, None
+        sockets = [last[1] if last is not None and last[0] == flow else diag.lookup(*flow) for flow in flows]
+        flow_of = {s.inode: flow for s, flow in zip(sockets, flows, strict=True) if s is not None and s.inode}
+
+        def still_open(inode: int) -> bool:
+            again = diag.lookup(*flow_of[inode])
+            return again is not None and again.inode == inode
+
+        pids = self.owners_of(flow_of, still_open)
+        owners: list[Owner | None] = []
+        for sock in sockets:
+            if sock is None or not sock.inode:
+                self.no_socket += 1
+                owners.append(None)
+                continue
+            pid = pids.get(sock.inode)
+            owner = self.processes.describe(pid) if pid is not None else None
+            if owner is None and pid is not None and self._owners.pop(sock.inode, None) is not None:
+                pid = self.owners_of([sock.inode], still_open).get(sock.inode)  # a cached owner is gone: again
+                owner = self.processes.describe(pid) if pid is not None else None
+            if owner is None:
+                self.no_process += 1
+            owners.append(owner)
+        return owners
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def socket_uid(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> int | None:
+        """The uid owning the connection's socket (sock_diag alone: no /proc), None when not found.
+        The socket found is kept for attributing the same connection next."""
         if self.diag is None:
             return None
-        found = self.diag.lookup(protocol, src_ip, sport, dst_ip, dport)
-        if found is None or not found.inode:
-            return None
-        pid = self.pid_of_inode(found.inode)
-        if pid is None:
-            return None
-        return self.processes.describe(pid)
+        flow = (protocol, src_ip, sport, dst_ip, dport)
+        found = self.diag.lookup(*flow)
+        self._last_socket = (flow, found) if found is not None else None
+        return found.uid if found is not None else None
+
+    def uid_of(self, pid: int) -> int | None:
+        """The effective uid of process `pid`, None when it is gone."""
+        status = self.reader.status(pid)
+        return status[2] if status is not None else None
+
+    def attribute(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> Owner | None:
+        return self.attribute_many([(protocol, src_ip, sport, dst_ip, dport)])[0]
