@@ -78,11 +78,20 @@ class Harness:
     def policy(self, version: int, *rules: PolicyRule, enabled: bool = True) -> bool:
         return self.engine.set_policy(PolicySnapshot(version=version, ts=0.0, enabled=enabled, rules=list(rules)))
 
-    def send(self, name_or_bytes: str | bytes, inbound: bool = False) -> FakePacket:
+    def send(self, name_or_bytes: str | bytes, inbound: bool = False, end_batch: bool = True) -> FakePacket:
         data = PACKETS[name_or_bytes] if isinstance(name_or_bytes, str) else name_or_bytes
         pkt = FakePacket(data)
         self.engine.on_packet(inbound, pkt)
+        if end_batch:
+            self.end_batch()
         return pkt
+
+    def end_batch(self) -> None:
+        """What the actor's loop does once the queue is drained: run the callbacks due now (not retries)."""
+        due = [cb for delay, cb in self.timers if delay == 0]
+        self.timers = [(delay, cb) for delay, cb in self.timers if delay != 0]
+        for cb in due:
+            cb()
 
     def of(self, kind: type) -> list[Any]:
         return [e for e in self.events if isinstance(e, kind)]
@@ -299,3 +308,184 @@ def test_conntrack_destroy_ends_our_connections_only() -> None:
     [end] = h.of(ConnEnd)
     assert (end.conn_id, end.reason) == (conn_id, "closed")
     assert not h.engine.live
+
+
+# --- the verdict does not wait for the process when the process cannot change it -------------------------
+
+
+class Recorder(Harness):
+    """Records the order of verdicts and attribution calls."""
+
+    def __init__(self, owner: Owner | None = CURL, handler: Any = None) -> None:
+        super().__init__(owner, handler)
+        self.log: list[str] = []
+
+    def _attribute(self, *key: Any) -> Owner | None:
+        self.log.append("attribute")
+        return super()._attribute(*key)
+
+    def send(self, name_or_bytes: str | bytes, inbound: bool = False, end_batch: bool = True) -> FakePacket:
+        data = PACKETS[name_or_bytes] if isinstance(name_or_bytes, str) else name_or_bytes
+        log = self.log
+
+        class Logged(FakePacket):
+            def accept(self) -> None:
+                log.append("verdict")
+                super().accept()
+
+        pkt = Logged(data)
+        self.engine.on_packet(inbound, pkt)
+        if end_batch:
+            self.end_batch()
+        return pkt
+
+
+def test_without_app_rules_the_verdict_comes_first_and_conn_new_still_carries_the_process() -> None:
+    h = Recorder()
+    h.policy(1, SPLIT_80)
+    pkt = h.send("tcp6_syn", end_batch=False)  # not split by this policy
+    assert (pkt.mark, pkt.accepted) == (Mark.ACCEPT_ALWAYS, 1)
+    assert h.log == ["verdict", "attribute"]  # released before anyone looked for its process
+    assert h.events == []  # events come at the end of the batch of packets
+    h.end_batch()
+    [new] = h.of(ConnNew)
+    [verdict] = h.of(ConnVerdict)
+    assert new.process == CURL.info and new.conn_id == verdict.conn_id
+    assert [type(e) for e in h.events] == [ConnNew, ConnVerdict]
+    assert h.engine.counters["attributed_after_verdict"] == 1
+
+
+def test_with_app_rules_the_verdict_waits_for_the_process() -> None:
+    h = Recorder()
+    h.policy(1, SPLIT_CURL)
+    pkt = h.send("tcp4_syn")
+    assert h.log == ["attribute", "verdict"] and pkt.mark == Mark.REROUTE_TO_SPLIT_TUN
+
+
+def test_a_split_waits_for_the_process_so_our_own_connections_are_never_split() -> None:
+    h = Recorder()
+    h.policy(1, SPLIT_80)
+    h.engine.heard_actor("netenv", CURL.info.pid)
+    pkt = h.send("tcp4_syn")
+    assert h.log == ["attribute", "verdict"] and pkt.mark == Mark.ACCEPT_FINAL
+    h.engine.heard_actor("netenv", 1)  # not ours any more
+    h.log.clear()
+    assert h.send("udp4").mark == Mark.REROUTE_TO_SPLIT_TUN and h.log == ["attribute", "verdict"]
+
+
+def test_the_events_of_a_batch_of_packets_are_published_at_its_end() -> None:
+    h = Recorder()
+    h.policy(1)  # split nothing
+    packets = [h.send(name, end_batch=False) for name in ("tcp4_syn", "tcp6_syn", "udp4", "udp6")]
+    assert all(p.accepted == 1 for p in packets) and h.log == ["verdict", "attribute"] * 4
+    assert h.events == [] and [d for d, _ in h.timers] == [0]  # one flush scheduled for the batch
+    h.end_batch()
+    assert [type(e) for e in h.events] == [ConnNew, ConnVerdict] * 4
+    assert all(e.process == CURL.info for e in h.of(ConnNew))
+
+
+def test_conn_end_never_comes_before_conn_new() -> None:
+    h = Recorder()
+    h.send("tcp4_syn", end_batch=False)
+    sport = struct.unpack_from("!H", PACKETS["tcp4_syn"], 20)[0]
+    h.engine.on_conntrack_destroyed([CtEntry(CtTuple(6, "192.0.2.66", sport, "203.0.113.80", 80))])
+    assert [type(e) for e in h.events] == [ConnNew, ConnVerdict, ConnEnd]
+    assert h.of(ConnNew)[0].process == CURL.info
+    h.end_batch()  # the scheduled flush finds nothing left to do
+    assert len(h.events) == 3
+
+
+def test_a_failed_attribution_after_the_verdict_still_publishes_the_connection() -> None:
+    h = Harness()
+
+    def broken(*key: Any) -> Owner | None:
+        raise OSError("netlink gone")
+
+    h.engine.attribute = broken
+    pkt = h.send("tcp4_syn")
+    assert (pkt.mark, pkt.accepted) == (Mark.ACCEPT_ALWAYS, 1)
+    assert h.of(ConnNew)[0].process is None and len(h.of(ConnVerdict)) == 1
+    assert h.engine.counters["errors"] == 1
+
+
+def test_a_connection_found_to_be_ours_after_its_verdict_counts_as_ours() -> None:
+    h = Recorder()
+    h.engine.heard_actor("controller", CURL.info.pid)
+    h.send("tcp4_syn")  # policy disabled: kept in the VPN without asking for the process first
+    [conn] = h.engine.live.values()
+    assert conn.own and conn.owner == CURL
+
+
+def test_a_handler_sees_the_process_unless_it_says_it_does_not_need_one() -> None:
+    seen: list[Any] = []
+
+    def handler(view: Any) -> None:
+        seen.append(view.process)
+
+    h = Recorder(handler=handler)
+    h.send("tcp4_syn")
+    assert h.log == ["attribute", "verdict"] and seen == [CURL.info]
+
+    def quick(view: Any) -> None:
+        seen.append(view.process)
+
+    quick.needs_process = False  # type: ignore[attr-defined]
+    h = Recorder(handler=quick)
+    h.send("tcp4_syn")
+    assert h.log == ["verdict", "attribute"] and seen[-1] is None
+
+
+def from_port(name: str, sport: int) -> bytes:
+    """The fixture packet from another source port: another connection to the same destination."""
+    data = bytearray(PACKETS[name])
+    struct.pack_into("!H", data, 20, sport)
+    return bytes(data)
+
+
+def test_remembered_destination_verdicts_follow_learned_names_and_new_policies() -> None:
+    h = Harness()
+    h.policy(1, SPLIT_DOMAIN, PolicyRule(id="keep-81", action="keep", dest="203.0.113.81"))
+    assert h.send(from_port("tcp4_syn", 40001)).mark == Mark.ACCEPT_ALWAYS  # no name known yet
+    h.send(dns_answer_packet("www.example.com", bytes([203, 0, 113, 80])), inbound=True)
+    assert h.send(from_port("tcp4_syn", 40002)).mark == Mark.REROUTE_TO_SPLIT_TUN  # now it has one
+    assert h.send(from_port("tcp4_syn", 40003)).mark == Mark.REROUTE_TO_SPLIT_TUN
+    h.policy(2, PolicyRule(id="keep-all", action="keep"))
+    pkt = h.send(from_port("tcp4_syn", 40004))
+    assert pkt.mark == Mark.ACCEPT_ALWAYS and h.of(ConnVerdict)[-1].rule == "keep-all"
+
+
+def test_with_an_external_handler_every_connection_is_decided_afresh() -> None:
+    calls: list[Any] = []
+
+    def handler(view: Any) -> Verdict | None:
+        calls.append(view)
+        return Verdict.BLOCK if len(calls) == 2 else None
+
+    handler.needs_process = False  # type: ignore[attr-defined]
+    h = Harness(handler=handler)
+    assert h.send(from_port("tcp4_syn", 40001)).mark == Mark.ACCEPT_ALWAYS
+    assert h.send(from_port("tcp4_syn", 40002)).mark == Mark.BLOCK_ALWAYS
+    assert len(calls) == 2
+
+
+def with_uids(h: Harness, socket_uid: int, ours: int = 0) -> Harness:
+    """sock_diag says the socket belongs to `socket_uid`; our processes run as `ours`."""
+    h.engine.socket_uid = lambda *flow: socket_uid
+    h.engine.uid_of = lambda pid: ours
+    return h
+
+
+def test_a_split_of_a_users_app_does_not_wait_for_its_process() -> None:
+    h = with_uids(Recorder(), socket_uid=1000)
+    h.policy(1, SPLIT_80)
+    pkt = h.send("tcp4_syn")
+    assert pkt.mark == Mark.REROUTE_TO_SPLIT_TUN and h.log == ["verdict", "attribute"]
+    assert h.of(ConnNew)[0].process == CURL.info
+
+
+def test_a_split_of_a_socket_of_our_uid_still_checks_the_process_first() -> None:
+    h = with_uids(Recorder(), socket_uid=0)
+    h.policy(1, SPLIT_80)
+    h.engine.heard_actor("controller", CURL.info.pid)
+    pkt = h.send("tcp4_syn")
+    assert pkt.mark == Mark.ACCEPT_FINAL and h.log == ["attribute", "verdict"]

@@ -98,6 +98,8 @@ class InterceptorActor(Actor):
             log=self.log,
             publish=self.rt.publish,
             attribute=self.attributor.attribute,
+            socket_uid=self.attributor.socket_uid,
+            uid_of=self.attributor.uid_of,
             names=self.names,
             schedule=self.rt.loop.call_later,
             delete_conntrack=self.conntrack.delete,
@@ -230,6 +232,9 @@ class InterceptorActor(Actor):
         out["active"] = int(self.active)
         out["conntrack_overruns"] = self.ct_events.overruns
         out["attribution_scans"] = self.attributor.scans
+        out["attribution_listings"] = self.attributor.listings
+        out["attribution_no_socket"] = self.attributor.no_socket
+        out["attribution_no_process"] = self.attributor.no_process
         return out
 
     def stop(self) -> None:
@@ -245,7 +250,7 @@ class InterceptorActor(Actor):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.flush_pending()
-        for name in ("source", "ct_events", "conntrack", "diag", "names"):
+        for name in ("source", "ct_events", "conntrack", "diag", "attributor", "names"):
             thing = getattr(self, name, None)
             if thing is not None:
                 try:

@@ -1,11 +1,21 @@
-"""The interceptor's packet path: parse → attribute → decide → verdict and mark → events.
+"""The interceptor's packet path: parse → decide (attributing first only when it matters) → verdict
+and mark → attribute → events.
 
 Platform-neutral and free of sockets: the actor hands it queued packets (anything with
-`get_payload/set_mark/accept`) and gives it functions to attribute a flow, delete a conntrack entry,
-publish an event and schedule a retry. Tests drive it with fake packets and fakes for those.
+`get_payload/set_mark/accept`) and gives it functions to attribute flows, delete a conntrack entry,
+publish an event and schedule a callback. Tests drive it with fake packets and fakes for those.
 
 Every queued packet gets a verdict, whatever happens: an exception anywhere on the path accepts the
 packet unmarked (mark 0 = unsplit, through the VPN), logs once and keeps going.
+
+Finding a connection's process costs far more than deciding (a sock_diag request, then /proc reads:
+tens of µs, more for a process holding hundreds of fds). So the verdict waits for it only when the
+process can change the verdict: the policy has app rules, an external handler looks at processes, or
+the policy would split a socket owned by a uid one of our processes runs as (our own connections are
+never split). Otherwise the packet is released first and its process is looked for right after —
+while the connection is at most one round trip old, so its socket and the process holding it are
+normally still there. Events are published at the end of the batch of packets the kernel handed over
+in one wakeup (conn.new with the process, then conn.verdict).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from .procinfo import Owner
 #: policy has app rules (otherwise the verdict does not depend on the process and nobody should wait).
 RETRY_DELAYS = (0.002, 0.008, 0.03)
 MAX_LIVE = 65536
+MAX_DECISIONS = 4096
 OWN_PID_TTL = 5.0  # seconds a heartbeat's pid counts as ours
 
 
@@ -66,6 +77,18 @@ def ct_tuple(info: PacketInfo) -> CtTuple:
     return CtTuple(info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
 
 
+def _flow(info: PacketInfo) -> Flow:
+    return Flow(
+        ip_version=info.ip_version,
+        protocol=info.protocol,
+        src_ip=info.src_ip,
+        src_port=info.src_port,
+        dst_ip=info.dst_ip,
+        dst_port=info.dst_port,
+        first_packet=info.protocol != TCP or info.tcp_first,
+    )
+
+
 class Engine:
     def __init__(
         self,
@@ -79,11 +102,15 @@ class Engine:
         delete_conntrack: Callable[[CtTuple], bool] | None = None,
         handler_slot: HandlerSlot = SLOT,
         clock: Callable[[], float] = time.time,
+        socket_uid: Callable[[int, str, int, str, int], int | None] | None = None,
+        uid_of: Callable[[int], int | None] | None = None,
     ) -> None:
         self.instance = instance
         self.log = log
         self.publish = publish
         self.attribute = attribute
+        self.socket_uid = socket_uid
+        self.uid_of = uid_of
         self.names = names
         self.schedule = schedule
         self.delete_conntrack = delete_conntrack
@@ -93,8 +120,13 @@ class Engine:
         self.ivpn: IvpnStatus | None = None
         self.live: OrderedDict[CtTuple, LiveConn] = OrderedDict()
         self._pending: dict[CtTuple, _Pending] = {}
+        self._unpublished: list[LiveConn] = []  # decided in this batch of packets; their events to come
+        self._decisions: dict[tuple[int, int, str, int, str, bool], Outcome] = {}  # see _destination_outcome
         self._own: dict[str, tuple[int, float]] = {}
+        self._own_cache: tuple[float, frozenset[int]] = (-1.0, frozenset())
+        self._own_uids: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())  # (for pids, uids)
         self._logged: set[str] = set()
+        self._arrived = 0  # perf_counter_ns when the packet being handled arrived (0: none)
         self._id_prefix = f"{instance}-{int(clock()):x}"
         self._next_id = 0
         self.counters: dict[str, int] = dict.fromkeys(
@@ -106,13 +138,16 @@ class Engine:
                 "dns_answers",
                 "names_learned",
                 "attribution_retries",
+                "attributed_after_verdict",
                 "unattributed",
                 "reevaluated",
                 "reevaluation_resets",
                 "errors",
                 "handler_errors",
                 "untracked",
-                "busy_us",  # time spent deciding packets, in microseconds (busy_us / queued = cost per packet)
+                "busy_us",  # time spent on packets and their events, in µs (busy_us / queued = cost per packet)
+                "verdict_us",  # of that, from a new connection's packet arriving to its verdict (/ decided)
+                "attribution_us",  # of that, finding processes (before or after the verdict)
             ),
             0,
         )
@@ -124,6 +159,7 @@ class Engine:
         if snapshot.version <= self.policy.version:
             return False
         self.policy = CompiledPolicy(snapshot)
+        self._decisions.clear()
         self.reevaluate(f"policy {snapshot.version}")
         return True
 
@@ -131,6 +167,7 @@ class Engine:
         """The handler may decide by VPN state: a changed state re-evaluates live connections."""
         old = self.ivpn
         self.ivpn = status
+        self._decisions.clear()
         changed = old is None or (old.state, old.connected, old.interface, old.paused) != (
             status.state,
             status.connected,
@@ -141,17 +178,45 @@ class Engine:
             self.reevaluate(f"ivpn {status.state}")
 
     def heard_actor(self, instance: str, pid: int, now: float | None = None) -> None:
+        old = self._own.get(instance)
         self._own[instance] = (pid, time.monotonic() if now is None else now)
+        if old is None or old[0] != pid:
+            self._own_cache = (-1.0, frozenset())
 
-    def own_pids(self, now: float | None = None) -> set[int]:
+    def own_pids(self, now: float | None = None) -> frozenset[int]:
+        """Our actors' pids (heard within OWN_PID_TTL) and ours; recomputed at most once a second."""
         now = time.monotonic() if now is None else now
-        return {pid for pid, seen in self._own.values() if now - seen < OWN_PID_TTL} | {os.getpid()}
+        computed, pids = self._own_cache
+        if computed < 0 or not 0 <= now - computed < 1.0:
+            pids = frozenset({pid for pid, seen in self._own.values() if now - seen < OWN_PID_TTL} | {os.getpid()})
+            self._own_cache = (now, pids)
+        return pids
+
+    def own_uids(self) -> frozenset[int] | None:
+        """The uids our processes run as (None when unknown): a socket of another uid cannot be ours."""
+        if self.uid_of is None:
+            return None
+        pids = self.own_pids()
+        known_for, uids = self._own_uids
+        if known_for != pids:  # asked again only when our processes change (a gone one has no uid)
+            uids = frozenset(uid for pid in pids if (uid := self.uid_of(pid)) is not None)
+            self._own_uids = (pids, uids)
+        return uids
+
+    def _surely_not_ours(self, info: PacketInfo) -> bool:
+        """The socket's owner (sock_diag alone) is a uid none of our processes runs as: apps run as
+        users, splittun as root. Then a split needs no look at /proc before the verdict."""
+        uids = self.own_uids()
+        if uids is None or self.socket_uid is None:
+            return False
+        uid = self.socket_uid(info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
+        return uid is not None and uid not in uids
 
     # --- packets ---------------------------------------------------------------------------------------
 
     def on_packet(self, inbound: bool, pkt: QueuedPacket) -> None:
         """NFQUEUE callback. Never raises; every packet gets a verdict."""
-        started = time.perf_counter_ns()
+        started = self._arrived = time.perf_counter_ns()
         try:
             if inbound:
                 self._on_inbound(pkt)
@@ -161,6 +226,7 @@ class Engine:
             self.counters["errors"] += 1
             self._once("packet.failed", f"{type(exc).__name__}: {exc}")
             self._accept_unmarked(pkt)
+        self._arrived = 0
         self.counters["busy_us"] += (time.perf_counter_ns() - started) // 1000
 
     def _accept_unmarked(self, pkt: QueuedPacket) -> None:
@@ -220,10 +286,26 @@ class Engine:
             return
         self._attempt(key, info, [pkt], 0)
 
+    def _verdict_needs_process(self) -> bool:
+        """Can the process change this verdict beyond "is it ours"? App rules, or a handler that looks at
+        processes (one that does not sets `needs_process = False` on itself)."""
+        if self.policy.uses_apps:
+            return True
+        handler = self.slot.get()
+        return handler is not None and getattr(handler, "needs_process", True)
+
     def _attempt(self, key: CtTuple, info: PacketInfo, packets: list[QueuedPacket], attempt: int) -> None:
         owner = None
         if info.protocol in (TCP, UDP):
-            owner = self.attribute(info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
+            if attempt == 0 and not self._verdict_needs_process():
+                domain = self.names.lookup(info.dst_ip, self.clock())
+                outcome = self._destination_outcome(info, domain)
+                # The process cannot change it, except that our own connections are never split.
+                if not outcome.split or self._surely_not_ours(info):  # verdict first, process right after
+                    conn = self._decided(key, info, None, domain, False, outcome, packets)
+                    self._attribute_after_verdict(conn)
+                    return
+            owner = self._attribute(info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
             if owner is None and self.policy.uses_apps and attempt < len(RETRY_DELAYS):
                 self.counters["attribution_retries"] += 1
                 self._pending[key] = _Pending(info, packets)
@@ -232,6 +314,24 @@ class Engine:
             if owner is None:
                 self.counters["unattributed"] += 1
         self._decide_new(key, info, owner, packets)
+
+    def _destination_outcome(self, info: PacketInfo, domain: str) -> Outcome:
+        """The verdict of a connection whose process does not matter. Without an external handler it
+        depends only on the destination (IP version, protocol, address, port, name) and on whether this
+        is the first packet, so it is remembered per destination until anything else `decide()` looks at
+        changes (the policy, the VPN state: `_decisions` is cleared there): an app's next connection to
+        the same server skips the policy walk."""
+        first = info.protocol != TCP or info.tcp_first
+        cacheable = self.slot.get() is None
+        key = (info.ip_version, info.protocol, info.dst_ip, info.dst_port, domain, first)
+        if cacheable and (outcome := self._decisions.get(key)) is not None:
+            return outcome
+        outcome = self._evaluate(_flow(info), None, domain, False)
+        if cacheable:
+            if len(self._decisions) >= MAX_DECISIONS:
+                self._decisions.clear()
+            self._decisions[key] = outcome
+        return outcome
 
     def _retry(self, key: CtTuple, attempt: int) -> None:
         pending = self._pending.pop(key, None)
@@ -250,6 +350,7 @@ class Engine:
         for key in list(self._pending):
             pending = self._pending.pop(key)
             self._decide_new(key, pending.info, None, pending.packets)
+        self.flush_events()
 
     def _apply(self, pkt: QueuedPacket, outcome: Outcome) -> None:
         pkt.set_mark(int(outcome.mark))
@@ -274,21 +375,29 @@ class Engine:
         return outcome
 
     def _decide_new(self, key: CtTuple, info: PacketInfo, owner: Owner | None, packets: list[QueuedPacket]) -> None:
-        now = self.clock()
-        domain = self.names.lookup(info.dst_ip, now)
+        domain = self.names.lookup(info.dst_ip, self.clock())
         own = owner is not None and owner.info.pid in self.own_pids()
-        flow = Flow(
-            ip_version=info.ip_version,
-            protocol=info.protocol,
-            src_ip=info.src_ip,
-            src_port=info.src_port,
-            dst_ip=info.dst_ip,
-            dst_port=info.dst_port,
-            first_packet=info.protocol != TCP or info.tcp_first,
-        )
-        outcome = self._evaluate(flow, owner, domain, own)
+        flow = _flow(info)
+        self._decided(key, flow, owner, domain, own, self._evaluate(flow, owner, domain, own), packets)
+
+    def _decided(
+        self,
+        key: CtTuple,
+        flow: Flow | PacketInfo,
+        owner: Owner | None,
+        domain: str,
+        own: bool,
+        outcome: Outcome,
+        packets: list[QueuedPacket],
+    ) -> LiveConn:
+        """Give the verdict, then track the connection and queue its events for the end of this batch."""
         for pkt in packets:
             self._apply(pkt, outcome)
+        if self._arrived:  # not for a connection decided late (retries, stop)
+            self.counters["verdict_us"] += (time.perf_counter_ns() - self._arrived) // 1000
+        if isinstance(flow, PacketInfo):
+            flow = _flow(flow)
+        now = self.clock()
         self.counters["decided"] += 1
         if outcome.split:
             self.counters["split"] += 1
@@ -298,8 +407,48 @@ class Engine:
         if len(self.live) > MAX_LIVE:
             self.live.popitem(last=False)
             self.counters["untracked"] += 1
-        self._publish_new(conn, now)
-        self._publish_verdict(conn, now)
+        if not self._unpublished:
+            self.schedule(0.0, self.flush_events)
+        self._unpublished.append(conn)
+        return conn
+
+    def _attribute(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> Owner | None:
+        started = time.perf_counter_ns()
+        try:
+            return self.attribute(protocol, src_ip, sport, dst_ip, dport)
+        finally:
+            self.counters["attribution_us"] += (time.perf_counter_ns() - started) // 1000
+
+    def _attribute_after_verdict(self, conn: LiveConn) -> None:
+        """The process of a connection already decided without it, for its events (and re-evaluations)."""
+        f = conn.flow
+        self.counters["attributed_after_verdict"] += 1
+        try:
+            owner = self._attribute(f.protocol, f.src_ip, f.src_port, f.dst_ip, f.dst_port)
+        except Exception as exc:  # the verdict is given; the connection just has no process in its events
+            self.counters["errors"] += 1
+            self._once("attribution.failed", f"{type(exc).__name__}: {exc}")
+            owner = None
+        if owner is None:
+            self.counters["unattributed"] += 1
+            return
+        conn.owner = owner
+        conn.own = owner.info.pid in self.own_pids()  # kept in the VPN already; re-evaluations treat it as ours
+
+    def flush_events(self) -> None:
+        """End of a batch of packets: conn.new and conn.verdict for every connection decided in it."""
+        if not self._unpublished:
+            return
+        started = time.perf_counter_ns()
+        batch, self._unpublished = self._unpublished, []
+        for conn in batch:
+            try:
+                self._publish_new(conn, conn.started)
+                self._publish_verdict(conn, conn.started)
+            except Exception as exc:
+                self.counters["errors"] += 1
+                self._once("event.failed", f"{type(exc).__name__}: {exc}")
+        self.counters["busy_us"] += (time.perf_counter_ns() - started) // 1000
 
     # --- events ----------------------------------------------------------------------------------------
 
@@ -338,6 +487,7 @@ class Engine:
 
     def on_conntrack_destroyed(self, entries: list[CtEntry]) -> None:
         """conn.end for our connections whose conntrack entry is gone (closed or timed out)."""
+        self.flush_events()  # conn.new before conn.end, always
         now = self.clock()
         for entry in entries:
             conn = self.live.pop(entry.tuple, None)
@@ -352,6 +502,7 @@ class Engine:
         Re-queueing = deleting the conntrack entry: the next packet is NEW, our rules queue it and it is
         decided afresh (a new conn_id: conn.end closes the old one, so a conn_id's verdict only goes up).
         """
+        self.flush_events()  # conn.new before any conn.end it causes
         resets = 0
         now = self.clock()
         for key, conn in list(self.live.items()):
