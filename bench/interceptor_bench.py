@@ -1,0 +1,644 @@
+"""What interception costs a new connection: latency, connections/s, packets to user space, attribution.
+
+`python -m bench interceptor` builds its own lab (`ib`, the VPN owns the default route), starts a tiny
+HTTP origin in `inet` (haproxy, both server addresses) and measures the same client workload from the lab
+host side by side in one run:
+- off: splittun not running (measured before `splittun up` and again after `splittun down`);
+- bare NFQUEUE: no splittun; every new TCP connection goes through a bare Python NFQUEUE loop
+  (netfilterqueue, accept with a mark): the floor any Python interceptor starts from;
+- dest policy: `splittun up` in the host namespace (its own SPLITTUN_HOME), split tunnelling enabled with
+  destination-only rules, so the verdict needs no process;
+- app policy: the same with app rules in front, so every verdict needs the connection's process.
+Each policy is measured for a destination that stays in the VPN (203.0.113.80: the interceptor's cost
+alone) and one that is split (203.0.113.81: the interceptor plus the proxy, and the ISP path instead of
+the VPN's).
+
+Measurements:
+- latency: sequential connections, each from a freshly forked small process with few fds (as with curl):
+  connect() and first response byte, p50/p99;
+- rate: new connections/s with wrk (-c64, `Connection: close`, so one connection per request; wrk holds
+  ~70 fds, the case where finding a socket's process is most expensive);
+- packets that reached user space per connection, from the host's /proc/net/netfilter/nfnetlink_queue;
+- the interceptor's own time per connection (its busy_us and verdict_us counters) and the share of
+  connections whose process it did not find;
+- process attribution in-process with the real procinfo code, in the lab host namespace.
+The clients run as uid 65534, as apps run as a user while splittun runs as root. One run takes about a
+minute; everything is torn down at the end, also on failure. `python -m bench.interceptor_bench --help`
+has the knobs (sections, sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.proxy_bench import _err, _raise_nofile, machine
+from messages import endpoints as ep
+from messages.control import RequestFailed
+from messages.transport import request
+from splittun.lab import Lab
+from splittun.lab import topology as T
+
+LAB_NAME = "ib"
+KEEP_DST = T.SERVER_V4[0]  # no rule: stays in the VPN
+SPLIT_DST = T.SERVER_V4[1]  # split by the policies below
+PORTS = range(8100, 8140)  # one origin port per measurement: no TIME_WAIT/conntrack state shared between runs
+PY = sys.executable
+TOOL = [PY, "-m", "bench.interceptor_bench", "tool"]
+CLIENT_NAME = "ibclient"  # comm of the latency client, so app rules can name it
+APP_UID = 65534  # the clients run as a user, as apps do; splittun runs as root
+BARE_QUEUE = 17040
+NEEDS = ("ip", "iptables-legacy", "haproxy", "wrk", "setpriv")
+OUT_QUEUES = range(17040, 17080)  # outbound queue groups (v4 17040+i, v6 17060+i)
+REQUEST = b"GET / HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n"
+
+DEST_POLICY: list[dict[str, Any]] = [
+    {"id": "dest", "action": "split", "dest": SPLIT_DST},
+    {"id": "vpn-net", "action": "keep", "dest": "198.51.100.0/24"},
+    {"id": "by-name", "action": "split", "dest": ".split.example.com"},
+]
+APP_POLICY: list[dict[str, Any]] = [
+    {"id": "firefox", "action": "split", "app_path": "/usr/bin/firefox", "children": True},
+    {"id": "client", "action": "split", "app_name": CLIENT_NAME, "dest": SPLIT_DST},
+    {"id": "wrk", "action": "split", "app_path": "/usr/bin/wrk", "dest": SPLIT_DST},
+    *DEST_POLICY[1:],
+]
+
+
+# --- tools that run inside the lab host namespace -------------------------------------------------------
+
+
+def _set_comm(name: str) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME
+
+
+def _one_connection(ip: str, port: int) -> tuple[int, int]:
+    """(connect ns, first response byte ns) of one HTTP/1.1 request on a new connection."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        t0 = time.perf_counter_ns()
+        s.connect((ip, port))
+        t1 = time.perf_counter_ns()
+        s.sendall(REQUEST)
+        if not s.recv(1):
+            raise ConnectionError("closed before answering")
+        t2 = time.perf_counter_ns()
+        while s.recv(4096):
+            pass
+    return t1 - t0, t2 - t0
+
+
+def _drop_to(uid: int) -> None:
+    """Run as the app would: not as root (the interpreter lives under /root, so drop after starting)."""
+    if uid >= 0 and os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+
+
+def tool_connect(ip: str, port: int, n: int, uid: int) -> None:
+    """n sequential connections, each from a new forked process (few fds, never seen before, like curl)."""
+    _set_comm(CLIENT_NAME)
+    _drop_to(uid)
+    times: list[tuple[int, int]] = []
+    failed = 0
+    for _ in range(n):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                out = "{} {}".format(*_one_connection(ip, port))
+            except OSError:
+                out = "-"
+            os.write(w, out.encode())
+            os._exit(0)
+        os.close(w)
+        data = os.read(r, 64).decode()
+        os.close(r)
+        os.waitpid(pid, 0)
+        if data.count(" ") == 1:
+            a, b = data.split()
+            times.append((int(a), int(b)))
+        else:
+            failed += 1
+    print(json.dumps({"connect": [a for a, _ in times], "first_byte": [b for _, b in times], "failed": failed}))
+
+
+def tool_nfqueue(queue: int) -> None:
+    """The floor: a bare Python NFQUEUE loop (netfilterqueue, blocking recv) that accepts every packet
+    with a mark, doing nothing else."""
+    from netfilterqueue import NetfilterQueue
+
+    def verdict(pkt: Any) -> None:
+        pkt.get_payload()
+        pkt.set_mark(0)
+        pkt.accept()
+
+    q = NetfilterQueue()
+    q.bind(queue, verdict, max_len=4096, range=256)
+    print("ready", flush=True)
+    try:
+        q.run()
+    finally:
+        q.unbind()
+
+
+def tool_spawner(ip: str, port: int) -> None:
+    """For each line on stdin, fork a process that connects to ip:port, prints "pid port" and waits to
+    be killed (it is reaped at once: SIGCHLD is ignored)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    for _line in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            c = socket.create_connection((ip, port))
+            print(os.getpid(), c.getsockname()[1], flush=True)
+            signal.pause()
+            os._exit(0)
+
+
+def _median_us(samples: list[int]) -> float:
+    return statistics.median(samples) / 1000
+
+
+def tool_attribution(rounds: int) -> None:
+    """Process attribution with the real procinfo code (sock_diag, /proc) on this namespace's sockets."""
+    from actors.interceptor.procinfo import Attributor, ProcReader, SockDiag
+
+    _raise_nofile()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4096)
+    dst, dport = srv.getsockname()
+
+    def new_client() -> tuple[socket.socket, int]:
+        c = socket.create_connection((dst, dport))
+        srv.accept()[0].close()
+        return c, c.getsockname()[1]
+
+    diag = SockDiag()
+    reader = ProcReader()
+    shared = Attributor(diag, reader)
+    results: dict[str, float] = {}
+    held: list[socket.socket] = []
+
+    def timed(fn: Any) -> float:
+        samples = []
+        for _ in range(rounds):
+            t0 = time.perf_counter_ns()
+            fn()
+            samples.append(time.perf_counter_ns() - t0)
+        return _median_us(samples)
+
+    def new_socket() -> float:
+        """A connection made now by this (already known) process: its socket is new, the process is not."""
+        samples = []
+        for _ in range(rounds):
+            sock, port = new_client()
+            t0 = time.perf_counter_ns()
+            found = shared.attribute(6, dst, port, dst, dport)
+            samples.append(time.perf_counter_ns() - t0)
+            sock.close()
+            assert found is not None and found.info.pid == os.getpid(), "attribution found another process"
+        return _median_us(samples)
+
+    def new_process() -> float:
+        """A connection made by a process started a moment ago (curl): new socket, new pid, known parents.
+        Another process forks them, as a shell would: a process that forks pays for it afterwards in
+        copy-on-write faults, which would be charged to the attribution measured here."""
+        spawner = subprocess.Popen([*TOOL, "spawner", dst, str(dport)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert spawner.stdin is not None and spawner.stdout is not None
+        samples = []
+        try:
+            for _ in range(min(rounds, 100)):
+                spawner.stdin.write("\n")
+                spawner.stdin.flush()
+                pid, port = map(int, spawner.stdout.readline().split())
+                srv.accept()[0].close()
+                time.sleep(0.002)  # as the interceptor would: it was idle while the process started
+                t0 = time.perf_counter_ns()
+                found = shared.attribute(6, dst, port, dst, dport)
+                samples.append(time.perf_counter_ns() - t0)
+                os.kill(pid, signal.SIGKILL)
+                assert found is not None and found.info.pid == pid, "attribution found another process"
+        finally:
+            spawner.kill()
+            spawner.wait()
+        return _median_us(samples)
+
+    try:
+        c, sport = new_client()
+        held.append(c)
+        results["sock_diag lookup alone"] = timed(lambda: diag.lookup(6, dst, sport, dst, dport))
+        results["cold: nothing cached (/proc scan, process and its parents described)"] = timed(
+            lambda: Attributor(diag, reader).attribute(6, dst, sport, dst, dport)
+        )
+        shared.attribute(6, dst, sport, dst, dport)
+        results["the same socket again (cached)"] = timed(lambda: shared.attribute(6, dst, sport, dst, dport))
+        results["new process, parents known (curl)"] = new_process()
+        fds = len(os.listdir("/proc/self/fd"))
+        results[f"new socket of a known process with {fds} fds"] = new_socket()
+        while len(os.listdir("/proc/self/fd")) < 500:
+            held.append(new_client()[0])
+        fds = len(os.listdir("/proc/self/fd"))
+        results[f"new socket of a known process with {fds} fds (a browser)"] = new_socket()
+    finally:
+        for s in held:
+            s.close()
+        srv.close()
+        diag.close()
+    print(json.dumps(results))
+
+
+# --- the benchmark --------------------------------------------------------------------------------------
+
+
+def _pair(values: list[int]) -> str:
+    return f"{pct(values, 0.5):.3f} / {pct(values, 0.99):.3f}"
+
+
+def _added(values: list[int], base: list[int]) -> str:
+    return f"{pct(values, 0.5) - pct(base, 0.5):+.3f} / {pct(values, 0.99) - pct(base, 0.99):+.3f}"
+
+
+def pct(values: list[int], q: float) -> float:
+    """q-quantile in ms (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
+
+
+@dataclass
+class Run:
+    """One measurement: a variant (off / dest policy / app policy), a path, what it gave."""
+
+    kind: str
+    variant: str
+    path: str
+    connect: list[int] = field(default_factory=list)
+    first_byte: list[int] = field(default_factory=list)
+    rate: float = 0.0
+    errors: int = 0
+    connections: int = 0
+    queued: int = 0
+    busy_us: int = 0
+    verdict_us: int = 0
+    decided: int = 0
+    unattributed: int = 0  # connections whose process was not found
+
+
+class Bench:
+    def __init__(self, connects: int, seconds: float, quiet: bool = False) -> None:
+        self.connects = connects
+        self.seconds = seconds
+        self.quiet = quiet
+        self.lab = Lab(name=LAB_NAME, style="replaced")
+        self.tmp = Path(tempfile.mkdtemp(prefix="ib-", dir="/tmp"))
+        self.home = self.tmp / "home"
+        self.env = {**os.environ, "PYTHONPATH": os.getcwd(), "SPLITTUN_HOME": str(self.home)}
+        self.env.pop("SPLITTUN_RUN_DIR", None)
+        self.procs: list[subprocess.Popen[Any]] = []
+        self.ports = iter(PORTS)
+        self.runs: list[Run] = []
+        self.attribution: dict[str, float] = {}
+        self.splittun_up = False
+        self.bare = False
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(f"  {text}", file=sys.stderr, flush=True)
+
+    def sh(self, role: str, argv: list[str], timeout: float = 60) -> str:
+        done = self.lab.exec(role, argv, capture_output=True, text=True, timeout=timeout, env=self.env)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
+        return done.stdout
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def up(self) -> None:
+        self.say(f"building lab {LAB_NAME}")
+        self.lab.up()
+        self.home.mkdir()
+        cfg = self.tmp / "origin.cfg"
+        binds = "".join(f"    bind {ip}:{PORTS[0]}-{PORTS[-1]}\n" for ip in (KEEP_DST, SPLIT_DST))
+        cfg.write_text(
+            "global\n    nbthread 1\n    maxconn 8000\n"
+            "defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n"
+            f"frontend web\n{binds}"
+            '    http-request return status 200 content-type text/plain string "ok\\n"\n'
+        )
+        log = open(self.tmp / "origin.log", "ab")  # noqa: SIM115 - kept open for the process's life
+        self.procs.append(self.lab.popen("inet", ["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=log,
+                                         preexec_fn=_raise_nofile))  # fmt: skip
+        deadline = time.monotonic() + 10
+        while f"{SPLIT_DST}:{PORTS[-1]}" not in self.sh("inet", ["ss", "-Htln"]):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the origin did not start: {(self.tmp / 'origin.log').read_text()[-500:]}")
+            time.sleep(0.05)
+
+    def down(self) -> None:
+        if self.splittun_up:
+            with contextlib.suppress(Exception):
+                self.splittun("down", timeout=60)
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.lab.down()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def splittun(self, *args: str, timeout: float = 60) -> str:
+        done = self.lab.exec("host", [PY, "-m", "splittun.cli", *args], capture_output=True, text=True,
+                             timeout=timeout, env=self.env)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"splittun {' '.join(args)}: {done.stdout.strip()} {done.stderr.strip()}")
+        return done.stdout
+
+    def start_splittun(self) -> None:
+        self.say("splittun up")
+        self.splittun_up = True
+        self.splittun("up")
+        deadline = time.monotonic() + 20
+        while not self._interceptor_active():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the interceptor did not become active")
+            time.sleep(0.1)
+
+    def stop_splittun(self) -> None:
+        self.say("splittun down")
+        self.splittun("down")
+        self.splittun_up = False
+
+    def ask(self, instance: str, op: str) -> Any:
+        return request(ep.actor_endpoint(self.home / "run", instance), op, timeout=5, who=instance)
+
+    def _interceptor_active(self) -> bool:
+        try:
+            return bool(self.ask("interceptor", "status")["active"])
+        except RequestFailed:
+            return False
+
+    def set_policy(self, rules: list[dict[str, Any]]) -> None:
+        """Through the real controller (config file, reload, policy.snapshot); wait until the interceptor
+        decides with it."""
+        self.splittun("config", "set", "splittun/rules", json.dumps(rules))
+        self.splittun("enable")
+        want = self.ask("controller", "policy")["version"]
+        deadline = time.monotonic() + 10
+        while self.ask("interceptor", "status")["policy_version"] < want:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the interceptor did not adopt the policy")
+            time.sleep(0.05)
+
+    # --- measurements ---------------------------------------------------------------------------------
+
+    def fresh_port(self) -> int:
+        """A port nobody used in this run, so no connection of an earlier one shares a conntrack entry.
+        Conntrack is not flushed: that would re-queue the packets of earlier runs' closing connections
+        and flood the interceptor with their ends while the next run starts."""
+        return next(self.ports)
+
+    def queue_total(self) -> int:
+        text = self.sh("host", ["cat", "/proc/net/netfilter/nfnetlink_queue"])
+        fields = (line.split() for line in text.splitlines())
+        return sum(int(f[7]) for f in fields if len(f) >= 8 and int(f[0]) in OUT_QUEUES)
+
+    def engine_counters(self) -> tuple[int, int, int, int]:
+        """(busy_us, verdict_us, decided, unattributed) of the interceptor (one worker here)."""
+        if not self.splittun_up:
+            return 0, 0, 0, 0
+        c = self.ask("interceptor", "counters")
+        return c.get("busy_us", 0), c.get("verdict_us", 0), c.get("decided", 0), c.get("unattributed", 0)
+
+    @contextlib.contextmanager
+    def counted(self, run: Run) -> Iterator[None]:
+        queueing = self.splittun_up or self.bare
+        q0 = self.queue_total() if queueing else 0
+        e0 = self.engine_counters()
+        yield
+        if queueing:
+            run.queued = self.queue_total() - q0
+        if self.splittun_up:
+            run.busy_us, run.verdict_us, run.decided, run.unattributed = (
+                b - a for a, b in zip(e0, self.engine_counters(), strict=True)
+            )
+
+    @contextlib.contextmanager
+    def bare_queue(self) -> Iterator[None]:
+        """The floor for comparison: every new TCP connection queued to a bare Python NFQUEUE loop."""
+        proc = self.lab.popen("host", [*TOOL, "nfqueue", str(BARE_QUEUE)], stdout=subprocess.PIPE, text=True,
+                              env=self.env)  # fmt: skip
+        self.procs.append(proc)
+        rule = ["OUTPUT", "-p", "tcp", "-m", "conntrack", "--ctstate", "NEW",
+                "-j", "NFQUEUE", "--queue-num", str(BARE_QUEUE), "--queue-bypass"]  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("the bare NFQUEUE loop did not start")
+            self.sh("host", ["iptables-legacy", "-w", "-t", "mangle", "-A", *rule])
+            self.bare = True
+            yield
+        finally:
+            self.bare = False
+            self.lab.exec("host", ["iptables-legacy", "-w", "-t", "mangle", "-D", *rule])
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(5)
+
+    def latency(self, variant: str, path: str, dst: str) -> Run:
+        run = Run("latency", variant, path)
+        port = self.fresh_port()
+        with self.counted(run):
+            out = self.sh("host", [*TOOL, "connect", dst, str(port), str(self.connects), str(APP_UID)], timeout=120)
+        data = json.loads(out)
+        run.connect, run.first_byte, run.errors = data["connect"], data["first_byte"], data["failed"]
+        run.connections = len(run.connect) + run.errors
+        self.runs.append(run)
+        self.say(
+            f"latency {variant:12} {path:6} connect p50 {pct(run.connect, 0.5):.3f} p99 {pct(run.connect, 0.99):.3f} "
+            f"first byte p50 {pct(run.first_byte, 0.5):.3f} p99 {pct(run.first_byte, 0.99):.3f} ms"
+            f"{self._per_conn(run)}"
+        )
+        return run
+
+    def rate(self, variant: str, path: str, dst: str) -> Run:
+        run = Run("rate", variant, path)
+        port = self.fresh_port()
+        with self.counted(run):
+            out = self.sh("host", ["setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}", "--clear-groups",
+                                   "wrk", "-t2", "-c64", f"-d{self.seconds:g}s", "-H", "Connection: close",
+                                   f"http://{dst}:{port}/"], timeout=self.seconds + 30)  # fmt: skip
+        run.rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        run.errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+        requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        run.connections = requests + run.errors
+        self.runs.append(run)
+        self.say(f"rate    {variant:12} {path:6} {run.rate:,.0f}/s{_err(run.errors)}{self._per_conn(run)}")
+        return run
+
+    @staticmethod
+    def _per_conn(run: Run) -> str:
+        if not run.queued:
+            return ""
+        return (
+            f"  [{run.queued / max(run.connections, 1):.2f} pkt/conn to user space, "
+            f"{run.busy_us / max(run.decided, 1):.0f} µs/conn in the interceptor "
+            f"({run.verdict_us / max(run.decided, 1):.0f} to the verdict), "
+            f"{run.unattributed} of {run.decided} without process]"
+        )
+
+    def attribution_bench(self) -> None:
+        out = self.sh("host", [*TOOL, "attribution", "200"], timeout=120)
+        self.attribution = json.loads(out)
+        for what, us in self.attribution.items():
+            self.say(f"attribution {what}: {us:.1f} µs")
+
+    def run(self, sections: set[str]) -> None:
+        self.up()
+        if "attr" in sections:
+            self.attribution_bench()
+        measure = [m for m in (("latency", self.latency), ("rate", self.rate)) if m[0] in sections]
+        for _, fn in measure:
+            fn("off", "vpn", KEEP_DST)
+        with self.bare_queue():
+            for _, fn in measure:
+                fn("bare NFQUEUE", "vpn", KEEP_DST)
+        self.start_splittun()
+        for name, rules in (("dest policy", DEST_POLICY), ("app policy", APP_POLICY)):
+            self.set_policy(rules)
+            for _, fn in measure:
+                fn(name, "vpn", KEEP_DST)
+                fn(name, "split", SPLIT_DST)
+        self.stop_splittun()
+        for _, fn in measure:
+            fn("off", "vpn", KEEP_DST)
+
+    # --- report ---------------------------------------------------------------------------------------
+
+    def table(self) -> str:
+        lines = []
+        lat = [r for r in self.runs if r.kind == "latency"]
+        if lat:
+            base_c = [x for r in lat if r.variant == "off" for x in r.connect]
+            base_f = [x for r in lat if r.variant == "off" for x in r.first_byte]
+            lines += [
+                f"Latency: {self.connects} sequential connections per row, each from a new process (like curl), "
+                "in ms; added = minus the two off rows together.",
+                "",
+                "| variant | path | connect p50 / p99 | added | first byte p50 / p99 | added "
+                "| packets to user space / conn | interceptor µs / conn (to verdict) | without process |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in lat:
+                off = r.variant == "off"
+                lines.append(
+                    f"| {r.variant} | {r.path} | {_pair(r.connect)} | {'' if off else _added(r.connect, base_c)} "
+                    f"| {_pair(r.first_byte)} | {'' if off else _added(r.first_byte, base_f)} "
+                    f"| {self._pkts(r)} | {self._busy(r)} | {self._unattributed(r)} |"
+                )
+            lines.append("")
+        rates = [r for r in self.runs if r.kind == "rate"]
+        if rates:
+            base = statistics.mean(r.rate for r in rates if r.variant == "off")
+            lines += [
+                f"New connections/s: wrk -t2 -c64 -d{self.seconds:g}s, `Connection: close`; × = of the off rows' mean.",
+                "",
+                "| variant | path | connections/s | × off | packets to user space / conn "
+                "| interceptor µs / conn (to verdict) | without process |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r.variant} | {r.path} | {r.rate:,.0f}{_err(r.errors)} | {r.rate / base:.2f}× "
+                f"| {self._pkts(r)} | {self._busy(r)} | {self._unattributed(r)} |"
+                for r in rates
+            ]
+            lines.append("")
+        if self.attribution:
+            lines += ["Process attribution (the real procinfo code in the lab host namespace, median):", ""]
+            lines += ["| what | µs |", "|---|---|"]
+            lines += [f"| {what} | {us:.1f} |" for what, us in self.attribution.items()]
+        return "\n".join(lines)
+
+    @staticmethod
+    def _pkts(r: Run) -> str:
+        return f"{r.queued / max(r.connections, 1):.2f}" if r.queued else "–"
+
+    @staticmethod
+    def _busy(r: Run) -> str:
+        """Interceptor time per connection: all of it (events included), and until the verdict."""
+        if not r.decided:
+            return "–"
+        return (
+            f"{r.busy_us / r.decided:.0f} ({r.verdict_us / r.decided:.0f})"
+            if r.verdict_us
+            else f"{r.busy_us / r.decided:.0f}"
+        )
+
+    @staticmethod
+    def _unattributed(r: Run) -> str:
+        return f"{100 * r.unattributed / r.decided:.1f} %" if r.decided else "–"
+
+
+SECTIONS = ("latency", "rate", "attr")
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["tool"]:
+        cmd, *args = argv[1:]
+        if cmd == "connect":
+            tool_connect(args[0], int(args[1]), int(args[2]), int(args[3]))
+        elif cmd == "nfqueue":
+            tool_nfqueue(int(args[0]))
+        elif cmd == "spawner":
+            tool_spawner(args[0], int(args[1]))
+        elif cmd == "attribution":
+            tool_attribution(int(args[0]))
+        else:
+            print(f"unknown tool {cmd!r}", file=sys.stderr)
+            return 2
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m bench interceptor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connects", type=int, default=500, help="sequential connections per latency row")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each wrk run")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these parts (repeatable)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("interceptor bench: needs root (lab namespaces)", file=sys.stderr)
+        return 1
+    missing = [t for t in NEEDS if shutil.which(t) is None]
+    if missing:
+        print(f"interceptor bench: missing {', '.join(missing)} (`make deps` installs them)", file=sys.stderr)
+        return 1
+    bench = Bench(args.connects, args.seconds)
+    try:
+        bench.run(set(args.only or SECTIONS))
+    finally:
+        bench.down()
+    print(f"{time.strftime('%Y-%m-%d')}, {machine()}\n")
+    print(bench.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
