@@ -15,8 +15,22 @@ from actors.interceptor.engine import RETRY_DELAYS, Engine
 from actors.interceptor.hook import HandlerSlot
 from actors.interceptor.names import NameTable
 from actors.interceptor.procinfo import Owner
-from messages import ConnEnd, ConnNew, ConnVerdict, Mark, PolicyRule, PolicySnapshot, ProcessInfo, Verdict, flow_key
+from messages import (
+    ConnEnd,
+    ConnNew,
+    ConnVerdict,
+    GatewayRecord,
+    InterfaceRecord,
+    Mark,
+    NetenvChanged,
+    PolicyRule,
+    PolicySnapshot,
+    ProcessInfo,
+    Verdict,
+    flow_key,
+)
 from messages.log import EventLog
+from messages.marks import split_interface_index, split_mark
 from splittun.policy import AppFacts
 
 FIXTURES = Path(__file__).parent / "fixtures" / "interceptor"
@@ -45,6 +59,27 @@ CURL = Owner(
 )
 
 
+#: The host as netenv sees it: eth0 (index 2) is the uplink of both families; eth1 (index 5) is another.
+NETENV = NetenvChanged(
+    seq=1,
+    ts=0.0,
+    interfaces=[
+        InterfaceRecord(name="eth0", index=2, addresses=["192.0.2.10/26", "2001:db8:10::10/64"],
+                        ipv4="192.0.2.10", ipv6="2001:db8:10::10"),
+        InterfaceRecord(name="eth1", index=5, addresses=["192.0.2.130/26"], ipv4="192.0.2.130"),
+    ],
+    gateways=[GatewayRecord(gateway="192.0.2.1", interface="eth0", family=4),
+              GatewayRecord(gateway="2001:db8:10::1", interface="eth0", family=6),
+              GatewayRecord(gateway="192.0.2.129", interface="eth1", family=4)],
+    uplink_ipv4="eth0",
+    uplink_ipv6="eth0",
+)  # fmt: skip
+
+
+def is_split(mark: int | None) -> bool:
+    return mark is not None and split_interface_index(mark) is not None
+
+
 class Harness:
     def __init__(self, owner: Owner | None = CURL, handler: Any = None) -> None:
         self.events: list[Any] = []
@@ -66,6 +101,7 @@ class Harness:
             handler_slot=self.slot,
             clock=lambda: 1000.0,
         )
+        self.engine.set_netenv(NETENV)  # eth0 is the uplink: splits have somewhere to go
 
     def _attribute(self, *key: Any) -> Owner | None:
         self.attribute_calls += 1
@@ -111,7 +147,7 @@ def test_split_connection_gets_mark_1719_and_events_with_the_proxy_key() -> None
     h = Harness()
     h.policy(1, SPLIT_80)
     pkt = h.send("tcp4_syn")
-    assert (pkt.mark, pkt.accepted) == (Mark.REROUTE_TO_SPLIT_TUN, 1)
+    assert (pkt.mark, pkt.accepted) == (split_mark(2), 1)  # eth0's index: the rule names it
     [new] = h.of(ConnNew)
     [verdict] = h.of(ConnVerdict)
     assert new.conn_id == verdict.conn_id and new.process == CURL.info
@@ -132,7 +168,7 @@ def test_a_second_queued_packet_of_the_same_flow_gets_the_same_verdict_and_no_ne
     h = Harness()
     h.policy(1, SPLIT_80)
     first, second = h.send("udp4"), h.send("udp4")
-    assert first.mark == second.mark == Mark.REROUTE_TO_SPLIT_TUN  # the rule splits every port of .80
+    assert first.mark == second.mark == split_mark(2)  # the rule splits every port of .80
     assert len(h.of(ConnNew)) == 1
 
 
@@ -186,7 +222,7 @@ def test_attribution_is_retried_when_the_policy_needs_the_app() -> None:
     h.send("tcp4_syn")  # a retransmission while waiting joins the pending flow
     h.owner = CURL
     h.run_timers()
-    assert pkt.mark == Mark.REROUTE_TO_SPLIT_TUN and pkt.accepted == 1
+    assert is_split(pkt.mark) and pkt.accepted == 1
     assert len(h.of(ConnNew)) == 1 and h.of(ConnNew)[0].process == CURL.info
 
 
@@ -203,7 +239,7 @@ def test_attribution_gives_up_after_the_retries_and_decides_without_the_app() ->
 def test_no_waiting_when_the_policy_has_no_app_rules() -> None:
     h = Harness(owner=None)
     h.policy(1, SPLIT_80)
-    assert h.send("tcp4_syn").mark == Mark.REROUTE_TO_SPLIT_TUN and h.timers == []
+    assert is_split(h.send("tcp4_syn").mark) and h.timers == []
 
 
 def test_pending_packets_are_decided_on_stop() -> None:
@@ -232,7 +268,7 @@ def test_first_connection_after_a_lookup_matches_the_domain_rule() -> None:
     answer = h.send(dns_answer_packet("www.example.com", bytes([203, 0, 113, 80])), inbound=True)
     assert answer.accepted == 1 and answer.mark is None  # DNS answers pass unchanged
     pkt = h.send("tcp4_syn")
-    assert pkt.mark == Mark.REROUTE_TO_SPLIT_TUN
+    assert is_split(pkt.mark)
     assert h.of(ConnNew)[0].domain == "www.example.com"
     assert h.of(ConnVerdict)[0].rule == "dom"
 
@@ -263,7 +299,7 @@ def test_policy_change_requeues_udp_flows_and_leaves_split_tcp_alone() -> None:
     h.policy(1, SPLIT_80)
     tcp = h.send("tcp4_syn")
     udp = h.send("udp4")
-    assert tcp.mark == udp.mark == Mark.REROUTE_TO_SPLIT_TUN
+    assert tcp.mark == udp.mark and is_split(tcp.mark)
     h.events.clear()
     h.policy(2)  # split nothing any more
     [end] = h.of(ConnEnd)
@@ -359,7 +395,7 @@ def test_with_app_rules_the_verdict_waits_for_the_process() -> None:
     h = Recorder()
     h.policy(1, SPLIT_CURL)
     pkt = h.send("tcp4_syn")
-    assert h.log == ["attribute", "verdict"] and pkt.mark == Mark.REROUTE_TO_SPLIT_TUN
+    assert h.log == ["attribute", "verdict"] and is_split(pkt.mark)
 
 
 def test_a_split_waits_for_the_process_so_our_own_connections_are_never_split() -> None:
@@ -370,7 +406,7 @@ def test_a_split_waits_for_the_process_so_our_own_connections_are_never_split() 
     assert h.log == ["attribute", "verdict"] and pkt.mark == Mark.ACCEPT_FINAL
     h.engine.heard_actor("netenv", 1)  # not ours any more
     h.log.clear()
-    assert h.send("udp4").mark == Mark.REROUTE_TO_SPLIT_TUN and h.log == ["attribute", "verdict"]
+    assert is_split(h.send("udp4").mark) and h.log == ["attribute", "verdict"]
 
 
 def test_the_events_of_a_batch_of_packets_are_published_at_its_end() -> None:
@@ -447,8 +483,8 @@ def test_remembered_destination_verdicts_follow_learned_names_and_new_policies()
     h.policy(1, SPLIT_DOMAIN, PolicyRule(id="keep-81", action="keep", dest="203.0.113.81"))
     assert h.send(from_port("tcp4_syn", 40001)).mark == Mark.ACCEPT_ALWAYS  # no name known yet
     h.send(dns_answer_packet("www.example.com", bytes([203, 0, 113, 80])), inbound=True)
-    assert h.send(from_port("tcp4_syn", 40002)).mark == Mark.REROUTE_TO_SPLIT_TUN  # now it has one
-    assert h.send(from_port("tcp4_syn", 40003)).mark == Mark.REROUTE_TO_SPLIT_TUN
+    assert is_split(h.send(from_port("tcp4_syn", 40002)).mark)  # now it has one
+    assert is_split(h.send(from_port("tcp4_syn", 40003)).mark)
     h.policy(2, PolicyRule(id="keep-all", action="keep"))
     pkt = h.send(from_port("tcp4_syn", 40004))
     assert pkt.mark == Mark.ACCEPT_ALWAYS and h.of(ConnVerdict)[-1].rule == "keep-all"
@@ -479,7 +515,7 @@ def test_a_split_of_a_users_app_does_not_wait_for_its_process() -> None:
     h = with_uids(Recorder(), socket_uid=1000)
     h.policy(1, SPLIT_80)
     pkt = h.send("tcp4_syn")
-    assert pkt.mark == Mark.REROUTE_TO_SPLIT_TUN and h.log == ["verdict", "attribute"]
+    assert is_split(pkt.mark) and h.log == ["verdict", "attribute"]
     assert h.of(ConnNew)[0].process == CURL.info
 
 
@@ -489,3 +525,30 @@ def test_a_split_of_a_socket_of_our_uid_still_checks_the_process_first() -> None
     h.engine.heard_actor("controller", CURL.info.pid)
     pkt = h.send("tcp4_syn")
     assert pkt.mark == Mark.ACCEPT_FINAL and h.log == ["attribute", "verdict"]
+
+
+def test_a_rules_own_interface_travels_in_the_split_mark() -> None:
+    h = Harness()
+    h.policy(1, PolicyRule(id="wifi", action="split", dest="203.0.113.80", interface="eth1"))
+    pkt = h.send("tcp4_syn")
+    assert pkt.mark == split_mark(5)  # eth1's index: the proxy reads it back from the conntrack mark
+    assert h.of(ConnVerdict)[0].interface == "eth1"
+
+
+def test_a_split_without_an_egress_for_its_ip_version_stays_in_the_vpn() -> None:
+    h = Harness()
+    h.policy(1, PolicyRule(id="wifi", action="split", interface="eth1"))  # eth1 has no IPv6
+    pkt = h.send("tcp6_syn")
+    assert pkt.mark == Mark.ACCEPT_ALWAYS
+    verdict = h.of(ConnVerdict)[0]
+    assert verdict.verdict == Verdict.ACCEPT and "kept in the VPN" in verdict.reason and verdict.rule == "wifi"
+
+
+def test_a_network_change_that_moves_the_egress_re_evaluates_live_udp_flows() -> None:
+    h = Harness()
+    h.policy(1, PolicyRule(id="all", action="split"))
+    assert is_split(h.send("udp4").mark)
+    assert not h.engine.set_netenv(NETENV)  # the same network: nothing to do
+    gone = NetenvChanged(seq=2, ts=0.0, interfaces=NETENV.interfaces, gateways=[])  # no uplink any more
+    assert h.engine.set_netenv(gone)
+    assert len(h.deleted) == 1  # the UDP flow is queued again: its next datagram goes through the VPN

@@ -4,6 +4,7 @@ of their own, checking what the internet server saw and what is left after `spli
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -124,5 +125,41 @@ def test_split_replies_pass_wgquick_antispoof_and_its_table_is_left_as_found(ant
         assert spoofed.count('iifname "lo"') == 2  # one exemption per family, before wg-quick's drop
         st.cli("down")
         assert lab.exec("host", ["nft", "list", "ruleset"]).stdout == nft_before
+    finally:
+        st.close()
+
+
+@pytest.fixture
+def two_uplinks() -> Iterator[Lab]:
+    lab = Lab(name="siif", style="wgquick", second_uplink=True)
+    lab.up()
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+def test_a_rule_leaves_through_its_own_interface(two_uplinks: Lab) -> None:
+    lab = two_uplinks
+    st = Instance(lab)
+    try:
+        st.cli("up")
+        st.cli("rules", "add", "--dest", T.SERVER_V4[1], "--interface", T.HOST2_IF)  # .81 via the second uplink
+        st.cli("rules", "add", "--dest", T.SERVER_V6[1], "--interface", T.HOST2_IF)
+        st.cli("rules", "add", "--name", "curl")  # everything else curl does: the global choice (auto = eth0)
+        st.cli("enable")
+        assert st.seen("tcp", T.SERVER_V4[0]) == T.HOST_V4
+        assert st.seen("tcp", T.SERVER_V4[1]) == T.HOST2_V4
+        assert st.seen("udp", T.SERVER_V4[1]) == T.HOST2_V4
+        assert st.seen("tcp", T.SERVER_V6[1]) == T.HOST2_V6
+        assert st.seen("udp", T.SERVER_V6[0]) == T.HOST_V6
+        assert st.seen("tcp", T.SERVER_V4[1], app="wget") == T.HOST2_V4  # a destination rule: any app
+        assert st.seen("tcp", T.SERVER_V4[0], app="wget") == T.VPNSRV_V4
+        rows = json.loads(st.cli("connections", "--json", "--verdict", "split"))
+        assert {r["split"]["interface"] for r in rows if r.get("split")} == {T.HOST_IF, T.HOST2_IF}
+        table = lab.exec("host", ["ip", "route", "show", "table", "1720"]).stdout
+        assert f"dev {T.HOST_IF}" in table and f"dev {T.HOST2_IF}" in table  # a route per interface in use
+        st.cli("down")
+        assert lab.exec("host", ["ip", "route", "show", "table", "1720"]).stdout == ""
     finally:
         st.close()

@@ -11,6 +11,7 @@ slot's packets bypass the queue (--queue-bypass): unsplit, through the VPN.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import threading
 from typing import Any
@@ -30,7 +31,7 @@ from .procinfo import Attributor, ProcReader, SockDiag
 
 DEFAULT_HANDLER = "actors.ivpn.interop:interceptor_verdict_handler"
 DEFAULT_JUMP_CHECKS = "5,15,45"
-POLICY_RETRY = 1.0
+SNAPSHOT_RETRY = 0.5  # seconds between asking for the policy or the network we have not got yet
 PASSIVE_RETRY = 5.0
 
 
@@ -107,10 +108,12 @@ class InterceptorActor(Actor):
         self.rt.loop.add_fd(self.ct_events.fileno(), self._read_conntrack)
         self.source: PacketSource = packet_source()
         self.fw: Firewall | None = None
+        self._fw_lock = threading.Lock()  # rule checks run on the loop or, after network changes, a thread
         self.active = False
         self._passive_logged = False
         self._activate()
-        threading.Thread(target=self._fetch_policy, name="policy-fetch", daemon=True).start()
+        for fetch in (self._fetch_policy, self._fetch_netenv):
+            threading.Thread(target=fetch, name=fetch.__name__, daemon=True).start()
 
     def _activate(self) -> None:
         """Bind our queues; worker 0 then installs the rules. Queues taken → passive, retry later.
@@ -152,21 +155,28 @@ class InterceptorActor(Actor):
     # --- control plane ---------------------------------------------------------------------------------
 
     def _fetch_policy(self) -> None:
-        """Ask the controller for the current policy until it answers or a snapshot arrives on the bus.
+        """The current policy from the controller (packets are decided meanwhile with it disabled)."""
+        self._fetch("controller", "policy", PolicySnapshot, lambda: self.engine.policy.version > 0,
+                    lambda snap: self._adopt(snap, "controller"))  # fmt: skip
 
-        Runs in a thread: packets keep flowing meanwhile, decided with the policy disabled (unsplit).
-        """
-        while not self._stopping.is_set() and self.engine.policy.version == 0:
+    def _fetch_netenv(self) -> None:
+        """The network from netenv: until it arrives, a rule's own interface cannot be checked (kept)."""
+        self._fetch("netenv", "snapshot", NetenvChanged, lambda: self.engine.netenv is not None,
+                    lambda snap: self.on_message(snap))  # fmt: skip
+
+    def _fetch(self, actor: str, op: str, cls: Any, have: Any, adopt: Any) -> None:
+        """Ask `actor` until it answers or the bus brought the same thing. Runs in a thread: packets keep
+        flowing meanwhile; the answer is adopted on the loop thread."""
+        while not self._stopping.is_set() and not have():
             try:
-                data = self.rt.request("controller", "policy", timeout=2.0)
-                snapshot = PolicySnapshot.from_wire(data, "policy.snapshot")
+                snapshot = cls.from_wire(self.rt.request(actor, op, timeout=2.0), cls.TOPIC)
             except (RequestFailed, MessageError) as exc:
-                self._stopping.wait(POLICY_RETRY)
+                self._stopping.wait(SNAPSHOT_RETRY)
                 if self._stopping.is_set():
                     return
-                self.log.debug("policy.fetch_retry", error=str(exc))
+                self.log.debug("snapshot.fetch_retry", actor=actor, op=op, error=str(exc))
                 continue
-            self.rt.loop.call_soon_threadsafe(lambda s=snapshot: self._adopt(s, "controller"))
+            self.rt.loop.call_soon_threadsafe(lambda s=snapshot: adopt(s) if not have() else None)
             return
 
     def _adopt(self, snapshot: PolicySnapshot, source: str) -> None:
@@ -188,6 +198,8 @@ class InterceptorActor(Actor):
             self.engine.set_ivpn(msg)
         elif isinstance(msg, NetenvChanged):
             self.netenv = msg
+            self.engine.set_netenv(msg)
+            self._check_jumps_in_background("network changed")
 
     def _read_conntrack(self) -> None:
         self.engine.on_conntrack_destroyed(self.ct_events.read())
@@ -196,13 +208,26 @@ class InterceptorActor(Actor):
         if self.fw is None:
             return []
         try:
-            moved = self.fw.check_jump_order()
+            with self._fw_lock:
+                moved = self.fw.check_jump_order()
         except Exception as exc:
             self.log.error("rules.check_failed", why=why, error=f"{type(exc).__name__}: {exc}")
             raise
         if moved:
             self.log.warning("rules.jumps_moved_back", why=why, moved=",".join(moved))
         return moved
+
+    def _check_jumps_in_background(self, why: str) -> None:
+        """A VPN that connects later (wg-quick recreating its anti-spoofing table, a kill switch inserting
+        its chains) shows up as a network change: check then too, off the verdict loop."""
+        if self.fw is None or self._fw_lock.locked():
+            return
+
+        def check() -> None:
+            with contextlib.suppress(Exception):  # _check_jumps logged it; the next check retries
+                self._check_jumps(why)
+
+        threading.Thread(target=check, name="rules-check", daemon=True).start()
 
     def handle_request(self, req: Request) -> Any:
         if req.op == "check_rules":

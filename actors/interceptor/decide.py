@@ -76,6 +76,11 @@ class SplitEgress:
                 else:
                     self._answers[(spec, version)] = (found.ifindex if spec else 0, "")
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SplitEgress) and (self.known, self._answers) == (other.known, other._answers)
+
+    __hash__ = None  # type: ignore[assignment]
+
     def check(self, interface: str, version: int) -> tuple[int, str]:
         answer = self._answers.get((interface, version))
         if answer is not None:

@@ -27,12 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from messages import ConnEnd, ConnNew, ConnVerdict, IvpnStatus, Message, PolicySnapshot, flow_key
+from messages import ConnEnd, ConnNew, ConnVerdict, IvpnStatus, Message, NetenvChanged, PolicySnapshot, flow_key
 from messages.log import EventLog
 from splittun.policy import EMPTY_POLICY, CompiledPolicy
 
 from .conntrack import CtEntry, CtTuple
-from .decide import MALFORMED, Flow, Outcome, decide, reevaluation_resets
+from .decide import MALFORMED, Flow, Outcome, SplitEgress, decide, reevaluation_resets
 from .dns import DnsError, parse_response
 from .hook import SLOT, HandlerSlot
 from .names import NameTable
@@ -122,6 +122,8 @@ class Engine:
         self._pending: dict[CtTuple, _Pending] = {}
         self._unpublished: list[LiveConn] = []  # decided in this batch of packets; their events to come
         self._decisions: dict[tuple[int, int, str, int, str, bool], Outcome] = {}  # see _destination_outcome
+        self.netenv: NetenvChanged | None = None
+        self.egress = SplitEgress(None, "", [])
         self._own: dict[str, tuple[int, float]] = {}
         self._own_cache: tuple[float, frozenset[int]] = (-1.0, frozenset())
         self._own_uids: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())  # (for pids, uids)
@@ -159,9 +161,26 @@ class Engine:
         if snapshot.version <= self.policy.version:
             return False
         self.policy = CompiledPolicy(snapshot)
+        self.egress = self._split_egress()
         self._decisions.clear()
         self.reevaluate(f"policy {snapshot.version}")
         return True
+
+    def set_netenv(self, snapshot: NetenvChanged) -> bool:
+        """Where split connections can go follows the network: when that changed, verdicts are decided
+        anew and live connections re-evaluated (a UDP flow whose interface went away moves to the VPN)."""
+        self.netenv = snapshot
+        egress = self._split_egress()
+        if egress == self.egress:
+            return False
+        self.egress = egress
+        self._decisions.clear()
+        self.reevaluate(f"network {snapshot.seq}")
+        return True
+
+    def _split_egress(self) -> SplitEgress:
+        snap = self.policy.snapshot
+        return SplitEgress(self.netenv, snap.interface, [r.interface for r in snap.rules if r.interface])
 
     def set_ivpn(self, status: IvpnStatus) -> None:
         """The handler may decide by VPN state: a changed state re-evaluates live connections."""
@@ -368,6 +387,7 @@ class Engine:
             handler=self.slot.get(),
             ivpn=self.ivpn,
             errors=errors,
+            egress=self.egress.check,
         )
         for error in errors:
             self.counters["handler_errors"] += 1
