@@ -92,7 +92,7 @@ class Runtime:
         self.received = 0
         self.malformed = 0
         self.handler_errors = 0
-        self._malformed_window = (0, 0)  # (second, lines logged in it)
+        self._malformed_lines = logmod.LineBudget(_MALFORMED_LOG_LINES_PER_SECOND)
 
     # --- for actors -------------------------------------------------------------------------------
 
@@ -159,13 +159,8 @@ class Runtime:
                 self.log.error("message.failed", topic=msg.wire_topic(), error=f"{type(exc).__name__}: {exc}")
 
     def _log_malformed(self, exc: MessageError) -> None:
-        second = int(time.monotonic())
-        window, lines = self._malformed_window
-        if window != second:
-            window, lines = second, 0
-        if lines < _MALFORMED_LOG_LINES_PER_SECOND:
+        if self._malformed_lines.allow():
             self.log.warning("message.malformed", reason=str(exc), total=self.malformed)
-        self._malformed_window = (window, lines + 1)
 
     def _answer(self, actor: Actor, req: Request) -> Any:
         if req.op == "ping":

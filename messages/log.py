@@ -67,3 +67,20 @@ class EventLog:
 
     def error(self, event: str, **fields: Any) -> None:
         self._emit(logging.ERROR, event, fields)
+
+
+class LineBudget:
+    """At most `per_second` log lines a second for one kind of trouble: bad input must be visible, yet
+    never flood the log nor slow the loop that meets it."""
+
+    def __init__(self, per_second: int = 5) -> None:
+        self.per_second = per_second
+        self._window = (0, 0)  # (second, lines written in it)
+
+    def allow(self) -> bool:
+        second = int(time.monotonic())
+        window, lines = self._window
+        if window != second:
+            window, lines = second, 0
+        self._window = (window, lines + 1)
+        return lines < self.per_second

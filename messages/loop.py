@@ -40,18 +40,88 @@ class Timer:
         self.cancelled = True
 
 
+class Timers:
+    """One-shot and repeating timers in a heap; the loop that owns them calls `run_due` every round."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        return self._schedule(Timer(time.monotonic() + delay, None, callback))
+
+    def call_every(self, interval: float, callback: Callback, first: float | None = None) -> Timer:
+        start = time.monotonic() + (interval if first is None else first)
+        return self._schedule(Timer(start, interval, callback))
+
+    def _schedule(self, timer: Timer) -> Timer:
+        heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
+        return timer
+
+    def run_due(self, call: Callable[[Callback], Any]) -> float | None:
+        """Run what is due through `call` (the loop's error handling); seconds to the next timer, or None."""
+        now = time.monotonic()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, timer = heapq.heappop(self._heap)
+            if timer.cancelled:
+                continue
+            call(timer.callback)
+            if timer.interval is not None and not timer.cancelled:
+                # Keep the cadence; when late, the next tick is one interval from now (never a backlog).
+                timer.when += timer.interval
+                if timer.when <= now:
+                    timer.when = now + timer.interval
+                self._schedule(timer)
+        return max(0.0, self._heap[0][0] - time.monotonic()) if self._heap else None
+
+
+class Wakeup:
+    """The thread-safe way into a loop: callbacks queued from any thread, and an fd that turns readable
+    (also usable as signal.set_wakeup_fd's target) so the loop's poll returns at once."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        self._soon: collections.deque[Callback] = collections.deque()
+
+    def fileno(self) -> int:
+        return self.reader.fileno()
+
+    def call_soon(self, callback: Callback) -> None:
+        self._soon.append(callback)
+        self.poke()
+
+    def poke(self) -> None:
+        with contextlib.suppress(OSError):  # a full buffer means a wakeup is already pending
+            self.writer.send(b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self.reader.recv(4096):
+                pass
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._soon)
+
+    def run_soon(self, call: Callable[[Callback], Any]) -> None:
+        while self._soon:
+            call(self._soon.popleft())
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
 class Loop:
     def __init__(self, log: EventLog) -> None:
         self.log = log
         self.poller = zmq.Poller()
         self._handlers: dict[Any, Callback] = {}
-        self._timers: list[tuple[float, int, Timer]] = []
-        self._seq = itertools.count()
-        self._soon: collections.deque[Callback] = collections.deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.add_fd(self._wake_r.fileno(), self._drain_wakeups)
+        self.timers = Timers()
+        self.wakeup = Wakeup()
+        self.add_fd(self.wakeup.fileno(), self.wakeup.drain)
         self.running = False
         self.stop_reason = ""
         self.errors = 0
@@ -72,20 +142,14 @@ class Loop:
             self.poller.unregister(sock_or_fd)
 
     def call_later(self, delay: float, callback: Callback) -> Timer:
-        return self._schedule(Timer(time.monotonic() + delay, None, callback))
+        return self.timers.call_later(delay, callback)
 
     def call_every(self, interval: float, callback: Callback, first: float | None = None) -> Timer:
-        start = time.monotonic() + (interval if first is None else first)
-        return self._schedule(Timer(start, interval, callback))
+        return self.timers.call_every(interval, callback, first)
 
     def call_soon_threadsafe(self, callback: Callback) -> None:
         """Run `callback` on the loop thread; safe from any thread."""
-        self._soon.append(callback)
-        self._wake()
-
-    def _schedule(self, timer: Timer) -> Timer:
-        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
-        return timer
+        self.wakeup.call_soon(callback)
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -93,18 +157,7 @@ class Loop:
         if self.running and not self.stop_reason:
             self.stop_reason = reason
         self.running = False
-        self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # a full buffer means a wakeup is already pending
-            self._wake_w.send(b"\0")
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self.wakeup.poke()
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum: int, _frame: Any) -> None:
@@ -112,12 +165,13 @@ class Loop:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self.wakeup.writer.fileno(), warn_on_full_buffer=False)
 
     def run(self) -> None:
         self.running = True
         while self.running:
-            timeout_ms = self._run_due_timers()
+            due_in = self.timers.run_due(self._call)
+            timeout_ms = 1000 if due_in is None else min(1000, int(due_in * 1000) + 1)
             if not self.running:
                 break
             ready = self.poller.poll(timeout_ms)  # pyzmq retries EINTR after running signal handlers
@@ -125,23 +179,7 @@ class Loop:
                 handler = self._handlers.get(sock_or_fd)
                 if handler is not None:
                     self._call(handler)
-            while self._soon:
-                self._call(self._soon.popleft())
-
-    def _run_due_timers(self) -> int:
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, timer = heapq.heappop(self._timers)
-            if timer.cancelled:
-                continue
-            self._call(timer.callback)
-            if timer.interval is not None and not timer.cancelled:
-                # Keep the cadence but never fire a backlog of missed ticks.
-                timer.when = max(timer.when + timer.interval, now)
-                self._schedule(timer)
-        if not self._timers:
-            return 1000
-        return max(0, min(1000, int((self._timers[0][0] - time.monotonic()) * 1000) + 1))
+            self.wakeup.run_soon(self._call)
 
     def _call(self, callback: Callback) -> None:
         try:
@@ -153,8 +191,7 @@ class Loop:
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
-        for sock in (self._wake_r, self._wake_w):
-            sock.close()
+        self.wakeup.close()
 
 
 def die_with_parent() -> None:

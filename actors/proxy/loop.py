@@ -12,18 +12,16 @@ A handler that raises is logged in one line and counted; the loop keeps running.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import heapq
-import itertools
 import logging
 import select
 import selectors
-import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
+
+from messages.log import LineBudget
+from messages.loop import Timer, Timers, Wakeup
 
 log = logging.getLogger("splittun.proxy")
 
@@ -37,19 +35,6 @@ _EPOLLET = 1 << 31
 Handler = Callable[[int], Any]  # called with the event mask
 
 
-class _Timer:
-    __slots__ = ("callback", "cancelled", "interval", "when")
-
-    def __init__(self, when: float, interval: float | None, callback: Callable[[], Any]) -> None:
-        self.when = when
-        self.interval = interval
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
 class DataLoop:
     """epoll (or selectors) + timers + call_soon_threadsafe, for one thread."""
 
@@ -60,17 +45,13 @@ class DataLoop:
         self._epoll = select.epoll() if self.edge_triggered else None
         self._selector = None if self._epoll else selectors.DefaultSelector()
         self._handlers: dict[int, Handler] = {}
-        self._timers: list[tuple[float, int, _Timer]] = []
-        self._seq = itertools.count()
-        self._soon: collections.deque[Callable[[], Any]] = collections.deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.add(self._wake_r.fileno(), READ, self._drain_wakeups, edge=False)
+        self.timers = Timers()
+        self.wakeup = Wakeup()
+        self.add(self.wakeup.fileno(), READ, lambda _events: self.wakeup.drain(), edge=False)
         self.running = False
         self.thread: threading.Thread | None = None
         self.errors = 0
-        self._log_window = (0, 0)
+        self._failure_lines = LineBudget(5)
 
     # --- registration -------------------------------------------------------------------------------
 
@@ -115,25 +96,14 @@ class DataLoop:
         else:
             self.remove(fd)
 
-    def call_later(self, delay: float, callback: Callable[[], Any]) -> _Timer:
-        return self._schedule(_Timer(time.monotonic() + delay, None, callback))
+    def call_later(self, delay: float, callback: Callable[[], Any]) -> Timer:
+        return self.timers.call_later(delay, callback)
 
-    def call_every(self, interval: float, callback: Callable[[], Any]) -> _Timer:
-        return self._schedule(_Timer(time.monotonic() + interval, interval, callback))
+    def call_every(self, interval: float, callback: Callable[[], Any]) -> Timer:
+        return self.timers.call_every(interval, callback)
 
     def call_soon_threadsafe(self, callback: Callable[[], Any]) -> None:
-        self._soon.append(callback)
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
-
-    def _schedule(self, timer: _Timer) -> _Timer:
-        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
-        return timer
-
-    def _drain_wakeups(self, _events: int) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while self._wake_r.recv(4096):
-                pass
+        self.wakeup.call_soon(callback)
 
     # --- running ------------------------------------------------------------------------------------
 
@@ -154,10 +124,11 @@ class DataLoop:
         self.running = True
         handlers = self._handlers
         while self.running:
-            timeout = self._run_timers()
+            due_in = self.timers.run_due(self._call)
+            timeout = 1.0 if due_in is None else min(1.0, due_in)
             if not self.running:
                 break
-            if self._soon:
+            if self.wakeup.pending:
                 timeout = 0
             if self._epoll is not None:
                 try:
@@ -178,41 +149,20 @@ class DataLoop:
                         key.data(_from_selector(mask))
                     except Exception as exc:
                         self._failed(key.data, exc)
-            while self._soon:
-                callback = self._soon.popleft()
-                try:
-                    callback()
-                except Exception as exc:
-                    self._failed(callback, exc)
+            self.wakeup.run_soon(self._call)
 
-    def _run_timers(self) -> float:
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, timer = heapq.heappop(self._timers)
-            if timer.cancelled:
-                continue
-            try:
-                timer.callback()
-            except Exception as exc:
-                self._failed(timer.callback, exc)
-            if timer.interval is not None and not timer.cancelled:
-                timer.when = max(timer.when + timer.interval, now)
-                self._schedule(timer)
-        if not self._timers:
-            return 1.0
-        return max(0.0, min(1.0, self._timers[0][0] - time.monotonic()))
+    def _call(self, callback: Callable[[], Any]) -> None:
+        try:
+            callback()
+        except Exception as exc:
+            self._failed(callback, exc)
 
     def _failed(self, callback: Any, exc: Exception) -> None:
         """One line per failure, at most 5 lines a second: bad input must never flood nor stop the loop."""
         self.errors += 1
-        second = int(time.monotonic())
-        window, lines = self._log_window
-        if window != second:
-            window, lines = second, 0
-        if lines < 5:
+        if self._failure_lines.allow():
             name = getattr(callback, "__qualname__", repr(callback))
             log.error("proxy handler %s failed: %s: %s", name, type(exc).__name__, exc)
-        self._log_window = (window, lines + 1)
 
     def close(self) -> None:
         for fd in list(self._handlers):
@@ -221,8 +171,7 @@ class DataLoop:
             self._epoll.close()
         if self._selector is not None:
             self._selector.close()
-        for sock in (self._wake_r, self._wake_w):
-            sock.close()
+        self.wakeup.close()
 
 
 def _ignore(_events: int) -> None:
