@@ -1,4 +1,5 @@
-"""Run benchmark areas: `python -m bench [AREA ...]` (default: all)."""
+"""Run benchmark areas: `python -m bench [AREA ...]` (default: all), or one area with its own options:
+`python -m bench proxy --seconds 3 --only bulk` (`python -m bench proxy --help` lists them)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ def areas() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    wanted = argv or areas()
+    first_option = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    wanted, options = argv[:first_option] or areas(), argv[first_option:]
+    if options and len(wanted) != 1:
+        print("options go to one area: python -m bench AREA [OPTIONS]", file=sys.stderr)
+        return 2
     unknown = sorted(set(wanted) - set(areas()))
     if unknown:
         print(f"unknown benchmark area(s): {', '.join(unknown)}; available: {', '.join(areas())}", file=sys.stderr)
@@ -23,7 +28,7 @@ def main(argv: list[str]) -> int:
     for area in wanted:
         print(f"== {area} ==", flush=True)
         module = importlib.import_module(f"bench.{area}_bench")
-        status |= module.main([])
+        status |= module.main(options)
     return status
 
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.proxy_bench import _err, _raise_nofile, machine
+from bench.common import errors_note, machine, preflight, raise_nofile
 from messages import endpoints as ep
 from messages.control import RequestFailed
 from messages.transport import request
@@ -182,7 +182,7 @@ def tool_attribution(rounds: int) -> None:
     """Process attribution with the real procinfo code (sock_diag, /proc) on this namespace's sockets."""
     from actors.interceptor.procinfo import Attributor, ProcReader, SockDiag
 
-    _raise_nofile()
+    raise_nofile()
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(4096)
@@ -347,7 +347,7 @@ class Bench:
         )
         log = open(self.tmp / "origin.log", "ab")  # noqa: SIM115 - kept open for the process's life
         self.procs.append(self.lab.popen("inet", ["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=log,
-                                         preexec_fn=_raise_nofile))  # fmt: skip
+                                         preexec_fn=raise_nofile))  # fmt: skip
         deadline = time.monotonic() + 10
         while f"{SPLIT_DST}:{PORTS[-1]}" not in self.sh("inet", ["ss", "-Htln"]):
             if time.monotonic() > deadline:
@@ -494,7 +494,7 @@ class Bench:
         requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
         run.connections = requests + run.errors
         self.runs.append(run)
-        self.say(f"rate    {variant:12} {path:6} {run.rate:,.0f}/s{_err(run.errors)}{self._per_conn(run)}")
+        self.say(f"rate    {variant:12} {path:6} {run.rate:,.0f}/s{errors_note(run.errors)}{self._per_conn(run)}")
         return run
 
     @staticmethod
@@ -569,7 +569,7 @@ class Bench:
                 "|---|---|---|---|---|---|---|",
             ]
             lines += [
-                f"| {r.variant} | {r.path} | {r.rate:,.0f}{_err(r.errors)} | {r.rate / base:.2f}× "
+                f"| {r.variant} | {r.path} | {r.rate:,.0f}{errors_note(r.errors)} | {r.rate / base:.2f}× "
                 f"| {self._pkts(r)} | {self._busy(r)} | {self._unattributed(r)} |"
                 for r in rates
             ]
@@ -623,12 +623,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each wrk run")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these parts (repeatable)")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("interceptor bench: needs root (lab namespaces)", file=sys.stderr)
-        return 1
-    missing = [t for t in NEEDS if shutil.which(t) is None]
-    if missing:
-        print(f"interceptor bench: missing {', '.join(missing)} (`make deps` installs them)", file=sys.stderr)
+    if not preflight("interceptor", NEEDS):
         return 1
     bench = Bench(args.connects, args.seconds)
     try:

@@ -24,9 +24,7 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -37,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.common import errors_note, machine, preflight, raise_nofile
 from messages import endpoints as ep
 from messages.transport import request
 from splittun.lab import Lab
@@ -54,12 +53,6 @@ PY = sys.executable
 TOOLS = [PY, "-m", "bench.proxy_tools"]
 SECTIONS = ("bulk", "conn", "udp", "mem")
 NEEDS = ("ip", "iptables-legacy", "iperf3", "haproxy", "socat", "wrk", "setpriv")
-
-
-def _raise_nofile() -> None:
-    """Child processes (proxy workers, servers) may hold tens of thousands of sockets: soft = hard limit."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Bench:
@@ -86,7 +79,7 @@ class Bench:
     def popen(self, role: str, argv: list[str], log: str, **kw: Any) -> subprocess.Popen[Any]:
         out = open(self.tmp / f"{log}.log", "ab")  # noqa: SIM115 - kept open for the process's life
         kw.setdefault("stdout", out)
-        proc = self.lab.popen(role, argv, stderr=out, env=self.env, preexec_fn=_raise_nofile, **kw)
+        proc = self.lab.popen(role, argv, stderr=out, env=self.env, preexec_fn=raise_nofile, **kw)
         self.procs.append(proc)
         return proc
 
@@ -286,7 +279,7 @@ class Bench:
         rss0 = sum(_rss_kib(pid) for pid in pids)
         client = self.lab.popen("host", self.as_app([*TOOLS, "tcp-holders", SERVER, str(HOLD_PORT), str(n)]),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env,
-                                preexec_fn=_raise_nofile)  # fmt: skip
+                                preexec_fn=raise_nofile)  # fmt: skip
 
         def active() -> int:
             return sum(self.counters(name).get("sessions_active", 0) for name in workers)
@@ -351,17 +344,17 @@ class Bench:
         ports = iter(HTTP_PORTS)
         self.redirect()
         direct, err = self.wrk(next(ports), uid=DIRECT_UID)
-        self.row(label, "direct", f"{direct:,.0f}/s" + _err(err), "1.00×")
+        self.row(label, "direct", f"{direct:,.0f}/s" + errors_note(err), "1.00×")
         port = next(ports)
         self.redirect("tcp", port, SPLITTUN_PORT)
         one, err = self.wrk(port)
-        self.row(label, "splittun (1 worker)", f"{one:,.0f}/s" + _err(err), f"{one / direct:.2f}×")
+        self.row(label, "splittun (1 worker)", f"{one:,.0f}/s" + errors_note(err), f"{one / direct:.2f}×")
         self.worker("proxy_tcp", 1)
         port = next(ports)
         self.redirect("tcp", port, SPLITTUN_PORT)
         two, err = self.wrk(port)
         scaling = f"{two / direct:.2f}× ({two / one:.2f}× of 1 worker)"
-        self.row(label, "splittun (2 workers)", f"{two:,.0f}/s" + _err(err), scaling)
+        self.row(label, "splittun (2 workers)", f"{two:,.0f}/s" + errors_note(err), scaling)
         self.stop_worker("proxy_tcp_01")
         for threads in (1, 2):
             port = next(ports)
@@ -369,12 +362,12 @@ class Bench:
                 self.redirect("tcp", port, HAPROXY_PORT)
                 value, err = self.wrk(port)
             self.row(label, f"haproxy ({threads} thread{'s' if threads > 1 else ''})",
-                     f"{value:,.0f}/s" + _err(err), f"{value / direct:.2f}×")  # fmt: skip
+                     f"{value:,.0f}/s" + errors_note(err), f"{value / direct:.2f}×")  # fmt: skip
         port = next(ports)
         with self.socat(port):
             self.redirect("tcp", port, SOCAT_PORT)
             value, err = self.wrk(port)
-        self.row(label, "socat", f"{value:,.0f}/s" + _err(err), f"{value / direct:.2f}×")
+        self.row(label, "socat", f"{value:,.0f}/s" + errors_note(err), f"{value / direct:.2f}×")
 
     def udp(self) -> None:
         label = "UDP datagrams/s, 64 B (iperf3 -u -b 0)"
@@ -407,10 +400,6 @@ class Bench:
         return "\n".join(lines)
 
 
-def _err(n: int) -> str:
-    return f" ({n} errors)" if n else ""
-
-
 def _rss_kib(pid: int) -> int:
     """RSS of the worker: `ip netns exec` execs python, so the pid is the worker itself."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -419,24 +408,13 @@ def _rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())  # fmt: skip
-    return f"{os.cpu_count()} CPUs ({cpu}), kernel {platform.release()}, CPython {platform.python_version()}"
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench proxy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3/wrk run")
     parser.add_argument("--sessions", type=int, default=10_000, help="UDP flows / idle TCP sessions")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these parts (repeatable)")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("proxy bench: needs root (lab namespaces)", file=sys.stderr)
-        return 1
-    missing = [t for t in NEEDS if shutil.which(t) is None]
-    if missing:
-        print(f"proxy bench: missing {', '.join(missing)} (`make deps` installs them)", file=sys.stderr)
+    if not preflight("proxy", NEEDS):
         return 1
     bench = Bench(args.seconds, args.sessions, set(args.only or SECTIONS))
     try:

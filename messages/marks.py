@@ -26,21 +26,6 @@ class Mark(IntEnum):
     SPLIT_EGRESS = 1720  # ours: proxies' upstream sockets (accept-final + split routing)
 
 
-#: Marks saved to the conntrack mark so later packets of the connection never reach user space.
-PERMANENT_MARKS = frozenset(
-    {
-        Mark.ACCEPT_FINAL,
-        Mark.ACCEPT_ALWAYS,
-        Mark.BLOCK_ALWAYS,
-        Mark.DROP_ALWAYS,
-        Mark.REROUTE_TO_TUNNEL,
-        Mark.REROUTE_TO_SPLIT_TUN,
-        Mark.REROUTE_TO_NAMESERVER,
-        Mark.SPLIT_EGRESS,
-    }
-)
-
-
 #: A split connection's mark carries, above the verdict's 16 bits, the index of the interface its rule
 #: chose (0 = the global choice). The rules match 1719 under VERDICT_MASK; the proxies read the index
 #: back from the connection's conntrack mark, so no process has to ask another one per connection.

@@ -1,0 +1,39 @@
+"""What the lab benchmarks share: preflight checks, the machine line, small formatting helpers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def preflight(name: str, needs: Iterable[str]) -> bool:
+    """Root and the tools a lab benchmark runs; one line on stderr saying what is missing."""
+    if os.geteuid() != 0:
+        print(f"{name} bench: needs root (lab namespaces)", file=sys.stderr)
+        return False
+    missing = [t for t in needs if shutil.which(t) is None]
+    if missing:
+        print(f"{name} bench: missing {', '.join(missing)} (`make deps` installs them)", file=sys.stderr)
+        return False
+    return True
+
+
+def raise_nofile() -> None:
+    """Child processes (proxy workers, servers) may hold tens of thousands of sockets: soft = hard limit."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def errors_note(n: int) -> str:
+    return f" ({n} errors)" if n else ""
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())  # fmt: skip
+    return f"{os.cpu_count()} CPUs ({cpu}), kernel {platform.release()}, CPython {platform.python_version()}"
