@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from actors.interceptor.conntrack import CtEntry, CtTuple
+from actors.conntrack import CtEntry, CtTuple
 from actors.interceptor.engine import RETRY_DELAYS, Engine
 from actors.interceptor.hook import HandlerSlot
 from actors.interceptor.names import NameTable

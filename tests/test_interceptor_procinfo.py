@@ -1,4 +1,4 @@
-"""Process attribution (fake /proc trees, sock_diag bytes), the shared name table, ctnetlink bytes."""
+"""Process attribution (fake /proc trees, sock_diag bytes), the shared name table."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.interceptor import conntrack as ct
 from actors.interceptor.names import GRACE, NameTable
-from actors.interceptor.netlink import NLA_F_NESTED, NLMSG_HDR, iter_messages, nla, nla_nested, nlmsg
 from actors.interceptor.procinfo import (
     Attributor,
     DiagSocket,
@@ -338,42 +336,6 @@ def test_names_learned_in_another_process_are_seen(tmp_path: Path) -> None:
         os._exit(0)
     os.waitpid(pid, 0)
     assert reader.lookup("203.0.113.80") == "forked.example.com"
-
-
-# --- ctnetlink bytes --------------------------------------------------------------------------------------
-
-
-def test_delete_payload_round_trips_through_the_parser() -> None:
-    for t in (
-        ct.CtTuple(6, "192.0.2.66", 40000, "203.0.113.80", 80),
-        ct.CtTuple(17, "fd00:5717::2", 5353, "2001:db8:30::80", 53),
-        ct.CtTuple(1, "192.0.2.66", 0x1234, "203.0.113.80", 0),
-        ct.CtTuple(58, "fd00:5717::2", 0x1234, "2001:db8:30::80", 0),
-    ):
-        payload = ct.delete_payload(t)
-        assert payload[0] == t.family
-        assert ct.parse_entry(payload) == ct.CtEntry(t)
-
-
-def test_destroy_event_with_mark_and_id() -> None:
-    t = ct.CtTuple(6, "192.0.2.66", 40000, "203.0.113.81", 80)
-    payload = ct.delete_payload(t) + nla(ct.CTA_MARK, struct.pack("!I", 1719)) + nla(ct.CTA_ID, struct.pack("!I", 77))
-    datagram = nlmsg(ct.MSG_DELETE, 0, 0, payload) + nlmsg(ct.MSG_DELETE, 0, 0, b"\x02")  # second: unreadable
-    entries = [ct.parse_entry(p) for _t, _f, _s, p in iter_messages(datagram)]
-    assert entries == [ct.CtEntry(t, 1719, 77), None]
-
-
-def test_flush_by_mark_payload() -> None:
-    payload = ct.flush_mark_payload(1719)
-    assert payload[:4] == bytes([socket.AF_UNSPEC, 0, 0, 0])
-    assert struct.pack("!I", 1719) in payload and struct.pack("!I", 0xFFFFFFFF) in payload
-
-
-def test_attribute_walk_survives_broken_lengths() -> None:
-    broken = nla_nested(ct.CTA_TUPLE_ORIG, b"\xff\xff\x01\x00")
-    assert ct.parse_entry(b"\x02\x00\x00\x00" + broken) is None
-    assert list(iter_messages(NLMSG_HDR.pack(4, 1, 0, 0, 0))) == []
-    assert NLA_F_NESTED == 0x8000
 
 
 def test_a_kept_open_stat_file_does_not_outlive_its_process() -> None:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import json
+import struct
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from netlink_support import error, install
 
 import actors.netenv as netenv
 from actors.netenv import cache as cache_mod
@@ -38,6 +41,7 @@ from actors.netenv.raw import (
     RawState,
     Route,
 )
+from actors.netlink import NLM_F_DUMP, NLM_F_MULTI, NLM_F_REQUEST, NLMSG_DONE, NetlinkError, nla, nlmsg
 from messages import decode
 
 FIXTURES = Path(__file__).parent / "fixtures" / "netenv"
@@ -425,11 +429,48 @@ def test_odd_proc_lines_are_noted_and_skipped() -> None:
 
 
 def test_netlink_parsers_survive_garbage() -> None:
-    assert list(rtnl.iter_messages(b"\x10\x00\x00")) == []
-    assert list(rtnl.iter_messages(b"\xff\xff\x00\x00" + b"\0" * 12)) == []  # length beyond the data
+    """(The framing's own walks: tests/test_netlink.py.)"""
     link = rtnl.parse_link(rtnl.IFINFOMSG.pack(0, 1, 7, 1, 0) + b"\x05\x00\x03\x00")  # truncated attribute
     assert link.index == 7 and link.name == "if7"
     assert rtnl.parse_addr(rtnl.IFADDRMSG.pack(99, 24, 0, 0, 2)) is None  # unknown family
+
+
+def test_dumps_hand_out_memoryviews_and_errors_name_the_dump() -> None:
+    """A refresh parses hundreds of messages: the dump gives views into the datagrams, never copies."""
+    link = rtnl.IFINFOMSG.pack(0, 1, 7, 1, 0) + nla(rtnl.IFLA_IFNAME, b"eth0\0")
+    answer = nlmsg(rtnl.RTM_NEWLINK, NLM_F_MULTI, 1, link) + nlmsg(NLMSG_DONE, NLM_F_MULTI, 1, bytes(4))
+    sock = rtnl.Rtnl()
+    try:
+        kernel = install(sock.nl, answer)
+        payloads = sock.dump(rtnl.RTM_GETLINK)
+        assert [type(p) for p in payloads] == [memoryview] and rtnl.parse_link(payloads[0]).name == "eth0"
+        assert kernel.sent[0][4:8] == struct.pack("=HH", rtnl.RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP)
+        install(sock.nl, error(1, errno.EPERM))
+        with pytest.raises(NetlinkError, match=r"netlink dump 26: Operation not permitted") as exc:
+            sock.dump(rtnl.RTM_GETROUTE)
+        assert exc.value.errno == errno.EPERM
+        with pytest.raises(NetlinkError, match=r"netlink dump 26: no answer") as exc:
+            sock.dump(rtnl.RTM_GETROUTE)
+        assert exc.value.errno == errno.ETIMEDOUT
+        install(sock.nl, OSError(errno.EBADF, "Bad file descriptor"))
+        with pytest.raises(NetlinkError, match=r"netlink dump 26: \[Errno 9\] Bad file descriptor"):
+            sock.dump(rtnl.RTM_GETROUTE)
+    finally:
+        sock.close()
+
+
+def test_the_monitor_counts_changes_and_overruns() -> None:
+    change = nlmsg(rtnl.RTM_NEWROUTE, 0, 0, bytes(12)) + nlmsg(rtnl.RTM_NEWADDR, 0, 0, bytes(8))
+    monitor = rtnl.Monitor()
+    try:
+        install(
+            monitor, change, OSError(errno.ENOBUFS, "lost"), nlmsg(NLMSG_DONE, 0, 0, bytes(4)), *[BlockingIOError()] * 2
+        )
+        assert monitor.drain() == 3  # two changes and an overrun (it means "refresh" too); DONE is no change
+        assert (monitor.events, monitor.overruns) == (3, 1)
+        assert monitor.drain() == 0
+    finally:
+        monitor.close()
 
 
 def test_raw_state_round_trips_through_json() -> None:

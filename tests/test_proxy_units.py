@@ -1,9 +1,8 @@
 """The proxy library's pure parts, with plain objects and bytes: egress choice, deciders, the session
-cache, conntrack and sockaddr parsing (kernel answers captured from a real namespace), the route plan."""
+cache, sockaddr parsing, the route plan. (The conntrack lookup's kernel answers: tests/test_conntrack.py.)"""
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 
@@ -24,7 +23,7 @@ from actors.proxy import (
     static_egress,
     to_original_destination,
 )
-from actors.proxy.origdst import ConntrackError, build_get_by_reply, parse_response, parse_sockaddr
+from actors.proxy.origdst import parse_sockaddr
 from actors.proxy.session import split_key
 from actors.proxy.udp import DatagramBatch
 from messages import Mark, flow_key
@@ -254,59 +253,6 @@ def test_sockaddr_parsing() -> None:
     assert parse_sockaddr(v6) == ("2001:db8:30::80", 443)
     with pytest.raises(ValueError):
         parse_sockaddr(b"\x00")
-
-
-# Captured from Linux 6.18: two UDP flows from one socket (port 5000) DNAT'd to 127.0.0.17:7190; the
-# second was seen by the proxy as port 33384 (the kernel's clash-avoiding source NAT).
-KERNEL_V4 = bytes.fromhex(
-    "a40000000001020007000000dc72000002000000340001801400018008000100c000020a08000200cb0071511c000280050001"
-    "001100000006000200138800000600030014b400003400028014000180080001007f00001108000200c000020a1c0002800500"
-    "010011000000060002001c160000060003008268000008000300000001b8080008000000000008000c00966d792c08000b0000"
-    "000002080007000000001e"
-)
-KERNEL_V6 = bytes.fromhex(
-    "d40000000001020009000000ed7200000a0000004c0001802c0001801400030020010db8001000000000000000000010140004"
-    "0020010db80030000000000000000000811c000280050001001100000006000200138800000600030014b400004c0002802c00"
-    "018014000300000000000000000000000000000000011400040020010db80010000000000000000000101c0002800500010011"
-    "000000060002001c160000060003006ccc000008000300000001b8080008000000000008000c00b556ee3408000b0000000002"
-    "080007000000001e"
-)
-KERNEL_ENOENT = bytes.fromhex(
-    "74000000020000000a000000ed720000feffffff60000000010101000a000000000000000a0000004c0002802c000180140003"
-    "00000000000000000000000000000000011400040020010db80010000000000000000000101c00028005000100110000000600"
-    "02001c1600000600030000010000"
-)
-REQUEST_V6 = bytes.fromhex(
-    "600000000101010009000000000000000a0000004c0002802c00018014000300000000000000000000000000000000011400"
-    "040020010db80010000000000000000000101c0002800500010011000000060002001c160000060003006ccc0000"
-)
-
-
-def test_conntrack_request_bytes() -> None:
-    assert build_get_by_reply(9, 17, ("::1", 7190), ("2001:db8:10::10", 27852)) == REQUEST_V6
-
-
-def test_conntrack_answer_gives_the_apps_port_and_original_peer() -> None:
-    entry = parse_response(KERNEL_V4, 7)
-    assert entry is not None
-    assert entry.orig.src == ("192.0.2.10", 5000) and entry.orig.dst == ("203.0.113.81", 5300)
-    assert entry.reply.src == ("127.0.0.17", 7190) and entry.reply.dst == ("192.0.2.10", 33384)
-    assert entry.orig.proto == 17 and entry.id == 2523756844
-    entry6 = parse_response(KERNEL_V6, 9)
-    assert entry6 is not None and entry6.orig.dst == ("2001:db8:30::81", 5300)
-    assert entry6.orig.src == ("2001:db8:10::10", 5000)
-
-
-def test_conntrack_errors() -> None:
-    assert parse_response(KERNEL_ENOENT, 10) is None
-    eperm = bytearray(KERNEL_ENOENT)
-    eperm[16:20] = struct.pack("=i", -errno.EPERM)
-    with pytest.raises(ConntrackError):
-        parse_response(bytes(eperm), 10)
-    with pytest.raises(ValueError):
-        parse_response(KERNEL_V4, 8)  # not the answer to request 8
-    with pytest.raises(ValueError):
-        parse_response(KERNEL_V4[:40], 7)  # truncated
 
 
 def test_session_counters_are_first_reported_early_then_every_interval() -> None:

@@ -16,13 +16,13 @@ import os
 import threading
 from typing import Any
 
+from actors.conntrack import Conntrack, ConntrackEvents
 from actors.runtime import Actor
 from messages import Heartbeat, IvpnStatus, Message, MessageError, NetenvChanged, PolicySnapshot
 from messages.control import INVALID_ARGUMENT, Request, RequestFailed
 
 from . import hook
 from .cleanup import NAMES_FILE, cleanup, write_rules_marker
-from .conntrack import Conntrack, ConntrackEvents
 from .engine import Engine
 from .firewall import MAX_WORKERS, worker_queues
 from .names import NameTable

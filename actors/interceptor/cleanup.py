@@ -34,9 +34,9 @@ def write_rules_marker(run_dir: Path) -> None:
 
 def cleanup(run_dir: Path | None = None) -> dict[str, Any]:
     """Returns what was removed: {"tables": [...], "conntrack": n, "names_file": bool}."""
+    from actors.conntrack import Conntrack
     from messages.marks import VERDICT_MASK
 
-    from .conntrack import Conntrack
     from .firewall import CONNTRACK_MARKS
     from .platform import firewall
 

@@ -27,11 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from actors.conntrack import CtEntry, CtTuple
 from messages import ConnEnd, ConnNew, ConnVerdict, IvpnStatus, Message, NetenvChanged, PolicySnapshot, flow_key
 from messages.log import EventLog
 from splittun.policy import EMPTY_POLICY, CompiledPolicy
 
-from .conntrack import CtEntry, CtTuple
 from .decide import MALFORMED, Flow, Outcome, SplitEgress, decide, reevaluation_resets
 from .dns import DnsError, parse_response
 from .hook import SLOT, HandlerSlot
@@ -510,7 +510,7 @@ class Engine:
         self.flush_events()  # conn.new before conn.end, always
         now = self.clock()
         for entry in entries:
-            conn = self.live.pop(entry.tuple, None)
+            conn = self.live.pop(entry.orig, None)
             if conn is not None:
                 self.publish(ConnEnd(conn_id=conn.conn_id, ts=now, reason="closed"))
 

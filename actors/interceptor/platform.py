@@ -18,8 +18,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from actors.netlink import nla, nlmsg
+
 from .engine import QueuedPacket
-from .netlink import nla, nlmsg
 
 PacketCallback = Callable[[bool, QueuedPacket], None]  # (inbound, packet)
 

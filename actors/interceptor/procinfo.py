@@ -30,10 +30,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.netlink import NLM_F_DUMP, NetlinkError, NetlinkSocket
 from messages import ProcessInfo
 from splittun.policy import AppFacts
-
-from .netlink import NLM_F_DUMP, NetlinkError, NetlinkSocket
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -149,7 +148,7 @@ class SockDiag:
             replies = self.nl.request(SOCK_DIAG_BY_FAMILY, 0, diag_request(family, protocol, src, sport, dst, dport))
         except NetlinkError:
             return None
-        for _type, payload in replies:
+        for payload in replies:
             found = parse_diag_message(payload)
             if found is not None:
                 return found
@@ -163,7 +162,7 @@ class SockDiag:
             )
         except NetlinkError:
             return []
-        return [s for _t, p in replies if (s := parse_diag_message(p)) is not None]
+        return [s for p in replies if (s := parse_diag_message(p)) is not None]
 
     def lookup(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> DiagSocket | None:
         """The local socket that sent src→dst, or None."""

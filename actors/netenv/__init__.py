@@ -12,7 +12,8 @@ route. Two ways to ask:
   the whole snapshot after every change, so subscribers never have to ask.
 
 Modules: raw.py (what the OS says) → linux.py / windows.py (reading it) → decide.py (pure decisions) →
-info.py (the answers) → cache.py (the shared snapshot); rtnl.py is the netlink plumbing.
+info.py (the answers) → cache.py (the shared snapshot); rtnl.py parses rtnetlink (its framing and socket
+are actors/netlink.py, shared with the other actors).
 """
 
 from __future__ import annotations

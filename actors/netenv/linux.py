@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
+from actors.netlink import NetlinkError
+
 from . import rtnl
 from .raw import (
     TABLE_MAIN,
@@ -150,7 +152,7 @@ class LiveNetlink:
             self._sock = rtnl.Rtnl()
         try:
             return self._sock.dump(msg_type, family)
-        except rtnl.NetlinkError:
+        except NetlinkError:
             self.close()  # a half-read dump leaves the socket unusable: start clean next time
             raise
 

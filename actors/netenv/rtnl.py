@@ -4,25 +4,20 @@ Why not pyroute2 here: it turns every attribute of every message into objects. M
 VM with 100 interfaces, its link dump alone takes 16 ms and its address dump 7.5 ms, while the whole
 refresh has a 5 ms budget (bench/netenv_bench.py). These parsers read only the fields netenv uses,
 straight from the bytes with `struct`, and stay pure (bytes in, records out) so they are tested with
-captured messages. Anything malformed is skipped with a note in `problems`, never raised.
+captured messages. Anything malformed is skipped with a note in `problems`, never raised. The framing
+(messages, attributes, the socket) is actors/netlink.py, which every actor shares; dumps are read as
+memoryviews, so a refresh slices hundreds of messages without copying them.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
-from collections.abc import Iterator
+
+from actors.netlink import NLA_HDR, NLM_F_DUMP, Buffer, NetlinkError, NetlinkSocket, iter_messages, parse_attrs
 
 from .raw import TABLE_LOCAL, Addr, Link, Neighbour, Route, Rule
-
-NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-NLA_HDR = struct.Struct("=HH")
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_MULTI = 0x1, 0x2
-NLM_F_DUMP = 0x300
-NLA_TYPE_MASK = 0x3FFF
 
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWADDR, RTM_GETADDR = 20, 22
@@ -78,58 +73,28 @@ _FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
-class NetlinkError(OSError):
-    """A dump failed (kernel error reply, truncated answer or socket error)."""
-
-
 # --- pure parsing -----------------------------------------------------------------------------------
 
 
-def iter_messages(data: bytes) -> Iterator[tuple[int, int, int, memoryview]]:
-    """(type, flags, seq, payload) of every message in one datagram; a broken length ends the walk."""
-    view = memoryview(data)
-    offset, size = 0, len(data)
-    while offset + 16 <= size:
-        length, msg_type, flags, seq, _pid = NLMSG_HDR.unpack_from(data, offset)
-        if length < 16 or offset + length > size:
-            return
-        yield msg_type, flags, seq, view[offset + 16 : offset + length]
-        offset += (length + 3) & ~3
-
-
-def attrs(payload: memoryview | bytes, offset: int) -> dict[int, memoryview | bytes]:
-    """Attributes from `offset` to the end → {type: value}; a broken length stops the walk."""
-    out: dict[int, memoryview | bytes] = {}
-    end = len(payload)
-    unpack = NLA_HDR.unpack_from
-    while offset + 4 <= end:
-        length, attr_type = unpack(payload, offset)
-        if length < 4 or offset + length > end:
-            break
-        out[attr_type & NLA_TYPE_MASK] = payload[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-    return out
-
-
-def _ip(family: int, raw: memoryview | bytes) -> str:
+def _ip(family: int, raw: Buffer) -> str:
     return socket.inet_ntop(_AF[family], bytes(raw))
 
 
-def _text(raw: memoryview | bytes) -> str:
+def _text(raw: Buffer) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def _u32(raw: memoryview | bytes) -> int:
+def _u32(raw: Buffer) -> int:
     return U32.unpack_from(raw)[0]
 
 
 _LINK_WANTED = frozenset((IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_OPERSTATE, IFLA_LINKINFO))
 
 
-def parse_link(payload: memoryview | bytes) -> Link:
+def parse_link(payload: Buffer) -> Link:
     _family, arptype, index, flags, _change = IFINFOMSG.unpack_from(payload)
     # A link message carries ~40 attributes and we want 6: walk without slicing the others (hot loop).
-    a: dict[int, memoryview | bytes] = {}
+    a: dict[int, Buffer] = {}
     offset, end, unpack, wanted = IFINFOMSG.size, len(payload), NLA_HDR.unpack_from, _LINK_WANTED
     while offset + 4 <= end:
         length, attr_type = unpack(payload, offset)
@@ -143,7 +108,7 @@ def parse_link(payload: memoryview | bytes) -> Link:
     kind = ""
     info = a.get(IFLA_LINKINFO)
     if info is not None:
-        inner = attrs(info, 0).get(IFLA_INFO_KIND)
+        inner = parse_attrs(info).get(IFLA_INFO_KIND)
         kind = _text(inner) if inner is not None else ""
     mac = a.get(IFLA_ADDRESS)
     oper = a.get(IFLA_OPERSTATE)
@@ -160,12 +125,12 @@ def parse_link(payload: memoryview | bytes) -> Link:
     )
 
 
-def parse_addr(payload: memoryview | bytes) -> Addr | None:
+def parse_addr(payload: Buffer) -> Addr | None:
     family, prefixlen, flags8, scope, index = IFADDRMSG.unpack_from(payload)
     fam = _FAMILY.get(family)
     if fam is None:
         return None
-    a = attrs(payload, IFADDRMSG.size)
+    a = parse_attrs(payload, IFADDRMSG.size)
     local, address = a.get(IFA_LOCAL), a.get(IFA_ADDRESS)
     mine = local if local is not None else address
     if mine is None:
@@ -175,13 +140,13 @@ def parse_addr(payload: memoryview | bytes) -> Addr | None:
     return Addr(index, fam, _ip(fam, mine), prefixlen, scope, flags, _ip(fam, peer) if peer is not None else "")
 
 
-def parse_route(payload: memoryview | bytes, skip_local: bool = True) -> Route | None:
+def parse_route(payload: Buffer, skip_local: bool = True) -> Route | None:
     """A route, or None for the local table (host and broadcast entries) and unknown families."""
     family, dst_len, _src_len, _tos, table, _proto, _scope, rtype, _flags = RTMSG.unpack_from(payload)
     fam = _FAMILY.get(family)
     if fam is None or (skip_local and table == TABLE_LOCAL):
         return None
-    a = attrs(payload, RTMSG.size)
+    a = parse_attrs(payload, RTMSG.size)
     if RTA_TABLE in a:
         table = _u32(a[RTA_TABLE])
         if skip_local and table == TABLE_LOCAL:
@@ -196,7 +161,7 @@ def parse_route(payload: memoryview | bytes, skip_local: bool = True) -> Route |
         mp = a[RTA_MULTIPATH]
         if len(mp) >= 8:
             nh_len, _nh_flags, _hops, oif = struct.unpack_from("=HBBi", mp)
-            nested = attrs(mp[:nh_len], 8)
+            nested = parse_attrs(mp[:nh_len], 8)
             if RTA_GATEWAY in nested:
                 gateway = _ip(fam, nested[RTA_GATEWAY])
     return Route(
@@ -212,12 +177,12 @@ def parse_route(payload: memoryview | bytes, skip_local: bool = True) -> Route |
     )
 
 
-def parse_rule(payload: memoryview | bytes) -> Rule | None:
+def parse_rule(payload: Buffer) -> Rule | None:
     family, dst_len, src_len, tos, table, _r1, _r2, action, flags = FIBRULEHDR.unpack_from(payload)
     fam = _FAMILY.get(family)
     if fam is None:
         return None
-    a = attrs(payload, FIBRULEHDR.size)
+    a = parse_attrs(payload, FIBRULEHDR.size)
     return Rule(
         family=fam,
         priority=_u32(a[FRA_PRIORITY]) if FRA_PRIORITY in a else 0,
@@ -239,31 +204,29 @@ def parse_rule(payload: memoryview | bytes) -> Rule | None:
     )
 
 
-def parse_neighbour(payload: memoryview | bytes) -> Neighbour | None:
+def parse_neighbour(payload: Buffer) -> Neighbour | None:
     """Only neighbours flagged as routers that are not known to be unreachable."""
     family, index, state, flags, _type = NDMSG.unpack_from(payload)
     fam = _FAMILY.get(family)
     if fam is None or not flags & NTF_ROUTER or state & (NUD_INCOMPLETE | NUD_FAILED):
         return None
-    dst = attrs(payload, NDMSG.size).get(NDA_DST)
+    dst = parse_attrs(payload, NDMSG.size).get(NDA_DST)
     return Neighbour(index, fam, _ip(fam, dst), True) if dst is not None else None
 
 
 # --- requests ---------------------------------------------------------------------------------------
 
 
-def dump_request(msg_type: int, seq: int, family: int = 0) -> bytes:
-    """A dump request for every object of `msg_type` (AF_UNSPEC = both families)."""
+def dump_body(msg_type: int, family: int = 0) -> bytes:
+    """The body of a dump request for every object of `msg_type` (AF_UNSPEC = both families)."""
     if msg_type == RTM_GETLINK:
         # Skip per-link statistics: they are most of a link message's bytes and we never read them.
-        body = IFINFOMSG.pack(family, 0, 0, 0, 0) + NLA_HDR.pack(8, IFLA_EXT_MASK) + U32.pack(RTEXT_FILTER_SKIP_STATS)
-    elif msg_type == RTM_GETADDR:
-        body = IFADDRMSG.pack(family, 0, 0, 0, 0)
-    elif msg_type == RTM_GETNEIGH:
-        body = NDMSG.pack(family, 0, 0, 0, 0)
-    else:  # routes and rules share the rtmsg layout
-        body = RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
-    return NLMSG_HDR.pack(16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+        return IFINFOMSG.pack(family, 0, 0, 0, 0) + NLA_HDR.pack(8, IFLA_EXT_MASK) + U32.pack(RTEXT_FILTER_SKIP_STATS)
+    if msg_type == RTM_GETADDR:
+        return IFADDRMSG.pack(family, 0, 0, 0, 0)
+    if msg_type == RTM_GETNEIGH:
+        return NDMSG.pack(family, 0, 0, 0, 0)
+    return RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)  # routes and rules share the rtmsg layout
 
 
 class Rtnl:
@@ -272,43 +235,24 @@ class Rtnl:
     RECV_SIZE = 1 << 18
 
     def __init__(self, timeout: float = 2.0) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
-        self.sock.settimeout(timeout)
-        self.sock.bind((0, 0))
-        self._seq = 0
+        self.nl = NetlinkSocket(socket.NETLINK_ROUTE, rcvbuf=None, timeout=timeout, recv_size=self.RECV_SIZE)
 
     def close(self) -> None:
-        self.sock.close()
+        self.nl.close()
 
     def dump(self, msg_type: int, family: int = 0) -> list[memoryview]:
-        """Payloads of every answer to one dump request. Raises NetlinkError."""
-        self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
-        seq = self._seq
+        """Payloads of every answer to one dump request (memoryviews). Raises NetlinkError, whose message
+        names the dump, for a kernel error, no answer in time or a socket error."""
         try:
-            self.sock.send(dump_request(msg_type, seq, family))
-            out: list[memoryview] = []
-            while True:
-                data = self.sock.recv(self.RECV_SIZE)
-                for rtype, _flags, rseq, payload in iter_messages(data):
-                    if rseq != seq:
-                        continue  # the tail of an earlier dump that timed out
-                    if rtype == NLMSG_DONE:
-                        return out
-                    if rtype == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else errno.EIO
-                        if code:
-                            raise NetlinkError(code, f"netlink dump {msg_type}: {os.strerror(code)}")
-                        return out
-                    out.append(payload)
-        except TimeoutError:
-            raise NetlinkError(errno.ETIMEDOUT, f"netlink dump {msg_type}: no answer") from None
-        except NetlinkError:
-            raise
+            return self.nl.request(msg_type, NLM_F_DUMP, dump_body(msg_type, family), views=True)
+        except NetlinkError as exc:
+            reason = "no answer" if exc.errno == errno.ETIMEDOUT else exc.strerror
+            raise NetlinkError(exc.errno, f"netlink dump {msg_type}: {reason}") from None
         except OSError as exc:
             raise NetlinkError(exc.errno or errno.EIO, f"netlink dump {msg_type}: {exc}") from None
 
 
-class Monitor:
+class Monitor(NetlinkSocket):
     """A non-blocking socket that becomes readable when links, addresses, routes or rules change.
 
     The messages themselves are not parsed: any change means "refresh" (the refresh compares whole
@@ -316,38 +260,18 @@ class Monitor:
     """
 
     def __init__(self, groups: int = WATCH_GROUPS, rcvbuf: int = 1 << 20) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE (root only)
-        except OSError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.bind((0, groups))
-        self.sock.setblocking(False)
+        super().__init__(socket.NETLINK_ROUTE, groups=groups, rcvbuf=rcvbuf, timeout=0.0)
         self.events = 0
-        self.overruns = 0
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def drain(self) -> int:
-        """Read everything pending; returns how many change messages there were (overrun counts as 1)."""
+        """Read everything pending; returns how many change messages there were (overrun counts as 1:
+        we fell behind, some events are lost, a refresh covers them)."""
+        overruns = self.overruns
         seen = 0
-        while True:
-            try:
-                data = self.sock.recv(1 << 16)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:  # we fell behind: some events are lost, a refresh covers them
-                    self.overruns += 1
-                    seen += 1
-                    continue
-                raise
+        for data in self.pending():
             if not data:
                 break
             seen += sum(1 for t, _f, _s, _p in iter_messages(data) if t >= RTM_NEWLINK)
+        seen += self.overruns - overruns
         self.events += seen
         return seen
-
-    def close(self) -> None:
-        self.sock.close()

@@ -426,14 +426,14 @@ class TcpProxy(ProxyBase):
         One netlink lookup, only while some rule names an interface."""
         try:
             if self._conntrack is None:
-                from .origdst import Conntrack
+                from .origdst import ConntrackResolver
 
-                self._conntrack = Conntrack()
-            entry = self._conntrack.lookup_reply(socket.IPPROTO_TCP, listen, client)
+                self._conntrack = ConntrackResolver(protocol=socket.IPPROTO_TCP)
+            found = self._conntrack(client, listen)
         except (OSError, ValueError) as exc:
             self.say(logging.WARNING, "conntrack mark of %s unreadable: %s", client, exc)
             return 0
-        return entry.mark if entry is not None else 0
+        return found[2] if found is not None else 0
 
     def _admit(self, client: socket.socket, addr: Address, listen: Address) -> None:
         orig = None
