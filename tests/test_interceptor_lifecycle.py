@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from test_interceptor_support import (
     SPLIT,
     TOOLS,
     VPN,
-    chain_rules,
+    Instance,
     gone,
     ours_on_top,
     own_lab,
@@ -136,14 +137,34 @@ def test_stateless_cleanup_removes_a_crashed_instances_rules(lc_lab: Lab) -> Non
 
 
 def test_scheduled_checks_push_a_displacing_rule_down(lc_lab: Lab) -> None:
+    """A VPN client coming up at boot inserts its rules above ours while `splittun up` is still starting;
+    a scheduled check (3, 6, 12 s after install) pushes them down without anyone asking. Whenever
+    something else (a network-change check) put ours back first, the client inserts again."""
     lab = lc_lab
-    inst = start(lab, env={"SPLITTUN_JUMP_CHECKS": "3,6,12"})
-    try:
-        push_ours_down(lab)  # right after start, like a VPN client coming up at boot
-        assert chain_rules(lab, 4, "nat", "OUTPUT")[0] != "-A OUTPUT -j SPLITTUN-REDIRECT"
-        log = inst.log_dir / "interceptor.log"
-        assert wait_until(lambda: 'why="scheduled' in log.read_text() and ours_on_top(lab), timeout=20)
-        assert "rules.jumps_moved_back" in log.read_text()
-    finally:
-        remove_foreign(lab)
-        stop(inst)
+    with ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(start, lab, env={"SPLITTUN_JUMP_CHECKS": "3,6,12"})
+        inst: Instance | None = None
+        try:
+            assert wait_until(lambda: ours_on_top(lab) or starting.done(), timeout=30)  # our rules are in
+            assert not starting.done() or starting.exception() is None, starting.exception()
+
+            def moved_back_by_a_scheduled_check() -> bool:
+                nonlocal inst
+                if inst is None and starting.done():
+                    inst = starting.result()
+                if not ours_on_top(lab):
+                    return False
+                if inst is not None and 'why="scheduled' in (inst.log_dir / "interceptor.log").read_text():
+                    return True
+                remove_foreign(lab)
+                push_ours_down(lab)
+                return False
+
+            assert wait_until(moved_back_by_a_scheduled_check, timeout=30)
+            assert "rules.jumps_moved_back" in (inst.log_dir / "interceptor.log").read_text()  # type: ignore[union-attr]
+        finally:
+            remove_foreign(lab)
+            if inst is None and starting.exception() is None:
+                inst = starting.result()
+            if inst is not None:
+                stop(inst)
