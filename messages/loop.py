@@ -154,7 +154,9 @@ class Loop:
     # --- running ----------------------------------------------------------------------------------
 
     def stop(self, reason: str = "requested") -> None:
-        if self.running and not self.stop_reason:
+        """End `run()` after the current round. A stop before `run()` (SIGTERM while an actor is still
+        starting, e.g. installing its firewall rules) is kept: `run()` then returns at once."""
+        if not self.stop_reason:
             self.stop_reason = reason
         self.running = False
         self.wakeup.poke()
@@ -168,7 +170,7 @@ class Loop:
         signal.set_wakeup_fd(self.wakeup.writer.fileno(), warn_on_full_buffer=False)
 
     def run(self) -> None:
-        self.running = True
+        self.running = not self.stop_reason
         while self.running:
             due_in = self.timers.run_due(self._call)
             timeout_ms = 1000 if due_in is None else min(1000, int(due_in * 1000) + 1)

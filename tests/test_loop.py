@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 import time
 
-from messages.log import LineBudget
-from messages.loop import Timers, Wakeup
+from messages.log import EventLog, LineBudget
+from messages.loop import Loop, Timers, Wakeup
 
 
 def test_timers_fire_in_order_keep_their_cadence_and_never_replay_a_backlog() -> None:
@@ -45,3 +47,20 @@ def test_wakeup_runs_queued_callbacks_and_makes_its_fd_readable() -> None:
 def test_line_budget_allows_a_few_lines_a_second() -> None:
     budget = LineBudget(3)
     assert [budget.allow() for _ in range(5)] == [True, True, True, False, False]
+
+
+def test_a_sigterm_before_the_loop_runs_is_not_lost() -> None:
+    """supervisord may stop an actor while it is still starting (installing rules, fetching snapshots):
+    the signal arrives before `run()`, and the loop must end at once instead of running until SIGKILL."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    loop = Loop(EventLog("test-loop"))
+    try:
+        loop.install_signal_handlers()
+        os.kill(os.getpid(), signal.SIGTERM)
+        loop.call_later(2.0, lambda: loop.stop("gave up waiting"))
+        loop.run()
+        assert loop.stop_reason == "SIGTERM"
+    finally:
+        loop.close()
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
