@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +38,7 @@ from test_interceptor_support import (
     curl,
     gone,
     hold,
+    joined_subscriber,
     out_queued,
     own_lab,
     push_ours_down,
@@ -49,8 +49,7 @@ from test_interceptor_support import (
     wait_until,
 )
 
-from messages import ConnEnd, ConnNew, ConnVerdict, PolicyRule, ProxySessionOpen, endpoints
-from messages.transport import Subscriber
+from messages import ConnEnd, ConnNew, ConnVerdict, PolicyRule, ProxySessionOpen
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
@@ -110,10 +109,11 @@ def test_only_the_first_datagram_of_a_udp_flow_is_queued(inst: Instance) -> None
 
 def test_split_connection_events_join_the_proxy_session(inst: Instance) -> None:
     ctx = zmq.Context()
-    sub = Subscriber(ctx, endpoints.bus_out(inst.run_dir), ["conn.", "proxy.session.open"])
+    sub = joined_subscriber(
+        ctx, inst.run_dir, ["conn.", "proxy.session.open"], {"interceptor", "interceptor_01", "proxy_tcp_00"}
+    )
     seen: dict[str, list[Any]] = {}
     try:
-        time.sleep(0.3)  # the subscription must reach the bus before the connection starts
         assert curl(inst.lab, SPLIT[4]) == ISP[4]
 
         def collect() -> bool:
@@ -137,10 +137,9 @@ def test_split_connection_events_join_the_proxy_session(inst: Instance) -> None:
 
 def test_conn_end_when_conntrack_forgets_the_connection(inst: Instance) -> None:
     ctx = zmq.Context()
-    sub = Subscriber(ctx, endpoints.bus_out(inst.run_dir), ["conn."])
+    sub = joined_subscriber(ctx, inst.run_dir, ["conn."], {"interceptor", "interceptor_01"})
     seen: list[Any] = []
     try:
-        time.sleep(0.3)
         assert client(inst.lab, "datagrams", SPLIT[4], str(T.WHOAMI_UDP_PORT), "2") == [ISP[4]] * 2
 
         def the_flow() -> Any:

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import zmq
 
-from messages import PolicyRule, PolicySnapshot, endpoints
+from messages import Heartbeat, PolicyRule, PolicySnapshot, endpoints
 from messages.control import RequestFailed
-from messages.transport import Publisher, request
+from messages.transport import Publisher, Subscriber, request
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
@@ -231,3 +231,22 @@ def ask(proc: subprocess.Popen[str]) -> str:
     proc.stdin.write("\n")
     proc.stdin.flush()
     return proc.stdout.readline().strip()
+
+
+def joined_subscriber(ctx: zmq.Context, run_dir: Path, prefixes: list[str], publishers: set[str]) -> Subscriber:
+    """A bus subscription known to be in place. Subscriptions reach publishers asynchronously (ZeroMQ's
+    slow joiner), so a fixed sleep loses events on a busy machine; instead wait for a heartbeat from
+    each publisher whose events the test needs: it comes through the same pipe after our prefixes."""
+    sub = Subscriber(ctx, endpoints.bus_out(run_dir), [*prefixes, "actor.heartbeat"])
+    heard: set[str] = set()
+
+    def joined() -> bool:
+        while (msg := sub.recv(timeout=0.05)) is not None:
+            if isinstance(msg, Heartbeat):
+                heard.add(msg.instance)
+        return publishers <= heard
+
+    if not wait_until(joined):
+        sub.close()
+        raise AssertionError(f"no heartbeat through the bus from {sorted(publishers - heard)}")
+    return sub
