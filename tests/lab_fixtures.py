@@ -9,6 +9,7 @@ sys.path, which conftest.py arranges). Fixtures:
 - ``lab_style``: the same lab in each routing style (session-scoped parametrisation, so pytest
   groups tests per style and switches only twice); it restores "replaced" afterwards.
 - ``lab_replaced``: the lab, guaranteed in plain "replaced" style (for tests run after lab_style ones).
+- ``own_lab(base, **kw)``: a module's private lab, for a fixture to ``yield from``.
 - ``make_lab``: factory for extra, test-private labs (``make_lab("tlife", style="wgquick")``), all
   torn down after the test.
 
@@ -27,9 +28,8 @@ import pytest
 
 from splittun.lab import Lab
 
-#: One lab per pytest-xdist worker (namespaces are global), plain "t" otherwise.
+#: One lab per pytest-xdist worker (namespaces are global): names get the worker's suffix.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
-LAB_NAME = f"t-{_WORKER}" if _WORKER else "t"
 
 
 def lab_name(base: str) -> str:
@@ -72,6 +72,19 @@ def require_netns() -> None:
         pytest.skip(reason)
 
 
+def own_lab(base: str, **kw: Any) -> Iterator[Lab]:
+    """A private lab (name unique per xdist worker) for a fixture to `yield from`: leftovers of a crashed
+    run are removed first, and it is torn down afterwards, also when building it or a test fails."""
+    require_netns()
+    lab = Lab(name=lab_name(base), **kw)
+    lab.down()
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
 def parse_style(param: str) -> tuple[str, bool]:
     style, _, extra = param.partition("+")
     return style, extra == "antispoof"
@@ -80,14 +93,7 @@ def parse_style(param: str) -> tuple[str, bool]:
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
     """The session's lab in "replaced" style; always torn down, also after failures or a crash before."""
-    require_netns()
-    lab = Lab(name=LAB_NAME, style="replaced")
-    lab.down()  # leftovers of a crashed earlier run (up() would do it too; be explicit)
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down()
+    yield from own_lab("t", style="replaced")
 
 
 @pytest.fixture(scope="session", params=LAB_STYLES)

@@ -35,9 +35,11 @@ from e2e_support import (
     stop_dns,
     two_peers,
 )
-from test_interceptor_support import ISP, KEEP, SPLIT, VPN, ask, curl, hold, own_lab, wait_until
+from test_interceptor_support import ISP, KEEP, SPLIT, VPN, ask, curl, hold, wait_until
 
 from splittun.lab import topology as T
+
+from lab_fixtures import own_lab
 
 pytestmark = pytest.mark.netns
 

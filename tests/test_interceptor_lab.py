@@ -40,7 +40,6 @@ from test_interceptor_support import (
     hold,
     joined_subscriber,
     out_queued,
-    own_lab,
     push_ours_down,
     queue_counts,
     remove_foreign,
@@ -52,6 +51,8 @@ from test_interceptor_support import (
 from messages import ConnEnd, ConnNew, ConnVerdict, PolicyRule, ProxySessionOpen
 from splittun.lab import Lab
 from splittun.lab import topology as T
+
+from lab_fixtures import own_lab
 
 pytestmark = pytest.mark.netns
 

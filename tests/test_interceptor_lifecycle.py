@@ -21,7 +21,6 @@ from test_interceptor_support import (
     Instance,
     gone,
     ours_on_top,
-    own_lab,
     push_ours_down,
     remove_foreign,
     saves,
@@ -33,6 +32,7 @@ from test_interceptor_support import (
 from splittun.lab import Lab
 
 from conftest import splittun
+from lab_fixtures import own_lab
 
 pytestmark = pytest.mark.netns
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from splittun.lab import Lab
 from splittun.lab import topology as T
 
 from conftest import splittun
-from lab_fixtures import lab_name, require_netns
 
 FIXTURES = Path(__file__).parent / "fixtures" / "interceptor"
 CLIENT = [sys.executable, str(FIXTURES / "client.py")]
@@ -204,18 +203,6 @@ def stop(inst: Instance) -> subprocess.CompletedProcess[str]:
     result = splittun("down", home=inst.home, ns=inst.lab.ns_host)
     shutil.rmtree(inst.home, ignore_errors=True)
     return result
-
-
-def own_lab(base: str) -> Iterator[Lab]:
-    """A private lab for one test module; always torn down."""
-    require_netns()
-    lab = Lab(name=lab_name(base))
-    lab.down()
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down()
 
 
 def hold(lab: Lab, proto: str, address: str, port: int) -> subprocess.Popen[str]:

@@ -35,7 +35,7 @@ from messages.transport import Publisher, Subscriber, request
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
-from lab_fixtures import lab_name, require_netns
+from lab_fixtures import own_lab
 
 pytest_plugins = ["test_proxy_support", "lab_fixtures"]
 pytestmark = pytest.mark.netns
@@ -70,14 +70,7 @@ def dnat(lab: Lab, add: bool) -> None:
 
 @pytest.fixture(scope="module")
 def px_lab() -> Iterator[Lab]:
-    require_netns()
-    lab = Lab(name=lab_name("px"))
-    lab.down()
-    try:
-        lab.up()
-        yield lab
-    finally:
-        lab.down()
+    yield from own_lab("px")
 
 
 @dataclass

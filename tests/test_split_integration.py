@@ -18,6 +18,7 @@ from splittun.lab import Lab
 from splittun.lab import topology as T
 
 from conftest import SPLITTUN
+from lab_fixtures import own_lab
 
 pytestmark = pytest.mark.netns
 
@@ -63,12 +64,7 @@ class Instance:
 
 @pytest.fixture
 def strict_lab() -> Iterator[Lab]:
-    lab = Lab(name="sirp", rp_filter=1)
-    lab.up()
-    try:
-        yield lab
-    finally:
-        lab.down()
+    yield from own_lab("sirp", rp_filter=1)
 
 
 def test_split_works_with_strict_rp_filter_and_down_restores_everything(strict_lab: Lab) -> None:
@@ -96,12 +92,7 @@ def test_split_works_with_strict_rp_filter_and_down_restores_everything(strict_l
 
 @pytest.fixture
 def antispoof_lab() -> Iterator[Lab]:
-    lab = Lab(name="sias", style="wgquick", antispoof=True)
-    lab.up()
-    try:
-        yield lab
-    finally:
-        lab.down()
+    yield from own_lab("sias", style="wgquick", antispoof=True)
 
 
 def test_split_replies_pass_wgquick_antispoof_and_its_table_is_left_as_found(antispoof_lab: Lab) -> None:
@@ -131,12 +122,7 @@ def test_split_replies_pass_wgquick_antispoof_and_its_table_is_left_as_found(ant
 
 @pytest.fixture
 def two_uplinks() -> Iterator[Lab]:
-    lab = Lab(name="siif", style="wgquick", second_uplink=True)
-    lab.up()
-    try:
-        yield lab
-    finally:
-        lab.down()
+    yield from own_lab("siif", style="wgquick", second_uplink=True)
 
 
 def test_a_rule_leaves_through_its_own_interface(two_uplinks: Lab) -> None:
