@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from test_interceptor_support import BY_NAME, DNS, FIXTURES, Instance, wait_until
+from test_interceptor_support import DNS, FIXTURES, Instance, wait_until
 
 from actors.interceptor.firewall import CONNTRACK_MARKS
 from messages.control import RequestFailed
@@ -297,28 +297,6 @@ def two_peers(lab: Lab, peer_a: str, peer_b: str, rounds: int) -> list[dict[str,
     proc = lab.exec("host", argv, timeout=60)
     assert proc.returncode == 0, f"two-peers client: {proc.stderr.strip()}"
     return [json.loads(line) for line in proc.stdout.splitlines()]
-
-
-def start_dns(lab: Lab) -> subprocess.Popen[str]:
-    """The lab's DNS server for *.example.com (answers BY_NAME) on extra inet addresses; stop with stop_dns."""
-    plen = {4: T.INET_PLEN_V4, 6: T.INET_PLEN_V6}
-    for family, addr in DNS.items():
-        nodad = ["nodad"] if family == 6 else []
-        lab.exec("inet", ["ip", "addr", "replace", f"{addr}/{plen[family]}", "dev", T.INET_IF, *nodad], check=True)
-    argv = [sys.executable, str(FIXTURES / "dnsd.py"), "--a", BY_NAME[4], "--aaaa", BY_NAME[6]]
-    for addr in DNS.values():
-        argv += ["--listen", addr]
-    proc = lab.popen("inet", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "dnsd ready"
-    return proc
-
-
-def stop_dns(lab: Lab, proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    proc.wait(5)
-    plen = {4: T.INET_PLEN_V4, 6: T.INET_PLEN_V6}
-    for family, addr in DNS.items():
-        lab.exec("inet", ["ip", "addr", "del", f"{addr}/{plen[family]}", "dev", T.INET_IF])
 
 
 # --- the two-peers client (run inside the lab host) ---------------------------------------------------

@@ -31,11 +31,9 @@ from e2e_support import (
     our_conntrack,
     python_app,
     socat_udp,
-    start_dns,
-    stop_dns,
     two_peers,
 )
-from test_interceptor_support import ISP, KEEP, SPLIT, VPN, ask, curl, hold, wait_until
+from test_interceptor_support import ISP, KEEP, SPLIT, VPN, ask, curl, hold, lab_dns, wait_until
 
 from splittun.lab import topology as T
 
@@ -90,11 +88,8 @@ def st_style(e2e: E2E, style: str) -> E2E:
 @pytest.fixture(scope="module")
 def dns(e2e: E2E) -> Iterator[None]:
     """A DNS server in inet answering every name under example.com with inet's own address."""
-    proc = start_dns(e2e.lab)
-    try:
+    with lab_dns(e2e.lab):
         yield
-    finally:
-        stop_dns(e2e.lab, proc)
 
 
 def closing(procs: list[subprocess.Popen[str]]) -> contextlib.ExitStack:

@@ -13,8 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +21,6 @@ import zmq
 from test_interceptor_support import (
     BY_NAME,
     DNS,
-    FIXTURES,
     ISP,
     KEEP,
     OUR_JUMPS,
@@ -39,6 +36,7 @@ from test_interceptor_support import (
     gone,
     hold,
     joined_subscriber,
+    lab_dns,
     out_queued,
     push_ours_down,
     queue_counts,
@@ -167,24 +165,8 @@ def test_conn_end_when_conntrack_forgets_the_connection(inst: Instance) -> None:
 
 @pytest.fixture
 def dns_server(inst: Instance) -> Iterator[None]:
-    """A DNS responder for *.example.com on extra inet addresses; removed afterwards."""
-    lab = inst.lab
-    plen = {4: T.INET_PLEN_V4, 6: T.INET_PLEN_V6}
-    for family, addr in DNS.items():
-        nodad = ["nodad"] if family == 6 else []
-        lab.exec("inet", ["ip", "addr", "add", f"{addr}/{plen[family]}", "dev", T.INET_IF, *nodad], check=True)
-    argv = [sys.executable, str(FIXTURES / "dnsd.py"), "--a", BY_NAME[4], "--aaaa", BY_NAME[6]]
-    for addr in DNS.values():
-        argv += ["--listen", addr]
-    proc = lab.popen("inet", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "dnsd ready"
+    with lab_dns(inst.lab):
         yield
-    finally:
-        proc.terminate()
-        proc.wait(5)
-        for family, addr in DNS.items():
-            lab.exec("inet", ["ip", "addr", "del", f"{addr}/{plen[family]}", "dev", T.INET_IF])
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -3,13 +3,14 @@ publishing, the firewall as `iptables-legacy-save` prints it, the NFQUEUE counte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,27 @@ def joined_subscriber(ctx: zmq.Context, run_dir: Path, prefixes: list[str], publ
         sub.close()
         raise AssertionError(f"no heartbeat through the bus from {sorted(publishers - heard)}")
     return sub
+
+
+@contextlib.contextmanager
+def lab_dns(lab: Lab) -> Iterator[None]:
+    """The lab's DNS server for *.example.com (answers BY_NAME) on extra inet addresses; the server and
+    the addresses are removed afterwards, also when it fails to start."""
+    plen = {4: T.INET_PLEN_V4, 6: T.INET_PLEN_V6}
+    proc: subprocess.Popen[str] | None = None
+    try:
+        for family, addr in DNS.items():
+            nodad = ["nodad"] if family == 6 else []
+            lab.exec("inet", ["ip", "addr", "replace", f"{addr}/{plen[family]}", "dev", T.INET_IF, *nodad], check=True)
+        argv = [sys.executable, str(FIXTURES / "dnsd.py"), "--a", BY_NAME[4], "--aaaa", BY_NAME[6]]
+        for addr in DNS.values():
+            argv += ["--listen", addr]
+        proc = lab.popen("inet", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "dnsd ready"
+        yield
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(5)
+        for family, addr in DNS.items():
+            lab.exec("inet", ["ip", "addr", "del", f"{addr}/{plen[family]}", "dev", T.INET_IF])
