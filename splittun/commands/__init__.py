@@ -37,3 +37,13 @@ def current_home() -> Home:
     except HomeError as exc:
         raise UserError(str(exc)) from None
     return home
+
+
+def prepared_home() -> Home:
+    """`current_home()` with its directories made, for the commands that write there (up, config edits)."""
+    home = current_home()
+    try:
+        home.prepare()
+    except HomeError as exc:
+        raise UserError(str(exc)) from None
+    return home

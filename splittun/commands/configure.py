@@ -17,11 +17,11 @@ from messages import PolicyRule, endpoints
 from messages.control import RequestFailed
 from messages.transport import request
 from splittun import config as cfg
-from splittun.home import Home, HomeError
+from splittun.home import Home
 from splittun.output import table
 from splittun.policy import RuleError, describe, parse_endpoint, parse_ports, validate
 
-from . import OK, UserError, current_home, require_root
+from . import OK, UserError, current_home, prepared_home, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -120,11 +120,7 @@ def save_and_apply(home: Home, old: cfg.Config, new: cfg.Config) -> str:
 def edit(mutate: Callable[[cfg.Config], tuple[cfg.Config, str]]) -> int:
     """Apply `mutate` (→ new config, what it did) to the config file, validated and atomically."""
     require_root("changing the config")
-    home = current_home()
-    try:
-        home.prepare()
-    except HomeError as exc:
-        raise UserError(str(exc)) from None
+    home = prepared_home()
     old = load(home)
     try:
         new, done = mutate(old)

@@ -48,12 +48,18 @@ def _gateways_of(snap: Any, name: str) -> list[str]:
     return out
 
 
-def to_json(snap: Any, show_all: bool) -> dict[str, Any]:
+def _uplink_families(snap: Any) -> dict[str, list[str]]:
+    """Interface name → the families ("ipv4", "ipv6") it is the uplink of."""
     uplink_of: dict[str, list[str]] = {}
     for key, family in FAMILIES:
         up = snap.uplink(family)
         if up:
             uplink_of.setdefault(up.interface.name, []).append(key)
+    return uplink_of
+
+
+def to_json(snap: Any, show_all: bool) -> dict[str, Any]:
+    uplink_of = _uplink_families(snap)
     rows = []
     for info in snap.all_interfaces if show_all else snap.interfaces:
         row = info.to_record().to_wire()
@@ -76,11 +82,7 @@ def to_json(snap: Any, show_all: bool) -> dict[str, Any]:
 
 
 def render(snap: Any, show_all: bool) -> str:
-    uplink_of: dict[str, list[str]] = {}
-    for key, family in FAMILIES:
-        up = snap.uplink(family)
-        if up:
-            uplink_of.setdefault(up.interface.name, []).append(key)
+    uplink_of = _uplink_families(snap)
     rows = []
     for info in snap.all_interfaces if show_all else snap.interfaces:
         rows.append(

@@ -11,11 +11,11 @@ import zmq
 from messages import Heartbeat, MessageError, endpoints
 from messages.control import RequestFailed
 from messages.transport import Subscriber, request
-from splittun.home import Home, HomeError
+from splittun.home import Home
 from splittun.output import duration, table
 from splittun.supervise import ProcessState, Supervisor, SupervisorError
 
-from . import FAILED, NOT_RUNNING, OK, UserError, current_home, require_root
+from . import FAILED, NOT_RUNNING, OK, UserError, current_home, prepared_home, require_root
 
 GAVE_UP_STATES = {"FATAL", "EXITED", "STOPPED", "UNKNOWN"}
 #: Seconds `up` waits, once every process heartbeats, for all of them to say they are ready.
@@ -62,11 +62,7 @@ def _interceptor_workers(text: str) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     require_root("splittun up")
-    home = current_home()
-    try:
-        home.prepare()
-    except HomeError as exc:
-        raise UserError(str(exc)) from None
+    home = prepared_home()
     sup = Supervisor(home)
     running = sup.pid()
     if running is not None:
