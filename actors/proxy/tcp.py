@@ -144,27 +144,24 @@ class TcpConn:
     # --- events -------------------------------------------------------------------------------------
 
     def on_client(self, events: int) -> None:
-        if self.state != OPEN:
-            return  # until the upstream answers, the client's bytes wait in its socket buffer
-        if events & (READ | RDHUP | HANGUP | ERROR):
-            self.pump(self.up, events)
-        if self.state == OPEN and events & (WRITE | ERROR | HANGUP) and self.down.waiting():
-            self.pump(self.down)
-        if self.state == OPEN and events & ERROR:
-            self._check_error(self.client, "client")
+        if self.state == OPEN:  # until the upstream answers, the client's bytes wait in its socket buffer
+            self._on_side(events, self.up, self.down, self.client, "client")
 
     def on_upstream(self, events: int) -> None:
         if self.state == CONNECTING:
             self._connected(events)
-            return
-        if self.state != OPEN:
-            return
+        elif self.state == OPEN:
+            self._on_side(events, self.down, self.up, self.upstream, "upstream")
+
+    def _on_side(self, events: int, reading: _Direction, writing: _Direction, sock: socket.socket, side: str) -> None:
+        """One socket's readiness: read what it sent into `reading`, flush `writing` (the bytes waiting
+        to go out through it) when it can take more, and notice its error."""
         if events & (READ | RDHUP | HANGUP | ERROR):
-            self.pump(self.down, events)
-        if self.state == OPEN and events & (WRITE | ERROR | HANGUP) and self.up.waiting():
-            self.pump(self.up)
+            self.pump(reading, events)
+        if self.state == OPEN and events & (WRITE | ERROR | HANGUP) and writing.waiting():
+            self.pump(writing)
         if self.state == OPEN and events & ERROR:
-            self._check_error(self.upstream, "upstream")
+            self._check_error(sock, side)
 
     def _connected(self, events: int) -> None:
         if events & (ERROR | HANGUP) or not events & WRITE:  # writable without error = connected
