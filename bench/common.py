@@ -7,6 +7,7 @@ import platform
 import resource
 import shutil
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,6 +32,19 @@ def raise_nofile() -> None:
 
 def errors_note(n: int) -> str:
     return f" ({n} errors)" if n else ""
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    """The micro-benchmarks' output: name and value, the values in one column."""
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
+
+
+def print_report(table: str) -> None:
+    """A lab benchmark's result: date and machine, then its markdown table (pasted into RESULTS.md)."""
+    print(f"{time.strftime('%Y-%m-%d')}, {machine()}\n")
+    print(table)
 
 
 def machine() -> str:

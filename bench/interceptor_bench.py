@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import errors_note, machine, preflight, raise_nofile
+from bench.common import errors_note, preflight, print_report, raise_nofile
 from messages import endpoints as ep
 from messages.control import RequestFailed
 from messages.transport import request
@@ -630,8 +630,7 @@ def main(argv: list[str]) -> int:
         bench.run(set(args.only or SECTIONS))
     finally:
         bench.down()
-    print(f"{time.strftime('%Y-%m-%d')}, {machine()}\n")
-    print(bench.table())
+    print_report(bench.table())
     return 0
 
 

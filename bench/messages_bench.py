@@ -18,6 +18,7 @@ from pathlib import Path
 
 import zmq
 
+from bench.common import print_rows
 from messages import ConnNew, ProcessInfo, decode, endpoints
 from messages.transport import Publisher, Subscriber
 
@@ -97,9 +98,7 @@ def main(argv: list[str]) -> int:
     run.rmdir()
     rate, lost = bus_throughput()
     rows.append(("bus: 1 publisher → bus → 1 subscriber", f"{rate:,.0f} events/s ({lost:.1%} dropped)"))
-    width = max(len(r[0]) for r in rows)
-    for name, value in rows:
-        print(f"{name.ljust(width)}  {value}")
+    print_rows(rows)
     return 0
 
 

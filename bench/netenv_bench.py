@@ -23,6 +23,7 @@ from actors.netenv import Netenv, best_physical_default_interfaces, get_interfac
 from actors.netenv import default as shared
 from actors.netenv.decide import decide
 from actors.netenv.linux import LinuxSource
+from bench.common import print_rows
 
 PAIRS = 50  # 100 interfaces
 
@@ -127,9 +128,7 @@ def refresh_in_namespace() -> list[tuple[str, str]]:
 
 def main(argv: list[str]) -> int:
     rows = lookups() + refresh_in_namespace()
-    width = max(len(r[0]) for r in rows)
-    for name, value in rows:
-        print(f"{name.ljust(width)}  {value}")
+    print_rows(rows)
     return 0
 
 

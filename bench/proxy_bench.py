@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import errors_note, machine, preflight, raise_nofile
+from bench.common import errors_note, preflight, print_report, raise_nofile
 from messages import endpoints as ep
 from messages.transport import request
 from splittun.lab import Lab
@@ -190,21 +190,20 @@ class Bench:
             f"frontend f\n    bind 127.0.0.17:{HAPROXY_PORT}\n    default_backend b\n"
             "backend b\n    server s 0.0.0.0\n"  # the original destination (SO_ORIGINAL_DST)
         )
-        proc = self.popen("host", self.as_uid(DIRECT_UID, ["haproxy", "-db", "-f", str(cfg)]), f"haproxy{threads}")
-        self.wait_port("host", "tcp", f"127.0.0.17:{HAPROXY_PORT}")
-        try:
+        with self._comparison(["haproxy", "-db", "-f", str(cfg)], f"haproxy{threads}", HAPROXY_PORT):
             yield
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(10)
+
+    def socat(self, port: int) -> contextlib.AbstractContextManager[None]:
+        argv = ["socat", f"TCP-LISTEN:{SOCAT_PORT},bind=127.0.0.17,reuseaddr,fork,backlog=4096", f"TCP:{SERVER}:{port}"]
+        return self._comparison(argv, "socat", SOCAT_PORT)
 
     @contextlib.contextmanager
-    def socat(self, port: int) -> Iterator[None]:
-        proc = self.popen("host", self.as_uid(DIRECT_UID, [
-            "socat", f"TCP-LISTEN:{SOCAT_PORT},bind=127.0.0.17,reuseaddr,fork,backlog=4096", f"TCP:{SERVER}:{port}",
-        ]), "socat")  # fmt: skip
-        self.wait_port("host", "tcp", f"127.0.0.17:{SOCAT_PORT}")
+    def _comparison(self, argv: list[str], name: str, port: int) -> Iterator[None]:
+        """A proxy we compare with, listening on 127.0.0.17:`port` for the block's duration (as DIRECT_UID:
+        a uid rule routes its upstream via the ISP, like the proxy's own); stopped also when it never came up."""
+        proc = self.popen("host", self.as_uid(DIRECT_UID, argv), name)
         try:
+            self.wait_port("host", "tcp", f"127.0.0.17:{port}")
             yield
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -421,8 +420,7 @@ def main(argv: list[str]) -> int:
         bench.run()
     finally:
         bench.down()
-    print(f"{time.strftime('%Y-%m-%d')}, {machine()}\n")
-    print(bench.table())
+    print_report(bench.table())
     return 0
 
 
