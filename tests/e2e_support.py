@@ -29,6 +29,7 @@ from test_interceptor_support import DNS, FIXTURES, Instance, wait_until
 from actors.interceptor.firewall import CONNTRACK_MARKS
 from messages.control import RequestFailed
 from messages.marks import SPLIT_ROUTE_TABLE, VERDICT_MASK, Mark
+from splittun.home import Home
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
@@ -200,7 +201,7 @@ class E2E:
         return out
 
     def config_file(self) -> dict[str, Any]:
-        path = self.home / "config.json"
+        path = Home.from_env({"SPLITTUN_HOME": str(self.home)}).config_file
         return json.loads(path.read_text()) if path.exists() else {}
 
     def rules(self) -> list[dict[str, Any]]:
@@ -240,7 +241,7 @@ class E2E:
         return {4: v4 if v4 != "none" else "", 6: v6 if v6 != "none" else ""}
 
     def log(self, actor: str) -> str:
-        path = self.home / "log" / f"{actor}.log"
+        path = Home.from_env({"SPLITTUN_HOME": str(self.home)}).program_log(actor)
         return path.read_text(errors="replace") if path.exists() else ""
 
 

@@ -21,6 +21,7 @@ import zmq
 from messages import Heartbeat, PolicyRule, PolicySnapshot, endpoints
 from messages.control import RequestFailed
 from messages.transport import Publisher, Subscriber, request
+from splittun.home import Home
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
@@ -130,12 +131,17 @@ class Instance:
     version: int = 0
 
     @property
+    def paths(self) -> Home:
+        """Where this instance keeps its sockets and logs: the product's own layout under its home."""
+        return Home.from_env({"SPLITTUN_HOME": str(self.home)})
+
+    @property
     def run_dir(self) -> Path:
-        return self.home / "run"
+        return self.paths.run_dir
 
     @property
     def log_dir(self) -> Path:
-        return self.home / "log"
+        return self.paths.log_dir
 
     def ask(self, instance: str, op: str, **args: Any) -> Any:
         return request(endpoints.actor_endpoint(self.run_dir, instance), op, args, timeout=5.0, who=instance)
@@ -144,7 +150,7 @@ class Instance:
         return int(self.ask(instance, "ping")["pid"])
 
     def supervisord_pid(self) -> int:
-        return int((self.run_dir / "supervisord.pid").read_text())
+        return int(self.paths.supervisord_pidfile.read_text())
 
     def active(self, instance: str = "interceptor") -> bool:
         try:
