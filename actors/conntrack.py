@@ -44,7 +44,9 @@ MSG_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
 NFNLGRP_CONNTRACK_DESTROY = 3
 NFGEN = struct.Struct("!BBH")  # family, version, res_id
 
-CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_MARK, CTA_ID, CTA_MARK_MASK = 1, 2, 8, 12, 21
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO, CTA_MARK, CTA_ID, CTA_MARK_MASK = 1, 2, 3, 4, 8, 12, 21
+CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
+IPS_CONFIRMED = 1 << 3
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -52,6 +54,8 @@ CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE = 4, 5, 6
 CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE = 7, 8, 9
 
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58  # IP protocol numbers
+#: conntrack's TCP states (enum tcp_conntrack) that a closed connection's entry lingers in.
+TCP_CONNTRACK_TIME_WAIT, TCP_CONNTRACK_CLOSE = 7, 8
 ICMP_ECHO_REQUEST = {ICMP: 8, ICMPV6: 128}
 _U16, _U32 = struct.Struct("!H"), struct.Struct("!I")
 
@@ -85,8 +89,9 @@ class CtTuple:
 class CtEntry:
     orig: CtTuple
     mark: int = 0
-    id: int = 0
+    id: int = 0  # the kernel's identity of the entry (CTA_ID): a new connection on the same tuple has another
     reply: CtTuple | None = None  # parsed on request only (parse_entry's with_reply; lookup_reply)
+    tcp_state: int = -1  # conntrack's TCP state (TCP_CONNTRACK_*), -1 when not TCP or not told
 
 
 # --- building ---------------------------------------------------------------------------------------
@@ -130,6 +135,11 @@ def delete_payload(t: CtTuple) -> bytes:
 def get_by_reply_payload(reply: CtTuple) -> bytes:
     """IPCTNL_MSG_CT_GET of the entry whose reply tuple is `reply`."""
     return NFGEN.pack(reply.family, 0, 0) + tuple_attr(reply, CTA_TUPLE_REPLY)
+
+
+def get_payload(orig: CtTuple) -> bytes:
+    """IPCTNL_MSG_CT_GET of the entry whose original tuple is `orig`."""
+    return NFGEN.pack(orig.family, 0, 0) + tuple_attr(orig)
 
 
 def flush_mark_payload(mark: int, mask: int = 0xFFFFFFFF, family: int = socket.AF_UNSPEC) -> bytes:
@@ -189,7 +199,12 @@ def parse_entry(payload: Buffer, with_reply: bool = False) -> CtEntry | None:
     reply = parse_tuple(attrs[CTA_TUPLE_REPLY]) if with_reply and CTA_TUPLE_REPLY in attrs else None
     mark = _U32.unpack(attrs[CTA_MARK][:4])[0] if len(attrs.get(CTA_MARK, b"")) >= 4 else 0
     ct_id = _U32.unpack(attrs[CTA_ID][:4])[0] if len(attrs.get(CTA_ID, b"")) >= 4 else 0
-    return CtEntry(orig, mark, ct_id, reply)
+    tcp_state = -1
+    if orig.protocol == TCP and CTA_PROTOINFO in attrs:
+        tcp = parse_attrs(parse_attrs(attrs[CTA_PROTOINFO]).get(CTA_PROTOINFO_TCP, b""))
+        state = tcp.get(CTA_PROTOINFO_TCP_STATE, b"")
+        tcp_state = state[0] if len(state) >= 1 else -1
+    return CtEntry(orig, mark, ct_id, reply, tcp_state)
 
 
 # --- I/O --------------------------------------------------------------------------------------------
@@ -223,6 +238,18 @@ class Conntrack:
         if entry is None:
             raise ValueError("unreadable conntrack answer")
         return entry
+
+    def get(self, orig: CtTuple) -> CtEntry | None:
+        """The entry whose original tuple is `orig` (a hash lookup in the kernel), None when there is none.
+        Raises NetlinkError (other kernel errors, no answer in time)."""
+        self.lookups += 1
+        try:
+            answers = self.nl.request(MSG_GET, 0, get_payload(orig), single=True)
+        except NetlinkError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        return parse_entry(answers[0]) if answers else None
 
     def delete(self, t: CtTuple) -> bool:
         """Delete the entry whose original tuple is `t`; False when it was already gone."""

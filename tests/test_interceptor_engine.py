@@ -38,19 +38,27 @@ PACKETS = {k: bytes.fromhex(v) for k, v in json.loads((FIXTURES / "packets.json"
 
 
 class FakePacket:
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes, mark: int = 0) -> None:
         self.payload = payload
+        self.queued_mark = mark  # what the rules restored from the connmark before queueing it
         self.mark: int | None = None
         self.accepted = 0
+        self.dropped = 0
 
     def get_payload(self) -> bytes:
         return self.payload
+
+    def get_mark(self) -> int:
+        return self.queued_mark
 
     def set_mark(self, mark: int) -> None:
         self.mark = mark
 
     def accept(self) -> None:
         self.accepted += 1
+
+    def drop(self) -> None:
+        self.dropped += 1
 
 
 CURL = Owner(
@@ -210,6 +218,12 @@ def test_any_failure_on_the_path_still_gives_a_verdict_without_a_split_mark() ->
 
     h.engine.attribute = broken
     pkt = h.send("tcp4_syn")
+    assert (pkt.mark, pkt.accepted) == (Mark.ACCEPT_ALWAYS, 1)  # never split, and kept so: no split later
+    assert h.engine.counters["attribution_errors"] == 1
+    verdict = h.of(ConnVerdict)[0]  # not silent: the connection and why it stayed in the VPN are published
+    assert verdict.verdict == Verdict.ACCEPT and "finding the process failed (RuntimeError" in verdict.reason
+    h.engine.names = None  # type: ignore[assignment]  # anything else failing: accepted unmarked, counted
+    pkt = h.send(from_port("tcp4_syn", 40001))
     assert (pkt.mark, pkt.accepted) == (0, 1)
     assert h.engine.counters["errors"] == 1
 
@@ -552,3 +566,183 @@ def test_a_network_change_that_moves_the_egress_re_evaluates_live_udp_flows() ->
     gone = NetenvChanged(seq=2, ts=0.0, interfaces=NETENV.interfaces, gateways=[])  # no uplink any more
     assert h.engine.set_netenv(gone)
     assert len(h.deleted) == 1  # the UDP flow is queued again: its next datagram goes through the VPN
+
+
+# --- a verdict belongs to one connection, never to a tuple ------------------------------------------------
+
+PYTHON = Owner(
+    ProcessInfo(pid=5151, ppid=1, uid=1000, name="python3", exe="/usr/bin/python3"),
+    AppFacts(5151, "/usr/bin/python3", "python3", 1000),
+)
+SPLIT_CURL_80 = PolicyRule(id="curl80", action="split", app_name="curl", dest="203.0.113.80")
+
+
+class Kernel(Harness):
+    """The harness plus what the kernel tells about identities: each socket's cookie and the conntrack table."""
+
+    def __init__(self, owner: Owner | None = CURL) -> None:
+        super().__init__(owner)
+        self.cookie = 1  # the cookie of the socket that sends now (a new socket: another number)
+        self.table: dict[CtTuple, CtEntry] = {}
+        self.destroyed: list[CtEntry] = []  # destroy events waiting on the events socket
+        self.gets = 0
+        self.engine.socket_cookie = lambda *flow, fresh=False: self.cookie
+        self.engine.conntrack_get = self._get
+        self.engine.drain_conntrack = self._drain
+
+    def _get(self, key: CtTuple) -> CtEntry | None:
+        self.gets += 1
+        return self.table.get(key)
+
+    def _drain(self) -> None:
+        events, self.destroyed = self.destroyed, []
+        self.engine.on_conntrack_destroyed(events)
+
+    def confirm(self, name: str, mark: int, ct_id: int = 7) -> CtTuple:
+        """The verdict of the last packet of `name` made it into the table (confirmed, connmark saved)."""
+        [key] = [k for k, conn in self.engine.live.items() if conn.outcome.mark == mark and k not in self.table]
+        self.table[key] = CtEntry(key, mark, ct_id)
+        return key
+
+    def app(self, owner: Owner, cookie: int) -> None:
+        self.owner, self.cookie = owner, cookie
+
+
+@pytest.mark.parametrize("name", ["tcp4_syn", "tcp6_syn"])
+def test_a_new_tcp_connection_on_a_reused_port_is_decided_for_its_own_app(name: str) -> None:
+    h = Kernel()
+    h.policy(1, SPLIT_CURL_80, PolicyRule(id="curl80v6", action="split", app_name="curl", dest="2001:db8:30::80"))
+    assert is_split(h.send(name).mark)  # curl: split
+    key = h.confirm(name, h.of(ConnVerdict)[0].split_key and split_mark(0))
+    # curl's connection closed (the server first: conntrack keeps the entry in TIME_WAIT), and python's
+    # connect() got the same local port. Conntrack killed the old entry for the new SYN: a fresh one, unmarked.
+    del h.table[key]
+    h.app(PYTHON, cookie=2)
+    pkt = h.send(name)
+    assert pkt.mark == Mark.ACCEPT_ALWAYS  # python stays in the VPN: it never inherits curl's split
+    new, end = h.of(ConnNew), h.of(ConnEnd)
+    assert len(new) == 2 and new[1].process == PYTHON.info  # its own conn.new
+    assert [e.conn_id for e in end] == [new[0].conn_id] and "reuses" in end[0].reason
+    assert h.engine.counters["tuple_reused"] == 1
+    # And the other way round: python's port reused by curl is split.
+    h.table[key] = CtEntry(key, Mark.ACCEPT_ALWAYS, 8)
+    del h.table[key]
+    h.app(CURL, cookie=3)
+    assert is_split(h.send(name).mark)
+    assert [c.process for c in h.of(ConnNew)] == [CURL.info, PYTHON.info, CURL.info]
+
+
+@pytest.mark.parametrize("name", ["udp4", "udp6"])
+def test_a_udp_packet_queued_before_the_verdict_was_saved_gets_that_verdict(name: str) -> None:
+    h = Kernel()
+    h.policy(1, PolicyRule(id="all", action="split"))
+    first = h.send(name)
+    h.confirm(name, first.mark or 0)
+    h.app(PYTHON, cookie=2)  # would be decided otherwise: it is not asked, the packet belongs to curl's flow
+    second = h.send(name)
+    assert second.mark == first.mark and len(h.of(ConnNew)) == 1 and h.gets == 1
+
+
+@pytest.mark.parametrize("name", ["udp4", "udp6"])
+def test_a_udp_flow_whose_entry_is_gone_starts_a_new_connection(name: str) -> None:
+    h = Kernel()
+    h.policy(1, SPLIT_CURL, PolicyRule(id="py", action="keep", app_name="python3"))
+    assert is_split(h.send(name).mark)
+    h.app(PYTHON, cookie=2)  # the entry timed out (no destroy event read yet): a new socket on the port
+    pkt = h.send(name)
+    assert pkt.mark == Mark.ACCEPT_ALWAYS and len(h.of(ConnNew)) == 2 and len(h.of(ConnEnd)) == 1
+
+
+def test_the_old_entrys_destroy_event_read_first_ends_the_old_connection() -> None:
+    h = Kernel()
+    h.policy(1, SPLIT_CURL)
+    h.send("udp4")
+    key = h.confirm("udp4", h.of(ConnVerdict)[0].split_key and split_mark(0), ct_id=7)
+    h.destroyed.append(h.table.pop(key))  # gone, and its event waits on the socket
+    h.app(PYTHON, cookie=2)
+    assert h.send("udp4").mark == Mark.ACCEPT_ALWAYS
+    assert [e.reason for e in h.of(ConnEnd)] == ["closed"]
+    assert h.gets == 1  # no check of the table was needed; only the new entry's id was learned afterwards
+
+
+def test_a_late_destroy_event_of_the_old_entry_does_not_end_the_new_connection() -> None:
+    h = Kernel()
+    h.policy(1, SPLIT_CURL)
+    h.send("udp4")
+    key = h.confirm("udp4", split_mark(0), ct_id=7)
+    old = h.table.pop(key)
+    h.app(PYTHON, cookie=2)
+    h.send("udp4", end_batch=False)  # a new connection; its entry (id 8) is there once its verdict is in
+    h.table[key] = CtEntry(key, Mark.ACCEPT_ALWAYS, 8)
+    h.end_batch()
+    assert h.engine.live[key].ct_id == 8
+    h.engine.on_conntrack_destroyed([old])  # the old entry's event, delayed: not the live connection's
+    assert key in h.engine.live and h.engine.counters["stale_destroys"] == 1
+    h.engine.on_conntrack_destroyed([CtEntry(key, Mark.ACCEPT_ALWAYS, 8)])
+    assert key not in h.engine.live
+
+
+def syn_on_decided_entry(h: Kernel, mark: int) -> FakePacket:
+    """A SYN whose entry already carries our verdict: the rules restored the mark, then queued it."""
+    pkt = FakePacket(PACKETS["tcp4_syn"], mark=mark)
+    h.engine.on_packet(False, pkt)
+    h.end_batch()
+    return pkt
+
+
+def test_a_retransmitted_syn_of_a_decided_connection_keeps_its_verdict() -> None:
+    h = Kernel()
+    h.policy(1, SPLIT_CURL)
+    mark = h.send("tcp4_syn").mark or 0
+    pkt = syn_on_decided_entry(h, mark)  # the same socket sends it again
+    assert (pkt.mark, pkt.accepted, pkt.dropped) == (mark, 1, 0)
+    assert len(h.of(ConnNew)) == 1 and h.engine.counters["syn_retransmits"] == 1
+
+
+def test_a_new_connection_reopening_an_old_entry_is_dropped_until_it_has_its_own() -> None:
+    h = Kernel()
+    h.policy(1, SPLIT_CURL)
+    mark = h.send("tcp4_syn").mark or 0
+    # The server reset curl's connection: conntrack keeps the entry in CLOSE state, and a SYN from python's
+    # new socket on the same port would reopen it — with curl's mark and its DNAT to the proxy.
+    h.app(PYTHON, cookie=2)
+    pkt = syn_on_decided_entry(h, mark)
+    assert (pkt.accepted, pkt.dropped) == (0, 1)
+    assert h.deleted == [CtTuple(6, "192.0.2.66", 34666, "203.0.113.80", 80)]
+    assert "reopened" in h.of(ConnEnd)[0].reason and not h.engine.live
+    # Its retransmitted SYN has a fresh entry: queued unmarked and decided for python.
+    assert h.send("tcp4_syn").mark == Mark.ACCEPT_ALWAYS
+    assert h.of(ConnNew)[-1].process == PYTHON.info
+
+
+def test_a_syn_on_an_entry_decided_before_this_interceptor_started_is_decided_afresh() -> None:
+    h = Kernel()
+    h.policy(1, SPLIT_CURL)
+    pkt = syn_on_decided_entry(h, split_mark(0))  # no live connection: whose verdict that is, nobody knows
+    assert (pkt.accepted, pkt.dropped) == (0, 1) and len(h.deleted) == 1
+
+
+@pytest.mark.parametrize("name", ["udp4", "udp6"])
+def test_a_closed_udp_socket_takes_its_flows_entries_with_it(name: str) -> None:
+    from actors.interceptor.procinfo import DiagSocket
+
+    h = Kernel()
+    h.policy(1, PolicyRule(id="all", action="split"))
+    h.send(name)
+    [(key, conn)] = h.engine.live.items()
+    other = DiagSocket(2, 7, bytes(16), key.src_port, bytes(16), 0, 1000, 99, cookie=5)  # same port, another socket
+    h.engine.on_sockets_destroyed([other])
+    assert key in h.engine.live and not h.deleted
+    mine = DiagSocket(2, 7, bytes(16), key.src_port, bytes(16), 0, 1000, 98, cookie=conn.socket_cookie)
+    h.engine.on_sockets_destroyed([mine])
+    assert h.deleted == [key] and not h.engine.live and not h.engine._udp_ports
+    assert h.of(ConnEnd)[0].reason == "closed: its socket was closed"
+
+
+def test_remembered_destination_verdicts_are_not_used_when_the_app_decides() -> None:
+    h = Kernel()
+    h.policy(1, SPLIT_CURL_80)
+    assert is_split(h.send(from_port("tcp4_syn", 40001)).mark)
+    h.app(PYTHON, cookie=2)
+    assert h.send(from_port("tcp4_syn", 40002)).mark == Mark.ACCEPT_ALWAYS  # same destination, its own verdict
+    assert not h.engine._decisions

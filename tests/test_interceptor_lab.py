@@ -138,8 +138,9 @@ def test_conn_end_when_conntrack_forgets_the_connection(inst: Instance) -> None:
     ctx = zmq.Context()
     sub = joined_subscriber(ctx, inst.run_dir, ["conn."], {"interceptor", "interceptor_01"})
     seen: list[Any] = []
+    app = hold(inst.lab, "udp", SPLIT[4], T.WHOAMI_UDP_PORT)  # its socket stays open meanwhile
     try:
-        assert client(inst.lab, "datagrams", SPLIT[4], str(T.WHOAMI_UDP_PORT), "2") == [ISP[4]] * 2
+        assert [ask(app), ask(app)] == [ISP[4]] * 2
 
         def the_flow() -> Any:
             while (msg := sub.recv(timeout=0.05)) is not None:
@@ -158,6 +159,31 @@ def test_conn_end_when_conntrack_forgets_the_connection(inst: Instance) -> None:
 
         end = wait_until(ended)
         assert end is not None and end.reason == "closed"
+    finally:
+        app.kill()
+        app.wait()
+        sub.close()
+
+
+def test_a_udp_flow_ends_with_its_socket_and_its_entry_goes_too(inst: Instance) -> None:
+    """A UDP conntrack entry outlives its socket; another socket on the same port would follow its path. So the
+    entry of a closed socket is deleted at once (and the connection ends), not after conntrack's timeout."""
+    ctx = zmq.Context()
+    sub = joined_subscriber(ctx, inst.run_dir, ["conn."], {"interceptor", "interceptor_01"})
+    seen: list[Any] = []
+    try:
+        assert client(inst.lab, "datagrams", SPLIT[4], str(T.WHOAMI_UDP_PORT), "2") == [ISP[4]] * 2
+
+        def ended() -> Any:
+            while (msg := sub.recv(timeout=0.05)) is not None:
+                seen.append(msg)
+            new = next((m for m in seen if isinstance(m, ConnNew) and m.dst_ip == SPLIT[4] and m.protocol == 17), None)
+            return new and next((m for m in seen if isinstance(m, ConnEnd) and m.conn_id == new.conn_id), None)
+
+        end = wait_until(ended)
+        assert end is not None and end.reason == "closed: its socket was closed"
+        spec = ["-p", "udp", "-s", T.TUN_HOST_V4, "-d", SPLIT[4], "--dport", str(T.WHOAMI_UDP_PORT)]
+        assert "udp" not in inst.lab.exec("host", ["conntrack", "-L", *spec]).stdout
     finally:
         sub.close()
         ctx.term()

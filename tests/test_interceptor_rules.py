@@ -48,6 +48,9 @@ def test_queues_only_new_connections_with_bypass() -> None:
     mangle = fw.render(4)["mangle"]
     queue_rules = [r for r in mangle if "NFQUEUE" in r]
     assert queue_rules == [
+        # …and a SYN on an entry holding our verdict: a retransmission, or a new connection reopening it
+        f"-A {fw.INGEST_OUT} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark 0 "
+        "-j NFQUEUE --queue-num 17040 --queue-bypass",
         f"-A {fw.INGEST_OUT} -m conntrack --ctstate NEW -j NFQUEUE --queue-num 17040 --queue-bypass",
         f"-A {fw.INGEST_IN} -p udp -m conntrack --ctdir REPLY --ctorigdstport 53 "
         "-j NFQUEUE --queue-num 17140 --queue-bypass",

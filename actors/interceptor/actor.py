@@ -27,7 +27,7 @@ from .engine import Engine
 from .firewall import MAX_WORKERS, worker_queues
 from .names import NameTable
 from .platform import Firewall, PacketSource, firewall, packet_source
-from .procinfo import Attributor, ProcReader, SockDiag
+from .procinfo import Attributor, ProcReader, SockDiag, SocketEvents
 
 DEFAULT_HANDLER = "actors.ivpn.interop:interceptor_verdict_handler"
 DEFAULT_JUMP_CHECKS = "5,15,45"
@@ -86,6 +86,7 @@ class InterceptorActor(Actor):
         self.attributor = Attributor(self.diag, ProcReader())
         self.conntrack = Conntrack()
         self.ct_events = ConntrackEvents()
+        self.socket_events = SocketEvents()
         if args.verdict_handler and hook.SLOT.get() is None:
             try:
                 if hook.load(args.verdict_handler):
@@ -104,8 +105,12 @@ class InterceptorActor(Actor):
             names=self.names,
             schedule=self.rt.loop.call_later,
             delete_conntrack=self.conntrack.delete,
+            socket_cookie=self.attributor.socket_cookie,
+            conntrack_get=self.conntrack.get,
+            drain_conntrack=self._read_conntrack,
         )
         self.rt.loop.add_fd(self.ct_events.fileno(), self._read_conntrack)
+        self.rt.loop.add_fd(self.socket_events.fileno(), self._read_sockets)
         self.source: PacketSource = packet_source()
         self.fw: Firewall | None = None
         self._fw_lock = threading.Lock()  # rule checks run on the loop or, after network changes, a thread
@@ -204,6 +209,9 @@ class InterceptorActor(Actor):
     def _read_conntrack(self) -> None:
         self.engine.on_conntrack_destroyed(self.ct_events.read())
 
+    def _read_sockets(self) -> None:
+        self.engine.on_sockets_destroyed(self.socket_events.read())
+
     def _check_jumps(self, why: str) -> list[str]:
         if self.fw is None:
             return []
@@ -256,6 +264,7 @@ class InterceptorActor(Actor):
         out = {k: v for k, v in engine.status().items() if isinstance(v, int)}
         out["active"] = int(self.active)
         out["conntrack_overruns"] = self.ct_events.overruns
+        out["socket_event_overruns"] = self.socket_events.overruns
         out["attribution_scans"] = self.attributor.scans
         out["attribution_listings"] = self.attributor.listings
         out["attribution_no_socket"] = self.attributor.no_socket
@@ -275,7 +284,7 @@ class InterceptorActor(Actor):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.flush_pending()
-        for name in ("source", "ct_events", "conntrack", "diag", "attributor", "names"):
+        for name in ("source", "ct_events", "socket_events", "conntrack", "diag", "attributor", "names"):
             thing = getattr(self, name, None)
             if thing is not None:
                 try:

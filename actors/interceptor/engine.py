@@ -24,12 +24,24 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from actors.conntrack import CtEntry, CtTuple
-from messages import ConnEnd, ConnNew, ConnVerdict, IvpnStatus, Message, NetenvChanged, PolicySnapshot, flow_key
+from messages import (
+    ConnEnd,
+    ConnNew,
+    ConnVerdict,
+    IvpnStatus,
+    Mark,
+    Message,
+    NetenvChanged,
+    PolicySnapshot,
+    Verdict,
+    flow_key,
+)
 from messages.log import EventLog
+from messages.marks import VERDICT_MASK
 from splittun.policy import EMPTY_POLICY, CompiledPolicy
 
 from .decide import MALFORMED, Flow, Outcome, SplitEgress, decide, reevaluation_resets
@@ -37,7 +49,7 @@ from .dns import DnsError, parse_response
 from .hook import SLOT, HandlerSlot
 from .names import NameTable
 from .packet import ICMP, ICMPV6, TCP, UDP, MalformedPacket, PacketInfo, parse_packet
-from .procinfo import Owner
+from .procinfo import DiagSocket, Owner
 
 #: Delays (s) between attribution attempts for a socket or process not visible yet; only used when the
 #: policy has app rules (otherwise the verdict does not depend on the process and nobody should wait).
@@ -49,8 +61,10 @@ OWN_PID_TTL = 5.0  # seconds a heartbeat's pid counts as ours
 
 class QueuedPacket(Protocol):
     def get_payload(self) -> bytes: ...
+    def get_mark(self) -> int: ...
     def set_mark(self, mark: int) -> None: ...
     def accept(self) -> None: ...
+    def drop(self) -> None: ...
 
 
 @dataclass
@@ -62,6 +76,8 @@ class LiveConn:
     own: bool
     outcome: Outcome
     started: float
+    socket_cookie: int = 0  # the socket the verdict was given for (0: not known)
+    ct_id: int = 0  # its conntrack entry's id, where it had to be learned (0: not known)
 
 
 @dataclass
@@ -89,6 +105,10 @@ def _flow(info: PacketInfo) -> Flow:
     )
 
 
+def _flow5(info: PacketInfo | Flow) -> tuple[int, str, int, str, int]:
+    return info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port
+
+
 class Engine:
     def __init__(
         self,
@@ -104,6 +124,9 @@ class Engine:
         clock: Callable[[], float] = time.time,
         socket_uid: Callable[[int, str, int, str, int], int | None] | None = None,
         uid_of: Callable[[int], int | None] | None = None,
+        socket_cookie: Callable[..., int] | None = None,
+        conntrack_get: Callable[[CtTuple], CtEntry | None] | None = None,
+        drain_conntrack: Callable[[], Any] | None = None,
     ) -> None:
         self.instance = instance
         self.log = log
@@ -111,6 +134,9 @@ class Engine:
         self.attribute = attribute
         self.socket_uid = socket_uid
         self.uid_of = uid_of
+        self.socket_cookie = socket_cookie
+        self.conntrack_get = conntrack_get
+        self.drain_conntrack = drain_conntrack
         self.names = names
         self.schedule = schedule
         self.delete_conntrack = delete_conntrack
@@ -119,6 +145,7 @@ class Engine:
         self.policy: CompiledPolicy = EMPTY_POLICY
         self.ivpn: IvpnStatus | None = None
         self.live: OrderedDict[CtTuple, LiveConn] = OrderedDict()
+        self._udp_ports: dict[int, set[CtTuple]] = {}  # live UDP flows by local port (see on_sockets_destroyed)
         self._pending: dict[CtTuple, _Pending] = {}
         self._unpublished: list[LiveConn] = []  # decided in this batch of packets; their events to come
         self._decisions: dict[tuple[int, int, str, int, str, bool], Outcome] = {}  # see _destination_outcome
@@ -147,6 +174,13 @@ class Engine:
                 "errors",
                 "handler_errors",
                 "untracked",
+                "tuple_repeats",  # queued packets of a tuple already decided: checked against the kernel
+                "tuple_reused",  # …that turned out to be a new connection (a reused port): decided afresh
+                "reused_entries_dropped",  # SYNs of a new connection reopening an old entry: entry deleted
+                "syn_retransmits",  # SYNs of a decided connection queued again: same socket, same verdict
+                "sockets_closed",  # UDP sockets gone whose conntrack entries were deleted
+                "stale_destroys",  # destroy events of an entry that a new connection had already replaced
+                "attribution_errors",  # finding a process failed with an error (decided without it)
                 "busy_us",  # time spent on packets and their events, in µs (busy_us / queued = cost per packet)
                 "verdict_us",  # of that, from a new connection's packet arriving to its verdict (/ decided)
                 "attribution_us",  # of that, finding processes (before or after the verdict)
@@ -295,15 +329,102 @@ class Engine:
             self._apply(pkt, MALFORMED)
             return
         key = ct_tuple(info)
-        live = self.live.get(key)
-        if live is not None:  # a second packet that was queued before the first one's connmark was saved
-            self._apply(pkt, live.outcome)
+        if info.tcp_first and pkt.get_mark() & VERDICT_MASK:
+            self._on_syn_of_decided_entry(key, info, pkt)
             return
+        live = self.live.get(key)
+        if live is not None:
+            if self._same_connection(key, live, info):  # queued before its first packet's verdict was saved
+                self._apply(pkt, live.outcome)
+                return
+            if self.live.get(key) is live:  # not ended by its destroy event just read: end it here
+                self._end(key, live, "closed: a new connection reuses its addresses and ports")
+            self.counters["tuple_reused"] += 1
+            self._learn_ct_id_after(key)
         pending = self._pending.get(key)
         if pending is not None:
             pending.packets.append(pkt)
             return
         self._attempt(key, info, [pkt], 0)
+
+    def _same_connection(self, key: CtTuple, conn: LiveConn, info: PacketInfo) -> bool:
+        """Is a packet queued for a tuple we already decided part of that connection, or of a new one that
+        happens to reuse its addresses and ports? A verdict belongs to one connection (the kernel's conntrack
+        entry), never to a tuple: a reused port must not inherit another app's verdict.
+
+        Only unmarked packets of a new entry are queued, so:
+        - a TCP SYN has a fresh entry: the old connection's one is gone (conntrack kills an entry in
+          TIME_WAIT when a SYN reuses its tuple). A new connection.
+        - anything else (UDP, a first packet of another protocol) may be a packet sent before the first
+          one's verdict was saved in the connmark; then the decided entry is still in the table, carrying
+          the verdict's mark. Its destroy event, when it is gone, is read first.
+        """
+        self.counters["tuple_repeats"] += 1
+        if info.tcp_first:
+            return False
+        if self.drain_conntrack is not None:
+            self.drain_conntrack()
+            if self.live.get(key) is not conn:
+                return False
+        if self.conntrack_get is None:
+            return True  # nothing to ask: the old behaviour (engine tests without a kernel)
+        try:
+            entry = self.conntrack_get(key)
+        except OSError as exc:
+            self._once("conntrack.get_failed", f"{type(exc).__name__}: {exc}")
+            return False  # cannot tell: deciding afresh is right for this packet's own app either way
+        if entry is None or entry.mark != conn.outcome.mark:
+            return False
+        conn.ct_id = entry.id
+        return True
+
+    def _on_syn_of_decided_entry(self, key: CtTuple, info: PacketInfo, pkt: QueuedPacket) -> None:
+        """A SYN whose conntrack entry already carries one of our verdicts (the rules restore it, then queue
+        it): either the retransmitted SYN of a connection we decided, or a new connection that reopened an
+        old entry — conntrack lets a SYN reuse an entry in CLOSE state (after a reset), keeping its mark
+        and its NAT binding, so the new connection would silently inherit the old one's path. The socket
+        tells them apart."""
+        conn = self.live.get(key)
+        mark = pkt.get_mark()
+        if conn is not None and conn.outcome.mark == mark and conn.socket_cookie and self.socket_cookie is not None:
+            try:
+                cookie = self.socket_cookie(*_flow5(info), fresh=True)
+            except OSError:
+                cookie = 0
+            if cookie == conn.socket_cookie:
+                self.counters["syn_retransmits"] += 1
+                self._apply(pkt, conn.outcome)
+                return
+        # Not the socket that verdict was given for: remove the old entry and drop this SYN. The app
+        # retransmits it (1 s later) on a fresh entry, which is queued and decided for its own app.
+        if conn is not None:
+            self._end(key, conn, "closed: a new connection reopened its conntrack entry")
+        if self.delete_conntrack is not None:
+            try:
+                self.delete_conntrack(key)
+            except OSError as exc:
+                self._once("conntrack.delete_failed", f"{type(exc).__name__}: {exc}")
+        self.counters["reused_entries_dropped"] += 1
+        pkt.drop()
+
+    def _learn_ct_id_after(self, key: CtTuple) -> None:
+        """After a reused tuple, learn the new connection's entry id once its verdict is in: the old
+        entry's destroy event, if it comes late, must not end the new connection."""
+        if self.conntrack_get is None:
+            return
+
+        def learn() -> None:
+            conn = self.live.get(key)
+            if conn is None or conn.ct_id:
+                return
+            try:
+                entry = self.conntrack_get(key) if self.conntrack_get is not None else None
+            except OSError:
+                return
+            if entry is not None and entry.mark == conn.outcome.mark:
+                conn.ct_id = entry.id
+
+        self.schedule(0.0, learn)
 
     def _verdict_needs_process(self) -> bool:
         """Can the process change this verdict beyond "is it ours"? App rules, or a handler that looks at
@@ -324,7 +445,13 @@ class Engine:
                     conn = self._decided(key, info, None, domain, False, outcome, packets)
                     self._attribute_after_verdict(conn)
                     return
-            owner = self._attribute(info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
+            try:
+                owner = self._attribute(info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
+            except Exception as exc:  # a race we did not foresee: never split, and say so in the verdict
+                self.counters["attribution_errors"] += 1
+                self._once("attribution.failed", f"{type(exc).__name__}: {exc}")
+                self._decide_new(key, info, None, packets, failed=f"{type(exc).__name__}: {exc}")
+                return
             if owner is None and self.policy.uses_apps and attempt < len(RETRY_DELAYS):
                 self.counters["attribution_retries"] += 1
                 self._pending[key] = _Pending(info, packets)
@@ -394,11 +521,24 @@ class Engine:
             self._once("handler.failed", error)
         return outcome
 
-    def _decide_new(self, key: CtTuple, info: PacketInfo, owner: Owner | None, packets: list[QueuedPacket]) -> None:
+    def _decide_new(
+        self, key: CtTuple, info: PacketInfo, owner: Owner | None, packets: list[QueuedPacket], failed: str = ""
+    ) -> None:
+        """Decide with what is known of the process. `failed`: finding it raised (then a split, which would
+        need it, is refused and the verdict says why)."""
         domain = self.names.lookup(info.dst_ip, self.clock())
         own = owner is not None and owner.info.pid in self.own_pids()
         flow = _flow(info)
-        self._decided(key, flow, owner, domain, own, self._evaluate(flow, owner, domain, own), packets)
+        outcome = self._evaluate(flow, owner, domain, own)
+        if failed and outcome.split:
+            outcome = Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, outcome.rule,
+                              f"finding the process failed ({failed}): kept in the VPN")  # fmt: skip
+        elif owner is None and self.policy.uses_apps and info.protocol in (TCP, UDP) and not outcome.rule:
+            # App rules could not be checked: said in the verdict's reason and counted, never silent.
+            outcome = replace(outcome, reason=outcome.reason or "process not found: app rules could not match")
+        conn = self._decided(key, flow, owner, domain, own, outcome, packets)
+        if owner is not None:
+            conn.socket_cookie = self._cookie(flow)
 
     def _decided(
         self,
@@ -423,10 +563,7 @@ class Engine:
             self.counters["split"] += 1
         self._next_id += 1
         conn = LiveConn(f"{self._id_prefix}-{self._next_id}", flow, owner, domain, own, outcome, now)
-        self.live[key] = conn
-        if len(self.live) > MAX_LIVE:
-            self.live.popitem(last=False)
-            self.counters["untracked"] += 1
+        self._track(key, conn)
         if not self._unpublished:
             self.schedule(0.0, self.flush_events)
         self._unpublished.append(conn)
@@ -454,6 +591,16 @@ class Engine:
             return
         conn.owner = owner
         conn.own = owner.info.pid in self.own_pids()  # kept in the VPN already; re-evaluations treat it as ours
+        conn.socket_cookie = self._cookie(f)
+
+    def _cookie(self, flow: Flow) -> int:
+        """The cookie of the socket the last attribution of `flow` found (no syscall; 0 when unknown)."""
+        if self.socket_cookie is None:
+            return 0
+        try:
+            return self.socket_cookie(*_flow5(flow))
+        except OSError:
+            return 0
 
     def flush_events(self) -> None:
         """End of a batch of packets: conn.new and conn.verdict for every connection decided in it."""
@@ -507,12 +654,58 @@ class Engine:
 
     def on_conntrack_destroyed(self, entries: list[CtEntry]) -> None:
         """conn.end for our connections whose conntrack entry is gone (closed or timed out)."""
-        self.flush_events()  # conn.new before conn.end, always
-        now = self.clock()
         for entry in entries:
-            conn = self.live.pop(entry.orig, None)
-            if conn is not None:
-                self.publish(ConnEnd(conn_id=conn.conn_id, ts=now, reason="closed"))
+            conn = self.live.get(entry.orig)
+            if conn is None:
+                continue
+            if conn.ct_id and entry.id and conn.ct_id != entry.id:  # an older entry of a reused tuple
+                self.counters["stale_destroys"] += 1
+                continue
+            self._end(entry.orig, conn, "closed")
+
+    def on_sockets_destroyed(self, sockets: list[DiagSocket]) -> None:
+        """UDP sockets that are gone: delete their flows' conntrack entries, so another socket reusing the
+        port (another app, maybe) is queued and decided instead of following the old entry's path."""
+        for sock in sockets:
+            keys = self._udp_ports.get(sock.sport)
+            if not keys:
+                continue
+            for key in list(keys):
+                conn = self.live.get(key)
+                if conn is None or (conn.socket_cookie and sock.cookie and conn.socket_cookie != sock.cookie):
+                    continue  # another socket on the same port (SO_REUSEPORT, another local address)
+                if self.delete_conntrack is not None:
+                    try:
+                        self.delete_conntrack(key)
+                    except OSError as exc:
+                        self._once("conntrack.delete_failed", f"{type(exc).__name__}: {exc}")
+                self.counters["sockets_closed"] += 1
+                self._end(key, conn, "closed: its socket was closed")
+
+    def _track(self, key: CtTuple, conn: LiveConn) -> None:
+        self.live[key] = conn
+        if key.protocol == UDP:
+            self._udp_ports.setdefault(key.src_port, set()).add(key)
+        if len(self.live) > MAX_LIVE:
+            self._untrack(next(iter(self.live)))
+            self.counters["untracked"] += 1
+
+    def _untrack(self, key: CtTuple) -> LiveConn | None:
+        conn = self.live.pop(key, None)
+        if conn is not None and key.protocol == UDP:
+            keys = self._udp_ports.get(key.src_port)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._udp_ports[key.src_port]
+        return conn
+
+    def _end(self, key: CtTuple, conn: LiveConn, reason: str) -> None:
+        """Forget a live connection and publish its conn.end (after any conn.new still queued)."""
+        self.flush_events()  # conn.new before conn.end, always
+        if self.live.get(key) is conn:
+            self._untrack(key)
+        self.publish(ConnEnd(conn_id=conn.conn_id, ts=self.clock(), reason=reason))
 
     # --- re-evaluation ---------------------------------------------------------------------------------
 
@@ -537,7 +730,7 @@ class Engine:
                 except OSError as exc:
                     self._once("conntrack.delete_failed", f"{type(exc).__name__}: {exc}")
                     continue
-            self.live.pop(key, None)
+            self._untrack(key)
             resets += 1
             reason = f"re-evaluated ({why}): {conn.outcome.verdict.verb()} -> {new.verdict.verb()}"
             self.publish(ConnEnd(conn_id=conn.conn_id, ts=now, reason=reason))

@@ -126,6 +126,10 @@ def render(family: int, workers: int = 1, valid_mark_was: int | None = None) -> 
         f"-A {INGEST_OUT} -m mark ! --mark 0 -j RETURN",  # socket marks (SPLIT_EGRESS, VPN software): not ours to touch
         f"-A {INGEST_OUT} -o lo -j RETURN",  # localhost is never split
         *(f"-A {INGEST_OUT} {r}" for r in restore),
+        # A SYN on an entry that already holds our verdict: a retransmission, or a new connection reopening
+        # an old entry (conntrack reuses one in CLOSE state, mark and NAT binding included). The interceptor
+        # tells them apart by the socket; a verdict never passes to another connection unseen.
+        f"-A {INGEST_OUT} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark 0 -j NFQUEUE {out_queue}",
         f"-A {INGEST_OUT} -m mark ! --mark 0 -j RETURN",  # decided earlier: never queued again
         f"-A {INGEST_OUT} -m connmark ! --mark 0 -j RETURN",  # another program's connmark: its connection
         f"-A {INGEST_OUT} -m conntrack --ctstate NEW -j NFQUEUE {out_queue}",

@@ -30,12 +30,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.netlink import NLM_F_DUMP, NetlinkError, NetlinkSocket
+from actors.netlink import NLM_F_DUMP, NetlinkError, NetlinkSocket, iter_messages
 from messages import ProcessInfo
 from splittun.policy import AppFacts
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
+#: sock_diag's multicast groups announcing destroyed UDP sockets (SKNLGRP_INET_UDP_DESTROY, ..._INET6_...).
+SKNLGRP_INET_UDP_DESTROY, SKNLGRP_INET6_UDP_DESTROY = 2, 4
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _REQ = struct.Struct("=BBBxI")  # family, protocol, ext, pad, states
 _SOCKID = struct.Struct("!HH16s16s")  # sport, dport, src, dst (then if and cookie, host order)
@@ -64,6 +66,7 @@ class DiagSocket:
     dport: int
     uid: int
     inode: int
+    cookie: int = 0  # the socket's cookie: unique for the kernel's lifetime, unlike a port or an inode
 
 
 def ip_bytes(address: str) -> tuple[int, bytes]:
@@ -88,9 +91,10 @@ def parse_diag_message(payload: bytes) -> DiagSocket | None:
         return None
     family, state, _timer, _retrans = _MSG.unpack_from(payload, 0)
     sport, dport, src, dst = _SOCKID.unpack_from(payload, _MSG.size)
+    _if, cookie_lo, cookie_hi = _SOCKID_TAIL.unpack_from(payload, _MSG.size + _SOCKID.size)
     off = _MSG.size + _SOCKID.size + _SOCKID_TAIL.size
     _exp, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(payload, off)
-    return DiagSocket(family, state, src, sport, dst, dport, uid, inode)
+    return DiagSocket(family, state, src, sport, dst, dport, uid, inode, cookie_lo | cookie_hi << 32)
 
 
 def _same_ip(raw: bytes, family: int, want: bytes, want_family: int) -> bool:
@@ -179,6 +183,29 @@ class SockDiag:
         if family == socket.AF_INET:
             candidates += self._dump(socket.AF_INET, protocol)
         return best_udp_match(candidates, family, src, sport, dst, dport)
+
+
+class SocketEvents(NetlinkSocket):
+    """Non-blocking reader of "UDP socket destroyed" notifications (register `fileno()` with the loop).
+
+    A UDP conntrack entry outlives the socket that made it: another app's new socket on the same port,
+    talking to the same peer, would follow the old entry (its mark, its DNAT to the proxy) without ever
+    being queued. The interceptor deletes the entries of a socket that is gone, so the next socket's first
+    datagram is queued and decided for its own app. Needs CAP_NET_ADMIN in the namespace.
+    """
+
+    def __init__(self) -> None:
+        groups = (1 << (SKNLGRP_INET_UDP_DESTROY - 1)) | (1 << (SKNLGRP_INET6_UDP_DESTROY - 1))
+        super().__init__(NETLINK_SOCK_DIAG, groups=groups, rcvbuf=4 << 20, timeout=0.0)
+
+    def read(self, limit: int = 256) -> list[DiagSocket]:
+        """UDP sockets destroyed since the last read. An overrun (ENOBUFS) is counted, not raised."""
+        out: list[DiagSocket] = []
+        for data in self.pending(limit):
+            for msg_type, _flags, _seq, payload in iter_messages(data):
+                if msg_type == SOCK_DIAG_BY_FAMILY and (found := parse_diag_message(payload)) is not None:
+                    out.append(found)
+        return out
 
 
 # --- /proc --------------------------------------------------------------------------------------------
@@ -276,7 +303,11 @@ class ProcReader:
         except OSError:
             return
         try:
-            for name in os.listdir(dirfd):
+            try:
+                names = os.listdir(dirfd)
+            except OSError:  # the process exited between opening its fd table and listing it
+                return
+            for name in names:
                 try:
                     link = os.readlink(name, dir_fd=dirfd)
                 except OSError:
@@ -481,6 +512,7 @@ class Attributor:
         self.no_socket = 0  # sock_diag did not know the connection (gone already, or not a socket of ours)
         self.no_process = 0  # the socket was known, but no process holds it (closed, or a process exited)
         self._last_socket: tuple[Flow5, DiagSocket] | None = None  # what socket_uid() found
+        self._last_attributed: tuple[Flow5, DiagSocket] | None = None  # the socket attribute() found last
 
     def pid_of_inode(self, inode: int) -> int | None:
         """The process holding socket `inode` (see `owners_of`)."""
@@ -579,6 +611,8 @@ class Attributor:
         diag = self.diag
         last, self._last_socket = self._last_socket, None
         sockets = [last[1] if last is not None and last[0] == flow else diag.lookup(*flow) for flow in flows]
+        found = sockets[-1] if flows else None
+        self._last_attributed = (flows[-1], found) if found is not None else None
         flow_of = {s.inode: flow for s, flow in zip(sockets, flows, strict=True) if s is not None and s.inode}
 
         def still_open(inode: int) -> bool:
@@ -614,6 +648,21 @@ class Attributor:
         found = self.diag.lookup(*flow)
         self._last_socket = (flow, found) if found is not None else None
         return found.uid if found is not None else None
+
+    def socket_cookie(
+        self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int, fresh: bool = False
+    ) -> int:
+        """The cookie of the connection's socket, 0 when there is none: the kernel's identity of the socket,
+        which tells a new socket on a reused port apart from the one a verdict was given for. Without
+        `fresh`, the socket the last attribution of this very flow found answers (no syscall)."""
+        flow = (protocol, src_ip, sport, dst_ip, dport)
+        last = self._last_attributed
+        if not fresh and last is not None and last[0] == flow:
+            return last[1].cookie
+        if self.diag is None:
+            return 0
+        found = self.diag.lookup(*flow)
+        return found.cookie if found is not None else 0
 
     def uid_of(self, pid: int) -> int | None:
         """The effective uid of process `pid`, None when it is gone."""
