@@ -155,7 +155,7 @@ def test_status(lab_replaced: Lab) -> None:
     st = lab_replaced.status()
     assert st["name"] == lab_replaced.name and st["exists"] and st["style"] == "replaced" and st["antispoof"] is False
     assert st["namespaces"] == dict.fromkeys(T.ROLES, True)
-    assert set(st["processes"]) == {"servers", "tunnel-host", "tunnel-vpnsrv"}
+    assert set(st["processes"]) == {"servers", "tunnel-host", "tunnel-vpnsrv", "leakmon"}
     assert all(p["alive"] and p["pid"] for p in st["processes"].values())
     assert lab_replaced.name in lab_names()
     with pytest.raises(ValueError):
@@ -183,7 +183,7 @@ def test_lifecycle_crash_and_rebuild(make_lab: Callable[..., Lab]) -> None:
         lab.up()
         assert lab.whoami() == T.VPNSRV_V4
         pids = lab_daemons(lab.name)
-        assert len(pids) == 3
+        assert len(pids) == 4  # servers, both tunnel ends, the leak monitor
         # Simulated crash: the daemons die hard, namespaces and state stay behind.
         for pid in pids:
             os.kill(pid, signal.SIGKILL)

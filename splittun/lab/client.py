@@ -3,9 +3,11 @@
 It asks inet's whoami server which source address it saw and prints it. Socket options make the path
 explicit: ``--mark`` sets SO_MARK (to hit a policy-routing rule) and ``--bind-dev`` sets
 SO_BINDTODEVICE, which is how splittun's proxy pins its upstream sockets to the physical uplink.
+``--ttl`` sets the IP TTL / IPv6 hop limit: the lab's deliberate ISP-path probes use ``PROBE_TTL``,
+which is how the leak monitor on the physical link (``splittun.lab.leakmon``) tells them from leaks.
 
     python -m splittun.lab.client --proto tcp --family 4 [--target 203.0.113.80] [--mark 0x5157]
-        [--bind-dev eth0] [--timeout 5] [--json] [--expect ADDR --retry-for SECONDS]
+        [--bind-dev eth0] [--ttl 37] [--timeout 5] [--json] [--expect ADDR --retry-for SECONDS]
 
 Exit status 0 and the answer on stdout, or 1 and ``error: <reason>`` on stderr.
 """
@@ -27,9 +29,13 @@ class ProbeError(Exception):
     """The probe did not get an answer (timeout, unreachable, bad reply)."""
 
 
-def make_socket(family: int, proto: str, mark: int, bind_dev: str, timeout: float) -> socket.socket:
+def make_socket(family: int, proto: str, mark: int, bind_dev: str, timeout: float, ttl: int = 0) -> socket.socket:
     fam = socket.AF_INET6 if family == 6 else socket.AF_INET
     sock = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+    if ttl and family == 6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+    elif ttl:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
     if mark:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
     if bind_dev:
@@ -48,6 +54,7 @@ def probe(
     bind_dev: str = "",
     timeout: float = 5.0,
     as_json: bool = False,
+    ttl: int = 0,
 ) -> str:
     """One request; returns the server's answer (address, or JSON text with ``as_json``)."""
     if target:
@@ -56,7 +63,7 @@ def probe(
     port = port or (WHOAMI_TCP_PORT if proto == "tcp" else WHOAMI_UDP_PORT)
     deadline = time.monotonic() + timeout
     try:
-        with make_socket(family, proto, mark, bind_dev, timeout) as sock:
+        with make_socket(family, proto, mark, bind_dev, timeout, ttl) as sock:
             if proto == "udp":
                 sock.connect((target, port))  # connected: only the server's own reply is accepted
                 sock.send(b"json" if as_json else b"whoami")
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int)
     ap.add_argument("--mark", type=lambda s: int(s, 0), default=0)
     ap.add_argument("--bind-dev", default="")
+    ap.add_argument("--ttl", type=int, default=0, help="IP TTL / IPv6 hop limit (0: the system's)")
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--json", action="store_true", help="ask for the JSON answer (seen, port, server)")
     ap.add_argument("--expect", help="with --retry-for: retry until the answer equals this")
@@ -111,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                 bind_dev=args.bind_dev,
                 timeout=per_try,
                 as_json=args.json,
+                ttl=args.ttl,
             )
             if args.expect is None or answer == args.expect:
                 print(answer)

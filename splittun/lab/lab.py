@@ -12,6 +12,9 @@ How the lab maps to a real machine:
 - ``vpnsrv`` is the VPN server: its own TUN device, forwarding, and masquerade out of its public
   address, so tunnelled traffic reaches the internet as 198.51.100.2.
 - ``inet`` is the internet's "what is my IP" servers (``splittun.lab.servers``).
+- On isp's side of the host's uplink(s), a leak monitor (``splittun.lab.leakmon``) logs every packet the
+  host sends out of its physical link, so tests can prove that nothing left outside the VPN. The lab's own
+  ISP-path probes carry TTL ``PROBE_TTL`` so it can tell them apart.
 
 The host's routing comes in the two shapes real VPN clients leave behind ("styles"):
 
@@ -47,13 +50,14 @@ from splittun.lab import topology as T
 NETNS_DIR = Path("/run/netns")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _NS_RE = re.compile(rf"^{re.escape(T.NS_PREFIX)}(.+)-({'|'.join(T.ROLES)})$")
-_MODULES = ("splittun.lab.tunnel", "splittun.lab.servers")
+_MODULES = ("splittun.lab.tunnel", "splittun.lab.servers", "splittun.lab.leakmon")
 
 #: Daemon key -> (role of its namespace, module). Keys appear in status()["processes"].
 DAEMONS: dict[str, tuple[str, str]] = {
     "servers": ("inet", "splittun.lab.servers"),
     "tunnel-vpnsrv": ("vpnsrv", "splittun.lab.tunnel"),
     "tunnel-host": ("host", "splittun.lab.tunnel"),
+    "leakmon": ("isp", "splittun.lab.leakmon"),
 }
 
 _ISP_PATH_NFT_TABLE = "splittun-lab-isppath"
@@ -272,9 +276,11 @@ class Lab:
             self._sysctls()
             self._links()
             self._wait_links_up(time.monotonic() + timeout)
+            self._start_leakmon()
             self._vpn_server_nat()
             self._spawn("servers", ["--tcp-port", str(T.WHOAMI_TCP_PORT), "--udp-port", str(T.WHOAMI_UDP_PORT)])
             self._spawn("tunnel-vpnsrv", ["server", "--dev", T.TUN_SRV_IF, "--listen", f"0.0.0.0:{T.VPN_SERVER_PORT}"])
+            self._wait_leakmon(time.monotonic() + timeout)  # capturing before the host sends anything routed
             self._apply_style(self.style, self.antispoof)
             self._start_host_tunnel()
             self._save_state()
@@ -339,6 +345,11 @@ class Lab:
             self._wait_attached("host", T.TUN_HOST_IF, deadline)
         self._save_state()
         self.wait_ready(max(0.5, deadline - time.monotonic()))
+
+    @property
+    def leakmon_log(self) -> Path:
+        """The leak monitor's flow log (see splittun.lab.leakmon)."""
+        return self.state_dir / T.LEAKMON_LOG
 
     # -- status -------------------------------------------------------------------------------------
 
@@ -637,6 +648,22 @@ class Lab:
             "--mark", str(mark), "--keepalive", "5",
         ])  # fmt: skip
 
+    def _start_leakmon(self) -> None:
+        """The leak monitor on isp's side of the host's uplink(s) (splittun.lab.leakmon)."""
+        ifaces = [T.ISP_LAN_IF, *([T.ISP_LAN2_IF] if self.second_uplink else [])]
+        self._spawn("leakmon", ["--log", str(self.leakmon_log), *(a for i in ifaces for a in ("--iface", i))])
+
+    def _wait_leakmon(self, deadline: float) -> None:
+        """Wait until the leak monitor says it captures (its "ready" line)."""
+        pid = self._load_state().get("pids", {}).get("leakmon")
+        while True:
+            with contextlib.suppress(OSError), open(self.leakmon_log, "rb") as f:
+                if any(b'"event":"ready"' in line for line in f):
+                    return
+            if not (pid and _alive(pid)) or time.monotonic() >= deadline:
+                raise LabError(f"lab {self.name!r}: the leak monitor is not capturing" + self._log_tails())
+            time.sleep(0.01)
+
     def _wait_links_up(self, deadline: float) -> None:
         """Wait until every veth reports operstate UP (carrier seen by linkwatch: qdisc and IPv6 ready)."""
         optional = set() if self.second_uplink else {"host:eth1", "isp:lan1"}
@@ -695,8 +722,8 @@ class Lab:
                 "--timeout", str(timeout)]  # fmt: skip
         if target:
             argv += ["--target", target]
-        if isp:
-            argv += ["--mark", hex(T.ISP_PATH_MARK), "--bind-dev", T.HOST_IF]
+        if isp:  # the probe TTL makes these deliberate ISP-path probes recognisable to the leak monitor
+            argv += ["--mark", hex(T.ISP_PATH_MARK), "--bind-dev", T.HOST_IF, "--ttl", str(T.PROBE_TTL)]
         return argv
 
     def _probe_all(self, expect: dict[int, str], isp: bool, deadline: float) -> None:
@@ -838,6 +865,8 @@ def _check_style(style: str) -> None:
 def _daemon_key(argv: list[str]) -> str | None:
     if "splittun.lab.servers" in argv:
         return "servers"
+    if "splittun.lab.leakmon" in argv:
+        return "leakmon"
     if "splittun.lab.tunnel" in argv:
         return "tunnel-host" if "client" in argv else "tunnel-vpnsrv" if "server" in argv else None
     return None

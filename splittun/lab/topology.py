@@ -106,3 +106,13 @@ ISP_PATH_RULE_PREF = 5157  # well before wg-quick's 32764/32765
 
 #: Sysctl value for host rp_filter; see lab.py for why it is loose.
 HOST_RP_FILTER = 2
+
+# --- the leak monitor on the physical link (splittun.lab.leakmon) ----------------------------------
+#: IP TTL / IPv6 hop limit of the lab's own deliberate ISP-path probes (Lab.whoami(path="isp"),
+#: Lab.wait_ready): the leak monitor captures before isp decrements it and counts them as probes.
+PROBE_TTL = 37
+#: UDP port of the monitor's sync frames: injected on the host's uplinks (AF_PACKET, never routed), sent
+#: to a MAC nobody owns so isp drops them, and recognised by the monitor by port, TTL and payload.
+LEAKMON_SYNC_PORT = 4737
+#: The monitor's flow log (one JSON object a line) in the lab's state dir.
+LEAKMON_LOG = "leakmon.jsonl"
