@@ -18,6 +18,7 @@ import pytest
 
 from splittun.lab import Lab, LabError, lab_daemons, lab_names
 from splittun.lab import topology as T
+from splittun.lab.leakmon import LeakMonitor
 
 pytest_plugins = ["lab_fixtures"]
 pytestmark = pytest.mark.netns
@@ -110,6 +111,34 @@ def test_bindtodevice_alone_uses_main_default_in_wgquick(lab: Lab) -> None:
         assert (proc.returncode, proc.stdout.strip()) == (0, T.HOST_V4), proc.stderr
     finally:
         lab.set_style("replaced", antispoof=False)
+
+
+def test_switching_styles_sends_nothing_out_of_eth0(lab: Lab) -> None:
+    """While the host's routing is switched, unmarked traffic goes into the tunnel or nowhere: a sender trying
+    both servers all along never gets a datagram out of the physical link (seen by the leak monitor)."""
+    sender = (
+        "import socket, sys, time\n"
+        "socks = [(socket.socket(socket.AF_INET6 if ':' in a else socket.AF_INET, socket.SOCK_DGRAM), a)"
+        " for a in sys.argv[1:]]\n"
+        "while True:\n"
+        "    for s, a in socks:\n"
+        "        try: s.sendto(b'x', (a, 9))\n"
+        "        except OSError: pass\n"
+        "    time.sleep(0.0005)\n"
+    )
+    monitor = LeakMonitor(lab)
+    monitor.mark()
+    proc = lab.popen("host", [sys.executable, "-c", sender, T.SERVER_V4[1], T.SERVER_V6[1]])
+    try:
+        for _ in range(2):
+            lab.set_style("wgquick", antispoof=False)
+            lab.set_style("replaced", antispoof=False)
+    finally:
+        proc.kill()
+        proc.wait()
+    report = monitor.report()
+    report.assert_no_leaks()
+    assert report.carrier > 100  # the sender was heard, through the tunnel
 
 
 # -------------------------------------------------------------------------------- the tunnel

@@ -574,15 +574,24 @@ class Lab:
         return T.WG_FWMARK if style == "wgquick" else 0
 
     def _apply_style(self, style: str, antispoof: bool) -> None:
-        """Remove both styles' host routing, then install ``style``'s (idempotent)."""
+        """Remove both styles' host routing, then install ``style``'s (idempotent).
+
+        Ordered so that a switch leaks nothing: at no moment does unmarked traffic meet a default route
+        through a physical uplink without wg-quick's rules in front of it. Default routes via the uplinks
+        go first and come last; in between, traffic goes into the tunnel or nowhere (the leak monitor
+        saw retransmissions of a VPN connection leave through eth0 while an older order switched).
+        """
         host = self.ns_host
         for fam in ("-4", "-6"):
+            for dev in (T.HOST_IF, T.HOST2_IF):
+                while _run(["ip", "-n", host, fam, "route", "del", "default", "dev", dev], check=False).returncode == 0:
+                    pass
+            while _run(["ip", "-n", host, fam, "route", "del", "default"], check=False).returncode == 0:
+                pass
             _run(["ip", "-n", host, fam, "route", "flush", "table", str(T.WG_TABLE)], check=False)
             for pref in (T.WG_RULE_PREF_SUPPRESS, T.WG_RULE_PREF_FWMARK):
                 while _run(["ip", "-n", host, fam, "rule", "del", "pref", str(pref)], check=False).returncode == 0:
                     pass
-            while _run(["ip", "-n", host, fam, "route", "del", "default"], check=False).returncode == 0:
-                pass
         _run(["ip", "-n", host, "-4", "route", "del", f"{T.VPNSRV_V4}/32"], check=False)
         for fam in ("ip", "ip6"):
             _run(["ip", "netns", "exec", host, "nft", "delete", "table", fam, T.WG_NFT_TABLE], check=False)
@@ -595,11 +604,11 @@ class Lab:
             self._batch("host", [f"route add default dev {T.TUN_HOST_IF}"], "-6")
         else:
             for fam, gw in (("-4", T.ISP_LAN_V4), ("-6", T.ISP_LAN_V6)):
-                self._batch("host", [
-                    f"route add default via {gw} dev {T.HOST_IF}",
+                self._batch("host", [  # the physical default last, once the rules keep unmarked traffic off it
                     f"route add default dev {T.TUN_HOST_IF} table {T.WG_TABLE}",
                     f"rule add not fwmark {T.WG_FWMARK} table {T.WG_TABLE} pref {T.WG_RULE_PREF_FWMARK}",
                     f"rule add table main suppress_prefixlength 0 pref {T.WG_RULE_PREF_SUPPRESS}",
+                    f"route add default via {gw} dev {T.HOST_IF}",
                 ], fam)  # fmt: skip
             valid_mark = 1  # wg-quick sets it so rp_filter sees the connmark-restored transport mark
         if self.second_uplink:
