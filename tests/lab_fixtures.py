@@ -14,6 +14,19 @@ sys.path, which conftest.py arranges). Fixtures:
   torn down after the test.
 
 Tests that change the lab beyond ``set_style`` must undo it themselves.
+
+Leak check (``splittun.lab.leakmon``): every lab made through these helpers (``lab`` and so ``lab_style`` and
+``lab_replaced``, ``own_lab(...)``, ``make_lab(...)``) is registered while it is up, and every test marked
+``netns`` ends with a check of each registered lab that exists: its leak monitor is synced and the test fails
+when anything left the host's physical uplink(s) outside the VPN since the previous check (so the window
+includes the test's own setup), or when the monitor cannot vouch for the link (not running, lost packets).
+The VPN carrier, link housekeeping (ARP, NDP, MLD, ff02::/16) and the lab's own ISP-path probes (TTL
+``PROBE_TTL``) are never leaks. A test declares what it deliberately splits with the ``leaks`` fixture:
+
+    def test_split(lab: Lab, leaks: Leaks) -> None:
+        leaks.allow(T.SERVER_V4[1], "tcp", T.WHOAMI_TCP_PORT)  # address or CIDR; optional proto, port, via=uplink
+
+Allow only what the test splits on purpose. There is no switch to turn the check off.
 """
 
 from __future__ import annotations
@@ -21,12 +34,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
 
 from splittun.lab import Lab
+from splittun.lab.leakmon import Allowance, LeakMonitor, LeakMonitorError
 
 #: One lab per pytest-xdist worker (namespaces are global): names get the worker's suffix.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
@@ -80,8 +95,10 @@ def own_lab(base: str, **kw: Any) -> Iterator[Lab]:
     lab.down()
     try:
         lab.up()
+        watch(lab)
         yield lab
     finally:
+        unwatch(lab)
         lab.down()
 
 
@@ -117,10 +134,11 @@ def make_lab() -> Iterator[Callable[..., Lab]]:
         lab = Lab(name=lab_name(base), **kw)
         lab.down()
         made.append(lab)
-        return lab
+        return watch(lab)
 
     yield make
     for lab in made:
+        unwatch(lab)
         lab.down()
 
 
@@ -129,3 +147,79 @@ def lab_replaced(lab: Lab) -> Lab:
     """The lab in plain "replaced" style (a no-op when it already is)."""
     lab.set_style("replaced", antispoof=False)
     return lab
+
+
+# --- the leak check -----------------------------------------------------------------------------------
+
+#: Labs checked after every netns test, by name: their monitor remembers where the last check ended.
+_WATCHED: dict[str, LeakMonitor] = {}
+
+
+def watch(lab: Lab) -> Lab:
+    """Register ``lab`` for the leak check (idempotent); checks start from the beginning of its monitor log."""
+    _WATCHED.setdefault(lab.name, LeakMonitor(lab))
+    return lab
+
+
+def unwatch(lab: Lab) -> None:
+    _WATCHED.pop(lab.name, None)
+
+
+class Leaks:
+    """The current test's deliberately split destinations (the ``leaks`` fixture)."""
+
+    def __init__(self) -> None:
+        self.allowances: list[Allowance] = []
+
+    def allow(self, dest: str, proto: str | None = None, port: int | None = None, via: str | None = None) -> None:
+        """Traffic to ``dest`` (address or CIDR; ``proto`` tcp/udp/icmp/icmpv6; ``port`` the destination
+        port; ``via`` the host uplink, eth0 or eth1) may leave through the physical uplink during this test:
+        the test splits it on purpose."""
+        self.allowances.append(Allowance.of(dest, proto, port, via))
+
+
+_LEAKS = pytest.StashKey[Leaks]()
+
+
+@pytest.fixture
+def leaks(request: pytest.FixtureRequest) -> Leaks:
+    """Declare the destinations this test splits, so the leak check does not count them as leaks."""
+    return request.node.stash.setdefault(_LEAKS, Leaks())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """After the body of every netns test: sync each watched lab's leak monitor and fail on any leak."""
+    if item.get_closest_marker("netns") is None:
+        return (yield)
+    started = time.time()
+    try:
+        result = yield
+    except BaseException:
+        problems = _leak_problems(item, started)
+        if problems:  # the test failed already: add what the monitor saw, do not mask the failure
+            item.add_report_section("call", "leak monitor", problems)
+        raise
+    problems = _leak_problems(item, started)
+    if problems:
+        pytest.fail(problems, pytrace=False)
+    return result
+
+
+def _leak_problems(item: pytest.Item, started: float) -> str:
+    allowances = item.stash[_LEAKS].allowances if _LEAKS in item.stash else []
+    problems = []
+    for monitor in list(_WATCHED.values()):
+        if not monitor.lab.exists():
+            continue  # torn down (and its log with it) inside the test
+        try:
+            report = monitor.report(allowances, advance=True)
+            report.assert_no_leaks()
+        except LeakMonitorError as exc:
+            problems.append(str(exc))
+        except AssertionError:
+            problems.append(report.describe(since=started))
+    if problems:
+        problems.append("(times are from the start of the test body; negative: its setup or the previous test's "
+                        "teardown. Declare deliberately split destinations with the `leaks` fixture.)")  # fmt: skip
+    return "\n".join(problems)

@@ -33,11 +33,11 @@ from e2e_support import (
     socat_udp,
     two_peers,
 )
-from test_interceptor_support import ISP, KEEP, SPLIT, VPN, ask, curl, hold, lab_dns, wait_until
+from test_interceptor_support import BY_NAME, ISP, KEEP, SPLIT, VPN, ask, curl, hold, lab_dns, wait_until
 
 from splittun.lab import topology as T
 
-from lab_fixtures import own_lab
+from lab_fixtures import Leaks, own_lab
 
 pytestmark = pytest.mark.netns
 
@@ -109,8 +109,12 @@ def closing(procs: list[subprocess.Popen[str]]) -> contextlib.ExitStack:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_app_rule_splits_curl_and_socat_while_another_app_stays_in_the_vpn(st_style: E2E, family: int) -> None:
+def test_app_rule_splits_curl_and_socat_while_another_app_stays_in_the_vpn(
+    st_style: E2E, leaks: Leaks, family: int
+) -> None:
     lab, target = st_style.lab, KEEP[family]
+    leaks.allow(target, "tcp", TCP)  # curl
+    leaks.allow(target, "udp", UDP)  # socat
     # Before any rule: everything in the VPN, curl included.
     assert curl(lab, target) == VPN[family]
     st_style.apply("rules", "add", "--name", "curl")
@@ -121,8 +125,11 @@ def test_app_rule_splits_curl_and_socat_while_another_app_stays_in_the_vpn(st_st
     assert python_app(lab, "udp", target) == VPN[family]
 
 
-def test_executable_path_and_glob_rules(st: E2E) -> None:
+def test_executable_path_and_glob_rules(st: E2E, leaks: Leaks) -> None:
     lab = st.lab
+    leaks.allow(KEEP[4], "tcp", TCP)  # curl
+    leaks.allow(KEEP[6], "tcp", TCP)
+    leaks.allow(KEEP[4], "udp", UDP)  # socat
     curl_exe = os.path.realpath(str(shutil.which("curl")))
     st.apply("rules", "add", "--app", "/opt/*/curl")  # a glob that does not name this curl
     assert curl(lab, KEEP[4]) == VPN[4]
@@ -137,8 +144,9 @@ def test_executable_path_and_glob_rules(st: E2E) -> None:
     assert curl_exe in rows and "*/soc?t" in rows
 
 
-def test_uid_rule_splits_one_users_apps(st: E2E) -> None:
+def test_uid_rule_splits_one_users_apps(st: E2E, leaks: Leaks) -> None:
     lab = st.lab
+    leaks.allow(KEEP[4], "tcp", TCP)  # curl as nobody
     st.apply("rules", "add", "--uid", "65534")
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     proc = lab.exec("host", [*as_nobody, "curl", "-s", "-m", "5", f"http://{KEEP[4]}/"])
@@ -146,8 +154,9 @@ def test_uid_rule_splits_one_users_apps(st: E2E) -> None:
     assert curl(lab, KEEP[4]) == VPN[4]  # the same app as root
 
 
-def test_children_rule_splits_what_an_app_starts(st: E2E) -> None:
+def test_children_rule_splits_what_an_app_starts(st: E2E, leaks: Leaks) -> None:
     lab = st.lab
+    leaks.allow(KEEP[4], "tcp", TCP)  # curl started by the launcher
     launcher = [sys.executable, "-c", LAUNCHER, "curl", "-s", "-m", "5", f"http://{KEEP[4]}/"]
     st.apply("rules", "add", "--name", "e2e-launcher")  # the app itself, not what it starts
     assert lab.exec("host", launcher).stdout.strip() == VPN[4]
@@ -164,8 +173,9 @@ LAUNCHER = (
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_domain_rule_splits_names_learned_from_dns(st: E2E, dns: None, family: int) -> None:
+def test_domain_rule_splits_names_learned_from_dns(st: E2E, dns: None, leaks: Leaks, family: int) -> None:
     lab = st.lab
+    leaks.allow(BY_NAME[family], "tcp", TCP)  # what the split names resolve to
     st.apply("rules", "add", "--dest", ".split.example.com")
     st.apply("rules", "add", "--endpoint", "+ api?.example.com tcp/80")
     t0 = time.time()
@@ -181,8 +191,9 @@ def test_domain_rule_splits_names_learned_from_dns(st: E2E, dns: None, family: i
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cidr_rule_splits_the_network_and_nothing_else(st: E2E, family: int) -> None:
+def test_cidr_rule_splits_the_network_and_nothing_else(st: E2E, leaks: Leaks, family: int) -> None:
     lab = st.lab
+    leaks.allow(SERVERS_NET[family])  # the rule's network, any protocol; OUTSIDE is not in it
     st.apply("rules", "add", "--dest", SERVERS_NET[family])
     for server in (SPLIT[family], KEEP[family]):
         assert python_app(lab, "tcp", server) == ISP[family]
@@ -192,8 +203,10 @@ def test_cidr_rule_splits_the_network_and_nothing_else(st: E2E, family: int) -> 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_port_and_protocol_rules(st: E2E, family: int) -> None:
+def test_port_and_protocol_rules(st: E2E, leaks: Leaks, family: int) -> None:
     lab, target = st.lab, KEEP[family]
+    leaks.allow(target, "udp", UDP)  # split by the port range, then
+    leaks.allow(target, "tcp", TCP)  # by tcp/80
     st.apply("rules", "add", "--proto", "udp", "--port", f"{UDP - 300}-{UDP + 100}")
     assert python_app(lab, "udp", target) == ISP[family]
     assert python_app(lab, "tcp", target) == VPN[family]
@@ -203,8 +216,11 @@ def test_port_and_protocol_rules(st: E2E, family: int) -> None:
     assert python_app(lab, "udp", target) == VPN[family]
 
 
-def test_keep_rule_overrides_a_broader_split_rule_when_it_comes_first(st: E2E) -> None:
+def test_keep_rule_overrides_a_broader_split_rule_when_it_comes_first(st: E2E, leaks: Leaks) -> None:
     lab = st.lab
+    for address in (SPLIT[4], KEEP[4]):  # each split (by the /24) while the exception does not apply to it
+        leaks.allow(address, "tcp", TCP)
+        leaks.allow(address, "udp", UDP)
     st.apply("rules", "add", "--dest", "203.0.113.0/24")
     st.apply("rules", "add", "--dest", SPLIT[4], "--keep")
     # First match wins: the broad split rule comes first, so the exception never gets a say.
@@ -224,7 +240,8 @@ def test_keep_rule_overrides_a_broader_split_rule_when_it_comes_first(st: E2E) -
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_one_udp_socket_two_peers_one_split(st_style: E2E, family: int) -> None:
+def test_one_udp_socket_two_peers_one_split(st_style: E2E, leaks: Leaks, family: int) -> None:
+    leaks.allow(SPLIT[family], "udp", UDP)  # the split peer only
     st_style.apply("rules", "add", "--dest", SPLIT[family], "--proto", "udp")
     answers = two_peers(st_style.lab, KEEP[family], SPLIT[family], rounds=3)
     assert len(answers) == 6
@@ -237,8 +254,10 @@ def test_one_udp_socket_two_peers_one_split(st_style: E2E, family: int) -> None:
 # --- changes while connections run -------------------------------------------------------------------------
 
 
-def test_disable_keeps_running_split_connections_and_new_ones_use_the_vpn(st: E2E) -> None:
+def test_disable_keeps_running_split_connections_and_new_ones_use_the_vpn(st: E2E, leaks: Leaks) -> None:
     lab = st.lab
+    leaks.allow(SPLIT[4], "tcp", TCP)  # the held connection and flow, split before `disable`
+    leaks.allow(SPLIT[4], "udp", UDP)
     st.apply("rules", "add", "--dest", SPLIT[4])
     t0 = time.time()
     tcp = hold(lab, "tcp", SPLIT[4], TCP)
@@ -266,8 +285,10 @@ def test_disable_keeps_running_split_connections_and_new_ones_use_the_vpn(st: E2
         assert wait_until(lambda: [r["state"] for r in held()] == ["closed"]), held()
 
 
-def test_enable_leaves_running_vpn_connections_and_new_ones_are_split(st: E2E) -> None:
+def test_enable_leaves_running_vpn_connections_and_new_ones_are_split(st: E2E, leaks: Leaks) -> None:
     lab = st.lab
+    leaks.allow(SPLIT[4], "tcp", TCP)  # new connections after `enable`
+    leaks.allow(SPLIT[4], "udp", UDP)
     st.apply("rules", "add", "--dest", SPLIT[4])
     st.apply("disable")
     tcp = hold(lab, "tcp", SPLIT[4], TCP)
@@ -283,8 +304,10 @@ def test_enable_leaves_running_vpn_connections_and_new_ones_are_split(st: E2E) -
 # --- the interface ---------------------------------------------------------------------------------------
 
 
-def test_interface_manual_then_auto_and_an_unknown_one_refused(st: E2E) -> None:
+def test_interface_manual_then_auto_and_an_unknown_one_refused(st: E2E, leaks: Leaks) -> None:
     lab = st.lab
+    leaks.allow(SPLIT[4], "tcp", TCP, via=T.HOST_IF)  # curl, through eth0 however it is chosen
+    leaks.allow(SPLIT[6], "tcp", TCP, via=T.HOST_IF)
     st.apply("rules", "add", "--name", "curl")
     mac = json.loads(lab.exec("host", ["ip", "-j", "link", "show", T.HOST_IF], check=True).stdout)[0]["address"]
     t0 = time.time()
@@ -337,8 +360,10 @@ def back_to_auto(st: E2E) -> None:
     assert wait_until(eth0_routes), host_state(st.lab).split_table
 
 
-def test_switching_back_from_a_point_to_point_interface_restores_the_split_path(st: E2E) -> None:
+def test_switching_back_from_a_point_to_point_interface_restores_the_split_path(st: E2E, leaks: Leaks) -> None:
     lab = st.lab
+    leaks.allow(SPLIT[4], "tcp", TCP)  # curl, once back on auto (through wgivpn before: not on the link)
+    leaks.allow(SPLIT[6], "tcp", TCP)
     st.apply("rules", "add", "--name", "curl")
     try:
         st.interface(T.TUN_HOST_IF, expect=T.TUN_HOST_IF)
@@ -354,8 +379,10 @@ def test_switching_back_from_a_point_to_point_interface_restores_the_split_path(
 # --- invalid config ----------------------------------------------------------------------------------------
 
 
-def test_invalid_config_is_refused_and_the_running_one_stays(st: E2E) -> None:
+def test_invalid_config_is_refused_and_the_running_one_stays(st: E2E, leaks: Leaks) -> None:
     lab = st.lab
+    leaks.allow(SPLIT[4], "tcp", TCP)  # split by the running rule
+    leaks.allow(KEEP[4], "tcp", TCP)  # split once the fixed file's /24 is applied
     st.apply("rules", "add", "--dest", SPLIT[4])
     rules = st.rules()
     version = st.policy_version()
@@ -424,8 +451,9 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_connections_show_the_split_tunnel_details(st: E2E, family: int) -> None:
+def test_connections_show_the_split_tunnel_details(st: E2E, leaks: Leaks, family: int) -> None:
     lab = st.lab
+    leaks.allow(SPLIT[family], "tcp", TCP)  # curl
     st.apply("rules", "add", "--name", "curl")
     t0 = time.time()
     fetched = curl_details(lab, SPLIT[family])
@@ -461,8 +489,12 @@ def test_connections_show_the_split_tunnel_details(st: E2E, family: int) -> None
 # --- stopping -------------------------------------------------------------------------------------------------
 
 
-def test_down_leaves_firewall_rules_routes_and_conntrack_as_before_up(e2e: E2E, style: str) -> None:
+def test_down_leaves_firewall_rules_routes_and_conntrack_as_before_up(e2e: E2E, leaks: Leaks, style: str) -> None:
     lab = e2e.lab
+    leaks.allow(SPLIT[6], "tcp", TCP)  # curl (the app rule)
+    leaks.allow(KEEP[4], "tcp", TCP)
+    leaks.allow(SPLIT[4], "tcp", TCP)  # the held connection and flow (split by address)
+    leaks.allow(SPLIT[4], "udp", UDP)
     e2e.ensure(style)
     assert e2e.stop() is not None
     before = host_state(lab)
@@ -509,9 +541,11 @@ def test_down_after_a_point_to_point_choice_leaves_no_split_routing_behind(e2e: 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_split_works_beside_wg_quick_anti_spoofing_rule(e2e: E2E, family: int) -> None:
+def test_split_works_beside_wg_quick_anti_spoofing_rule(e2e: E2E, leaks: Leaks, family: int) -> None:
     """wg-quick's raw-table rule drops packets to the tunnel address arriving elsewhere from a non-local
     source: what a proxied reply looks like on lo. Split apps must still get their answers."""
+    leaks.allow(SPLIT[family], "tcp", TCP)  # curl
+    leaks.allow(SPLIT[family], "udp", UDP)  # socat
     e2e.ensure("wgquick", antispoof=True)
     e2e.reset()
     e2e.apply("rules", "add", "--name", "curl")

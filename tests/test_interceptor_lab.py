@@ -50,7 +50,7 @@ from messages import ConnEnd, ConnNew, ConnVerdict, PolicyRule, ProxySessionOpen
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
-from lab_fixtures import own_lab
+from lab_fixtures import Leaks, own_lab
 
 pytestmark = pytest.mark.netns
 
@@ -79,34 +79,41 @@ def inst(ic_lab: Lab) -> Iterator[Instance]:
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_split_destination_leaves_through_the_isp_others_through_the_vpn(
-    inst: Instance, proto: str, family: int
+    inst: Instance, leaks: Leaks, proto: str, family: int
 ) -> None:
+    leaks.allow(SPLIT[family], proto, T.WHOAMI_TCP_PORT if proto == "tcp" else T.WHOAMI_UDP_PORT)
     assert inst.lab.whoami(proto=proto, family=family, target=SPLIT[family]) == ISP[family]
     assert inst.lab.whoami(proto=proto, family=family, target=KEEP[family]) == VPN[family]
 
 
-def test_curl_split_and_unsplit(inst: Instance) -> None:
+def test_curl_split_and_unsplit(inst: Instance, leaks: Leaks) -> None:
+    leaks.allow(SPLIT[4], "tcp", T.WHOAMI_TCP_PORT)
+    leaks.allow(SPLIT[6], "tcp", T.WHOAMI_TCP_PORT)
     assert curl(inst.lab, SPLIT[4]) == ISP[4]
     assert curl(inst.lab, SPLIT[6]) == ISP[6]
     assert curl(inst.lab, KEEP[4]) == VPN[4]
 
 
 @pytest.mark.parametrize("target", [SPLIT[4], KEEP[6]])
-def test_only_the_first_packet_of_a_tcp_connection_is_queued(inst: Instance, target: str) -> None:
+def test_only_the_first_packet_of_a_tcp_connection_is_queued(inst: Instance, leaks: Leaks, target: str) -> None:
+    if target == SPLIT[4]:  # KEEP[6] stays in the VPN
+        leaks.allow(target, "tcp", T.WHOAMI_TCP_PORT)
     before = out_queued(inst.lab)
     answers = client(inst.lab, "keepalive", target, "25")  # 25 requests on one connection: dozens of packets
     assert len(answers) == 25
     assert out_queued(inst.lab) - before == 1
 
 
-def test_only_the_first_datagram_of_a_udp_flow_is_queued(inst: Instance) -> None:
+def test_only_the_first_datagram_of_a_udp_flow_is_queued(inst: Instance, leaks: Leaks) -> None:
+    leaks.allow(SPLIT[6], "udp", T.WHOAMI_UDP_PORT)
     before = out_queued(inst.lab)
     answers = client(inst.lab, "datagrams", SPLIT[6], str(T.WHOAMI_UDP_PORT), "20")
     assert answers == [ISP[6]] * 20
     assert out_queued(inst.lab) - before == 1
 
 
-def test_split_connection_events_join_the_proxy_session(inst: Instance) -> None:
+def test_split_connection_events_join_the_proxy_session(inst: Instance, leaks: Leaks) -> None:
+    leaks.allow(SPLIT[4], "tcp", T.WHOAMI_TCP_PORT)
     ctx = zmq.Context()
     sub = joined_subscriber(
         ctx, inst.run_dir, ["conn.", "proxy.session.open"], {"interceptor", "interceptor_01", "proxy_tcp_00"}
@@ -134,7 +141,8 @@ def test_split_connection_events_join_the_proxy_session(inst: Instance) -> None:
     assert verdict.split_key == session.split_key  # what the controller joins on
 
 
-def test_conn_end_when_conntrack_forgets_the_connection(inst: Instance) -> None:
+def test_conn_end_when_conntrack_forgets_the_connection(inst: Instance, leaks: Leaks) -> None:
+    leaks.allow(SPLIT[4], "udp", T.WHOAMI_UDP_PORT)
     ctx = zmq.Context()
     sub = joined_subscriber(ctx, inst.run_dir, ["conn."], {"interceptor", "interceptor_01"})
     seen: list[Any] = []
@@ -165,9 +173,10 @@ def test_conn_end_when_conntrack_forgets_the_connection(inst: Instance) -> None:
         sub.close()
 
 
-def test_a_udp_flow_ends_with_its_socket_and_its_entry_goes_too(inst: Instance) -> None:
+def test_a_udp_flow_ends_with_its_socket_and_its_entry_goes_too(inst: Instance, leaks: Leaks) -> None:
     """A UDP conntrack entry outlives its socket; another socket on the same port would follow its path. So the
     entry of a closed socket is deleted at once (and the connection ends), not after conntrack's timeout."""
+    leaks.allow(SPLIT[4], "udp", T.WHOAMI_UDP_PORT)
     ctx = zmq.Context()
     sub = joined_subscriber(ctx, inst.run_dir, ["conn."], {"interceptor", "interceptor_01"})
     seen: list[Any] = []
@@ -196,7 +205,10 @@ def dns_server(inst: Instance) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_first_connection_after_a_lookup_matches_the_domain_rule(inst: Instance, dns_server: None, family: int) -> None:
+def test_first_connection_after_a_lookup_matches_the_domain_rule(
+    inst: Instance, dns_server: None, leaks: Leaks, family: int
+) -> None:
+    leaks.allow(BY_NAME[family], "tcp", T.WHOAMI_TCP_PORT)  # www*.split.example.com
     # Before any lookup the address has no name, so no rule matches it.
     assert inst.lab.whoami(proto="tcp", family=family, target=BY_NAME[family]) == VPN[family]
     # Resolve and connect at once, in one process: the answer was learned before the SYN left. With two
@@ -208,10 +220,13 @@ def test_first_connection_after_a_lookup_matches_the_domain_rule(inst: Instance,
     assert other == [VPN[family]]
 
 
-def test_policy_change_moves_udp_flows_and_running_tcp_keeps_its_path(inst: Instance) -> None:
+def test_policy_change_moves_udp_flows_and_running_tcp_keeps_its_path(inst: Instance, leaks: Leaks) -> None:
     """Enable/disable while connections run: new connections follow the new policy; a running UDP flow
     moves at its next datagram; a running TCP stream keeps its path (split or not) until it closes."""
     lab = inst.lab
+    for address in (SPLIT[4], KEEP[4]):  # .81 split by RULES, .80 by the new policy
+        leaks.allow(address, "tcp", T.WHOAMI_TCP_PORT)
+        leaks.allow(address, "udp", T.WHOAMI_UDP_PORT)
     procs = {
         "udp .80": hold(lab, "udp", KEEP[4], T.WHOAMI_UDP_PORT),
         "udp .81": hold(lab, "udp", SPLIT[4], T.WHOAMI_UDP_PORT),
@@ -240,8 +255,10 @@ def test_policy_change_moves_udp_flows_and_running_tcp_keeps_its_path(inst: Inst
         inst.set_policy(RULES)
 
 
-def test_wgquick_routing_style(inst: Instance) -> None:
+def test_wgquick_routing_style(inst: Instance, leaks: Leaks) -> None:
     lab = inst.lab
+    leaks.allow(SPLIT[4], "tcp", T.WHOAMI_TCP_PORT)
+    leaks.allow(SPLIT[6], "udp", T.WHOAMI_UDP_PORT)
     try:
         lab.set_style("wgquick")
         assert lab.whoami(proto="tcp", target=SPLIT[4]) == ISP[4]
@@ -254,8 +271,9 @@ def test_wgquick_routing_style(inst: Instance) -> None:
 # --- rules and workers ------------------------------------------------------------------------------------
 
 
-def test_displaced_jumps_are_put_back_on_top_on_request(inst: Instance) -> None:
+def test_displaced_jumps_are_put_back_on_top_on_request(inst: Instance, leaks: Leaks) -> None:
     lab = inst.lab
+    leaks.allow(SPLIT[4], "tcp", T.WHOAMI_TCP_PORT)
     everywhere = sorted(f"ip{f} {t} OUTPUT" for f in (4, 6) for t in OUR_JUMPS)
     try:
         for _attempt in range(3):
@@ -290,8 +308,9 @@ def isp_forwarded(lab: Lab, action: str = "count") -> int:
     return total
 
 
-def test_killed_interceptor_fails_open_to_the_vpn_and_comes_back(inst: Instance) -> None:
+def test_killed_interceptor_fails_open_to_the_vpn_and_comes_back(inst: Instance, leaks: Leaks) -> None:
     lab = inst.lab
+    leaks.allow(SPLIT[4], "tcp", T.WHOAMI_TCP_PORT)  # once the workers are back (before: not one packet)
     sup = inst.supervisord_pid()
     old = {w: inst.pid(w) for w in ("interceptor", "interceptor_01")}  # a live worker would still split its flows
     isp_forwarded(lab, "add")

@@ -31,7 +31,7 @@ from splittun.lab import Lab
 from splittun.lab import topology as T
 
 from conftest import REPO, splittun
-from lab_fixtures import lab_name, require_netns
+from lab_fixtures import own_lab
 
 #: The issue's promise: a change is in the published snapshot within 2 s.
 DEADLINE = 2.0
@@ -164,13 +164,12 @@ class Watched:
 
 @pytest.fixture(scope="module")
 def watched() -> Iterator[Watched]:
-    require_netns()
-    lab = Lab(name=lab_name("ne"), style="replaced")
+    labs = own_lab("ne", style="replaced")  # built, watched by the leak check, and torn down by labs.close()
+    lab = next(labs)
     run_dir = Path(f"/tmp/st-ne-{os.getpid()}")
     procs: list[subprocess.Popen[bytes]] = []
     feed: Feed | None = None
     try:
-        lab.up()
         run_dir.mkdir(mode=0o700, exist_ok=True)
         env = {**os.environ, "SPLITTUN_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
         env.pop("SUPERVISOR_PROCESS_NAME", None)
@@ -200,7 +199,7 @@ def watched() -> Iterator[Watched]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        lab.down()
+        labs.close()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -35,7 +35,7 @@ from messages.transport import Publisher, Subscriber, request
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
-from lab_fixtures import own_lab
+from lab_fixtures import Leaks, own_lab
 
 pytest_plugins = ["test_proxy_support", "lab_fixtures"]
 pytestmark = pytest.mark.netns
@@ -114,9 +114,10 @@ class TestSplitInLab:
 
     @pytest.mark.parametrize("family", [4, 6])
     @pytest.mark.parametrize("proto", ["tcp", "udp"])
-    def test_split_destination_leaves_through_isp(self, split: Split, proto: str, family: int) -> None:
-        assert split.lab.whoami(proto=proto, family=family, target=SPLIT[family]) == ISP[family]
+    def test_split_destination_leaves_through_isp(self, split: Split, leaks: Leaks, proto: str, family: int) -> None:
         port = T.WHOAMI_TCP_PORT if proto == "tcp" else T.WHOAMI_UDP_PORT
+        leaks.allow(SPLIT[family], proto, port)
+        assert split.lab.whoami(proto=proto, family=family, target=SPLIT[family]) == ISP[family]
         sessions = [s for s in split.hooks.opened if s.protocol == proto and s.orig_dst == (SPLIT[family], port)]
         assert sessions and all(s.interface == T.HOST_IF and s.local[0] == ISP[family] for s in sessions)
         assert sessions[-1].orig_client[0] == TUNNEL[family]  # the app's source: the VPN owns the default route
@@ -126,7 +127,9 @@ class TestSplitInLab:
         assert split.lab.whoami(proto="tcp", family=family, target=OTHER[family]) == VPN[family]
 
     @pytest.mark.parametrize("family", [4, 6])
-    def test_udp_one_socket_two_peers_in_the_lab(self, split: Split, family: int) -> None:
+    def test_udp_one_socket_two_peers_in_the_lab(self, split: Split, leaks: Leaks, family: int) -> None:
+        leaks.allow(SPLIT[family], "udp", T.WHOAMI_UDP_PORT)  # both peers are DNAT'd to the proxy
+        leaks.allow(OTHER[family], "udp", T.WHOAMI_UDP_PORT)
         fam = socket.AF_INET6 if family == 6 else socket.AF_INET
         app = split.inside.call(socket.socket, fam, socket.SOCK_DGRAM)
         with app:
@@ -138,7 +141,8 @@ class TestSplitInLab:
         assert [sender[:2] for _, sender in answers] == [(p, T.WHOAMI_UDP_PORT) for p in peers]
         assert {data for data, _ in answers} == {f"{ISP[family]}\n".encode()}
 
-    def test_egress_lookup_finds_the_proxied_connection(self, split: Split) -> None:
+    def test_egress_lookup_finds_the_proxied_connection(self, split: Split, leaks: Leaks) -> None:
+        leaks.allow(SPLIT[4], "tcp", T.WHOAMI_TCP_PORT)
         app = split.inside.call(socket.create_connection, (SPLIT[4], T.WHOAMI_TCP_PORT), WAIT)
         with app:
             app.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive: the session stays up
@@ -226,8 +230,10 @@ def ask(run_dir: Path, worker: str, op: str, **args: Any) -> Any:
     return request(ep.actor_endpoint(run_dir, worker), op, args, timeout=WAIT, who=worker)
 
 
-def test_actors_split_and_report_on_the_bus(actors: tuple[Lab, Path]) -> None:
+def test_actors_split_and_report_on_the_bus(actors: tuple[Lab, Path], leaks: Leaks) -> None:
     lab, run_dir = actors
+    leaks.allow(SPLIT[4], "tcp", T.WHOAMI_TCP_PORT)
+    leaks.allow(SPLIT[6], "udp", T.WHOAMI_UDP_PORT)
     ctx = zmq.Context()
     pub = Publisher(ctx, ep.bus_in(run_dir))
     sub = Subscriber(ctx, ep.bus_out(run_dir), ["proxy.session."])

@@ -18,7 +18,7 @@ from splittun.lab import Lab
 from splittun.lab import topology as T
 
 from conftest import SPLITTUN
-from lab_fixtures import own_lab
+from lab_fixtures import Leaks, own_lab
 
 pytestmark = pytest.mark.netns
 
@@ -67,8 +67,10 @@ def strict_lab() -> Iterator[Lab]:
     yield from own_lab("sirp", rp_filter=1)
 
 
-def test_split_works_with_strict_rp_filter_and_down_restores_everything(strict_lab: Lab) -> None:
+def test_split_works_with_strict_rp_filter_and_down_restores_everything(strict_lab: Lab, leaks: Leaks) -> None:
     lab = strict_lab
+    leaks.allow(T.WHOAMI_V4, "tcp", T.WHOAMI_TCP_PORT)  # "curl"
+    leaks.allow(T.WHOAMI_V4, "udp", T.WHOAMI_UDP_PORT)
     firewall_before = lab.firewall_rules()
     valid_mark_before = lab.exec("host", ["sysctl", "-n", "net.ipv4.conf.all.src_valid_mark"]).stdout.strip()
     assert valid_mark_before == "0"
@@ -95,8 +97,11 @@ def antispoof_lab() -> Iterator[Lab]:
     yield from own_lab("sias", style="wgquick", antispoof=True)
 
 
-def test_split_replies_pass_wgquick_antispoof_and_its_table_is_left_as_found(antispoof_lab: Lab) -> None:
+def test_split_replies_pass_wgquick_antispoof_and_its_table_is_left_as_found(antispoof_lab: Lab, leaks: Leaks) -> None:
     lab = antispoof_lab
+    leaks.allow(T.WHOAMI_V4, "tcp", T.WHOAMI_TCP_PORT)  # "curl"
+    leaks.allow(T.WHOAMI_V4, "udp", T.WHOAMI_UDP_PORT)
+    leaks.allow(T.WHOAMI_V6, "tcp", T.WHOAMI_TCP_PORT)
     nft_before = lab.exec("host", ["nft", "list", "ruleset"]).stdout
     st = Instance(lab)
     try:
@@ -125,8 +130,12 @@ def two_uplinks() -> Iterator[Lab]:
     yield from own_lab("siif", style="wgquick", second_uplink=True)
 
 
-def test_a_rule_leaves_through_its_own_interface(two_uplinks: Lab) -> None:
+def test_a_rule_leaves_through_its_own_interface(two_uplinks: Lab, leaks: Leaks) -> None:
     lab = two_uplinks
+    leaks.allow(T.SERVER_V4[1], via=T.HOST2_IF)  # .81 by its rule's interface, whatever the app
+    leaks.allow(T.SERVER_V6[1], "tcp", T.WHOAMI_TCP_PORT, via=T.HOST2_IF)
+    leaks.allow(T.SERVER_V4[0], "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)  # "curl", the global choice
+    leaks.allow(T.SERVER_V6[0], "udp", T.WHOAMI_UDP_PORT, via=T.HOST_IF)
     st = Instance(lab)
     try:
         st.cli("up")
