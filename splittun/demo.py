@@ -1,7 +1,9 @@
 """`make demo`: splittun running inside the lab, shown the way a user would check it, then torn down.
 
 Everything is built in namespaces of our own (`splittun-demo-*`) and removed at the end, also when a
-step fails or the demo is interrupted. Each shell command is printed before its output.
+step fails or the demo is interrupted. Each shell command is printed before its output. The lab's leak
+monitor watches the laptop's physical link the whole time: the demo fails if anything but the VPN's own
+transport, the lab's probes, link housekeeping and the split connections it shows left through it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from splittun.lab import Lab, LabError
 from splittun.lab import topology as T
+from splittun.lab.leakmon import LeakMonitor, LeakMonitorError, LeakReport
 
 LAB_NAME = "demo"
 
@@ -28,6 +31,12 @@ class Demo:
         self.home = Path(tempfile.mkdtemp(prefix="splittun-demo-", dir="/tmp"))
         self.env = {**os.environ, "SPLITTUN_HOME": str(self.home)}
         self.env.pop("SPLITTUN_RUN_DIR", None)
+        self.leaks = LeakMonitor(self.lab)
+        # What the demo splits on purpose: curl (TCP) and socat (UDP) to the whoami servers, curl to .81.
+        for address in (T.WHOAMI_V4, T.WHOAMI_V6):
+            self.leaks.allow(address, "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)
+            self.leaks.allow(address, "udp", T.WHOAMI_UDP_PORT, via=T.HOST_IF)
+        self.leaks.allow(T.SERVER_V4[1], "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)
 
     # --- output -----------------------------------------------------------------------------------
 
@@ -65,7 +74,7 @@ class Demo:
 
     def run(self) -> None:
         self.step(f"Build the lab: a laptop ({self.lab.ns('host')}) on a VPN, its ISP, the VPN server, the internet")
-        self.lab.up()
+        self.lab.up()  # the leak monitor on the physical link captures from here on
         self.sh(["ip", "-brief", "address"])
         self.sh(["ip", "route"])
         before = self.firewall()
@@ -118,6 +127,13 @@ class Demo:
         if before != after:
             raise RuntimeError("the firewall differs after splittun down")
 
+        self.step("What left the laptop's physical link, seen from the ISP's side of it")
+        report = self.leaks.report()
+        print(f"    {leak_line(report)}", flush=True)
+        if report.leaks or report.drops:
+            print(report.describe(), flush=True)
+            raise RuntimeError("packets left the physical link outside the VPN")
+
     def events_during(self, prefixes: list[str], action: list[str]) -> None:
         """`splittun events PREFIX…` running while `action` runs, as two terminals would show it."""
         argv = [sys.executable, "-m", "splittun.cli", "events", *prefixes, "--duration", "2.5"]
@@ -164,6 +180,12 @@ class Demo:
         print("    lab namespaces left: " + (", ".join(left) if left else "none"), flush=True)
 
 
+def leak_line(report: LeakReport) -> str:
+    leaked = len(report.leaks)
+    return (f"leak monitor: {leaked} flow{'s' if leaked != 1 else ''} outside the VPN ({report.carrier} carrier "
+            f"packets, {report.probes} probe packets, {len(report.allowed)} split flows allowed)")  # fmt: skip
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("make demo needs root (it creates network namespaces): run it with sudo", file=sys.stderr)
@@ -172,7 +194,7 @@ def main() -> int:
     demo = Demo()
     try:
         demo.run()
-    except (RuntimeError, LabError, subprocess.TimeoutExpired) as exc:
+    except (RuntimeError, LabError, LeakMonitorError, subprocess.TimeoutExpired) as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
