@@ -582,7 +582,7 @@ class LeakMonitor:
         monitor's own allowances. ``advance`` moves the mark to the end of this report."""
         end = self.sync(timeout)
         start = self.start or Position(inode=end.inode)
-        restarted = start.inode != end.inode
+        restarted = start.inode != end.inode or start.offset > end.offset  # the lab was rebuilt: a new log
         if restarted:
             start = Position(inode=end.inode)
         allowances = [*self.allowances, *allow]
