@@ -18,6 +18,7 @@ from typing import Any
 
 from actors.conntrack import Conntrack, ConntrackEvents
 from actors.runtime import Actor
+from actors.sockdiag import SockDiag, SocketEvents
 from messages import Heartbeat, IvpnStatus, Message, MessageError, NetenvChanged, PolicySnapshot
 from messages.control import INVALID_ARGUMENT, Request, RequestFailed
 
@@ -27,7 +28,7 @@ from .engine import Engine
 from .firewall import MAX_WORKERS, worker_queues
 from .names import NameTable
 from .platform import Firewall, PacketSource, firewall, packet_source
-from .procinfo import Attributor, ProcReader, SockDiag, SocketEvents
+from .procinfo import Attributor, ProcReader
 
 DEFAULT_HANDLER = "actors.ivpn.interop:interceptor_verdict_handler"
 DEFAULT_JUMP_CHECKS = "5,15,45"

@@ -23,190 +23,20 @@ import bisect
 import contextlib
 import operator
 import os
-import socket
-import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.netlink import NLM_F_DUMP, NetlinkError, NetlinkSocket, iter_messages
+from actors.sockdiag import DiagSocket, SockDiag
 from messages import ProcessInfo
 from splittun.policy import AppFacts
 
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-#: sock_diag's multicast groups announcing destroyed UDP sockets (SKNLGRP_INET_UDP_DESTROY, ..._INET6_...).
-SKNLGRP_INET_UDP_DESTROY, SKNLGRP_INET6_UDP_DESTROY = 2, 4
-INET_DIAG_NOCOOKIE = 0xFFFFFFFF
-_REQ = struct.Struct("=BBBxI")  # family, protocol, ext, pad, states
-_SOCKID = struct.Struct("!HH16s16s")  # sport, dport, src, dst (then if and cookie, host order)
-_SOCKID_TAIL = struct.Struct("=III")
-_MSG = struct.Struct("=BBBB")  # family, state, timer, retrans
-_MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
-_MSG_SIZE = _MSG.size + _SOCKID.size + _SOCKID_TAIL.size + _MSG_TAIL.size  # 72
-_ALL_STATES = 0xFFFFFFFF
 MAX_ANCESTORS = 16
 MAX_CACHED_SOCKETS = 65536
 RECENT_OWNERS = 16
 NEWEST_PROBES = 8  # pids below the last one handed out that are tried before listing /proc
 KEEP_OPEN = 64  # /proc/<pid>/stat files kept open for cheap identity checks
-
-
-# --- sock_diag: pure encode/decode -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class DiagSocket:
-    family: int
-    state: int
-    src: bytes  # 16 bytes as the kernel gives them (IPv4 in the first 4)
-    sport: int
-    dst: bytes
-    dport: int
-    uid: int
-    inode: int
-    cookie: int = 0  # the socket's cookie: unique for the kernel's lifetime, unlike a port or an inode
-
-
-def ip_bytes(address: str) -> tuple[int, bytes]:
-    """(family, 16 bytes padded) for a sockid field."""
-    if ":" in address:
-        return socket.AF_INET6, socket.inet_pton(socket.AF_INET6, address)
-    return socket.AF_INET, socket.inet_pton(socket.AF_INET, address) + bytes(12)
-
-
-def diag_request(family: int, protocol: int, src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
-    """inet_diag_req_v2 payload (the nlmsg header is added by the socket)."""
-    return (
-        _REQ.pack(family, protocol, 0, _ALL_STATES)
-        + _SOCKID.pack(sport, dport, src, dst)
-        + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
-    )
-
-
-def parse_diag_message(payload: bytes) -> DiagSocket | None:
-    """One inet_diag_msg → DiagSocket, None when too short."""
-    if len(payload) < _MSG_SIZE:
-        return None
-    family, state, _timer, _retrans = _MSG.unpack_from(payload, 0)
-    sport, dport, src, dst = _SOCKID.unpack_from(payload, _MSG.size)
-    _if, cookie_lo, cookie_hi = _SOCKID_TAIL.unpack_from(payload, _MSG.size + _SOCKID.size)
-    off = _MSG.size + _SOCKID.size + _SOCKID_TAIL.size
-    _exp, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(payload, off)
-    return DiagSocket(family, state, src, sport, dst, dport, uid, inode, cookie_lo | cookie_hi << 32)
-
-
-def _same_ip(raw: bytes, family: int, want: bytes, want_family: int) -> bool:
-    """Kernel address (maybe IPv4-mapped in an AF_INET6 socket) equals `want`."""
-    if family == want_family:
-        return raw[: 4 if family == socket.AF_INET else 16] == want[: 4 if family == socket.AF_INET else 16]
-    if family == socket.AF_INET6 and want_family == socket.AF_INET:
-        return raw[:12] == b"\0" * 10 + b"\xff\xff" and raw[12:16] == want[:4]
-    return False
-
-
-def _unspecified(raw: bytes, family: int) -> bool:
-    n = 4 if family == socket.AF_INET else 16
-    return raw[:n] == bytes(n) or (
-        family == socket.AF_INET6 and raw[:12] == b"\0" * 10 + b"\xff\xff" and not any(raw[12:16])
-    )
-
-
-def best_udp_match(
-    candidates: list[DiagSocket], src_family: int, src: bytes, sport: int, dst: bytes, dport: int
-) -> DiagSocket | None:
-    """The socket that sent a datagram: local port equal, local address equal or wildcard, and the peer
-    equal or unconnected. More specific beats less specific, like the kernel's own lookup."""
-    best, best_score = None, -1
-    for cand in candidates:
-        if cand.sport != sport:
-            continue
-        score = 0
-        if _same_ip(cand.src, cand.family, src, src_family):
-            score += 2
-        elif not _unspecified(cand.src, cand.family):
-            continue
-        if cand.dport == dport and _same_ip(cand.dst, cand.family, dst, src_family):
-            score += 4
-        elif cand.dport != 0:
-            continue
-        if score > best_score:
-            best, best_score = cand, score
-    return best
-
-
-class SockDiag:
-    """sock_diag lookups on one netlink socket (in the interceptor's network namespace)."""
-
-    def __init__(self) -> None:
-        self.nl = NetlinkSocket(NETLINK_SOCK_DIAG, timeout=0.2)
-        self.lookups = 0
-        self.dumps = 0
-
-    def close(self) -> None:
-        self.nl.close()
-
-    def _exact(self, family: int, protocol: int, src: bytes, sport: int, dst: bytes, dport: int) -> DiagSocket | None:
-        try:
-            replies = self.nl.request(SOCK_DIAG_BY_FAMILY, 0, diag_request(family, protocol, src, sport, dst, dport))
-        except NetlinkError:
-            return None
-        for payload in replies:
-            found = parse_diag_message(payload)
-            if found is not None:
-                return found
-        return None
-
-    def _dump(self, family: int, protocol: int) -> list[DiagSocket]:
-        self.dumps += 1
-        try:
-            replies = self.nl.request(
-                SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, diag_request(family, protocol, bytes(16), 0, bytes(16), 0)
-            )
-        except NetlinkError:
-            return []
-        return [s for p in replies if (s := parse_diag_message(p)) is not None]
-
-    def lookup(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> DiagSocket | None:
-        """The local socket that sent src→dst, or None."""
-        self.lookups += 1
-        family, src = ip_bytes(src_ip)
-        _, dst = ip_bytes(dst_ip)
-        if protocol == 6:
-            return self._exact(family, protocol, src, sport, dst, dport)
-        # UDP: the kernel's udp_dump_one takes the peer as "src" ("swapped for historical reasons").
-        found = self._exact(family, protocol, dst, dport, src, sport)
-        if found is not None:
-            return found
-        candidates = self._dump(socket.AF_INET6, protocol)
-        if family == socket.AF_INET:
-            candidates += self._dump(socket.AF_INET, protocol)
-        return best_udp_match(candidates, family, src, sport, dst, dport)
-
-
-class SocketEvents(NetlinkSocket):
-    """Non-blocking reader of "UDP socket destroyed" notifications (register `fileno()` with the loop).
-
-    A UDP conntrack entry outlives the socket that made it: another app's new socket on the same port,
-    talking to the same peer, would follow the old entry (its mark, its DNAT to the proxy) without ever
-    being queued. The interceptor deletes the entries of a socket that is gone, so the next socket's first
-    datagram is queued and decided for its own app. Needs CAP_NET_ADMIN in the namespace.
-    """
-
-    def __init__(self) -> None:
-        groups = (1 << (SKNLGRP_INET_UDP_DESTROY - 1)) | (1 << (SKNLGRP_INET6_UDP_DESTROY - 1))
-        super().__init__(NETLINK_SOCK_DIAG, groups=groups, rcvbuf=4 << 20, timeout=0.0)
-
-    def read(self, limit: int = 256) -> list[DiagSocket]:
-        """UDP sockets destroyed since the last read. An overrun (ENOBUFS) is counted, not raised."""
-        out: list[DiagSocket] = []
-        for data in self.pending(limit):
-            for msg_type, _flags, _seq, payload in iter_messages(data):
-                if msg_type == SOCK_DIAG_BY_FAMILY and (found := parse_diag_message(payload)) is not None:
-                    out.append(found)
-        return out
-
 
 # --- /proc --------------------------------------------------------------------------------------------
 
