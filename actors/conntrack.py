@@ -29,6 +29,7 @@ from .netlink import (
     Buffer,
     NetlinkError,
     NetlinkSocket,
+    attach_filter,
     iter_messages,
     nla,
     nla_nested,
@@ -284,12 +285,38 @@ class Conntrack:
         return len(left)
 
 
-class ConntrackEvents(NetlinkSocket):
-    """Non-blocking reader of conntrack destroy events (register `fileno()` with the loop)."""
+def mark_filter(mark: int, mask: int) -> list[tuple[int, int, int, int]]:
+    """A classic BPF socket filter passing only ctnetlink messages whose CTA_MARK & `mask` == `mark`.
 
-    def __init__(self) -> None:
+    The kernel finds the attribute itself (the SKF_AD_NLATTR extension), so a busy host's other connections
+    never wake the reader up: the UDP proxy hears only of split entries going away."""
+    ld_imm, ldx_imm, ld_b_abs, ld_w_ind = 0x00, 0x01, 0x30, 0x40
+    jeq_k, and_k, tax, ret_k = 0x15, 0x54, 0x07, 0x06
+    skf_nlattr = (-0x1000 + 12) & 0xFFFFFFFF  # SKF_AD_OFF + SKF_AD_NLATTR
+    attrs_at = 16 + NFGEN.size  # nlmsghdr, nfgenmsg
+    return [
+        (ld_imm, 0, 0, attrs_at),
+        (ldx_imm, 0, 0, CTA_MARK),
+        (ld_b_abs, 0, 0, skf_nlattr),  # A = offset of CTA_MARK, 0 when there is none
+        (jeq_k, 5, 0, 0),
+        (tax, 0, 0, 0),
+        (ld_w_ind, 0, 0, 4),  # the mark (network order, as BPF loads it)
+        (and_k, 0, 0, mask),
+        (jeq_k, 0, 1, mark),
+        (ret_k, 0, 0, 0xFFFF),
+        (ret_k, 0, 0, 0),
+    ]
+
+
+class ConntrackEvents(NetlinkSocket):
+    """Non-blocking reader of conntrack destroy events (register `fileno()` with the loop); with `mark`, only
+    of entries whose mark & `mask` equals it (filtered in the kernel)."""
+
+    def __init__(self, mark: int | None = None, mask: int = 0xFFFFFFFF) -> None:
         groups = 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)
         super().__init__(NETLINK_NETFILTER, groups=groups, rcvbuf=4 << 20, timeout=0.0)
+        if mark is not None:
+            attach_filter(self.sock, mark_filter(mark, mask))
 
     def read(self, limit: int = 256) -> list[CtEntry]:
         """Entries destroyed since the last read. An overrun (ENOBUFS) is counted, not raised."""

@@ -181,3 +181,17 @@ class NetlinkSocket:
                     continue
                 raise
             yield data
+
+
+SO_ATTACH_FILTER = 26
+
+
+def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    """Attach a classic BPF filter (code, jt, jf, k per instruction) to a socket: what it rejects is dropped in
+    the kernel before it reaches the socket's buffer."""
+    import ctypes
+
+    code = b"".join(struct.pack("=HBBI", *insn) for insn in program)
+    buf = ctypes.create_string_buffer(code, len(code))
+    fprog = struct.pack("=HxxxxxxQ" if struct.calcsize("P") == 8 else "=HxxI", len(program), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)

@@ -15,6 +15,7 @@ from actors.interceptor.engine import RETRY_DELAYS, Engine
 from actors.interceptor.hook import HandlerSlot
 from actors.interceptor.names import NameTable
 from actors.interceptor.procinfo import Owner
+from actors.sockdiag import DiagSocket
 from messages import (
     ConnEnd,
     ConnNew,
@@ -724,8 +725,6 @@ def test_a_syn_on_an_entry_decided_before_this_interceptor_started_is_decided_af
 
 @pytest.mark.parametrize("name", ["udp4", "udp6"])
 def test_a_closed_udp_socket_takes_its_flows_entries_with_it(name: str) -> None:
-    from actors.interceptor.procinfo import DiagSocket
-
     h = Kernel()
     h.policy(1, PolicyRule(id="all", action="split"))
     h.send(name)

@@ -54,6 +54,8 @@ def test_queues_only_new_connections_with_bypass() -> None:
         f"-A {fw.INGEST_OUT} -m conntrack --ctstate NEW -j NFQUEUE --queue-num 17040 --queue-bypass",
         f"-A {fw.INGEST_IN} -p udp -m conntrack --ctdir REPLY --ctorigdstport 53 "
         "-j NFQUEUE --queue-num 17140 --queue-bypass",
+        # …and the first datagram of a UDP flow starting from outside (late answers to deleted flows are dropped)
+        f"-A {fw.INGEST_IN} -p udp -m conntrack --ctstate NEW -j NFQUEUE --queue-num 17140 --queue-bypass",
     ]
     # Restored verdicts and socket marks return before the queue rule: decided traffic never reaches it.
     out = [r for r in mangle if r.startswith(f"-A {fw.INGEST_OUT} ")]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from actors.conntrack import CtEntry, CtTuple
+from actors.sockdiag import DiagSocket
 from messages import (
     ConnEnd,
     ConnNew,
@@ -49,7 +50,7 @@ from .dns import DnsError, parse_response
 from .hook import SLOT, HandlerSlot
 from .names import NameTable
 from .packet import ICMP, ICMPV6, TCP, UDP, MalformedPacket, PacketInfo, parse_packet
-from .procinfo import DiagSocket, Owner
+from .procinfo import Owner
 
 #: Delays (s) between attribution attempts for a socket or process not visible yet; only used when the
 #: policy has app rules (otherwise the verdict does not depend on the process and nobody should wait).
@@ -57,6 +58,9 @@ RETRY_DELAYS = (0.002, 0.008, 0.03)
 MAX_LIVE = 65536
 MAX_DECISIONS = 4096
 OWN_PID_TTL = 5.0  # seconds a heartbeat's pid counts as ours
+#: Seconds a UDP flow whose entry we deleted is remembered, so a late answer cannot turn it around.
+LATE_ANSWER_MEMORY = 5.0
+MAX_DELETED_MEMORY = 16384
 
 
 class QueuedPacket(Protocol):
@@ -146,6 +150,7 @@ class Engine:
         self.ivpn: IvpnStatus | None = None
         self.live: OrderedDict[CtTuple, LiveConn] = OrderedDict()
         self._udp_ports: dict[int, set[CtTuple]] = {}  # live UDP flows by local port (see on_sockets_destroyed)
+        self._deleted_udp: dict[CtTuple, float] = {}  # answer tuple of a UDP flow we deleted → until when
         self._pending: dict[CtTuple, _Pending] = {}
         self._unpublished: list[LiveConn] = []  # decided in this batch of packets; their events to come
         self._decisions: dict[tuple[int, int, str, int, str, bool], Outcome] = {}  # see _destination_outcome
@@ -178,7 +183,9 @@ class Engine:
                 "tuple_reused",  # …that turned out to be a new connection (a reused port): decided afresh
                 "reused_entries_dropped",  # SYNs of a new connection reopening an old entry: entry deleted
                 "syn_retransmits",  # SYNs of a decided connection queued again: same socket, same verdict
-                "sockets_closed",  # UDP sockets gone whose conntrack entries were deleted
+                "sockets_closed",  # UDP sockets gone whose connections ended (their entries deleted or handed on)
+                "late_answers_dropped",  # answers to a UDP flow deleted a moment ago: would have turned it
+                "udp_port_races",  # …whose tuple another socket already used: decided for it at once
                 "stale_destroys",  # destroy events of an entry that a new connection had already replaced
                 "attribution_errors",  # finding a process failed with an error (decided without it)
                 "busy_us",  # time spent on packets and their events, in µs (busy_us / queued = cost per packet)
@@ -297,14 +304,35 @@ class Engine:
             self.log.warning(event, reason=reason, note="logged once")
 
     def _on_inbound(self, pkt: QueuedPacket) -> None:
-        """A DNS answer: learn its names, then let it through unchanged."""
+        """Two kinds of inbound packets are queued:
+        - DNS answers (from port 53, replies of outbound flows): learn their names, let them through unchanged;
+        - the first datagram of a UDP flow that starts from outside. A late answer to a flow whose entry we
+          just deleted would start one, turning the app's flow around (see `_delete_entry`): dropped. Any
+          other is a real inbound flow: accepted for good (accept-always, saved), never split."""
         data = pkt.get_payload()
         try:
             info = parse_packet(data)
-            answer = parse_response(data[info.payload_offset :]) if info.protocol == UDP else None
-        except (MalformedPacket, DnsError) as exc:
-            self._once("dns.unreadable", exc.reason)
-            answer = None
+        except MalformedPacket as exc:
+            self._once("inbound.unreadable", exc.reason)
+            pkt.accept()
+            return
+        if info.protocol == UDP and info.src_port != 53:
+            key = CtTuple(UDP, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
+            until = self._deleted_udp.get(key)
+            if until is not None and until > self.clock():
+                self.counters["late_answers_dropped"] += 1
+                pkt.drop()
+                return
+            if pkt.get_mark() == 0:
+                pkt.set_mark(int(Mark.ACCEPT_ALWAYS))
+            pkt.accept()
+            return
+        answer = None
+        if info.protocol == UDP:
+            try:
+                answer = parse_response(data[info.payload_offset :])
+            except DnsError as exc:
+                self._once("dns.unreadable", exc.reason)
         if answer is not None:
             self.counters["dns_answers"] += 1
             now = self.clock()
@@ -399,11 +427,7 @@ class Engine:
         # retransmits it (1 s later) on a fresh entry, which is queued and decided for its own app.
         if conn is not None:
             self._end(key, conn, "closed: a new connection reopened its conntrack entry")
-        if self.delete_conntrack is not None:
-            try:
-                self.delete_conntrack(key)
-            except OSError as exc:
-                self._once("conntrack.delete_failed", f"{type(exc).__name__}: {exc}")
+        self._delete_entry(key)
         self.counters["reused_entries_dropped"] += 1
         pkt.drop()
 
@@ -593,12 +617,13 @@ class Engine:
         conn.own = owner.info.pid in self.own_pids()  # kept in the VPN already; re-evaluations treat it as ours
         conn.socket_cookie = self._cookie(f)
 
-    def _cookie(self, flow: Flow) -> int:
-        """The cookie of the socket the last attribution of `flow` found (no syscall; 0 when unknown)."""
+    def _cookie(self, flow: Flow, fresh: bool = False) -> int:
+        """The cookie of the socket the last attribution of `flow` found (no syscall), or with `fresh` of the
+        socket that owns the flow's tuple now; 0 when unknown."""
         if self.socket_cookie is None:
             return 0
         try:
-            return self.socket_cookie(*_flow5(flow))
+            return self.socket_cookie(*_flow5(flow), fresh=fresh)
         except OSError:
             return 0
 
@@ -664,8 +689,12 @@ class Engine:
             self._end(entry.orig, conn, "closed")
 
     def on_sockets_destroyed(self, sockets: list[DiagSocket]) -> None:
-        """UDP sockets that are gone: delete their flows' conntrack entries, so another socket reusing the
-        port (another app, maybe) is queued and decided instead of following the old entry's path."""
+        """UDP sockets that are gone. A UDP conntrack entry outlives its socket, and another socket on the same
+        port (another app, maybe) talking to the same peer would follow the old entry's path unseen. So:
+        - nobody uses the tuple now: delete the entry; the next socket's first datagram is queued and decided;
+        - another socket already does (the port was reused at once): decide for that socket now. The same
+          verdict keeps the entry (and the connection continues under the new socket); another deletes it,
+          so its next datagram starts afresh (what it sent meanwhile went the old way: counted)."""
         for sock in sockets:
             keys = self._udp_ports.get(sock.sport)
             if not keys:
@@ -674,13 +703,52 @@ class Engine:
                 conn = self.live.get(key)
                 if conn is None or (conn.socket_cookie and sock.cookie and conn.socket_cookie != sock.cookie):
                     continue  # another socket on the same port (SO_REUSEPORT, another local address)
-                if self.delete_conntrack is not None:
-                    try:
-                        self.delete_conntrack(key)
-                    except OSError as exc:
-                        self._once("conntrack.delete_failed", f"{type(exc).__name__}: {exc}")
                 self.counters["sockets_closed"] += 1
                 self._end(key, conn, "closed: its socket was closed")
+                successor = self._cookie(conn.flow, fresh=True)
+                if successor and successor != sock.cookie and self._keeps_path(key, conn, successor):
+                    continue
+                self._delete_entry(key)
+
+    def _delete_entry(self, key: CtTuple) -> bool:
+        """Delete a connection's conntrack entry (its next packet is queued again); False when that failed.
+
+        A UDP flow's answers may still be on their way: one arriving after the entry is gone would make a
+        new entry in the other direction, and the app's next datagrams would then pass as replies to it,
+        never queued (stuck on the path they happen to take). So the flow is remembered for a moment, and
+        such a late answer is dropped instead (`_on_inbound`)."""
+        if self.delete_conntrack is None:
+            return True
+        try:
+            self.delete_conntrack(key)
+        except OSError as exc:
+            self._once("conntrack.delete_failed", f"{type(exc).__name__}: {exc}")
+            return False
+        if key.protocol == UDP:
+            if len(self._deleted_udp) >= MAX_DELETED_MEMORY:
+                self._deleted_udp.clear()
+            answer = CtTuple(UDP, key.dst_ip, key.dst_port, key.src_ip, key.src_port)
+            self._deleted_udp[answer] = self.clock() + LATE_ANSWER_MEMORY
+        return True
+
+    def _keeps_path(self, key: CtTuple, old: LiveConn, cookie: int) -> bool:
+        """Another socket took over a closed socket's tuple before its entry was deleted: decide for it. True
+        when its verdict is the old one (the entry stays, tracked as its connection), else False."""
+        self.counters["udp_port_races"] += 1
+        f = old.flow
+        try:
+            owner = self._attribute(f.protocol, f.src_ip, f.src_port, f.dst_ip, f.dst_port)
+        except Exception as exc:
+            self._once("attribution.failed", f"{type(exc).__name__}: {exc}")
+            return False
+        domain = old.domain or self.names.lookup(f.dst_ip, self.clock())
+        own = owner is not None and owner.info.pid in self.own_pids()
+        outcome = self._evaluate(f, owner, domain, own)
+        if outcome.mark != old.outcome.mark:
+            return False
+        conn = self._decided(key, f, owner, domain, own, outcome, [])
+        conn.socket_cookie = cookie
+        return True
 
     def _track(self, key: CtTuple, conn: LiveConn) -> None:
         self.live[key] = conn
@@ -724,12 +792,8 @@ class Engine:
             self.counters["reevaluated"] += 1
             if not reevaluation_resets(conn.flow.protocol, conn.outcome, new):
                 continue
-            if self.delete_conntrack is not None:
-                try:
-                    self.delete_conntrack(key)
-                except OSError as exc:
-                    self._once("conntrack.delete_failed", f"{type(exc).__name__}: {exc}")
-                    continue
+            if not self._delete_entry(key):
+                continue
             self._untrack(key)
             resets += 1
             reason = f"re-evaluated ({why}): {conn.outcome.verdict.verb()} -> {new.verdict.verb()}"

@@ -136,6 +136,9 @@ def render(family: int, workers: int = 1, valid_mark_was: int | None = None) -> 
         f"-A {INGEST_IN} -m mark ! --mark 0 -j RETURN",
         *(f"-A {INGEST_IN} {r}" for r in restore),
         f"-A {INGEST_IN} -p udp -m conntrack --ctdir REPLY --ctorigdstport 53 -j NFQUEUE {in_queue}",
+        # A UDP flow starting from outside: a real inbound flow (accepted for good), or a late answer to a flow
+        # whose entry was just deleted, which would turn that flow around (dropped).
+        f"-A {INGEST_IN} -p udp -m conntrack --ctstate NEW -j NFQUEUE {in_queue}",
         # Replies to the proxies' upstream get their mark back before routing: with strict rp_filter (and
         # src_valid_mark) the reverse-path check then finds the split route, not the VPN default.
         f"-A {EGRESS_REPLIES} -m connmark --mark {int(Mark.SPLIT_EGRESS)} -j MARK --set-mark {int(Mark.SPLIT_EGRESS)}",

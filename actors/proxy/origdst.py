@@ -76,5 +76,9 @@ class ConntrackResolver:
             return None
         return entry.orig.src, entry.orig.dst, entry.mark
 
+    def forget(self, client: Address, dst: Address) -> bool:
+        """Delete the flow's entry (original tuple client → dst): its next datagram is NEW again."""
+        return self.ct.delete(CtTuple(self.protocol, client[0], client[1], dst[0], dst[1]))
+
     def close(self) -> None:
         self.ct.close()

@@ -13,6 +13,12 @@ How a datagram finds its way (Linux, DNAT to the proxy):
 - A session must not outlive the kernel's NAT entry (udp_idle_timeout stays below conntrack's UDP
   timeout), and the mapping is re-checked at most every `udp_revalidate` seconds while traffic flows, so
   an entry deleted by the firewall and a seen address reused for another peer never cross-deliver.
+- A session belongs to the app socket its flow was decided for. A UDP conntrack entry outlives its socket,
+  so another app's socket reusing the port at once (before the interceptor removed the entry) would be
+  sent down this split path. Each round of datagrams a session gets is checked against the socket that
+  owns the flow now (one sock_diag lookup): another socket's datagrams are dropped, the session closed and
+  the entry deleted, so that socket's next datagram is queued and decided for its own app. Nothing that
+  should stay in the VPN leaves here.
 Datagrams are read one by one on the data thread, so a burst of first packets creates one session (it
 exists before the second datagram is read). What one readiness event finds queued for a session is sent
 on together: with UDP GSO (Linux) one send carries up to 64 equal-sized datagrams through routing and
@@ -39,8 +45,8 @@ from .upstream import open_upstream
 
 log = logging.getLogger("splittun.proxy")
 
-#: (client as seen, listen address) → (app's own address, original destination), or None if not NAT'd.
-#: (client, listen) → (the app's own address, its original destination, the conntrack mark) or None
+#: (client as seen, listen address) → (the app's own address, its original destination, the conntrack mark), or
+#: None when the flow was not NAT'd
 Resolver = Callable[[Address, Address], "tuple[Address, Address, int] | None"]
 
 _SOL_UDP = getattr(socket, "SOL_UDP", 17)
@@ -91,8 +97,22 @@ class DatagramBatch:
                 sock.sendto(datagram, addr)
 
 
+#: (the app's own address, its original destination) → the cookie of the socket that owns that flow now (0: none)
+SocketCheck = Callable[[Address, Address], int]
+
+
 class UdpConn:
-    __slots__ = ("check", "client_addr", "key", "listener", "seen", "session", "upstream", "validated_at")
+    __slots__ = (
+        "check",
+        "client_addr",
+        "client_cookie",
+        "key",
+        "listener",
+        "seen",
+        "session",
+        "upstream",
+        "validated_at",
+    )
 
     def __init__(
         self, session: Session, listener: socket.socket, client_addr: Any, upstream: socket.socket, key: Any
@@ -105,6 +125,7 @@ class UdpConn:
         self.validated_at = time.monotonic()
         self.check = False  # set by the sweep: re-check the conntrack mapping before the next datagram
         self.seen = 0
+        self.client_cookie = 0  # the app socket this flow was decided for (0: not known)
 
 
 def default_resolver() -> Resolver | None:
@@ -120,15 +141,61 @@ def default_resolver() -> Resolver | None:
         return None
 
 
+def split_entry_events() -> Any:
+    """Destroy events of split conntrack entries (Linux), or None where they cannot be had."""
+    if not sys.platform.startswith("linux"):
+        return None
+    from actors.conntrack import ConntrackEvents
+    from messages.marks import VERDICT_MASK, Mark
+
+    try:
+        return ConntrackEvents(mark=int(Mark.REROUTE_TO_SPLIT_TUN), mask=VERDICT_MASK)
+    except OSError as exc:
+        log.warning("udp conntrack events unavailable (%s)", exc.strerror)
+        return None
+
+
+def default_socket_check() -> SocketCheck | None:
+    """sock_diag lookups of the app's socket on Linux; elsewhere none (no check)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    from actors.sockdiag import SockDiag
+
+    try:
+        diag = SockDiag()
+    except OSError as exc:
+        log.warning("udp client socket checks unavailable (sock_diag netlink: %s)", exc.strerror)
+        return None
+
+    def check(client: Address, dst: Address) -> int:
+        found = diag.lookup(socket.IPPROTO_UDP, client[0], client[1], dst[0], dst[1])
+        return found.cookie if found is not None else 0
+
+    check.close = diag.close  # type: ignore[attr-defined]
+    return check
+
+
 class UdpProxy(ProxyBase):
     """Transparent UDP proxy on one or more listen addresses (see module docstring)."""
 
     protocol = "udp"
     kind = socket.SOCK_DGRAM
 
-    def __init__(self, *args: Any, resolver: Resolver | str | None = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        resolver: Resolver | str | None = "auto",
+        socket_check: SocketCheck | str | None = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.resolver: Resolver | None = default_resolver() if resolver == "auto" else resolver  # type: ignore[assignment]
+        self.socket_check: SocketCheck | None = (
+            default_socket_check() if socket_check == "auto" else socket_check  # type: ignore[assignment]
+        )
+        # Split entries going away (filtered in the kernel): a session lives exactly as long as its entry.
+        self.ct_events: Any = split_entry_events() if self.resolver is not None and socket_check == "auto" else None
+        self.by_orig: dict[tuple[Address, Address], UdpConn] = {}
         self.gso = sys.platform.startswith("linux")
         self.buffer = bytearray(self.config.udp_buffer_size)
         self.view = memoryview(self.buffer)
@@ -136,6 +203,26 @@ class UdpProxy(ProxyBase):
         self.flows: dict[int, dict[Any, UdpConn]] = {sock.fileno(): {} for sock in self.listeners}
         self.conns: dict[str, UdpConn] = {}
         self._refused_recently: dict[tuple[int, Any], float] = {}
+        self._replaced: dict[tuple[int, Any], float] = {}  # flows closed for another socket: until when
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        if self.ct_events is not None:
+            self.loop.add(self.ct_events.fileno(), READ, lambda _ev: self._on_entries_gone(), edge=False)
+
+    def _on_entries_gone(self) -> None:
+        """Close the sessions whose conntrack entries are gone: a later datagram of the same addresses is a new
+        flow (queued, decided) and gets a session of its own."""
+        try:
+            entries = self.ct_events.read()
+        except OSError as exc:
+            self._count("recv_errors")
+            self.say(logging.WARNING, "conntrack events unreadable: %s", exc.strerror)
+            return
+        for entry in entries:
+            conn = self.by_orig.get((entry.orig.src, entry.orig.dst))
+            if conn is not None:
+                self._close_conn(conn, "conntrack entry gone")
 
     def _stop_accepting(self) -> None:
         """UDP replies leave through the listening socket: it stays open while live sessions drain,
@@ -157,6 +244,7 @@ class UdpProxy(ProxyBase):
         lfd = sock.fileno()
         flows = self.flows[lfd]
         out: dict[UdpConn, DatagramBatch] = {}
+        checked: set[UdpConn] = set()
         try:
             for _ in range(self.config.batch):
                 try:
@@ -176,8 +264,21 @@ class UdpProxy(ProxyBase):
                         self.say(logging.ERROR, "udp session setup failed: %s: %s", type(exc).__name__, exc)
                         continue
                     if conn is None:
-                        self._count("dropped_refused")
+                        if self._replaced.get((lfd, addr), 0.0) <= time.monotonic():  # else counted already
+                            self._count("dropped_refused")
                         continue
+                if conn not in checked:
+                    checked.add(conn)
+                    checked_conn = self._client_socket_checked(sock, listen, addr, conn)
+                    if checked_conn is not conn:
+                        out.pop(conn, None)
+                        if checked_conn is None:
+                            continue
+                        conn = checked_conn
+                        checked.add(conn)
+                elif conn.session.closed:
+                    self._count("dropped_other_socket")
+                    continue
                 batch = out.get(conn)
                 if batch is None:
                     out[conn] = DatagramBatch(view[:n])
@@ -186,7 +287,44 @@ class UdpProxy(ProxyBase):
                     out[conn] = DatagramBatch(view[:n])
         finally:
             for conn, batch in out.items():
-                self._forward(conn, batch)
+                if not conn.session.closed:
+                    self._forward(conn, batch)
+
+    def _client_socket_checked(self, sock: socket.socket, listen: Address, addr: Any, conn: UdpConn) -> UdpConn | None:
+        """The session for this round of a flow's datagrams, once it is known to come from the app socket the
+        flow was decided for. Another socket's datagrams on the same addresses are either a new flow (a new
+        conntrack entry, which the interceptor decided for that socket: a new session) or came down the old
+        entry before the interceptor removed it (another app reusing the port at once): those get nothing
+        through — dropped, the session closed, the entry deleted, so that socket's next datagram is decided
+        for its own app. No socket at all (it sent and closed) means the last datagrams of the decided one."""
+        if self.socket_check is None:
+            return conn
+        s = conn.session
+        client, dst = s.orig_client or s.client, s.orig_dst or s.listen
+        try:
+            cookie = self.socket_check(client, dst)
+        except OSError:
+            return conn  # cannot tell: the interceptor's own socket tracking still ends a replaced flow
+        if not cookie or cookie == conn.client_cookie or not conn.client_cookie:
+            conn.client_cookie = conn.client_cookie or cookie
+            return conn
+        if self.ct_events is not None:
+            self._on_entries_gone()  # the old entry's end may be waiting: then this is a new flow
+        if s.closed:
+            fresh = self._session_for(sock, listen, addr, conn.key, None)
+            if fresh is not None:
+                fresh.client_cookie = cookie
+            return fresh
+        self._count("dropped_other_socket")
+        if len(self._replaced) > 4 * self.table.max_sessions:
+            self._replaced.clear()
+        self._replaced[conn.key] = time.monotonic() + _REFUSAL_MEMORY
+        self._close_conn(conn, "client socket replaced: another socket reused the app's port")
+        forget = getattr(self.resolver, "forget", None)
+        if forget is not None:
+            with contextlib.suppress(OSError):
+                forget(client, dst)
+        return None
 
     def _forward(self, conn: UdpConn, batch: DatagramBatch) -> None:
         """One send for a session's queued datagrams: UDP GSO (one pass through routing and netfilter for
@@ -222,6 +360,9 @@ class UdpProxy(ProxyBase):
         """The flow's session: re-checked `known`, a new one, or None when refused."""
         client = (addr[0], addr[1])
         resolved = self.resolver(client, listen) if self.resolver is not None else None
+        if resolved is None and self._replaced.get(key, 0.0) > time.monotonic():
+            self._count("dropped_other_socket")  # queued under the entry deleted for another socket: dropped
+            return None
         orig_client, orig_dst, ct_mark = resolved if resolved is not None else (None, None, 0)
         if known is not None:
             s = known.session
@@ -262,6 +403,8 @@ class UdpProxy(ProxyBase):
             self._refuse(key, session, f"dial failed: {exc.strerror or exc}", now)
             return None
         conn = UdpConn(session, sock, addr, upstream, key)
+        if orig_client is not None and orig_dst is not None:
+            self.by_orig[(orig_client, orig_dst)] = conn
         self.table.add(session)
         self.flows[key[0]][addr] = conn
         self.conns[session.id] = conn
@@ -350,6 +493,12 @@ class UdpProxy(ProxyBase):
         flows = self.flows.get(lfd, {})
         if flows.get(addr) is conn:
             del flows[addr]
+        if (
+            s.orig_client is not None
+            and s.orig_dst is not None
+            and self.by_orig.get((s.orig_client, s.orig_dst)) is conn
+        ):
+            del self.by_orig[(s.orig_client, s.orig_dst)]
         self.conns.pop(s.id, None)
         self.table.remove(s)
         self._count("closed_" + reason.split(":", 1)[0].replace(" ", "_"))
@@ -379,15 +528,16 @@ class UdpProxy(ProxyBase):
             if s.stats_due(now, cfg.first_stats, cfg.stats_interval):
                 s.stats_at = now
                 self._hook("on_stats", s)
-        if self._refused_recently:
-            for key, until in list(self._refused_recently.items()):
+        for memory in (self._refused_recently, self._replaced):
+            for key, until in list(memory.items()):
                 if until <= now:
-                    del self._refused_recently[key]
+                    del memory[key]
         if self.draining:
             self._check_drained()
 
     def _release(self) -> None:
-        closer = getattr(self.resolver, "close", None)
-        if closer is not None:
-            with contextlib.suppress(Exception):
-                closer()
+        for thing in (self.resolver, self.socket_check, self.ct_events):
+            closer = getattr(thing, "close", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    closer()
