@@ -741,6 +741,8 @@ class Engine:
         except Exception as exc:
             self._once("attribution.failed", f"{type(exc).__name__}: {exc}")
             return False
+        if owner is None and self._verdict_needs_process():
+            return False  # its verdict cannot be known without its process: a fresh entry will be decided
         domain = old.domain or self.names.lookup(f.dst_ip, self.clock())
         own = owner is not None and owner.info.pid in self.own_pids()
         outcome = self._evaluate(f, owner, domain, own)
