@@ -17,10 +17,12 @@ import zmq
 from . import control
 from .control import Reply, Request, RequestFailed
 from .endpoints import endpoint_file
-from .log import EventLog
+from .log import EventLog, LineBudget
 from .schema import Message, MessageError, decode, decode_payload, encode_payload
 
 DEFAULT_HWM = 10_000
+#: Log lines a second for malformed requests (each one is still answered and counted).
+BAD_REQUEST_LINES_PER_SECOND = 5
 
 
 class Publisher:
@@ -105,6 +107,7 @@ class ReplyServer:
         self.sock.bind(endpoint)
         self.handled = 0
         self.bad_requests = 0
+        self._bad_lines = LineBudget(BAD_REQUEST_LINES_PER_SECOND)  # garbage is answered, and logged sparingly
 
     def handle_ready(self) -> None:
         for _ in range(64):  # bounded batch: keep the loop fair to other sockets
@@ -116,15 +119,13 @@ class ReplyServer:
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
-            self.bad_requests += 1
-            self.log.warning("request.malformed", reason=f"{len(frames)} frame(s), expected envelope+body")
+            self._bad(f"{len(frames)} frame(s), expected envelope+body")
             return
         envelope, body = frames[:-1], frames[-1]
         try:
             req = decode_payload(Request, body, "request")
         except MessageError as exc:
-            self.bad_requests += 1
-            self.log.warning("request.malformed", reason=str(exc))
+            self._bad(str(exc))
             self._send(envelope, _error_reply(control.BAD_REQUEST, str(exc)))
             return
         try:
@@ -136,6 +137,11 @@ class ReplyServer:
             reply = _error_reply(control.INTERNAL, f"{req.op} failed: {type(exc).__name__}: {exc}")
         self.handled += 1
         self._send(envelope, reply)
+
+    def _bad(self, reason: str) -> None:
+        self.bad_requests += 1
+        if self._bad_lines.allow():
+            self.log.warning("request.malformed", reason=reason, total=self.bad_requests)
 
     def _send(self, envelope: list[bytes], reply: Reply) -> None:
         try:

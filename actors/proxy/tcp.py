@@ -442,6 +442,7 @@ class TcpProxy(ProxyBase):
         session = Session(self.table.new_id(), "tcp", addr, listen, orig)
         if self.table.full():
             _reset(client)
+            self._count("refused_session_limit")
             self._refused(session, f"session limit {self.table.max_sessions} reached")
             return
         ct_mark = self._ct_mark(addr, listen) if getattr(self.decider, "wants_ct_mark", False) else 0

@@ -381,6 +381,7 @@ class UdpProxy(ProxyBase):
             del self._refused_recently[key]
         session = Session(self.table.new_id(), "udp", client, listen, orig_dst, orig_client, now=now)
         if self.table.full():
+            self._count("refused_session_limit")
             self._refuse(key, session, f"session limit {self.table.max_sessions} reached", now)
             return None
         decision = self._decide(SessionRequest("udp", client, listen, orig_dst, orig_client, ct_mark))
