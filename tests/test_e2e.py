@@ -398,6 +398,8 @@ def test_invalid_config_is_refused_and_the_running_one_stays(st: E2E, leaks: Lea
     msg = st.refused("config", "set", "splittun/enable", "maybe")
     assert msg.startswith("splittun: splittun/enable:")
     assert "splittun/nosuch: unknown key" in st.refused("config", "set", "splittun/nosuch", "1")
+    # A flag's mistake names the flag the user typed, not the config key it would have become.
+    assert st.refused("rules", "add", "--interface", "nosuch0") == "splittun: --interface: unknown interface 'nosuch0'"
     assert st.rules() == rules
     still_as_before()
 

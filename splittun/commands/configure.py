@@ -199,6 +199,8 @@ def cmd_rules_list(args: argparse.Namespace) -> int:
 
 def cmd_rules_add(args: argparse.Namespace) -> int:
     def mutate(config: cfg.Config) -> tuple[cfg.Config, str]:
+        if args.interface and not interface_exists(args.interface):  # name what the user typed: the flag
+            raise cfg.ConfigError("--interface", f"unknown interface {args.interface!r}")
         rule_id = config.next_rule_id()
         if args.endpoint:
             if any((args.app, args.name, args.uid >= 0, args.children, args.dest, args.proto, args.port, args.keep)):
