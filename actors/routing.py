@@ -6,9 +6,17 @@ own table). Marked upstream sockets hit our rule first (priority 1720, ahead of 
 and SO_BINDTODEVICE then selects the route through the chosen device in our table. Each route gets the
 interface index as its metric, so several split interfaces can sit in one table side by side.
 
-`plan` is pure (egresses in, routes out); `SplitRouting.apply` reconciles the kernel to the plan (adds
-what is missing, removes what is stale, leaves what is right alone), so calling it again and again is
-idempotent, and two processes applying the same plan converge. `remove` takes everything out again.
+One owner: the interceptor's worker 0 keeps it (`RoutingKeeper`, reconciled after every network or policy
+change and every 10 s) and never removes it when it stops, since the proxies may still be using it.
+`splittun down` removes it once supervisord has stopped, and `python -m actors.interceptor --cleanup` by
+hand (actors/interceptor/cleanup.py): `remove` finds ours by priority and table, so no state is needed.
+The proxies only mark and bind their upstream sockets; standalone (tests, benchmarks) whoever runs them
+applies a `SplitRouting` itself.
+
+`plan` is pure (egresses in, routes out) and `routes_for` is the plan for a netenv snapshot and a policy
+(None while either is unknown: never an empty plan for lack of a snapshot). `SplitRouting.apply` reconciles
+the kernel to a plan (adds what is missing, removes what is stale, leaves what is right alone), so calling
+it again and again is idempotent. `remove` takes everything out again.
 """
 
 from __future__ import annotations
@@ -16,12 +24,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from actors.netenv.egress import Egress
+from actors.netenv.egress import Egress, split_egresses
+from messages.events import NetenvChanged, PolicySnapshot
 from messages.marks import SPLIT_ROUTE_TABLE, SPLIT_RULE_PRIORITY, Mark
+
+#: Seconds between reconciliations when nothing changed: repairs what another program (a VPN client) removed.
+RECONCILE_INTERVAL = 10.0
 
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 _DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
@@ -50,6 +64,16 @@ def plan(egresses: Iterable[Egress]) -> list[SplitRoute]:
     return sorted(routes.values(), key=lambda r: (r.family, r.interface))
 
 
+def routes_for(netenv: NetenvChanged | None, policy: PolicySnapshot | None) -> list[SplitRoute] | None:
+    """The split table for this network and policy: a route for the global interface choice and for every
+    interface a rule names (the proxies resolve the same egresses, see actors/netenv/egress.py).
+    None while the network or the policy is not known yet: then nothing is to be changed."""
+    if netenv is None or policy is None:
+        return None
+    rule_interfaces = [r.interface for r in policy.rules if r.interface]
+    return plan(split_egresses(netenv, policy.interface, rule_interfaces).in_use())
+
+
 class SplitRouting:
     """Installs and removes the split rule and table (in `netns`, default: this process's namespace)."""
 
@@ -64,6 +88,9 @@ class SplitRouting:
         self.mark = mark
         self.table = table
         self.priority = priority
+
+    def describe_rule(self) -> str:
+        return f"fwmark {self.mark} lookup {self.table} priority {self.priority}"
 
     def _ipr(self) -> Any:
         from pyroute2 import IPRoute  # imported late: library users without routing never need it
@@ -144,9 +171,9 @@ class SplitRouting:
         if len(good) == 1 and len(rules) == 1:
             return changes
         for r in rules:  # stale or duplicate: rebuild from scratch
-            with _tolerate(_ENOENT, _ESRCH):  # another worker may have just removed it
+            with _tolerate(_ENOENT, _ESRCH):  # another process may have just removed it
                 ipr.rule("del", family=af, priority=self.priority, fwmark=r.get("FRA_FWMARK", 0), table=r["FRA_TABLE"])
-        with _tolerate(_EEXIST):  # another worker (proxy_tcp vs proxy_udp) may have just added it
+        with _tolerate(_EEXIST):  # another process (a test, a second instance) may have just added it
             ipr.rule("add", family=af, fwmark=self.mark, fwmask=_FULL_MASK, table=self.table, priority=self.priority)
             changes.append(f"added IPv{fam} rule fwmark {self.mark} lookup {self.table} priority {self.priority}")
         return changes
@@ -178,7 +205,7 @@ _EEXIST, _ENOENT, _ESRCH = errno.EEXIST, errno.ENOENT, errno.ESRCH
 
 @contextlib.contextmanager
 def _tolerate(*codes: int) -> Iterator[None]:
-    """Swallow these netlink error codes: two workers reconciling at once race harmlessly."""
+    """Swallow these netlink error codes: two processes reconciling at once race harmlessly."""
     try:
         yield
     except Exception as exc:  # pyroute2's NetlinkError carries the errno as .code
@@ -205,3 +232,101 @@ def _route_args(msg: Any, af: int, table: int) -> dict[str, Any]:
         if key in attrs:
             args[name] = attrs[key]
     return args
+
+
+class RoutingKeeper:
+    """Keeps the split routing at the latest plan it was given, from a thread of its own: `want` never waits
+    for netlink, so the caller's loop (the interceptor's verdicts) never does either.
+
+    It applies each new plan at once and the current one again every `interval` seconds. Until the first
+    plan arrives it touches nothing (a restarted owner must not take away routing the proxies are using).
+    A failure is counted (`errors`) and logged once per distinct error, not per attempt. Stopping leaves
+    the routing in place: removing it is `splittun down`'s job, after every proxy has stopped.
+    """
+
+    def __init__(self, routing: SplitRouting, log: Any, interval: float = RECONCILE_INTERVAL) -> None:
+        self.routing = routing
+        self.log = log
+        self.interval = interval
+        self.errors = 0
+        self.changes = 0
+        self.installed: list[SplitRoute] | None = None  # the plan last applied without error
+        self.applied_at = 0.0
+        self.last_error = ""
+        self._wanted: list[SplitRoute] | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._logged_errors: set[str] = set()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="split-routing", daemon=True)
+        self._thread.start()
+
+    def want(self, routes: Sequence[SplitRoute] | None) -> None:
+        """Apply `routes` soon (None: no plan known, nothing changes). Returns at once."""
+        if routes is None:
+            return
+        with self._lock:
+            self._wanted = list(routes)
+        self._wake.set()
+
+    def stop(self, timeout: float = 0.5) -> None:
+        """Stop reconciling; the routing stays as it is."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if not self._stopping.is_set():
+                self.reconcile()
+
+    def reconcile(self) -> list[str] | None:
+        """Apply the wanted plan now; what changed, or None when there is no plan yet or it failed."""
+        with self._lock:
+            routes = self._wanted
+        if routes is None:
+            return None
+        try:
+            changes = self.routing.apply(routes)
+        except Exception as exc:
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            if self.last_error not in self._logged_errors and len(self._logged_errors) < 64:
+                self._logged_errors.add(self.last_error)
+                self.log.error("routing.failed", error=self.last_error, failures=self.errors)
+            return None
+        if self.last_error:
+            self.log.info("routing.recovered", after_failures=self.errors)
+            self.last_error = ""
+        self.installed, self.applied_at = routes, time.time()
+        self.changes += len(changes)
+        for change in changes:
+            self.log.info("routing.changed", change=change)
+        return changes
+
+    def not_ready(self) -> str:
+        """Why split connections may find no routing ("" once a plan is installed and the last try worked)."""
+        if self.last_error:
+            return f"split routing failed: {self.last_error}"
+        if self.installed is None:
+            return "split routing not installed yet: waiting for the network state and the policy"
+        return ""
+
+    def status(self) -> dict[str, Any]:
+        """What is installed (as far as this keeper applied it) and how reconciling goes."""
+        return {
+            "owner": True,
+            "rule": self.routing.describe_rule(),
+            "table": self.routing.table,
+            "installed": None if self.installed is None else [str(r) for r in self.installed],
+            "applied_at": self.applied_at,
+            "wanted": None if self._wanted is None else [str(r) for r in self._wanted],
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }

@@ -9,7 +9,7 @@ Paths (all from the host namespace to 203.0.113.80 in inet, over the ISP link, n
 - direct: the client's own socket, via the ISP;
 - splittun: nat OUTPUT DNAT (matching the client's uid, as the interceptor would match the app) to
   127.0.0.17:719; the proxy dials the original destination with the split mark, SO_BINDTODEVICE eth0
-  and the split routing table;
+  and the split routing table (applied here, as the interceptor keeps it under supervisord);
 - haproxy: the same DNAT to haproxy (tcp mode, `server 0.0.0.0` = the original destination, splice-auto);
 - socat: the same DNAT to `socat ... fork` (fixed target: socat cannot read the original destination).
 The redirected client ("the app") runs as uid 65534 and, like an app on a laptop whose VPN owns the
@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from actors.netenv.egress import static_egress
+from actors.routing import SplitRouting, plan
 from bench.common import errors_note, preflight, print_report, raise_nofile
 from messages import endpoints as ep
 from messages.transport import request
@@ -124,6 +126,9 @@ class Bench:
                          "table", str(DIRECT_TABLE)])  # fmt: skip
         self.sh("host", ["ip", "rule", "add", "uidrange", f"{DIRECT_UID}-{DIRECT_UID}", "lookup", str(DIRECT_TABLE),
                          "pref", str(DIRECT_PREF)])  # fmt: skip
+        # The split rule and table the workers' upstream sockets need (they go with the lab).
+        egress = static_egress(T.HOST_IF, source4=T.HOST_V4, gateway4=T.ISP_LAN_V4)
+        SplitRouting(netns=self.lab.ns_host).apply(plan(egress.all()))
         self.popen("inet", ["iperf3", "-s", "-B", SERVER, "-p", str(IPERF_PORT)], "iperf3")
         cfg = self.tmp / "origin.cfg"
         cfg.write_text(

@@ -163,7 +163,7 @@ class Supervisor:
                 found.append(int(entry.name))
         return found
 
-    # --- the interceptor's rules, wherever this instance runs ------------------------------------
+    # --- the interceptor's rules and routing, wherever this instance runs -------------------------
 
     @property
     def rules_marker(self) -> Path:
@@ -171,18 +171,28 @@ class Supervisor:
 
         return self.home.run_dir / RULES_MARKER
 
-    def open_netns(self) -> int | None:
-        """An fd of the namespace holding this instance's interceptor rules, None when it has none.
+    @property
+    def routing_marker(self) -> Path:
+        from actors.interceptor.cleanup import ROUTING_MARKER
 
-        The interceptor leaves a marker (with its namespace's identity) while its rules may be installed.
-        Live supervisord: its namespace. Otherwise the recorded one: ours when it is the same, else a
-        named one (/run/netns). Holding the fd keeps the namespace alive until the cleanup ran.
+        return self.home.run_dir / ROUTING_MARKER
+
+    def open_netns(self) -> int | None:
+        """An fd of the namespace holding this instance's interceptor rules or split routing, None when it
+        has neither.
+
+        The interceptor leaves markers (with its namespace's identity) while its rules may be installed
+        and while its split routing may be. Live supervisord: its namespace. Otherwise the recorded one:
+        ours when it is the same, else a named one (/run/netns). Holding the fd keeps the namespace alive
+        until the cleanup ran.
         """
         from actors.interceptor.cleanup import netns_id
 
-        try:
-            recorded = self.rules_marker.read_text().strip()
-        except OSError:
+        recorded = ""
+        for marker in (self.rules_marker, self.routing_marker):
+            with contextlib.suppress(OSError):
+                recorded = recorded or marker.read_text().strip()
+        if not recorded:
             return None
         pid = self.pid()
         if pid is not None:
@@ -198,25 +208,32 @@ class Supervisor:
         return None  # the namespace is gone, and its rules with it
 
     def cleanup_interceptor(self, netns_fd: int | None) -> dict[str, Any] | None:
-        """After supervisord stopped: remove rules and marks a killed interceptor left behind.
+        """After supervisord stopped: remove the split routing, and the rules and marks a killed interceptor
+        left behind. Returns {"tables", "conntrack", "names_file", "routing"} or None (nothing to do).
 
-        Worker 0 removes its rules itself on a clean stop (and its marker with them): then, or when no
-        namespace is known, there is nothing to do (None).
+        Worker 0 removes its rules itself on a clean stop (and their marker with them), never the routing:
+        with every proxy stopped now, this removes it, after a clean stop or a crash alike — unless another
+        instance took over the queues here meanwhile: then the routing is that one's. Without a marker (a
+        passive instance never wrote one) or a known namespace there is nothing to do.
         """
         try:
-            if netns_fd is None or not self.rules_marker.exists():
+            rules, routing = self.rules_marker.exists(), self.routing_marker.exists()
+            if netns_fd is None or not (rules or routing):
                 return None
-            return run_in_netns(netns_fd, lambda: _interceptor_cleanup(self.home.run_dir))
+            return run_in_netns(netns_fd, lambda: _interceptor_cleanup(self.home.run_dir, rules, routing))
         finally:
             if netns_fd is not None:
                 os.close(netns_fd)
             self.rules_marker.unlink(missing_ok=True)
+            self.routing_marker.unlink(missing_ok=True)
 
 
-def _interceptor_cleanup(run_dir: Path) -> dict[str, Any]:
-    from actors.interceptor.cleanup import cleanup
+def _interceptor_cleanup(run_dir: Path, rules: bool, routing: bool) -> dict[str, Any]:
+    from actors.interceptor.cleanup import cleanup, remove_routing
 
-    return cleanup(run_dir)
+    result = cleanup(run_dir) if rules else {"tables": [], "conntrack": 0, "names_file": False}
+    result["routing"] = remove_routing(run_dir, unless_intercepting=True) if routing else []
+    return result
 
 
 def run_in_netns(netns_fd: int, func: Any) -> Any:

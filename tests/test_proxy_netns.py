@@ -24,11 +24,10 @@ from actors.proxy import (
     ProxyConfig,
     Refusal,
     SessionRequest,
-    SplitRoute,
-    SplitRouting,
     TcpProxy,
     UdpProxy,
 )
+from actors.routing import SplitRoute, SplitRouting
 from messages import Mark
 
 pytest_plugins = ["test_proxy_support"]

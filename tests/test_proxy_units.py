@@ -16,9 +16,7 @@ from actors.proxy import (
     SessionRequest,
     SessionTable,
     SplitDecider,
-    SplitRoute,
     parse_address,
-    plan,
     resolve_egress,
     static_egress,
     to_original_destination,
@@ -26,6 +24,7 @@ from actors.proxy import (
 from actors.proxy.origdst import parse_sockaddr
 from actors.proxy.session import split_key
 from actors.proxy.udp import DatagramBatch
+from actors.routing import SplitRoute, plan
 from messages import Mark, flow_key
 from messages.events import GatewayRecord, InterfaceRecord, NetenvChanged
 

@@ -5,7 +5,8 @@ attributes it to a process, evaluates its own copy of the policy snapshot and se
 (1719 = split, DNAT'd to the proxies). It never waits on another process to decide a packet.
 
 `python -m actors.interceptor --cleanup` removes every rule, chain and conntrack mark the interceptor
-may have left in the current network namespace (idempotent; `splittun down` runs the same code).
+may have left in the current network namespace, and the split policy routing (idempotent; `splittun down`
+runs the same code).
 """
 
 import json
@@ -14,9 +15,10 @@ import sys
 if "--cleanup" in sys.argv[1:]:
     from messages import endpoints
 
-    from .cleanup import cleanup
+    from .cleanup import cleanup, remove_routing
 
-    print(json.dumps(cleanup(endpoints.run_dir())))
+    run_dir = endpoints.run_dir()
+    print(json.dumps({**cleanup(run_dir), "routing": remove_routing(run_dir)}))
     sys.exit(0)
 
 from actors.runtime import main

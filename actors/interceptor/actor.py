@@ -1,4 +1,5 @@
-"""The interceptor process: binds its NFQUEUE queues, runs the engine, owns the rules (worker 0).
+"""The interceptor process: binds its NFQUEUE queues, runs the engine, owns the rules and the split
+routing (worker 0).
 
 Workers: supervisord runs `interceptor` (worker 0) plus `interceptor_01…` (SPLITTUN_INTERCEPTOR_WORKERS
 in total). Worker i binds queue slot i of each of the four queue groups (17040+i v4 out, 17140+i v4 in,
@@ -6,6 +7,10 @@ in total). Worker i binds queue slot i of each of the four queue groups (17040+i
 worker 0 installs, checks and removes the rules: it is the only one that knows when interception
 starts and stops, and a restart of any other worker must not touch them. While a worker is down its
 slot's packets bypass the queue (--queue-bypass): unsplit, through the VPN.
+
+Worker 0 also keeps the split policy routing the proxies' upstream sockets use (actors/routing.py): from
+a thread of its own, once it knows the network and the policy, after each change of either and every
+10 s. It never removes it on stop (a proxy may still be using it); `splittun down` does, afterwards.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import threading
 from typing import Any
 
 from actors.conntrack import Conntrack, ConntrackEvents
+from actors.routing import RoutingKeeper, SplitRouting, routes_for
 from actors.runtime import Actor
 from actors.sockdiag import SockDiag, SocketEvents
 from messages import Heartbeat, IvpnStatus, Message, MessageError, NetenvChanged, PolicySnapshot
 from messages.control import INVALID_ARGUMENT, Request, RequestFailed
 
 from . import hook
-from .cleanup import NAMES_FILE, cleanup, write_rules_marker
+from .cleanup import NAMES_FILE, cleanup, write_routing_marker, write_rules_marker
 from .engine import Engine
 from .firewall import MAX_WORKERS, worker_queues
 from .names import NameTable
@@ -114,6 +120,7 @@ class InterceptorActor(Actor):
         self.rt.loop.add_fd(self.socket_events.fileno(), self._read_sockets)
         self.source: PacketSource = packet_source()
         self.fw: Firewall | None = None
+        self.routing: RoutingKeeper | None = None  # worker 0, once active
         self._fw_lock = threading.Lock()  # rule checks run on the loop or, after network changes, a thread
         self.active = False
         self._passive_logged = False
@@ -150,6 +157,10 @@ class InterceptorActor(Actor):
             self.log.info("rules.installed", workers=self.workers)
             for delay in self._check_schedule(self.rt.args.jump_checks):
                 self.rt.loop.call_later(delay, lambda d=delay: self._check_jumps(f"scheduled {d:g}s"))
+            write_routing_marker(self.rt.run_dir)  # before the first change: `down` removes what we add
+            self.routing = RoutingKeeper(SplitRouting(), self.log)
+            self.routing.start()
+            self._want_routing()
 
     @staticmethod
     def _check_schedule(text: str) -> list[float]:
@@ -194,6 +205,14 @@ class InterceptorActor(Actor):
                 rules=len(snapshot.rules),
                 source=source,
             )
+            self._want_routing()
+
+    def _want_routing(self) -> None:
+        """Hand the split routing for the current network and policy to the keeper's thread (never waits).
+        Until both are known there is no plan, and the routing stays as it is."""
+        if self.routing is not None:
+            policy = self.engine.policy.snapshot if self.engine.policy.version > 0 else None
+            self.routing.want(routes_for(self.netenv, policy))
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, PolicySnapshot):
@@ -206,6 +225,7 @@ class InterceptorActor(Actor):
             self.netenv = msg
             self.engine.set_netenv(msg)
             self._check_jumps_in_background("network changed")
+            self._want_routing()
 
     def _read_conntrack(self) -> None:
         self.engine.on_conntrack_destroyed(self.ct_events.read())
@@ -251,12 +271,16 @@ class InterceptorActor(Actor):
                 "owns_rules": self.owns_rules,
                 "queues": worker_queues(self.index),
                 "handler": hook.SLOT.name,
+                "routing": self.routing.status() if self.routing is not None else {"owner": False},
                 **self.engine.status(),
             }
         return super().handle_request(req)
 
     def readiness(self) -> str:
-        return "" if getattr(self, "active", False) else "passive: another interceptor holds the queues"
+        if not getattr(self, "active", False):
+            return "passive: another interceptor holds the queues"
+        routing = getattr(self, "routing", None)
+        return routing.not_ready() if routing is not None else ""
 
     def counters(self) -> dict[str, int]:
         engine = getattr(self, "engine", None)
@@ -270,12 +294,20 @@ class InterceptorActor(Actor):
         out["attribution_listings"] = self.attributor.listings
         out["attribution_no_socket"] = self.attributor.no_socket
         out["attribution_no_process"] = self.attributor.no_process
+        routing = getattr(self, "routing", None)
+        if routing is not None:
+            out["routing_errors"] = routing.errors
+            out["routing_changes"] = routing.changes
         return out
 
     def stop(self) -> None:
-        """Worker 0 removes the rules first (nothing queued any more), then every worker lets go."""
+        """Worker 0 removes the rules first (nothing queued any more), then every worker lets go. The split
+        routing stays: a proxy may still be using it (`splittun down` removes it once all have stopped)."""
         if hasattr(self, "_stopping"):
             self._stopping.set()
+        routing = getattr(self, "routing", None)
+        if routing is not None:
+            routing.stop()
         if getattr(self, "owns_rules", False) and getattr(self, "active", False):
             try:
                 removed = cleanup(self.rt.run_dir)

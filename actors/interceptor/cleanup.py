@@ -1,12 +1,15 @@
 """Remove everything the interceptor can have put in this network namespace — no state needed.
 
-Used by worker 0's own stop path, by `python -m actors.interceptor --cleanup`, and by `splittun down`
-(after supervisord stopped, inside the namespace supervisord ran in), so a crash (kill -9, power cut of
-the process) never leaves rules behind. Idempotent: a second run finds nothing and changes nothing.
+`cleanup` (the firewall) is used by worker 0's own stop path, by `python -m actors.interceptor --cleanup`,
+and by `splittun down` (after supervisord stopped, inside the namespace supervisord ran in), so a crash
+(kill -9, power cut of the process) never leaves rules behind. Idempotent: a second run finds nothing and
+changes nothing. What goes: our iptables/ip6tables chains and jumps (found by the SPLITTUN- prefix), the
+src_valid_mark we changed (its old value is noted in our rules), conntrack entries carrying our marks, and
+the shared name table file.
 
-What goes: our iptables/ip6tables chains and jumps (found by the SPLITTUN- prefix), conntrack entries
-carrying our verdict marks, and the shared name table file. The interceptor sets no sysctl and no
-route rule (see README.md: DNAT to 127.0.0.17 from OUTPUT needs no route_localnet), so none to undo.
+`remove_routing` (the split policy routing, actors/routing.py: found by priority and table) is never run
+on the interceptor's own stop: the proxies may still be using the routing. `splittun down` runs it once
+supervisord (and so every proxy) has stopped, clean stop or not; `--cleanup` runs it too.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ NAMES_FILE = "interceptor-names.table"
 #: (st_dev:st_ino of /proc/self/ns/net). `splittun down` cleans up only when it exists, so a second
 #: instance that never intercepted (passive) never removes another instance's rules.
 RULES_MARKER = "interceptor.rules"
+#: The same for the split routing: written by worker 0 before it first applies the routing, removed only with
+#: the routing (`remove_routing`), so it outlives the interceptor's stops; `splittun down` removes the
+#: routing only when it exists.
+ROUTING_MARKER = "interceptor.routing"
 
 
 def netns_id(path: str = "/proc/self/ns/net") -> str:
@@ -28,8 +35,36 @@ def netns_id(path: str = "/proc/self/ns/net") -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-def write_rules_marker(run_dir: Path) -> None:
-    (Path(run_dir) / RULES_MARKER).write_text(netns_id() + "\n")
+def write_rules_marker(run_dir: Path, name: str = RULES_MARKER) -> None:
+    (Path(run_dir) / name).write_text(netns_id() + "\n")
+
+
+def write_routing_marker(run_dir: Path) -> None:
+    write_rules_marker(run_dir, ROUTING_MARKER)
+
+
+def intercepting_here(proc_net: str = "/proc/net") -> bool:
+    """Whether an interceptor's worker 0 holds its queue in this network namespace right now."""
+    from messages.marks import Queue
+
+    try:
+        with open(f"{proc_net}/netfilter/nfnetlink_queue") as f:
+            return any(line.split()[:1] == [str(int(Queue.IPV4_OUT))] for line in f)
+    except OSError:
+        return False
+
+
+def remove_routing(run_dir: Path | None = None, unless_intercepting: bool = False) -> list[str]:
+    """Remove the split rule and table here; returns what was removed.
+
+    `unless_intercepting`: leave them when an interceptor runs here now — another instance took over the
+    queues after ours stopped, and the routing is its own."""
+    from actors.routing import SplitRouting
+
+    removed = [] if unless_intercepting and intercepting_here() else SplitRouting().remove()
+    if run_dir is not None:
+        (Path(run_dir) / ROUTING_MARKER).unlink(missing_ok=True)
+    return removed
 
 
 def cleanup(run_dir: Path | None = None) -> dict[str, Any]:

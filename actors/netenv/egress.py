@@ -7,11 +7,14 @@ interface exist).
 The choice is Portmaster's `splittun/interface`: "" = auto (the interface carrying the physical default
 route, per family), otherwise an interface name, one of its IP addresses or its MAC. It is resolved
 against the latest netenv snapshot; for standalone use `static_egress` takes the values directly.
+`split_egresses` adds the interfaces rules choose for themselves: what the proxies bind to and what the
+interceptor routes (actors/routing.py) come from that one function.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from messages.events import InterfaceRecord, NetenvChanged
@@ -140,3 +143,27 @@ def resolve_egress(netenv: NetenvChanged | None, choice: str = "") -> EgressSet:
             continue
         out[family] = Egress(family, iface.name, source, gateway, iface.index, p2p)
     return EgressSet(v4=out[4], v6=out[6], reasons=reasons)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitEgresses:
+    """Every egress split traffic may use under one policy: the global choice's, every interface's by index
+    (a split mark may name any of them), and the indexes of the interfaces rules name."""
+
+    chosen: EgressSet
+    by_index: dict[int, EgressSet] = field(default_factory=dict)
+    used: frozenset[int] = frozenset()
+
+    def in_use(self) -> list[Egress]:
+        """The egresses split connections leave through: the global choice's, then the rules' interfaces'."""
+        return [*self.chosen.all(), *(e for index in sorted(self.used) for e in self.by_index[index].all())]
+
+
+def split_egresses(netenv: NetenvChanged | None, choice: str, rule_interfaces: Iterable[str] = ()) -> SplitEgresses:
+    """The egresses for the global interface `choice` and the interfaces rules name, against `netenv`."""
+    chosen = resolve_egress(netenv, choice)
+    if netenv is None:
+        return SplitEgresses(chosen)
+    by_index = {iface.index: resolve_egress(netenv, iface.name) for iface in netenv.interfaces}
+    used = frozenset(iface.index for spec in rule_interfaces if (iface := find_interface(netenv, spec)))
+    return SplitEgresses(chosen, by_index, used)

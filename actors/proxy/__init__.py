@@ -7,7 +7,9 @@
     ...
     proxy.shutdown(5.0)    # stop accepting, drain, close
 
-README.md explains how the proxies sit in the data path.
+README.md explains how the proxies sit in the data path. The split policy routing their upstream sockets
+need is not theirs to install: actors/routing.py (kept by the interceptor; applied by hand when the proxies
+run standalone).
 """
 
 from actors.netenv.egress import Egress, EgressSet, resolve_egress, static_egress
@@ -24,7 +26,6 @@ from .decider import (
     SplitDecider,
     to_original_destination,
 )
-from .routing import SplitRoute, SplitRouting, plan
 from .session import Session, SessionTable
 from .tcp import TcpProxy
 from .udp import UdpProxy
@@ -44,12 +45,9 @@ __all__ = [
     "SessionRequest",
     "SessionTable",
     "SplitDecider",
-    "SplitRoute",
-    "SplitRouting",
     "TcpProxy",
     "UdpProxy",
     "parse_address",
-    "plan",
     "resolve_egress",
     "static_egress",
     "to_original_destination",

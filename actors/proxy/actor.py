@@ -1,7 +1,11 @@
 """What proxy_tcp and proxy_udp share as actors: options, the egress from netenv + policy, bus events,
-egress lookups, policy routing. Each actor package only names its protocol and proxy class.
+egress lookups. Each actor package only names its protocol and proxy class.
 
-Threads: the runtime loop (bus, heartbeats, requests, routing) and the proxy's data thread. The data
+The proxies never touch the split policy routing (`ip rule fwmark 1720 lookup 1720`, table 1720): the
+interceptor's worker 0 keeps it for both (actors/routing.py), so one proxy stopping or restarting never
+takes it away from the other.
+
+Threads: the runtime loop (bus, heartbeats, requests) and the proxy's data thread. The data
 thread publishes session events itself (the publisher is thread-safe), so heartbeats keep flowing
 however busy the data path is. Snapshots reach the decider as one atomic swap of the egress set.
 """
@@ -13,7 +17,7 @@ import ipaddress
 import time
 from typing import Any, ClassVar
 
-from actors.netenv.egress import EgressSet, find_interface, resolve_egress, static_egress
+from actors.netenv.egress import EgressSet, split_egresses, static_egress
 from actors.runtime import Actor, Runtime
 from messages import (
     Message,
@@ -31,11 +35,9 @@ from messages.schema import MessageError
 from .base import ProxyBase, SessionHooks, parse_address
 from .config import ProxyConfig
 from .decider import SplitDecider
-from .routing import SplitRouting, plan
 from .session import Session, canon
 
 DEFAULT_LISTEN = (f"{PROXY_IPV4}:{SPLIT_PROXY_PORT}", f"[{PROXY_IPV6}]:{SPLIT_PROXY_PORT}")
-ROUTING_RECHECK = 10.0  # seconds: repair the split rule/table if something (a VPN client) removed it
 SNAPSHOT_RETRY = 0.25  # seconds between asking for snapshots we have not received yet
 STOP_DRAIN = 1.0  # the runtime gives an actor 2 s to stop
 
@@ -132,8 +134,6 @@ class ProxyActor(Actor):
         add("--gateway4", default="")
         add("--source6", default="")
         add("--gateway6", default="")
-        add("--no-routing", action="store_true",
-            help="do not install the split rule and table (worker 0 does by default)")  # fmt: skip
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -156,9 +156,6 @@ class ProxyActor(Actor):
         self.rule_interfaces: list[str] = []  # interfaces rules chose for themselves
         self.static = bool(args.interface and (args.gateway4 or args.gateway6))
         self.decider = SplitDecider()
-        self.routing = SplitRouting() if (not args.no_routing and self.rt.worker_index == 0) else None
-        self.routing_errors = 0
-        self._routes_wanted: list[Any] | None = None
         self.proxy = self.proxy_class(
             listen, self.decider, self.config, BusHooks(self.rt), id_prefix=f"{self.rt.instance}-"
         )
@@ -169,20 +166,14 @@ class ProxyActor(Actor):
             self._set_egress(egress)
         else:
             self.rt.loop.call_later(0.0, self._ask_for_snapshots)
-        self.rt.loop.call_every(ROUTING_RECHECK, self._reconcile_routing)
         self.log.info("proxy.listening", protocol=self.proxy.protocol,
                       addresses=" ".join(f"{ip}:{port}" for ip, port in self.proxy.addresses),
-                      routing=self.routing is not None, splice=getattr(self.proxy, "use_splice", False))  # fmt: skip
+                      splice=getattr(self.proxy, "use_splice", False))  # fmt: skip
 
     def stop(self) -> None:
         proxy = getattr(self, "proxy", None)
         if proxy is not None:
             proxy.shutdown(STOP_DRAIN)
-        if getattr(self, "routing", None) is not None and self._routes_wanted is not None:
-            try:
-                self.routing.remove()  # type: ignore[union-attr]
-            except Exception as exc:
-                self.log.error("proxy.routing_failed", action="remove", error=f"{type(exc).__name__}: {exc}")
 
     # --- snapshots → egress -------------------------------------------------------------------------
 
@@ -215,36 +206,15 @@ class ProxyActor(Actor):
         if self.static:
             return
         choice = self.rt.args.interface if self.rt.args.interface is not None else self.choice
-        egress = resolve_egress(self.netenv, choice)
-        # Any interface index the interceptor may put in a split mark resolves; routes only where used.
-        by_index = {i.index: resolve_egress(self.netenv, i.name) for i in self.netenv.interfaces} if self.netenv else {}
-        used = {
-            iface.index for spec in self.rule_interfaces if self.netenv and (iface := find_interface(self.netenv, spec))
-        }
-        self._set_egress(egress, by_index, used)
+        # Any interface index the interceptor may put in a split mark resolves.
+        egresses = split_egresses(self.netenv, choice, self.rule_interfaces)
+        self._set_egress(egresses.chosen, egresses.by_index)
 
-    def _set_egress(
-        self, egress: EgressSet, by_index: dict[int, EgressSet] | None = None, used: set[int] | None = None
-    ) -> None:
+    def _set_egress(self, egress: EgressSet, by_index: dict[int, EgressSet] | None = None) -> None:
         old = self.decider.egress
         self.decider.update(egress, by_index, wants_ct_mark=bool(self.rule_interfaces))
         if egress != old:
             self.log.info("proxy.egress", **{f"ipv{f}": _describe(egress, f) for f in (4, 6)})
-        rule_egresses = [e for index in sorted(used or ()) for e in (by_index or {})[index].all()]
-        self._routes_wanted = plan([*egress.all(), *rule_egresses])
-        self._reconcile_routing()
-
-    def _reconcile_routing(self) -> None:
-        if self.routing is None or self._routes_wanted is None:
-            return
-        try:
-            changes = self.routing.apply(self._routes_wanted)
-        except Exception as exc:
-            self.routing_errors += 1
-            self.log.error("proxy.routing_failed", action="apply", error=f"{type(exc).__name__}: {exc}")
-            return
-        for change in changes:
-            self.log.info("proxy.routing", change=change)
 
     # --- requests -----------------------------------------------------------------------------------
 
@@ -266,7 +236,6 @@ class ProxyActor(Actor):
                 "protocol": self.proxy.protocol,
                 "listen": [list(a) for a in self.proxy.addresses],
                 "egress": {f"ipv{f}": _describe(egress, f) for f in (4, 6)},
-                "routing": self.routing is not None,
                 "counters": self.proxy.counters(),
             }
         return super().handle_request(req)
@@ -278,10 +247,7 @@ class ProxyActor(Actor):
         return ""
 
     def counters(self) -> dict[str, int]:
-        out = self.proxy.counters()
-        if self.routing_errors:
-            out["routing_errors"] = self.routing_errors
-        return out
+        return self.proxy.counters()
 
 
 def _describe(egress: EgressSet, family: int) -> str:

@@ -143,8 +143,8 @@ def cmd_down(args: argparse.Namespace) -> int:
         print(f"splittun is not running (home {home.root}); nothing to stop")
         return OK
     sup = Supervisor(home)
-    # The namespace splittun runs in, taken before supervisord exits: the interceptor's rules live there,
-    # whichever namespace this command runs in.
+    # The namespace splittun runs in, taken before supervisord exits: the interceptor's rules and the split
+    # routing live there, whichever namespace this command runs in. The routing goes once every proxy stopped.
     netns_fd = sup.open_netns()
     stopped = sup.shutdown()
     try:
@@ -153,8 +153,9 @@ def cmd_down(args: argparse.Namespace) -> int:
         print(f"splittun: {exc}")
         return FAILED
     print("splittun stopped" if stopped else f"splittun is not running (home {home.root}); nothing to stop")
-    if cleaned and (cleaned.get("tables") or cleaned.get("conntrack")):
-        print(f"splittun: removed interceptor leftovers: {', '.join(cleaned['tables']) or 'no rules'}")
+    if cleaned and (cleaned.get("tables") or cleaned.get("conntrack")):  # a crash: say what it left
+        left = [*cleaned["tables"], *(["split routing"] if cleaned.get("routing") else [])]
+        print(f"splittun: removed interceptor leftovers: {', '.join(left) or 'no rules'}")
     return OK
 
 
