@@ -94,7 +94,7 @@ def test_stop_restores_the_firewall_exactly_and_start_never_duplicates(lc_lab: L
         result = stop(inst)
     assert result.returncode == 0, result.stdout + result.stderr
     assert saves(lab) == before
-    assert ip_rules(lab) == rules_before  # (the proxies' split routing rule went with them)
+    assert ip_rules(lab) == rules_before  # the split routing too: `down` removes it once the proxies stopped
     assert our_conntrack_marks(lab) == []
     # Stopping twice: the stateless cleanup finds nothing and changes nothing.
     again = cleanup_here(lab)
@@ -104,7 +104,7 @@ def test_stop_restores_the_firewall_exactly_and_start_never_duplicates(lc_lab: L
 
 def test_down_from_another_namespace_cleans_up_after_a_crash(lc_lab: Lab, foreign_rules: None) -> None:
     lab = lc_lab
-    before = saves(lab)
+    before, rules_before = saves(lab), ip_rules(lab)
     inst = start(lab)
     try:
         pid, sup = inst.pid(), inst.supervisord_pid()
@@ -113,24 +113,33 @@ def test_down_from_another_namespace_cleans_up_after_a_crash(lc_lab: Lab, foreig
         os.kill(pid, signal.SIGKILL)
         assert wait_until(lambda: gone(pid) and gone(sup))
         assert "SPLITTUN-INGEST-OUTPUT" in saves(lab)  # what a crash leaves behind
+        assert "lookup 1720" in ip_rules(lab)
         # This `down` runs in the root namespace; it finds the lab's host namespace the rules live in.
         result = splittun("down", home=inst.home)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "removed interceptor leftovers" in result.stdout
+        assert "removed interceptor leftovers" in result.stdout and "split routing" in result.stdout
         assert saves(lab) == before
+        assert ip_rules(lab) == rules_before
     finally:
         stop(inst)
 
 
 def test_stateless_cleanup_removes_a_crashed_instances_rules(lc_lab: Lab) -> None:
     lab = lc_lab
-    before = saves(lab)
+    before, rules_before = saves(lab), ip_rules(lab)
     inst = start(lab)
     try:
         assert "SPLITTUN-FILTER" in saves(lab)
-        result = cleanup_here(lab)
-        assert result.returncode == 0, result.stderr
-        assert saves(lab) == before
+        assert wait_until(lambda: "lookup 1720" in ip_rules(lab))
+        pid = inst.pid()
+        os.kill(pid, signal.SIGSTOP)  # as good as crashed: it cannot put back what the cleanup removes
+        try:
+            result = cleanup_here(lab)
+            assert result.returncode == 0, result.stderr
+            assert saves(lab) == before
+            assert ip_rules(lab) == rules_before  # the split routing goes with `--cleanup` too
+        finally:
+            os.kill(pid, signal.SIGCONT)
     finally:
         stop(inst)
     assert saves(lab) == before
