@@ -264,13 +264,16 @@ class RoutingKeeper:
         self._thread = threading.Thread(target=self._run, name="split-routing", daemon=True)
         self._thread.start()
 
-    def want(self, routes: Sequence[SplitRoute] | None) -> None:
-        """Apply `routes` soon (None: no plan known, nothing changes). Returns at once."""
+    def want(self, routes: Sequence[SplitRoute] | None, recheck: bool = False) -> None:
+        """Apply `routes` soon (None: no plan known, nothing changes). Returns at once. The same plan again
+        waits for the next periodic pass unless `recheck` (the network changed: someone may have removed a
+        route of ours)."""
         if routes is None:
             return
         with self._lock:
-            self._wanted = list(routes)
-        self._wake.set()
+            changed, self._wanted = self._wanted != list(routes), list(routes)
+        if changed or recheck:
+            self._wake.set()
 
     def stop(self, timeout: float = 0.5) -> None:
         """Stop reconciling; the routing stays as it is."""

@@ -145,6 +145,23 @@ def test_keeper_reconciles_periodically_and_on_every_new_plan() -> None:
         keeper.stop()
 
 
+def test_the_same_plan_again_waits_for_the_periodic_pass_unless_the_network_changed() -> None:
+    fake = FakeRouting()
+    keeper = RoutingKeeper(fake, FakeLog(), interval=10)  # type: ignore[arg-type]
+    keeper.start()
+    try:
+        keeper.want([ETH0_V4])
+        assert eventually(lambda: len(fake.applied) == 1)
+        for _ in range(5):  # netenv repeating its last snapshot, a policy change that moves no route
+            keeper.want([ETH0_V4])
+        time.sleep(0.05)
+        assert len(fake.applied) == 1
+        keeper.want([ETH0_V4], recheck=True)  # a real network change: maybe someone removed our route
+        assert eventually(lambda: len(fake.applied) == 2)
+    finally:
+        keeper.stop()
+
+
 def test_want_never_waits_for_a_slow_apply() -> None:
     fake, gate = FakeRouting(), threading.Event()
     slow_apply = fake.apply
@@ -227,9 +244,14 @@ def test_interceptor_plans_only_once_it_knows_the_network_and_the_policy() -> No
     actor.on_message(policy("wlan0", version=6))  # every policy change…
     actor.routing.reconcile()
     assert fake.applied[-1] == [WLAN0_V4]
-    actor.on_message(netenv(gateways=[]))  # …and every network change brings a new plan
+    actor.on_message(netenv(gateways=[], seq=2))  # …and every network change brings a new plan
     actor.routing.reconcile()
     assert fake.applied[-1] == []  # wlan0 lost its gateway: nothing to route through
+    actor.routing._wake.clear()
+    actor.on_message(netenv(gateways=[], seq=2))  # netenv repeating itself: nothing new to do
+    assert not actor.routing._wake.is_set()
+    actor.on_message(netenv(gateways=[], seq=3))  # the same plan, but the network changed: check it again
+    assert actor.routing._wake.is_set()
 
 
 def test_interceptor_without_a_policy_yet_leaves_the_routing_alone() -> None:

@@ -207,12 +207,12 @@ class InterceptorActor(Actor):
             )
             self._want_routing()
 
-    def _want_routing(self) -> None:
+    def _want_routing(self, recheck: bool = False) -> None:
         """Hand the split routing for the current network and policy to the keeper's thread (never waits).
         Until both are known there is no plan, and the routing stays as it is."""
         if self.routing is not None:
             policy = self.engine.policy.snapshot if self.engine.policy.version > 0 else None
-            self.routing.want(routes_for(self.netenv, policy))
+            self.routing.want(routes_for(self.netenv, policy), recheck)
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, PolicySnapshot):
@@ -222,10 +222,11 @@ class InterceptorActor(Actor):
         elif isinstance(msg, IvpnStatus):
             self.engine.set_ivpn(msg)
         elif isinstance(msg, NetenvChanged):
+            changed = self.netenv is None or msg.seq != self.netenv.seq  # not just netenv repeating itself
             self.netenv = msg
             self.engine.set_netenv(msg)
             self._check_jumps_in_background("network changed")
-            self._want_routing()
+            self._want_routing(recheck=changed)
 
     def _read_conntrack(self) -> None:
         self.engine.on_conntrack_destroyed(self.ct_events.read())
