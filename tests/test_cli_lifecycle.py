@@ -224,3 +224,12 @@ def test_two_instances_side_by_side(home: Path, host_ns: str, tmp_path_factory: 
         splittun("down", home=home, ns=host_ns)
         splittun("down", home=other, ns=host_ns)
         shutil.rmtree(other, ignore_errors=True)
+
+
+def test_status_notes_say_why_an_actor_is_not_ready_and_what_a_proxy_refused() -> None:
+    from splittun.commands.lifecycle import _note
+
+    row = {"not_ready": "", "sessions_refused": 12, "refused_session_limit": 10}
+    assert _note(row) == "refused 12 sessions (10 at the session limit)"
+    assert _note({"not_ready": "no egress", "sessions_refused": 0}) == "not ready: no egress"
+    assert _note({"not_ready": ""}) == ""

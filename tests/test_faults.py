@@ -216,6 +216,11 @@ def test_garbage_on_every_socket_is_refused_logged_sparingly_and_nothing_stops(f
         assert st.inst is not None and st.inst.ask(instance, "ping")["pid"] == pids[instance]
     result = splittun("status", home=st.home, ns=st.lab.ns_host)
     assert result.returncode == 0, result.stdout + result.stderr
+    # What the proxies turned away (here: datagrams with no original destination) shows in `status`.
+    udp_row = next(line for line in result.stdout.splitlines() if line.startswith("proxy_udp_00"))
+    assert "refused" in udp_row and "sessions" in udp_row, result.stdout
+    rows = json.loads(st.ok("status", "--json"))["actors"]
+    assert next(r for r in rows if r["actor"] == "proxy_udp_00")["sessions_refused"] > 0
 
 
 _RAW_CLIENT = """

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
@@ -176,18 +178,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     beats = last_heartbeats(home, {s.instance for s in states if s.pid})
     rows = []
     for s in states:
-        age, not_ready = beats.get(s.instance, (None, ""))
-        rows.append(
-            {
-                "actor": s.instance,
-                "state": s.state,
-                "pid": s.pid or None,
-                "uptime": round(s.uptime, 1) if s.pid else None,
-                "heartbeat_age": None if age is None else round(age, 2),
-                "ready": age is not None and not not_ready,
-                "not_ready": not_ready,
-            }
-        )
+        beat = beats.get(s.instance)
+        row = {
+            "actor": s.instance,
+            "state": s.state,
+            "pid": s.pid or None,
+            "uptime": round(s.uptime, 1) if s.pid else None,
+            "heartbeat_age": None if beat is None else round(beat.age, 2),
+            "ready": beat is not None and not beat.not_ready,
+            "not_ready": beat.not_ready if beat is not None else "",
+        }
+        if beat is not None and "sessions_refused" in beat.counters:  # a proxy: what it turned away
+            row["sessions_refused"] = beat.counters.get("sessions_refused", 0)
+            row["refused_session_limit"] = beat.counters.get("refused_session_limit", 0)
+        rows.append(row)
     if args.json:
         print(json.dumps({"supervisord_pid": pid, "home": str(home.root), "actors": rows}))
         return OK
@@ -201,7 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     r["pid"] or "-",
                     duration(r["uptime"]),
                     "never" if r["heartbeat_age"] is None else f"{duration(r['heartbeat_age'])} ago",
-                    f"not ready: {r['not_ready']}" if r["not_ready"] else "",
+                    _note(r),
                 ]
                 for r in rows
             ],
@@ -210,13 +214,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     return OK
 
 
-def last_heartbeats(home: Home, instances: set[str]) -> dict[str, tuple[float, str]]:
-    """(age, not-ready reason) of each instance's last heartbeat: from the controller's registry, or heard
-    on the bus when the controller cannot answer."""
-    beats: dict[str, tuple[float, str]] = {}
+def _note(row: dict[str, Any]) -> str:
+    """Why an actor is not ready, and what a proxy turned away (a full session table shows here)."""
+    notes = [f"not ready: {row['not_ready']}"] if row["not_ready"] else []
+    if row.get("sessions_refused"):
+        limit = row.get("refused_session_limit", 0)
+        notes.append(
+            f"refused {row['sessions_refused']} sessions" + (f" ({limit} at the session limit)" if limit else "")
+        )
+    return "; ".join(notes)
+
+
+@dataclass(frozen=True)
+class Beat:
+    """An actor's last heartbeat as `status` shows it."""
+
+    age: float
+    not_ready: str = ""
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def last_heartbeats(home: Home, instances: set[str]) -> dict[str, Beat]:
+    """Each instance's last heartbeat: from the controller's registry, or heard on the bus when the
+    controller cannot answer."""
+    beats: dict[str, Beat] = {}
     try:
         for row in request(endpoints.control(home.run_dir), "actors", timeout=1.0, who="controller"):
-            beats[row["instance"]] = (float(row["age"]), str(row.get("not_ready", "")))
+            counters = {str(k): int(v) for k, v in dict(row.get("counters") or {}).items()}
+            beats[row["instance"]] = Beat(float(row["age"]), str(row.get("not_ready", "")), counters)
     except (RequestFailed, KeyError, TypeError, ValueError):
         pass
     missing = instances - beats.keys()
@@ -225,10 +250,10 @@ def last_heartbeats(home: Home, instances: set[str]) -> dict[str, tuple[float, s
     return beats
 
 
-def _listen_for_heartbeats(home: Home, instances: set[str], timeout: float) -> dict[str, tuple[float, str]]:
+def _listen_for_heartbeats(home: Home, instances: set[str], timeout: float) -> dict[str, Beat]:
     ctx = zmq.Context()
     sub = Subscriber(ctx, endpoints.bus_out(home.run_dir), ["actor.heartbeat"])
-    heard: dict[str, tuple[float, str]] = {}
+    heard: dict[str, Beat] = {}
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and not instances <= heard.keys():
@@ -237,7 +262,7 @@ def _listen_for_heartbeats(home: Home, instances: set[str], timeout: float) -> d
             except MessageError:
                 continue
             if isinstance(msg, Heartbeat):
-                heard[msg.instance] = (max(0.0, time.time() - msg.ts), msg.not_ready)
+                heard[msg.instance] = Beat(max(0.0, time.time() - msg.ts), msg.not_ready, dict(msg.counters))
     finally:
         sub.close()
         ctx.term()
