@@ -1,4 +1,4 @@
-"""The splittun actors: one package per OS process, all built on `actors.runtime`.
+"""The splittun actors: one package per OS process, all built on `runtime.actor`.
 
 interceptor (verdicts, firewall rules), proxy_tcp / proxy_udp (the split data path), netenv (interfaces
 and the physical uplink), ivpn (IVPN daemon interop), controller (config, policy, connection registry,

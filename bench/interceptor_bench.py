@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import errors_note, preflight, print_report, raise_nofile
-from messages import endpoints as ep
 from messages.control import RequestFailed
-from messages.transport import request
+from runtime import paths
+from runtime.transport import request
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
@@ -181,7 +181,7 @@ def _median_us(samples: list[int]) -> float:
 def tool_attribution(rounds: int) -> None:
     """Process attribution with the real procinfo code (sock_diag, /proc) on this namespace's sockets."""
     from actors.interceptor.procinfo import Attributor, ProcReader
-    from actors.sockdiag import SockDiag
+    from kernel.sockdiag import SockDiag
 
     raise_nofile()
     srv = socket.socket()
@@ -393,7 +393,7 @@ class Bench:
         self.splittun_up = False
 
     def ask(self, instance: str, op: str) -> Any:
-        return request(ep.actor_endpoint(self.home / "run", instance), op, timeout=5, who=instance)
+        return request(paths.actor_endpoint(self.home / "run", instance), op, timeout=5, who=instance)
 
     def _interceptor_active(self) -> bool:
         try:

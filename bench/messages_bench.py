@@ -19,8 +19,9 @@ from pathlib import Path
 import zmq
 
 from bench.common import print_rows
-from messages import ConnNew, ProcessInfo, decode, endpoints
-from messages.transport import Publisher, Subscriber
+from messages import ConnNew, ProcessInfo, decode
+from runtime import paths
+from runtime.transport import Publisher, Subscriber
 
 SAMPLE = ConnNew(
     conn_id="c-000001",
@@ -49,14 +50,14 @@ def per_call_us(fn, n: int) -> float:
 def bus_throughput(n: int = 200_000) -> tuple[float, float]:
     run = Path(tempfile.mkdtemp(prefix="stb-", dir="/tmp"))
     env = {**os.environ, "SPLITTUN_RUN_DIR": str(run)}
-    bus = subprocess.Popen([sys.executable, "-m", "messages.bus"], env=env, stderr=subprocess.DEVNULL)
+    bus = subprocess.Popen([sys.executable, "-m", "runtime.bus"], env=env, stderr=subprocess.DEVNULL)
     ctx = zmq.Context()
     try:
         deadline = time.monotonic() + 5
         while not (run / "bus-out.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        sub = Subscriber(ctx, endpoints.bus_out(run), ["conn."])
-        pub = Publisher(ctx, endpoints.bus_in(run), hwm=100_000)
+        sub = Subscriber(ctx, paths.bus_out(run), ["conn."])
+        pub = Publisher(ctx, paths.bus_in(run), hwm=100_000)
         frames = SAMPLE.encode()
         while sub.recv_frames(timeout=0.05) is None:  # wait until the subscription reached the publisher
             pub.send_frames(frames)
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> int:
     frames = SAMPLE.encode()
     ctx = zmq.Context()
     run = Path(tempfile.mkdtemp(prefix="stb-", dir="/tmp"))
-    pub = Publisher(ctx, endpoints.bus_in(run))  # nobody listening: measures our cost only
+    pub = Publisher(ctx, paths.bus_in(run))  # nobody listening: measures our cost only
     rows = [
         ("encode conn.new", f"{per_call_us(SAMPLE.encode, 20_000):.2f} µs"),
         ("encode + publish (non-blocking)", f"{per_call_us(lambda: pub.publish(SAMPLE), 20_000):.2f} µs"),

@@ -19,11 +19,11 @@ import sys
 import time
 from collections.abc import Callable
 
-from actors.netenv import Netenv, best_physical_default_interfaces, get_interface
-from actors.netenv import default as shared
-from actors.netenv.decide import decide
-from actors.netenv.linux import LinuxSource
 from bench.common import print_rows
+from core.netenv import Netenv, best_physical_default_interfaces, get_interface
+from core.netenv import default as shared
+from core.netenv.linux import LinuxSource
+from core.netenv.uplink import decide
 
 PAIRS = 50  # 100 interfaces
 

@@ -35,11 +35,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from actors.netenv.egress import static_egress
-from actors.routing import SplitRouting, plan
 from bench.common import errors_note, preflight, print_report, raise_nofile
-from messages import endpoints as ep
-from messages.transport import request
+from core.egress import plan_routes, static_egress
+from kernel.routing import SplitRouting
+from runtime import paths
+from runtime.transport import request
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
@@ -128,7 +128,7 @@ class Bench:
                          "pref", str(DIRECT_PREF)])  # fmt: skip
         # The split rule and table the workers' upstream sockets need (they go with the lab).
         egress = static_egress(T.HOST_IF, source4=T.HOST_V4, gateway4=T.ISP_LAN_V4)
-        SplitRouting(netns=self.lab.ns_host).apply(plan(egress.all()))
+        SplitRouting(netns=self.lab.ns_host).apply(plan_routes(egress.all()))
         self.popen("inet", ["iperf3", "-s", "-B", SERVER, "-p", str(IPERF_PORT)], "iperf3")
         cfg = self.tmp / "origin.cfg"
         cfg.write_text(
@@ -141,13 +141,13 @@ class Bench:
         self.popen("inet", [*TOOLS, "hold-server", SERVER, str(HOLD_PORT)], "hold", stdout=subprocess.DEVNULL)
         for proto, port in (("tcp", IPERF_PORT), ("tcp", HTTP_PORTS[0]), ("tcp", HOLD_PORT)):
             self.wait_port("inet", proto, f"{SERVER}:{port}")
-        self.popen("host", [PY, "-m", "messages.bus"], "bus")
+        self.popen("host", [PY, "-m", "runtime.bus"], "bus")
         deadline = time.monotonic() + 10
         while not (self.run_dir / "bus-out.sock").exists():
             if time.monotonic() > deadline:
                 raise RuntimeError("bus did not start")
             time.sleep(0.05)
-        self.drain = self.popen("host", [*TOOLS, "drain", ep.bus_out(self.run_dir)], "drain",
+        self.drain = self.popen("host", [*TOOLS, "drain", paths.bus_out(self.run_dir)], "drain",
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert self.drain.stdout is not None and self.drain.stdout.readline().strip() == "ready"
 
@@ -183,7 +183,7 @@ class Bench:
         proc.wait(10)
 
     def counters(self, name: str) -> dict[str, int]:
-        return request(ep.actor_endpoint(self.run_dir, name), "counters", timeout=5, who=name)
+        return request(paths.actor_endpoint(self.run_dir, name), "counters", timeout=5, who=name)
 
     @contextlib.contextmanager
     def haproxy(self, threads: int) -> Iterator[None]:
@@ -304,7 +304,7 @@ class Bench:
             client.wait()
 
     def _pid_of(self, name: str) -> int:
-        return int(request(ep.actor_endpoint(self.run_dir, name), "ping", timeout=5, who=name)["pid"])
+        return int(request(paths.actor_endpoint(self.run_dir, name), "ping", timeout=5, who=name)["pid"])
 
     # --- the run --------------------------------------------------------------------------------------
 

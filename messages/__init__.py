@@ -5,7 +5,7 @@
 - `flows`: the flow key the interceptor and the proxies both use for a connection.
 - `endpoints`, `transport`, `loop`, `log`: where sockets live, publish/subscribe/request/reply helpers,
   the poll loop every process runs, and the one log-line format.
-- `bus`: the XSUB/XPUB forwarder program (`python -m messages.bus`).
+- `bus`: the XSUB/XPUB forwarder program (`python -m runtime.bus`).
 """
 
 from .control import Reply, Request, RequestFailed

@@ -9,6 +9,7 @@ its unix socket. Leftovers of a crash (stale pid file, sockets, orphaned actors)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,8 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from .home import Home
+from kernel import netns
+from runtime.paths import Home
 
 CONF_FILE = Path(__file__).with_name("supervisord.conf")
 PROGRAMS = ("bus", "controller", "netenv", "ivpn", "proxy_tcp", "proxy_udp", "interceptor")
@@ -165,18 +167,6 @@ class Supervisor:
 
     # --- the interceptor's rules and routing, wherever this instance runs -------------------------
 
-    @property
-    def rules_marker(self) -> Path:
-        from actors.interceptor.cleanup import RULES_MARKER
-
-        return self.home.run_dir / RULES_MARKER
-
-    @property
-    def routing_marker(self) -> Path:
-        from actors.interceptor.cleanup import ROUTING_MARKER
-
-        return self.home.run_dir / ROUTING_MARKER
-
     def open_netns(self) -> int | None:
         """An fd of the namespace holding this instance's interceptor rules or split routing, None when it
         has neither.
@@ -186,10 +176,8 @@ class Supervisor:
         ours when it is the same, else a named one (/run/netns). Holding the fd keeps the namespace alive
         until the cleanup ran.
         """
-        from actors.interceptor.cleanup import netns_id
-
         recorded = ""
-        for marker in (self.rules_marker, self.routing_marker):
+        for marker in (self.home.rules_marker, self.home.routing_marker):
             with contextlib.suppress(OSError):
                 recorded = recorded or marker.read_text().strip()
         if not recorded:
@@ -203,7 +191,7 @@ class Supervisor:
             candidates += [str(p) for p in sorted(Path("/run/netns").iterdir())]
         for path in candidates:
             with contextlib.suppress(OSError):
-                if netns_id(path) == recorded:
+                if netns.netns_id(path) == recorded:
                     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         return None  # the namespace is gone, and its rules with it
 
@@ -214,61 +202,29 @@ class Supervisor:
         Worker 0 removes its rules itself on a clean stop (and their marker with them), never the routing:
         with every proxy stopped now, this removes it, after a clean stop or a crash alike — unless another
         instance took over the queues here meanwhile: then the routing is that one's. Without a marker (a
-        passive instance never wrote one) or a known namespace there is nothing to do.
+        passive instance never wrote one) or a known namespace there is nothing to do. The work is the
+        interceptor's own entry point (`python -m actors.interceptor --cleanup`), run in that namespace.
         """
         try:
-            rules, routing = self.rules_marker.exists(), self.routing_marker.exists()
+            rules, routing = self.home.rules_marker.exists(), self.home.routing_marker.exists()
             if netns_fd is None or not (rules or routing):
                 return None
-            return run_in_netns(netns_fd, lambda: _interceptor_cleanup(self.home.run_dir, rules, routing))
+            argv = [sys.executable, "-m", "actors.interceptor", "--cleanup"]
+            argv += [] if rules else ["--skip-rules"]
+            argv += ["--routing-unless-intercepting"] if routing else ["--skip-routing"]
+            done = netns.run_in(netns_fd, argv)
+            if done.returncode != 0:
+                why = (done.stderr or done.stdout).strip().splitlines()
+                raise SupervisorError(f"interceptor cleanup failed: {why[-1] if why else f'exit {done.returncode}'}")
+            try:
+                return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+            except (ValueError, IndexError):
+                raise SupervisorError(f"interceptor cleanup said something unreadable: {done.stdout!r}") from None
         finally:
             if netns_fd is not None:
                 os.close(netns_fd)
-            self.rules_marker.unlink(missing_ok=True)
-            self.routing_marker.unlink(missing_ok=True)
-
-
-def _interceptor_cleanup(run_dir: Path, rules: bool, routing: bool) -> dict[str, Any]:
-    from actors.interceptor.cleanup import cleanup, remove_routing
-
-    result = cleanup(run_dir) if rules else {"tables": [], "conntrack": 0, "names_file": False}
-    result["routing"] = remove_routing(run_dir, unless_intercepting=True) if routing else []
-    return result
-
-
-def run_in_netns(netns_fd: int, func: Any) -> Any:
-    """Run `func()` in a forked child that entered the namespace; its JSON-able result comes back."""
-    import ctypes
-    import json
-
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            os.close(read_end)
-            if ctypes.CDLL(None, use_errno=True).setns(netns_fd, 0x40000000) != 0:  # CLONE_NEWNET
-                raise OSError(ctypes.get_errno(), "setns failed")
-            payload = json.dumps({"ok": True, "result": func()})
-            code = 0
-        except BaseException as exc:
-            payload = json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        with contextlib.suppress(OSError):
-            os.write(write_end, payload.encode())
-        os._exit(code)
-    os.close(write_end)
-    chunks = []
-    while chunk := os.read(read_end, 65536):
-        chunks.append(chunk)
-    os.close(read_end)
-    os.waitpid(child, 0)
-    try:
-        answer = json.loads(b"".join(chunks) or b"{}")
-    except ValueError:
-        answer = {}
-    if not answer.get("ok"):
-        raise SupervisorError(f"interceptor cleanup failed: {answer.get('error', 'no answer from the child')}")
-    return answer["result"]
+            self.home.rules_marker.unlink(missing_ok=True)
+            self.home.routing_marker.unlink(missing_ok=True)
 
 
 def _is_our_supervisord(pid: int, home: Home) -> bool:

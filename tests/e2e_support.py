@@ -29,7 +29,7 @@ from test_interceptor_support import DNS, FIXTURES, Instance, wait_until
 from actors.interceptor.firewall import CONNTRACK_MARKS
 from messages.control import RequestFailed
 from messages.marks import SPLIT_ROUTE_TABLE, VERDICT_MASK, Mark
-from splittun.home import Home
+from runtime.paths import Home
 from splittun.lab import Lab
 from splittun.lab import topology as T
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from actors.netlink import NLMSG_ERROR, NLMSG_HDR, NetlinkSocket, nlmsg
+from kernel.netlink import NLMSG_ERROR, NLMSG_HDR, NetlinkSocket, nlmsg
 
 
 class FakeKernel:

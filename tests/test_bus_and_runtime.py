@@ -19,9 +19,9 @@ import msgpack
 import pytest
 import zmq
 
-from messages import endpoints
 from messages.control import Request
 from messages.schema import encode_payload
+from runtime import paths
 
 from conftest import REPO
 
@@ -105,7 +105,7 @@ def receive(sock: zmq.Socket, want: str, timeout: float = 5.0) -> dict:
 
 
 def test_third_party_subscriber_with_only_pyzmq_and_msgpack(procs: Procs) -> None:
-    procs.start("bus", "messages.bus")
+    procs.start("bus", "runtime.bus")
     procs.start("controller", "actors.controller")
     ctx, sub = third_party_subscriber(procs.run_dir, [b"actor.heartbeat"])
     try:
@@ -124,7 +124,7 @@ def test_third_party_subscriber_with_only_pyzmq_and_msgpack(procs: Procs) -> Non
 
 
 def test_prefix_subscription_filters_topics(procs: Procs) -> None:
-    procs.start("bus", "messages.bus")
+    procs.start("bus", "runtime.bus")
     ctx, sub = third_party_subscriber(procs.run_dir, [b"conn."])
     pub = ctx.socket(zmq.PUB)
     pub.connect(f"ipc://{procs.run_dir}/bus-in.sock")
@@ -150,7 +150,7 @@ def _ask(run_dir: Path, body: bytes, timeout_ms: int = 3000) -> dict:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoints.control(run_dir))
+    sock.connect(paths.control(run_dir))
     try:
         sock.send(body)
         assert sock.poll(timeout_ms), "no reply"
@@ -161,9 +161,9 @@ def _ask(run_dir: Path, body: bytes, timeout_ms: int = 3000) -> dict:
 
 
 def test_malformed_messages_are_logged_dropped_and_survived(procs: Procs) -> None:
-    procs.start("bus", "messages.bus")
+    procs.start("bus", "runtime.bus")
     controller = procs.start("controller", "actors.controller")
-    wait_for(lambda: endpoints.ipc_path(procs.run_dir, "controller.ctl").exists())
+    wait_for(lambda: paths.ipc_path(procs.run_dir, "controller.ctl").exists())
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.connect(f"ipc://{procs.run_dir}/bus-in.sock")
@@ -202,9 +202,9 @@ def test_malformed_messages_are_logged_dropped_and_survived(procs: Procs) -> Non
 
 
 def test_malformed_requests_get_error_replies(procs: Procs) -> None:
-    procs.start("bus", "messages.bus")
+    procs.start("bus", "runtime.bus")
     controller = procs.start("controller", "actors.controller")
-    wait_for(lambda: endpoints.ipc_path(procs.run_dir, "controller.ctl").exists())
+    wait_for(lambda: paths.ipc_path(procs.run_dir, "controller.ctl").exists())
     garbage = _ask(procs.run_dir, b"\xc1\xc1")
     assert garbage["ok"] is False and garbage["error"]["code"] == "bad_request"
     wrong = _ask(procs.run_dir, msgpack.packb({"v": 1, "op": 12}))
@@ -218,9 +218,9 @@ def test_malformed_requests_get_error_replies(procs: Procs) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_actor_stops_within_two_seconds_and_removes_its_socket(procs: Procs, signum: int) -> None:
-    procs.start("bus", "messages.bus")
+    procs.start("bus", "runtime.bus")
     actor = procs.start("netenv", "actors.netenv")
-    sock = endpoints.ipc_path(procs.run_dir, "netenv.ctl")
+    sock = paths.ipc_path(procs.run_dir, "netenv.ctl")
     wait_for(sock.exists)
     wait_for(lambda: "actor.started" in procs.log("netenv"))
     started = time.monotonic()
@@ -232,7 +232,7 @@ def test_actor_stops_within_two_seconds_and_removes_its_socket(procs: Procs, sig
 
 
 def test_bus_stops_and_removes_its_sockets(procs: Procs) -> None:
-    bus = procs.start("bus", "messages.bus")
+    bus = procs.start("bus", "runtime.bus")
     wait_for(lambda: (procs.run_dir / "bus-out.sock").exists())
     bus.terminate()
     assert bus.wait(timeout=2) == 0
@@ -241,7 +241,7 @@ def test_bus_stops_and_removes_its_sockets(procs: Procs) -> None:
 
 
 def test_log_lines_have_one_consistent_shape(procs: Procs) -> None:
-    procs.start("bus", "messages.bus")
+    procs.start("bus", "runtime.bus")
     actor = procs.start("ivpn", "actors.ivpn")
     wait_for(lambda: "actor.started" in procs.log("ivpn"))
     actor.terminate()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from splittun.home import Home
+from runtime.paths import Home
 from splittun.supervise import Supervisor
 
 from conftest import SPLITTUN, splittun

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from splittun import config as cfg
+from core import config as cfg
 
 
 def test_defaults_when_no_file(tmp_path: Path) -> None:

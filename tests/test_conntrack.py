@@ -10,8 +10,8 @@ import struct
 import pytest
 from netlink_support import FakeKernel, error, install
 
-from actors import conntrack as ct
-from actors.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkError, iter_messages, nla, nla_nested, nlmsg
+from kernel import conntrack as ct
+from kernel.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkError, iter_messages, nla, nla_nested, nlmsg
 
 # --- building and parsing -------------------------------------------------------------------------------
 

@@ -26,11 +26,11 @@ from messages import (
     ProxySessionStats,
     SessionCounters,
     Verdict,
-    endpoints,
     flow_key,
 )
 from messages.control import RequestFailed
-from messages.transport import Publisher, Subscriber, request
+from runtime import paths
+from runtime.transport import Publisher, Subscriber, request
 
 from conftest import REPO
 
@@ -155,11 +155,11 @@ class Controller:
         env.pop("SPLITTUN_RUN_DIR", None)
         self.log = home / "controller.log"
         with open(self.log, "wb") as out:
-            self.bus = subprocess.Popen([sys.executable, "-m", "messages.bus"], env=env, stderr=out, cwd=REPO)
+            self.bus = subprocess.Popen([sys.executable, "-m", "runtime.bus"], env=env, stderr=out, cwd=REPO)
             self.proc = subprocess.Popen([sys.executable, "-m", "actors.controller"], env=env, stderr=out, cwd=REPO)
         self.ctx = zmq.Context()
-        self.sub = Subscriber(self.ctx, endpoints.bus_out(self.run), ["policy.snapshot", "notify."])
-        self.pub = Publisher(self.ctx, endpoints.bus_in(self.run))
+        self.sub = Subscriber(self.ctx, paths.bus_out(self.run), ["policy.snapshot", "notify."])
+        self.pub = Publisher(self.ctx, paths.bus_in(self.run))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -170,7 +170,7 @@ class Controller:
         raise AssertionError("controller did not start: " + self.log.read_text())
 
     def ask(self, op: str, **args: object) -> object:
-        return request(endpoints.control(self.run), op, args, timeout=2, ctx=self.ctx)
+        return request(paths.control(self.run), op, args, timeout=2, ctx=self.ctx)
 
     def write_config(self, data: object) -> None:
         tmp = self.home / "config.tmp"

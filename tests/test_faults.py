@@ -28,7 +28,7 @@ import zmq
 from e2e_support import E2E
 from test_interceptor_support import ISP, VPN, wait_until
 
-from messages import endpoints
+from runtime import paths
 from splittun.lab import topology as T
 
 from conftest import splittun
@@ -183,7 +183,7 @@ def test_garbage_on_every_socket_is_refused_logged_sparingly_and_nothing_stops(f
     try:
         # Every control endpoint: each garbage request is answered (an error) or dropped, never a crash.
         for instance in instances:
-            address = endpoints.actor_endpoint(st.home / "run", instance)
+            address = paths.actor_endpoint(st.home / "run", instance)
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(address)
@@ -193,7 +193,7 @@ def test_garbage_on_every_socket_is_refused_logged_sparingly_and_nothing_stops(f
         # The bus: garbage under every topic the actors listen to.
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
-        pub.connect(endpoints.bus_in(st.home / "run"))
+        pub.connect(paths.bus_in(st.home / "run"))
         time.sleep(0.3)  # slow joiner: let the subscription reach us
         for i, topic in enumerate([b"policy.snapshot", b"netenv.changed", b"ivpn.status", b"actor.heartbeat",
                                    b"conn.new", b"proxy.session.open"] * (GARBAGE // 6)):  # fmt: skip

@@ -7,9 +7,9 @@ import pytest
 from actors.interceptor import hook
 from actors.interceptor.decide import Flow, Outcome, decide, never_split_destination, reevaluation_resets
 from actors.interceptor.hook import ConnectionView, HandlerAlreadySet, HandlerSlot
+from core.policy import AppFacts, CompiledPolicy
 from messages import IvpnStatus, Mark, PolicyRule, PolicySnapshot, ProcessInfo, Verdict
 from messages.marks import split_interface_index, split_mark
-from splittun.policy import AppFacts, CompiledPolicy
 
 TCP, UDP, ICMP = 6, 17, 1
 

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from actors.conntrack import CtEntry, CtTuple
 from actors.interceptor.engine import RETRY_DELAYS, Engine
 from actors.interceptor.hook import HandlerSlot
 from actors.interceptor.names import NameTable
 from actors.interceptor.procinfo import Owner
-from actors.sockdiag import DiagSocket
+from core.policy import AppFacts
+from kernel.conntrack import CtEntry, CtTuple
+from kernel.sockdiag import DiagSocket
 from messages import (
     ConnEnd,
     ConnNew,
@@ -30,9 +31,8 @@ from messages import (
     Verdict,
     flow_key,
 )
-from messages.log import EventLog
 from messages.marks import split_interface_index, split_mark
-from splittun.policy import AppFacts
+from runtime.log import EventLog
 
 FIXTURES = Path(__file__).parent / "fixtures" / "interceptor"
 PACKETS = {k: bytes.fromhex(v) for k, v in json.loads((FIXTURES / "packets.json").read_text()).items() if k[0] != "_"}

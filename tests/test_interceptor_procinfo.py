@@ -12,7 +12,7 @@ import pytest
 
 from actors.interceptor.names import GRACE, NameTable
 from actors.interceptor.procinfo import Attributor, ProcReader, parse_stat_start, parse_status, socket_inode
-from actors.sockdiag import DiagSocket, best_udp_match, diag_request, ip_bytes, parse_diag_message
+from kernel.sockdiag import DiagSocket, best_udp_match, diag_request, ip_bytes, parse_diag_message
 
 # --- fake /proc -------------------------------------------------------------------------------------------
 

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 import zmq
 
-from messages import Heartbeat, PolicyRule, PolicySnapshot, endpoints
+from messages import Heartbeat, PolicyRule, PolicySnapshot
 from messages.control import RequestFailed
-from messages.transport import Publisher, Subscriber, request
-from splittun.home import Home
+from runtime import paths
+from runtime.paths import Home
+from runtime.transport import Publisher, Subscriber, request
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
@@ -144,7 +145,7 @@ class Instance:
         return self.paths.log_dir
 
     def ask(self, instance: str, op: str, **args: Any) -> Any:
-        return request(endpoints.actor_endpoint(self.run_dir, instance), op, args, timeout=5.0, who=instance)
+        return request(paths.actor_endpoint(self.run_dir, instance), op, args, timeout=5.0, who=instance)
 
     def pid(self, instance: str = "interceptor") -> int:
         return int(self.ask(instance, "ping")["pid"])
@@ -168,7 +169,7 @@ class Instance:
         snapshot = PolicySnapshot(version=self.version, ts=time.time(), enabled=enabled, rules=rules)
         workers = self.workers()
         ctx = zmq.Context()
-        pub = Publisher(ctx, endpoints.bus_in(self.run_dir))
+        pub = Publisher(ctx, paths.bus_in(self.run_dir))
         try:
 
             def adopted() -> bool:
@@ -231,7 +232,7 @@ def joined_subscriber(ctx: zmq.Context, run_dir: Path, prefixes: list[str], publ
     """A bus subscription known to be in place. Subscriptions reach publishers asynchronously (ZeroMQ's
     slow joiner), so a fixed sleep loses events on a busy machine; instead wait for a heartbeat from
     each publisher whose events the test needs: it comes through the same pipe after our prefixes."""
-    sub = Subscriber(ctx, endpoints.bus_out(run_dir), [*prefixes, "actor.heartbeat"])
+    sub = Subscriber(ctx, paths.bus_out(run_dir), [*prefixes, "actor.heartbeat"])
     heard: set[str] = set()
 
     def joined() -> bool:

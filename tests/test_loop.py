@@ -7,8 +7,8 @@ import select
 import signal
 import time
 
-from messages.log import EventLog, LineBudget
-from messages.loop import Loop, Timers, Wakeup
+from runtime.log import EventLog, LineBudget
+from runtime.loop import Loop, Timers, Wakeup
 
 
 def test_timers_fire_in_order_keep_their_cadence_and_never_replay_a_backlog() -> None:

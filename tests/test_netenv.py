@@ -19,14 +19,13 @@ from pathlib import Path
 import pytest
 from netlink_support import error, install
 
-import actors.netenv as netenv
-from actors.netenv import cache as cache_mod
-from actors.netenv import rtnl, windows
+import core.netenv as netenv
 from actors.netenv.actor import refresh_delay
-from actors.netenv.decide import Memory, classify, decide, first_routable, route_for
-from actors.netenv.info import FROM_DEFAULT, FROM_GATEWAY_ROUTE, FROM_OTHER_FAMILY, FROM_REMEMBERED
-from actors.netenv.linux import LinuxSource, RecordedNetlink, parse_proc_ipv6_route, parse_proc_route
-from actors.netenv.raw import (
+from core.netenv import cache as cache_mod
+from core.netenv import rtnl, windows
+from core.netenv.info import FROM_DEFAULT, FROM_GATEWAY_ROUTE, FROM_OTHER_FAMILY, FROM_REMEMBERED
+from core.netenv.linux import LinuxSource, RecordedNetlink, parse_proc_ipv6_route, parse_proc_route
+from core.netenv.raw import (
     ARPHRD_NONE,
     ARPHRD_PPP,
     IFA_F_DEPRECATED,
@@ -41,7 +40,8 @@ from actors.netenv.raw import (
     RawState,
     Route,
 )
-from actors.netlink import NLM_F_DUMP, NLM_F_MULTI, NLM_F_REQUEST, NLMSG_DONE, NetlinkError, nla, nlmsg
+from core.netenv.uplink import Memory, classify, decide, first_routable, route_for
+from kernel.netlink import NLM_F_DUMP, NLM_F_MULTI, NLM_F_REQUEST, NLMSG_DONE, NetlinkError, nla, nlmsg
 from messages import decode
 
 FIXTURES = Path(__file__).parent / "fixtures" / "netenv"
@@ -612,5 +612,5 @@ def test_windows_source_errors_are_clear() -> None:
 def test_library_imports_without_the_actor_runtime() -> None:
     import subprocess
 
-    code = "import sys, actors.netenv; assert 'zmq' not in sys.modules and 'actors.runtime' not in sys.modules"
+    code = "import sys, actors.netenv; assert 'zmq' not in sys.modules and 'runtime.actor' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

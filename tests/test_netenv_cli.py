@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import actors.netenv as netenv
-from actors.netenv.linux import LinuxSource
-from actors.netenv.raw import RawState
+import core.netenv as netenv
+from core.netenv.linux import LinuxSource
+from core.netenv.raw import RawState
 from splittun import cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "netenv"

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from actors.netenv import Netenv
-from actors.netenv.linux import LiveNetlink
-from messages import NetenvChanged, endpoints
-from messages.transport import Subscriber, request
+from core.netenv import Netenv
+from core.netenv.linux import LiveNetlink
+from messages import NetenvChanged
+from runtime import paths
+from runtime.transport import Subscriber, request
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
@@ -104,7 +105,7 @@ class Feed:
         import zmq
 
         self.ctx = zmq.Context()
-        self.sub = Subscriber(self.ctx, endpoints.bus_out(run_dir), ["netenv.changed"])
+        self.sub = Subscriber(self.ctx, paths.bus_out(run_dir), ["netenv.changed"])
         self.items: list[tuple[float, NetenvChanged]] = []
         self.lock = threading.Lock()
         self.stopping = False
@@ -152,7 +153,7 @@ class Watched:
         assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr}"
 
     def ask(self, op: str, **args: object) -> object:
-        return request(endpoints.actor_endpoint(self.run_dir, "netenv"), op, args, timeout=3, who="netenv")
+        return request(paths.actor_endpoint(self.run_dir, "netenv"), op, args, timeout=3, who="netenv")
 
     def change(self, *commands: tuple[str, ...]) -> float:
         """Run `ip` commands in the host namespace; returns the time before the first one."""
@@ -173,7 +174,7 @@ def watched() -> Iterator[Watched]:
         run_dir.mkdir(mode=0o700, exist_ok=True)
         env = {**os.environ, "SPLITTUN_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
         env.pop("SUPERVISOR_PROCESS_NAME", None)
-        for name, module in (("bus", "messages.bus"), ("netenv", "actors.netenv")):
+        for name, module in (("bus", "runtime.bus"), ("netenv", "actors.netenv")):
             log = open(run_dir / f"{name}.log", "wb")  # noqa: SIM115 - the process owns it
             procs.append(lab.popen("host", [sys.executable, "-m", module], env=env, stdout=log, stderr=log, cwd=REPO))
             log.close()

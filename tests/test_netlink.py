@@ -14,7 +14,7 @@ import struct
 import pytest
 from netlink_support import FakeKernel, error, install
 
-from actors.netlink import (
+from kernel.netlink import (
     NLA_F_NESTED,
     NLM_F_ACK,
     NLM_F_DUMP,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from core.policy import AppFacts, CompiledPolicy, ConnectionFacts, RuleError, parse_endpoint, validate
+from core.policy.rules import describe, parse_ports
 from messages import PolicyRule, PolicySnapshot
-from splittun.policy import AppFacts, CompiledPolicy, ConnectionFacts, RuleError, parse_endpoint, validate
-from splittun.policy.rules import describe, parse_ports
 
 CURL = AppFacts(pid=10, exe="/usr/bin/curl", name="curl", uid=1000, ancestors=((("/usr/bin/bash", "bash")),))
 CHILD_OF_FIREFOX = AppFacts(

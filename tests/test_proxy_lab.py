@@ -28,12 +28,13 @@ import pytest
 import zmq
 from test_proxy_support import WAIT, Hooks, InNetns, wait_until
 
-from actors.proxy import SplitDecider, TcpProxy, UdpProxy, static_egress
-from actors.routing import SplitRouting, plan, routes_for
+from core.egress import plan_routes, split_routes
+from core.proxy import SplitDecider, TcpProxy, UdpProxy, static_egress
+from kernel.routing import SplitRouting
 from messages import Mark, NetenvChanged, PolicySnapshot, ProxySessionClose, ProxySessionOpen
-from messages import endpoints as ep
 from messages.events import GatewayRecord, InterfaceRecord
-from messages.transport import Publisher, Subscriber, request
+from runtime import paths
+from runtime.transport import Publisher, Subscriber, request
 from splittun.lab import Lab
 from splittun.lab import topology as T
 
@@ -96,7 +97,7 @@ def split(request: pytest.FixtureRequest, px_lab: Lab) -> Iterator[Split]:
     listen = [("127.0.0.17", PORT), ("::1", PORT)]
     proxies: list[Any] = []
     try:
-        routing.apply(plan(egress().all()))
+        routing.apply(plan_routes(egress().all()))
         for cls in (TcpProxy, UdpProxy):
             proxy = inside.call(lambda cls=cls: cls(listen, SplitDecider(egress()), hooks=hooks))
             proxies.append(proxy)
@@ -196,7 +197,7 @@ def actors(px_lab: Lab) -> Iterator[tuple[Lab, Path]]:
     dnat(px_lab, add=False)
     px_lab.set_style("replaced")
     routing = SplitRouting(netns=px_lab.ns_host)
-    routing.apply(routes_for(lab_netenv(), PolicySnapshot(version=1, ts=time.time(), enabled=True)) or [])
+    routing.apply(split_routes(lab_netenv(), PolicySnapshot(version=1, ts=time.time(), enabled=True)) or [])
     run_dir = Path(tempfile.mkdtemp(prefix="pxrun-", dir="/tmp"))
     env = {**os.environ, "SPLITTUN_RUN_DIR": str(run_dir)}
     procs: list[subprocess.Popen[bytes]] = []
@@ -207,7 +208,7 @@ def actors(px_lab: Lab) -> Iterator[tuple[Lab, Path]]:
         procs.append(px_lab.popen("host", [sys.executable, "-m", *argv], env=env, stdout=log, stderr=log))
 
     try:
-        start("messages.bus")
+        start("runtime.bus")
         assert wait_until(lambda: (run_dir / "bus-in.sock").exists())
         start("actors.proxy_tcp", "--instance", "proxy_tcp_00")
         start("actors.proxy_udp", "--instance", "proxy_udp_00")
@@ -232,7 +233,7 @@ def actors(px_lab: Lab) -> Iterator[tuple[Lab, Path]]:
 
 
 def ask(run_dir: Path, worker: str, op: str, **args: Any) -> Any:
-    return request(ep.actor_endpoint(run_dir, worker), op, args, timeout=WAIT, who=worker)
+    return request(paths.actor_endpoint(run_dir, worker), op, args, timeout=WAIT, who=worker)
 
 
 def test_actors_split_and_report_on_the_bus(actors: tuple[Lab, Path], leaks: Leaks) -> None:
@@ -240,8 +241,8 @@ def test_actors_split_and_report_on_the_bus(actors: tuple[Lab, Path], leaks: Lea
     leaks.allow(SPLIT[4], "tcp", T.WHOAMI_TCP_PORT)
     leaks.allow(SPLIT[6], "udp", T.WHOAMI_UDP_PORT)
     ctx = zmq.Context()
-    pub = Publisher(ctx, ep.bus_in(run_dir))
-    sub = Subscriber(ctx, ep.bus_out(run_dir), ["proxy.session."])
+    pub = Publisher(ctx, paths.bus_in(run_dir))
+    sub = Subscriber(ctx, paths.bus_out(run_dir), ["proxy.session."])
     try:
         # Until netenv speaks, a worker has no egress and refuses; publish (again) until both have one.
         def ready() -> bool:

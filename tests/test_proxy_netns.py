@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from test_proxy_support import WAIT, Hooks, InNetns, Server, UdpEcho, echo, recv_all, wait_until
 
-from actors.proxy import (
+from core.proxy import (
     Binding,
     Decision,
     ProxyConfig,
@@ -27,7 +27,7 @@ from actors.proxy import (
     TcpProxy,
     UdpProxy,
 )
-from actors.routing import SplitRoute, SplitRouting
+from kernel.routing import SplitRoute, SplitRouting
 from messages import Mark
 
 pytest_plugins = ["test_proxy_support"]
@@ -212,8 +212,8 @@ def _app_ip(session: Any) -> str:
 
 PORT_CLASH_SCRIPT = """
 import socket, sys
-from actors.proxy.decider import Binding
-from actors.proxy.upstream import open_upstream
+from core.proxy.decider import Binding
+from core.proxy.upstream import open_upstream
 from messages import Mark
 up = open_upstream(socket.SOCK_STREAM, ("192.0.2.1", 80), Binding("eth0", "192.0.2.10", int(Mark.SPLIT_EGRESS)))
 up.setblocking(True)

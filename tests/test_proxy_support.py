@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from actors.proxy import Session, SessionHooks
+from core.proxy import Session, SessionHooks
 
 WAIT = 10.0  # generous upper bound for anything a test waits on; tests never assert on speed
 CLONE_NEWNET = 0x40000000

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from test_proxy_support import IPV6, WAIT, Hooks, Server, echo, expect_reset, recv_all, wait_until
 
-from actors.proxy import Decision, ProxyConfig, Refusal, SessionRequest, TcpProxy
-from actors.proxy.tcp import HAS_SPLICE
+from core.proxy import Decision, ProxyConfig, Refusal, SessionRequest, TcpProxy
+from core.proxy.tcp import HAS_SPLICE
 
 pytest_plugins = ["test_proxy_support"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from test_proxy_support import IPV6, WAIT, Hooks, UdpEcho, family_of, wait_until
 
-from actors.proxy import Decision, ProxyConfig, Refusal, SessionRequest, UdpProxy
+from core.proxy import Decision, ProxyConfig, Refusal, SessionRequest, UdpProxy
 
 pytest_plugins = ["test_proxy_support"]
 

@@ -8,7 +8,8 @@ import struct
 
 import pytest
 
-from actors.proxy import (
+from core.egress import plan_routes
+from core.proxy import (
     Decision,
     ProxyConfig,
     Refusal,
@@ -21,10 +22,10 @@ from actors.proxy import (
     static_egress,
     to_original_destination,
 )
-from actors.proxy.origdst import parse_sockaddr
-from actors.proxy.session import split_key
-from actors.proxy.udp import DatagramBatch
-from actors.routing import SplitRoute, plan
+from core.proxy.origdst import parse_sockaddr
+from core.proxy.session import split_key
+from core.proxy.udp import DatagramBatch
+from kernel.routing import SplitRoute
 from messages import Mark, flow_key
 from messages.events import GatewayRecord, InterfaceRecord, NetenvChanged
 
@@ -114,11 +115,11 @@ def test_uplink_gateway_known_while_the_vpn_owns_the_default() -> None:
 def test_point_to_point_interface_needs_no_gateway() -> None:
     egress = resolve_egress(netenv(), "wgivpn")
     assert egress.v4 is not None and egress.v4.point_to_point and egress.v4.gateway == ""
-    assert plan(egress.all()) == [SplitRoute(4, "wgivpn", "", 9)]
+    assert plan_routes(egress.all()) == [SplitRoute(4, "wgivpn", "", 9)]
 
 
 def test_route_plan_one_route_per_family_and_interface() -> None:
-    routes = plan([*resolve_egress(netenv(), "").all(), *resolve_egress(netenv(), "wlan0").all()])
+    routes = plan_routes([*resolve_egress(netenv(), "").all(), *resolve_egress(netenv(), "wlan0").all()])
     assert [str(r) for r in routes] == [
         "IPv4 default via 192.0.2.1 dev eth0",
         "IPv4 default via 198.51.100.1 dev wlan0",
@@ -255,7 +256,7 @@ def test_sockaddr_parsing() -> None:
 
 
 def test_session_counters_are_first_reported_early_then_every_interval() -> None:
-    from actors.proxy.session import Session
+    from core.proxy.session import Session
 
     s = Session("s1", "udp", ("192.0.2.66", 5000), ("127.0.0.17", 719), ("203.0.113.80", 5300), now=100.0)
     assert not s.stats_due(100.5, first=1.0, every=10.0)

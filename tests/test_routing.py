@@ -12,10 +12,10 @@ from typing import Any
 from test_proxy_units import netenv
 
 from actors.interceptor.actor import InterceptorActor
-from actors.netenv.egress import split_egresses
-from actors.routing import RoutingKeeper, SplitRoute, plan, routes_for
+from core.egress import plan_routes, split_egresses, split_routes
+from core.policy import EMPTY_POLICY, CompiledPolicy
+from kernel.routing import RoutingKeeper, SplitRoute
 from messages import NetenvChanged, PolicyRule, PolicySnapshot
-from splittun.policy import EMPTY_POLICY, CompiledPolicy
 
 ETH0_V4 = SplitRoute(4, "eth0", "192.0.2.1", 2)
 ETH0_V6 = SplitRoute(6, "eth0", "2001:db8:10::1", 2)
@@ -32,31 +32,31 @@ def policy(interface: str = "", *rule_interfaces: str, version: int = 1) -> Poli
 
 
 def test_plan_is_the_global_choice_plus_every_interface_a_rule_names() -> None:
-    assert routes_for(netenv(), policy()) == [ETH0_V4, ETH0_V6]  # auto: the uplink, both families
-    assert routes_for(netenv(), policy("", "wlan0")) == [ETH0_V4, WLAN0_V4, ETH0_V6]
-    assert routes_for(netenv(), policy("wlan0")) == [WLAN0_V4]  # wlan0 has no IPv6
-    assert routes_for(netenv(), policy("52:54:00:11:22:33", "eth0")) == [ETH0_V4, WLAN0_V4, ETH0_V6]  # by MAC
-    assert routes_for(netenv(), policy("", "eth9", "wgivpn")) == [ETH0_V4, SplitRoute(4, "wgivpn", "", 9), ETH0_V6]
+    assert split_routes(netenv(), policy()) == [ETH0_V4, ETH0_V6]  # auto: the uplink, both families
+    assert split_routes(netenv(), policy("", "wlan0")) == [ETH0_V4, WLAN0_V4, ETH0_V6]
+    assert split_routes(netenv(), policy("wlan0")) == [WLAN0_V4]  # wlan0 has no IPv6
+    assert split_routes(netenv(), policy("52:54:00:11:22:33", "eth0")) == [ETH0_V4, WLAN0_V4, ETH0_V6]  # by MAC
+    assert split_routes(netenv(), policy("", "eth9", "wgivpn")) == [ETH0_V4, SplitRoute(4, "wgivpn", "", 9), ETH0_V6]
 
 
 def test_plan_is_what_the_proxies_resolve() -> None:
     """One function for both: the egresses the proxies bind to are the ones the interceptor routes."""
     egresses = split_egresses(netenv(), "", ["wlan0"])
-    assert routes_for(netenv(), policy("", "wlan0")) == plan(egresses.in_use())
+    assert split_routes(netenv(), policy("", "wlan0")) == plan_routes(egresses.in_use())
     assert egresses.chosen.v4 is not None and egresses.by_index[3].v4 is not None
     assert egresses.used == frozenset({3})
 
 
 def test_an_empty_plan_only_when_the_network_says_so() -> None:
-    assert routes_for(netenv(uplink_ipv4="", uplink_ipv6=""), policy()) == []  # no uplink: nothing to route
-    assert routes_for(netenv(gateways=[]), policy()) == []  # never the kernel's on-link guess
-    assert routes_for(netenv(), policy("eth9")) == []  # the chosen interface is not there
+    assert split_routes(netenv(uplink_ipv4="", uplink_ipv6=""), policy()) == []  # no uplink: nothing to route
+    assert split_routes(netenv(gateways=[]), policy()) == []  # never the kernel's on-link guess
+    assert split_routes(netenv(), policy("eth9")) == []  # the chosen interface is not there
 
 
 def test_nothing_known_yet_means_no_plan() -> None:
-    assert routes_for(None, policy()) is None
-    assert routes_for(netenv(), None) is None
-    assert routes_for(None, None) is None
+    assert split_routes(None, policy()) is None
+    assert split_routes(netenv(), None) is None
+    assert split_routes(None, None) is None
 
 
 # --- the keeper ----------------------------------------------------------------------------------------

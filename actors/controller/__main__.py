@@ -1,7 +1,8 @@
 import sys
 
-from actors.runtime import main
+from runtime.actor import main
 
 from .actor import ControllerActor
 
-sys.exit(main(ControllerActor))
+if __name__ == "__main__":
+    sys.exit(main(ControllerActor))

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.netenv.egress import find_interface
-from actors.runtime import Actor
+from core import config as cfg
+from core.egress import find_interface
 from messages import Heartbeat, Message, NetenvChanged, Notification, PolicySnapshot
 from messages.control import INVALID_ARGUMENT, NOT_FOUND, Request, RequestFailed
 from messages.verdict import parse_verdict
-from splittun import config as cfg
-from splittun.home import Home
+from runtime.actor import Actor
+from runtime.paths import Home
 
 from .registry import ConnectionRegistry
 

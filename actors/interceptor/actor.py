@@ -21,15 +21,17 @@ import os
 import threading
 from typing import Any
 
-from actors.conntrack import Conntrack, ConntrackEvents
-from actors.routing import RoutingKeeper, SplitRouting, routes_for
-from actors.runtime import Actor
-from actors.sockdiag import SockDiag, SocketEvents
+from core.egress import split_routes
+from kernel.conntrack import Conntrack, ConntrackEvents
+from kernel.routing import RoutingKeeper, SplitRouting
+from kernel.sockdiag import SockDiag, SocketEvents
 from messages import Heartbeat, IvpnStatus, Message, MessageError, NetenvChanged, PolicySnapshot
 from messages.control import INVALID_ARGUMENT, Request, RequestFailed
+from runtime import paths
+from runtime.actor import Actor
 
 from . import hook
-from .cleanup import NAMES_FILE, cleanup, write_routing_marker, write_rules_marker
+from .cleanup import NAMES_FILE, cleanup, write_marker
 from .engine import Engine
 from .firewall import MAX_WORKERS, worker_queues
 from .names import NameTable
@@ -76,7 +78,8 @@ class InterceptorActor(Actor):
         parser.add_argument(
             "--cleanup",
             action="store_true",
-            help="remove every rule and conntrack mark the interceptor may have left here, then exit",
+            help="remove every rule, conntrack mark and the split routing the interceptor may have left here, "
+            "then exit (--skip-rules, --skip-routing, --routing-unless-intercepting: see __main__.py)",
         )
 
     def start(self) -> None:
@@ -152,12 +155,14 @@ class InterceptorActor(Actor):
             self.log.info("interceptor.active", queues=sorted(worker_queues(self.index).values()))
         if self.owns_rules:
             self.fw = firewall(self.workers)
-            write_rules_marker(self.rt.run_dir)  # before installing: a crash right after still gets cleaned up
+            write_marker(
+                paths.rules_marker(self.rt.run_dir)
+            )  # before installing: a crash right after still gets cleaned up
             self.fw.install()
             self.log.info("rules.installed", workers=self.workers)
             for delay in self._check_schedule(self.rt.args.jump_checks):
                 self.rt.loop.call_later(delay, lambda d=delay: self._check_jumps(f"scheduled {d:g}s"))
-            write_routing_marker(self.rt.run_dir)  # before the first change: `down` removes what we add
+            write_marker(paths.routing_marker(self.rt.run_dir))  # before the first change: `down` removes what we add
             self.routing = RoutingKeeper(SplitRouting(), self.log)
             self.routing.start()
             self._want_routing()
@@ -212,7 +217,7 @@ class InterceptorActor(Actor):
         Until both are known there is no plan, and the routing stays as it is."""
         if self.routing is not None:
             policy = self.engine.policy.snapshot if self.engine.policy.version > 0 else None
-            self.routing.want(routes_for(self.netenv, policy), recheck)
+            self.routing.want(split_routes(self.netenv, policy), recheck)
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, PolicySnapshot):

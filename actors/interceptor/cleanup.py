@@ -15,32 +15,18 @@ supervisord (and so every proxy) has stopped, clean stop or not; `--cleanup` run
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
+from kernel.netns import netns_id
+from runtime import paths
+
 NAMES_FILE = "interceptor-names.table"
-#: Present in the run dir while worker 0's rules may be installed; holds the network namespace's identity
-#: (st_dev:st_ino of /proc/self/ns/net). `splittun down` cleans up only when it exists, so a second
-#: instance that never intercepted (passive) never removes another instance's rules.
-RULES_MARKER = "interceptor.rules"
-#: The same for the split routing: written by worker 0 before it first applies the routing, removed only with
-#: the routing (`remove_routing`), so it outlives the interceptor's stops; `splittun down` removes the
-#: routing only when it exists.
-ROUTING_MARKER = "interceptor.routing"
 
 
-def netns_id(path: str = "/proc/self/ns/net") -> str:
-    st = os.stat(path)
-    return f"{st.st_dev}:{st.st_ino}"
-
-
-def write_rules_marker(run_dir: Path, name: str = RULES_MARKER) -> None:
-    (Path(run_dir) / name).write_text(netns_id() + "\n")
-
-
-def write_routing_marker(run_dir: Path) -> None:
-    write_rules_marker(run_dir, ROUTING_MARKER)
+def write_marker(marker: Path) -> None:
+    """Leave `marker` (runtime.paths.Home.rules_marker / routing_marker) with this namespace's identity."""
+    marker.write_text(netns_id() + "\n")
 
 
 def intercepting_here(proc_net: str = "/proc/net") -> bool:
@@ -59,17 +45,17 @@ def remove_routing(run_dir: Path | None = None, unless_intercepting: bool = Fals
 
     `unless_intercepting`: leave them when an interceptor runs here now — another instance took over the
     queues after ours stopped, and the routing is its own."""
-    from actors.routing import SplitRouting
+    from kernel.routing import SplitRouting
 
     removed = [] if unless_intercepting and intercepting_here() else SplitRouting().remove()
     if run_dir is not None:
-        (Path(run_dir) / ROUTING_MARKER).unlink(missing_ok=True)
+        paths.routing_marker(Path(run_dir)).unlink(missing_ok=True)
     return removed
 
 
 def cleanup(run_dir: Path | None = None) -> dict[str, Any]:
     """Returns what was removed: {"tables": [...], "conntrack": n, "names_file": bool}."""
-    from actors.conntrack import Conntrack
+    from kernel.conntrack import Conntrack
     from messages.marks import VERDICT_MASK
 
     from .firewall import CONNTRACK_MARKS
@@ -89,5 +75,5 @@ def cleanup(run_dir: Path | None = None) -> dict[str, Any]:
         if path.exists():
             path.unlink(missing_ok=True)
             result["names_file"] = True
-        (Path(run_dir) / RULES_MARKER).unlink(missing_ok=True)
+        paths.rules_marker(Path(run_dir)).unlink(missing_ok=True)
     return result

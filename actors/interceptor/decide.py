@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from actors.netenv.egress import resolve_egress
+from core.egress import resolve_egress
+from core.policy import AppFacts, CompiledPolicy, ConnectionFacts
 from messages import IvpnStatus, Mark, NetenvChanged, ProcessInfo, Verdict
 from messages.marks import MAX_INTERFACE_INDEX, split_mark
-from splittun.policy import AppFacts, CompiledPolicy, ConnectionFacts
 
 from .hook import ConnectionView, VerdictHandler
 from .packet import TCP, UDP

@@ -27,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from actors.conntrack import CtEntry, CtTuple
-from actors.sockdiag import DiagSocket
+from core.policy import EMPTY_POLICY, CompiledPolicy
+from kernel.conntrack import CtEntry, CtTuple
+from kernel.sockdiag import DiagSocket
 from messages import (
     ConnEnd,
     ConnNew,
@@ -41,9 +42,8 @@ from messages import (
     Verdict,
     flow_key,
 )
-from messages.log import EventLog
 from messages.marks import VERDICT_MASK
-from splittun.policy import EMPTY_POLICY, CompiledPolicy
+from runtime.log import EventLog
 
 from .decide import MALFORMED, Flow, Outcome, SplitEgress, decide, reevaluation_resets
 from .dns import DnsError, parse_response

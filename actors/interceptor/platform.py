@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from actors.netlink import nla, nlmsg
+from kernel.netlink import nla, nlmsg
 
 from .engine import QueuedPacket
 

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.sockdiag import DiagSocket, SockDiag
+from core.policy import AppFacts
+from kernel.sockdiag import DiagSocket, SockDiag
 from messages import ProcessInfo
-from splittun.policy import AppFacts
 
 MAX_ANCESTORS = 16
 MAX_CACHED_SOCKETS = 65536

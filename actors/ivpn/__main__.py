@@ -1,7 +1,8 @@
 import sys
 
-from actors.runtime import main
+from runtime.actor import main
 
 from .actor import IvpnActor
 
-sys.exit(main(IvpnActor))
+if __name__ == "__main__":
+    sys.exit(main(IvpnActor))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.runtime import Actor
+from runtime.actor import Actor
 
 
 class IvpnActor(Actor):

@@ -1,7 +1,8 @@
 import sys
 
-from actors.runtime import main
+from runtime.actor import main
 
 from .actor import NetenvActor
 
-sys.exit(main(NetenvActor))
+if __name__ == "__main__":
+    sys.exit(main(NetenvActor))

@@ -17,18 +17,17 @@ import argparse
 import time
 from typing import Any
 
-from actors.runtime import Actor
-from messages.control import INVALID_ARGUMENT, UNAVAILABLE, Request, RequestFailed
-from messages.events import NetenvChanged
-
-from . import rtnl
-from .cache import (
+from core.netenv import rtnl
+from core.netenv.cache import (
     Netenv,
     NetenvError,
     disable_network_derived_location,
     network_derived_location_disabled,
 )
-from .info import InterfaceInfo, Snapshot
+from core.netenv.info import InterfaceInfo, Snapshot
+from messages.control import INVALID_ARGUMENT, UNAVAILABLE, Request, RequestFailed
+from messages.events import NetenvChanged
+from runtime.actor import Actor
 
 SETTLE = 0.1  # wait this long after the first change of a burst before reading
 MIN_INTERVAL = 1.0  # never read (so never publish) more often than this

@@ -1,7 +1,8 @@
 import sys
 
-from actors.runtime import main
+from runtime.actor import main
 
 from .actor import ProxyTcpActor
 
-sys.exit(main(ProxyTcpActor))
+if __name__ == "__main__":
+    sys.exit(main(ProxyTcpActor))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from actors.proxy.actor import ProxyActor
-from actors.proxy.tcp import TcpProxy
+from core.proxy.service import ProxyActor
+from core.proxy.tcp import TcpProxy
 
 
 class ProxyTcpActor(ProxyActor):

@@ -1,7 +1,8 @@
 import sys
 
-from actors.runtime import main
+from runtime.actor import main
 
 from .actor import ProxyUdpActor
 
-sys.exit(main(ProxyUdpActor))
+if __name__ == "__main__":
+    sys.exit(main(ProxyUdpActor))

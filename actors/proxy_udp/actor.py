@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from actors.proxy.actor import ProxyActor
-from actors.proxy.udp import UdpProxy
+from core.proxy.service import ProxyActor
+from core.proxy.udp import UdpProxy
 
 
 class ProxyUdpActor(ProxyActor):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from splittun.home import Home, HomeError
+from runtime.paths import Home, HomeError
 
 # Exit codes
 OK = 0

@@ -13,13 +13,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from messages import PolicyRule, endpoints
+from core import config as cfg
+from core.policy import RuleError, describe, parse_endpoint, parse_ports, validate
+from messages import PolicyRule
 from messages.control import RequestFailed
-from messages.transport import request
-from splittun import config as cfg
-from splittun.home import Home
+from runtime import paths
+from runtime.paths import Home
+from runtime.transport import request
 from splittun.output import table
-from splittun.policy import RuleError, describe, parse_endpoint, parse_ports, validate
 
 from . import OK, UserError, current_home, prepared_home, require_root
 
@@ -81,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def interface_exists(text: str) -> bool:
     """Does an interface with this name, IP or MAC exist (in this namespace)?"""
-    from actors.netenv import get_interface  # the netenv library answers without the actors running
+    from core.netenv import get_interface  # the netenv library answers without the actors running
 
     return get_interface(text) is not None
 
@@ -94,7 +95,7 @@ def load(home: Home) -> cfg.Config:
 
 
 def controller_running(home: Home) -> bool:
-    path = endpoints.endpoint_file(endpoints.control(home.run_dir))
+    path = paths.endpoint_file(paths.control(home.run_dir))
     return path is not None and path.exists()
 
 
@@ -108,7 +109,7 @@ def save_and_apply(home: Home, old: cfg.Config, new: cfg.Config) -> str:
     if not controller_running(home):
         return "saved; splittun is not running, it applies at 'splittun up'"
     try:
-        outcome = request(endpoints.control(home.run_dir), "reload", timeout=3, who="controller")
+        outcome = request(paths.control(home.run_dir), "reload", timeout=3, who="controller")
     except RequestFailed as exc:
         return f"saved; the controller did not confirm ({exc}), it applies the file when it sees it"
     if not outcome.get("applied"):
@@ -143,7 +144,7 @@ def cmd_interface(args: argparse.Namespace) -> int:
         return set_option(cfg.INTERFACE, args.choice, f"interface set to {args.choice}")
     home = current_home()
     choice = load(home).interface
-    from actors.netenv import best_physical_default_interfaces
+    from core.netenv import best_physical_default_interfaces
 
     uplinks = best_physical_default_interfaces()
     auto = {family: (iface.name if iface else None) for family, iface in uplinks.items()}

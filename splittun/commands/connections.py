@@ -7,10 +7,10 @@ import json
 import time
 from typing import Any
 
-from messages import endpoints
 from messages.control import NOT_FOUND, UNAVAILABLE, RequestFailed
 from messages.flows import endpoint_text
-from messages.transport import request
+from runtime import paths
+from runtime.transport import request
 from splittun.output import duration, table
 
 from . import FAILED, NOT_RUNNING, OK, UserError, current_home, require_root
@@ -36,7 +36,7 @@ def ask(op: str, **args: Any) -> Any:
     require_root(f"splittun {op}")
     home = current_home()
     try:
-        return request(endpoints.control(home.run_dir), op, args, timeout=3, who="controller")
+        return request(paths.control(home.run_dir), op, args, timeout=3, who="controller")
     except RequestFailed as exc:
         code = NOT_RUNNING if exc.code == UNAVAILABLE else FAILED
         if exc.code == NOT_FOUND:

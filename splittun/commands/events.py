@@ -14,9 +14,9 @@ from typing import Any
 
 import zmq
 
-from messages import endpoints
 from messages.schema import MessageError, decode, decode_loose, schema_for_topic
-from messages.transport import Subscriber
+from runtime import paths
+from runtime.transport import Subscriber
 
 from . import NOT_RUNNING, OK, UserError, current_home, require_root
 
@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_events(args: argparse.Namespace) -> int:
     require_root("splittun events")
     home = current_home()
-    bus_out = endpoints.bus_out(home.run_dir)
-    sock_file = endpoints.endpoint_file(bus_out)
+    bus_out = paths.bus_out(home.run_dir)
+    sock_file = paths.endpoint_file(bus_out)
     if sock_file is None or not sock_file.exists():
         raise UserError(f"splittun is not running (no bus at {sock_file}); start it with 'splittun up'", NOT_RUNNING)
     ctx = zmq.Context()

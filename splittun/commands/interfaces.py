@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _snapshot() -> Any:
-    from actors.netenv import NetenvError, snapshot
+    from core.netenv import NetenvError, snapshot
 
     try:
         return snapshot()

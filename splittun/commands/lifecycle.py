@@ -10,10 +10,11 @@ from typing import Any
 
 import zmq
 
-from messages import Heartbeat, MessageError, endpoints
+from messages import Heartbeat, MessageError
 from messages.control import RequestFailed
-from messages.transport import Subscriber, request
-from splittun.home import Home
+from runtime import paths
+from runtime.paths import Home
+from runtime.transport import Subscriber, request
 from splittun.output import duration, table
 from splittun.supervise import ProcessState, Supervisor, SupervisorError
 
@@ -73,7 +74,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
     ctx = zmq.Context()
     # Subscribe before starting: the bus comes up inside supervisord and the SUB socket reconnects to it.
-    heartbeats = Subscriber(ctx, endpoints.bus_out(home.run_dir), ["actor.heartbeat"])
+    heartbeats = Subscriber(ctx, paths.bus_out(home.run_dir), ["actor.heartbeat"])
     try:
         try:
             pid = sup.start(args.tcp_workers, args.udp_workers, interceptor_workers=args.interceptor_workers)
@@ -239,7 +240,7 @@ def last_heartbeats(home: Home, instances: set[str]) -> dict[str, Beat]:
     controller cannot answer."""
     beats: dict[str, Beat] = {}
     try:
-        for row in request(endpoints.control(home.run_dir), "actors", timeout=1.0, who="controller"):
+        for row in request(paths.control(home.run_dir), "actors", timeout=1.0, who="controller"):
             counters = {str(k): int(v) for k, v in dict(row.get("counters") or {}).items()}
             beats[row["instance"]] = Beat(float(row["age"]), str(row.get("not_ready", "")), counters)
     except (RequestFailed, KeyError, TypeError, ValueError):
@@ -252,7 +253,7 @@ def last_heartbeats(home: Home, instances: set[str]) -> dict[str, Beat]:
 
 def _listen_for_heartbeats(home: Home, instances: set[str], timeout: float) -> dict[str, Beat]:
     ctx = zmq.Context()
-    sub = Subscriber(ctx, endpoints.bus_out(home.run_dir), ["actor.heartbeat"])
+    sub = Subscriber(ctx, paths.bus_out(home.run_dir), ["actor.heartbeat"])
     heard: dict[str, Beat] = {}
     deadline = time.monotonic() + timeout
     try:

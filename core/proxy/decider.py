@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.netenv.egress import EgressSet
+from core.egress import EgressSet
 from messages.marks import Mark, split_interface_index
 
 Address = tuple[str, int]

@@ -17,8 +17,7 @@ import ipaddress
 import time
 from typing import Any, ClassVar
 
-from actors.netenv.egress import EgressSet, split_egresses, static_egress
-from actors.runtime import Actor, Runtime
+from core.egress import EgressSet, split_egresses, static_egress
 from messages import (
     Message,
     NetenvChanged,
@@ -31,6 +30,7 @@ from messages import (
 from messages.control import INVALID_ARGUMENT, Request, RequestFailed
 from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT
 from messages.schema import MessageError
+from runtime.actor import Actor, Runtime
 
 from .base import ProxyBase, SessionHooks, parse_address
 from .config import ProxyConfig

@@ -1,6 +1,6 @@
 """The split proxies' library: transparent TCP and UDP proxies usable with or without the actors.
 
-    from actors.proxy import TcpProxy, UdpProxy, SplitDecider, static_egress
+    from core.proxy import TcpProxy, UdpProxy, SplitDecider, static_egress
     decider = SplitDecider(static_egress("eth0", source4="192.0.2.10", gateway4="192.0.2.1"))
     proxy = TcpProxy([("127.0.0.17", 719)], decider)
     proxy.start()          # its own data thread
@@ -12,7 +12,7 @@ need is not theirs to install: actors/routing.py (kept by the interceptor; appli
 run standalone).
 """
 
-from actors.netenv.egress import Egress, EgressSet, resolve_egress, static_egress
+from core.egress import Egress, EgressSet, resolve_egress, static_egress
 
 from .base import ProxyBase, SessionHooks, parse_address
 from .config import ProxyConfig

@@ -15,7 +15,7 @@ import errno
 import socket
 import struct
 
-from actors.netlink import NLA_HDR, NLM_F_DUMP, Buffer, NetlinkError, NetlinkSocket, iter_messages, parse_attrs
+from kernel.netlink import NLA_HDR, NLM_F_DUMP, Buffer, NetlinkError, NetlinkSocket, iter_messages, parse_attrs
 
 from .raw import TABLE_LOCAL, Addr, Link, Neighbour, Route, Rule
 

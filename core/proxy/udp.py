@@ -145,7 +145,7 @@ def split_entry_events() -> Any:
     """Destroy events of split conntrack entries (Linux), or None where they cannot be had."""
     if not sys.platform.startswith("linux"):
         return None
-    from actors.conntrack import ConntrackEvents
+    from kernel.conntrack import ConntrackEvents
     from messages.marks import VERDICT_MASK, Mark
 
     try:
@@ -159,7 +159,7 @@ def default_socket_check() -> SocketCheck | None:
     """sock_diag lookups of the app's socket on Linux; elsewhere none (no check)."""
     if not sys.platform.startswith("linux"):
         return None
-    from actors.sockdiag import SockDiag
+    from kernel.sockdiag import SockDiag
 
     try:
         diag = SockDiag()

@@ -20,8 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from messages.log import LineBudget
-from messages.loop import Timer, Timers, Wakeup
+from runtime.log import LineBudget
+from runtime.loop import Timer, Timers, Wakeup
 
 log = logging.getLogger("splittun.proxy")
 

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
-from actors.netlink import NetlinkError
+from kernel.netlink import NetlinkError
 
 from . import rtnl
 from .raw import (

@@ -13,8 +13,8 @@ hand (actors/interceptor/cleanup.py): `remove` finds ours by priority and table,
 The proxies only mark and bind their upstream sockets; standalone (tests, benchmarks) whoever runs them
 applies a `SplitRouting` itself.
 
-`plan` is pure (egresses in, routes out) and `routes_for` is the plan for a netenv snapshot and a policy
-(None while either is unknown: never an empty plan for lack of a snapshot). `SplitRouting.apply` reconciles
+The plan comes from core/egress.py (`split_routes`: egresses in, routes out; None while the network or the
+policy is unknown, never an empty plan for lack of a snapshot). `SplitRouting.apply` reconciles
 the kernel to a plan (adds what is missing, removes what is stale, leaves what is right alone), so calling
 it again and again is idempotent. `remove` takes everything out again.
 """
@@ -26,12 +26,10 @@ import errno
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from actors.netenv.egress import Egress, split_egresses
-from messages.events import NetenvChanged, PolicySnapshot
 from messages.marks import SPLIT_ROUTE_TABLE, SPLIT_RULE_PRIORITY, Mark
 
 #: Seconds between reconciliations when nothing changed: repairs what another program (a VPN client) removed.
@@ -53,25 +51,6 @@ class SplitRoute:
     def __str__(self) -> str:
         via = f"via {self.gateway} " if self.gateway else ""
         return f"IPv{self.family} default {via}dev {self.interface}"
-
-
-def plan(egresses: Iterable[Egress]) -> list[SplitRoute]:
-    """The split table's routes for these egresses (one per family and interface)."""
-    routes: dict[tuple[int, str], SplitRoute] = {}
-    for e in egresses:
-        if e.gateway or e.point_to_point:
-            routes[(e.family, e.interface)] = SplitRoute(e.family, e.interface, e.gateway, e.ifindex)
-    return sorted(routes.values(), key=lambda r: (r.family, r.interface))
-
-
-def routes_for(netenv: NetenvChanged | None, policy: PolicySnapshot | None) -> list[SplitRoute] | None:
-    """The split table for this network and policy: a route for the global interface choice and for every
-    interface a rule names (the proxies resolve the same egresses, see actors/netenv/egress.py).
-    None while the network or the policy is not known yet: then nothing is to be changed."""
-    if netenv is None or policy is None:
-        return None
-    rule_interfaces = [r.interface for r in policy.rules if r.interface]
-    return plan(split_egresses(netenv, policy.interface, rule_interfaces).in_use())
 
 
 class SplitRouting:

@@ -17,7 +17,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from messages.events import InterfaceRecord, NetenvChanged
+from kernel.routing import SplitRoute
+from messages.events import InterfaceRecord, NetenvChanged, PolicySnapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,3 +168,25 @@ def split_egresses(netenv: NetenvChanged | None, choice: str, rule_interfaces: I
     by_index = {iface.index: resolve_egress(netenv, iface.name) for iface in netenv.interfaces}
     used = frozenset(iface.index for spec in rule_interfaces if (iface := find_interface(netenv, spec)))
     return SplitEgresses(chosen, by_index, used)
+
+
+# --- the split routing table for these egresses (installed by kernel/routing.py) --------------------
+
+
+def plan_routes(egresses: Iterable[Egress]) -> list[SplitRoute]:
+    """The split table's routes for these egresses (one per family and interface)."""
+    routes: dict[tuple[int, str], SplitRoute] = {}
+    for e in egresses:
+        if e.gateway or e.point_to_point:
+            routes[(e.family, e.interface)] = SplitRoute(e.family, e.interface, e.gateway, e.ifindex)
+    return sorted(routes.values(), key=lambda r: (r.family, r.interface))
+
+
+def split_routes(netenv: NetenvChanged | None, policy: PolicySnapshot | None) -> list[SplitRoute] | None:
+    """The split table for this network and policy: a route for the global interface choice and for every
+    interface a rule names (the proxies resolve the same egresses: `split_egresses`).
+    None while the network or the policy is not known yet: then nothing is to be changed."""
+    if netenv is None or policy is None:
+        return None
+    rule_interfaces = [r.interface for r in policy.rules if r.interface]
+    return plan_routes(split_egresses(netenv, policy.interface, rule_interfaces).in_use())

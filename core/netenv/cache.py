@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from messages.log import EventLog
+from runtime.log import EventLog
 
-from .decide import Memory, decide
 from .info import Snapshot
 from .raw import RawState
+from .uplink import Memory, decide
 
 log = EventLog("netenv")
 

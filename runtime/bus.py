@@ -1,6 +1,6 @@
 """The bus: an XSUB/XPUB forwarder every actor publishes into and anyone subscribes to.
 
-Run as `python -m messages.bus` (supervisord program `bus`). Publishers connect to `bus-in.sock`,
+Run as `python -m runtime.bus` (supervisord program `bus`). Publishers connect to `bus-in.sock`,
 subscribers to `bus-out.sock` in the runtime dir; subscriptions travel upstream so publishers only send
 what somebody wants. A slow subscriber loses events at its high-water mark; nobody ever blocks.
 The bus sends its own `actor.heartbeat` so `splittun status` shows it like any actor.
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import zmq
 
-from . import endpoints
+from messages.events import Heartbeat
+
 from . import log as logmod
-from .events import Heartbeat
+from . import paths
 from .loop import Loop, die_with_parent
 
 BATCH = 256
@@ -37,8 +38,8 @@ class Bus:
             sock.setsockopt(zmq.LINGER, 0)
         self.xsub.setsockopt(zmq.RCVHWM, 100_000)
         self.xpub.setsockopt(zmq.SNDHWM, 100_000)
-        self.in_endpoint = endpoints.bus_in(self.run_dir)
-        self.out_endpoint = endpoints.bus_out(self.run_dir)
+        self.in_endpoint = paths.bus_in(self.run_dir)
+        self.out_endpoint = paths.bus_out(self.run_dir)
         self.xsub.bind(self.in_endpoint)
         self.xpub.bind(self.out_endpoint)
         self.forwarded = 0
@@ -89,7 +90,7 @@ class Bus:
         self.xpub.close(linger=0)
         self.ctx.term()
         for address in (self.in_endpoint, self.out_endpoint):
-            path = endpoints.endpoint_file(address)
+            path = paths.endpoint_file(address)
             if path is not None:
                 path.unlink(missing_ok=True)
 
@@ -100,8 +101,8 @@ def main() -> int:
     loop = Loop(log)
     loop.install_signal_handlers()
     try:
-        bus = Bus(endpoints.run_dir(), log, loop)
-    except (endpoints.EndpointError, zmq.ZMQError, OSError) as exc:
+        bus = Bus(paths.run_dir(), log, loop)
+    except (paths.EndpointError, zmq.ZMQError, OSError) as exc:
         log.error("bus.start_failed", error=str(exc))
         return 1
     log.info("bus.started", bus_in=bus.in_endpoint, bus_out=bus.out_endpoint)

@@ -22,14 +22,14 @@ from typing import Any, ClassVar
 
 import zmq
 
-from messages import endpoints
-from messages import log as logmod
 from messages.control import UNKNOWN_OP, Request, RequestFailed
 from messages.events import Heartbeat
-from messages.loop import Loop, die_with_parent
 from messages.schema import Message, MessageError, decode
-from messages.transport import Publisher, ReplyServer, Subscriber
-from messages.transport import request as send_request
+from runtime import log as logmod
+from runtime import paths
+from runtime.loop import Loop, die_with_parent
+from runtime.transport import Publisher, ReplyServer, Subscriber
+from runtime.transport import request as send_request
 
 HEARTBEAT_INTERVAL = 1.0
 _MESSAGE_BATCH = 256
@@ -83,7 +83,7 @@ class Runtime:
         self.log = log
         self.pid = os.getpid()
         self.started = time.time()
-        self.run_dir = endpoints.run_dir()
+        self.run_dir = paths.run_dir()
         self.loop = Loop(log)
         self.ctx = zmq.Context()
         self.publisher: Publisher | None = None
@@ -108,7 +108,7 @@ class Runtime:
 
     def request(self, instance: str, op: str, args: dict[str, Any] | None = None, timeout: float = 2.0) -> Any:
         """Ask another actor (control plane only; never from a packet path)."""
-        address = endpoints.actor_endpoint(self.run_dir, instance)
+        address = paths.actor_endpoint(self.run_dir, instance)
         return send_request(address, op, args, timeout=timeout, ctx=self.ctx, who=instance)
 
     def stat(self) -> dict[str, int]:
@@ -127,13 +127,13 @@ class Runtime:
 
     def open(self, actor: Actor) -> None:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.publisher = Publisher(self.ctx, endpoints.bus_in(self.run_dir))
+        self.publisher = Publisher(self.ctx, paths.bus_in(self.run_dir))
         if actor.subscriptions:
-            self.subscriber = Subscriber(self.ctx, endpoints.bus_out(self.run_dir), actor.subscriptions)
+            self.subscriber = Subscriber(self.ctx, paths.bus_out(self.run_dir), actor.subscriptions)
             self.loop.add_socket(self.subscriber.sock, lambda: self._drain_bus(actor))
         self.server = ReplyServer(
             self.ctx,
-            endpoints.actor_endpoint(self.run_dir, self.instance),
+            paths.actor_endpoint(self.run_dir, self.instance),
             lambda r: self._answer(actor, r),
             self.log,
         )
@@ -207,7 +207,7 @@ class Runtime:
                     closer.close()
         self.ctx.term()
         if self.server is not None:
-            path = endpoints.endpoint_file(self.server.endpoint)
+            path = paths.endpoint_file(self.server.endpoint)
             if path is not None:
                 Path(path).unlink(missing_ok=True)
         self.loop.close()
@@ -224,7 +224,7 @@ def main(actor_cls: type[Actor], argv: Sequence[str] | None = None) -> int:
     die_with_parent()
     try:
         rt = Runtime(actor_cls.name, instance, args, log)
-    except endpoints.EndpointError as exc:
+    except paths.EndpointError as exc:
         log.error("actor.start_failed", error=str(exc))
         return 2
     rt.loop.install_signal_handlers()

@@ -14,11 +14,12 @@ from typing import Any
 
 import zmq
 
-from . import control
-from .control import Reply, Request, RequestFailed
-from .endpoints import endpoint_file
+from messages import control
+from messages.control import Reply, Request, RequestFailed
+from messages.schema import Message, MessageError, decode, decode_payload, encode_payload
+
 from .log import EventLog, LineBudget
-from .schema import Message, MessageError, decode, decode_payload, encode_payload
+from .paths import endpoint_file
 
 DEFAULT_HWM = 10_000
 #: Log lines a second for malformed requests (each one is still answered and counted).

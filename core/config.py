@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.policy import RuleError
+from core.policy import validate as validate_rule
 from messages import PolicyRule
-from splittun.policy import RuleError
-from splittun.policy import validate as validate_rule
 
 LEVELS = ("user", "expert", "developer")
 
@@ -181,7 +181,7 @@ def rule_from_json(where: str, item: Any) -> PolicyRule:
     if not isinstance(item, dict):
         raise ConfigError(where, f"expected a rule object, got {_json_type(item)}")
     if "endpoint" in item:
-        from splittun.policy import parse_endpoint
+        from core.policy import parse_endpoint
 
         extra = set(item) - {"id", "endpoint", "interface"}
         if extra:

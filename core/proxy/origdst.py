@@ -20,7 +20,7 @@ import errno
 import socket
 import struct
 
-from actors.conntrack import Conntrack, CtTuple
+from kernel.conntrack import Conntrack, CtTuple
 
 from .decider import Address
 

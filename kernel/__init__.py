@@ -1,0 +1,10 @@
+"""How splittun talks to the operating system: one small module per kernel interface.
+
+- `netlink`: message framing and one socket class, shared by the others
+- `conntrack`: ctnetlink (lookups, deletes, flushes by mark, destroy events filtered in the kernel)
+- `sockdiag`: sock_diag (which socket owns a connection; UDP sockets that went away)
+- `routing`: the split policy routing table and rule (pyroute2), kept in the background
+
+Pure encode/decode functions are tested with kernel bytes; only the classes do I/O. Nothing here knows the
+policy or the actors: callers above (`core`, `actors`) decide, these modules carry it out.
+"""
