@@ -5,6 +5,7 @@ and vpnsrv; ``whoami()`` answers the "what is my IP" question for either path. A
 are in ``splittun.lab.topology``.
 """
 
-from splittun.lab.lab import Lab, LabError, down_all, lab_daemons, lab_names, netns_pids, ns_name
+from splittun.lab.lab import Lab, LabError, down_all, lab_names, ns_name
+from splittun.lab.processes import lab_daemons, netns_pids
 
 __all__ = ["Lab", "LabError", "down_all", "lab_daemons", "lab_names", "netns_pids", "ns_name"]

@@ -27,6 +27,10 @@ The host's routing comes in the two shapes real VPN clients leave behind ("style
 
 Nothing ever lives in the root namespace: veth pairs are created directly between lab namespaces,
 daemons run inside them, and all firewall changes are made inside them.
+
+Modules: plan.py says what the lab is made of (pure: `ip -batch` lines, sysctls, nft scripts), this module
+applies it and runs the lab's daemons (tunnel.py, servers.py, leakmon.py) and probes (client.py), and
+processes.py finds and stops what runs in the lab's namespaces.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -45,12 +48,20 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from splittun.lab import plan
 from splittun.lab import topology as T
+from splittun.lab.processes import (
+    CHILDREN,
+    NETNS_DIR,
+    alive,
+    cmdline,
+    kill,
+    lab_daemons,
+    pids_in,
+)
 
-NETNS_DIR = Path("/run/netns")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _NS_RE = re.compile(rf"^{re.escape(T.NS_PREFIX)}(.+)-({'|'.join(T.ROLES)})$")
-_MODULES = ("splittun.lab.tunnel", "splittun.lab.servers", "splittun.lab.leakmon")
 
 #: Daemon key -> (role of its namespace, module). Keys appear in status()["processes"].
 DAEMONS: dict[str, tuple[str, str]] = {
@@ -59,18 +70,6 @@ DAEMONS: dict[str, tuple[str, str]] = {
     "tunnel-host": ("host", "splittun.lab.tunnel"),
     "leakmon": ("isp", "splittun.lab.leakmon"),
 }
-
-_ISP_PATH_NFT_TABLE = "splittun-lab-isppath"
-_ISP_PATH_NFT = f"""
-add table inet {_ISP_PATH_NFT_TABLE}
-add chain inet {_ISP_PATH_NFT_TABLE} out {{ type filter hook output priority mangle; }}
-add chain inet {_ISP_PATH_NFT_TABLE} pre {{ type filter hook prerouting priority mangle; }}
-add rule inet {_ISP_PATH_NFT_TABLE} out meta mark {T.ISP_PATH_MARK:#x} ct mark set meta mark
-add rule inet {_ISP_PATH_NFT_TABLE} pre ct mark {T.ISP_PATH_MARK:#x} meta mark set ct mark
-"""
-
-#: Popen objects of daemons this process started, so they can be reaped (no zombies) after a kill.
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 class LabError(RuntimeError):
@@ -91,97 +90,6 @@ def _run(argv: list[str], *, input: str | None = None, check: bool = True) -> su
         shown = " ".join(argv) + (f"  <<<\n{input}" if input else "")
         raise LabError(f"command failed ({proc.returncode}): {shown}\n{detail}")
     return proc
-
-
-def _ns_inode(path: str | Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def _root_inodes() -> set[tuple[int, int] | None]:
-    """Namespaces that must never be matched: ours and init's (the real machine)."""
-    return {_ns_inode("/proc/self/ns/net"), _ns_inode("/proc/1/ns/net")}
-
-
-def _pids_in(inodes: set[tuple[int, int]]) -> set[int]:
-    """PIDs whose network namespace is one of ``inodes`` (one /proc scan for all of them)."""
-    inodes = inodes - _root_inodes()
-    if not inodes:
-        return set()
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _ns_inode(f"/proc/{entry}/ns/net") in inodes:
-            pids.add(int(entry))
-    pids.discard(os.getpid())
-    return pids
-
-
-def netns_pids(ns: str) -> set[int]:
-    """PIDs whose network namespace is ``ns`` (what ``ip netns pids`` does), never the root one's."""
-    target = _ns_inode(NETNS_DIR / ns)
-    return _pids_in({target}) if target else set()
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    """True for a running (not zombie) process; reaps our own finished children on the way."""
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        _CHILDREN.pop(pid, None)
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def lab_daemons(name: str | None = None) -> dict[int, list[str]]:
-    """Lab daemon processes found by command line (``-m splittun.lab.* ... --lab NAME``)."""
-    found: dict[int, list[str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        argv = _cmdline(int(entry))
-        if not any(m in argv for m in _MODULES) or "--lab" not in argv:
-            continue
-        i = argv.index("--lab")
-        if name is None or (i + 1 < len(argv) and argv[i + 1] == name):
-            found[int(entry)] = argv
-    return found
-
-
-def _kill(pids: set[int], grace: float = 1.0) -> None:
-    """SIGTERM, then SIGKILL what is left after ``grace`` seconds; reap our own children."""
-    pids = {p for p in pids if p > 1 and p != os.getpid()}
-    if not pids:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        end = time.monotonic() + grace
-        while time.monotonic() < end:
-            pids = {p for p in pids if _alive(p)}
-            if not pids:
-                break
-            time.sleep(0.02)
-        if not pids:
-            break
-    for pid in list(_CHILDREN):
-        if not _alive(pid):
-            _CHILDREN.pop(pid, None)
 
 
 def lab_names() -> list[str]:
@@ -302,10 +210,10 @@ class Lab:
                 fds.append(os.open(NETNS_DIR / ns, os.O_RDONLY | os.O_CLOEXEC))
         try:
             inodes = {(st.st_dev, st.st_ino) for st in map(os.fstat, fds)}
-            _kill(_pids_in(inodes) | set(lab_daemons(self.name)))
+            kill(pids_in(inodes) | set(lab_daemons(self.name)))
             for ns in self.namespaces.values():
                 self._delete_netns(ns)
-            _kill(_pids_in(inodes))  # late entrants
+            kill(pids_in(inodes))  # late entrants
         finally:
             for fd in fds:
                 os.close(fd)
@@ -333,14 +241,14 @@ class Lab:
         self.rp_filter = st.get("rp_filter", self.rp_filter)  # a property of the built lab, not of this object
         antispoof = st.get("antispoof", self.antispoof) if antispoof is None else antispoof
         pid = st.get("pids", {}).get("tunnel-host")
-        if st.get("style") == style and st.get("antispoof") == antispoof and pid and _alive(pid):
+        if st.get("style") == style and st.get("antispoof") == antispoof and pid and alive(pid):
             self.style, self.antispoof = style, bool(antispoof)
             return  # already so: keep it cheap for fixtures that assert a style per test
-        old_mark = self._tunnel_mark(st.get("style", self.style))
+        old_mark = plan.tunnel_mark(st.get("style", self.style))
         self._apply_style(style, bool(antispoof))
         self.style, self.antispoof = style, bool(antispoof)
         deadline = time.monotonic() + timeout
-        if old_mark != self._tunnel_mark(style) or not (pid and _alive(pid)):
+        if old_mark != plan.tunnel_mark(style) or not (pid and alive(pid)):
             self._start_host_tunnel()
             self._wait_attached("host", T.TUN_HOST_IF, deadline)
         self._save_state()
@@ -364,10 +272,10 @@ class Lab:
         processes: dict[str, dict[str, Any]] = {}
         for key in DAEMONS:
             pid = st.get("pids", {}).get(key)
-            if pid is None or not _alive(pid):
-                found = [p for p, argv in running.items() if _daemon_key(argv) == key and _alive(p)]
+            if pid is None or not alive(pid):
+                found = [p for p, argv in running.items() if _daemon_key(argv) == key and alive(p)]
                 pid = found[0] if found else pid
-            processes[key] = {"pid": pid, "alive": bool(pid and _alive(pid))}
+            processes[key] = {"pid": pid, "alive": bool(pid and alive(pid))}
         return {
             "name": self.name,
             "exists": any(namespaces.values()),
@@ -450,206 +358,56 @@ class Lab:
     # -- internals: building ------------------------------------------------------------------------
 
     def _sysctls(self) -> None:
-        common = {
-            # Addresses usable at once: no DAD, no RA-learned routes that would blur the topology.
-            "net.ipv6.conf.all.accept_dad": 0,
-            "net.ipv6.conf.default.accept_dad": 0,
-            "net.ipv6.conf.all.accept_ra": 0,
-            "net.ipv6.conf.default.accept_ra": 0,
-            "net.ipv4.conf.all.accept_redirects": 0,
-            "net.ipv4.conf.default.accept_redirects": 0,
-            "net.ipv6.conf.all.accept_redirects": 0,
-            "net.ipv6.conf.default.accept_redirects": 0,
-            # New namespaces inherit IPv4 conf from the root namespace: pin what the lab relies on.
-            # No proxy ARP/NDP anywhere, so on-link guesses get no answer.
-            "net.ipv4.conf.all.proxy_arp": 0,
-            "net.ipv4.conf.default.proxy_arp": 0,
-            "net.ipv6.conf.all.proxy_ndp": 0,
-            "net.ipv6.conf.default.proxy_ndp": 0,
-            "net.ipv4.conf.all.src_valid_mark": 0,
-        }
-        per_role = {
-            # The laptop: no forwarding. rp_filter loose (2) as systemd-based distros ship it:
-            # strict (1) drops replies to marked split traffic arriving on eth0, because the reverse
-            # lookup is done without the mark and finds the VPN default route. Lab(rp_filter=1)
-            # reproduces that harsher setup on purpose.
-            "host": {"net.ipv4.ip_forward": 0, "net.ipv6.conf.all.forwarding": 0, "rp": self.rp_filter},
-            # Routers: forwarding on; strict rp_filter holds because all their paths are symmetric
-            # (and it stops tunnel-internal addresses leaking out through the ISP).
-            "isp": {"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1, "rp": 1},
-            "vpnsrv": {"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1, "rp": 1},
-            "inet": {"net.ipv4.ip_forward": 0, "net.ipv6.conf.all.forwarding": 0, "rp": 1},
-        }
-        for role, values in per_role.items():
-            settings = dict(common)
-            rp = values.pop("rp")
-            settings.update(values)
-            settings["net.ipv4.conf.all.rp_filter"] = rp
-            settings["net.ipv4.conf.default.rp_filter"] = rp
-            argv = ["sysctl", "-q", "-w", *(f"{k}={v}" for k, v in settings.items())]
-            _run(["ip", "netns", "exec", self.ns(role), *argv])
+        for role in T.ROLES:
+            settings = plan.sysctls(role, self.rp_filter)
+            _run(
+                ["ip", "netns", "exec", self.ns(role), "sysctl", "-q", "-w", *(f"{k}={v}" for k, v in settings.items())]
+            )
 
-    def _batch(self, role: str, lines: list[str], family: str = "") -> None:
-        """Many ``ip`` commands in one process; ``family`` is "-4"/"-6" for rules and routes."""
-        argv = ["ip", "-n", self.ns(role), *([family] if family else []), "-batch", "-"]
-        _run(argv, input="\n".join(lines) + "\n")
+    def _batch(self, batch: plan.Batch) -> None:
+        """Many ``ip`` commands in one process, in the batch's namespace (and address family)."""
+        argv = ["ip", "-n", self.ns(batch.role), *([batch.family] if batch.family else []), "-batch", "-"]
+        _run(argv, input="\n".join(batch.lines) + "\n")
 
     def _links(self) -> None:
-        # veth pairs created straight between lab namespaces: nothing ever appears in the root one.
-        for (a, a_if), (b, b_if) in (
-            (("host", T.HOST_IF), ("isp", T.ISP_LAN_IF)),
-            (("isp", T.ISP_VPNSRV_IF), ("vpnsrv", T.VPNSRV_IF)),
-            (("isp", T.ISP_INET_IF), ("inet", T.INET_IF)),
-        ):
-            _run(["ip", "-n", self.ns(a), "link", "add", a_if, "index", str(T.IFINDEX[f"{a}:{a_if}"]), "type", "veth",
-                  "peer", "name", b_if, "index", str(T.IFINDEX[f"{b}:{b_if}"]), "netns", self.ns(b)])  # fmt: skip
-        self._batch("host", [
-            "link set lo up",
-            f"addr add {T.HOST_V4}/{T.HOST_PLEN_V4} dev {T.HOST_IF}",
-            f"addr add {T.HOST_V6}/{T.HOST_PLEN_V6} dev {T.HOST_IF} nodad",
-            f"link set {T.HOST_IF} up",
-            # The VPN client's TUN: persistent, so routes can be set before the forwarder attaches and
-            # survive a forwarder restart (as with a kernel WireGuard interface).
-            f"tuntap add dev {T.TUN_HOST_IF} mode tun",
-            f"link set {T.TUN_HOST_IF} mtu {T.TUN_MTU} up",
-            f"addr add {T.TUN_HOST_V4}/32 peer {T.TUN_SRV_V4}/32 dev {T.TUN_HOST_IF}",
-            f"addr add {T.TUN_HOST_V6}/{T.TUN_PLEN_V6} dev {T.TUN_HOST_IF} nodad",
-        ])  # fmt: skip
-        self._batch("isp", [
-            "link set lo up",
-            f"addr add {T.ISP_LAN_V4}/{T.HOST_PLEN_V4} dev {T.ISP_LAN_IF}",
-            f"addr add {T.ISP_LAN_V6}/{T.HOST_PLEN_V6} dev {T.ISP_LAN_IF} nodad",
-            f"addr add {T.ISP_VPNSRV_V4}/{T.VPNSRV_PLEN_V4} dev {T.ISP_VPNSRV_IF}",
-            f"addr add {T.ISP_VPNSRV_V6}/{T.VPNSRV_PLEN_V6} dev {T.ISP_VPNSRV_IF} nodad",
-            f"addr add {T.ISP_INET_V4}/{T.INET_PLEN_V4} dev {T.ISP_INET_IF}",
-            f"addr add {T.ISP_INET_V6}/{T.INET_PLEN_V6} dev {T.ISP_INET_IF} nodad",
-            f"link set {T.ISP_LAN_IF} up",
-            f"link set {T.ISP_VPNSRV_IF} up",
-            f"link set {T.ISP_INET_IF} up",
-        ])  # fmt: skip
-        if self.second_uplink:
-            _run(["ip", "-n", self.ns_host, "link", "add", T.HOST2_IF, "index", str(T.IFINDEX["host:eth1"]),
-                  "type", "veth", "peer", "name", T.ISP_LAN2_IF, "index", str(T.IFINDEX["isp:lan1"]),
-                  "netns", self.ns_isp])  # fmt: skip
-            self._batch("host", [
-                f"addr add {T.HOST2_V4}/{T.HOST2_PLEN_V4} dev {T.HOST2_IF}",
-                f"addr add {T.HOST2_V6}/{T.HOST2_PLEN_V6} dev {T.HOST2_IF} nodad",
-                f"link set {T.HOST2_IF} up",
-            ])  # fmt: skip
-            self._batch("isp", [
-                f"addr add {T.ISP_LAN2_V4}/{T.HOST2_PLEN_V4} dev {T.ISP_LAN2_IF}",
-                f"addr add {T.ISP_LAN2_V6}/{T.HOST2_PLEN_V6} dev {T.ISP_LAN2_IF} nodad",
-                f"link set {T.ISP_LAN2_IF} up",
-            ])  # fmt: skip
-        self._batch("vpnsrv", [
-            "link set lo up",
-            f"addr add {T.VPNSRV_V4}/{T.VPNSRV_PLEN_V4} dev {T.VPNSRV_IF}",
-            f"addr add {T.VPNSRV_V6}/{T.VPNSRV_PLEN_V6} dev {T.VPNSRV_IF} nodad",
-            f"link set {T.VPNSRV_IF} up",
-            f"tuntap add dev {T.TUN_SRV_IF} mode tun",
-            f"link set {T.TUN_SRV_IF} mtu {T.TUN_MTU} up",
-            f"addr add {T.TUN_SRV_V4}/32 peer {T.TUN_HOST_V4}/32 dev {T.TUN_SRV_IF}",
-            f"addr add {T.TUN_SRV_V6}/{T.TUN_PLEN_V6} dev {T.TUN_SRV_IF} nodad",
-        ])  # fmt: skip
-        self._batch("vpnsrv", [f"route add default via {T.ISP_VPNSRV_V4} dev {T.VPNSRV_IF}"], "-4")
-        self._batch("vpnsrv", [f"route add default via {T.ISP_VPNSRV_V6} dev {T.VPNSRV_IF}"], "-6")
-        inet = ["link set lo up"]
-        for addr in (T.INET_V4, *T.SERVER_V4):
-            inet.append(f"addr add {addr}/{T.INET_PLEN_V4} dev {T.INET_IF}")
-        for addr in (T.INET_V6, *T.SERVER_V6):
-            inet.append(f"addr add {addr}/{T.INET_PLEN_V6} dev {T.INET_IF} nodad")
-        inet.append(f"link set {T.INET_IF} up")
-        self._batch("inet", inet)
-        self._batch("inet", [f"route add default via {T.ISP_INET_V4} dev {T.INET_IF}"], "-4")
-        self._batch("inet", [f"route add default via {T.ISP_INET_V6} dev {T.INET_IF}"], "-6")
+        for veth in plan.veths(self.second_uplink):
+            _run(veth.argv(self.ns(veth.a_role), self.ns(veth.b_role)))
+        for batch in plan.addresses(self.second_uplink):
+            self._batch(batch)
 
     def _vpn_server_nat(self) -> None:
-        """Masquerade tunnel traffic out of the server's public address (legacy iptables, in vpnsrv)."""
-        for tool, net in (("iptables-legacy", T.TUN_NET_V4), ("ip6tables-legacy", T.TUN_NET_V6)):
-            _run(["ip", "netns", "exec", self.ns_vpnsrv, tool, "-w", "-t", "nat", "-A", "POSTROUTING",
-                  "-s", net, "-o", T.VPNSRV_IF, "-j", "MASQUERADE"])  # fmt: skip
-
-    @staticmethod
-    def _tunnel_mark(style: str) -> int:
-        return T.WG_FWMARK if style == "wgquick" else 0
+        for argv in plan.vpn_server_nat():
+            _run(["ip", "netns", "exec", self.ns_vpnsrv, *argv])
 
     def _apply_style(self, style: str, antispoof: bool) -> None:
         """Remove both styles' host routing, then install ``style``'s (idempotent).
 
-        Ordered so that a switch leaks nothing: at no moment does unmarked traffic meet a default route
-        through a physical uplink without wg-quick's rules in front of it. Default routes via the uplinks
-        go first and come last; in between, traffic goes into the tunnel or nowhere (the leak monitor
-        saw retransmissions of a VPN connection leave through eth0 while an older order switched).
-        """
+        Ordered so that a switch leaks nothing (`plan.style_removals`, `plan.style`): at no moment does
+        unmarked traffic meet a default route through a physical uplink without wg-quick's rules in front of
+        it (the leak monitor saw retransmissions of a VPN connection leave through eth0 while an older order
+        switched)."""
         host = self.ns_host
-        for fam in ("-4", "-6"):
-            for dev in (T.HOST_IF, T.HOST2_IF):
-                while _run(["ip", "-n", host, fam, "route", "del", "default", "dev", dev], check=False).returncode == 0:
-                    pass
-            while _run(["ip", "-n", host, fam, "route", "del", "default"], check=False).returncode == 0:
+        for argv in plan.style_removals():
+            while _run(["ip", "-n", host, *argv], check=False).returncode == 0:
                 pass
-            _run(["ip", "-n", host, fam, "route", "flush", "table", str(T.WG_TABLE)], check=False)
-            for pref in (T.WG_RULE_PREF_SUPPRESS, T.WG_RULE_PREF_FWMARK):
-                while _run(["ip", "-n", host, fam, "rule", "del", "pref", str(pref)], check=False).returncode == 0:
-                    pass
-        _run(["ip", "-n", host, "-4", "route", "del", f"{T.VPNSRV_V4}/32"], check=False)
+        for argv in plan.STYLE_FLUSHES:
+            _run(["ip", "-n", host, *argv], check=False)
         for fam in ("ip", "ip6"):
             _run(["ip", "netns", "exec", host, "nft", "delete", "table", fam, T.WG_NFT_TABLE], check=False)
-        valid_mark = 0
-        if style == "replaced":
-            self._batch("host", [
-                f"route add {T.VPNSRV_V4}/32 via {T.ISP_LAN_V4} dev {T.HOST_IF}",
-                f"route add default dev {T.TUN_HOST_IF}",
-            ], "-4")  # fmt: skip
-            self._batch("host", [f"route add default dev {T.TUN_HOST_IF}"], "-6")
-        else:
-            for fam, gw in (("-4", T.ISP_LAN_V4), ("-6", T.ISP_LAN_V6)):
-                self._batch("host", [  # the physical default last, once the rules keep unmarked traffic off it
-                    f"route add default dev {T.TUN_HOST_IF} table {T.WG_TABLE}",
-                    f"rule add not fwmark {T.WG_FWMARK} table {T.WG_TABLE} pref {T.WG_RULE_PREF_FWMARK}",
-                    f"rule add table main suppress_prefixlength 0 pref {T.WG_RULE_PREF_SUPPRESS}",
-                    f"route add default via {gw} dev {T.HOST_IF}",
-                ], fam)  # fmt: skip
-            valid_mark = 1  # wg-quick sets it so rp_filter sees the connmark-restored transport mark
-        if self.second_uplink:
-            for fam, gw in (("-4", T.ISP_LAN2_V4), ("-6", T.ISP_LAN2_V6)):
-                self._batch("host", [f"route add default via {gw} dev {T.HOST2_IF} metric {T.SECOND_UPLINK_METRIC}"],
-                            fam)  # fmt: skip
-        nft = self._nft_script(style, antispoof)
-        if nft:
-            _run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=nft)
-        _run(["ip", "netns", "exec", host, "sysctl", "-q", "-w", f"net.ipv4.conf.all.src_valid_mark={valid_mark}"])
-
-    @staticmethod
-    def _nft_script(style: str, antispoof: bool) -> str:
-        """wg-quick's nft table: connmark save/restore of the transport mark, optional anti-spoofing."""
-        if style != "wgquick" and not antispoof:
-            return ""
-        lines = []
-        for fam, tun_addr in (("ip", T.TUN_HOST_V4), ("ip6", T.TUN_HOST_V6)):
-            t = f"{fam} {T.WG_NFT_TABLE}"
-            lines += [
-                f"add table {t}",
-                f"add chain {t} preraw {{ type filter hook prerouting priority -300; }}",
-                f"add chain {t} premangle {{ type filter hook prerouting priority -150; }}",
-                f"add chain {t} postmangle {{ type filter hook postrouting priority -150; }}",
-            ]
-            if antispoof:
-                lines.append(
-                    f'add rule {t} preraw iifname != "{T.TUN_HOST_IF}" {fam} daddr {tun_addr} '
-                    "fib saddr type != local drop"
-                )
-            if style == "wgquick":
-                lines.append(f"add rule {t} postmangle meta l4proto udp mark {T.WG_FWMARK} ct mark set mark")
-                lines.append(f"add rule {t} premangle meta l4proto udp meta mark set ct mark")
-        return "\n".join(lines) + "\n"
+        routing = plan.style(style, antispoof, self.second_uplink)
+        for batch in routing.batches:
+            self._batch(batch)
+        if routing.nft:
+            _run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=routing.nft)
+        _run(["ip", "netns", "exec", host, "sysctl", "-q", "-w",
+              f"net.ipv4.conf.all.src_valid_mark={routing.src_valid_mark}"])  # fmt: skip
 
     def _start_host_tunnel(self) -> None:
         st = self._load_state()
         old = st.get("pids", {}).get("tunnel-host")
-        if old and _alive(old) and _daemon_key(_cmdline(old)) == "tunnel-host":
-            _kill({old})
-        mark = self._tunnel_mark(self.style)
+        if old and alive(old) and _daemon_key(cmdline(old)) == "tunnel-host":
+            kill({old})
+        mark = plan.tunnel_mark(self.style)
         self._spawn("tunnel-host", [
             "client", "--dev", T.TUN_HOST_IF,
             "--peer", f"{T.VPNSRV_V4}:{T.VPN_SERVER_PORT}",
@@ -669,22 +427,20 @@ class Lab:
             with contextlib.suppress(OSError), open(self.leakmon_log, "rb") as f:
                 if any(b'"event":"ready"' in line for line in f):
                     return
-            if not (pid and _alive(pid)) or time.monotonic() >= deadline:
+            if not (pid and alive(pid)) or time.monotonic() >= deadline:
                 raise LabError(f"lab {self.name!r}: the leak monitor is not capturing" + self._log_tails())
             time.sleep(0.01)
 
     def _wait_links_up(self, deadline: float) -> None:
         """Wait until every veth reports operstate UP (carrier seen by linkwatch: qdisc and IPv6 ready)."""
-        optional = set() if self.second_uplink else {"host:eth1", "isp:lan1"}
-        links_made = [key for key in T.IFINDEX if key not in optional]
-        pending = {key.split(":")[0] for key in links_made}
+        wanted = plan.veth_interfaces(self.second_uplink)
+        pending = set(wanted)
         while pending:
             for role in sorted(pending):
                 out = _run(["ip", "-n", self.ns(role), "-j", "link", "show", "type", "veth"], check=False).stdout
                 with contextlib.suppress(ValueError):
                     links = json.loads(out)
-                    want = {k.split(":")[1] for k in links_made if k.startswith(f"{role}:")}
-                    if want <= {link["ifname"] for link in links if link.get("operstate") == "UP"}:
+                    if wanted[role] <= {link["ifname"] for link in links if link.get("operstate") == "UP"}:
                         pending.discard(role)
             if pending and time.monotonic() >= deadline:
                 raise LabError(f"lab {self.name!r}: links not up in {sorted(pending)}")
@@ -716,7 +472,7 @@ class Lab:
                 start_new_session=True,
                 close_fds=True,
             )
-        _CHILDREN[proc.pid] = proc
+        CHILDREN[proc.pid] = proc
         st = self._load_state()
         st.setdefault("pids", {})[key] = proc.pid
         self._save_state(st)
@@ -766,15 +522,12 @@ class Lab:
             strict = self._load_state().get("rp_filter", self.rp_filter) == 1
             valid_mark = None
             try:
-                for fam, gw in (("-4", T.ISP_LAN_V4), ("-6", T.ISP_LAN_V6)):
-                    self._batch("host", [
-                        f"route replace default via {gw} dev {T.HOST_IF} table {T.ISP_PATH_TABLE}",
-                        f"rule add fwmark {T.ISP_PATH_MARK:#x} lookup {T.ISP_PATH_TABLE} pref {T.ISP_PATH_RULE_PREF}",
-                    ], fam)  # fmt: skip
+                for batch in plan.isp_path():
+                    self._batch(batch)
                 if strict:
                     valid_mark = self._sysctl_get("host", "net.ipv4.conf.all.src_valid_mark")
                     self._sysctl_set("host", "net.ipv4.conf.all.src_valid_mark", "1")
-                    _run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=_ISP_PATH_NFT)
+                    _run(["ip", "netns", "exec", host, "nft", "-f", "-"], input=plan.ISP_PATH_NFT)
                 yield
             finally:
                 for fam in ("-4", "-6"):
@@ -783,7 +536,7 @@ class Lab:
                         pass
                     _run(["ip", "-n", host, fam, "route", "flush", "table", str(T.ISP_PATH_TABLE)], check=False)
                 if strict:
-                    _run(["ip", "netns", "exec", host, "nft", "delete", "table", "inet", _ISP_PATH_NFT_TABLE],
+                    _run(["ip", "netns", "exec", host, "nft", "delete", "table", "inet", plan.ISP_PATH_NFT_TABLE],
                          check=False)  # fmt: skip
                     if valid_mark is not None:
                         self._sysctl_set("host", "net.ipv4.conf.all.src_valid_mark", valid_mark)
