@@ -1,6 +1,6 @@
 """netenv: interfaces, addresses, routes and gateways, and which physical link is the uplink.
 
-Where it sits in the data path: a split connection leaves through the "uplink" (DESIGN.md, step 4-5):
+Where it sits in the data path: a split connection leaves through the "uplink" (ARCHITECTURE.md, "Data paths"):
 the proxies bind the upstream socket to that interface and the policy routing table sends it via that
 interface's gateway. netenv is what knows both, per address family, also while a VPN owns the default
 route. Two ways to ask:
@@ -8,12 +8,13 @@ route. Two ways to ask:
 - the library (this package; no actor needed, as the CLI and the proxies use it): `get_interface(x)`,
   `best_physical_default_interfaces()`, `gateways_info()`, `snapshot()`, backed by a cache refreshed at
   most once per second (cache.py);
-- the actor (`python -m actors.netenv`, actor.py): watches netlink and publishes `netenv.changed` with
+- the actor (`python -m actors.netenv`, actors/netenv/actor.py): watches netlink and publishes `netenv.changed` with
   the whole snapshot after every change, so subscribers never have to ask.
 
-Modules: raw.py (what the OS says) → linux.py / windows.py (reading it) → decide.py (pure decisions) →
+Modules: raw.py (what the OS says) → linux.py / windows.py (reading it) → uplink.py (pure decisions) →
 info.py (the answers) → cache.py (the shared snapshot); rtnl.py parses rtnetlink (its framing and socket
-are actors/netlink.py, shared with the other actors).
+are kernel/netlink.py, shared with the other kernel interfaces). Split egress (which interface, source and
+gateway split traffic uses) is core/egress.py.
 """
 
 from __future__ import annotations
