@@ -2,7 +2,9 @@
 
 An actor is a subclass of `Actor`; its package's `__main__` calls `main(TheActor)`. The runtime then
 - connects a publisher to the bus and subscribes to the actor's topic prefixes,
-- binds the actor's request endpoint (`<instance>.ctl.sock`) and answers `ping` and `counters` itself,
+- binds the actor's request endpoint (`<instance>.ctl.sock`) and answers the ops declared in
+  messages/control.py: `ping` and `counters` for every actor, the rest through the methods an actor binds
+  with `@answers(OP)` (arguments decoded into the op's record, the result encoded; docs/control-plane.md),
 - publishes `actor.heartbeat` (name, pid, uptime, counters) every second,
 - decodes every bus message; a malformed one is logged in one line, counted and dropped,
 - stops on SIGTERM/SIGINT (or when supervisord dies: PR_SET_PDEATHSIG) within 2 s, closing its
@@ -16,24 +18,75 @@ import argparse
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import zmq
 
-from messages.control import UNKNOWN_OP, Request, RequestFailed
+from messages.control import INVALID_ARGUMENT, UNKNOWN_OP, AnyActor, NoArgs, Op, Ops, Ping, Request, RequestFailed
 from messages.events import Heartbeat
 from messages.schema import Message, MessageError, decode
 from runtime import log as logmod
 from runtime import paths
 from runtime.loop import Loop, die_with_parent
 from runtime.transport import Publisher, ReplyServer, Subscriber
+from runtime.transport import ask as send_ask
 from runtime.transport import request as send_request
 
 HEARTBEAT_INTERVAL = 1.0
 _MESSAGE_BATCH = 256
 _MALFORMED_LOG_LINES_PER_SECOND = 5
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+R = TypeVar("R")
+
+
+def answers(op: Op[Any, Any]) -> Callable[[Handler], Handler]:
+    """Bind the decorated method to a declared op (messages/control.py). The method gets the op's argument
+    record, decoded and validated, and returns the op's result; it raises RequestFailed(code, message) to
+    answer with an error. The op must belong to `AnyActor` or to the actor's own `control` group."""
+
+    def bind(method: Handler) -> Handler:
+        method.__control_op__ = op  # type: ignore[attr-defined]
+        return method
+
+    return bind
+
+
+def _handlers(cls: type[Actor]) -> dict[str, tuple[Op[Any, Any], str]]:
+    """op name → (op, method name) for `cls`, inherited bindings included (a subclass's own win)."""
+    table: dict[str, tuple[Op[Any, Any], str]] = {}
+    for klass in reversed(cls.__mro__):
+        own: set[str] = set()
+        for attr, value in vars(klass).items():
+            op = getattr(value, "__control_op__", None)
+            if not isinstance(op, Op):
+                continue
+            if op.actor != AnyActor.actor and (cls.control is None or op.actor != cls.control.actor):
+                answered = cls.control.__name__ if cls.control else "only AnyActor's ops"
+                raise TypeError(f"{klass.__name__}.{attr} answers {op!r}, but {cls.__name__} answers {answered}")
+            if op.name in own:
+                raise TypeError(f"{klass.__name__} binds op {op.name!r} twice")
+            own.add(op.name)
+            table[op.name] = (op, attr)
+    return table
+
+
+def dispatch(actor: Actor, req: Request) -> Any:
+    """Answer one request: find the op's handler, decode the arguments, call it, encode the result.
+
+    Unknown op → unknown_op; arguments that do not fit the op's record → invalid_argument naming the
+    field; a handler raising anything but RequestFailed → internal (the reply server's catch-all)."""
+    entry = type(actor).handlers.get(req.op)
+    if entry is None:
+        raise RequestFailed(UNKNOWN_OP, f"{actor.name} has no op {req.op!r}")
+    op, method = entry
+    try:
+        args = op.decode_args(req.args)
+    except MessageError as exc:
+        raise RequestFailed(INVALID_ARGUMENT, str(exc)) from None
+    return op.encode_result(getattr(actor, method)(args))
 
 
 class Actor:
@@ -42,6 +95,14 @@ class Actor:
     name: ClassVar[str] = ""
     #: Topic prefixes this actor receives in `on_message`.
     subscriptions: ClassVar[tuple[str, ...]] = ()
+    #: The group of ops (messages/control.py) this actor answers with `@answers` methods, besides AnyActor's.
+    control: ClassVar[type[Ops] | None] = None
+    #: op name → (op, method name); built for every subclass.
+    handlers: ClassVar[dict[str, tuple[Op[Any, Any], str]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.handlers = _handlers(cls)
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -57,9 +118,14 @@ class Actor:
     def on_message(self, msg: Message) -> None:
         """One decoded bus message on a subscribed topic."""
 
-    def handle_request(self, req: Request) -> Any:
-        """Answer a request; raise RequestFailed(code, message) to answer with an error."""
-        raise RequestFailed(UNKNOWN_OP, f"{self.name} has no op {req.op!r}")
+    @answers(AnyActor.PING)
+    def answer_ping(self, args: NoArgs) -> Ping:
+        rt = self.rt
+        return Ping(name=rt.name, instance=rt.instance, pid=rt.pid, uptime=rt.uptime())
+
+    @answers(AnyActor.COUNTERS)
+    def answer_counters(self, args: NoArgs) -> dict[str, int]:
+        return self.rt.all_counters(self)
 
     def counters(self) -> dict[str, int]:
         """The actor's own counters, sent in every heartbeat."""
@@ -71,6 +137,9 @@ class Actor:
 
     def stop(self) -> None:
         """Release resources; must return quickly (the whole stop has 2 s)."""
+
+
+Actor.handlers = _handlers(Actor)
 
 
 class Runtime:
@@ -106,8 +175,13 @@ class Runtime:
         """Fire-and-forget; False when the event was dropped (full queue or shutting down)."""
         return self.publisher.publish(msg) if self.publisher else False
 
+    def ask(self, instance: str, op: Op[Any, R], args: Any = None, timeout: float = 2.0) -> R:
+        """Ask another actor a declared op; its decoded result (control plane only; never from a packet path)."""
+        address = paths.actor_endpoint(self.run_dir, instance)
+        return send_ask(address, op, args, timeout=timeout, ctx=self.ctx, who=instance)
+
     def request(self, instance: str, op: str, args: dict[str, Any] | None = None, timeout: float = 2.0) -> Any:
-        """Ask another actor (control plane only; never from a packet path)."""
+        """Ask another actor by op name with raw arguments; the raw result."""
         address = paths.actor_endpoint(self.run_dir, instance)
         return send_request(address, op, args, timeout=timeout, ctx=self.ctx, who=instance)
 
@@ -134,7 +208,7 @@ class Runtime:
         self.server = ReplyServer(
             self.ctx,
             paths.actor_endpoint(self.run_dir, self.instance),
-            lambda r: self._answer(actor, r),
+            lambda r: dispatch(actor, r),
             self.log,
         )
         self.loop.add_socket(self.server.sock, self.server.handle_ready)
@@ -161,13 +235,6 @@ class Runtime:
     def _log_malformed(self, exc: MessageError) -> None:
         if self._malformed_lines.allow():
             self.log.warning("message.malformed", reason=str(exc), total=self.malformed)
-
-    def _answer(self, actor: Actor, req: Request) -> Any:
-        if req.op == "ping":
-            return {"name": self.name, "instance": self.instance, "pid": self.pid, "uptime": self.uptime()}
-        if req.op == "counters":
-            return self.all_counters(actor)
-        return actor.handle_request(req)
 
     def uptime(self) -> float:
         return time.time() - self.started

@@ -2,7 +2,9 @@
 
 Publishing is fire-and-forget: a full send queue drops the event and counts it, it never blocks the
 caller (the hot-path rule). Requests are for the control plane only; each call uses a fresh REQ socket
-with a deadline, so a dead server costs a timeout, never a stuck client.
+with a deadline, so a dead server costs a timeout, never a stuck client. `ask(endpoint, OP, args)` sends
+an op declared in messages/control.py and returns its decoded result; `request(endpoint, "op", {...})`
+is the raw form (op by name, arguments and result as plain msgpack values).
 """
 
 from __future__ import annotations
@@ -10,16 +12,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
 from messages import control
-from messages.control import Reply, Request, RequestFailed
+from messages.control import Op, Reply, Request, RequestFailed
 from messages.schema import Message, MessageError, decode, decode_payload, encode_payload
 
 from .log import EventLog, LineBudget
 from .paths import endpoint_file
+
+R = TypeVar("R")
 
 DEFAULT_HWM = 10_000
 #: Log lines a second for malformed requests (each one is still answered and counted).
@@ -195,3 +199,21 @@ def request(
         err = reply.error or control.ErrorInfo(code=control.INTERNAL, message="error without details")
         raise RequestFailed(err.code, err.message)
     return reply.result
+
+
+def ask(
+    endpoint: str,
+    op: Op[Any, R],
+    args: Any = None,
+    *,
+    timeout: float = 3.0,
+    ctx: zmq.Context | None = None,
+    who: str = "server",
+) -> R:
+    """Send a declared op with its argument record (None = the record's defaults) and return the result
+    decoded as the op declares it. RequestFailed on an error reply, no answer, or a reply that does not fit."""
+    raw = request(endpoint, op.name, op.encode_args(args), timeout=timeout, ctx=ctx, who=who)
+    try:
+        return op.decode_result(raw)
+    except MessageError as exc:
+        raise RequestFailed(control.BAD_REQUEST, f"{who} sent a malformed reply: {exc}") from None

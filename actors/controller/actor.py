@@ -7,6 +7,8 @@
   published at once and again every few seconds (a subscriber that joined late catches up), and served
   to actors that ask (`policy` op) when they (re)start.
 - Registry: `conn.*` and `proxy.session.*` events joined per connection (registry.py).
+
+Its ops are declared in messages/control.py (`Controller`); docs/control-plane.md lists them.
 """
 
 from __future__ import annotations
@@ -18,9 +20,21 @@ from typing import Any
 from core import config as cfg
 from core.egress import find_interface
 from messages import Heartbeat, Message, NetenvChanged, Notification, PolicySnapshot
-from messages.control import INVALID_ARGUMENT, NOT_FOUND, Request, RequestFailed
+from messages.control import (
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    ActorInfo,
+    ConfigState,
+    ConnectionArgs,
+    ConnectionInfo,
+    ConnectionsArgs,
+    Controller,
+    NoArgs,
+    ReloadOutcome,
+    RequestFailed,
+)
 from messages.verdict import parse_verdict
-from runtime.actor import Actor
+from runtime.actor import Actor, answers
 from runtime.paths import Home
 
 from .registry import ConnectionRegistry
@@ -40,6 +54,7 @@ class ControllerActor(Actor):
     """Controller: config, policy, registry, control endpoint."""
 
     name = "controller"
+    control = Controller
     subscriptions = ("actor.heartbeat", "conn.", "proxy.session.", "netenv.changed")
 
     def start(self) -> None:
@@ -75,7 +90,7 @@ class ControllerActor(Actor):
         self.config_stamp = stamp
         self.reload()
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self) -> ReloadOutcome:
         """Load the file; apply it when valid, else keep the config in force and say why."""
         try:
             new = cfg.load(self.config_path, interface_checker(self.netenv))
@@ -93,8 +108,13 @@ class ControllerActor(Actor):
                     level="error",
                 )
             )
-            return {"applied": False, "error": self.last_error, "version": self.snapshot.version}
+            return ReloadOutcome(applied=False, error=self.last_error, version=self.snapshot.version)
         self.last_error = ""
+        self._apply(new, "file")
+        return ReloadOutcome(applied=True, version=self.snapshot.version)
+
+    def _apply(self, new: cfg.Config, source: str) -> None:
+        """Make `new` the config in force: a new policy snapshot, published at once (when it changed)."""
         if new != self.config or self.reloads == 0:
             self.config = new
             self.snapshot = self._compile()
@@ -105,9 +125,9 @@ class ControllerActor(Actor):
                 enabled=new.enable,
                 interface=new.interface or "auto",
                 rules=len(new.rules),
+                source=source,
             )
         self.reloads += 1
-        return {"applied": True, "error": "", "version": self.snapshot.version}
 
     def _compile(self) -> PolicySnapshot:
         self.version = max(self.version + 1, int(time.time() * 1000))
@@ -131,54 +151,57 @@ class ControllerActor(Actor):
 
     # --- requests ---------------------------------------------------------------------------------
 
-    def handle_request(self, req: Request) -> Any:
-        op, args = req.op, req.args
-        if op == "actors":
-            return self.actor_table()
-        if op == "policy":
-            return self.snapshot.to_wire() | {"v": self.snapshot.VERSION}
-        if op == "reload":
-            self.config_stamp = self._stamp()
-            return self.reload()
-        if op == "config":
-            return {"config": self.config.to_json(), "version": self.snapshot.version, "last_error": self.last_error}
-        if op == "netenv":
-            return None if self.netenv is None else self.netenv.to_wire()
-        if op == "connections":
-            return self._connections(args)
-        if op == "connection":
-            rec = self.registry.get(str(args.get("id", "")))
-            if rec is None:
-                raise RequestFailed(NOT_FOUND, f"no connection {args.get('id')!r} (old ones roll off)")
-            return rec.to_dict()
-        return super().handle_request(req)
-
-    def _connections(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        verdict = None
-        if args.get("verdict"):
-            try:
-                verdict = int(parse_verdict(str(args["verdict"])))
-            except ValueError as exc:
-                raise RequestFailed(INVALID_ARGUMENT, str(exc)) from None
-        limit = int(args.get("limit", 200))
-        return [r.to_dict() for r in self.registry.query(verdict, args.get("app") or None, limit)]
-
-    def actor_table(self) -> list[dict[str, Any]]:
+    @answers(Controller.ACTORS)
+    def answer_actors(self, args: NoArgs) -> list[ActorInfo]:
         """Last heartbeat per instance, with its age as received here."""
         now = time.time()
         return [
-            {
-                "instance": instance,
-                "name": beat.name,
-                "pid": beat.pid,
-                "uptime": beat.uptime,
-                "age": now - received,
-                "counters": beat.counters,
-                "ready": beat.ready,
-                "not_ready": beat.not_ready,
-            }
+            ActorInfo(
+                instance=instance,
+                name=beat.name,
+                pid=beat.pid,
+                uptime=beat.uptime,
+                age=now - received,
+                counters=dict(beat.counters),
+                ready=beat.ready,
+                not_ready=beat.not_ready,
+            )
             for instance, (beat, received) in sorted(self.heartbeats.items())
         ]
+
+    @answers(Controller.POLICY)
+    def answer_policy(self, args: NoArgs) -> PolicySnapshot:
+        return self.snapshot
+
+    @answers(Controller.RELOAD)
+    def answer_reload(self, args: NoArgs) -> ReloadOutcome:
+        self.config_stamp = self._stamp()
+        return self.reload()
+
+    @answers(Controller.CONFIG)
+    def answer_config(self, args: NoArgs) -> ConfigState:
+        return ConfigState(config=self.config.to_json(), version=self.snapshot.version, last_error=self.last_error)
+
+    @answers(Controller.NETENV)
+    def answer_netenv(self, args: NoArgs) -> NetenvChanged | None:
+        return self.netenv
+
+    @answers(Controller.CONNECTIONS)
+    def answer_connections(self, args: ConnectionsArgs) -> list[ConnectionInfo]:
+        verdict = None
+        if args.verdict:
+            try:
+                verdict = int(parse_verdict(args.verdict))
+            except ValueError as exc:
+                raise RequestFailed(INVALID_ARGUMENT, str(exc)) from None
+        return [r.to_info() for r in self.registry.query(verdict, args.app or None, args.limit)]
+
+    @answers(Controller.CONNECTION)
+    def answer_connection(self, args: ConnectionArgs) -> ConnectionInfo:
+        rec = self.registry.get(args.id)
+        if rec is None:
+            raise RequestFailed(NOT_FOUND, f"no connection {args.id!r} (old ones roll off)")
+        return rec.to_info()
 
     def counters(self) -> dict[str, int]:
         return {

@@ -25,6 +25,7 @@ from messages import (
     Verdict,
     verdict_verb,
 )
+from messages.control import ConnectionInfo, SplitInfo
 from messages.flows import protocol_name
 
 DEFAULT_MAX_CLOSED = 2048
@@ -95,6 +96,12 @@ class ConnectionRecord:
         data["verb"] = self.verb
         data["state"] = self.state
         return data
+
+    def to_info(self) -> ConnectionInfo:
+        """As the `connections` and `connection` ops answer it (messages/control.py)."""
+        data = self.to_dict()
+        split = data.pop("split")
+        return ConnectionInfo(**data, split=None if split is None else SplitInfo(**split))
 
     def matches_app(self, text: str) -> bool:
         text = text.lower()

@@ -25,10 +25,11 @@ from core.egress import split_routes
 from kernel.conntrack import Conntrack, ConntrackEvents
 from kernel.routing import RoutingKeeper, SplitRouting
 from kernel.sockdiag import SockDiag, SocketEvents
-from messages import Heartbeat, IvpnStatus, Message, MessageError, NetenvChanged, PolicySnapshot
-from messages.control import INVALID_ARGUMENT, Request, RequestFailed
+from messages import Heartbeat, IvpnStatus, Message, NetenvChanged, PolicySnapshot
+from messages.control import INVALID_ARGUMENT, Controller, Interceptor, NoArgs, Op, RequestFailed, RulesChecked
+from messages.control import Netenv as NetenvOps
 from runtime import paths
-from runtime.actor import Actor
+from runtime.actor import Actor, answers
 
 from . import hook
 from .cleanup import NAMES_FILE, cleanup, write_marker
@@ -55,6 +56,7 @@ class InterceptorActor(Actor):
     """Packet interceptor: NFQUEUE verdicts and the firewall rule lifecycle."""
 
     name = "interceptor"
+    control = Interceptor
     subscriptions = ("policy.snapshot", "netenv.changed", "ivpn.status", "actor.heartbeat")
 
     @classmethod
@@ -178,25 +180,25 @@ class InterceptorActor(Actor):
 
     def _fetch_policy(self) -> None:
         """The current policy from the controller (packets are decided meanwhile with it disabled)."""
-        self._fetch("controller", "policy", PolicySnapshot, lambda: self.engine.policy.version > 0,
+        self._fetch("controller", Controller.POLICY, lambda: self.engine.policy.version > 0,
                     lambda snap: self._adopt(snap, "controller"))  # fmt: skip
 
     def _fetch_netenv(self) -> None:
         """The network from netenv: until it arrives, a rule's own interface cannot be checked (kept)."""
-        self._fetch("netenv", "snapshot", NetenvChanged, lambda: self.engine.netenv is not None,
+        self._fetch("netenv", NetenvOps.SNAPSHOT, lambda: self.engine.netenv is not None,
                     lambda snap: self.on_message(snap))  # fmt: skip
 
-    def _fetch(self, actor: str, op: str, cls: Any, have: Any, adopt: Any) -> None:
+    def _fetch(self, actor: str, op: Op[Any, Any], have: Any, adopt: Any) -> None:
         """Ask `actor` until it answers or the bus brought the same thing. Runs in a thread: packets keep
         flowing meanwhile; the answer is adopted on the loop thread."""
         while not self._stopping.is_set() and not have():
             try:
-                snapshot = cls.from_wire(self.rt.request(actor, op, timeout=2.0), cls.TOPIC)
-            except (RequestFailed, MessageError) as exc:
+                snapshot = self.rt.ask(actor, op, timeout=2.0)
+            except RequestFailed as exc:
                 self._stopping.wait(SNAPSHOT_RETRY)
                 if self._stopping.is_set():
                     return
-                self.log.debug("snapshot.fetch_retry", actor=actor, op=op, error=str(exc))
+                self.log.debug("snapshot.fetch_retry", actor=actor, op=op.name, error=str(exc))
                 continue
             self.rt.loop.call_soon_threadsafe(lambda s=snapshot: adopt(s) if not have() else None)
             return
@@ -264,23 +266,24 @@ class InterceptorActor(Actor):
 
         threading.Thread(target=check, name="rules-check", daemon=True).start()
 
-    def handle_request(self, req: Request) -> Any:
-        if req.op == "check_rules":
-            if not self.owns_rules:
-                raise RequestFailed(INVALID_ARGUMENT, "only worker 0 (interceptor) owns the rules")
-            return {"moved": self._check_jumps("requested")}
-        if req.op == "status":
-            return {
-                "active": self.active,
-                "worker": self.index,
-                "workers": self.workers,
-                "owns_rules": self.owns_rules,
-                "queues": worker_queues(self.index),
-                "handler": hook.SLOT.name,
-                "routing": self.routing.status() if self.routing is not None else {"owner": False},
-                **self.engine.status(),
-            }
-        return super().handle_request(req)
+    @answers(Interceptor.CHECK_RULES)
+    def answer_check_rules(self, args: NoArgs) -> RulesChecked:
+        if not self.owns_rules:
+            raise RequestFailed(INVALID_ARGUMENT, "only worker 0 (interceptor) owns the rules")
+        return RulesChecked(moved=self._check_jumps("requested"))
+
+    @answers(Interceptor.STATUS)
+    def answer_status(self, args: NoArgs) -> dict[str, Any]:
+        return {
+            "active": self.active,
+            "worker": self.index,
+            "workers": self.workers,
+            "owns_rules": self.owns_rules,
+            "queues": worker_queues(self.index),
+            "handler": hook.SLOT.name,
+            "routing": self.routing.status() if self.routing is not None else {"owner": False},
+            **self.engine.status(),
+        }
 
     def readiness(self) -> str:
         if not getattr(self, "active", False):

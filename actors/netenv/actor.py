@@ -7,8 +7,9 @@
   one publish per second.
 - A refresh publishes only when the snapshot differs from the last published one (`seq` + 1). The
   last message is repeated unchanged (same `seq`) every `--republish` seconds for late subscribers.
-- Requests: `snapshot` (the last published message), `lookup` {query | ip | mac | name} (an interface
-  record or nil), `location` {disabled: bool} (the location gate; reflected in the next message).
+- Requests (messages/control.py, `Netenv`): `snapshot` (the last published message), `lookup`
+  {query | ip | mac | name} (an interface record or nil), `location` {disabled: bool} (the location gate;
+  reflected in the next message).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from core.netenv.cache import (
     network_derived_location_disabled,
 )
 from core.netenv.info import InterfaceInfo, Snapshot
-from messages.control import INVALID_ARGUMENT, UNAVAILABLE, Request, RequestFailed
-from messages.events import NetenvChanged
-from runtime.actor import Actor
+from messages.control import INVALID_ARGUMENT, UNAVAILABLE, Location, Lookup, NoArgs, RequestFailed
+from messages.control import Netenv as NetenvOps
+from messages.events import InterfaceRecord, NetenvChanged
+from runtime.actor import Actor, answers
 
 SETTLE = 0.1  # wait this long after the first change of a burst before reading
 MIN_INTERVAL = 1.0  # never read (so never publish) more often than this
@@ -48,6 +50,7 @@ class NetenvActor(Actor):
     """Network environment: interfaces, gateways and the physical uplink, live from netlink."""
 
     name = "netenv"
+    control = NetenvOps
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -138,36 +141,33 @@ class NetenvActor(Actor):
 
     # --- requests ---------------------------------------------------------------------------------
 
-    def handle_request(self, req: Request) -> Any:
-        args = req.args
-        if req.op == "snapshot":
-            if self.message is None:
-                raise RequestFailed(UNAVAILABLE, "no snapshot yet: the network state could not be read")
-            return self.message.to_wire() | {"v": self.message.VERSION}
-        if req.op == "lookup":
-            return self._lookup(args)
-        if req.op == "location":
-            if not isinstance(args.get("disabled"), bool):
-                raise RequestFailed(INVALID_ARGUMENT, "location needs {disabled: true|false}")
-            disable_network_derived_location(args["disabled"])
-            self._schedule()  # the next message says so (rate limit as for any change)
-            return {"disabled": network_derived_location_disabled()}
-        return super().handle_request(req)
+    @answers(NetenvOps.SNAPSHOT)
+    def answer_snapshot(self, args: NoArgs) -> NetenvChanged:
+        if self.message is None:
+            raise RequestFailed(UNAVAILABLE, "no snapshot yet: the network state could not be read")
+        return self.message
 
-    def _lookup(self, args: dict[str, Any]) -> Any:
+    @answers(NetenvOps.LOOKUP)
+    def answer_lookup(self, args: Lookup) -> InterfaceRecord | None:
         snap = self.netenv.snapshot()
         found: InterfaceInfo | None
-        if "query" in args:
-            found = snap.lookup(str(args["query"]))
-        elif "ip" in args:
-            found = snap.by_ip_text(str(args["ip"]))
-        elif "mac" in args:
-            found = snap.by_mac.get(str(args["mac"]).strip().lower().replace("-", ":"))
-        elif "name" in args:
-            found = snap.by_name.get(str(args["name"]))
+        if args.query is not None:
+            found = snap.lookup(args.query)
+        elif args.ip is not None:
+            found = snap.by_ip_text(args.ip)
+        elif args.mac is not None:
+            found = snap.by_mac.get(args.mac.strip().lower().replace("-", ":"))
+        elif args.name is not None:
+            found = snap.by_name.get(args.name)
         else:
             raise RequestFailed(INVALID_ARGUMENT, "lookup needs one of query, ip, mac, name")
-        return None if found is None else found.to_record().to_wire()
+        return None if found is None else found.to_record()
+
+    @answers(NetenvOps.LOCATION)
+    def answer_location(self, args: Location) -> Location:
+        disable_network_derived_location(args.disabled)
+        self._schedule()  # the next message says so (rate limit as for any change)
+        return Location(disabled=network_derived_location_disabled())
 
     def counters(self) -> dict[str, int]:
         monitor = getattr(self, "monitor", None)

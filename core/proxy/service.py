@@ -27,10 +27,19 @@ from messages import (
     ProxySessionStats,
     SessionCounters,
 )
-from messages.control import INVALID_ARGUMENT, Request, RequestFailed
+from messages.control import (
+    INVALID_ARGUMENT,
+    Controller,
+    Netenv,
+    NoArgs,
+    Proxy,
+    ProxyStatus,
+    RequestFailed,
+    SessionsArgs,
+    Upstream,
+)
 from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT
-from messages.schema import MessageError
-from runtime.actor import Actor, Runtime
+from runtime.actor import Actor, Runtime, answers
 
 from .base import ProxyBase, SessionHooks, parse_address
 from .config import ProxyConfig
@@ -104,6 +113,7 @@ class ProxyActor(Actor):
     """Base of the proxy_tcp and proxy_udp actors."""
 
     subscriptions = ("policy.snapshot", "netenv.changed")
+    control = Proxy
     proxy_class: ClassVar[type[ProxyBase]]
 
     @classmethod
@@ -192,13 +202,11 @@ class ProxyActor(Actor):
         (the policy from the controller, the network from netenv itself)."""
         if self.static or self.netenv is not None:
             return
-        for actor, op, cls in (("controller", "policy", PolicySnapshot), ("netenv", "snapshot", NetenvChanged)):
+        for actor, op in (("controller", Controller.POLICY), ("netenv", Netenv.SNAPSHOT)):
             try:
-                data = self.rt.request(actor, op, timeout=0.3)
-                if data:
-                    self.on_message(cls.from_wire(data, cls.TOPIC))
-            except (RequestFailed, MessageError) as exc:
-                self.log.debug("proxy.snapshot_unavailable", actor=actor, op=op, error=str(exc))
+                self.on_message(self.rt.ask(actor, op, timeout=0.3))
+            except RequestFailed as exc:
+                self.log.debug("proxy.snapshot_unavailable", actor=actor, op=op.name, error=str(exc))
         if self.netenv is None:
             self.rt.loop.call_later(SNAPSHOT_RETRY, self._ask_for_snapshots)
 
@@ -218,27 +226,27 @@ class ProxyActor(Actor):
 
     # --- requests -----------------------------------------------------------------------------------
 
-    def handle_request(self, req: Request) -> Any:
-        if req.op == "egress":
-            ip, port = req.args.get("ip"), req.args.get("port")
-            try:
-                ipaddress.ip_address(str(ip))
-                port = int(port)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                raise RequestFailed(INVALID_ARGUMENT, "egress needs ip (an IP address) and port (a number)") from None
-            return [s.to_dict() for s in self.proxy.table.by_upstream(str(ip), port)]
-        if req.op == "sessions":
-            limit = int(req.args.get("limit", 200))
-            return [s.to_dict() for s in self.proxy.table.sessions()[:limit]]
-        if req.op == "status":
-            egress = self.decider.egress
-            return {
-                "protocol": self.proxy.protocol,
-                "listen": [list(a) for a in self.proxy.addresses],
-                "egress": {f"ipv{f}": _describe(egress, f) for f in (4, 6)},
-                "counters": self.proxy.counters(),
-            }
-        return super().handle_request(req)
+    @answers(Proxy.EGRESS)
+    def answer_egress(self, args: Upstream) -> list[dict[str, Any]]:
+        try:
+            ipaddress.ip_address(args.ip)
+        except ValueError:
+            raise RequestFailed(INVALID_ARGUMENT, "egress needs ip (an IP address) and port (a number)") from None
+        return [s.to_dict() for s in self.proxy.table.by_upstream(args.ip, args.port)]
+
+    @answers(Proxy.SESSIONS)
+    def answer_sessions(self, args: SessionsArgs) -> list[dict[str, Any]]:
+        return [s.to_dict() for s in self.proxy.table.sessions()[: args.limit]]
+
+    @answers(Proxy.STATUS)
+    def answer_status(self, args: NoArgs) -> ProxyStatus:
+        egress = self.decider.egress
+        return ProxyStatus(
+            protocol=self.proxy.protocol,
+            listen=[list(a) for a in self.proxy.addresses],
+            egress={f"ipv{f}": _describe(egress, f) for f in (4, 6)},
+            counters=self.proxy.counters(),
+        )
 
     def readiness(self) -> str:
         egress = self.decider.egress

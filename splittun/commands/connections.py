@@ -7,10 +7,19 @@ import json
 import time
 from typing import Any
 
-from messages.control import NOT_FOUND, UNAVAILABLE, RequestFailed
+from messages.control import (
+    NOT_FOUND,
+    UNAVAILABLE,
+    ConnectionArgs,
+    ConnectionsArgs,
+    Controller,
+    Op,
+    RequestFailed,
+    to_plain,
+)
 from messages.flows import endpoint_text
 from runtime import paths
-from runtime.transport import request
+from runtime.transport import ask as ask_op
 from splittun.output import duration, table
 
 from . import FAILED, NOT_RUNNING, OK, UserError, current_home, require_root
@@ -32,11 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_conn_show)
 
 
-def ask(op: str, **args: Any) -> Any:
-    require_root(f"splittun {op}")
+def ask(op: Op[Any, Any], args: Any) -> Any:
+    """The controller's answer, as plain maps and lists (what --json prints)."""
+    require_root(f"splittun {op.name}")
     home = current_home()
     try:
-        return request(paths.control(home.run_dir), op, args, timeout=3, who="controller")
+        return to_plain(ask_op(paths.control(home.run_dir), op, args, timeout=3, who="controller"))
     except RequestFailed as exc:
         code = NOT_RUNNING if exc.code == UNAVAILABLE else FAILED
         if exc.code == NOT_FOUND:
@@ -57,7 +67,9 @@ def _bytes(n: int) -> str:
 
 
 def cmd_connections(args: argparse.Namespace) -> int:
-    rows = ask("connections", verdict=args.verdict or "", app=args.app or "", limit=args.limit)
+    rows = ask(
+        Controller.CONNECTIONS, ConnectionsArgs(verdict=args.verdict or "", app=args.app or "", limit=args.limit)
+    )
     if args.json:
         print(json.dumps(rows))
         return OK
@@ -88,7 +100,7 @@ def cmd_connections(args: argparse.Namespace) -> int:
 
 
 def cmd_conn_show(args: argparse.Namespace) -> int:
-    row = ask("connection", id=args.id)
+    row = ask(Controller.CONNECTION, ConnectionArgs(id=args.id))
     if args.json:
         print(json.dumps(row))
         return OK

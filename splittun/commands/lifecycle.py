@@ -11,10 +11,10 @@ from typing import Any
 import zmq
 
 from messages import Heartbeat, MessageError
-from messages.control import RequestFailed
+from messages.control import Controller, RequestFailed
 from runtime import paths
 from runtime.paths import Home
-from runtime.transport import Subscriber, request
+from runtime.transport import Subscriber, ask
 from splittun.output import duration, table
 from splittun.supervise import ProcessState, Supervisor, SupervisorError
 
@@ -240,10 +240,9 @@ def last_heartbeats(home: Home, instances: set[str]) -> dict[str, Beat]:
     controller cannot answer."""
     beats: dict[str, Beat] = {}
     try:
-        for row in request(paths.control(home.run_dir), "actors", timeout=1.0, who="controller"):
-            counters = {str(k): int(v) for k, v in dict(row.get("counters") or {}).items()}
-            beats[row["instance"]] = Beat(float(row["age"]), str(row.get("not_ready", "")), counters)
-    except (RequestFailed, KeyError, TypeError, ValueError):
+        for row in ask(paths.control(home.run_dir), Controller.ACTORS, timeout=1.0, who="controller"):
+            beats[row.instance] = Beat(row.age, row.not_ready, dict(row.counters))
+    except RequestFailed:
         pass
     missing = instances - beats.keys()
     if missing:
