@@ -1,8 +1,11 @@
 """The config: options named like Portmaster's, validated as a whole, stored as one JSON file.
 
-The CLI edits the file (validate → write to a temporary file → fsync → rename, so a reader never sees
-half a file); the controller notices the change and reloads it. Invalid config is refused with one
-message naming the key and the problem, and whatever config was in force stays in force.
+Edits are the controller's ops (messages/control.py: enable, disable, interface.set, rules.add|remove|move,
+config.set) and `edit()` below applies one to a config, validated: the controller does while splittun runs
+(it is then the only writer of the file), the CLI itself only when splittun is not running. A save is
+atomic (temporary file → fsync → rename, so a reader never sees half a file). A hand-edited file is
+reloaded by the controller when it changes. Invalid config is refused with one message naming the key (or
+the command-line flag) and the problem, and whatever config was in force stays in force.
 
 Options carry an expertise level like Portmaster's: user ⊂ expert ⊂ developer. The split-tunnel
 options are user level.
@@ -20,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.policy import RuleError
+from core.policy import RuleError, parse_endpoint, parse_ports
 from core.policy import validate as validate_rule
 from messages import PolicyRule
+from messages.control import ConfigSet, Controller, InterfaceChoice, Op, RuleAdd, RuleMove, RuleRef
 
 LEVELS = ("user", "expert", "developer")
 
@@ -38,6 +42,10 @@ class ConfigError(ValueError):
         self.key = key
         self.problem = problem
         super().__init__(f"{key}: {problem}")
+
+
+class RuleNotFound(ConfigError):
+    """An edit names a rule the config does not have."""
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -181,8 +189,6 @@ def rule_from_json(where: str, item: Any) -> PolicyRule:
     if not isinstance(item, dict):
         raise ConfigError(where, f"expected a rule object, got {_json_type(item)}")
     if "endpoint" in item:
-        from core.policy import parse_endpoint
-
         extra = set(item) - {"id", "endpoint", "interface"}
         if extra:
             raise ConfigError(f"{where}.{sorted(extra)[0]}", "unknown field next to 'endpoint'")
@@ -255,6 +261,117 @@ def set_value(config: Config, key: str, text: str) -> Config:
     data = config.to_json()
     data[key] = raw
     return from_json(data)
+
+
+# --- edits ------------------------------------------------------------------------------------------
+
+
+def live_interface_exists(text: str) -> bool:
+    """Does a usable interface with this name, IP or MAC exist in this network namespace (read now)?"""
+    from core.netenv import get_interface  # the netenv library: no actor needed
+
+    return get_interface(text) is not None
+
+
+def add_rule(config: Config, spec: RuleAdd, interface_exists: Callable[[str], bool]) -> tuple[Config, PolicyRule]:
+    """`rules add`: the new rule gets the next free id. A flag's mistake names the flag (`--interface`)."""
+    if spec.interface and not interface_exists(spec.interface):  # name what the user typed: the flag
+        raise ConfigError("--interface", f"unknown interface {spec.interface!r}")
+    rule_id = config.next_rule_id()
+    if spec.endpoint:
+        conditions = (spec.app, spec.name, spec.uid >= 0, spec.children, spec.dest, spec.proto, spec.port, spec.keep)
+        if any(conditions):
+            raise ConfigError("--endpoint", "cannot be combined with other conditions or --keep")
+        rule = parse_endpoint(spec.endpoint, rule_id)
+        rule = validate_rule(dataclasses.replace(rule, interface=spec.interface))
+    else:
+        lo, hi = parse_ports(spec.port)
+        rule = validate_rule(
+            PolicyRule(
+                id=rule_id,
+                action="keep" if spec.keep else "split",
+                app_path=spec.app,
+                app_name=spec.name,
+                uid=spec.uid,
+                children=spec.children,
+                dest=spec.dest,
+                proto=spec.proto,
+                port_lo=lo,
+                port_hi=hi,
+                interface=spec.interface,
+            )
+        )
+    rules = list(config.rules)
+    rules.insert(_index(spec.position, len(rules) + 1), rule)
+    return config.replace(rules=tuple(rules)), rule
+
+
+def remove_rule(config: Config, rule_id: str) -> Config:
+    rules = list(config.rules)
+    del rules[_find_rule(config, rule_id)]
+    return config.replace(rules=tuple(rules))
+
+
+def move_rule(config: Config, rule_id: str, position: int) -> Config:
+    rules = list(config.rules)
+    rule = rules.pop(_find_rule(config, rule_id))
+    rules.insert(_index(position, len(rules) + 1), rule)
+    return config.replace(rules=tuple(rules))
+
+
+def _index(position: int, count: int) -> int:
+    """A 1-based position (0 = last) among `count` places → a list index."""
+    if position == 0:
+        return count - 1
+    if not 1 <= position <= count:
+        raise ConfigError("position", f"must be between 1 and {count}, got {position}")
+    return position - 1
+
+
+def _find_rule(config: Config, rule_id: str) -> int:
+    for i, rule in enumerate(config.rules):
+        if rule.id == rule_id:
+            return i
+    known = ", ".join(r.id for r in config.rules) or "none"
+    raise RuleNotFound(rule_id, f"no such rule (rules: {known})")
+
+
+_Edit = Callable[[Config, Any, Callable[[str], bool]], tuple[Config, PolicyRule | None]]
+
+#: What each edit op does to a config (its arguments are the op's record).
+EDITS: dict[str, _Edit] = {
+    Controller.ENABLE.name: lambda c, a, x: (set_value(c, ENABLE, "true"), None),
+    Controller.DISABLE.name: lambda c, a, x: (set_value(c, ENABLE, "false"), None),
+    Controller.SET_INTERFACE.name: lambda c, a, x: (set_value(c, INTERFACE, _arg(a, InterfaceChoice).choice), None),
+    Controller.ADD_RULE.name: lambda c, a, x: add_rule(c, _arg(a, RuleAdd), x),
+    Controller.REMOVE_RULE.name: lambda c, a, x: (remove_rule(c, _arg(a, RuleRef).id), None),
+    Controller.MOVE_RULE.name: lambda c, a, x: (move_rule(c, _arg(a, RuleMove).id, a.position), None),
+    Controller.SET_CONFIG.name: lambda c, a, x: (set_value(c, _arg(a, ConfigSet).key, a.value), None),
+}
+
+
+def _arg(args: Any, cls: type[Any]) -> Any:
+    if not isinstance(args, cls):
+        raise TypeError(f"expected {cls.__name__}, got {type(args).__name__}")
+    return args
+
+
+def edit(
+    config: Config, op: Op[Any, Any], args: Any, interface_exists: Callable[[str], bool] | None = None
+) -> tuple[Config, PolicyRule | None]:
+    """Apply one edit op to `config`: the new config, validated as a whole (named interfaces must exist), and
+    the rule it added (rules.add) or None. ConfigError (RuleNotFound for a rule id nobody has) when refused;
+    `str()` is the one line the user sees."""
+    change = EDITS.get(op.name)
+    if change is None or op.actor != Controller.actor:
+        raise ValueError(f"{op!r} is not a config edit")
+    exists = interface_exists or live_interface_exists
+    try:
+        new, rule = change(config, args, exists)
+    except RuleError as exc:
+        raise ConfigError(exc.field, exc.problem) from None
+    check_interfaces(new, exists)
+    return new, rule
 
 
 def load(path: Path, interface_exists: Callable[[str], bool] | None = None) -> Config:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import field
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
-from .events import InterfaceRecord, NetenvChanged, PolicySnapshot
+from .events import InterfaceRecord, NetenvChanged, PolicyRule, PolicySnapshot
 from .schema import VERSION_KEY, Message, Struct, _decoder_for, record
 
 BAD_REQUEST = "bad_request"  # undecodable or schema-invalid request
@@ -315,8 +315,57 @@ class ConnectionInfo(Struct):
     state: str = "open"  # open | closed
 
 
+@record
+class Edited(Struct):
+    """A config edit the controller accepted: written to the file and in force."""
+
+    applied: bool
+    version: int  # the policy version that carries it
+    rule: PolicyRule | None = None  # rules.add: the rule as stored (with the id it was given)
+
+
+@record
+class InterfaceChoice(Struct):
+    choice: str  # auto (or ""), an interface name, IP or MAC
+
+
+@record
+class RuleAdd(Struct):
+    """A new rule as `splittun rules add` gives it (same names as its flags)."""
+
+    app: str = ""  # executable path or glob
+    name: str = ""  # process name
+    uid: int = -1
+    children: bool = False
+    dest: str = ""  # domain, IP or CIDR
+    proto: str = ""  # tcp | udp | ""
+    port: str = ""  # N or A-B
+    keep: bool = False  # keep matching connections in the VPN
+    interface: str = ""  # leave through this interface instead of the global choice
+    endpoint: str = ""  # a Portmaster endpoint-list line instead of the conditions above
+    position: int = 0  # 1 = first; 0 = last
+
+
+@record
+class RuleRef(Struct):
+    id: str
+
+
+@record
+class RuleMove(Struct):
+    id: str
+    position: int  # 1 = first
+
+
+@record
+class ConfigSet(Struct):
+    key: str  # splittun/enable, splittun/interface, splittun/rules
+    value: str  # as typed on the command line (JSON for splittun/rules)
+
+
 class Controller(Ops, actor="controller"):
-    """Config, policy, connection registry: the CLI's endpoint."""
+    """Config, policy, connection registry. While splittun runs it is the only writer of the config file:
+    every edit below is validated, written atomically and applied, or refused with one line."""
 
     ACTORS = Op("actors", NoArgs, list[ActorInfo], "Every actor instance's last heartbeat, with its age.")
     POLICY = Op("policy", NoArgs, PolicySnapshot, "The policy snapshot in force (actors ask for it when they start).")
@@ -325,6 +374,13 @@ class Controller(Ops, actor="controller"):
     NETENV = Op("netenv", NoArgs, NetenvChanged | None, "The last network snapshot netenv published (nil: none yet).")
     CONNECTIONS = Op("connections", ConnectionsArgs, list[ConnectionInfo], "Recent connections, newest first.")
     CONNECTION = Op("connection", ConnectionArgs, ConnectionInfo, "One connection (not_found once it rolled off).")
+    ENABLE = Op("enable", NoArgs, Edited, "Split tunnelling on.")
+    DISABLE = Op("disable", NoArgs, Edited, "Split tunnelling off: every connection stays in the VPN.")
+    SET_INTERFACE = Op("interface.set", InterfaceChoice, Edited, "Choose the split interface (auto, name, IP, MAC).")
+    ADD_RULE = Op("rules.add", RuleAdd, Edited, "Add a rule (split unless keep) at a position, last by default.")
+    REMOVE_RULE = Op("rules.remove", RuleRef, Edited, "Remove a rule by id.")
+    MOVE_RULE = Op("rules.move", RuleMove, Edited, "Move a rule to a position (1 = first; first match wins).")
+    SET_CONFIG = Op("config.set", ConfigSet, Edited, "Set one option from its command-line text.")
 
 
 # interceptor (actors/interceptor/actor.py)
@@ -407,13 +463,16 @@ __all__ = [
     "UNKNOWN_OP",
     "ActorInfo",
     "AnyActor",
+    "ConfigSet",
     "ConfigState",
     "ConnectionArgs",
     "ConnectionInfo",
     "ConnectionsArgs",
     "Controller",
+    "Edited",
     "ErrorInfo",
     "Interceptor",
+    "InterfaceChoice",
     "Location",
     "Lookup",
     "Netenv",
@@ -427,6 +486,9 @@ __all__ = [
     "Reply",
     "Request",
     "RequestFailed",
+    "RuleAdd",
+    "RuleMove",
+    "RuleRef",
     "RulesChecked",
     "SessionsArgs",
     "SplitInfo",

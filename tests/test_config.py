@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from core import config as cfg
+from messages.control import ConfigSet, Controller, InterfaceChoice, NoArgs, RuleAdd, RuleMove, RuleRef
 
 
 def test_defaults_when_no_file(tmp_path: Path) -> None:
@@ -107,3 +108,57 @@ def test_levels_and_next_rule_id() -> None:
     assert all(o.description and o.level in cfg.LEVELS for o in cfg.OPTIONS.values())
     config = cfg.from_json({"splittun/rules": [{"id": "r2", "action": "keep"}, {"id": "custom", "action": "keep"}]})
     assert config.next_rule_id() == "r3"
+
+
+# --- edits (the controller's ops; the CLI's own when splittun is not running) ----------------------------
+
+KNOWN = {"eth0", "192.0.2.10"}.__contains__
+
+
+def test_edits_build_the_new_config_and_name_the_rule_they_added() -> None:
+    config, rule = cfg.edit(cfg.Config(), Controller.ADD_RULE, RuleAdd(name="curl", port="80-90"), KNOWN)
+    assert rule is not None and (rule.id, rule.app_name, rule.port_lo, rule.port_hi) == ("r1", "curl", 80, 90)
+    config, rule = cfg.edit(config, Controller.ADD_RULE, RuleAdd(endpoint="+ .example.com tcp/443", position=1), KNOWN)
+    assert rule is not None and rule.id == "r2" and [r.id for r in config.rules] == ["r2", "r1"]
+    config, _ = cfg.edit(config, Controller.MOVE_RULE, RuleMove(id="r2", position=2), KNOWN)
+    assert [r.id for r in config.rules] == ["r1", "r2"]
+    config, _ = cfg.edit(config, Controller.REMOVE_RULE, RuleRef(id="r1"), KNOWN)
+    assert [r.id for r in config.rules] == ["r2"]
+    config, nothing = cfg.edit(config, Controller.ENABLE, NoArgs(), KNOWN)
+    assert config.enable is True and nothing is None
+    assert cfg.edit(config, Controller.DISABLE, NoArgs(), KNOWN)[0].enable is False
+    config, _ = cfg.edit(config, Controller.SET_INTERFACE, InterfaceChoice(choice="192.0.2.10"), KNOWN)
+    assert config.interface == "192.0.2.10"
+    config, _ = cfg.edit(config, Controller.SET_CONFIG, ConfigSet(key="splittun/interface", value="auto"), KNOWN)
+    assert config.interface == ""
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "message"),
+    [
+        (Controller.ADD_RULE, RuleAdd(interface="nosuch0"), "--interface: unknown interface 'nosuch0'"),
+        (Controller.ADD_RULE, RuleAdd(endpoint="+ 192.0.2.1", keep=True), "--endpoint: cannot be combined"),
+        (Controller.ADD_RULE, RuleAdd(dest="10.0.0.0/33"), "dest: '10.0.0.0/33' is not a valid CIDR"),
+        (Controller.ADD_RULE, RuleAdd(port="99999"), "port"),
+        (Controller.ADD_RULE, RuleAdd(position=5), "position: must be between 1 and 2, got 5"),
+        (Controller.MOVE_RULE, RuleMove(id="r1", position=0), "r1: no such rule (rules: a)"),
+        (Controller.REMOVE_RULE, RuleRef(id="zz"), "zz: no such rule (rules: a)"),
+        (Controller.SET_INTERFACE, InterfaceChoice(choice="wlan9"), "splittun/interface: unknown interface 'wlan9'"),
+        (Controller.SET_CONFIG, ConfigSet(key="splittun/rules", value="[{"), "splittun/rules: not valid JSON"),
+        (Controller.SET_CONFIG, ConfigSet(key="nope", value="1"), "nope: unknown key"),
+    ],
+)
+def test_a_refused_edit_is_one_line_naming_the_flag_or_key(op: object, args: object, message: str) -> None:
+    base = cfg.Config(rules=(cfg.rule_from_json("r", {"id": "a", "action": "keep"}),))
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.edit(base, op, args, KNOWN)  # type: ignore[arg-type]
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value), str(caught.value)
+    assert isinstance(caught.value, cfg.RuleNotFound) == ("no such rule" in message)
+
+
+def test_an_edit_checks_the_interfaces_of_the_whole_config() -> None:
+    base = cfg.from_json({"splittun/rules": [{"id": "r1", "action": "split", "interface": "wlan9"}]})
+    with pytest.raises(cfg.ConfigError, match=r"^splittun/rules\[0\]\.interface: unknown interface 'wlan9'"):
+        cfg.edit(base, Controller.ENABLE, NoArgs(), KNOWN)
+    with pytest.raises(ValueError, match="not a config edit"):
+        cfg.edit(base, Controller.POLICY, NoArgs(), KNOWN)

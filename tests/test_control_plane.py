@@ -1,11 +1,13 @@
 """The typed control plane: ops declared once (messages/control.py), answered through each actor's registry
-(runtime/actor.py) and asked with `transport.ask`."""
+(runtime/actor.py), asked with `transport.ask`, and the CLI sending config edits to the controller."""
 
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,11 +23,15 @@ from actors.ivpn.actor import IvpnActor
 from actors.netenv.actor import NetenvActor
 from actors.proxy_tcp.actor import ProxyTcpActor
 from actors.proxy_udp.actor import ProxyUdpActor
+from messages import PolicyRule
 from messages import control as c
-from messages.control import Controller, NoArgs, Ping, Proxy, ProxyStatus, Request, RequestFailed
+from messages.control import Controller, Edited, NoArgs, Ping, Proxy, ProxyStatus, Request, RequestFailed
 from runtime import log as logmod
+from runtime import paths
 from runtime.actor import Actor, answers, dispatch
+from runtime.paths import Home
 from runtime.transport import ReplyServer, ask, request
+from splittun import cli
 
 from conftest import REPO
 
@@ -93,6 +99,7 @@ def test_every_op_is_declared_once_with_a_record_and_a_one_line_doc() -> None:
         assert issubclass(op.args, c.Struct) and op.doc and "\n" not in op.doc, op
         assert op.doc[0].isupper() and op.doc.endswith("."), op
     assert {g.actor for g in c.groups()} == {"*", "controller", "interceptor", "netenv", "proxy"}
+    assert {op.name for op in Controller.ops} >= {"enable", "disable", "interface.set", "rules.add", "config.set"}
 
 
 def test_every_declared_op_has_a_handler_in_exactly_one_actor() -> None:
@@ -256,3 +263,155 @@ def test_a_raw_client_needs_nothing_but_msgpack(served: str) -> None:
         sock.close()
         ctx.term()
     assert reply["ok"] is True and reply["result"]["counters"] == {"sessions": 3}
+
+
+# --- the CLI sends config edits to the controller ------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="config edits need root (the CLI refuses otherwise)")
+
+
+class FakeController:
+    """Records every request; answers edits as a controller that accepted them (version 42), or with the
+    error `refuse` is set to."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.refuse: RequestFailed | None = None
+
+    def __call__(self, req: Request) -> Any:
+        self.requests.append(req)
+        if self.refuse is not None:
+            raise self.refuse
+        rule = None
+        if Controller.get(req.op) is Controller.ADD_RULE:
+            rule = PolicyRule(id="r7", action="split", app_name=req.args["name"])
+        return Edited(applied=True, version=42, rule=rule).to_wire()
+
+    def last(self) -> tuple[str, dict[str, Any]]:
+        req = self.requests[-1]
+        return req.op, req.args
+
+
+@pytest.fixture
+def instance(home: Path, monkeypatch: pytest.MonkeyPatch) -> Home:
+    monkeypatch.setenv("SPLITTUN_HOME", str(home))
+    monkeypatch.delenv("SPLITTUN_RUN_DIR", raising=False)
+    h = Home.from_env()
+    h.prepare()
+    return h
+
+
+@pytest.fixture
+def controller(instance: Home) -> Iterator[FakeController]:
+    fake = FakeController()
+    with serving(paths.control(instance.run_dir), fake):
+        yield fake
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out.strip(), err.strip()
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("argv", "op", "args", "said"),
+    [
+        (["enable"], "enable", {}, "split tunnelling enabled"),
+        (["disable"], "disable", {}, "split tunnelling disabled"),
+        (["interface", "eth0"], "interface.set", {"choice": "eth0"}, "interface set to eth0"),
+        (["rules", "remove", "r1"], "rules.remove", {"id": "r1"}, "removed r1"),
+        (["rules", "move", "r2", "1"], "rules.move", {"id": "r2", "position": 1}, "moved r2 to position 1"),
+        (
+            ["config", "set", "splittun/enable", "true"],
+            "config.set",
+            {"key": "splittun/enable", "value": "true"},
+            "splittun/enable set",
+        ),
+    ],
+)
+def test_cli_edits_are_ops_sent_to_the_controller(
+    controller: FakeController,
+    instance: Home,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    op: str,
+    args: dict[str, Any],
+    said: str,
+) -> None:
+    assert run_cli(capsys, *argv) == (0, f"{said}: applied (policy version 42)", "")
+    assert controller.last() == (op, args)
+    assert not instance.config_file.exists()  # the controller writes the file, never the CLI
+
+
+@needs_root
+def test_cli_rule_add_sends_every_flag_and_shows_the_rule_the_controller_made(
+    controller: FakeController, instance: Home, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "rules", "add", "--name", "curl", "--port", "80-90", "--interface", "wlan7")
+    assert code == 0 and re.fullmatch(r"added r7: .*curl.*: applied \(policy version 42\)", out), out
+    op, args = controller.last()
+    assert op == "rules.add"
+    assert c.RuleAdd.from_wire(args, op) == c.RuleAdd(name="curl", port="80-90", interface="wlan7")
+    assert not instance.config_file.exists()
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("refusal", "exit_code", "line"),
+    [
+        (
+            RequestFailed(c.INVALID_ARGUMENT, "--interface: unknown interface 'nosuch0'"),
+            2,
+            "splittun: --interface: unknown interface 'nosuch0'",
+        ),
+        (RequestFailed(c.NOT_FOUND, "r9: no such rule (rules: r1)"), 2, "splittun: r9: no such rule (rules: r1)"),
+        (RequestFailed(c.INTERNAL, "rules.add failed: OSError: disk full"), 1, None),
+    ],
+)
+def test_cli_prints_the_controllers_refusal_in_one_line(
+    controller: FakeController,
+    capsys: pytest.CaptureFixture[str],
+    refusal: RequestFailed,
+    exit_code: int,
+    line: str | None,
+) -> None:
+    controller.refuse = refusal
+    code, out, err = run_cli(capsys, "rules", "add", "--interface", "nosuch0")
+    assert (code, out) == (exit_code, "") and len(err.splitlines()) == 1
+    assert err == line if line else err.startswith("splittun: the controller could not make the change: rules.add")
+
+
+@needs_root
+def test_without_a_controller_the_cli_edits_the_file_with_the_same_validation(
+    instance: Home, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "rules", "add", "--name", "curl")
+    assert code == 0 and out.endswith("saved; splittun is not running, it applies at 'splittun up'"), out
+    assert out.startswith("added r1: ")
+    assert run_cli(capsys, "rules", "add", "--interface", "nosuch0") == (
+        2,
+        "",
+        "splittun: --interface: unknown interface 'nosuch0'",
+    )
+    assert run_cli(capsys, "rules", "remove", "r5")[2] == "splittun: r5: no such rule (rules: r1)"
+    code, out, _ = run_cli(capsys, "rules", "list", "--json")
+    assert code == 0 and [r["id"] for r in __import__("json").loads(out)] == ["r1"]
+
+
+@needs_root
+def test_a_leftover_controller_socket_does_not_block_edits(
+    instance: Home, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from splittun.commands import configure
+
+    monkeypatch.setattr(configure, "EDIT_TIMEOUT", 0.3)
+    sock = paths.endpoint_file(paths.control(instance.run_dir))
+    assert sock is not None
+    sock.touch()  # a controller that died with its supervisord, leaving its socket file
+    started = time.monotonic()
+    code, out, _ = run_cli(capsys, "enable")
+    assert code == 0 and out.endswith("saved; splittun is not running, it applies at 'splittun up'")
+    assert time.monotonic() - started < 5
+    assert '"splittun/enable": true' in instance.config_file.read_text()

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -28,9 +29,10 @@ from messages import (
     Verdict,
     flow_key,
 )
+from messages import control as c
 from messages.control import RequestFailed
 from runtime import paths
-from runtime.transport import Publisher, Subscriber, request
+from runtime.transport import Publisher, Subscriber, ask, request
 
 from conftest import REPO
 
@@ -254,3 +256,84 @@ def test_registry_over_the_bus(controller: Controller) -> None:
         controller.ask("connections", verdict="sideways")
     with pytest.raises(RequestFailed, match="no connection"):
         controller.ask("connection", id="nope")
+
+
+# --- edits: the controller is the only writer of the config file --------------------------------------
+
+
+def edit(controller: Controller, op: c.Op[Any, c.Edited], args: Any = None) -> c.Edited:
+    return ask(paths.control(controller.run), op, args, timeout=3, ctx=controller.ctx)
+
+
+def refused(controller: Controller, op: c.Op[Any, c.Edited], args: Any = None) -> RequestFailed:
+    with pytest.raises(RequestFailed) as caught:
+        edit(controller, op, args)
+    return caught.value
+
+
+def test_edits_are_validated_written_and_applied(controller: Controller) -> None:
+    config = controller.home / "config.json"
+    first = edit(controller, c.Controller.ADD_RULE, c.RuleAdd(name="curl", dest="203.0.113.0/24"))
+    assert first.applied and first.rule is not None and (first.rule.id, first.rule.app_name) == ("r1", "curl")
+    snap = controller.next_message(PolicySnapshot, after=first.version - 1)
+    assert snap.version == first.version and [r.id for r in snap.rules] == ["r1"]
+    assert json.loads(config.read_text())["splittun/rules"] == [
+        {"id": "r1", "action": "split", "app_name": "curl", "dest": "203.0.113.0/24"}
+    ]
+    second = edit(controller, c.Controller.ADD_RULE, c.RuleAdd(endpoint="- 203.0.113.81 tcp/80", position=1))
+    assert second.version > first.version and second.rule is not None and second.rule.action == "keep"
+    enabled = edit(controller, c.Controller.ENABLE)
+    moved = edit(controller, c.Controller.MOVE_RULE, c.RuleMove(id="r1", position=1))
+    edit(controller, c.Controller.SET_CONFIG, c.ConfigSet(key="splittun/interface", value="auto"))
+    assert enabled.version < moved.version
+    served = PolicySnapshot.from_wire(controller.ask("policy"), "policy.snapshot")
+    assert served.enabled and [r.id for r in served.rules] == ["r1", "r2"]
+    assert json.loads(config.read_text())["splittun/enable"] is True
+    assert edit(controller, c.Controller.REMOVE_RULE, c.RuleRef(id="r2")).version > moved.version
+    assert [r["id"] for r in json.loads(config.read_text())["splittun/rules"]] == ["r1"]
+    status = controller.ask("config")
+    assert status["last_error"] == "" and status["config"]["splittun/rules"][0]["id"] == "r1"  # type: ignore[index]
+
+
+def test_refused_edits_change_nothing_and_say_why_in_one_line(controller: Controller) -> None:
+    edit(controller, c.Controller.ADD_RULE, c.RuleAdd(name="curl"))
+    config = controller.home / "config.json"
+    before, version = config.read_text(), PolicySnapshot.from_wire(controller.ask("policy"), "p").version
+    cases = [
+        (c.Controller.ADD_RULE, c.RuleAdd(interface="nosuch0"), c.INVALID_ARGUMENT,
+         "--interface: unknown interface 'nosuch0'"),
+        (c.Controller.ADD_RULE, c.RuleAdd(dest="203.0.113.300/24"), c.INVALID_ARGUMENT,
+         "dest: '203.0.113.300/24' is not a valid CIDR"),
+        (c.Controller.SET_CONFIG, c.ConfigSet(key="splittun/rules", value='[{"id": "x", "action": "split", '
+         '"dest": "10.0.0.0/33"}]'), c.INVALID_ARGUMENT, "splittun/rules[0].dest: '10.0.0.0/33' is not a valid CIDR"),
+        (c.Controller.SET_CONFIG, c.ConfigSet(key="splittun/enable", value="maybe"), c.INVALID_ARGUMENT,
+         "splittun/enable: expected true or false, got a string"),
+        (c.Controller.SET_INTERFACE, c.InterfaceChoice(choice="wlan9"), c.INVALID_ARGUMENT,
+         "splittun/interface: unknown interface 'wlan9'"),
+        (c.Controller.REMOVE_RULE, c.RuleRef(id="r9"), c.NOT_FOUND, "r9: no such rule (rules: r1)"),
+        (c.Controller.MOVE_RULE, c.RuleMove(id="r1", position=3), c.INVALID_ARGUMENT,
+         "position: must be between 1 and 1, got 3"),
+    ]  # fmt: skip
+    for op, args, code, message in cases:
+        err = refused(controller, op, args)
+        assert err.code == code and err.message.startswith(message) and "\n" not in err.message, (op, err.message)
+    assert config.read_text() == before
+    assert PolicySnapshot.from_wire(controller.ask("policy"), "p").version == version
+
+
+def test_a_hand_edit_is_what_the_next_edit_starts_from_and_an_invalid_file_blocks_edits(
+    controller: Controller,
+) -> None:
+    controller.write_config({"splittun/rules": [{"id": "mine", "action": "keep", "dest": "192.0.2.0/24"}]})
+    added = edit(controller, c.Controller.ADD_RULE, c.RuleAdd(name="curl"))  # right away: no lost hand edit
+    assert added.rule is not None and added.rule.id == "r1"
+    rules = json.loads((controller.home / "config.json").read_text())["splittun/rules"]
+    assert [r["id"] for r in rules] == ["mine", "r1"]
+    (controller.home / "config.json").write_text("{not json")
+    err = refused(controller, c.Controller.ENABLE)
+    assert err.code == c.INVALID_ARGUMENT
+    assert (
+        err.message.startswith("the config file is invalid, fix or remove it first: ")
+        and "not valid JSON" in err.message
+    )
+    assert (controller.home / "config.json").read_text() == "{not json"

@@ -6,6 +6,10 @@
 - Policy: every accepted config is compiled into a `policy.snapshot` with a new, larger version,
   published at once and again every few seconds (a subscriber that joined late catches up), and served
   to actors that ask (`policy` op) when they (re)start.
+- Edits: while splittun runs the controller is the only writer of the config file. The CLI sends each
+  edit as an op (enable, disable, interface.set, rules.add|remove|move, config.set); the controller
+  validates it (named interfaces must exist now), writes the file atomically and applies it, answering
+  with the policy version that carries it, or refuses it with one line and changes nothing.
 - Registry: `conn.*` and `proxy.session.*` events joined per connection (registry.py).
 
 Its ops are declared in messages/control.py (`Controller`); docs/control-plane.md lists them.
@@ -24,14 +28,21 @@ from messages.control import (
     INVALID_ARGUMENT,
     NOT_FOUND,
     ActorInfo,
+    ConfigSet,
     ConfigState,
     ConnectionArgs,
     ConnectionInfo,
     ConnectionsArgs,
     Controller,
+    Edited,
+    InterfaceChoice,
     NoArgs,
+    Op,
     ReloadOutcome,
     RequestFailed,
+    RuleAdd,
+    RuleMove,
+    RuleRef,
 )
 from messages.verdict import parse_verdict
 from runtime.actor import Actor, answers
@@ -129,6 +140,25 @@ class ControllerActor(Actor):
             )
         self.reloads += 1
 
+    def _edit(self, op: Op[Any, Edited], args: Any) -> Edited:
+        """One edit op: validated against the config in force, written atomically, applied. A refusal is one
+        line (the same the CLI prints when it edits the file itself) and changes nothing."""
+        self._check_config_file()  # a hand edit saved a moment ago is what this edit starts from
+        if self.last_error:
+            raise RequestFailed(
+                INVALID_ARGUMENT, f"the config file is invalid, fix or remove it first: {self.last_error}"
+            )
+        try:
+            new, rule = cfg.edit(self.config, op, args, cfg.live_interface_exists)
+        except cfg.RuleNotFound as exc:
+            raise RequestFailed(NOT_FOUND, str(exc)) from None
+        except cfg.ConfigError as exc:
+            raise RequestFailed(INVALID_ARGUMENT, str(exc)) from None
+        cfg.save(self.config_path, new)
+        self.config_stamp = self._stamp()  # our own write: nothing to reload
+        self._apply(new, op.name)
+        return Edited(applied=True, version=self.snapshot.version, rule=rule)
+
     def _compile(self) -> PolicySnapshot:
         self.version = max(self.version + 1, int(time.time() * 1000))
         return PolicySnapshot(
@@ -202,6 +232,34 @@ class ControllerActor(Actor):
         if rec is None:
             raise RequestFailed(NOT_FOUND, f"no connection {args.id!r} (old ones roll off)")
         return rec.to_info()
+
+    @answers(Controller.ENABLE)
+    def answer_enable(self, args: NoArgs) -> Edited:
+        return self._edit(Controller.ENABLE, args)
+
+    @answers(Controller.DISABLE)
+    def answer_disable(self, args: NoArgs) -> Edited:
+        return self._edit(Controller.DISABLE, args)
+
+    @answers(Controller.SET_INTERFACE)
+    def answer_set_interface(self, args: InterfaceChoice) -> Edited:
+        return self._edit(Controller.SET_INTERFACE, args)
+
+    @answers(Controller.ADD_RULE)
+    def answer_add_rule(self, args: RuleAdd) -> Edited:
+        return self._edit(Controller.ADD_RULE, args)
+
+    @answers(Controller.REMOVE_RULE)
+    def answer_remove_rule(self, args: RuleRef) -> Edited:
+        return self._edit(Controller.REMOVE_RULE, args)
+
+    @answers(Controller.MOVE_RULE)
+    def answer_move_rule(self, args: RuleMove) -> Edited:
+        return self._edit(Controller.MOVE_RULE, args)
+
+    @answers(Controller.SET_CONFIG)
+    def answer_set_config(self, args: ConfigSet) -> Edited:
+        return self._edit(Controller.SET_CONFIG, args)
 
     def counters(self) -> dict[str, int]:
         return {

@@ -1,35 +1,53 @@
-"""`splittun enable|disable`, `interface`, `rules …` and `config …`: editing the config file.
+"""`splittun enable|disable`, `interface`, `rules …` and `config …`: the config.
 
-Every edit is validated first (including that a named interface exists), written atomically, and —
-when splittun is running — applied at once by asking the controller to reload; if the controller
-refuses it, the previous file is put back, so the file always matches the config in force.
+While splittun runs, the controller is the only writer of the config file: every edit is sent to it as an
+op (messages/control.py), and it validates it (including that a named interface exists), writes the file
+atomically and applies it, or refuses it with one line and changes nothing. When splittun is not running
+the command edits the file itself with the same code (core/config.py `edit`). Reading (`rules list`,
+`config get|list`, `interface`) reads the file.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
 
 from core import config as cfg
-from core.policy import RuleError, describe, parse_endpoint, parse_ports, validate
+from core.policy import describe
 from messages import PolicyRule
-from messages.control import RequestFailed
+from messages.control import (
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    UNAVAILABLE,
+    ConfigSet,
+    Controller,
+    Edited,
+    InterfaceChoice,
+    Op,
+    RequestFailed,
+    RuleAdd,
+    RuleMove,
+    RuleRef,
+)
 from runtime import paths
 from runtime.paths import Home
-from runtime.transport import request
+from runtime.transport import ask
 from splittun.output import table
+from splittun.supervise import Supervisor
 
-from . import OK, UserError, current_home, prepared_home, require_root
+from . import FAILED, OK, UserError, current_home, prepared_home, require_root
+
+#: Seconds an edit waits for the controller (it validates, writes the file with fsync and compiles).
+EDIT_TIMEOUT = 5.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("enable", help="turn split tunnelling on")
-    p.set_defaults(func=lambda a: set_option(cfg.ENABLE, "true", "split tunnelling enabled"))
+    p.set_defaults(func=lambda a: edit(Controller.ENABLE, None, lambda r: "split tunnelling enabled"))
     p = sub.add_parser("disable", help="turn split tunnelling off (everything stays in the VPN)")
-    p.set_defaults(func=lambda a: set_option(cfg.ENABLE, "false", "split tunnelling disabled"))
+    p.set_defaults(func=lambda a: edit(Controller.DISABLE, None, lambda r: "split tunnelling disabled"))
 
     p = sub.add_parser("interface", help="show or choose the interface split connections leave through")
     p.add_argument("choice", nargs="?", metavar="auto|NAME|IP|MAC")
@@ -74,17 +92,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = csub.add_parser("set", help="set one option (validated; applied at once when running)")
     p.add_argument("key")
     p.add_argument("value")
-    p.set_defaults(func=lambda a: set_option(a.key, a.value, f"{a.key} set"))
+    p.set_defaults(
+        func=lambda a: edit(Controller.SET_CONFIG, ConfigSet(key=a.key, value=a.value), lambda r: f"{a.key} set")
+    )
 
 
-# --- load / save / apply ------------------------------------------------------------------------------
-
-
-def interface_exists(text: str) -> bool:
-    """Does an interface with this name, IP or MAC exist (in this namespace)?"""
-    from core.netenv import get_interface  # the netenv library answers without the actors running
-
-    return get_interface(text) is not None
+# --- load / edit -------------------------------------------------------------------------------------
 
 
 def load(home: Home) -> cfg.Config:
@@ -99,41 +112,41 @@ def controller_running(home: Home) -> bool:
     return path is not None and path.exists()
 
 
-def save_and_apply(home: Home, old: cfg.Config, new: cfg.Config) -> str:
-    """Validate, write atomically, apply; returns a one-line outcome. UserError when refused."""
+def edit(op: Op[Any, Edited], args: Any, done: Callable[[Edited], str]) -> int:
+    """Make one config edit: through the controller while it runs, else in the file. Prints `<done>: <outcome>`;
+    a refusal is a UserError with the one line that says why."""
+    require_root("changing the config")
+    home = prepared_home()
+    if controller_running(home):
+        edited = ask_controller(home, op, args)
+        if edited is not None:
+            print(f"{done(edited)}: applied (policy version {edited.version})")
+            return OK
     try:
-        cfg.check_interfaces(new, interface_exists)
+        new, rule = cfg.edit(load(home), op, args)
     except cfg.ConfigError as exc:
         raise UserError(str(exc)) from None
     cfg.save(home.config_file, new)
-    if not controller_running(home):
-        return "saved; splittun is not running, it applies at 'splittun up'"
-    try:
-        outcome = request(paths.control(home.run_dir), "reload", timeout=3, who="controller")
-    except RequestFailed as exc:
-        return f"saved; the controller did not confirm ({exc}), it applies the file when it sees it"
-    if not outcome.get("applied"):
-        cfg.save(home.config_file, old)
-        raise UserError(f"refused by the controller: {outcome.get('error')}; the previous config stays in force")
-    return f"applied (policy version {outcome.get('version')})"
-
-
-def edit(mutate: Callable[[cfg.Config], tuple[cfg.Config, str]]) -> int:
-    """Apply `mutate` (→ new config, what it did) to the config file, validated and atomically."""
-    require_root("changing the config")
-    home = prepared_home()
-    old = load(home)
-    try:
-        new, done = mutate(old)
-    except (cfg.ConfigError, RuleError) as exc:
-        raise UserError(str(exc)) from None
-    outcome = save_and_apply(home, old, new)
-    print(f"{done}: {outcome}")
+    saved = Edited(applied=False, version=0, rule=rule)
+    print(f"{done(saved)}: saved; splittun is not running, it applies at 'splittun up'")
     return OK
 
 
-def set_option(key: str, value: str, done: str) -> int:
-    return edit(lambda c: (cfg.set_value(c, key, value), done))
+def ask_controller(home: Home, op: Op[Any, Edited], args: Any) -> Edited | None:
+    """The controller's answer to an edit; None when its socket is a leftover (supervisord is gone), so the
+    file is ours to edit."""
+    try:
+        return ask(paths.control(home.run_dir), op, args, timeout=EDIT_TIMEOUT, who="controller")
+    except RequestFailed as exc:
+        if exc.code in (INVALID_ARGUMENT, NOT_FOUND):
+            raise UserError(exc.message) from None  # refused: the same line as when editing the file
+        if exc.code == UNAVAILABLE:
+            if Supervisor(home).pid() is None:
+                return None
+            raise UserError(
+                f"{exc}: the change may or may not be in force ('splittun config list' shows the file)", FAILED
+            ) from None
+        raise UserError(f"the controller could not make the change: {exc}", FAILED) from None
 
 
 # --- interface ----------------------------------------------------------------------------------------
@@ -141,7 +154,8 @@ def set_option(key: str, value: str, done: str) -> int:
 
 def cmd_interface(args: argparse.Namespace) -> int:
     if args.choice is not None:
-        return set_option(cfg.INTERFACE, args.choice, f"interface set to {args.choice}")
+        choice = InterfaceChoice(choice=args.choice)
+        return edit(Controller.SET_INTERFACE, choice, lambda r: f"interface set to {args.choice}")
     home = current_home()
     choice = load(home).interface
     from core.netenv import best_physical_default_interfaces
@@ -199,72 +213,34 @@ def cmd_rules_list(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_add(args: argparse.Namespace) -> int:
-    def mutate(config: cfg.Config) -> tuple[cfg.Config, str]:
-        if args.interface and not interface_exists(args.interface):  # name what the user typed: the flag
-            raise cfg.ConfigError("--interface", f"unknown interface {args.interface!r}")
-        rule_id = config.next_rule_id()
-        if args.endpoint:
-            if any((args.app, args.name, args.uid >= 0, args.children, args.dest, args.proto, args.port, args.keep)):
-                raise cfg.ConfigError("--endpoint", "cannot be combined with other conditions or --keep")
-            rule = parse_endpoint(args.endpoint, rule_id)
-            rule = validate(dataclasses.replace(rule, interface=args.interface))
-        else:
-            lo, hi = parse_ports(args.port)
-            rule = validate(
-                PolicyRule(
-                    id=rule_id,
-                    action="keep" if args.keep else "split",
-                    app_path=args.app,
-                    app_name=args.name,
-                    uid=args.uid,
-                    children=args.children,
-                    dest=args.dest,
-                    proto=args.proto,
-                    port_lo=lo,
-                    port_hi=hi,
-                    interface=args.interface,
-                )
-            )
-        rules = list(config.rules)
-        rules.insert(_index(args.position, len(rules) + 1), rule)
-        return config.replace(rules=tuple(rules)), f"added {rule.id}: {describe(rule)}"
-
-    return edit(mutate)
+    spec = RuleAdd(
+        app=args.app,
+        name=args.name,
+        uid=args.uid,
+        children=args.children,
+        dest=args.dest,
+        proto=args.proto,
+        port=args.port,
+        keep=args.keep,
+        interface=args.interface,
+        endpoint=args.endpoint,
+        position=args.position,
+    )
+    return edit(Controller.ADD_RULE, spec, _added)
 
 
-def _index(position: int, count: int) -> int:
-    if position == 0:
-        return count - 1
-    if not 1 <= position <= count:
-        raise cfg.ConfigError("position", f"must be between 1 and {count}, got {position}")
-    return position - 1
-
-
-def _find(config: cfg.Config, rule_id: str) -> int:
-    for i, rule in enumerate(config.rules):
-        if rule.id == rule_id:
-            return i
-    known = ", ".join(r.id for r in config.rules) or "none"
-    raise cfg.ConfigError(rule_id, f"no such rule (rules: {known})")
+def _added(edited: Edited) -> str:
+    rule = edited.rule
+    return "added a rule" if rule is None else f"added {rule.id}: {describe(rule)}"
 
 
 def cmd_rules_remove(args: argparse.Namespace) -> int:
-    def mutate(config: cfg.Config) -> tuple[cfg.Config, str]:
-        rules = list(config.rules)
-        del rules[_find(config, args.id)]
-        return config.replace(rules=tuple(rules)), f"removed {args.id}"
-
-    return edit(mutate)
+    return edit(Controller.REMOVE_RULE, RuleRef(id=args.id), lambda r: f"removed {args.id}")
 
 
 def cmd_rules_move(args: argparse.Namespace) -> int:
-    def mutate(config: cfg.Config) -> tuple[cfg.Config, str]:
-        rules = list(config.rules)
-        rule = rules.pop(_find(config, args.id))
-        rules.insert(_index(args.position, len(rules) + 1), rule)
-        return config.replace(rules=tuple(rules)), f"moved {args.id} to position {args.position}"
-
-    return edit(mutate)
+    move = RuleMove(id=args.id, position=args.position)
+    return edit(Controller.MOVE_RULE, move, lambda r: f"moved {args.id} to position {args.position}")
 
 
 # --- config -------------------------------------------------------------------------------------------
