@@ -9,7 +9,6 @@ printed). While the interceptor is away its queues bypass: new connections go th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -18,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,34 +60,46 @@ def faults() -> Iterator[E2E]:
 
 
 class Load:
-    """The four apps, running until stopped; their rounds by (name, proto)."""
+    """The four apps, running until stopped; their rounds by (name, proto), followed as they come."""
 
     def __init__(self, st: E2E) -> None:
         self.st = st
         self.stop_file = Path(tempfile.mkdtemp(prefix="st-load-")) / "stop"
         self.procs: dict[tuple[str, str], subprocess.Popen[str]] = {}
         self.rounds: dict[tuple[str, str], list[tuple[float, str]]] = {}
+        self._readers: list[threading.Thread] = []
 
     def __enter__(self) -> Load:
         for name in ("splitapp", "vpnapp"):
             for proto in ("tcp", "udp"):
                 argv = [sys.executable, str(LOAD), name, proto, SERVER, str(PORT[proto]), str(self.stop_file)]
-                self.procs[(name, proto)] = self.st.lab.popen(
-                    "host", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-                )
+                proc = self.st.lab.popen("host", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                self.procs[(name, proto)] = proc
+                rounds = self.rounds[(name, proto)] = []
+                reader = threading.Thread(target=self._follow, args=(proc, rounds), daemon=True)
+                reader.start()
+                self._readers.append(reader)
         return self
+
+    @staticmethod
+    def _follow(proc: subprocess.Popen[str], rounds: list[tuple[float, str]]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            t, answer = json.loads(line)
+            rounds.append((t, answer))
+
+    def answers_since(self, key: tuple[str, str], since: float) -> list[str]:
+        return [a for t, a in list(self.rounds[key]) if t > since]
 
     def stop(self) -> None:
         self.stop_file.touch()
         for key, proc in self.procs.items():
-            out, err = proc.communicate(timeout=30)
+            _out, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, f"{key}: {err}"
-            self.rounds[key] = [(t, answer) for t, answer in json.loads(out)["rounds"]]
+        for reader in self._readers:
+            reader.join(timeout=5)
 
     def __exit__(self, *exc: object) -> None:
-        if not self.rounds:
-            with contextlib.suppress(Exception):
-                self.stop()
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.kill()
@@ -123,7 +135,12 @@ def test_an_actor_killed_under_load_leaks_nothing_and_splittun_recovers(faults: 
             f"{actor} not restarted"
         )
         assert wait_until(lambda: all_ready(st), timeout=RECOVERY_LIMIT), f"not ready again after {actor} was killed"
-        time.sleep(2.0)  # the split app shows it works again
+        ready = time.time()
+
+        def split_app_answers_again() -> bool:  # three answers from each split app once everything is ready
+            return all(len(load.answers_since(("splitapp", proto), ready)) >= 3 for proto in PORT)
+
+        assert wait_until(split_app_answers_again, timeout=RECOVERY_LIMIT)
         load.stop()
     # Nothing the VPN app sent left outside the VPN: not one answer with the ISP address.
     for proto in PORT:
