@@ -1,9 +1,9 @@
 """The interceptor's packet path: parse → decide (attributing first only when it matters) → verdict
 and mark → attribute → events.
 
-Platform-neutral and free of sockets: the actor hands it queued packets (anything with
-`get_payload/set_mark/accept`) and gives it functions to attribute flows, delete a conntrack entry,
-publish an event and schedule a callback. Tests drive it with fake packets and fakes for those.
+Platform-neutral and free of sockets: the actor hands it queued packets (`platform.QueuedPacket`) and
+gives it functions to attribute flows, delete a conntrack entry, publish an event and schedule a callback.
+Tests drive it with fake packets and fakes for those.
 
 Every queued packet gets a verdict, whatever happens: an exception anywhere on the path accepts the
 packet unmarked (mark 0 = unsplit, through the VPN), logs once and keeps going.
@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from core.policy import EMPTY_POLICY, CompiledPolicy
 from kernel.conntrack import CtEntry, CtTuple
@@ -50,6 +50,7 @@ from .dns import DnsError, parse_response
 from .hook import SLOT, HandlerSlot
 from .names import NameTable
 from .packet import ICMP, ICMPV6, TCP, UDP, MalformedPacket, PacketInfo, parse_packet
+from .platform import QueuedPacket
 from .procinfo import Owner
 
 #: Delays (s) between attribution attempts for a socket or process not visible yet; only used when the
@@ -61,14 +62,6 @@ OWN_PID_TTL = 5.0  # seconds a heartbeat's pid counts as ours
 #: Seconds a UDP flow whose entry we deleted is remembered, so a late answer cannot turn it around.
 LATE_ANSWER_MEMORY = 5.0
 MAX_DELETED_MEMORY = 16384
-
-
-class QueuedPacket(Protocol):
-    def get_payload(self) -> bytes: ...
-    def get_mark(self) -> int: ...
-    def set_mark(self, mark: int) -> None: ...
-    def accept(self) -> None: ...
-    def drop(self) -> None: ...
 
 
 @dataclass
