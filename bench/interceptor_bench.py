@@ -180,7 +180,8 @@ def _median_us(samples: list[int]) -> float:
 
 def tool_attribution(rounds: int) -> None:
     """Process attribution with the real procinfo code (sock_diag, /proc) on this namespace's sockets."""
-    from actors.interceptor.procinfo import Attributor, ProcReader
+    from actors.interceptor.procinfo import Attributor
+    from kernel.procfs import ProcReader
     from kernel.sockdiag import SockDiag
 
     raise_nofile()

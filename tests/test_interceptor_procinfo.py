@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from actors.interceptor.names import GRACE, NameTable
-from actors.interceptor.procinfo import Attributor, ProcReader, parse_stat_start, parse_status, socket_inode
+from actors.interceptor.procinfo import Attributor
+from kernel.procfs import ProcReader, parse_stat_start, parse_status, socket_inode
 from kernel.sockdiag import DiagSocket, best_udp_match, diag_request, ip_bytes, parse_diag_message
 
 # --- fake /proc -------------------------------------------------------------------------------------------

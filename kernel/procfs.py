@@ -1,0 +1,231 @@
+"""/proc: the processes of this machine, read with as few syscalls as possible.
+
+The second of attribution's three layers (`kernel/sockdiag.py` finds a connection's socket; this finds the
+process holding a socket and reads what describes a process; `actors/interceptor/procinfo.py` caches
+both and answers with the process). Processes come and go while they are read: every read here
+tolerates a process, its fd directory, an fd link or a stat file vanishing at any step, and answers
+"not there" (None, [], "") instead of raising. Everything takes the proc root as a parameter, so tests run
+on fake /proc trees.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import operator
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+KEEP_OPEN = 64  # /proc/<pid>/stat files kept open for cheap identity checks
+
+
+def parse_status(text: str) -> tuple[str, int, int]:
+    """(Name, PPid, effective Uid) from /proc/<pid>/status."""
+    name, ppid, uid = "", -1, -1
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Name":
+            name = value.strip()
+        elif key == "PPid":
+            ppid = int(value.split()[0])
+        elif key == "Uid":
+            fields = value.split()
+            uid = int(fields[1] if len(fields) > 1 else fields[0])
+    return name, ppid, uid
+
+
+def parse_stat_start(text: str) -> int:
+    """Field 22 (starttime) of /proc/<pid>/stat; the comm field may contain spaces and parentheses."""
+    rest = text.rpartition(")")[2].split()
+    return int(rest[19]) if len(rest) > 19 else 0
+
+
+def socket_inode(link: str) -> int:
+    """`socket:[12345]` → 12345, anything else → 0."""
+    if link.startswith("socket:[") and link.endswith("]"):
+        with contextlib.suppress(ValueError):
+            return int(link[8:-1])
+    return 0
+
+
+class ProcReader:
+    """Reads processes from a /proc tree (the real one, or a fake one in tests).
+
+    Every read costs syscalls, which are what attribution spends its time on: files are read with plain
+    os calls, the stat files of the processes asked about most recently stay open (a later check is
+    one pread; once the process is gone the kernel answers ESRCH, even if its pid was reused), and a
+    status file read to tell a process from a thread is not read again to describe the process.
+    """
+
+    def __init__(self, root: str | Path = "/proc", keep_open: int = KEEP_OPEN) -> None:
+        self.root = str(root)
+        self.keep_open = keep_open
+        self._stat_fds: OrderedDict[int, int] = OrderedDict()
+        self._status: tuple[int, bytes] = (0, b"")  # the status file tgid() just read, for status() to reuse
+        self._loadavg_fd = -1
+
+    def close(self) -> None:
+        for fd in [*self._stat_fds.values(), self._loadavg_fd]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._stat_fds.clear()
+        self._loadavg_fd = -1
+
+    def pids(self, last: int | None = None) -> list[int]:
+        """Every pid, newest first as far as numbers tell: descending from the last pid handed out (read
+        here unless given), then the rest (after pid numbers wrapped around at pid_max, the newest
+        processes have small numbers)."""
+        try:
+            numbers = sorted((int(e) for e in os.listdir(self.root) if e.isdigit()), reverse=True)
+        except OSError:
+            return []
+        last = self.last_pid() if last is None else last
+        if last is None:
+            return numbers
+        split = bisect.bisect_left(numbers, -last, key=operator.neg)  # first index with a number <= last
+        return numbers[split:] + numbers[:split]
+
+    def last_pid(self) -> int | None:
+        """The pid the kernel handed out last (the last field of /proc/loadavg), None when unknown."""
+        try:
+            if self._loadavg_fd < 0:
+                self._loadavg_fd = os.open(f"{self.root}/loadavg", os.O_RDONLY | os.O_CLOEXEC)
+            return int(os.pread(self._loadavg_fd, 256, 0).split()[-1])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def sockets(self, pid: int) -> Iterator[tuple[str, int]]:
+        """(fd, socket inode) for each socket process `pid` holds, read lazily: a caller that found what
+        it wanted stops early and pays for no more readlinks."""
+        try:
+            dirfd = os.open(f"{self.root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            try:
+                names = os.listdir(dirfd)
+            except OSError:  # the process exited between opening its fd table and listing it
+                return
+            for name in names:
+                try:
+                    link = os.readlink(name, dir_fd=dirfd)
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    try:
+                        yield name, int(link[8:-1])
+                    except ValueError:
+                        continue
+        finally:
+            os.close(dirfd)
+
+    def socket_inodes(self, pid: int) -> list[int]:
+        """Inodes of the sockets process `pid` holds open ([] when it is gone or unreadable)."""
+        return [inode for _fd, inode in self.sockets(pid)]
+
+    def _read(self, pid: int, name: str, size: int = 4096) -> bytes:
+        """One /proc/<pid>/<name> file, read with plain syscalls (a third of what open() costs)."""
+        fd = os.open(f"{self.root}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = [os.read(fd, size)]
+            while len(chunks[-1]) == size:  # long command lines
+                chunks.append(os.read(fd, size))
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
+
+    def tgid(self, pid: int) -> int | None:
+        """The process a task id belongs to (itself for a process), None when there is no such task.
+        The status file read stays for the next `status(pid)` (describing the process just found)."""
+        try:
+            text = self._read(pid, "status")
+        except OSError:
+            return None
+        self._status = (pid, text)
+        start = text.find(b"\nTgid:")
+        if start < 0:
+            return None
+        try:
+            return int(text[start + 6 : text.index(b"\n", start + 1)])
+        except ValueError:
+            return None
+
+    def exe(self, pid: int) -> str:
+        try:
+            target = os.readlink(f"{self.root}/{pid}/exe")
+        except OSError:
+            return ""
+        return target.removesuffix(" (deleted)")
+
+    def status(self, pid: int) -> tuple[str, int, int] | None:
+        """(Name, PPid, effective Uid) of process `pid`, None when it is gone."""
+        cached_pid, text = self._status
+        self._status = (0, b"")
+        try:
+            if cached_pid != pid:
+                text = self._read(pid, "status")
+            return parse_status(text.decode(errors="replace"))
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _stat_text(self, pid: int, reopen: bool = True) -> bytes | None:
+        fd = self._stat_fds.get(pid)
+        if fd is not None:
+            try:
+                text = os.pread(fd, 4096, 0)
+            except OSError:  # the process is gone (its pid may belong to another one now): open afresh
+                text = b""
+            if text:
+                self._stat_fds.move_to_end(pid)
+                return text
+            del self._stat_fds[pid]
+            os.close(fd)
+            if not reopen:
+                return None
+        try:
+            fd = os.open(f"{self.root}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            text = os.pread(fd, 4096, 0)
+        except OSError:
+            os.close(fd)
+            return None
+        if self.keep_open <= 0:
+            os.close(fd)
+            return text
+        self._stat_fds[pid] = fd
+        if len(self._stat_fds) > self.keep_open:
+            os.close(self._stat_fds.popitem(last=False)[1])
+        return text
+
+    def identity(self, pid: int) -> tuple[int, str] | None:
+        """(start time, comm) from /proc/<pid>/stat alone: one read tells whether a cached description
+        still holds (a reused pid has another start time, an exec another comm)."""
+        raw = self._stat_text(pid)
+        if raw is None:
+            return None
+        text = raw.decode(errors="replace")
+        head = text.rpartition(")")[0]
+        try:
+            return parse_stat_start(text), head.partition("(")[2]
+        except (ValueError, IndexError):
+            return None
+
+    def running(self, pid: int) -> bool:
+        """The process last seen under this pid is alive: not gone (nor replaced by a new one with the same
+        pid), not a zombie. One pread when its stat file is kept open."""
+        raw = self._stat_text(pid, reopen=False)
+        if raw is None:
+            return False
+        state = raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3]
+        return state not in (b"Z", b"X", b"x")
+
+    def cmdline(self, pid: int) -> list[str]:
+        try:
+            raw = self._read(pid, "cmdline")
+        except OSError:
+            return []
+        return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
