@@ -21,7 +21,8 @@ Measurements:
 - packets that reached user space per connection, from the host's /proc/net/netfilter/nfnetlink_queue;
 - the interceptor's own time per connection (its busy_us and verdict_us counters) and the share of
   connections whose process it did not find;
-- process attribution in-process with the real procinfo code, in the lab host namespace.
+- process attribution in-process with the real attribution code (sock_diag, /proc, the process cache), in
+  the lab host namespace.
 The clients run as uid 65534, as apps run as a user while splittun runs as root. One run takes about a
 minute; everything is torn down at the end, also on failure. `python -m bench.interceptor_bench --help`
 has the knobs (sections, sizes).
@@ -179,10 +180,11 @@ def _median_us(samples: list[int]) -> float:
 
 
 def tool_attribution(rounds: int) -> None:
-    """Process attribution with the real procinfo code (sock_diag, /proc) on this namespace's sockets."""
-    from actors.interceptor.procinfo import Attributor
+    """Process attribution with the real attribution code (sock_diag, /proc) on this namespace's sockets."""
+    from actors.interceptor.attribution import Attributor
     from kernel.procfs import ProcReader
     from kernel.sockdiag import SockDiag
+    from messages.flows import FiveTuple, IpProtocol
 
     raise_nofile()
     srv = socket.socket()
@@ -215,10 +217,10 @@ def tool_attribution(rounds: int) -> None:
         for _ in range(rounds):
             sock, port = new_client()
             t0 = time.perf_counter_ns()
-            found = shared.attribute(6, dst, port, dst, dport)
+            found = shared.attribute(FiveTuple(IpProtocol.TCP, dst, port, dst, dport))
             samples.append(time.perf_counter_ns() - t0)
             sock.close()
-            assert found is not None and found.info.pid == os.getpid(), "attribution found another process"
+            assert found is not None and found.pid == os.getpid(), "attribution found another process"
         return _median_us(samples)
 
     def new_process() -> float:
@@ -237,10 +239,10 @@ def tool_attribution(rounds: int) -> None:
                 srv.accept()[0].close()
                 time.sleep(0.002)  # as the interceptor would: it was idle while the process started
                 t0 = time.perf_counter_ns()
-                found = shared.attribute(6, dst, port, dst, dport)
+                found = shared.attribute(FiveTuple(IpProtocol.TCP, dst, port, dst, dport))
                 samples.append(time.perf_counter_ns() - t0)
                 os.kill(pid, signal.SIGKILL)
-                assert found is not None and found.info.pid == pid, "attribution found another process"
+                assert found is not None and found.pid == pid, "attribution found another process"
         finally:
             spawner.kill()
             spawner.wait()
@@ -249,12 +251,13 @@ def tool_attribution(rounds: int) -> None:
     try:
         c, sport = new_client()
         held.append(c)
-        results["sock_diag lookup alone"] = timed(lambda: diag.lookup(6, dst, sport, dst, dport))
+        flow = FiveTuple(IpProtocol.TCP, dst, sport, dst, dport)
+        results["sock_diag lookup alone"] = timed(lambda: diag.lookup(flow))
         results["cold: nothing cached (/proc scan, process and its parents described)"] = timed(
-            lambda: Attributor(diag, reader).attribute(6, dst, sport, dst, dport)
+            lambda: Attributor(diag, reader).attribute(flow)
         )
-        shared.attribute(6, dst, sport, dst, dport)
-        results["the same socket again (cached)"] = timed(lambda: shared.attribute(6, dst, sport, dst, dport))
+        shared.attribute(flow)
+        results["the same socket again (cached)"] = timed(lambda: shared.attribute(flow))
         results["new process, parents known (curl)"] = new_process()
         fds = len(os.listdir("/proc/self/fd"))
         results[f"new socket of a known process with {fds} fds"] = new_socket()
@@ -577,7 +580,7 @@ class Bench:
             ]
             lines.append("")
         if self.attribution:
-            lines += ["Process attribution (the real procinfo code in the lab host namespace, median):", ""]
+            lines += ["Process attribution (the real attribution code in the lab host namespace, median):", ""]
             lines += ["| what | µs |", "|---|---|"]
             lines += [f"| {what} | {us:.1f} |" for what, us in self.attribution.items()]
         return "\n".join(lines)

@@ -3,8 +3,11 @@
 - `netlink`: message framing and one socket class, shared by the others
 - `conntrack`: ctnetlink (lookups, deletes, flushes by mark, destroy events filtered in the kernel)
 - `sockdiag`: sock_diag (which socket owns a connection; UDP sockets that went away)
+- `procfs`: /proc (which process holds a socket; what describes a process), tolerant of processes exiting
+- `nfqueue`: the NFQUEUE packet source (queues bound fail-open, read on a poll loop)
 - `routing`: the split policy routing table and rule (pyroute2), kept in the background
 
-Pure encode/decode functions are tested with kernel bytes; only the classes do I/O. Nothing here knows the
-policy or the actors: callers above (`core`, `actors`) decide, these modules carry it out.
+Connections are `messages.flows.FiveTuple`s throughout. Pure encode/decode functions are tested with kernel
+bytes; only the classes do I/O. Nothing here knows the policy or the actors: callers above (`core`, `actors`)
+decide, these modules carry it out.
 """

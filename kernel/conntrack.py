@@ -10,18 +10,20 @@
   so the cost does not grow with the table. The answer's original tuple holds the app's real address
   and its original destination (UDP has no SO_ORIGINAL_DST), its mark the interface a rule chose.
 Not pyroute2 (or the conntrack tool): these are single small requests on the verdict and data paths,
-see actors/netlink.py. Building and parsing messages are pure functions tested with captured kernel
-bytes; `Conntrack` and `ConntrackEvents` do the I/O.
+see kernel/netlink.py. An entry's tuples are `messages.flows.FiveTuple`s (for ICMP echo the id in
+`src_port`), the same keys the interceptor tracks connections by. Building and parsing messages are pure
+functions tested with captured kernel bytes; `Conntrack` and `ConntrackEvents` do the I/O.
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from messages.flows import FiveTuple, IpProtocol, ipv6_text
 
 from .netlink import (
     NLM_F_ACK,
@@ -54,51 +56,27 @@ CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE = 4, 5, 6
 CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE = 7, 8, 9
 
-TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58  # IP protocol numbers
 #: conntrack's TCP states (enum tcp_conntrack) that a closed connection's entry lingers in.
 TCP_CONNTRACK_TIME_WAIT, TCP_CONNTRACK_CLOSE = 7, 8
-ICMP_ECHO_REQUEST = {ICMP: 8, ICMPV6: 128}
+ICMP_ECHO_REQUEST = {IpProtocol.ICMP: 8, IpProtocol.ICMPV6: 128}
 _U16, _U32 = struct.Struct("!H"), struct.Struct("!I")
 
 
 @dataclass(frozen=True, slots=True)
-class CtTuple:
-    """One direction of a conntrack entry. For ICMP echo, `src_port` holds the echo id and `dst_port` is 0.
-    IPv6 text is what `ipaddress` writes (RFC 5952, hex groups throughout), as the interceptor's packet
-    parser does, so a tuple read from the kernel equals the one built from the connection's packet."""
-
-    protocol: int
-    src_ip: str
-    src_port: int
-    dst_ip: str
-    dst_port: int
-
-    @property
-    def family(self) -> int:
-        return socket.AF_INET6 if ":" in self.src_ip else socket.AF_INET
-
-    @property
-    def src(self) -> tuple[str, int]:
-        return self.src_ip, self.src_port
-
-    @property
-    def dst(self) -> tuple[str, int]:
-        return self.dst_ip, self.dst_port
-
-
-@dataclass(frozen=True, slots=True)
 class CtEntry:
-    orig: CtTuple
+    """One conntrack entry: its original tuple (the app's view: client → original destination, before NAT)."""
+
+    orig: FiveTuple
     mark: int = 0
     id: int = 0  # the kernel's identity of the entry (CTA_ID): a new connection on the same tuple has another
-    reply: CtTuple | None = None  # parsed on request only (parse_entry's with_reply; lookup_reply)
+    reply: FiveTuple | None = None  # parsed on request only (parse_entry's with_reply; lookup_reply)
     tcp_state: int = -1  # conntrack's TCP state (TCP_CONNTRACK_*), -1 when not TCP or not told
 
 
 # --- building ---------------------------------------------------------------------------------------
 
 
-def _ip_attrs(t: CtTuple) -> bytes:
+def _ip_attrs(t: FiveTuple) -> bytes:
     if t.family == socket.AF_INET6:
         return nla(CTA_IP_V6_SRC, socket.inet_pton(socket.AF_INET6, t.src_ip)) + nla(
             CTA_IP_V6_DST, socket.inet_pton(socket.AF_INET6, t.dst_ip)
@@ -108,37 +86,37 @@ def _ip_attrs(t: CtTuple) -> bytes:
     )
 
 
-def tuple_attr(t: CtTuple, direction: int = CTA_TUPLE_ORIG) -> bytes:
+def tuple_attr(t: FiveTuple, direction: int = CTA_TUPLE_ORIG) -> bytes:
     """CTA_TUPLE_ORIG (or CTA_TUPLE_REPLY) for `t`."""
     proto = [nla(CTA_PROTO_NUM, bytes([t.protocol]))]
-    if t.protocol in (TCP, UDP):
+    if t.protocol in (IpProtocol.TCP, IpProtocol.UDP):
         proto += [nla(CTA_PROTO_SRC_PORT, _U16.pack(t.src_port)), nla(CTA_PROTO_DST_PORT, _U16.pack(t.dst_port))]
-    elif t.protocol == ICMP:
+    elif t.protocol == IpProtocol.ICMP:
         proto += [
             nla(CTA_PROTO_ICMP_ID, _U16.pack(t.src_port)),
-            nla(CTA_PROTO_ICMP_TYPE, bytes([ICMP_ECHO_REQUEST[ICMP]])),
+            nla(CTA_PROTO_ICMP_TYPE, bytes([ICMP_ECHO_REQUEST[IpProtocol.ICMP]])),
             nla(CTA_PROTO_ICMP_CODE, b"\0"),
         ]
-    elif t.protocol == ICMPV6:
+    elif t.protocol == IpProtocol.ICMPV6:
         proto += [
             nla(CTA_PROTO_ICMPV6_ID, _U16.pack(t.src_port)),
-            nla(CTA_PROTO_ICMPV6_TYPE, bytes([ICMP_ECHO_REQUEST[ICMPV6]])),
+            nla(CTA_PROTO_ICMPV6_TYPE, bytes([ICMP_ECHO_REQUEST[IpProtocol.ICMPV6]])),
             nla(CTA_PROTO_ICMPV6_CODE, b"\0"),
         ]
     return nla_nested(direction, nla_nested(CTA_TUPLE_IP, _ip_attrs(t)), nla_nested(CTA_TUPLE_PROTO, *proto))
 
 
-def delete_payload(t: CtTuple) -> bytes:
+def delete_payload(t: FiveTuple) -> bytes:
     """IPCTNL_MSG_CT_DELETE of the entry whose original tuple is `t`."""
     return NFGEN.pack(t.family, 0, 0) + tuple_attr(t)
 
 
-def get_by_reply_payload(reply: CtTuple) -> bytes:
+def get_by_reply_payload(reply: FiveTuple) -> bytes:
     """IPCTNL_MSG_CT_GET of the entry whose reply tuple is `reply`."""
     return NFGEN.pack(reply.family, 0, 0) + tuple_attr(reply, CTA_TUPLE_REPLY)
 
 
-def get_payload(orig: CtTuple) -> bytes:
+def get_payload(orig: FiveTuple) -> bytes:
     """IPCTNL_MSG_CT_GET of the entry whose original tuple is `orig`."""
     return NFGEN.pack(orig.family, 0, 0) + tuple_attr(orig)
 
@@ -153,12 +131,12 @@ def flush_mark_payload(mark: int, mask: int = 0xFFFFFFFF, family: int = socket.A
 
 def _ip_text(family: int, raw: Buffer) -> str:
     text = socket.inet_ntop(family, raw)
-    if family == socket.AF_INET6 and "." in text:  # ::a.b.c.d, ::ffff:a.b.c.d: hex groups, as ipaddress writes
-        return str(ipaddress.IPv6Address(bytes(raw)))
+    if family == socket.AF_INET6 and "." in text:  # ::a.b.c.d, ::ffff:a.b.c.d: hex groups, as FiveTuple has it
+        return ipv6_text(raw)
     return text
 
 
-def parse_tuple(data: Buffer) -> CtTuple | None:
+def parse_tuple(data: Buffer) -> FiveTuple | None:
     """The contents of CTA_TUPLE_ORIG / CTA_TUPLE_REPLY; None when unreadable."""
     attrs = parse_attrs(data)
     ip = parse_attrs(attrs.get(CTA_TUPLE_IP, b""))
@@ -177,13 +155,13 @@ def parse_tuple(data: Buffer) -> CtTuple | None:
         raw = proto.get(key, b"")
         return _U16.unpack(raw[:2])[0] if len(raw) >= 2 else 0
 
-    if number in (TCP, UDP):
-        return CtTuple(number, src, u16(CTA_PROTO_SRC_PORT), dst, u16(CTA_PROTO_DST_PORT))
-    if number == ICMP:
-        return CtTuple(number, src, u16(CTA_PROTO_ICMP_ID), dst, 0)
-    if number == ICMPV6:
-        return CtTuple(number, src, u16(CTA_PROTO_ICMPV6_ID), dst, 0)
-    return CtTuple(number, src, 0, dst, 0)
+    if number in (IpProtocol.TCP, IpProtocol.UDP):
+        return FiveTuple(number, src, u16(CTA_PROTO_SRC_PORT), dst, u16(CTA_PROTO_DST_PORT))
+    if number == IpProtocol.ICMP:
+        return FiveTuple(number, src, u16(CTA_PROTO_ICMP_ID), dst, 0)
+    if number == IpProtocol.ICMPV6:
+        return FiveTuple(number, src, u16(CTA_PROTO_ICMPV6_ID), dst, 0)
+    return FiveTuple(number, src, 0, dst, 0)
 
 
 def parse_entry(payload: Buffer, with_reply: bool = False) -> CtEntry | None:
@@ -201,7 +179,7 @@ def parse_entry(payload: Buffer, with_reply: bool = False) -> CtEntry | None:
     mark = _U32.unpack(attrs[CTA_MARK][:4])[0] if len(attrs.get(CTA_MARK, b"")) >= 4 else 0
     ct_id = _U32.unpack(attrs[CTA_ID][:4])[0] if len(attrs.get(CTA_ID, b"")) >= 4 else 0
     tcp_state = -1
-    if orig.protocol == TCP and CTA_PROTOINFO in attrs:
+    if orig.protocol == IpProtocol.TCP and CTA_PROTOINFO in attrs:
         tcp = parse_attrs(parse_attrs(attrs[CTA_PROTOINFO]).get(CTA_PROTOINFO_TCP, b""))
         state = tcp.get(CTA_PROTOINFO_TCP_STATE, b"")
         tcp_state = state[0] if len(state) >= 1 else -1
@@ -223,7 +201,7 @@ class Conntrack:
     def close(self) -> None:
         self.nl.close()
 
-    def lookup_reply(self, reply: CtTuple) -> CtEntry | None:
+    def lookup_reply(self, reply: FiveTuple) -> CtEntry | None:
         """The entry whose reply direction is `reply`, or None when there is none.
         Raises NetlinkError (other kernel errors, no answer in time) or ValueError (unreadable answer)."""
         self.lookups += 1
@@ -240,7 +218,7 @@ class Conntrack:
             raise ValueError("unreadable conntrack answer")
         return entry
 
-    def get(self, orig: CtTuple) -> CtEntry | None:
+    def get(self, orig: FiveTuple) -> CtEntry | None:
         """The entry whose original tuple is `orig` (a hash lookup in the kernel), None when there is none.
         Raises NetlinkError (other kernel errors, no answer in time)."""
         self.lookups += 1
@@ -252,7 +230,7 @@ class Conntrack:
             raise
         return parse_entry(answers[0]) if answers else None
 
-    def delete(self, t: CtTuple) -> bool:
+    def delete(self, t: FiveTuple) -> bool:
         """Delete the entry whose original tuple is `t`; False when it was already gone."""
         try:
             self.nl.request(MSG_DELETE, NLM_F_ACK, delete_payload(t))

@@ -1,8 +1,8 @@
 """/proc: the processes of this machine, read with as few syscalls as possible.
 
 The second of attribution's three layers (`kernel/sockdiag.py` finds a connection's socket; this finds the
-process holding a socket and reads what describes a process; `actors/interceptor/procinfo.py` caches
-both and answers with the process). Processes come and go while they are read: every read here
+process holding a socket and reads what describes a process; `actors/interceptor/attribution.py` caches
+both and answers with a `ProcessInfo`). Processes come and go while they are read: every read here
 tolerates a process, its fd directory, an fd link or a stat file vanishing at any step, and answers
 "not there" (None, [], "") instead of raising. Everything takes the proc root as a parameter, so tests run
 on fake /proc trees.

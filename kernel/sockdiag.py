@@ -4,8 +4,12 @@ Shared by the interceptor (a connection's socket: its uid, inode and cookie, for
 new socket on a reused port from the one a verdict was given for) and the UDP proxy (is a session's datagram
 still coming from the socket its flow was decided for?).
 
-- `SockDiag.lookup` finds the socket of a 5-tuple. TCP is an exact lookup; UDP too (the kernel matches it like
-  an incoming datagram, so unconnected sockets are found), with a dump of that port as fallback.
+- `SockDiag.lookup` finds the socket of a 5-tuple (`messages.flows.FiveTuple`). TCP is an exact lookup; UDP
+  too (the kernel matches it like an incoming datagram, so unconnected sockets are found), with a dump of that
+  port as fallback.
+This is the first of attribution's three layers: sock_diag (a 5-tuple → its socket), `kernel/procfs.py` (a
+socket → the process holding it, a process's description), and the interceptor's process cache and
+attributor (`actors/interceptor/attribution.py`: a 5-tuple → `ProcessInfo`).
 - `SocketEvents` reads the kernel's "UDP socket destroyed" broadcasts.
 Encoding and decoding are pure functions (tested with kernel bytes); only the two classes do I/O.
 """
@@ -15,6 +19,8 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
+
+from messages.flows import FiveTuple, IpProtocol
 
 from .netlink import NLM_F_DUMP, NetlinkError, NetlinkSocket, iter_messages
 
@@ -147,12 +153,13 @@ class SockDiag:
             return []
         return [s for p in replies if (s := parse_diag_message(p)) is not None]
 
-    def lookup(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> DiagSocket | None:
-        """The local socket that sent src→dst, or None."""
+    def lookup(self, flow: FiveTuple) -> DiagSocket | None:
+        """The local socket that sent the flow's packets (src → dst), or None."""
         self.lookups += 1
-        family, src = ip_bytes(src_ip)
-        _, dst = ip_bytes(dst_ip)
-        if protocol == 6:
+        protocol, sport, dport = flow.protocol, flow.src_port, flow.dst_port
+        family, src = ip_bytes(flow.src_ip)
+        _, dst = ip_bytes(flow.dst_ip)
+        if protocol == IpProtocol.TCP:
             return self._exact(family, protocol, src, sport, dst, dport)
         # UDP: the kernel's udp_dump_one takes the peer as "src" ("swapped for historical reasons").
         found = self._exact(family, protocol, dst, dport, src, sport)

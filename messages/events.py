@@ -35,13 +35,18 @@ class Heartbeat(Message):
 
 @record
 class ProcessInfo(Struct):
+    """A process: the one description of it splittun has (events, the external handler, app rules)."""
+
     pid: int = -1
     ppid: int = -1
-    uid: int = -1
-    name: str = ""
-    exe: str = ""
+    uid: int = -1  # effective uid
+    name: str = ""  # comm (/proc/<pid>/status Name: cut at 15 characters)
+    exe: str = ""  # "" when unreadable
     cmdline: list[str] = field(default_factory=list)
-    ancestors: list[str] = field(default_factory=list)  # executable (or name) of the parent, its parent…
+    # The parent chain, parent first: each one's executable (its name when the executable is unreadable)…
+    ancestors: list[str] = field(default_factory=list)
+    # …and each one's name, in the same order (app rules with `children` match either).
+    ancestor_names: list[str] = field(default_factory=list)
 
 
 @message("conn.new")

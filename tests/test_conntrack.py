@@ -12,16 +12,17 @@ from netlink_support import FakeKernel, error, install
 
 from kernel import conntrack as ct
 from kernel.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkError, iter_messages, nla, nla_nested, nlmsg
+from messages.flows import FiveTuple
 
 # --- building and parsing -------------------------------------------------------------------------------
 
 
 def test_delete_payload_round_trips_through_the_parser() -> None:
     for t in (
-        ct.CtTuple(6, "192.0.2.66", 40000, "203.0.113.80", 80),
-        ct.CtTuple(17, "fd00:5717::2", 5353, "2001:db8:30::80", 53),
-        ct.CtTuple(1, "192.0.2.66", 0x1234, "203.0.113.80", 0),
-        ct.CtTuple(58, "fd00:5717::2", 0x1234, "2001:db8:30::80", 0),
+        FiveTuple(6, "192.0.2.66", 40000, "203.0.113.80", 80),
+        FiveTuple(17, "fd00:5717::2", 5353, "2001:db8:30::80", 53),
+        FiveTuple(1, "192.0.2.66", 0x1234, "203.0.113.80", 0),
+        FiveTuple(58, "fd00:5717::2", 0x1234, "2001:db8:30::80", 0),
     ):
         payload = ct.delete_payload(t)
         assert payload[0] == t.family
@@ -29,7 +30,7 @@ def test_delete_payload_round_trips_through_the_parser() -> None:
 
 
 def test_destroy_event_with_mark_and_id() -> None:
-    t = ct.CtTuple(6, "192.0.2.66", 40000, "203.0.113.81", 80)
+    t = FiveTuple(6, "192.0.2.66", 40000, "203.0.113.81", 80)
     payload = ct.delete_payload(t) + nla(ct.CTA_MARK, struct.pack("!I", 1719)) + nla(ct.CTA_ID, struct.pack("!I", 77))
     datagram = nlmsg(ct.MSG_DELETE, 0, 0, payload) + nlmsg(ct.MSG_DELETE, 0, 0, b"\x02")  # second: unreadable
     entries = [ct.parse_entry(p) for _t, _f, _s, p in iter_messages(datagram)]
@@ -52,9 +53,9 @@ def test_attribute_walk_survives_broken_lengths() -> None:
 def test_ipv6_text_is_the_canonical_form() -> None:
     """Hex groups for IPv4-compatible and -mapped addresses too (as the packet parser and the flow keys
     write them), so a destroy event's tuple equals the one the interceptor keyed the connection by."""
-    t = ct.CtTuple(17, "::ffff:c000:242", 5353, "::c633:6450", 53)
+    t = FiveTuple(17, "::ffff:c000:242", 5353, "::c633:6450", 53)
     assert ct.parse_entry(ct.delete_payload(t)) == ct.CtEntry(t)
-    wide = ct.CtTuple(6, "2001:db8:0:1::1", 1, "2001:db8::1:0:0:1", 2)
+    wide = FiveTuple(6, "2001:db8:0:1::1", 1, "2001:db8::1:0:0:1", 2)
     assert ct.parse_entry(ct.delete_payload(wide)) == ct.CtEntry(wide)
 
 
@@ -82,7 +83,7 @@ REQUEST_V6 = bytes.fromhex(
     "600000000101010009000000000000000a0000004c0002802c00018014000300000000000000000000000000000000011400"
     "040020010db80010000000000000000000101c0002800500010011000000060002001c160000060003006ccc0000"
 )
-REPLY_V6 = ct.CtTuple(17, "::1", 7190, "2001:db8:10::10", 27852)
+REPLY_V6 = FiveTuple(17, "::1", 7190, "2001:db8:10::10", 27852)
 
 
 def test_lookup_request_bytes() -> None:
@@ -154,13 +155,13 @@ def test_lookup_errors() -> None:
 
 
 def test_delete_and_flush_by_mark() -> None:
-    t = ct.CtTuple(6, "192.0.2.66", 40000, "203.0.113.80", 80)
+    t = FiveTuple(6, "192.0.2.66", 40000, "203.0.113.80", 80)
     c, kernel = conntrack(error(1, 0), error(2, errno.ENOENT))
     assert c.delete(t) and not c.delete(t)
     assert kernel.sent[0] == nlmsg(ct.MSG_DELETE, NLM_F_REQUEST | NLM_F_ACK, 1, ct.delete_payload(t))
 
     ours = ct.delete_payload(t) + nla(ct.CTA_MARK, struct.pack("!I", 0x10006B7))
-    other = ct.delete_payload(ct.CtTuple(6, "192.0.2.66", 1, "203.0.113.9", 80)) + nla(ct.CTA_MARK, bytes(4))
+    other = ct.delete_payload(FiveTuple(6, "192.0.2.66", 1, "203.0.113.9", 80)) + nla(ct.CTA_MARK, bytes(4))
     dump = nlmsg(ct.MSG_NEW, 2, 2, ours) + nlmsg(ct.MSG_NEW, 2, 2, other) + nlmsg(3, 2, 2, bytes(4))
     # A kernel without masked deletes refuses the flush: the entries are dumped and deleted one by one.
     c, kernel = conntrack(error(1, errno.EINVAL), dump, error(3, 0))
@@ -171,7 +172,7 @@ def test_delete_and_flush_by_mark() -> None:
 
 
 def test_destroy_events_are_read_and_overruns_counted() -> None:
-    t = ct.CtTuple(17, "fd00:5717::2", 5353, "2001:db8:30::80", 53)
+    t = FiveTuple(17, "fd00:5717::2", 5353, "2001:db8:30::80", 53)
     event = nlmsg(ct.MSG_DELETE, 0, 0, ct.delete_payload(t) + nla(ct.CTA_MARK, struct.pack("!I", 1719)))
     noise = nlmsg(ct.MSG_NEW, 0, 0, ct.delete_payload(t))  # not a destroy event
     events = ct.ConntrackEvents()

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from actors.interceptor.dns import DnsError, parse_response, read_name
-from actors.interceptor.packet import ICMP, ICMPV6, TCP, UDP, MalformedPacket, parse_packet
+from actors.interceptor.packet import MalformedPacket, parse_packet
+from messages.flows import FiveTuple, IpProtocol
+
+TCP, UDP, ICMP, ICMPV6 = IpProtocol.TCP, IpProtocol.UDP, IpProtocol.ICMP, IpProtocol.ICMPV6
 
 FIXTURES = Path(__file__).parent / "fixtures" / "interceptor"
 PACKETS = {k: bytes.fromhex(v) for k, v in json.loads((FIXTURES / "packets.json").read_text()).items() if k[0] != "_"}
@@ -22,9 +25,9 @@ PACKETS = {k: bytes.fromhex(v) for k, v in json.loads((FIXTURES / "packets.json"
 
 def test_tcp_syn_v4_is_a_first_packet() -> None:
     info = parse_packet(PACKETS["tcp4_syn"])
-    assert (info.ip_version, info.protocol) == (4, TCP)
-    assert (info.src_ip, info.dst_ip, info.dst_port) == ("192.0.2.66", "203.0.113.80", 80)
-    assert info.src_port > 1024
+    assert (info.ip_version, info.flow.protocol) == (4, TCP)
+    assert (info.flow.src_ip, info.flow.dst_ip, info.flow.dst_port) == ("192.0.2.66", "203.0.113.80", 80)
+    assert info.flow.src_port > 1024
     assert info.tcp_first
 
 
@@ -35,36 +38,43 @@ def test_mid_stream_tcp_is_not_a_first_packet(name: str) -> None:
 
 def test_tcp_syn_v6() -> None:
     info = parse_packet(PACKETS["tcp6_syn"])
-    assert (info.ip_version, info.protocol, info.src_ip, info.dst_ip) == (6, TCP, "fd00:5717::2", "2001:db8:30::80")
+    assert (info.ip_version, info.flow.protocol, info.flow.src_ip, info.flow.dst_ip) == (
+        6,
+        TCP,
+        "fd00:5717::2",
+        "2001:db8:30::80",
+    )
     assert info.tcp_first
 
 
 @pytest.mark.parametrize(("name", "version", "dst"), [("udp4", 4, "203.0.113.80"), ("udp6", 6, "2001:db8:30::80")])
 def test_udp(name: str, version: int, dst: str) -> None:
     info = parse_packet(PACKETS[name])
-    assert (info.ip_version, info.protocol, info.dst_ip, info.dst_port) == (version, UDP, dst, 5300)
+    assert (info.ip_version, info.flow.protocol, info.flow.dst_ip, info.flow.dst_port) == (version, UDP, dst, 5300)
     assert PACKETS[name][info.payload_offset :] == b"json"
 
 
 @pytest.mark.parametrize(("name", "proto", "echo_type"), [("icmp4_echo", ICMP, 8), ("icmp6_echo", ICMPV6, 128)])
 def test_icmp_echo_carries_its_identifier(name: str, proto: int, echo_type: int) -> None:
     info = parse_packet(PACKETS[name])
-    assert (info.protocol, info.icmp_type, info.icmp_code, info.icmp_id) == (proto, echo_type, 0, 0x1234)
-    assert (info.src_port, info.dst_port) == (0, 0)
+    assert (info.flow.protocol, info.icmp_type, info.icmp_code, info.icmp_id) == (proto, echo_type, 0, 0x1234)
+    assert (info.flow.src_port, info.flow.dst_port) == (0, 0)
+    # Its conntrack entry is keyed with the echo id in place of the source port.
+    assert info.conntrack_tuple() == FiveTuple(proto, info.flow.src_ip, 0x1234, info.flow.dst_ip, 0)
 
 
 def test_copy_range_cut_packet_still_parses() -> None:
     """NFQUEUE gives us the first 256 bytes only: a longer packet is not malformed for that."""
     data = PACKETS["tcp4_data"]
     info = parse_packet(data[:60])
-    assert (info.dst_port, info.tcp_flags & 0x18) == (80, 0x18)
+    assert (info.flow.dst_port, info.tcp_flags & 0x18) == (80, 0x18)
 
 
 def test_ipv4_non_first_fragment_has_no_ports() -> None:
     data = bytearray(PACKETS["udp4"])
     struct.pack_into("!H", data, 6, 185)  # fragment offset 185*8
     info = parse_packet(bytes(data))
-    assert info.fragment and info.src_port == 0 and info.protocol == UDP
+    assert info.fragment and info.flow.src_port == 0 and info.flow.protocol == UDP
 
 
 def _with_ipv6_ext(packet: bytes, ext_type: int, ext: bytes) -> bytes:
@@ -79,15 +89,15 @@ def _with_ipv6_ext(packet: bytes, ext_type: int, ext: bytes) -> bytes:
 def test_ipv6_hop_by_hop_then_tcp() -> None:
     hop = bytes([0, 0]) + bytes([1, 4, 0, 0, 0, 0])  # next (patched), len 0 (8 bytes), PadN
     info = parse_packet(_with_ipv6_ext(PACKETS["tcp6_syn"], 0, hop))
-    assert (info.protocol, info.dst_port) == (TCP, 80) and info.tcp_first
+    assert (info.flow.protocol, info.flow.dst_port) == (TCP, 80) and info.tcp_first
 
 
 def test_ipv6_first_fragment_parses_and_later_fragment_has_no_ports() -> None:
     first = bytes([0, 0]) + struct.pack("!HI", 0x0001, 7)  # offset 0, more fragments
     later = bytes([0, 0]) + struct.pack("!HI", 0x00A8, 7)  # offset 21*8
-    assert parse_packet(_with_ipv6_ext(PACKETS["udp6"], 44, first)).dst_port == 5300
+    assert parse_packet(_with_ipv6_ext(PACKETS["udp6"], 44, first)).flow.dst_port == 5300
     info = parse_packet(_with_ipv6_ext(PACKETS["udp6"], 44, later))
-    assert info.fragment and info.dst_port == 0
+    assert info.fragment and info.flow.dst_port == 0
 
 
 @pytest.mark.parametrize(

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from core.policy import AppFacts, CompiledPolicy, ConnectionFacts, RuleError, parse_endpoint, validate
+from core.policy import AppFacts, CompiledPolicy, RuleError, parse_endpoint, validate
 from core.policy.rules import describe, parse_ports
-from messages import PolicyRule, PolicySnapshot
+from messages import PolicyRule, PolicySnapshot, ProcessInfo
+from messages.flows import FiveTuple
 
-CURL = AppFacts(pid=10, exe="/usr/bin/curl", name="curl", uid=1000, ancestors=((("/usr/bin/bash", "bash")),))
-CHILD_OF_FIREFOX = AppFacts(
+CURL = ProcessInfo(pid=10, exe="/usr/bin/curl", name="curl", uid=1000, ancestors=["/usr/bin/bash"],
+                   ancestor_names=["bash"])  # fmt: skip
+CHILD_OF_FIREFOX = ProcessInfo(
     pid=11,
     exe="/usr/lib/firefox/firefox-bin",
     name="Web Content",
     uid=1000,
-    ancestors=(("/usr/lib/firefox/firefox", "firefox"), ("/usr/bin/bash", "bash")),
+    ancestors=["/usr/lib/firefox/firefox", "/usr/bin/bash"],
+    ancestor_names=["firefox", "bash"],
 )
 
 
@@ -22,8 +25,12 @@ def policy(*rules: PolicyRule, enabled: bool = True) -> CompiledPolicy:
     return CompiledPolicy(PolicySnapshot(version=1, ts=0.0, enabled=enabled, rules=[validate(r) for r in rules]))
 
 
-def conn(dst: str = "203.0.113.80", port: int = 443, proto: int = 6, domain: str = "", app: AppFacts = CURL):
-    return ConnectionFacts(protocol=proto, dst_ip=dst, dst_port=port, domain=domain, app=app)
+def conn(
+    dst: str = "203.0.113.80", port: int = 443, proto: int = 6, domain: str = "", app: ProcessInfo = CURL
+) -> tuple[FiveTuple, str, ProcessInfo]:
+    """What `CompiledPolicy.match` is asked with: the 5-tuple, the destination's name, the process."""
+    src = "fd00:5717::2" if ":" in dst else "192.0.2.66"
+    return FiveTuple(proto, src, 40000, dst, port), domain, app
 
 
 def rule(rule_id: str = "r1", action: str = "split", **kw: object) -> PolicyRule:
@@ -31,10 +38,10 @@ def rule(rule_id: str = "r1", action: str = "split", **kw: object) -> PolicyRule
 
 
 def test_default_is_keep_and_disabled_policy_never_splits() -> None:
-    assert policy().evaluate(conn()).split is False
-    assert policy().evaluate(conn()).rule_id == ""
-    assert policy(rule(), enabled=False).evaluate(conn()).split is False
-    assert policy(rule()).evaluate(conn()).split is True  # a rule without conditions matches all
+    assert policy().match(*conn()).split is False
+    assert policy().match(*conn()).rule_id == ""
+    assert policy(rule(), enabled=False).match(*conn()).split is False
+    assert policy(rule()).match(*conn()).split is True  # a rule without conditions matches all
 
 
 def test_first_match_wins_and_keep_overrides_a_broader_split() -> None:
@@ -42,10 +49,10 @@ def test_first_match_wins_and_keep_overrides_a_broader_split() -> None:
         rule("keep-one", "keep", dest="203.0.113.81"),
         rule("split-net", "split", dest="203.0.113.0/24"),
     )
-    assert p.evaluate(conn("203.0.113.81")).rule_id == "keep-one"
-    assert p.evaluate(conn("203.0.113.81")).split is False
-    assert p.evaluate(conn("203.0.113.80")).split is True
-    assert p.evaluate(conn("198.51.100.9")).rule_id == ""
+    assert p.match(*conn("203.0.113.81")).rule_id == "keep-one"
+    assert p.match(*conn("203.0.113.81")).split is False
+    assert p.match(*conn("203.0.113.80")).split is True
+    assert p.match(*conn("198.51.100.9")).rule_id == ""
 
 
 @pytest.mark.parametrize(
@@ -64,24 +71,24 @@ def test_first_match_wins_and_keep_overrides_a_broader_split() -> None:
     ],
 )
 def test_domain_matching(pattern: str, domain: str, expected: bool) -> None:
-    assert policy(rule(dest=pattern)).evaluate(conn(domain=domain)).split is expected
+    assert policy(rule(dest=pattern)).match(*conn(domain=domain)).split is expected
 
 
 def test_ip_cidr_and_families() -> None:
     p = policy(rule("v4", dest="203.0.113.0/24"), rule("v6", dest="2001:db8:30::/64"), rule("one", dest="2001:db8::1"))
-    assert p.evaluate(conn("203.0.113.7")).rule_id == "v4"
-    assert p.evaluate(conn("::ffff:203.0.113.7")).rule_id == "v4"  # mapped address from a dual-stack socket
-    assert p.evaluate(conn("2001:db8:30::80")).rule_id == "v6"
-    assert p.evaluate(conn("2001:0db8::0001")).rule_id == "one"
-    assert p.evaluate(conn("198.51.100.1")).rule_id == ""
+    assert p.match(*conn("203.0.113.7")).rule_id == "v4"
+    assert p.match(*conn("::ffff:203.0.113.7")).rule_id == "v4"  # mapped address from a dual-stack socket
+    assert p.match(*conn("2001:db8:30::80")).rule_id == "v6"
+    assert p.match(*conn("2001:0db8::0001")).rule_id == "one"
+    assert p.match(*conn("198.51.100.1")).rule_id == ""
 
 
 def test_protocol_and_ports() -> None:
     p = policy(rule("udp-range", proto="udp", port_lo=3478, port_hi=3479), rule("tcp443", proto="tcp", port_lo=443))
-    assert p.evaluate(conn(port=3479, proto=17)).rule_id == "udp-range"
-    assert p.evaluate(conn(port=3479, proto=6)).rule_id == ""
-    assert p.evaluate(conn(port=443, proto=6)).rule_id == "tcp443"
-    assert p.evaluate(conn(port=444, proto=6)).rule_id == ""
+    assert p.match(*conn(port=3479, proto=17)).rule_id == "udp-range"
+    assert p.match(*conn(port=3479, proto=6)).rule_id == ""
+    assert p.match(*conn(port=443, proto=6)).rule_id == "tcp443"
+    assert p.match(*conn(port=444, proto=6)).rule_id == ""
 
 
 def test_app_path_glob_name_uid_and_children() -> None:
@@ -91,33 +98,50 @@ def test_app_path_glob_name_uid_and_children() -> None:
         rule("uid", uid=0, dest="203.0.113.82"),
         rule("name", app_name="curl", dest="203.0.113.83"),
     )
-    assert p.evaluate(conn("203.0.113.80")).rule_id == "path"
-    assert p.evaluate(conn("203.0.113.80", app=CHILD_OF_FIREFOX)).rule_id == ""
-    assert p.evaluate(conn("203.0.113.81", app=CHILD_OF_FIREFOX)).rule_id == "glob"  # exe itself matches the glob
-    content = AppFacts(
+    assert p.match(*conn("203.0.113.80")).rule_id == "path"
+    assert p.match(*conn("203.0.113.80", app=CHILD_OF_FIREFOX)).rule_id == ""
+    assert p.match(*conn("203.0.113.81", app=CHILD_OF_FIREFOX)).rule_id == "glob"  # exe itself matches the glob
+    content = ProcessInfo(
         pid=12,
         exe="/usr/lib/firefox/plugin-container",
         name="plugin",
         uid=1000,
-        ancestors=(("/usr/lib/firefox/firefox", "firefox"),),
+        ancestors=["/usr/lib/firefox/firefox"],
+        ancestor_names=["firefox"],
     )
-    assert p.evaluate(conn("203.0.113.81", app=content)).rule_id == "glob"  # via its parent: children=True
-    assert p.evaluate(conn("203.0.113.82")).rule_id == ""  # curl runs as uid 1000
-    assert p.evaluate(conn("203.0.113.83")).rule_id == "name"
-    long_name = AppFacts(exe="/opt/x/very-long-process-name", name="very-long-proce")  # comm is cut at 15
-    assert policy(rule(app_name="very-long-process-name")).evaluate(conn(app=long_name)).split
+    assert p.match(*conn("203.0.113.81", app=content)).rule_id == "glob"  # via its parent: children=True
+    assert p.match(*conn("203.0.113.82")).rule_id == ""  # curl runs as uid 1000
+    assert p.match(*conn("203.0.113.83")).rule_id == "name"
+    long_name = ProcessInfo(exe="/opt/x/very-long-process-name", name="very-long-proce")  # comm is cut at 15
+    assert policy(rule(app_name="very-long-process-name")).match(*conn(app=long_name)).split
 
 
 def test_children_off_does_not_match_through_parents() -> None:
-    content = AppFacts(
-        exe="/usr/lib/firefox/plugin-container", name="plugin", ancestors=(("/usr/lib/firefox/firefox", "firefox"),)
+    content = ProcessInfo(
+        exe="/usr/lib/firefox/plugin-container",
+        name="plugin",
+        ancestors=["/usr/lib/firefox/firefox"],
+        ancestor_names=["firefox"],
     )
-    assert not policy(rule(app_name="firefox")).evaluate(conn(app=content)).split
-    assert policy(rule(app_name="firefox", children=True)).evaluate(conn(app=content)).split
+    assert not policy(rule(app_name="firefox")).match(*conn(app=content)).split
+    assert policy(rule(app_name="firefox", children=True)).match(*conn(app=content)).split
 
 
-def test_rule_interface_travels_with_the_decision() -> None:
-    assert policy(rule(interface="wlan0")).evaluate(conn()).interface == "wlan0"
+def test_rule_interface_travels_with_the_rule_match() -> None:
+    assert policy(rule(interface="wlan0")).match(*conn()).interface == "wlan0"
+
+
+def test_app_facts_come_from_the_process_in_one_place() -> None:
+    """An ancestor whose executable was unreadable is listed by its name: it is a name, never a path."""
+    process = ProcessInfo(pid=7, exe="/usr/bin/curl", name="curl", uid=1000, ancestors=["sh", "/usr/bin/tmux"],
+                          ancestor_names=["sh", "tmux: server"])  # fmt: skip
+    app = AppFacts.from_process(process)
+    assert (app.pid, app.exe, app.name, app.uid) == (7, "/usr/bin/curl", "curl", 1000)
+    assert app.ancestors == (("", "sh"), ("/usr/bin/tmux", "tmux: server"))
+    assert AppFacts.from_process(None) == AppFacts()
+    p = policy(rule("by-path", app_path="/usr/bin/*sh", children=True), rule("by-name", app_name="sh", children=True))
+    child = ProcessInfo(exe="/usr/bin/curl", name="curl", ancestors=["sh"], ancestor_names=["sh"])
+    assert p.match(*conn(app=child)).rule_id == "by-name"  # "sh" is its name, not an executable path
 
 
 @pytest.mark.parametrize(

@@ -20,12 +20,12 @@ from test_proxy_support import WAIT, Hooks, InNetns, Server, UdpEcho, echo, recv
 
 from core.proxy import (
     Binding,
-    Decision,
     ProxyConfig,
     Refusal,
     SessionRequest,
     TcpProxy,
     UdpProxy,
+    UpstreamPlan,
 )
 from kernel.routing import SplitRoute, SplitRouting
 from messages import Mark
@@ -68,10 +68,10 @@ def inside(nat_ns: str) -> Iterator[InNetns]:
     ns.close()
 
 
-def to_original(req: SessionRequest) -> Decision | Refusal:
+def to_original(req: SessionRequest) -> UpstreamPlan | Refusal:
     if req.orig_dst is None:
         return Refusal("no original destination")
-    return Decision(req.orig_dst, Binding(mark=Mark.SPLIT_EGRESS), extra={"why": "test"})
+    return UpstreamPlan(req.orig_dst, Binding(mark=Mark.SPLIT_EGRESS), extra={"why": "test"})
 
 
 @pytest.fixture

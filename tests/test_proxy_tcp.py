@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from test_proxy_support import IPV6, WAIT, Hooks, Server, echo, expect_reset, recv_all, wait_until
 
-from core.proxy import Decision, ProxyConfig, Refusal, SessionRequest, TcpProxy
+from core.proxy import ProxyConfig, Refusal, SessionRequest, TcpProxy, UpstreamPlan
 from core.proxy.tcp import HAS_SPLICE
+from messages.flows import IpProtocol
 
 pytest_plugins = ["test_proxy_support"]
 
@@ -37,7 +38,7 @@ def make_proxy(hooks: Hooks) -> Iterator[ProxyFactory]:
     made: list[TcpProxy] = []
 
     def make(target: Any, ip: str = "127.0.0.1", **config: Any) -> TcpProxy:
-        decider = target if callable(target) else (lambda _req: Decision(target))
+        decider = target if callable(target) else (lambda _req: UpstreamPlan(target))
         proxy = TcpProxy([(ip, 0)], decider, ProxyConfig(**config), hooks=hooks)
         proxy.start()
         made.append(proxy)
@@ -268,7 +269,7 @@ def test_decider_refusal_never_dials(make_proxy: ProxyFactory, servers: list[Ser
     server = serve(servers, echo)
     seen: list[SessionRequest] = []
 
-    def decide(req: SessionRequest) -> Decision | Refusal:
+    def decide(req: SessionRequest) -> UpstreamPlan | Refusal:
         seen.append(req)
         return Refusal("not this one")
 
@@ -277,7 +278,7 @@ def test_decider_refusal_never_dials(make_proxy: ProxyFactory, servers: list[Ser
     assert hooks.wait_closed()[0].close_reason == "refused: not this one"
     assert server.accepted == 0
     (req,) = seen
-    assert req.listen == proxy.addresses[0] and req.orig_dst is None and req.protocol == "tcp"
+    assert req.listen == proxy.addresses[0] and req.orig_dst is None and req.protocol == IpProtocol.TCP
 
 
 def test_failing_decider_refuses_and_worker_keeps_serving(
@@ -286,11 +287,11 @@ def test_failing_decider_refuses_and_worker_keeps_serving(
     server = serve(servers, echo)
     calls = []
 
-    def flaky(req: SessionRequest) -> Decision:
+    def flaky(req: SessionRequest) -> UpstreamPlan:
         calls.append(req)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return Decision(server.address)
+        return UpstreamPlan(server.address)
 
     proxy = make_proxy(flaky)
     expect_reset(proxy.addresses[0])
@@ -302,7 +303,7 @@ def test_failing_decider_refuses_and_worker_keeps_serving(
 
 def test_loop_to_itself_is_refused(make_proxy: ProxyFactory, hooks: Hooks) -> None:
     holder: list[TcpProxy] = []
-    proxy = make_proxy(lambda req: Decision(holder[0].addresses[0]))
+    proxy = make_proxy(lambda req: UpstreamPlan(holder[0].addresses[0]))
     holder.append(proxy)
     expect_reset(proxy.addresses[0])
     assert hooks.wait_closed()[0].close_reason == "refused: loop: the remote is this proxy"
@@ -344,7 +345,7 @@ def test_session_close_from_outside_resets_both(make_proxy: ProxyFactory, server
 
 def test_graceful_shutdown_drains_then_closes(servers: list[Server], hooks: Hooks) -> None:
     server = serve(servers, echo)
-    proxy = TcpProxy([("127.0.0.1", 0)], lambda _r: Decision(server.address), ProxyConfig(), hooks=hooks)
+    proxy = TcpProxy([("127.0.0.1", 0)], lambda _r: UpstreamPlan(server.address), ProxyConfig(), hooks=hooks)
     proxy.start()
     address = proxy.addresses[0]
     live, finishing = connect(proxy), connect(proxy)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from test_proxy_support import IPV6, WAIT, Hooks, UdpEcho, family_of, wait_until
 
-from core.proxy import Decision, ProxyConfig, Refusal, SessionRequest, UdpProxy
+from core.proxy import ProxyConfig, Refusal, SessionRequest, UdpProxy, UpstreamPlan
 
 pytest_plugins = ["test_proxy_support"]
 
@@ -34,7 +34,7 @@ def make_proxy(hooks: Hooks) -> Iterator[ProxyFactory]:
     made: list[UdpProxy] = []
 
     def make(target: Any, ip: str = "127.0.0.1", start: bool = True, **config: Any) -> UdpProxy:
-        decider = target if callable(target) else (lambda _req: Decision(target))
+        decider = target if callable(target) else (lambda _req: UpstreamPlan(target))
         proxy = UdpProxy([(ip, 0)], decider, ProxyConfig(**config), hooks=hooks, resolver=None)
         if start:
             proxy.start()
@@ -145,7 +145,7 @@ def test_udp_decider_refusal_and_failure_keep_serving(
     server = echo_server(echoes)
     refused_port: list[int] = []
 
-    def decide(req: SessionRequest) -> Decision | Refusal:
+    def decide(req: SessionRequest) -> UpstreamPlan | Refusal:
         if not refused_port:
             refused_port.append(req.client[1])
             return Refusal("no")
@@ -154,7 +154,7 @@ def test_udp_decider_refusal_and_failure_keep_serving(
         if len(refused_port) == 1:
             refused_port.append(0)
             raise RuntimeError("boom")
-        return Decision(server.address)
+        return UpstreamPlan(server.address)
 
     proxy = make_proxy(decide)
     with client() as refused, client() as failing, client() as fine:
@@ -169,7 +169,7 @@ def test_udp_decider_refusal_and_failure_keep_serving(
 
 def test_udp_drain_keeps_live_sessions_and_refuses_new_flows(echoes: list[UdpEcho], hooks: Hooks) -> None:
     server = echo_server(echoes)
-    proxy = UdpProxy([("127.0.0.1", 0)], lambda _r: Decision(server.address), hooks=hooks, resolver=None)
+    proxy = UdpProxy([("127.0.0.1", 0)], lambda _r: UpstreamPlan(server.address), hooks=hooks, resolver=None)
     proxy.start()
     done = threading.Event()
     with client() as live, client() as late:

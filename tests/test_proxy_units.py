@@ -10,13 +10,13 @@ import pytest
 
 from core.egress import plan_routes
 from core.proxy import (
-    Decision,
     ProxyConfig,
     Refusal,
     Session,
     SessionRequest,
     SessionTable,
     SplitDecider,
+    UpstreamPlan,
     parse_address,
     resolve_egress,
     static_egress,
@@ -28,6 +28,7 @@ from core.proxy.udp import DatagramBatch
 from kernel.routing import SplitRoute
 from messages import Mark, flow_key
 from messages.events import GatewayRecord, InterfaceRecord, NetenvChanged
+from messages.flows import FiveTuple, IpProtocol
 
 # --- egress -------------------------------------------------------------------------------------------
 
@@ -130,14 +131,17 @@ def test_route_plan_one_route_per_family_and_interface() -> None:
 # --- deciders -----------------------------------------------------------------------------------------
 
 
-def request(dst: tuple[str, int] | None = ("203.0.113.80", 80)) -> SessionRequest:
-    return SessionRequest("tcp", ("192.0.2.66", 40000), ("127.0.0.17", 719), dst)
+def request(dst: tuple[str, int] | None = ("203.0.113.80", 80), ct_mark: int = 0) -> SessionRequest:
+    """A TCP session from 192.0.2.66:40000 (as the proxy sees it, and as the app made it) to `dst`."""
+    seen = FiveTuple(IpProtocol.TCP, "192.0.2.66", 40000, "127.0.0.17", 719)
+    flow = FiveTuple(IpProtocol.TCP, "192.0.2.66", 40000, *dst) if dst is not None else None
+    return SessionRequest(seen, flow, ct_mark)
 
 
 def test_split_decider_binds_to_the_family_egress() -> None:
     decider = SplitDecider(static_egress("eth0", source4="192.0.2.10", gateway4="192.0.2.1"))
     decision = decider(request())
-    assert isinstance(decision, Decision)
+    assert isinstance(decision, UpstreamPlan)
     assert decision.remote == ("203.0.113.80", 80)
     assert (decision.binding.interface, decision.binding.source_ip) == ("eth0", "192.0.2.10")
     assert decision.binding.mark == Mark.SPLIT_EGRESS
@@ -150,11 +154,11 @@ def test_split_decider_follows_updates() -> None:
     assert decider(request()) == Refusal("no network environment yet")
     decider.update(resolve_egress(netenv(), "wlan0"))
     decision = decider(request())
-    assert isinstance(decision, Decision) and decision.binding.interface == "wlan0"
+    assert isinstance(decision, UpstreamPlan) and decision.binding.interface == "wlan0"
 
 
 def test_plain_transparent_decider() -> None:
-    assert to_original_destination(request()) == Decision(("203.0.113.80", 80))
+    assert to_original_destination(request()) == UpstreamPlan(("203.0.113.80", 80))
     assert isinstance(to_original_destination(request(None)), Refusal)
 
 
@@ -275,13 +279,12 @@ def test_split_decider_uses_the_interface_the_split_mark_names() -> None:
     decider.update(eth0, {2: eth0, 5: eth1}, wants_ct_mark=True)
     assert decider.wants_ct_mark
 
-    def ask(mark: int) -> Decision | Refusal:
-        return decider(SessionRequest("tcp", ("192.0.2.66", 40000), ("127.0.0.17", 719), ("203.0.113.80", 80),
-                                      ct_mark=mark))  # fmt: skip
+    def ask(mark: int) -> UpstreamPlan | Refusal:
+        return decider(request(("203.0.113.80", 80), ct_mark=mark))
 
     assert ask(split_mark(0)).binding.interface == "eth0"  # type: ignore[union-attr]  # the global choice
     chosen = ask(split_mark(5))
-    assert isinstance(chosen, Decision)
+    assert isinstance(chosen, UpstreamPlan)
     assert (chosen.binding.interface, chosen.binding.source_ip) == ("eth1", "192.0.2.130")
     refused = ask(split_mark(9))
     assert isinstance(refused, Refusal) and "index 9" in refused.reason

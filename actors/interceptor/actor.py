@@ -23,6 +23,7 @@ from typing import Any
 
 from core.egress import split_routes
 from kernel.conntrack import Conntrack, ConntrackEvents
+from kernel.procfs import ProcReader
 from kernel.routing import RoutingKeeper, SplitRouting
 from kernel.sockdiag import SockDiag, SocketEvents
 from messages import Heartbeat, IvpnStatus, Message, NetenvChanged, PolicySnapshot
@@ -31,13 +32,15 @@ from messages.control import Netenv as NetenvOps
 from runtime import paths
 from runtime.actor import Actor, answers
 
-from . import hook
+from . import handler
+from . import handler as hook  # the name the status answer still reads the handler's name by
+from .attribution import Attributor
 from .cleanup import NAMES_FILE, cleanup, write_marker
 from .engine import Engine
 from .firewall import MAX_WORKERS, worker_queues
 from .names import NameTable
 from .platform import Firewall, PacketSource, firewall, packet_source
-from .procinfo import Attributor, ProcReader
+from .ports import ActorPorts
 
 DEFAULT_HANDLER = "actors.ivpn.interop:interceptor_verdict_handler"
 DEFAULT_JUMP_CHECKS = "5,15,45"
@@ -99,28 +102,24 @@ class InterceptorActor(Actor):
         self.conntrack = Conntrack()
         self.ct_events = ConntrackEvents()
         self.socket_events = SocketEvents()
-        if args.verdict_handler and hook.SLOT.get() is None:
+        if args.verdict_handler and handler.SLOT.get() is None:
             try:
-                if hook.load(args.verdict_handler):
+                if handler.load(args.verdict_handler):
                     self.log.info("handler.registered", handler=args.verdict_handler)
             except Exception as exc:  # a broken handler module must not stop interception
                 self.log.error(
                     "handler.load_failed", handler=args.verdict_handler, error=f"{type(exc).__name__}: {exc}"
                 )
-        self.engine = Engine(
-            instance=self.rt.instance,
-            log=self.log,
-            publish=self.rt.publish,
-            attribute=self.attributor.attribute,
-            socket_uid=self.attributor.socket_uid,
-            uid_of=self.attributor.uid_of,
+        ports = ActorPorts(
             names=self.names,
-            schedule=self.rt.loop.call_later,
-            delete_conntrack=self.conntrack.delete,
-            socket_cookie=self.attributor.socket_cookie,
-            conntrack_get=self.conntrack.get,
-            drain_conntrack=self._read_conntrack,
+            attributor=self.attributor,
+            conntrack=self.conntrack,
+            publish=self.rt.publish,
+            call_later=self.rt.loop.call_later,
+            drain_conntrack_events=self._read_conntrack,
+            handler_slot=handler.SLOT,
         )
+        self.engine = Engine(instance=self.rt.instance, log=self.log, ports=ports)
         self.rt.loop.add_fd(self.ct_events.fileno(), self._read_conntrack)
         self.rt.loop.add_fd(self.socket_events.fileno(), self._read_sockets)
         self.source: PacketSource = packet_source()

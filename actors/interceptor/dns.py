@@ -15,7 +15,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from .packet import ipv6_text
+from messages.flows import ipv6_text
 
 TYPE_A, TYPE_CNAME, TYPE_AAAA = 1, 5, 28
 CLASS_IN = 1

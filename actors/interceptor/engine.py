@@ -2,8 +2,9 @@
 and mark → attribute → events.
 
 Platform-neutral and free of sockets: the actor hands it queued packets (`platform.QueuedPacket`) and
-gives it functions to attribute flows, delete a conntrack entry, publish an event and schedule a callback.
-Tests drive it with fake packets and fakes for those.
+one `ports.Ports` object for everything outside it (clocks, own pid and uids, publishing, scheduling,
+conntrack, attribution, names, the handler slot). Tests drive it with fake packets and one fake ports
+object. The connections it decided live in a `live.LiveTable`; the verdict itself is `verdict.decide`.
 
 Every queued packet gets a verdict, whatever happens: an exception anywhere on the path accepts the
 packet unmarked (mark 0 = unsplit, through the VPN), logs once and keeps going.
@@ -20,15 +21,12 @@ in one wakeup (conn.new with the process, then conn.verdict).
 
 from __future__ import annotations
 
-import os
 import time
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from core.policy import EMPTY_POLICY, CompiledPolicy
-from kernel.conntrack import CtEntry, CtTuple
+from kernel.conntrack import CtEntry
 from kernel.sockdiag import DiagSocket
 from messages import (
     ConnEnd,
@@ -36,117 +34,55 @@ from messages import (
     ConnVerdict,
     IvpnStatus,
     Mark,
-    Message,
     NetenvChanged,
     PolicySnapshot,
+    ProcessInfo,
     Verdict,
-    flow_key,
 )
+from messages.flows import FiveTuple, IpProtocol
 from messages.marks import VERDICT_MASK
 from runtime.log import EventLog
 
-from .decide import MALFORMED, Flow, Outcome, SplitEgress, decide, reevaluation_resets
 from .dns import DnsError, parse_response
-from .hook import SLOT, HandlerSlot
-from .names import NameTable
-from .packet import ICMP, ICMPV6, TCP, UDP, MalformedPacket, PacketInfo, parse_packet
+from .live import LiveConn, LiveTable
+from .packet import MalformedPacket, ParsedPacket, parse_packet
 from .platform import QueuedPacket
-from .procinfo import Owner
+from .ports import Ports
+from .verdict import MALFORMED, SplitEgress, VerdictOutcome, decide
 
 #: Delays (s) between attribution attempts for a socket or process not visible yet; only used when the
 #: policy has app rules (otherwise the verdict does not depend on the process and nobody should wait).
 RETRY_DELAYS = (0.002, 0.008, 0.03)
-MAX_LIVE = 65536
 MAX_DECISIONS = 4096
 OWN_PID_TTL = 5.0  # seconds a heartbeat's pid counts as ours
 #: Seconds a UDP flow whose entry we deleted is remembered, so a late answer cannot turn it around.
 LATE_ANSWER_MEMORY = 5.0
 MAX_DELETED_MEMORY = 16384
-
-
-@dataclass
-class LiveConn:
-    conn_id: str
-    flow: Flow
-    owner: Owner | None
-    domain: str
-    own: bool
-    outcome: Outcome
-    started: float
-    socket_cookie: int = 0  # the socket the verdict was given for (0: not known)
-    ct_id: int = 0  # its conntrack entry's id, where it had to be learned (0: not known)
+_SPLITTABLE = (IpProtocol.TCP, IpProtocol.UDP)
+_ICMP = (IpProtocol.ICMP, IpProtocol.ICMPV6)
 
 
 @dataclass
 class _Pending:
-    info: PacketInfo
+    info: ParsedPacket
     packets: list[QueuedPacket] = field(default_factory=list)
 
 
-def ct_tuple(info: PacketInfo) -> CtTuple:
-    """The conntrack original tuple of the packet's connection (ICMP echo: id in src_port)."""
-    if info.protocol in (ICMP, ICMPV6):
-        return CtTuple(info.protocol, info.src_ip, info.icmp_id, info.dst_ip, 0)
-    return CtTuple(info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
-
-
-def _flow(info: PacketInfo) -> Flow:
-    return Flow(
-        ip_version=info.ip_version,
-        protocol=info.protocol,
-        src_ip=info.src_ip,
-        src_port=info.src_port,
-        dst_ip=info.dst_ip,
-        dst_port=info.dst_port,
-        first_packet=info.protocol != TCP or info.tcp_first,
-    )
-
-
-def _flow5(info: PacketInfo | Flow) -> tuple[int, str, int, str, int]:
-    return info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port
-
-
 class Engine:
-    def __init__(
-        self,
-        *,
-        instance: str,
-        log: EventLog,
-        publish: Callable[[Message], Any],
-        attribute: Callable[[int, str, int, str, int], Owner | None],
-        names: NameTable,
-        schedule: Callable[[float, Callable[[], Any]], Any],
-        delete_conntrack: Callable[[CtTuple], bool] | None = None,
-        handler_slot: HandlerSlot = SLOT,
-        clock: Callable[[], float] = time.time,
-        socket_uid: Callable[[int, str, int, str, int], int | None] | None = None,
-        uid_of: Callable[[int], int | None] | None = None,
-        socket_cookie: Callable[..., int] | None = None,
-        conntrack_get: Callable[[CtTuple], CtEntry | None] | None = None,
-        drain_conntrack: Callable[[], Any] | None = None,
-    ) -> None:
+    """The packet path of one interceptor worker. Its cost counters (busy_us, verdict_us, attribution_us) are
+    measured with its own stopwatch (`time.perf_counter_ns`); every other clock comes from the ports."""
+
+    def __init__(self, *, instance: str, log: EventLog, ports: Ports) -> None:
         self.instance = instance
         self.log = log
-        self.publish = publish
-        self.attribute = attribute
-        self.socket_uid = socket_uid
-        self.uid_of = uid_of
-        self.socket_cookie = socket_cookie
-        self.conntrack_get = conntrack_get
-        self.drain_conntrack = drain_conntrack
-        self.names = names
-        self.schedule = schedule
-        self.delete_conntrack = delete_conntrack
-        self.slot = handler_slot
-        self.clock = clock
+        self.ports = ports
         self.policy: CompiledPolicy = EMPTY_POLICY
         self.ivpn: IvpnStatus | None = None
-        self.live: OrderedDict[CtTuple, LiveConn] = OrderedDict()
-        self._udp_ports: dict[int, set[CtTuple]] = {}  # live UDP flows by local port (see on_sockets_destroyed)
-        self._deleted_udp: dict[CtTuple, float] = {}  # answer tuple of a UDP flow we deleted → until when
-        self._pending: dict[CtTuple, _Pending] = {}
+        self.live = LiveTable()
+        self._deleted_udp: dict[FiveTuple, float] = {}  # answer tuple of a UDP flow we deleted → until when
+        self._pending: dict[FiveTuple, _Pending] = {}
         self._unpublished: list[LiveConn] = []  # decided in this batch of packets; their events to come
-        self._decisions: dict[tuple[int, int, str, int, str, bool], Outcome] = {}  # see _destination_outcome
+        self._decisions: dict[tuple[int, int, str, int, str, bool], VerdictOutcome] = {}  # _destination_outcome
         self.netenv: NetenvChanged | None = None
         self.egress = SplitEgress(None, "", [])
         self._own: dict[str, tuple[int, float]] = {}
@@ -154,7 +90,7 @@ class Engine:
         self._own_uids: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())  # (for pids, uids)
         self._logged: set[str] = set()
         self._arrived = 0  # perf_counter_ns when the packet being handled arrived (0: none)
-        self._id_prefix = f"{instance}-{int(clock()):x}"
+        self._id_prefix = f"{instance}-{int(ports.now()):x}"
         self._next_id = 0
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -227,42 +163,40 @@ class Engine:
             status.interface,
             status.paused,
         )
-        if changed and self.slot.get() is not None:
+        if changed and self.ports.handler_slot.get() is not None:
             self.reevaluate(f"ivpn {status.state}")
 
     def heard_actor(self, instance: str, pid: int, now: float | None = None) -> None:
         old = self._own.get(instance)
-        self._own[instance] = (pid, time.monotonic() if now is None else now)
+        self._own[instance] = (pid, self.ports.monotonic() if now is None else now)
         if old is None or old[0] != pid:
             self._own_cache = (-1.0, frozenset())
 
     def own_pids(self, now: float | None = None) -> frozenset[int]:
         """Our actors' pids (heard within OWN_PID_TTL) and ours; recomputed at most once a second."""
-        now = time.monotonic() if now is None else now
+        now = self.ports.monotonic() if now is None else now
         computed, pids = self._own_cache
         if computed < 0 or not 0 <= now - computed < 1.0:
-            pids = frozenset({pid for pid, seen in self._own.values() if now - seen < OWN_PID_TTL} | {os.getpid()})
+            own = {pid for pid, seen in self._own.values() if now - seen < OWN_PID_TTL}
+            pids = frozenset(own | {self.ports.own_pid})
             self._own_cache = (now, pids)
         return pids
 
-    def own_uids(self) -> frozenset[int] | None:
-        """The uids our processes run as (None when unknown): a socket of another uid cannot be ours."""
-        if self.uid_of is None:
-            return None
+    def own_uids(self) -> frozenset[int]:
+        """The uids our processes run as: a socket of another uid cannot be ours."""
         pids = self.own_pids()
         known_for, uids = self._own_uids
         if known_for != pids:  # asked again only when our processes change (a gone one has no uid)
-            uids = frozenset(uid for pid in pids if (uid := self.uid_of(pid)) is not None)
+            uid_of = self.ports.uid_of
+            uids = frozenset(uid for pid in pids if (uid := uid_of(pid)) is not None)
             self._own_uids = (pids, uids)
         return uids
 
-    def _surely_not_ours(self, info: PacketInfo) -> bool:
+    def _surely_not_ours(self, info: ParsedPacket) -> bool:
         """The socket's owner (sock_diag alone) is a uid none of our processes runs as: apps run as
         users, splittun as root. Then a split needs no look at /proc before the verdict."""
         uids = self.own_uids()
-        if uids is None or self.socket_uid is None:
-            return False
-        uid = self.socket_uid(info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
+        uid = self.ports.socket_uid(info.flow)
         return uid is not None and uid not in uids
 
     # --- packets ---------------------------------------------------------------------------------------
@@ -309,10 +243,9 @@ class Engine:
             self._once("inbound.unreadable", exc.reason)
             pkt.accept()
             return
-        if info.protocol == UDP and info.src_port != 53:
-            key = CtTuple(UDP, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
-            until = self._deleted_udp.get(key)
-            if until is not None and until > self.clock():
+        if info.flow.protocol == IpProtocol.UDP and info.flow.src_port != 53:
+            until = self._deleted_udp.get(info.flow)
+            if until is not None and until > self.ports.now():
                 self.counters["late_answers_dropped"] += 1
                 pkt.drop()
                 return
@@ -321,16 +254,17 @@ class Engine:
             pkt.accept()
             return
         answer = None
-        if info.protocol == UDP:
+        if info.flow.protocol == IpProtocol.UDP:
             try:
                 answer = parse_response(data[info.payload_offset :])
             except DnsError as exc:
                 self._once("dns.unreadable", exc.reason)
         if answer is not None:
             self.counters["dns_answers"] += 1
-            now = self.clock()
+            now = self.ports.now()
+            names = self.ports.names
             for address, ttl in answer.addresses:
-                self.names.learn(address, answer.qname, ttl, now)
+                names.learn(address, answer.qname, ttl, now)
                 self.counters["names_learned"] += 1
         pkt.accept()
 
@@ -349,7 +283,7 @@ class Engine:
             self._once("packet.malformed", "non-first fragment")
             self._apply(pkt, MALFORMED)
             return
-        key = ct_tuple(info)
+        key = info.conntrack_tuple()
         if info.tcp_first and pkt.get_mark() & VERDICT_MASK:
             self._on_syn_of_decided_entry(key, info, pkt)
             return
@@ -368,7 +302,7 @@ class Engine:
             return
         self._attempt(key, info, [pkt], 0)
 
-    def _same_connection(self, key: CtTuple, conn: LiveConn, info: PacketInfo) -> bool:
+    def _same_connection(self, key: FiveTuple, conn: LiveConn, info: ParsedPacket) -> bool:
         """Is a packet queued for a tuple we already decided part of that connection, or of a new one that
         happens to reuse its addresses and ports? A verdict belongs to one connection (the kernel's conntrack
         entry), never to a tuple: a reused port must not inherit another app's verdict.
@@ -383,14 +317,11 @@ class Engine:
         self.counters["tuple_repeats"] += 1
         if info.tcp_first:
             return False
-        if self.drain_conntrack is not None:
-            self.drain_conntrack()
-            if self.live.get(key) is not conn:
-                return False
-        if self.conntrack_get is None:
-            return True  # nothing to ask: the old behaviour (engine tests without a kernel)
+        self.ports.drain_conntrack_events()
+        if self.live.get(key) is not conn:
+            return False
         try:
-            entry = self.conntrack_get(key)
+            entry = self.ports.conntrack_get(key)
         except OSError as exc:
             self._once("conntrack.get_failed", f"{type(exc).__name__}: {exc}")
             return False  # cannot tell: deciding afresh is right for this packet's own app either way
@@ -399,7 +330,7 @@ class Engine:
         conn.ct_id = entry.id
         return True
 
-    def _on_syn_of_decided_entry(self, key: CtTuple, info: PacketInfo, pkt: QueuedPacket) -> None:
+    def _on_syn_of_decided_entry(self, key: FiveTuple, info: ParsedPacket, pkt: QueuedPacket) -> None:
         """A SYN whose conntrack entry already carries one of our verdicts (the rules restore it, then queue
         it): either the retransmitted SYN of a connection we decided, or a new connection that reopened an
         old entry — conntrack lets a SYN reuse an entry in CLOSE state (after a reset), keeping its mark
@@ -407,15 +338,15 @@ class Engine:
         tells them apart."""
         conn = self.live.get(key)
         mark = pkt.get_mark()
-        if conn is not None and conn.outcome.mark == mark and conn.socket_cookie and self.socket_cookie is not None:
-            try:
-                cookie = self.socket_cookie(*_flow5(info), fresh=True)
-            except OSError:
-                cookie = 0
-            if cookie == conn.socket_cookie:
-                self.counters["syn_retransmits"] += 1
-                self._apply(pkt, conn.outcome)
-                return
+        if (
+            conn is not None
+            and conn.outcome.mark == mark
+            and conn.socket_cookie
+            and self._cookie(info.flow, fresh=True) == conn.socket_cookie
+        ):
+            self.counters["syn_retransmits"] += 1
+            self._apply(pkt, conn.outcome)
+            return
         # Not the socket that verdict was given for: remove the old entry and drop this SYN. The app
         # retransmits it (1 s later) on a fresh entry, which is queued and decided for its own app.
         if conn is not None:
@@ -424,79 +355,78 @@ class Engine:
         self.counters["reused_entries_dropped"] += 1
         pkt.drop()
 
-    def _learn_ct_id_after(self, key: CtTuple) -> None:
+    def _learn_ct_id_after(self, key: FiveTuple) -> None:
         """After a reused tuple, learn the new connection's entry id once its verdict is in: the old
         entry's destroy event, if it comes late, must not end the new connection."""
-        if self.conntrack_get is None:
-            return
 
         def learn() -> None:
             conn = self.live.get(key)
             if conn is None or conn.ct_id:
                 return
             try:
-                entry = self.conntrack_get(key) if self.conntrack_get is not None else None
+                entry = self.ports.conntrack_get(key)
             except OSError:
                 return
             if entry is not None and entry.mark == conn.outcome.mark:
                 conn.ct_id = entry.id
 
-        self.schedule(0.0, learn)
+        self.ports.call_later(0.0, learn)
 
     def _verdict_needs_process(self) -> bool:
         """Can the process change this verdict beyond "is it ours"? App rules, or a handler that looks at
         processes (one that does not sets `needs_process = False` on itself)."""
         if self.policy.uses_apps:
             return True
-        handler = self.slot.get()
+        handler = self.ports.handler_slot.get()
         return handler is not None and getattr(handler, "needs_process", True)
 
-    def _attempt(self, key: CtTuple, info: PacketInfo, packets: list[QueuedPacket], attempt: int) -> None:
-        owner = None
-        if info.protocol in (TCP, UDP):
+    def _attempt(self, key: FiveTuple, info: ParsedPacket, packets: list[QueuedPacket], attempt: int) -> None:
+        process = None
+        flow = info.flow
+        if flow.protocol in _SPLITTABLE:
             if attempt == 0 and not self._verdict_needs_process():
-                domain = self.names.lookup(info.dst_ip, self.clock())
+                domain = self.ports.names.lookup(flow.dst_ip, self.ports.now())
                 outcome = self._destination_outcome(info, domain)
                 # The process cannot change it, except that our own connections are never split.
                 if not outcome.split or self._surely_not_ours(info):  # verdict first, process right after
-                    conn = self._decided(key, info, None, domain, False, outcome, packets)
+                    conn = self._decided(key, flow, info.first_packet, None, domain, False, outcome, packets)
                     self._attribute_after_verdict(conn)
                     return
             try:
-                owner = self._attribute(info.protocol, info.src_ip, info.src_port, info.dst_ip, info.dst_port)
+                process = self._attribute(flow)
             except Exception as exc:  # a race we did not foresee: never split, and say so in the verdict
                 self.counters["attribution_errors"] += 1
                 self._once("attribution.failed", f"{type(exc).__name__}: {exc}")
                 self._decide_new(key, info, None, packets, failed=f"{type(exc).__name__}: {exc}")
                 return
-            if owner is None and self.policy.uses_apps and attempt < len(RETRY_DELAYS):
+            if process is None and self.policy.uses_apps and attempt < len(RETRY_DELAYS):
                 self.counters["attribution_retries"] += 1
                 self._pending[key] = _Pending(info, packets)
-                self.schedule(RETRY_DELAYS[attempt], lambda: self._retry(key, attempt + 1))
+                self.ports.call_later(RETRY_DELAYS[attempt], lambda: self._retry(key, attempt + 1))
                 return
-            if owner is None:
+            if process is None:
                 self.counters["unattributed"] += 1
-        self._decide_new(key, info, owner, packets)
+        self._decide_new(key, info, process, packets)
 
-    def _destination_outcome(self, info: PacketInfo, domain: str) -> Outcome:
+    def _destination_outcome(self, info: ParsedPacket, domain: str) -> VerdictOutcome:
         """The verdict of a connection whose process does not matter. Without an external handler it
         depends only on the destination (IP version, protocol, address, port, name) and on whether this
         is the first packet, so it is remembered per destination until anything else `decide()` looks at
         changes (the policy, the VPN state: `_decisions` is cleared there): an app's next connection to
         the same server skips the policy walk."""
-        first = info.protocol != TCP or info.tcp_first
-        cacheable = self.slot.get() is None
-        key = (info.ip_version, info.protocol, info.dst_ip, info.dst_port, domain, first)
+        flow, first = info.flow, info.first_packet
+        cacheable = self.ports.handler_slot.get() is None
+        key = (info.ip_version, flow.protocol, flow.dst_ip, flow.dst_port, domain, first)
         if cacheable and (outcome := self._decisions.get(key)) is not None:
             return outcome
-        outcome = self._evaluate(_flow(info), None, domain, False)
+        outcome = self._evaluate(flow, first, None, domain, False)
         if cacheable:
             if len(self._decisions) >= MAX_DECISIONS:
                 self._decisions.clear()
             self._decisions[key] = outcome
         return outcome
 
-    def _retry(self, key: CtTuple, attempt: int) -> None:
+    def _retry(self, key: FiveTuple, attempt: int) -> None:
         pending = self._pending.pop(key, None)
         if pending is None:
             return
@@ -515,20 +445,22 @@ class Engine:
             self._decide_new(key, pending.info, None, pending.packets)
         self.flush_events()
 
-    def _apply(self, pkt: QueuedPacket, outcome: Outcome) -> None:
+    def _apply(self, pkt: QueuedPacket, outcome: VerdictOutcome) -> None:
         pkt.set_mark(int(outcome.mark))
         pkt.accept()
 
-    def _evaluate(self, flow: Flow, owner: Owner | None, domain: str, own: bool) -> Outcome:
+    def _evaluate(
+        self, flow: FiveTuple, first_packet: bool, process: ProcessInfo | None, domain: str, own: bool
+    ) -> VerdictOutcome:
         errors: list[str] = []
         outcome = decide(
             flow,
             self.policy,
-            app=owner.app if owner else None,
-            process=owner.info if owner else None,
+            first_packet=first_packet,
+            process=process,
             domain=domain,
             own=own,
-            handler=self.slot.get(),
+            handler=self.ports.handler_slot.get(),
             ivpn=self.ivpn,
             errors=errors,
             egress=self.egress.check,
@@ -539,32 +471,38 @@ class Engine:
         return outcome
 
     def _decide_new(
-        self, key: CtTuple, info: PacketInfo, owner: Owner | None, packets: list[QueuedPacket], failed: str = ""
+        self,
+        key: FiveTuple,
+        info: ParsedPacket,
+        process: ProcessInfo | None,
+        packets: list[QueuedPacket],
+        failed: str = "",
     ) -> None:
         """Decide with what is known of the process. `failed`: finding it raised (then a split, which would
         need it, is refused and the verdict says why)."""
-        domain = self.names.lookup(info.dst_ip, self.clock())
-        own = owner is not None and owner.info.pid in self.own_pids()
-        flow = _flow(info)
-        outcome = self._evaluate(flow, owner, domain, own)
+        flow, first = info.flow, info.first_packet
+        domain = self.ports.names.lookup(flow.dst_ip, self.ports.now())
+        own = process is not None and process.pid in self.own_pids()
+        outcome = self._evaluate(flow, first, process, domain, own)
         if failed and outcome.split:
-            outcome = Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, outcome.rule,
-                              f"finding the process failed ({failed}): kept in the VPN")  # fmt: skip
-        elif owner is None and self.policy.uses_apps and info.protocol in (TCP, UDP) and not outcome.rule:
+            outcome = VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, outcome.rule,
+                                     f"finding the process failed ({failed}): kept in the VPN")  # fmt: skip
+        elif process is None and self.policy.uses_apps and flow.protocol in _SPLITTABLE and not outcome.rule:
             # App rules could not be checked: said in the verdict's reason and counted, never silent.
             outcome = replace(outcome, reason=outcome.reason or "process not found: app rules could not match")
-        conn = self._decided(key, flow, owner, domain, own, outcome, packets)
-        if owner is not None:
+        conn = self._decided(key, flow, first, process, domain, own, outcome, packets)
+        if process is not None:
             conn.socket_cookie = self._cookie(flow)
 
     def _decided(
         self,
-        key: CtTuple,
-        flow: Flow | PacketInfo,
-        owner: Owner | None,
+        key: FiveTuple,
+        flow: FiveTuple,
+        first_packet: bool,
+        process: ProcessInfo | None,
         domain: str,
         own: bool,
-        outcome: Outcome,
+        outcome: VerdictOutcome,
         packets: list[QueuedPacket],
     ) -> LiveConn:
         """Give the verdict, then track the connection and queue its events for the end of this batch."""
@@ -572,51 +510,47 @@ class Engine:
             self._apply(pkt, outcome)
         if self._arrived:  # not for a connection decided late (retries, stop)
             self.counters["verdict_us"] += (time.perf_counter_ns() - self._arrived) // 1000
-        if isinstance(flow, PacketInfo):
-            flow = _flow(flow)
-        now = self.clock()
+        now = self.ports.now()
         self.counters["decided"] += 1
         if outcome.split:
             self.counters["split"] += 1
         self._next_id += 1
-        conn = LiveConn(f"{self._id_prefix}-{self._next_id}", flow, owner, domain, own, outcome, now)
-        self._track(key, conn)
+        conn = LiveConn(f"{self._id_prefix}-{self._next_id}", flow, first_packet, process, domain, own, outcome, now)
+        if self.live.track(key, conn):
+            self.counters["untracked"] += 1
         if not self._unpublished:
-            self.schedule(0.0, self.flush_events)
+            self.ports.call_later(0.0, self.flush_events)
         self._unpublished.append(conn)
         return conn
 
-    def _attribute(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> Owner | None:
+    def _attribute(self, flow: FiveTuple) -> ProcessInfo | None:
         started = time.perf_counter_ns()
         try:
-            return self.attribute(protocol, src_ip, sport, dst_ip, dport)
+            return self.ports.attribute(flow)
         finally:
             self.counters["attribution_us"] += (time.perf_counter_ns() - started) // 1000
 
     def _attribute_after_verdict(self, conn: LiveConn) -> None:
         """The process of a connection already decided without it, for its events (and re-evaluations)."""
-        f = conn.flow
         self.counters["attributed_after_verdict"] += 1
         try:
-            owner = self._attribute(f.protocol, f.src_ip, f.src_port, f.dst_ip, f.dst_port)
+            process = self._attribute(conn.flow)
         except Exception as exc:  # the verdict is given; the connection just has no process in its events
             self.counters["errors"] += 1
             self._once("attribution.failed", f"{type(exc).__name__}: {exc}")
-            owner = None
-        if owner is None:
+            process = None
+        if process is None:
             self.counters["unattributed"] += 1
             return
-        conn.owner = owner
-        conn.own = owner.info.pid in self.own_pids()  # kept in the VPN already; re-evaluations treat it as ours
-        conn.socket_cookie = self._cookie(f)
+        conn.process = process
+        conn.own = process.pid in self.own_pids()  # kept in the VPN already; re-evaluations treat it as ours
+        conn.socket_cookie = self._cookie(conn.flow)
 
-    def _cookie(self, flow: Flow, fresh: bool = False) -> int:
+    def _cookie(self, flow: FiveTuple, fresh: bool = False) -> int:
         """The cookie of the socket the last attribution of `flow` found (no syscall), or with `fresh` of the
         socket that owns the flow's tuple now; 0 when unknown."""
-        if self.socket_cookie is None:
-            return 0
         try:
-            return self.socket_cookie(*_flow5(flow), fresh=fresh)
+            return self.ports.socket_cookie(flow, fresh=fresh)
         except OSError:
             return 0
 
@@ -639,8 +573,8 @@ class Engine:
 
     def _publish_new(self, conn: LiveConn, now: float) -> None:
         f = conn.flow
-        icmp = f.protocol in (ICMP, ICMPV6)
-        self.publish(
+        icmp = f.protocol in _ICMP
+        self.ports.publish(
             ConnNew(
                 conn_id=conn.conn_id,
                 ts=now,
@@ -650,22 +584,22 @@ class Engine:
                 src_port=0 if icmp else f.src_port,
                 dst_ip=f.dst_ip,
                 dst_port=0 if icmp else f.dst_port,
-                inbound=f.inbound,
-                process=conn.owner.info if conn.owner else None,
+                inbound=False,  # only outbound connections are decided (and tracked)
+                process=conn.process,
                 domain=conn.domain,
             )
         )
 
     def _publish_verdict(self, conn: LiveConn, now: float) -> None:
-        o, f = conn.outcome, conn.flow
-        self.publish(
+        o = conn.outcome
+        self.ports.publish(
             ConnVerdict(
                 conn_id=conn.conn_id,
                 ts=now,
                 verdict=o.verdict,
                 rule=o.rule,
                 reason=o.reason,
-                split_key=flow_key(f.protocol, f.src_ip, f.src_port, f.dst_ip, f.dst_port) if o.split else "",
+                split_key=conn.flow.key() if o.split else "",
                 interface=o.interface if o.split else "",
             )
         )
@@ -689,10 +623,7 @@ class Engine:
           verdict keeps the entry (and the connection continues under the new socket); another deletes it,
           so its next datagram starts afresh (what it sent meanwhile went the old way: counted)."""
         for sock in sockets:
-            keys = self._udp_ports.get(sock.sport)
-            if not keys:
-                continue
-            for key in list(keys):
+            for key in self.live.udp_flows_on(sock.sport):
                 conn = self.live.get(key)
                 if conn is None or (conn.socket_cookie and sock.cookie and conn.socket_cookie != sock.cookie):
                     continue  # another socket on the same port (SO_REUSEPORT, another local address)
@@ -703,72 +634,51 @@ class Engine:
                     continue
                 self._delete_entry(key)
 
-    def _delete_entry(self, key: CtTuple) -> bool:
+    def _delete_entry(self, key: FiveTuple) -> bool:
         """Delete a connection's conntrack entry (its next packet is queued again); False when that failed.
 
         A UDP flow's answers may still be on their way: one arriving after the entry is gone would make a
         new entry in the other direction, and the app's next datagrams would then pass as replies to it,
         never queued (stuck on the path they happen to take). So the flow is remembered for a moment, and
         such a late answer is dropped instead (`_on_inbound`)."""
-        if self.delete_conntrack is None:
-            return True
         try:
-            self.delete_conntrack(key)
+            self.ports.conntrack_delete(key)
         except OSError as exc:
             self._once("conntrack.delete_failed", f"{type(exc).__name__}: {exc}")
             return False
-        if key.protocol == UDP:
+        if key.protocol == IpProtocol.UDP:
             if len(self._deleted_udp) >= MAX_DELETED_MEMORY:
                 self._deleted_udp.clear()
-            answer = CtTuple(UDP, key.dst_ip, key.dst_port, key.src_ip, key.src_port)
-            self._deleted_udp[answer] = self.clock() + LATE_ANSWER_MEMORY
+            self._deleted_udp[key.reversed()] = self.ports.now() + LATE_ANSWER_MEMORY
         return True
 
-    def _keeps_path(self, key: CtTuple, old: LiveConn, cookie: int) -> bool:
+    def _keeps_path(self, key: FiveTuple, old: LiveConn, cookie: int) -> bool:
         """Another socket took over a closed socket's tuple before its entry was deleted: decide for it. True
         when its verdict is the old one (the entry stays, tracked as its connection), else False."""
         self.counters["udp_port_races"] += 1
         f = old.flow
         try:
-            owner = self._attribute(f.protocol, f.src_ip, f.src_port, f.dst_ip, f.dst_port)
+            process = self._attribute(f)
         except Exception as exc:
             self._once("attribution.failed", f"{type(exc).__name__}: {exc}")
             return False
-        if owner is None and self._verdict_needs_process():
+        if process is None and self._verdict_needs_process():
             return False  # its verdict cannot be known without its process: a fresh entry will be decided
-        domain = old.domain or self.names.lookup(f.dst_ip, self.clock())
-        own = owner is not None and owner.info.pid in self.own_pids()
-        outcome = self._evaluate(f, owner, domain, own)
+        domain = old.domain or self.ports.names.lookup(f.dst_ip, self.ports.now())
+        own = process is not None and process.pid in self.own_pids()
+        outcome = self._evaluate(f, old.first_packet, process, domain, own)
         if outcome.mark != old.outcome.mark:
             return False
-        conn = self._decided(key, f, owner, domain, own, outcome, [])
+        conn = self._decided(key, f, old.first_packet, process, domain, own, outcome, [])
         conn.socket_cookie = cookie
         return True
 
-    def _track(self, key: CtTuple, conn: LiveConn) -> None:
-        self.live[key] = conn
-        if key.protocol == UDP:
-            self._udp_ports.setdefault(key.src_port, set()).add(key)
-        if len(self.live) > MAX_LIVE:
-            self._untrack(next(iter(self.live)))
-            self.counters["untracked"] += 1
-
-    def _untrack(self, key: CtTuple) -> LiveConn | None:
-        conn = self.live.pop(key, None)
-        if conn is not None and key.protocol == UDP:
-            keys = self._udp_ports.get(key.src_port)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._udp_ports[key.src_port]
-        return conn
-
-    def _end(self, key: CtTuple, conn: LiveConn, reason: str) -> None:
+    def _end(self, key: FiveTuple, conn: LiveConn, reason: str) -> None:
         """Forget a live connection and publish its conn.end (after any conn.new still queued)."""
         self.flush_events()  # conn.new before conn.end, always
         if self.live.get(key) is conn:
-            self._untrack(key)
-        self.publish(ConnEnd(conn_id=conn.conn_id, ts=self.clock(), reason=reason))
+            self.live.untrack(key)
+        self.ports.publish(ConnEnd(conn_id=conn.conn_id, ts=self.ports.now(), reason=reason))
 
     # --- re-evaluation ---------------------------------------------------------------------------------
 
@@ -780,19 +690,21 @@ class Engine:
         """
         self.flush_events()  # conn.new before any conn.end it causes
         resets = 0
-        now = self.clock()
-        for key, conn in list(self.live.items()):
-            domain = conn.domain or self.names.lookup(conn.flow.dst_ip, now)
-            new = self._evaluate(conn.flow, conn.owner, domain, conn.own)
+        now = self.ports.now()
+        names = self.ports.names
+
+        def evaluate(conn: LiveConn) -> VerdictOutcome:
+            domain = conn.domain or names.lookup(conn.flow.dst_ip, now)
             self.counters["reevaluated"] += 1
-            if not reevaluation_resets(conn.flow.protocol, conn.outcome, new):
-                continue
+            return self._evaluate(conn.flow, conn.first_packet, conn.process, domain, conn.own)
+
+        for key, conn, new in self.live.reevaluated(evaluate):
             if not self._delete_entry(key):
                 continue
-            self._untrack(key)
+            self.live.untrack(key)
             resets += 1
             reason = f"re-evaluated ({why}): {conn.outcome.verdict.verb()} -> {new.verdict.verb()}"
-            self.publish(ConnEnd(conn_id=conn.conn_id, ts=now, reason=reason))
+            self.ports.publish(ConnEnd(conn_id=conn.conn_id, ts=now, reason=reason))
         self.counters["reevaluation_resets"] += resets
         if resets:
             self.log.info("connections.reevaluated", why=why, reset=resets, live=len(self.live))

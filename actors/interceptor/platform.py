@@ -2,7 +2,7 @@
 
 - `Firewall`: put our interception rules in place, take them away, keep them first.
 - `PacketSource`: deliver queued packets (`QueuedPacket`) to a callback and take their verdicts.
-The engine (engine.py), the verdict logic (decide.py) and the parsers never see the platform. Linux:
+The engine (engine.py), the verdict logic (verdict.py) and the parsers never see the platform. Linux:
 `firewall.LinuxFirewall` (iptables-legacy) and `kernel.nfqueue.NfqueueSource`. A Windows port implements
 these two with WinDivert (`pydivert`): the firewall becomes the divert filter, the packet source the divert
 handle, and a split verdict rewrites the packet to the proxy instead of setting a mark (DESIGN.md,

@@ -1,20 +1,20 @@
 """The split-tunnel policy, shared by the controller (builds and validates rules, compiles the
-`policy.snapshot`) and the interceptor (evaluates it for every new connection).
+`policy.snapshot`) and the interceptor (matches it against every new connection).
 
 - `rules`: rule construction and validation; Portmaster endpoint-list strings.
-- `match`: `CompiledPolicy(snapshot).evaluate(ConnectionFacts) -> Decision`; first match wins, default keep.
+- `match`: `CompiledPolicy(snapshot).match(flow, domain, process) -> RuleMatch`; first match wins, default
+  keep. `AppFacts.from_process` is how a `ProcessInfo` becomes what app rules look at.
 """
 
-from .match import EMPTY_POLICY, AppFacts, CompiledPolicy, ConnectionFacts, Decision
+from .match import EMPTY_POLICY, AppFacts, CompiledPolicy, RuleMatch
 from .rules import RuleError, describe, parse_endpoint, parse_ports, validate
 
 __all__ = [
     "EMPTY_POLICY",
     "AppFacts",
     "CompiledPolicy",
-    "ConnectionFacts",
-    "Decision",
     "RuleError",
+    "RuleMatch",
     "describe",
     "parse_endpoint",
     "parse_ports",

@@ -18,9 +18,15 @@ import ipaddress
 import re
 
 from messages import PolicyRule
+from messages.flows import IpProtocol
 
 ACTIONS = ("split", "keep")
-PROTOCOLS = {"tcp": "tcp", "6": "tcp", "udp": "udp", "17": "udp", "*": "", "": ""}
+#: What a rule's protocol may be written as (name or number) → its name in the rule; "" = any.
+PROTOCOLS = {
+    **{text: p.name.lower() for p in (IpProtocol.TCP, IpProtocol.UDP) for text in (p.name.lower(), str(p.value))},
+    "*": "",
+    "": "",
+}
 _GLOB_CHARS = set("*?[")
 _DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9_*?-]{1,63}(?<!-)$")
 

@@ -8,7 +8,7 @@
     proxy.shutdown(5.0)    # stop accepting, drain, close
 
 README.md explains how the proxies sit in the data path. The split policy routing their upstream sockets
-need is not theirs to install: actors/routing.py (kept by the interceptor; applied by hand when the proxies
+need is not theirs to install: kernel/routing.py (kept by the interceptor; applied by hand when the proxies
 run standalone).
 """
 
@@ -20,10 +20,10 @@ from .decider import (
     Address,
     Binding,
     Decider,
-    Decision,
     Refusal,
     SessionRequest,
     SplitDecider,
+    UpstreamPlan,
     to_original_destination,
 )
 from .session import Session, SessionTable
@@ -34,7 +34,6 @@ __all__ = [
     "Address",
     "Binding",
     "Decider",
-    "Decision",
     "Egress",
     "EgressSet",
     "ProxyBase",
@@ -47,6 +46,7 @@ __all__ = [
     "SplitDecider",
     "TcpProxy",
     "UdpProxy",
+    "UpstreamPlan",
     "parse_address",
     "resolve_egress",
     "static_egress",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from .config import ProxyConfig
-from .decider import Address, Decider, Decision, Refusal, SessionRequest
+from .decider import Address, Decider, Refusal, SessionRequest, UpstreamPlan
 from .loop import READ, DataLoop, raise_fd_limit
 from .session import Session, SessionTable
 from .upstream import family_of
@@ -218,15 +218,15 @@ class ProxyBase:
 
     # --- sessions -----------------------------------------------------------------------------------
 
-    def _decide(self, req: SessionRequest) -> Decision | Refusal:
+    def _decide(self, req: SessionRequest) -> UpstreamPlan | Refusal:
         try:
             answer = self.decider(req)
         except Exception as exc:
             self.say(logging.ERROR, "decider failed for %s: %s: %s", req, type(exc).__name__, exc)
             return Refusal(f"decider failed: {type(exc).__name__}")
-        if not isinstance(answer, (Decision, Refusal)):
+        if not isinstance(answer, (UpstreamPlan, Refusal)):
             return Refusal(f"decider returned {type(answer).__name__}")
-        if isinstance(answer, Decision) and answer.remote in self.addresses:
+        if isinstance(answer, UpstreamPlan) and answer.remote in self.addresses:
             return Refusal("loop: the remote is this proxy")
         return answer
 

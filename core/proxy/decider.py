@@ -1,9 +1,11 @@
 """The decider: the one hook that says where a new session goes and how it leaves.
 
-The proxy calls it once per new session, before dialling, with what the kernel told it (client address,
-listen address, original destination). It answers with a `Decision` (remote address, local binding,
-extra info carried on the session) or a `Refusal`, which closes the session without touching the network.
-Swapping the decider is how per-rule interfaces plug in later: nothing else in the proxy changes.
+The proxy calls it once per new session, before dialling, with a `SessionRequest`: the session as the proxy
+sees it (client address after the kernel's NAT → the proxy address it arrived on) and the connection as the
+app made it (the app's address → its original destination), both `FiveTuple`s. It answers with an
+`UpstreamPlan` (remote address, how the upstream socket leaves, extra info carried on the session) or a
+`Refusal`, which closes the session without touching the network. Swapping the decider is how per-rule
+interfaces plug in: nothing else in the proxy changes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.egress import EgressSet
+from messages.flows import FiveTuple
 from messages.marks import Mark, split_interface_index
 
 Address = tuple[str, int]
@@ -21,17 +24,34 @@ Address = tuple[str, int]
 
 @dataclass(frozen=True, slots=True)
 class SessionRequest:
-    protocol: str  # "tcp" | "udp"
-    client: Address  # the client as the proxy sees it (after the kernel's NAT)
-    listen: Address  # the proxy address the session arrived on
-    orig_dst: Address | None  # where the app was going; None when the kernel has no NAT record
-    orig_client: Address | None = None  # the app's own address before NAT, when it differs from `client`
+    """A new session, before anything is dialled."""
+
+    seen: FiveTuple  # as the proxy sees it: the client (after the kernel's NAT) → the proxy address it arrived on
+    flow: FiveTuple | None  # as the app made it: its own address → where it was going; None without a NAT record
     ct_mark: int = 0  # the connection's conntrack mark, when the decider asked for it (wants_ct_mark)
 
     @property
-    def family(self) -> int:
-        target = self.orig_dst or self.client
-        return 6 if ":" in target[0] else 4
+    def protocol(self) -> int:
+        return self.seen.protocol
+
+    @property
+    def client(self) -> Address:
+        """The client as the proxy sees it."""
+        return self.seen.src
+
+    @property
+    def listen(self) -> Address:
+        return self.seen.dst
+
+    @property
+    def orig_dst(self) -> Address | None:
+        """Where the app was going; None when the kernel has no NAT record."""
+        return self.flow.dst if self.flow is not None else None
+
+    @property
+    def ip_version(self) -> int:
+        """Of the original destination (else of the client)."""
+        return 6 if ":" in (self.flow.dst_ip if self.flow is not None else self.seen.src_ip) else 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +64,9 @@ class Binding:
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class UpstreamPlan:
+    """Where a session's upstream goes and how its socket leaves."""
+
     remote: Address
     binding: Binding = Binding()
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -52,17 +74,19 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
+    """No upstream for this session, and why."""
+
     reason: str
 
 
-Decider = Callable[[SessionRequest], Decision | Refusal]
+Decider = Callable[[SessionRequest], UpstreamPlan | Refusal]
 
 
-def to_original_destination(req: SessionRequest) -> Decision | Refusal:
+def to_original_destination(req: SessionRequest) -> UpstreamPlan | Refusal:
     """Dial the original destination with the kernel's default routing (a plain transparent proxy)."""
-    if req.orig_dst is None:
+    if req.flow is None:
         return Refusal("no original destination")
-    return Decision(remote=req.orig_dst)
+    return UpstreamPlan(remote=req.flow.dst)
 
 
 class SplitDecider:
@@ -94,10 +118,10 @@ class SplitDecider:
             self._by_index = dict(by_index or {})
             self.wants_ct_mark = wants_ct_mark
 
-    def __call__(self, req: SessionRequest) -> Decision | Refusal:
-        if req.orig_dst is None:
+    def __call__(self, req: SessionRequest) -> UpstreamPlan | Refusal:
+        if req.flow is None:
             return Refusal("no original destination")
-        family = 6 if ":" in req.orig_dst[0] else 4
+        family = req.ip_version
         chosen = self._egress
         index = split_interface_index(req.ct_mark) if req.ct_mark else None
         if index:
@@ -105,8 +129,8 @@ class SplitDecider:
         egress = chosen.for_family(family)
         if egress is None:
             return Refusal(chosen.why(family))
-        return Decision(
-            remote=req.orig_dst,
+        return UpstreamPlan(
+            remote=req.flow.dst,
             binding=Binding(interface=egress.interface, source_ip=egress.source, mark=self.mark),
             extra={"interface": egress.interface},
         )

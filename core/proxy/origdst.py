@@ -10,7 +10,7 @@ The answer's ORIGINAL tuple holds the app's real source port and its original de
 app socket talks to several peers, the kernel's implicit source NAT gives each flow a different port
 as the proxy sees it, which is why the REPLY tuple identifies the flow; see README.md.)
 
-The ctnetlink messages and socket are actors/conntrack.py, shared with the interceptor; the TCP proxy
+The ctnetlink messages and socket are kernel/conntrack.py, shared with the interceptor; the TCP proxy
 uses the same lookup for a connection's conntrack mark.
 """
 
@@ -20,7 +20,8 @@ import errno
 import socket
 import struct
 
-from kernel.conntrack import Conntrack, CtTuple
+from kernel.conntrack import Conntrack
+from messages.flows import FiveTuple, IpProtocol
 
 from .decider import Address
 
@@ -66,19 +67,19 @@ class ConntrackResolver:
 
     None means the kernel has no NAT record for the flow; other failures raise (OSError, ValueError)."""
 
-    def __init__(self, conntrack: Conntrack | None = None, protocol: int = socket.IPPROTO_UDP) -> None:
+    def __init__(self, conntrack: Conntrack | None = None, protocol: int = IpProtocol.UDP) -> None:
         self.ct = conntrack or Conntrack(timeout=1.0, rcvbuf=None)
         self.protocol = protocol
 
     def __call__(self, client: Address, listen: Address) -> tuple[Address, Address, int] | None:
-        entry = self.ct.lookup_reply(CtTuple(self.protocol, listen[0], listen[1], client[0], client[1]))
+        entry = self.ct.lookup_reply(FiveTuple(self.protocol, listen[0], listen[1], client[0], client[1]))
         if entry is None:
             return None
         return entry.orig.src, entry.orig.dst, entry.mark
 
     def forget(self, client: Address, dst: Address) -> bool:
         """Delete the flow's entry (original tuple client → dst): its next datagram is NEW again."""
-        return self.ct.delete(CtTuple(self.protocol, client[0], client[1], dst[0], dst[1]))
+        return self.ct.delete(FiveTuple(self.protocol, client[0], client[1], dst[0], dst[1]))
 
     def close(self) -> None:
         self.ct.close()

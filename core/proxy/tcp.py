@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Any
 
+from messages.flows import FiveTuple, IpProtocol
+
 from .base import ProxyBase
 from .decider import Address, Refusal, SessionRequest
 from .loop import ERROR, HANGUP, RDHUP, READ, WRITE
@@ -425,7 +427,7 @@ class TcpProxy(ProxyBase):
             if self._conntrack is None:
                 from .origdst import ConntrackResolver
 
-                self._conntrack = ConntrackResolver(protocol=socket.IPPROTO_TCP)
+                self._conntrack = ConntrackResolver(protocol=IpProtocol.TCP)
             found = self._conntrack(client, listen)
         except (OSError, ValueError) as exc:
             self.say(logging.WARNING, "conntrack mark of %s unreadable: %s", client, exc)
@@ -446,21 +448,23 @@ class TcpProxy(ProxyBase):
             self._refused(session, f"session limit {self.table.max_sessions} reached")
             return
         ct_mark = self._ct_mark(addr, listen) if getattr(self.decider, "wants_ct_mark", False) else 0
-        decision = self._decide(SessionRequest("tcp", addr, listen, orig, ct_mark=ct_mark))
-        if isinstance(decision, Refusal):
+        seen = FiveTuple(IpProtocol.TCP, addr[0], addr[1], listen[0], listen[1])
+        flow = FiveTuple(IpProtocol.TCP, addr[0], addr[1], orig[0], orig[1]) if orig is not None else None
+        plan = self._decide(SessionRequest(seen, flow, ct_mark))
+        if isinstance(plan, Refusal):
             _reset(client)
-            self._refused(session, decision.reason)
+            self._refused(session, plan.reason)
             return
-        session.remote = decision.remote
-        session.interface = decision.binding.interface
-        session.extra = decision.extra
+        session.remote = plan.remote
+        session.interface = plan.binding.interface
+        session.extra = plan.extra
         try:
-            upstream = open_upstream(socket.SOCK_STREAM, decision.remote, decision.binding)
+            upstream = open_upstream(socket.SOCK_STREAM, plan.remote, plan.binding)
         except OSError as exc:
             _reset(client)
             self._refused(session, f"upstream socket: {exc.strerror or exc}")
             return
-        err = upstream.connect_ex(decision.remote)
+        err = upstream.connect_ex(plan.remote)
         client.setblocking(False)  # TCP_NODELAY came with accept: it is set on the listener
         conn = TcpConn(self, session, client, upstream)
         self.table.add(session)

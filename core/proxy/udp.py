@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from messages.flows import FiveTuple, IpProtocol
+
 from .base import ProxyBase
 from .decider import Address, Refusal, SessionRequest
 from .loop import READ
@@ -168,7 +170,7 @@ def default_socket_check() -> SocketCheck | None:
         return None
 
     def check(client: Address, dst: Address) -> int:
-        found = diag.lookup(socket.IPPROTO_UDP, client[0], client[1], dst[0], dst[1])
+        found = diag.lookup(FiveTuple(IpProtocol.UDP, client[0], client[1], dst[0], dst[1]))
         return found.cookie if found is not None else 0
 
     check.close = diag.close  # type: ignore[attr-defined]
@@ -384,20 +386,23 @@ class UdpProxy(ProxyBase):
             self._count("refused_session_limit")
             self._refuse(key, session, f"session limit {self.table.max_sessions} reached", now)
             return None
-        decision = self._decide(SessionRequest("udp", client, listen, orig_dst, orig_client, ct_mark))
-        if isinstance(decision, Refusal):
-            self._refuse(key, session, decision.reason, now)
+        seen = FiveTuple(IpProtocol.UDP, client[0], client[1], listen[0], listen[1])
+        app = orig_client or client
+        flow = FiveTuple(IpProtocol.UDP, app[0], app[1], orig_dst[0], orig_dst[1]) if orig_dst is not None else None
+        plan = self._decide(SessionRequest(seen, flow, ct_mark))
+        if isinstance(plan, Refusal):
+            self._refuse(key, session, plan.reason, now)
             return None
-        session.remote = decision.remote
-        session.interface = decision.binding.interface
-        session.extra = decision.extra
+        session.remote = plan.remote
+        session.interface = plan.binding.interface
+        session.extra = plan.extra
         try:
-            upstream = open_upstream(socket.SOCK_DGRAM, decision.remote, decision.binding)
+            upstream = open_upstream(socket.SOCK_DGRAM, plan.remote, plan.binding)
         except OSError as exc:
             self._refuse(key, session, f"upstream socket: {exc.strerror or exc}", now)
             return None
         try:
-            upstream.connect(decision.remote)
+            upstream.connect(plan.remote)
             session.local = tuple(upstream.getsockname()[:2])  # type: ignore[assignment]
         except OSError as exc:
             upstream.close()

@@ -2,8 +2,8 @@
 
 The ivpn actor's interop rules (e.g. "this connection belongs in the tunnel") need a say over every
 connection, including re-evaluations after a policy change, without a round trip to another process
-on the packet path. So they register a plain function here, once, at interceptor start; `decide()`
-calls it for every connection it filters.
+on the packet path. So they register a plain function here, once, at interceptor start;
+`verdict.decide()` calls it for every connection it filters.
 
 The handler gets a `ConnectionView` and returns a `Verdict` (optionally `(verdict, reason)`) or None
 for "no opinion". It runs on the verdict path: it must be fast and must not block. What it may do:
@@ -24,22 +24,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from messages import IvpnStatus, ProcessInfo, Verdict
+from messages.flows import FiveTuple
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionView:
-    """What a handler may look at: the connection, its process and name, the VPN status."""
+    """What a handler may look at: the connection (its 5-tuple, direction), its process and name, the VPN
+    status. `process` is None when it is not known (or not looked for: see `needs_process` in README.md)."""
 
-    ip_version: int
-    protocol: int
-    src_ip: str
-    src_port: int
-    dst_ip: str
-    dst_port: int
+    flow: FiveTuple
     inbound: bool
     process: ProcessInfo | None
     domain: str
     ivpn: IvpnStatus | None
+
+    @property
+    def ip_version(self) -> int:
+        return self.flow.ip_version
 
 
 HandlerResult = Verdict | tuple[Verdict, str] | None

@@ -1,6 +1,7 @@
-"""The verdict for one connection: scope, precedence, policy, external handler → verdict and mark.
+"""The verdict for one connection: scope, precedence, policy, external handler → a `VerdictOutcome`
+(the verdict, the mark that carries it, the rule and the reason).
 
-Pure: everything it needs arrives as arguments (the flow, its process and name, the compiled policy,
+Pure: everything it needs arrives as arguments (the 5-tuple, its process and name, the compiled policy,
 the handler), so every precedence rule is tested with plain objects. The same function decides a
 new connection and re-evaluates a live one, so the external handler applies to both.
 
@@ -27,12 +28,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from core.egress import resolve_egress
-from core.policy import AppFacts, CompiledPolicy, ConnectionFacts
+from core.policy import CompiledPolicy
 from messages import IvpnStatus, Mark, NetenvChanged, ProcessInfo, Verdict
+from messages.flows import FiveTuple, IpProtocol
 from messages.marks import MAX_INTERFACE_INDEX, split_mark
 
-from .hook import ConnectionView, VerdictHandler
-from .packet import TCP, UDP
+from .handler import ConnectionView, VerdictHandler
 
 #: Marks the rules give our own traffic; a packet carrying one is ours (accept-final, never split).
 OWN_MARKS = frozenset({Mark.ACCEPT_FINAL, Mark.SPLIT_EGRESS})
@@ -91,22 +92,9 @@ class SplitEgress:
 
 
 @dataclass(frozen=True, slots=True)
-class Flow:
-    """The connection as its first queued packet shows it."""
+class VerdictOutcome:
+    """What `decide` answers: the verdict, the packet mark that carries it, which rule and why."""
 
-    ip_version: int
-    protocol: int
-    src_ip: str
-    src_port: int
-    dst_ip: str
-    dst_port: int
-    inbound: bool = False
-    first_packet: bool = True  # TCP: SYN without ACK; other protocols: always
-    packet_mark: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
     verdict: Verdict
     mark: int
     rule: str = ""  # id of the rule that decided ("" = default, "external" = the handler)
@@ -122,8 +110,8 @@ class Outcome:
         return self.mark != Mark.ACCEPT
 
 
-MALFORMED = Outcome(Verdict.ACCEPT, Mark.ACCEPT, reason="malformed packet: accepted unsplit, this packet only")
-OWN = Outcome(Verdict.ACCEPT, Mark.ACCEPT_FINAL, reason="splittun's own connection")
+MALFORMED = VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT, reason="malformed packet: accepted unsplit, this packet only")
+OWN = VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_FINAL, reason="splittun's own connection")
 
 
 @lru_cache(maxsize=4096)
@@ -166,10 +154,12 @@ def _handler_verdict(handler: VerdictHandler | None, view: ConnectionView) -> tu
 
 
 def decide(
-    flow: Flow,
+    flow: FiveTuple,
     policy: CompiledPolicy,
     *,
-    app: AppFacts | None = None,
+    first_packet: bool = True,
+    inbound: bool = False,
+    packet_mark: int = 0,
     process: ProcessInfo | None = None,
     domain: str = "",
     own: bool = False,
@@ -177,56 +167,55 @@ def decide(
     ivpn: IvpnStatus | None = None,
     errors: list[str] | None = None,
     egress: EgressCheck | None = None,
-) -> Outcome:
+) -> VerdictOutcome:
     """The filtering function every connection goes through (first packet and re-evaluation).
 
+    `flow` is the connection as its queued packet shows it; `first_packet`: that packet can start a
+    connection (TCP: SYN without ACK; other protocols: always); `packet_mark`: the mark it carried.
     Handler errors are appended to `errors` (when given) so the caller can log them once.
     """
-    if own or flow.packet_mark in OWN_MARKS:
+    if own or packet_mark in OWN_MARKS:
         return OWN
-    view = ConnectionView(
-        flow.ip_version, flow.protocol, flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port,
-        flow.inbound, process, domain, ivpn,
-    )  # fmt: skip
-    wanted, reason, error = _handler_verdict(handler, view)
+    wanted, reason, error = _handler_verdict(handler, ConnectionView(flow, inbound, process, domain, ivpn))
     if error is not None:
         if errors is not None:
             errors.append(error)
-        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, RULE_EXTERNAL, "external handler failed: kept in the VPN")
+        return VerdictOutcome(
+            Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, RULE_EXTERNAL, "external handler failed: kept in the VPN"
+        )
     if wanted is not None and wanted > Verdict.ACCEPT and wanted != Verdict.REROUTE_TO_SPLIT_TUN:
         if wanted in _HANDLER_FINAL:
-            return Outcome(wanted, _MARK_FOR[wanted], RULE_EXTERNAL, reason or "external handler")
+            return VerdictOutcome(wanted, _MARK_FOR[wanted], RULE_EXTERNAL, reason or "external handler")
         why = f"external handler asked {wanted.string()}, which splittun does not implement: kept in the VPN"
-        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, RULE_EXTERNAL, why)
+        return VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, RULE_EXTERNAL, why)
     # Accepted. Does it qualify for a split at all?
-    if flow.inbound:
-        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, reason="inbound: never split")
-    if flow.protocol not in (TCP, UDP):
-        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, reason="only TCP and UDP can be split")
+    if inbound:
+        return VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, reason="inbound: never split")
+    if flow.protocol not in (IpProtocol.TCP, IpProtocol.UDP):
+        return VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, reason="only TCP and UDP can be split")
     scope = never_split_destination(flow.dst_ip)
     if scope:
-        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, reason=f"{scope}: never split")
+        return VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, reason=f"{scope}: never split")
     if wanted == Verdict.REROUTE_TO_SPLIT_TUN:
         rule, split, interface = RULE_EXTERNAL, True, ""
         reason = reason or "external handler"
     else:
-        facts = ConnectionFacts(flow.protocol, flow.dst_ip, flow.dst_port, domain, app or AppFacts())
-        decision = policy.evaluate(facts)
-        rule, split, interface = decision.rule_id, decision.split, decision.interface
+        match = policy.match(flow, domain, process)
+        rule, split, interface = match.rule_id, match.split, match.interface
         reason = ""
     if not split:
-        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, reason)
-    if not flow.first_packet:
-        return Outcome(
+        return VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, reason)
+    if not first_packet:
+        return VerdictOutcome(
             Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, "mid-stream TCP (no SYN) cannot be split: kept in the VPN"
         )
     index, problem = egress(interface, flow.ip_version) if egress is not None else (0, "")
     if problem:
-        return Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, f"{problem}: kept in the VPN", interface)
-    return Outcome(Verdict.REROUTE_TO_SPLIT_TUN, split_mark(index), rule, reason, interface)
+        return VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, f"{problem}: kept in the VPN", interface)
+    return VerdictOutcome(Verdict.REROUTE_TO_SPLIT_TUN, split_mark(index), rule, reason, interface)
 
 
-def reevaluation_resets(protocol: int, old: Outcome, new: Outcome) -> bool:
+def reevaluation_resets(protocol: int, old: VerdictOutcome, new: VerdictOutcome) -> bool:
     """Should a live connection be re-queued (its conntrack entry deleted) after a policy change?
 
     UDP: whenever the verdict changes (a datagram flow can move between proxy and VPN at any packet).
@@ -235,6 +224,6 @@ def reevaluation_resets(protocol: int, old: Outcome, new: Outcome) -> bool:
     """
     if old.verdict == new.verdict:
         return False
-    if protocol == TCP:
+    if protocol == IpProtocol.TCP:
         return not old.split and not new.split
     return True

@@ -1,4 +1,6 @@
-"""Process attribution (fake /proc trees, sock_diag bytes), the shared name table."""
+"""Process attribution in its three layers: sock_diag bytes (kernel/sockdiag.py), /proc reading on fake /proc
+trees (kernel/procfs.py), the process cache and attributor (actors/interceptor/attribution.py); and the shared
+name table."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from actors.interceptor.attribution import Attributor
 from actors.interceptor.names import GRACE, NameTable
-from actors.interceptor.procinfo import Attributor
+from core.policy import AppFacts
 from kernel.procfs import ProcReader, parse_stat_start, parse_status, socket_inode
 from kernel.sockdiag import DiagSocket, best_udp_match, diag_request, ip_bytes, parse_diag_message
+from messages.flows import FiveTuple
 
 # --- fake /proc -------------------------------------------------------------------------------------------
 
@@ -57,11 +61,11 @@ def proc(tmp_path: Path) -> Path:
 
 
 class FakeDiag:
-    def __init__(self, table: dict[tuple, DiagSocket]) -> None:
+    def __init__(self, table: dict[FiveTuple, DiagSocket]) -> None:
         self.table = table
 
-    def lookup(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> DiagSocket | None:
-        return self.table.get((protocol, src_ip, sport, dst_ip, dport))
+    def lookup(self, flow: FiveTuple) -> DiagSocket | None:
+        return self.table.get(flow)
 
 
 def diag_socket(inode: int, uid: int = 1000) -> DiagSocket:
@@ -76,11 +80,10 @@ def test_status_and_stat_parsing() -> None:
 
 
 def test_socket_owner_process_and_its_parents(proc: Path) -> None:
-    key = (6, "192.0.2.66", 40000, "203.0.113.80", 443)
+    key = FiveTuple(6, "192.0.2.66", 40000, "203.0.113.80", 443)
     attr = Attributor(FakeDiag({key: diag_socket(556)}), ProcReader(proc))  # type: ignore[arg-type]
-    owner = attr.attribute(*key)
-    assert owner is not None
-    info = owner.info
+    info = attr.attribute(key)
+    assert info is not None
     assert (info.pid, info.ppid, info.uid, info.name, info.exe) == (
         100,
         50,
@@ -90,18 +93,20 @@ def test_socket_owner_process_and_its_parents(proc: Path) -> None:
     )
     assert info.cmdline == ["/usr/lib/firefox/firefox-bin", "--flag", "x y"]
     assert info.ancestors == ["/usr/bin/firefox", "/usr/lib/systemd/systemd"]
-    assert owner.app.ancestors == (("/usr/bin/firefox", "firefox"), ("/usr/lib/systemd/systemd", "systemd"))
+    assert info.ancestor_names == ["firefox", "systemd"]
+    app = AppFacts.from_process(info)  # what app rules see of it
+    assert app.ancestors == (("/usr/bin/firefox", "firefox"), ("/usr/lib/systemd/systemd", "systemd"))
 
 
 def test_unknown_socket_gives_none_then_a_started_process_is_found(proc: Path) -> None:
-    key = (17, "192.0.2.66", 5353, "203.0.113.80", 53)
+    key = FiveTuple(17, "192.0.2.66", 5353, "203.0.113.80", 53)
     diag = FakeDiag({key: diag_socket(777)})
     attr = Attributor(diag, ProcReader(proc))  # type: ignore[arg-type]
-    assert attr.attribute(*key) is None  # socket seen, process not (yet): the engine retries
+    assert attr.attribute(key) is None  # socket seen, process not (yet): the engine retries
     make_proc(proc, 200, name="dig", exe="/usr/bin/dig", ppid=50, sockets=(777,))
-    owner = attr.attribute(*key)
-    assert owner is not None and owner.info.exe == "/usr/bin/dig"
-    assert attr.attribute(17, "192.0.2.66", 1, "203.0.113.80", 53) is None  # no socket at all
+    process = attr.attribute(key)
+    assert process is not None and process.exe == "/usr/bin/dig"
+    assert attr.attribute(FiveTuple(17, "192.0.2.66", 1, "203.0.113.80", 53)) is None  # no socket at all
 
 
 def scanned(reader: ProcReader) -> list[int]:
@@ -210,9 +215,9 @@ def test_a_new_child_of_a_known_parent_reads_itself_and_checks_the_parent_only(p
     read, identity = reader._read, reader.identity
     reader._read = lambda pid, name, size=4096: asked.append(pid) or read(pid, name, size)  # type: ignore[method-assign]
     reader.identity = lambda pid: asked.append(pid) or identity(pid)  # type: ignore[method-assign]
-    owner = attr.processes.describe(101)
-    assert owner is not None
-    assert owner.info.ancestors == ["/usr/lib/firefox/firefox-bin", "/usr/bin/firefox", "/usr/lib/systemd/systemd"]
+    process = attr.processes.describe(101)
+    assert process is not None
+    assert process.ancestors == ["/usr/lib/firefox/firefox-bin", "/usr/bin/firefox", "/usr/lib/systemd/systemd"]
     assert [pid for pid in asked if pid != 101] == [100]  # the parent's identity, nothing further up
 
 
@@ -221,15 +226,51 @@ def test_process_cache_notices_exec_and_pid_reuse(proc: Path) -> None:
     first = attr.processes.describe(100)
     assert attr.processes.describe(100) is first and attr.processes.hits == 1
     make_proc(proc, 100, name="curl", exe="/usr/bin/curl", ppid=50, sockets=())  # exec: same pid, new image
-    assert attr.processes.describe(100).info.exe == "/usr/bin/curl"
+    assert attr.processes.describe(100).exe == "/usr/bin/curl"
     make_proc(proc, 100, name="curl", exe="/usr/bin/curl", ppid=1, start=999)  # reused pid: new start time
-    assert attr.processes.describe(100).info.ppid == 1
+    assert attr.processes.describe(100).ppid == 1
     assert attr.processes.describe(4242) is None
 
 
 def test_deleted_executable_keeps_its_path(tmp_path: Path) -> None:
     make_proc(tmp_path, 5, name="app", exe="/opt/app (deleted)", ppid=0)
     assert ProcReader(tmp_path).exe(5) == "/opt/app"
+
+
+def remove_tree(path: Path) -> None:
+    for entry in sorted(path.rglob("*"), reverse=True):
+        entry.unlink() if entry.is_symlink() or entry.is_file() else entry.rmdir()
+    path.rmdir()
+
+
+def test_a_process_vanishing_at_any_step_is_not_there_never_an_error(proc: Path) -> None:
+    """Processes exit while they are read: a gone process, fd directory, fd link or stat file answers
+    "not there" (None, [], "") at every step of the /proc reader and of the process cache."""
+    make_proc(proc, 300, name="gone", exe="/usr/bin/gone", ppid=1, sockets=(3000,))
+    reader = ProcReader(proc, keep_open=0)  # (a kept-open stat file: test_a_kept_open_stat_file_does_not_outlive…)
+    assert reader.identity(300) is not None
+    remove_tree(proc / "300")
+    assert list(reader.sockets(300)) == [] and reader.socket_inodes(300) == []
+    assert (reader.tgid(300), reader.status(300), reader.exe(300), reader.cmdline(300)) == (None, None, "", [])
+    assert reader.identity(300) is None and not reader.running(300)
+    make_proc(proc, 301, name="half", exe="/usr/bin/half", ppid=1, sockets=(3010,))
+    (proc / "301" / "fd" / "9").write_text("not a link")  # readlink fails, as for an fd closed after the listing
+    assert list(reader.sockets(301)) == [("3", 3010)]
+    (proc / "301" / "status").unlink()  # gone between reading its stat file and its status file
+    attr = Attributor(None, reader)
+    assert attr.processes.describe(301) is None
+
+
+def test_a_cached_owner_that_exited_is_looked_for_again(proc: Path) -> None:
+    """The process a socket was cached for exited and another one holds the socket now (an inherited fd)."""
+    key = FiveTuple(6, "192.0.2.66", 40000, "203.0.113.80", 443)
+    make_proc(proc, 300, name="parent", exe="/usr/bin/parent", ppid=1, sockets=(3000,))
+    reader = ProcReader(proc, keep_open=0)  # a kept-open stat file of a fake tree outlives its deletion
+    attr = Attributor(FakeDiag({key: diag_socket(3000)}), reader)  # type: ignore[arg-type]
+    assert attr.attribute(key).pid == 300  # type: ignore[union-attr]
+    remove_tree(proc / "300")
+    make_proc(proc, 310, name="child", exe="/usr/bin/child", ppid=1, sockets=(3000,))
+    assert attr.attribute(key).pid == 310  # type: ignore[union-attr]
 
 
 # --- sock_diag bytes --------------------------------------------------------------------------------------
@@ -348,15 +389,15 @@ def test_a_kept_open_stat_file_does_not_outlive_its_process() -> None:
 
 
 def test_the_socket_found_for_its_uid_is_not_looked_up_again_to_attribute_it(proc: Path) -> None:
-    key = (6, "192.0.2.66", 40000, "203.0.113.80", 443)
+    key = FiveTuple(6, "192.0.2.66", 40000, "203.0.113.80", 443)
     (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 100\n")  # the owner is the newest process
     diag = FakeDiag({key: diag_socket(556, uid=1000)})
-    lookups: list[tuple] = []
+    lookups: list[FiveTuple] = []
     lookup = diag.lookup
-    diag.lookup = lambda *flow: lookups.append(flow) or lookup(*flow)  # type: ignore[method-assign]
+    diag.lookup = lambda flow: lookups.append(flow) or lookup(flow)  # type: ignore[method-assign]
     attr = Attributor(diag, ProcReader(proc))  # type: ignore[arg-type]
-    assert attr.socket_uid(*key) == 1000
-    owner = attr.attribute(*key)
-    assert owner is not None and owner.info.pid == 100 and lookups == [key]
-    assert attr.attribute(*key) is not None and len(lookups) == 2  # kept for one use only
+    assert attr.socket_uid(key) == 1000
+    process = attr.attribute(key)
+    assert process is not None and process.pid == 100 and lookups == [key]
+    assert attr.attribute(key) is not None and len(lookups) == 2  # kept for one use only
     assert attr.uid_of(100) == 1000 and attr.uid_of(4242) is None

@@ -1,17 +1,18 @@
-"""Verdict precedence and scope (decide.py), the external handler slot (hook.py), re-evaluation rules."""
+"""Verdict precedence and scope (verdict.py), the external handler slot (handler.py), re-evaluation rules."""
 
 from __future__ import annotations
 
 import pytest
 
-from actors.interceptor import hook
-from actors.interceptor.decide import Flow, Outcome, decide, never_split_destination, reevaluation_resets
-from actors.interceptor.hook import ConnectionView, HandlerAlreadySet, HandlerSlot
-from core.policy import AppFacts, CompiledPolicy
+from actors.interceptor import handler as handlers
+from actors.interceptor.handler import ConnectionView, HandlerAlreadySet, HandlerSlot
+from actors.interceptor.verdict import VerdictOutcome, decide, never_split_destination, reevaluation_resets
+from core.policy import CompiledPolicy
 from messages import IvpnStatus, Mark, PolicyRule, PolicySnapshot, ProcessInfo, Verdict
+from messages.flows import FiveTuple, IpProtocol
 from messages.marks import split_interface_index, split_mark
 
-TCP, UDP, ICMP = 6, 17, 1
+TCP, UDP, ICMP = IpProtocol.TCP, IpProtocol.UDP, IpProtocol.ICMP
 
 
 def policy(*rules: PolicyRule, enabled: bool = True) -> CompiledPolicy:
@@ -22,8 +23,8 @@ SPLIT_ALL = policy(PolicyRule(id="all", action="split"))
 SPLIT_SERVER = policy(PolicyRule(id="srv", action="split", dest="203.0.113.80", interface="eth0"))
 
 
-def flow(proto: int = TCP, dst: str = "203.0.113.80", port: int = 80, **kw: object) -> Flow:
-    return Flow(4 if ":" not in dst else 6, proto, "192.0.2.66", 40000, dst, port, **kw)  # type: ignore[arg-type]
+def flow(proto: int = TCP, dst: str = "203.0.113.80", port: int = 80) -> FiveTuple:
+    return FiveTuple(proto, "192.0.2.66" if ":" not in dst else "fd00:5717::2", 40000, dst, port)
 
 
 def test_split_rule_gives_split_verdict_mark_and_interface() -> None:
@@ -75,7 +76,7 @@ def test_disabled_policy_splits_nothing() -> None:
 
 
 def test_mid_stream_tcp_is_never_split() -> None:
-    out = decide(flow(first_packet=False), SPLIT_ALL)
+    out = decide(flow(), SPLIT_ALL, first_packet=False)
     assert (out.verdict, out.mark) == (Verdict.ACCEPT, Mark.ACCEPT_ALWAYS)
     assert "mid-stream" in out.reason
 
@@ -109,7 +110,7 @@ def test_only_tcp_and_udp_qualify() -> None:
 
 
 def test_inbound_is_never_split() -> None:
-    assert decide(flow(inbound=True), SPLIT_ALL).verdict == Verdict.ACCEPT
+    assert decide(flow(), SPLIT_ALL, inbound=True).verdict == Verdict.ACCEPT
 
 
 def test_own_process_is_accept_final_and_the_handler_is_not_asked() -> None:
@@ -121,7 +122,7 @@ def test_own_process_is_accept_final_and_the_handler_is_not_asked() -> None:
 
 @pytest.mark.parametrize("mark", [Mark.ACCEPT_FINAL, Mark.SPLIT_EGRESS])
 def test_packets_carrying_our_marks_are_ours(mark: Mark) -> None:
-    assert decide(flow(packet_mark=int(mark)), SPLIT_ALL).mark == Mark.ACCEPT_FINAL
+    assert decide(flow(), SPLIT_ALL, packet_mark=int(mark)).mark == Mark.ACCEPT_FINAL
 
 
 def test_tunnel_verdict_from_the_handler_beats_a_split_rule() -> None:
@@ -151,7 +152,7 @@ def test_handler_cannot_lower_a_verdict_or_split_what_cannot_be_split() -> None:
     assert decide(flow(), policy(), handler=wants_split).split  # an accepted TCP SYN: may be split
     assert not decide(flow(ICMP, port=0), policy(), handler=wants_split).split
     assert not decide(flow(dst="127.0.0.1"), policy(), handler=wants_split).split
-    assert not decide(flow(first_packet=False), policy(), handler=wants_split).split
+    assert not decide(flow(), policy(), first_packet=False, handler=wants_split).split
 
 
 def test_unsupported_handler_verdict_keeps_the_connection_in_the_vpn() -> None:
@@ -176,29 +177,33 @@ def test_handler_sees_process_domain_and_vpn_status() -> None:
     proc = ProcessInfo(pid=42, exe="/usr/bin/curl", name="curl")
     decide(flow(), SPLIT_ALL, process=proc, domain="www.example.com", ivpn=status, handler=seen.append)
     assert seen[0].process == proc and seen[0].domain == "www.example.com" and seen[0].ivpn == status
-    assert (seen[0].dst_ip, seen[0].dst_port, seen[0].protocol) == ("203.0.113.80", 80, TCP)
+    assert (seen[0].flow.dst_ip, seen[0].flow.dst_port, seen[0].flow.protocol) == ("203.0.113.80", 80, TCP)
 
 
 def test_app_and_domain_facts_reach_the_policy() -> None:
     rule_app = PolicyRule(id="curl", action="split", app_name="curl")
     rule_kids = PolicyRule(id="kids", action="split", app_path="/usr/bin/firefox", children=True)
     rule_dom = PolicyRule(id="dom", action="split", dest=".example.com")
-    curl = AppFacts(pid=1, exe="/usr/bin/curl", name="curl")
-    child = AppFacts(
-        pid=2, exe="/usr/lib/firefox/content", name="content", ancestors=(("/usr/bin/firefox", "firefox"),)
+    curl = ProcessInfo(pid=1, exe="/usr/bin/curl", name="curl")
+    child = ProcessInfo(
+        pid=2,
+        exe="/usr/lib/firefox/content",
+        name="content",
+        ancestors=["/usr/bin/firefox"],
+        ancestor_names=["firefox"],
     )
-    assert decide(flow(), policy(rule_app), app=curl).rule == "curl"
-    assert not decide(flow(), policy(rule_app), app=child).split
-    assert decide(flow(), policy(rule_kids), app=child).rule == "kids"
+    assert decide(flow(), policy(rule_app), process=curl).rule == "curl"
+    assert not decide(flow(), policy(rule_app), process=child).split
+    assert decide(flow(), policy(rule_kids), process=child).rule == "kids"
     assert decide(flow(), policy(rule_dom), domain="cdn.example.com").rule == "dom"
     assert not decide(flow(), policy(rule_dom), domain="").split
 
 
 # --- re-evaluation ----------------------------------------------------------------------------------------
 
-SPLIT = Outcome(Verdict.REROUTE_TO_SPLIT_TUN, Mark.REROUTE_TO_SPLIT_TUN)
-ACCEPT = Outcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS)
-BLOCK = Outcome(Verdict.BLOCK, Mark.BLOCK_ALWAYS)
+SPLIT = VerdictOutcome(Verdict.REROUTE_TO_SPLIT_TUN, Mark.REROUTE_TO_SPLIT_TUN)
+ACCEPT = VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS)
+BLOCK = VerdictOutcome(Verdict.BLOCK, Mark.BLOCK_ALWAYS)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +218,7 @@ BLOCK = Outcome(Verdict.BLOCK, Mark.BLOCK_ALWAYS)
         (ICMP, ACCEPT, BLOCK, True),
     ],
 )
-def test_which_live_connections_are_requeued(proto: int, old: Outcome, new: Outcome, reset: bool) -> None:
+def test_which_live_connections_are_requeued(proto: int, old: VerdictOutcome, new: VerdictOutcome, reset: bool) -> None:
     assert reevaluation_resets(proto, old, new) is reset
 
 
@@ -239,16 +244,16 @@ def test_handler_must_be_callable() -> None:
 
 def test_load_registers_a_module_function_and_skips_a_missing_module() -> None:
     slot = HandlerSlot()
-    assert hook.load("actors.no_such_module:handler", slot) is False
+    assert handlers.load("actors.no_such_module:handler", slot) is False
     assert slot.get() is None
-    assert hook.load("test_interceptor_decide:handler_for_tests", slot) is True
+    assert handlers.load("test_interceptor_verdict:handler_for_tests", slot) is True
     assert slot.get() is handler_for_tests
     with pytest.raises(HandlerAlreadySet):
-        hook.load("test_interceptor_decide:handler_for_tests", slot)
+        handlers.load("test_interceptor_verdict:handler_for_tests", slot)
 
 
 def test_split_egress_table_answers_from_the_network_snapshot() -> None:
-    from actors.interceptor.decide import SplitEgress
+    from actors.interceptor.verdict import SplitEgress
     from messages import GatewayRecord, InterfaceRecord, NetenvChanged
 
     netenv = NetenvChanged(

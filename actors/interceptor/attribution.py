@@ -1,21 +1,21 @@
-"""Which process owns a connection: netlink sock_diag finds the socket, /proc finds its process.
+"""Which process owns a connection: a 5-tuple → its `ProcessInfo`.
 
-1. sock_diag (NETLINK_SOCK_DIAG) looks the packet's 5-tuple up and returns the socket's inode and uid.
-   TCP is an exact lookup; UDP too (the kernel matches it like an incoming datagram, so unconnected
-   sockets are found), with a dump of that port as fallback.
-2. The inode is mapped to a pid by scanning /proc/<pid>/fd: first the processes that owned the last
-   connections, then the newest processes (pid numbers wrap around, so "newest" starts at the last
-   pid the kernel handed out), then all. Every socket read on the way is cached, so the next
-   connections of a busy app are found without reading /proc at all.
+Attribution has three layers; this is the top one, the interceptor's caches and search order:
+1. sock_diag (`kernel/sockdiag.py`) looks the packet's 5-tuple up and returns the socket's inode, uid
+   and cookie. TCP is an exact lookup; UDP too (the kernel matches it like an incoming datagram, so
+   unconnected sockets are found), with a dump of that port as fallback.
+2. The inode is mapped to a pid by scanning /proc/<pid>/fd (`kernel/procfs.py` reads /proc): first the
+   processes that owned the last connections, then the newest processes (pid numbers wrap around, so
+   "newest" starts at the last pid the kernel handed out), then all. Every socket read on the way is
+   cached, so the next connections of a busy app are found without reading /proc at all.
 3. The pid is described from /proc: executable, command line, uid, parent chain (for "children"
    rules). Cached per (pid, start time, comm): a reused pid or an exec gives a fresh description. The
    parent chain comes from the parent's own cached description, so a new process (curl) costs reads
    of itself and one check of its parent, not of every ancestor.
 
 A socket or process that is not visible yet (a process that was just started, a scan that raced
-with it) gives None: the caller retries a few times within milliseconds, then decides without it.
-Reading /proc is kernel/procfs.py (`ProcReader`); it takes the proc root as a parameter, so tests run on
-fake /proc trees.
+with it) or gone already (its fd directory, an fd link or its stat file vanishing at any step) gives
+None: the caller retries a few times within milliseconds, then decides without it.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
-from core.policy import AppFacts
 from kernel.procfs import ProcReader
 from kernel.sockdiag import DiagSocket, SockDiag
 from messages import ProcessInfo
+from messages.flows import FiveTuple
 
 MAX_ANCESTORS = 16
 MAX_CACHED_SOCKETS = 65536
@@ -36,16 +35,8 @@ RECENT_OWNERS = 16
 NEWEST_PROBES = 8  # pids below the last one handed out that are tried before listing /proc
 
 
-@dataclass(frozen=True, slots=True)
-class Owner:
-    """A connection's process as the events and the policy need it."""
-
-    info: ProcessInfo
-    app: AppFacts
-
-
 class ProcessCache:
-    """pid → Owner, cached per (pid, start time, comm): a hit costs one read of /proc/<pid>/stat.
+    """pid → ProcessInfo, cached per (pid, start time, comm): a hit costs one read of /proc/<pid>/stat.
 
     A description's parent chain is its parent's cached description plus that parent, so describing a
     new child of a known process reads the child and checks the parent only. The chain is as it was when
@@ -55,11 +46,11 @@ class ProcessCache:
     def __init__(self, reader: ProcReader, max_entries: int = 4096) -> None:
         self.reader = reader
         self.max_entries = max_entries
-        self._cache: OrderedDict[int, tuple[tuple[int, str], Owner]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[tuple[int, str], ProcessInfo]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def describe(self, pid: int, _depth: int = 0) -> Owner | None:
+    def describe(self, pid: int, _depth: int = 0) -> ProcessInfo | None:
         ident = self.reader.identity(pid)
         if ident is None:
             return None
@@ -74,11 +65,13 @@ class ProcessCache:
         name, ppid, uid = status
         self.misses += 1
         exe = self.reader.exe(pid)
-        ancestors: tuple[tuple[str, str], ...] = ()
+        ancestors: list[str] = []
+        ancestor_names: list[str] = []
         if ppid > 0 and ppid != pid and _depth < MAX_ANCESTORS:
             parent = self.describe(ppid, _depth + 1)
             if parent is not None:
-                ancestors = ((parent.app.exe, parent.app.name), *parent.app.ancestors)[:MAX_ANCESTORS]
+                ancestors = [parent.exe or parent.name, *parent.ancestors][:MAX_ANCESTORS]
+                ancestor_names = [parent.name, *parent.ancestor_names][:MAX_ANCESTORS]
         info = ProcessInfo(
             pid=pid,
             ppid=ppid,
@@ -86,20 +79,17 @@ class ProcessCache:
             name=name,
             exe=exe,
             cmdline=self.reader.cmdline(pid),
-            ancestors=[a_exe or a_name for a_exe, a_name in ancestors],
+            ancestors=ancestors,
+            ancestor_names=ancestor_names,
         )
-        owner = Owner(info, AppFacts(pid=pid, exe=exe, name=name, uid=uid, ancestors=ancestors))
-        self._cache[pid] = (ident, owner)
+        self._cache[pid] = (ident, info)
         if len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
-        return owner
-
-
-Flow5 = tuple[int, str, int, str, int]  # protocol, src ip, src port, dst ip, dst port
+        return info
 
 
 class Attributor:
-    """5-tuple → Owner: sock_diag, the cached inode→pid map, the process cache."""
+    """5-tuple → ProcessInfo: sock_diag, the cached inode→pid map, the process cache."""
 
     def __init__(self, diag: SockDiag | None, reader: ProcReader) -> None:
         self.diag = diag
@@ -111,8 +101,8 @@ class Attributor:
         self.listings = 0  # of those, lookups that had to list every process
         self.no_socket = 0  # sock_diag did not know the connection (gone already, or not a socket of ours)
         self.no_process = 0  # the socket was known, but no process holds it (closed, or a process exited)
-        self._last_socket: tuple[Flow5, DiagSocket] | None = None  # what socket_uid() found
-        self._last_attributed: tuple[Flow5, DiagSocket] | None = None  # the socket attribute() found last
+        self._last_socket: tuple[FiveTuple, DiagSocket] | None = None  # what socket_uid() found
+        self._last_attributed: tuple[FiveTuple, DiagSocket] | None = None  # the socket attribute() found last
 
     def pid_of_inode(self, inode: int) -> int | None:
         """The process holding socket `inode` (see `owners_of`)."""
@@ -204,64 +194,60 @@ class Attributor:
             self._recent.popitem(last=False)
         return pid
 
-    def attribute_many(self, flows: Sequence[Flow5]) -> list[Owner | None]:
-        """Owners of several connections (sock_diag each, then one pass over the processes for all)."""
+    def attribute_many(self, flows: Sequence[FiveTuple]) -> list[ProcessInfo | None]:
+        """The processes of several connections (sock_diag each, then one pass over the processes for all)."""
         if self.diag is None:
             return [None] * len(flows)
         diag = self.diag
         last, self._last_socket = self._last_socket, None
-        sockets = [last[1] if last is not None and last[0] == flow else diag.lookup(*flow) for flow in flows]
+        sockets = [last[1] if last is not None and last[0] == flow else diag.lookup(flow) for flow in flows]
         found = sockets[-1] if flows else None
         self._last_attributed = (flows[-1], found) if found is not None else None
         flow_of = {s.inode: flow for s, flow in zip(sockets, flows, strict=True) if s is not None and s.inode}
 
         def still_open(inode: int) -> bool:
-            again = diag.lookup(*flow_of[inode])
+            again = diag.lookup(flow_of[inode])
             return again is not None and again.inode == inode
 
         pids = self.owners_of(flow_of, still_open)
-        owners: list[Owner | None] = []
+        found_processes: list[ProcessInfo | None] = []
         for sock in sockets:
             if sock is None or not sock.inode:
                 self.no_socket += 1
-                owners.append(None)
+                found_processes.append(None)
                 continue
             pid = pids.get(sock.inode)
-            owner = self.processes.describe(pid) if pid is not None else None
-            if owner is None and pid is not None and self._owners.pop(sock.inode, None) is not None:
+            process = self.processes.describe(pid) if pid is not None else None
+            if process is None and pid is not None and self._owners.pop(sock.inode, None) is not None:
                 pid = self.owners_of([sock.inode], still_open).get(sock.inode)  # a cached owner is gone: again
-                owner = self.processes.describe(pid) if pid is not None else None
-            if owner is None:
+                process = self.processes.describe(pid) if pid is not None else None
+            if process is None:
                 self.no_process += 1
-            owners.append(owner)
-        return owners
+            found_processes.append(process)
+        return found_processes
 
     def close(self) -> None:
         self.reader.close()
 
-    def socket_uid(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> int | None:
+    def socket_uid(self, flow: FiveTuple) -> int | None:
         """The uid owning the connection's socket (sock_diag alone: no /proc), None when not found.
         The socket found is kept for attributing the same connection next."""
         if self.diag is None:
             return None
-        flow = (protocol, src_ip, sport, dst_ip, dport)
-        found = self.diag.lookup(*flow)
+        found = self.diag.lookup(flow)
         self._last_socket = (flow, found) if found is not None else None
         return found.uid if found is not None else None
 
-    def socket_cookie(
-        self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int, fresh: bool = False
-    ) -> int:
+    def socket_cookie(self, flow: FiveTuple, fresh: bool = False) -> int:
         """The cookie of the connection's socket, 0 when there is none: the kernel's identity of the socket,
         which tells a new socket on a reused port apart from the one a verdict was given for. Without
         `fresh`, the socket the last attribution of this very flow found answers (no syscall)."""
-        flow = (protocol, src_ip, sport, dst_ip, dport)
         last = self._last_attributed
         if not fresh and last is not None and last[0] == flow:
             return last[1].cookie
         if self.diag is None:
             return 0
-        found = self.diag.lookup(*flow)
+        found = self.diag.lookup(flow)
         return found.cookie if found is not None else 0
 
     def uid_of(self, pid: int) -> int | None:
@@ -269,5 +255,6 @@ class Attributor:
         status = self.reader.status(pid)
         return status[2] if status is not None else None
 
-    def attribute(self, protocol: int, src_ip: str, sport: int, dst_ip: str, dport: int) -> Owner | None:
-        return self.attribute_many([(protocol, src_ip, sport, dst_ip, dport)])[0]
+    def attribute(self, flow: FiveTuple) -> ProcessInfo | None:
+        """The process holding the connection's socket, None when it is not found (see the module)."""
+        return self.attribute_many([flow])[0]
