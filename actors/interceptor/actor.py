@@ -8,7 +8,7 @@ worker 0 installs, checks and removes the rules: it is the only one that knows w
 starts and stops, and a restart of any other worker must not touch them. While a worker is down its
 slot's packets bypass the queue (--queue-bypass): unsplit, through the VPN.
 
-Worker 0 also keeps the split policy routing the proxies' upstream sockets use (actors/routing.py): from
+Worker 0 also keeps the split policy routing the proxies' upstream sockets use (kernel/routing.py): from
 a thread of its own, once it knows the network and the policy, after each change of either and every
 10 s. It never removes it on stop (a proxy may still be using it); `splittun down` does, afterwards.
 """

@@ -7,7 +7,7 @@ changes nothing. What goes: our iptables/ip6tables chains and jumps (found by th
 src_valid_mark we changed (its old value is noted in our rules), conntrack entries carrying our marks, and
 the shared name table file.
 
-`remove_routing` (the split policy routing, actors/routing.py: found by priority and table) is never run
+`remove_routing` (the split policy routing, kernel/routing.py: found by priority and table) is never run
 on the interceptor's own stop: the proxies may still be using the routing. `splittun down` runs it once
 supervisord (and so every proxy) has stopped, clean stop or not; `--cleanup` runs it too.
 """
