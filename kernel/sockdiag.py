@@ -16,6 +16,7 @@ Encoding and decoding are pure functions (tested with kernel bytes); only the tw
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from dataclasses import dataclass
@@ -132,10 +133,14 @@ class SockDiag:
     def close(self) -> None:
         self.nl.close()
 
-    def _exact(self, family: int, protocol: int, src: bytes, sport: int, dst: bytes, dport: int) -> DiagSocket | None:
+    def _exact(
+        self, family: int, protocol: int, src: bytes, sport: int, dst: bytes, dport: int, strict: bool = False
+    ) -> DiagSocket | None:
         try:
             replies = self.nl.request(SOCK_DIAG_BY_FAMILY, 0, diag_request(family, protocol, src, sport, dst, dport))
-        except NetlinkError:
+        except NetlinkError as exc:
+            if strict and exc.errno != errno.ENOENT:
+                raise
             return None
         for payload in replies:
             found = parse_diag_message(payload)
@@ -143,31 +148,36 @@ class SockDiag:
                 return found
         return None
 
-    def _dump(self, family: int, protocol: int) -> list[DiagSocket]:
+    def _dump(self, family: int, protocol: int, strict: bool = False) -> list[DiagSocket]:
         self.dumps += 1
         try:
             replies = self.nl.request(
                 SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, diag_request(family, protocol, bytes(16), 0, bytes(16), 0)
             )
         except NetlinkError:
+            if strict:
+                raise
             return []
         return [s for p in replies if (s := parse_diag_message(p)) is not None]
 
-    def lookup(self, flow: FiveTuple) -> DiagSocket | None:
-        """The local socket that sent the flow's packets (src → dst), or None."""
+    def lookup(self, flow: FiveTuple, strict: bool = False) -> DiagSocket | None:
+        """The local socket that sent the flow's packets (src → dst), or None when there is none.
+
+        A kernel error or no answer in time also gives None, unless `strict`: then it raises NetlinkError, for
+        callers to whom "cannot tell" must not mean "no socket" (the UDP proxy's socket check)."""
         self.lookups += 1
         protocol, sport, dport = flow.protocol, flow.src_port, flow.dst_port
         family, src = ip_bytes(flow.src_ip)
         _, dst = ip_bytes(flow.dst_ip)
         if protocol == IpProtocol.TCP:
-            return self._exact(family, protocol, src, sport, dst, dport)
+            return self._exact(family, protocol, src, sport, dst, dport, strict)
         # UDP: the kernel's udp_dump_one takes the peer as "src" ("swapped for historical reasons").
-        found = self._exact(family, protocol, dst, dport, src, sport)
+        found = self._exact(family, protocol, dst, dport, src, sport, strict)
         if found is not None:
             return found
-        candidates = self._dump(socket.AF_INET6, protocol)
+        candidates = self._dump(socket.AF_INET6, protocol, strict)
         if family == socket.AF_INET:
-            candidates += self._dump(socket.AF_INET, protocol)
+            candidates += self._dump(socket.AF_INET, protocol, strict)
         return best_udp_match(candidates, family, src, sport, dst, dport)
 
 

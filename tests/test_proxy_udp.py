@@ -184,3 +184,34 @@ def test_udp_drain_keeps_live_sessions_and_refuses_new_flows(echoes: list[UdpEch
     assert hooks.reasons() == ["shutdown"]
     assert b"new" not in [data for data, _ in server.got]
     assert proxy.table.active == 0 and proxy.stopped.is_set()
+
+
+def test_a_session_only_carries_the_socket_its_flow_was_decided_for(hooks: Hooks, echoes: list[UdpEcho]) -> None:
+    """Another socket's datagrams on the same addresses (a reused port) are dropped and the session closed; a
+    socket check that cannot answer drops too: "cannot tell" never sends anything out of the split path."""
+    server = echo_server(echoes)
+    owner = {"cookie": 11}
+
+    def check(_client: Any, _dst: Any) -> int:
+        if owner["cookie"] < 0:
+            raise OSError(110, "sock_diag did not answer in time")
+        return owner["cookie"]
+
+    plan = lambda _req: UpstreamPlan(server.address)  # noqa: E731
+    proxy = UdpProxy([("127.0.0.1", 0)], plan, ProxyConfig(), hooks=hooks, resolver=None, socket_check=check)
+    proxy.start()
+    try:
+        with client() as c:
+            c.sendto(b"one", proxy.addresses[0])
+            assert c.recvfrom(100)[0] == b"re:one"
+            owner["cookie"] = 12  # another socket now sends from the same address
+            c.sendto(b"two", proxy.addresses[0])
+            assert wait_until(lambda: proxy.counters().get("dropped_other_socket") == 1)
+            assert hooks.closed and "client socket replaced" in hooks.closed[0].close_reason
+        owner["cookie"] = -1  # the check fails for another client's new flow: dropped as well
+        with client() as c2:
+            c2.sendto(b"three", proxy.addresses[0])
+            assert wait_until(lambda: proxy.counters().get("dropped_unverified") == 1)
+        assert [data for data, _addr in server.got] == [b"one"]  # nothing else ever reached the server
+    finally:
+        proxy.shutdown(0.0)

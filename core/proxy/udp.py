@@ -170,7 +170,7 @@ def default_socket_check() -> SocketCheck | None:
         return None
 
     def check(client: Address, dst: Address) -> int:
-        found = diag.lookup(FiveTuple(IpProtocol.UDP, client[0], client[1], dst[0], dst[1]))
+        found = diag.lookup(FiveTuple(IpProtocol.UDP, client[0], client[1], dst[0], dst[1]), strict=True)
         return found.cookie if found is not None else 0
 
     check.close = diag.close  # type: ignore[attr-defined]
@@ -305,8 +305,10 @@ class UdpProxy(ProxyBase):
         client, dst = s.orig_client or s.client, s.orig_dst or s.listen
         try:
             cookie = self.socket_check(client, dst)
-        except OSError:
-            return conn  # cannot tell: the interceptor's own socket tracking still ends a replaced flow
+        except OSError as exc:  # cannot tell whose datagrams these are: never send them out the split path
+            self._count("dropped_unverified")
+            self.say(logging.WARNING, "udp client socket check failed: %s: these datagrams are dropped", exc)
+            return None
         if not cookie or cookie == conn.client_cookie or not conn.client_cookie:
             conn.client_cookie = conn.client_cookie or cookie
             return conn
