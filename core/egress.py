@@ -8,7 +8,7 @@ The choice is Portmaster's `splittun/interface`: "" = auto (the interface carryi
 route, per family), otherwise an interface name, one of its IP addresses or its MAC. It is resolved
 against the latest netenv snapshot; for standalone use `static_egress` takes the values directly.
 `split_egresses` adds the interfaces rules choose for themselves: what the proxies bind to and what the
-interceptor routes (actors/routing.py) come from that one function.
+interceptor routes (kernel/routing.py) come from that one function.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from actors.interceptor.engine import RETRY_DELAYS, Engine
-from actors.interceptor.handler import HandlerSlot
 from actors.interceptor.names import NameTable
+from core.verdict_handler import HandlerSlot
 from kernel.conntrack import CtEntry
 from kernel.sockdiag import DiagSocket
 from messages import (

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from actors.interceptor import handler as handlers
-from actors.interceptor.handler import ConnectionView, HandlerAlreadySet, HandlerSlot
 from actors.interceptor.verdict import VerdictOutcome, decide, never_split_destination, reevaluation_resets
+from core import verdict_handler as handlers
 from core.policy import CompiledPolicy
+from core.verdict_handler import ConnectionView, HandlerAlreadySet, HandlerSlot
 from messages import IvpnStatus, Mark, PolicyRule, PolicySnapshot, ProcessInfo, Verdict
 from messages.flows import FiveTuple, IpProtocol
 from messages.marks import split_interface_index, split_mark

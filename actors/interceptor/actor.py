@@ -21,6 +21,7 @@ import os
 import threading
 from typing import Any
 
+from core import verdict_handler
 from core.egress import split_routes
 from kernel.conntrack import Conntrack, ConntrackEvents
 from kernel.procfs import ProcReader
@@ -32,8 +33,6 @@ from messages.control import Netenv as NetenvOps
 from runtime import paths
 from runtime.actor import Actor, answers
 
-from . import handler
-from . import handler as hook  # the name the status answer still reads the handler's name by
 from .attribution import Attributor
 from .cleanup import NAMES_FILE, cleanup, write_marker
 from .engine import Engine
@@ -42,7 +41,8 @@ from .names import NameTable
 from .platform import Firewall, PacketSource, firewall, packet_source
 from .ports import ActorPorts
 
-DEFAULT_HANDLER = "actors.ivpn.interop:interceptor_verdict_handler"
+#: No external verdict handler by default: the IVPN interop that will register one does not exist yet.
+DEFAULT_HANDLER = ""
 DEFAULT_JUMP_CHECKS = "5,15,45"
 SNAPSHOT_RETRY = 0.5  # seconds between asking for the policy or the network we have not got yet
 PASSIVE_RETRY = 5.0
@@ -102,9 +102,9 @@ class InterceptorActor(Actor):
         self.conntrack = Conntrack()
         self.ct_events = ConntrackEvents()
         self.socket_events = SocketEvents()
-        if args.verdict_handler and handler.SLOT.get() is None:
+        if args.verdict_handler and verdict_handler.SLOT.get() is None:
             try:
-                if handler.load(args.verdict_handler):
+                if verdict_handler.load(args.verdict_handler):
                     self.log.info("handler.registered", handler=args.verdict_handler)
             except Exception as exc:  # a broken handler module must not stop interception
                 self.log.error(
@@ -117,7 +117,7 @@ class InterceptorActor(Actor):
             publish=self.rt.publish,
             call_later=self.rt.loop.call_later,
             drain_conntrack_events=self._read_conntrack,
-            handler_slot=handler.SLOT,
+            handler_slot=verdict_handler.SLOT,
         )
         self.engine = Engine(instance=self.rt.instance, log=self.log, ports=ports)
         self.rt.loop.add_fd(self.ct_events.fileno(), self._read_conntrack)
@@ -279,7 +279,7 @@ class InterceptorActor(Actor):
             "workers": self.workers,
             "owns_rules": self.owns_rules,
             "queues": worker_queues(self.index),
-            "handler": hook.SLOT.name,
+            "handler": verdict_handler.SLOT.name,
             "routing": self.routing.status() if self.routing is not None else {"owner": False},
             **self.engine.status(),
         }

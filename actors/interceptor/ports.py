@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from core.verdict_handler import SLOT, HandlerSlot
 from kernel.conntrack import Conntrack, CtEntry
 from messages import Message, ProcessInfo
 from messages.flows import FiveTuple
 
 from .attribution import Attributor
-from .handler import SLOT, HandlerSlot
 from .names import NameTable
 
 

@@ -29,11 +29,10 @@ from functools import lru_cache
 
 from core.egress import resolve_egress
 from core.policy import CompiledPolicy
+from core.verdict_handler import ConnectionView, VerdictHandler
 from messages import IvpnStatus, Mark, NetenvChanged, ProcessInfo, Verdict
 from messages.flows import FiveTuple, IpProtocol
 from messages.marks import MAX_INTERFACE_INDEX, split_mark
-
-from .handler import ConnectionView, VerdictHandler
 
 #: Marks the rules give our own traffic; a packet carrying one is ours (accept-final, never split).
 OWN_MARKS = frozenset({Mark.ACCEPT_FINAL, Mark.SPLIT_EGRESS})

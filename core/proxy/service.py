@@ -2,7 +2,7 @@
 egress lookups. Each actor package only names its protocol and proxy class.
 
 The proxies never touch the split policy routing (`ip rule fwmark 1720 lookup 1720`, table 1720): the
-interceptor's worker 0 keeps it for both (actors/routing.py), so one proxy stopping or restarting never
+interceptor's worker 0 keeps it for both (kernel/routing.py), so one proxy stopping or restarting never
 takes it away from the other.
 
 Threads: the runtime loop (bus, heartbeats, requests) and the proxy's data thread. The data

@@ -2,7 +2,7 @@
 
 Three things together make the chosen interface real, whatever the VPN did to the routing:
 - SO_MARK = the split-egress mark: the firewall accepts it as final, and the policy routing rule
-  (actors/routing.py, kept by the interceptor) sends it to the split table, which has a default route via
+  (kernel/routing.py, kept by the interceptor) sends it to the split table, which has a default route via
   that interface's gateway;
 - SO_BINDTODEVICE: among the split table's routes, the kernel picks the one through this device;
 - the interface's own source address, so replies come back to this interface.

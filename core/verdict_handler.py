@@ -1,9 +1,10 @@
-"""The external verdict handler: one function another actor's logic registers in the interceptor.
+"""The external verdict handler: one function that interop logic registers in the interceptor.
 
-The ivpn actor's interop rules (e.g. "this connection belongs in the tunnel") need a say over every
-connection, including re-evaluations after a policy change, without a round trip to another process
-on the packet path. So they register a plain function here, once, at interceptor start;
-`verdict.decide()` calls it for every connection it filters.
+Interop rules (e.g. IVPN's "this connection belongs in the tunnel") need a say over every connection,
+including re-evaluations after a policy change, without a round trip to another process on the packet
+path. So a plain function is registered here, once, at interceptor start (`--verdict-handler
+module:function`), and the interceptor's `verdict.decide()` calls it for every connection it filters. This
+module is the contract: it lives in core so the handler's own module never imports the interceptor.
 
 The handler gets a `ConnectionView` and returns a `Verdict` (optionally `(verdict, reason)`) or None
 for "no opinion". It runs on the verdict path: it must be fast and must not block. What it may do:
