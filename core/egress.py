@@ -17,6 +17,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from core.netenv.info import normalize_mac
 from kernel.routing import SplitRoute
 from messages.events import InterfaceRecord, NetenvChanged, PolicySnapshot
 
@@ -60,10 +61,6 @@ def static_egress(
     return EgressSet(v4=v4, v6=v6, reasons=reasons)
 
 
-def _normal_mac(text: str) -> str:
-    return text.strip().lower().replace("-", ":")
-
-
 def find_interface(netenv: NetenvChanged, choice: str) -> InterfaceRecord | None:
     """The interface named by `choice`: its name, one of its addresses or its MAC."""
     choice = choice.strip()
@@ -84,9 +81,9 @@ def find_interface(netenv: NetenvChanged, choice: str) -> InterfaceRecord | None
                 except ValueError:
                     continue
         return None
-    mac = _normal_mac(choice)
+    mac = normalize_mac(choice)
     for iface in netenv.interfaces:
-        if iface.mac and _normal_mac(iface.mac) == mac:
+        if iface.mac and normalize_mac(iface.mac) == mac:
             return iface
     return None
 

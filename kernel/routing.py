@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from messages.marks import SPLIT_ROUTE_TABLE, SPLIT_RULE_PRIORITY, Mark
+from runtime.log import describe
 
 #: Seconds between reconciliations when nothing changed: repairs what another program (a VPN client) removed.
 RECONCILE_INTERVAL = 10.0
@@ -278,7 +279,7 @@ class RoutingKeeper:
             changes = self.routing.apply(routes)
         except Exception as exc:
             self.errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error = describe(exc)
             if self.last_error not in self._logged_errors and len(self._logged_errors) < 64:
                 self._logged_errors.add(self.last_error)
                 self.log.error("routing.failed", error=self.last_error, failures=self.errors)

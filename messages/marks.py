@@ -47,6 +47,10 @@ def split_interface_index(mark: int) -> int | None:
     return mark >> INTERFACE_SHIFT
 
 
+#: Queue groups are 20 apart (17040 v4 out, 17060 v6 out…): one slot per interceptor worker, so at most 20.
+MAX_INTERCEPTOR_WORKERS = 20
+
+
 class Queue(IntEnum):
     IPV4_OUT = 17040
     IPV4_IN = 17140

@@ -29,6 +29,7 @@ from messages.events import Heartbeat
 from messages.schema import Message, MessageError, decode
 from runtime import log as logmod
 from runtime import paths
+from runtime.log import describe
 from runtime.loop import Loop, die_with_parent
 from runtime.transport import Publisher, ReplyServer, Subscriber
 from runtime.transport import ask as send_ask
@@ -230,7 +231,7 @@ class Runtime:
                 actor.on_message(msg)
             except Exception as exc:  # the message was valid; the actor failed on it: log, go on
                 self.handler_errors += 1
-                self.log.error("message.failed", topic=msg.wire_topic(), error=f"{type(exc).__name__}: {exc}")
+                self.log.error("message.failed", topic=msg.wire_topic(), error=describe(exc))
 
     def _log_malformed(self, exc: MessageError) -> None:
         if self._malformed_lines.allow():
@@ -244,7 +245,7 @@ class Runtime:
         try:
             counters.update(actor.counters())
         except Exception as exc:
-            self.log.error("counters.failed", error=f"{type(exc).__name__}: {exc}")
+            self.log.error("counters.failed", error=describe(exc))
         return counters
 
     def heartbeat(self, actor: Actor) -> None:
@@ -300,7 +301,7 @@ def main(actor_cls: type[Actor], argv: Sequence[str] | None = None) -> int:
         rt.open(actor)
         actor.start()
     except Exception as exc:
-        log.error("actor.start_failed", error=f"{type(exc).__name__}: {exc}")
+        log.error("actor.start_failed", error=describe(exc))
         with contextlib.suppress(Exception):
             actor.stop()
         rt.close()
@@ -313,7 +314,7 @@ def main(actor_cls: type[Actor], argv: Sequence[str] | None = None) -> int:
         try:
             actor.stop()
         except Exception as exc:
-            log.error("actor.stop_failed", error=f"{type(exc).__name__}: {exc}")
+            log.error("actor.stop_failed", error=describe(exc))
         rt.close()
         log.info("actor.stopped", reason=rt.loop.stop_reason or "loop ended", uptime=f"{rt.uptime():.1f}s")
     return 0

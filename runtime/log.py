@@ -50,6 +50,7 @@ class EventLog:
 
     def __init__(self, name: str) -> None:
         self.logger = logging.getLogger(name)
+        self._seen: set[tuple[str, str]] = set()
 
     def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
         if self.logger.isEnabledFor(level):
@@ -67,6 +68,19 @@ class EventLog:
 
     def error(self, event: str, **fields: Any) -> None:
         self._emit(logging.ERROR, event, fields)
+
+    def once(self, event: str, reason: str, limit: int = 1024) -> None:
+        """A warning the first time this event happens for this reason, never again (per packet problems:
+        visible, yet never a line per packet). At most `limit` distinct ones are remembered."""
+        key = (event, reason)
+        if key not in self._seen and len(self._seen) < limit:
+            self._seen.add(key)
+            self.warning(event, reason=reason, note="logged once")
+
+
+def describe(exc: BaseException) -> str:
+    """`TypeName: message`: how an exception is written in a log line or an error answer, everywhere."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 class LineBudget:

@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from .log import EventLog
+from .log import EventLog, describe
 
 Callback = Callable[[], Any]
 
@@ -189,7 +189,7 @@ class Loop:
         except Exception as exc:  # one bad handler must not take the process down
             self.errors += 1
             name = getattr(callback, "__qualname__", repr(callback))
-            self.log.error("handler.failed", handler=name, error=f"{type(exc).__name__}: {exc}")
+            self.log.error("handler.failed", handler=name, error=describe(exc))
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)

@@ -20,7 +20,7 @@ from messages import control
 from messages.control import Op, Reply, Request, RequestFailed
 from messages.schema import Message, MessageError, decode, decode_payload, encode_payload
 
-from .log import EventLog, LineBudget
+from .log import EventLog, LineBudget, describe
 from .paths import endpoint_file
 
 R = TypeVar("R")
@@ -138,7 +138,7 @@ class ReplyServer:
         except RequestFailed as exc:
             reply = _error_reply(exc.code, exc.message)
         except Exception as exc:
-            self.log.error("request.failed", op=req.op, error=f"{type(exc).__name__}: {exc}")
+            self.log.error("request.failed", op=req.op, error=describe(exc))
             reply = _error_reply(control.INTERNAL, f"{req.op} failed: {type(exc).__name__}: {exc}")
         self.handled += 1
         self._send(envelope, reply)

@@ -32,6 +32,7 @@ from messages.control import INVALID_ARGUMENT, Controller, Interceptor, NoArgs, 
 from messages.control import Netenv as NetenvOps
 from runtime import paths
 from runtime.actor import Actor, answers
+from runtime.log import describe
 
 from .attribution import Attributor
 from .cleanup import NAMES_FILE, cleanup, write_marker
@@ -107,9 +108,7 @@ class InterceptorActor(Actor):
                 if verdict_handler.load(args.verdict_handler):
                     self.log.info("handler.registered", handler=args.verdict_handler)
             except Exception as exc:  # a broken handler module must not stop interception
-                self.log.error(
-                    "handler.load_failed", handler=args.verdict_handler, error=f"{type(exc).__name__}: {exc}"
-                )
+                self.log.error("handler.load_failed", handler=args.verdict_handler, error=describe(exc))
         ports = ActorPorts(
             names=self.names,
             attributor=self.attributor,
@@ -247,7 +246,7 @@ class InterceptorActor(Actor):
             with self._fw_lock:
                 moved = self.fw.check_jump_order()
         except Exception as exc:
-            self.log.error("rules.check_failed", why=why, error=f"{type(exc).__name__}: {exc}")
+            self.log.error("rules.check_failed", why=why, error=describe(exc))
             raise
         if moved:
             self.log.warning("rules.jumps_moved_back", why=why, moved=",".join(moved))
@@ -321,7 +320,7 @@ class InterceptorActor(Actor):
                 removed = cleanup(self.rt.run_dir)
                 self.log.info("rules.removed", **{k: str(v) for k, v in removed.items()})
             except Exception as exc:
-                self.log.error("rules.remove_failed", error=f"{type(exc).__name__}: {exc}")
+                self.log.error("rules.remove_failed", error=describe(exc))
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.flush_pending()
@@ -331,4 +330,4 @@ class InterceptorActor(Actor):
                 try:
                     thing.close()
                 except Exception as exc:
-                    self.log.warning("close.failed", what=name, error=f"{type(exc).__name__}: {exc}")
+                    self.log.warning("close.failed", what=name, error=describe(exc))

@@ -41,7 +41,7 @@ from messages import (
 )
 from messages.flows import FiveTuple, IpProtocol
 from messages.marks import VERDICT_MASK
-from runtime.log import EventLog
+from runtime.log import EventLog, describe
 
 from .dns import DnsError, parse_response
 from .live import LiveConn, LiveTable
@@ -88,7 +88,6 @@ class Engine:
         self._own: dict[str, tuple[int, float]] = {}
         self._own_cache: tuple[float, frozenset[int]] = (-1.0, frozenset())
         self._own_uids: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())  # (for pids, uids)
-        self._logged: set[str] = set()
         self._arrived = 0  # perf_counter_ns when the packet being handled arrived (0: none)
         self._id_prefix = f"{instance}-{int(ports.now()):x}"
         self._next_id = 0
@@ -211,7 +210,7 @@ class Engine:
                 self._on_outbound(pkt)
         except Exception as exc:
             self.counters["errors"] += 1
-            self._once("packet.failed", f"{type(exc).__name__}: {exc}")
+            self.log.once("packet.failed", describe(exc))
             self._accept_unmarked(pkt)
         self._arrived = 0
         self.counters["busy_us"] += (time.perf_counter_ns() - started) // 1000
@@ -221,14 +220,7 @@ class Engine:
             pkt.set_mark(0)
             pkt.accept()
         except Exception as exc:  # the verdict was already given, or the queue is gone
-            self._once("packet.verdict_failed", f"{type(exc).__name__}: {exc}")
-
-    def _once(self, event: str, reason: str) -> None:
-        """Log a problem the first time it happens (per event and reason), never per packet."""
-        key = f"{event}:{reason}"
-        if key not in self._logged and len(self._logged) < 1024:
-            self._logged.add(key)
-            self.log.warning(event, reason=reason, note="logged once")
+            self.log.once("packet.verdict_failed", describe(exc))
 
     def _on_inbound(self, pkt: QueuedPacket) -> None:
         """Two kinds of inbound packets are queued:
@@ -240,7 +232,7 @@ class Engine:
         try:
             info = parse_packet(data)
         except MalformedPacket as exc:
-            self._once("inbound.unreadable", exc.reason)
+            self.log.once("inbound.unreadable", exc.reason)
             pkt.accept()
             return
         if info.flow.protocol == IpProtocol.UDP and info.flow.src_port != 53:
@@ -258,7 +250,7 @@ class Engine:
             try:
                 answer = parse_response(data[info.payload_offset :])
             except DnsError as exc:
-                self._once("dns.unreadable", exc.reason)
+                self.log.once("dns.unreadable", exc.reason)
         if answer is not None:
             self.counters["dns_answers"] += 1
             now = self.ports.now()
@@ -275,12 +267,12 @@ class Engine:
             info = parse_packet(data)
         except MalformedPacket as exc:
             self.counters["malformed"] += 1
-            self._once("packet.malformed", exc.reason)
+            self.log.once("packet.malformed", exc.reason)
             self._apply(pkt, MALFORMED)
             return
         if info.fragment:  # conntrack reassembles before OUTPUT, so this is odd: pass it, never split it
             self.counters["malformed"] += 1
-            self._once("packet.malformed", "non-first fragment")
+            self.log.once("packet.malformed", "non-first fragment")
             self._apply(pkt, MALFORMED)
             return
         key = info.conntrack_tuple()
@@ -323,7 +315,7 @@ class Engine:
         try:
             entry = self.ports.conntrack_get(key)
         except OSError as exc:
-            self._once("conntrack.get_failed", f"{type(exc).__name__}: {exc}")
+            self.log.once("conntrack.get_failed", describe(exc))
             return False  # cannot tell: deciding afresh is right for this packet's own app either way
         if entry is None or entry.mark != conn.outcome.mark:
             return False
@@ -396,8 +388,8 @@ class Engine:
                 process = self._attribute(flow)
             except Exception as exc:  # a race we did not foresee: never split, and say so in the verdict
                 self.counters["attribution_errors"] += 1
-                self._once("attribution.failed", f"{type(exc).__name__}: {exc}")
-                self._decide_new(key, info, None, packets, failed=f"{type(exc).__name__}: {exc}")
+                self.log.once("attribution.failed", describe(exc))
+                self._decide_new(key, info, None, packets, failed=describe(exc))
                 return
             if process is None and self.policy.uses_apps and attempt < len(RETRY_DELAYS):
                 self.counters["attribution_retries"] += 1
@@ -434,7 +426,7 @@ class Engine:
             self._attempt(key, pending.info, pending.packets, attempt)
         except Exception as exc:
             self.counters["errors"] += 1
-            self._once("packet.failed", f"{type(exc).__name__}: {exc}")
+            self.log.once("packet.failed", describe(exc))
             for pkt in pending.packets:
                 self._accept_unmarked(pkt)
 
@@ -467,7 +459,7 @@ class Engine:
         )
         for error in errors:
             self.counters["handler_errors"] += 1
-            self._once("handler.failed", error)
+            self.log.once("handler.failed", error)
         return outcome
 
     def _decide_new(
@@ -537,7 +529,7 @@ class Engine:
             process = self._attribute(conn.flow)
         except Exception as exc:  # the verdict is given; the connection just has no process in its events
             self.counters["errors"] += 1
-            self._once("attribution.failed", f"{type(exc).__name__}: {exc}")
+            self.log.once("attribution.failed", describe(exc))
             process = None
         if process is None:
             self.counters["unattributed"] += 1
@@ -566,7 +558,7 @@ class Engine:
                 self._publish_verdict(conn, conn.started)
             except Exception as exc:
                 self.counters["errors"] += 1
-                self._once("event.failed", f"{type(exc).__name__}: {exc}")
+                self.log.once("event.failed", describe(exc))
         self.counters["busy_us"] += (time.perf_counter_ns() - started) // 1000
 
     # --- events ----------------------------------------------------------------------------------------
@@ -644,7 +636,7 @@ class Engine:
         try:
             self.ports.conntrack_delete(key)
         except OSError as exc:
-            self._once("conntrack.delete_failed", f"{type(exc).__name__}: {exc}")
+            self.log.once("conntrack.delete_failed", describe(exc))
             return False
         if key.protocol == IpProtocol.UDP:
             if len(self._deleted_udp) >= MAX_DELETED_MEMORY:
@@ -660,7 +652,7 @@ class Engine:
         try:
             process = self._attribute(f)
         except Exception as exc:
-            self._once("attribution.failed", f"{type(exc).__name__}: {exc}")
+            self.log.once("attribution.failed", describe(exc))
             return False
         if process is None and self._verdict_needs_process():
             return False  # its verdict cannot be known without its process: a fresh entry will be decided

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT, VERDICT_MASK, Mark, Queue
+from messages.marks import MAX_INTERCEPTOR_WORKERS, PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT, VERDICT_MASK, Mark, Queue
 
 from .vpn_interop import NftInterop
 
@@ -75,8 +75,7 @@ def _match(mark: Mark) -> str:
     return SPLIT_MATCH if mark == Mark.REROUTE_TO_SPLIT_TUN else str(int(mark))
 
 
-#: Queue groups are 20 apart (17040 v4 out, 17060 v6 out…), so at most 20 workers fit.
-MAX_WORKERS = 20
+MAX_WORKERS = MAX_INTERCEPTOR_WORKERS
 
 FAMILIES = (4, 6)
 

@@ -33,6 +33,7 @@ from core.verdict_handler import ConnectionView, VerdictHandler
 from messages import IvpnStatus, Mark, NetenvChanged, ProcessInfo, Verdict
 from messages.flows import FiveTuple, IpProtocol
 from messages.marks import MAX_INTERFACE_INDEX, split_mark
+from runtime.log import describe
 
 #: Marks the rules give our own traffic; a packet carrying one is ours (accept-final, never split).
 OWN_MARKS = frozenset({Mark.ACCEPT_FINAL, Mark.SPLIT_EGRESS})
@@ -140,7 +141,7 @@ def _handler_verdict(handler: VerdictHandler | None, view: ConnectionView) -> tu
     try:
         result = handler(view)
     except Exception as exc:
-        return None, "", f"{type(exc).__name__}: {exc}"
+        return None, "", describe(exc)
     reason = ""
     if isinstance(result, tuple):
         result, reason = result[0], str(result[1]) if len(result) > 1 else ""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from runtime.log import EventLog
+from runtime.log import EventLog, describe
 
 from .info import Snapshot
 from .raw import RawState
@@ -110,7 +110,7 @@ class Netenv:
             raise
         except Exception as exc:  # a broken reader must not take the caller down: keep the last view
             self.failures += 1
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = describe(exc)
             if previous is None:
                 raise NetenvError(f"cannot read the network state: {reason}") from exc
             log.warning("netenv.refresh_failed", error=reason, keeping="previous snapshot")

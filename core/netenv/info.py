@@ -108,7 +108,8 @@ class Uplink:
     origin: str  # FROM_* saying how the interface was found
 
 
-def _norm_mac(text: str) -> str:
+def normalize_mac(text: str) -> str:
+    """A MAC address as we compare them: lower case, colons (Windows writes dashes)."""
     return text.strip().lower().replace("-", ":")
 
 
@@ -178,7 +179,7 @@ class Snapshot:
             return found
         # A MAC is never valid IP text, so asking the MAC table before parsing keeps the order's meaning
         # and spares MAC lookups the (slow) address parse.
-        found = self.by_mac.get(_norm_mac(text))
+        found = self.by_mac.get(normalize_mac(text))
         if found is not None:
             return found
         found = self.by_ip_text(text) if (":" in text or "." in text) else None

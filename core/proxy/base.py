@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from runtime.log import LineBudget
+
 from .config import ProxyConfig
 from .decider import Address, Decider, Refusal, SessionRequest, UpstreamPlan
 from .loop import READ, DataLoop, raise_fd_limit
@@ -52,26 +54,6 @@ def parse_address(text: str) -> Address:
     return host, int(port)
 
 
-class RateLimitedLog:
-    """One line per problem kind, at most `per_second` lines a second overall (bad input must not flood)."""
-
-    def __init__(self, per_second: int = 5) -> None:
-        self.per_second = per_second
-        self._window = (0, 0)
-        self.suppressed = 0
-
-    def __call__(self, level: int, msg: str, *args: Any) -> None:
-        second = int(time.monotonic())
-        window, lines = self._window
-        if window != second:
-            window, lines = second, 0
-        if lines < self.per_second:
-            log.log(level, msg, *args)
-        else:
-            self.suppressed += 1
-        self._window = (window, lines + 1)
-
-
 class ProxyBase:
     protocol: ClassVar[str] = ""
     kind: ClassVar[socket.SocketKind]
@@ -90,7 +72,8 @@ class ProxyBase:
         self.table = SessionTable(self.config.max_sessions, id_prefix)
         self.loop = DataLoop(self.config.edge_triggered, name=f"proxy-{self.protocol}")
         self.edge = self.loop.edge_triggered
-        self.say = RateLimitedLog()
+        self._lines = LineBudget(5)  # bad input must be visible, never flood the log
+        self.suppressed_lines = 0
         self.draining = False
         self.stopped = threading.Event()
         self._drain_deadline = 0.0
@@ -236,6 +219,13 @@ class ProxyBase:
         session.close_reason = f"refused: {reason}"
         self._count("refused")
         self._hook("on_close", session)
+
+    def say(self, level: int, msg: str, *args: Any) -> None:
+        """A log line within the line budget (a burst of bad input is counted, not written line by line)."""
+        if self._lines.allow():
+            log.log(level, msg, *args)
+        else:
+            self.suppressed_lines += 1
 
     def _hook(self, name: str, session: Session) -> None:
         try:

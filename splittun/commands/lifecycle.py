@@ -12,6 +12,7 @@ import zmq
 
 from messages import Heartbeat, MessageError
 from messages.control import Controller, RequestFailed
+from messages.marks import MAX_INTERCEPTOR_WORKERS
 from runtime import paths
 from runtime.paths import Home
 from runtime.transport import Subscriber, ask
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--interceptor-workers",
         type=_interceptor_workers,
         default=1,
-        help="interceptor processes, one NFQUEUE slot each (--queue-balance; default 1, at most 20)",
+        help=f"interceptor processes, one NFQUEUE slot each (--queue-balance; 1-{MAX_INTERCEPTOR_WORKERS}, default 1)",
     )
     p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for heartbeats (default 20)")
     p.set_defaults(func=cmd_up)
@@ -55,8 +56,8 @@ def _positive(text: str) -> int:
 
 def _interceptor_workers(text: str) -> int:
     value = int(text)
-    if not 1 <= value <= 20:  # queue groups are 20 apart (actors/interceptor/firewall.py)
-        raise argparse.ArgumentTypeError("must be between 1 and 20")
+    if not 1 <= value <= MAX_INTERCEPTOR_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_INTERCEPTOR_WORKERS}")
     return value
 
 
