@@ -1,6 +1,6 @@
-"""Shared test fixtures.
-
-Tests marked `netns` need root and network namespaces; elsewhere they are skipped with the reason.
+"""Shared test fixtures. The layout: tests/unit/ mirrors the source tree (no root needed), tests/netns/ holds the
+tests that need root and network namespaces (marked `netns` by directory; elsewhere skipped with the reason),
+tests/support/ the helpers both use, tests/fixtures/ data and helper programs.
 Everything a test creates (namespaces, processes, homes) is removed in fixture teardown, also on failure.
 splittun itself only ever runs inside namespaces the tests create: never in the root namespace.
 """
@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -19,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from tests.support.cli import splittun
 
-pytest_plugins = ["lab_fixtures"]
+#: The shared fixtures: the lab (with the leak check after every namespace test) and the proxy test helpers.
+pytest_plugins = ["tests.support.lab", "tests.support.proxy"]
 
-REPO = Path(__file__).resolve().parent.parent
-SPLITTUN = [sys.executable, "-m", "splittun.cli"]
+#: Everything under tests/netns/ needs root and network namespaces: marked here, by directory.
+NETNS_DIR = Path(__file__).parent / "netns"
 
 
 def netns_unavailable_reason() -> str | None:
@@ -45,6 +45,9 @@ _NETNS_REASON: list[str | None] = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if NETNS_DIR in Path(item.path).parents:
+            item.add_marker(pytest.mark.netns)
     needs = [item for item in items if item.get_closest_marker("netns")]
     if not needs:
         return
@@ -108,19 +111,6 @@ def kill_netns_processes(name: str) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), 9)
-
-
-def splittun(
-    *args: str, home: Path | None = None, ns: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run the splittun CLI (inside `ns` when given) and capture its output."""
-    full_env = dict(os.environ)
-    full_env.pop("SPLITTUN_RUN_DIR", None)
-    if home is not None:
-        full_env["SPLITTUN_HOME"] = str(home)
-    full_env.update(env or {})
-    argv = [*(["ip", "netns", "exec", ns] if ns else []), *SPLITTUN, *args]
-    return subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 @pytest.fixture

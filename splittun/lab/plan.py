@@ -1,8 +1,9 @@
 """What the lab is made of, as data: the `ip -batch` lines, sysctls, nft scripts and firewall commands.
 
-Pure: nothing here runs a program or touches a namespace, so the whole shape of the lab is unit-tested without
-root (tests/test_lab_plan.py), the way the interceptor's firewall rules are. `lab.py` applies these plans in
-the lab's namespaces and orders the steps (links first, style switches so that nothing leaks).
+Pure: nothing here runs a program or touches a namespace, so the whole shape of the lab is unit-tested
+without root (tests/unit/splittun/test_lab_plan.py), the way the interceptor's firewall rules are. `lab.py`
+applies these plans in the lab's namespaces and orders the steps (links first, style switches so that nothing
+leaks).
 
 Roles are the lab's namespaces: "host" (the laptop), "isp", "vpnsrv", "inet". A batch is a list of `ip -batch`
 lines for one role, optionally for one address family ("-4"/"-6": routes and rules).

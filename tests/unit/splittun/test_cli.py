@@ -1,0 +1,28 @@
+"""The command line without a running instance (no root needed): one readable line for a user's mistakes, and how
+`status` writes its notes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests.support.cli import SPLITTUN, assert_one_line_error
+
+
+def test_not_root_gets_one_readable_line(home: Path) -> None:
+    argv = [*SPLITTUN, "up"]
+    if os.geteuid() == 0:
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    env = {**os.environ, "SPLITTUN_HOME": str(home)}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+    assert_one_line_error(result, 2, "needs root")
+
+
+def test_status_notes_say_why_an_actor_is_not_ready_and_what_a_proxy_refused() -> None:
+    from splittun.commands.lifecycle import _note
+
+    row = {"not_ready": "", "sessions_refused": 12, "refused_session_limit": 10}
+    assert _note(row) == "refused 12 sessions (10 at the session limit)"
+    assert _note({"not_ready": "no egress", "sessions_refused": 0}) == "not ready: no egress"
+    assert _note({"not_ready": ""}) == ""
