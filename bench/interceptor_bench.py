@@ -50,11 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import errors_note, preflight, print_report, raise_nofile
-from messages.control import RequestFailed
-from runtime import paths
-from runtime.transport import request
 from splittun.lab import Lab
 from splittun.lab import topology as T
+from splittun.lab.instance import Instance
 
 LAB_NAME = "ib"
 KEEP_DST = T.SERVER_V4[0]  # no rule: stays in the VPN
@@ -323,7 +321,7 @@ class Bench:
         self.ports = iter(PORTS)
         self.runs: list[Run] = []
         self.attribution: dict[str, float] = {}
-        self.splittun_up = False
+        self.inst: Instance | None = None
         self.bare = False
 
     def say(self, text: str) -> None:
@@ -360,9 +358,9 @@ class Bench:
             time.sleep(0.05)
 
     def down(self) -> None:
-        if self.splittun_up:
+        if self.inst is not None:
             with contextlib.suppress(Exception):
-                self.splittun("down", timeout=60)
+                self.stop_splittun()
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -375,47 +373,39 @@ class Bench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def splittun(self, *args: str, timeout: float = 60) -> str:
-        done = self.lab.exec("host", [PY, "-m", "splittun.cli", *args], capture_output=True, text=True,
-                             timeout=timeout, env=self.env)  # fmt: skip
+        """`splittun ARGS` for the running instance (splittun.lab.instance: the driver the tests use too)."""
+        assert self.inst is not None
+        done = self.inst.cli(*args, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"splittun {' '.join(args)}: {done.stdout.strip()} {done.stderr.strip()}")
         return done.stdout
 
+    @property
+    def splittun_up(self) -> bool:
+        return self.inst is not None
+
     def start_splittun(self) -> None:
         self.say("splittun up")
-        self.splittun_up = True
-        self.splittun("up")
-        deadline = time.monotonic() + 20
-        while not self._interceptor_active():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the interceptor did not become active")
-            time.sleep(0.1)
+        self.inst = Instance.start(self.lab)
 
     def stop_splittun(self) -> None:
         self.say("splittun down")
-        self.splittun("down")
-        self.splittun_up = False
+        inst, self.inst = self.inst, None
+        if inst is not None:
+            inst.stop()
 
     def ask(self, instance: str, op: str) -> Any:
-        return request(paths.actor_endpoint(self.home / "run", instance), op, timeout=5, who=instance)
-
-    def _interceptor_active(self) -> bool:
-        try:
-            return bool(self.ask("interceptor", "status")["active"])
-        except RequestFailed:
-            return False
+        assert self.inst is not None
+        return self.inst.ask(instance, op)
 
     def set_policy(self, rules: list[dict[str, Any]]) -> None:
         """Through the real controller (config file, reload, policy.snapshot); wait until the interceptor
         decides with it."""
         self.splittun("config", "set", "splittun/rules", json.dumps(rules))
         self.splittun("enable")
-        want = self.ask("controller", "policy")["version"]
-        deadline = time.monotonic() + 10
-        while self.ask("interceptor", "status")["policy_version"] < want:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the interceptor did not adopt the policy")
-            time.sleep(0.05)
+        assert self.inst is not None
+        if not self.inst.wait_policy(self.ask("controller", "policy")["version"], timeout=10):
+            raise RuntimeError("the interceptor did not adopt the policy")
 
     # --- measurements ---------------------------------------------------------------------------------
 

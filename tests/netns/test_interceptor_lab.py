@@ -64,7 +64,7 @@ def inst(ic_lab: Lab) -> Iterator[Instance]:
     instance = start(ic_lab, "--interceptor-workers", "2", env={"SPLITTUN_JUMP_CHECKS": ""})
     try:
         assert instance.workers() == ["interceptor", "interceptor_01"]
-        instance.set_policy(RULES)
+        assert instance.publish_policy(RULES)
         yield instance
     finally:
         stop(instance)
@@ -237,7 +237,8 @@ def test_policy_change_moves_udp_flows_and_running_tcp_keeps_its_path(inst: Inst
             "tcp .81": ISP[4],
             "tcp .80": VPN[4],
         }
-        inst.set_policy([PolicyRule(id="now-80", action="split", dest=KEEP[4])])  # split .80, stop splitting .81
+        # Split .80, stop splitting .81:
+        assert inst.publish_policy([PolicyRule(id="now-80", action="split", dest=KEEP[4])])
         assert {k: ask(p) for k, p in procs.items()} == {
             "udp .80": ISP[4],  # moved to the proxy
             "udp .81": VPN[4],  # moved back into the VPN
@@ -249,7 +250,7 @@ def test_policy_change_moves_udp_flows_and_running_tcp_keeps_its_path(inst: Inst
         for proc in procs.values():
             proc.kill()
             proc.wait()
-        inst.set_policy(RULES)
+        assert inst.publish_policy(RULES)
 
 
 def test_wgquick_routing_style(inst: Instance, leaks: Leaks) -> None:
@@ -327,7 +328,7 @@ def test_killed_interceptor_fails_open_to_the_vpn_and_comes_back(inst: Instance,
         assert wait_until(lambda: all(inst.active(w) and inst.pid(w) != pid for w, pid in old.items())), (
             "supervisord did not bring the workers back"
         )
-        inst.set_policy(RULES)  # the new process asked the controller for its policy: give it ours again
+        assert inst.publish_policy(RULES)  # the new process asked the controller for its policy: give it ours again
         assert lab.whoami(proto="tcp", target=SPLIT[4]) == ISP[4]
         assert isp_forwarded(lab) > before
         for family in (4, 6):  # installed over its own leftovers: still exactly one jump per chain

@@ -49,7 +49,7 @@ def inst(rt_lab: Lab) -> Iterator[Instance]:
     """`splittun up` in the lab host, splitting SPLIT[4] and SPLIT[6] by address; always brought down."""
     inst = start(rt_lab)
     try:
-        inst.set_policy(RULES)
+        assert inst.publish_policy(RULES)
         yield inst
     finally:
         stop(inst)
@@ -139,7 +139,7 @@ def test_down_after_everything_was_killed_leaves_the_host_as_before_up(rt_lab: L
     before = host_state(lab)
     inst = start(lab)
     try:
-        inst.set_policy(RULES)
+        assert inst.publish_policy(RULES)
 
         # The interceptor reports what it installed (and counts errors in its heartbeat counters): a default
         # route via the uplink's gateway per family (IPv6: the router's global or link-local address).

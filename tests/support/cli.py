@@ -1,27 +1,14 @@
-"""Running the `splittun` command as a user would: inside a namespace, with a home, output captured."""
+"""Running the `splittun` command as a user would (splittun.lab.instance.run_cli), and what a user's mistake
+looks like."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-SPLITTUN = [sys.executable, "-m", "splittun.cli"]
+from splittun.lab.instance import run_cli
 
-
-def splittun(
-    *args: str, home: Path | None = None, ns: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run the splittun CLI (inside `ns` when given) and capture its output."""
-    full_env = dict(os.environ)
-    full_env.pop("SPLITTUN_RUN_DIR", None)
-    if home is not None:
-        full_env["SPLITTUN_HOME"] = str(home)
-    full_env.update(env or {})
-    argv = [*(["ip", "netns", "exec", ns] if ns else []), *SPLITTUN, *args]
-    return subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+#: The one way tests run the command (the lab driver's): `splittun(*args, home=…, ns=…)`.
+splittun = run_cli
 
 
 def assert_one_line_error(

@@ -6,25 +6,23 @@ what "exactly as before `up`" means (firewall, ip rules, routes, conntrack entri
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from actors.interceptor.firewall import CONNTRACK_MARKS
-from messages.control import RequestFailed
 from messages.marks import SPLIT_ROUTE_TABLE, VERDICT_MASK, Mark
 from runtime.paths import Home
 from splittun.lab import Lab
 from splittun.lab import topology as T
+from splittun.lab.instance import Instance, InstanceError
 from tests.support import FIXTURES_DIR
-from tests.support.cli import splittun
-from tests.support.interceptor import DNS, FIXTURES, Instance, wait_until
+from tests.support.interceptor import DNS, FIXTURES, wait_until
 
 #: Conntrack marks that are splittun's (under VERDICT_MASK: a split mark also carries an interface index).
 OUR_CT_MARKS = frozenset(CONNTRACK_MARKS | {int(Mark.SPLIT_EGRESS)})
@@ -110,37 +108,21 @@ class E2E:
         return self.inst
 
     def _up(self) -> Instance:
-        """`splittun up` with a fresh home; returns once the interceptor intercepts and both proxies have
-        egress. Whatever fails, nothing is left running and the home is removed."""
-        home = Path(tempfile.mkdtemp(prefix="st-e2e-", dir="/tmp"))
-        self.inst = inst = Instance(self.lab, home)
+        """`splittun up` with a fresh home, ready to split (splittun.lab.instance)."""
         try:
-            up = splittun("up", home=home, ns=self.lab.ns_host)
-            assert up.returncode == 0, f"splittun up: {up.stdout}{up.stderr}"
-            assert wait_until(lambda: self.egress() == {4: T.HOST_IF, 6: T.HOST_IF} and inst.active()), (
-                f"not ready: interceptor active {inst.active()}, proxies' egress {self.egress()}"
-            )
-        except BaseException:
-            self.stop()
-            raise
-        return inst
+            self.inst = Instance.start(self.lab)
+        except InstanceError as exc:
+            pytest.fail(str(exc))
+        return self.inst
 
     def running(self) -> bool:
         assert self.inst is not None
-        try:
-            return os.path.exists(f"/proc/{self.inst.supervisord_pid()}")
-        except (OSError, ValueError):
-            return False
+        return self.inst.running()
 
     def stop(self) -> subprocess.CompletedProcess[str] | None:
         """`splittun down`; the home goes too, whatever happens."""
         inst, self.inst = self.inst, None
-        if inst is None:
-            return None
-        try:
-            return splittun("down", home=inst.home, ns=self.lab.ns_host)
-        finally:
-            shutil.rmtree(inst.home, ignore_errors=True)
+        return None if inst is None else inst.stop()
 
     def reset(self) -> None:
         """Back to the tests' baseline through the CLI: enabled, no rules, interface auto."""
@@ -161,7 +143,8 @@ class E2E:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`splittun ARGS…` in the lab host, as the user would type it."""
-        return splittun(*args, home=self.home, ns=self.lab.ns_host)
+        assert self.inst is not None, "splittun is not running"
+        return self.inst.cli(*args)
 
     def ok(self, *args: str) -> str:
         result = self.cli(*args)
@@ -204,35 +187,21 @@ class E2E:
 
     def policy_version(self) -> int:
         assert self.inst is not None
-        return int(self.inst.ask("interceptor", "status")["policy_version"])
+        return self.inst.policy_version()
 
     def wait_policy(self, version: int) -> None:
-        def adopted() -> bool:
-            try:
-                return self.policy_version() >= version
-            except RequestFailed:
-                return False
-
-        assert wait_until(adopted), f"the interceptor did not adopt policy {version}"
+        assert self.inst is not None and self.inst.wait_policy(version), (
+            f"the interceptor did not adopt policy {version}"
+        )
 
     def egress(self) -> dict[int, str]:
         """The interface each proxy family leaves through ("" = none), when both proxies agree."""
         assert self.inst is not None
-        seen: set[tuple[str, str]] = set()
-        try:
-            for proxy in ("proxy_tcp_00", "proxy_udp_00"):
-                status = self.inst.ask(proxy, "status")["egress"]
-                seen.add((status["ipv4"].split()[0], status["ipv6"].split()[0]))
-        except RequestFailed:
-            return {}
-        if len(seen) != 1:
-            return {}
-        v4, v6 = seen.pop()
-        return {4: v4 if v4 != "none" else "", 6: v6 if v6 != "none" else ""}
+        return self.inst.egress()
 
     def log(self, actor: str) -> str:
-        path = Home.from_env({"SPLITTUN_HOME": str(self.home)}).program_log(actor)
-        return path.read_text(errors="replace") if path.exists() else ""
+        assert self.inst is not None
+        return self.inst.log(actor)
 
 
 # --- clients: what a user runs, and what the server saw ------------------------------------------------

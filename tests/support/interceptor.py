@@ -4,29 +4,23 @@ publishing, the firewall as `iptables-legacy-save` prints it, the NFQUEUE counte
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 
-from messages import Heartbeat, PolicyRule, PolicySnapshot
-from messages.control import RequestFailed
+from messages import Heartbeat, PolicyRule
 from runtime import paths
-from runtime.paths import Home
-from runtime.transport import Publisher, Subscriber, request
+from runtime.transport import Subscriber
 from splittun.lab import Lab
 from splittun.lab import topology as T
+from splittun.lab.instance import Instance, InstanceError
 from tests.support import FIXTURES_DIR
-from tests.support.cli import splittun
 
 FIXTURES = FIXTURES_DIR / "interceptor"
 CLIENT = [sys.executable, str(FIXTURES / "client.py")]
@@ -123,94 +117,16 @@ def curl(lab: Lab, address: str) -> str:
     return proc.stdout.strip()
 
 
-@dataclass
-class Instance:
-    """One `splittun up` in the lab host namespace."""
-
-    lab: Lab
-    home: Path
-    version: int = 0
-
-    @property
-    def paths(self) -> Home:
-        """Where this instance keeps its sockets and logs: the product's own layout under its home."""
-        return Home.from_env({"SPLITTUN_HOME": str(self.home)})
-
-    @property
-    def run_dir(self) -> Path:
-        return self.paths.run_dir
-
-    @property
-    def log_dir(self) -> Path:
-        return self.paths.log_dir
-
-    def ask(self, instance: str, op: str, **args: Any) -> Any:
-        return request(paths.actor_endpoint(self.run_dir, instance), op, args, timeout=5.0, who=instance)
-
-    def pid(self, instance: str = "interceptor") -> int:
-        return int(self.ask(instance, "ping")["pid"])
-
-    def supervisord_pid(self) -> int:
-        return int(self.paths.supervisord_pidfile.read_text())
-
-    def active(self, instance: str = "interceptor") -> bool:
-        try:
-            return bool(self.ask(instance, "status")["active"])
-        except RequestFailed:
-            return False
-
-    def workers(self) -> list[str]:
-        status = splittun("status", "--json", home=self.home, ns=self.lab.ns_host)
-        return sorted(r["actor"] for r in json.loads(status.stdout)["actors"] if r["actor"].startswith("interceptor"))
-
-    def set_policy(self, rules: list[PolicyRule], enabled: bool = True) -> None:
-        """Publish a snapshot (newer than the controller's) until every interceptor worker adopted it."""
-        self.version = max(self.version + 1, int(time.time() * 1000))
-        snapshot = PolicySnapshot(version=self.version, ts=time.time(), enabled=enabled, rules=rules)
-        workers = self.workers()
-        ctx = zmq.Context()
-        pub = Publisher(ctx, paths.bus_in(self.run_dir))
-        try:
-
-            def adopted() -> bool:
-                pub.publish(snapshot)
-                try:
-                    return all(self.ask(w, "status")["policy_version"] == self.version for w in workers)
-                except RequestFailed:
-                    return False
-
-            assert wait_until(adopted), f"policy {self.version} not adopted by {workers}"
-        finally:
-            pub.close()
-            ctx.term()
-
-
 def start(lab: Lab, *args: str, env: dict[str, str] | None = None) -> Instance:
-    """`splittun up` in the lab host; returns once the interceptor intercepts and the proxies have egress."""
-    home = Path(tempfile.mkdtemp(prefix="st-ic-", dir="/tmp"))
-    up = splittun("up", *args, home=home, ns=lab.ns_host, env=env)
-    if up.returncode != 0:
-        shutil.rmtree(home, ignore_errors=True)
-        pytest.fail(up.stdout + up.stderr)
-    inst = Instance(lab, home)
-
-    def ready() -> bool:
-        try:
-            proxies = all(
-                inst.ask(p, "status")["egress"]["ipv4"].startswith(T.HOST_IF) for p in ("proxy_tcp_00", "proxy_udp_00")
-            )
-        except RequestFailed:
-            return False
-        return proxies and inst.active()
-
-    assert wait_until(ready), "not ready: interceptor inactive or the proxies found no egress"
-    return inst
+    """`splittun up ARGS` in the lab host (splittun.lab.instance); the test fails when it does not get ready."""
+    try:
+        return Instance.start(lab, *args, env=env)
+    except InstanceError as exc:
+        pytest.fail(str(exc))
 
 
 def stop(inst: Instance) -> subprocess.CompletedProcess[str]:
-    result = splittun("down", home=inst.home, ns=inst.lab.ns_host)
-    shutil.rmtree(inst.home, ignore_errors=True)
-    return result
+    return inst.stop()
 
 
 def hold(lab: Lab, proto: str, address: str, port: int) -> subprocess.Popen[str]:
