@@ -1,4 +1,5 @@
-"""The bus messages: one schema per topic (DESIGN.md, "Messages"). Fields grow; keep old ones readable.
+"""The bus messages: one schema per topic (ARCHITECTURE.md, "How processes talk"). Fields grow; keep old ones
+readable.
 
 Every event carries `ts` (sender's wall clock, seconds since the epoch). Addresses are text, in the
 compressed form `flows.canonical_ip` gives, so a third party can compare them as strings.

@@ -5,8 +5,8 @@
 The engine (engine.py), the verdict logic (verdict.py) and the parsers never see the platform. Linux:
 `firewall.LinuxFirewall` (iptables-legacy) and `kernel.nfqueue.NfqueueSource`. A Windows port implements
 these two with WinDivert (`pydivert`): the firewall becomes the divert filter, the packet source the divert
-handle, and a split verdict rewrites the packet to the proxy instead of setting a mark (DESIGN.md,
-"Windows data path"). No Windows code exists yet.
+handle, and a split verdict rewrites the packet to the proxy instead of setting a mark. No Windows code exists
+yet.
 """
 
 from __future__ import annotations
