@@ -113,7 +113,9 @@ class Instance:
 
     # --- as a user ------------------------------------------------------------------------------------
 
-    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """`splittun ARGS…` in the lab host, for this instance."""
         return run_cli(*args, home=self.home, ns=self.lab.ns_host, env=env, timeout=timeout)
 
