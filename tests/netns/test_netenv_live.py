@@ -30,7 +30,8 @@ from runtime import paths
 from runtime.transport import Subscriber, request
 from splittun.lab import Lab
 from splittun.lab import topology as T
-from tests.support.cli import REPO, splittun
+from tests.support import REPO
+from tests.support.cli import splittun
 from tests.support.lab import own_lab
 
 #: The issue's promise: a change is in the published snapshot within 2 s.

@@ -3,5 +3,8 @@ through its CLI (e2e.py), the interceptor's and proxies' test helpers, fake netl
 
 from pathlib import Path
 
+#: The repository: where `python -m actors.…` finds the code.
+REPO = Path(__file__).resolve().parents[2]
+
 #: Data files and helper programs the tests run (inside the lab, usually).
 FIXTURES_DIR = Path(__file__).resolve().parents[1] / "fixtures"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 
-from splittun.lab.instance import run_cli
+from splittun.lab.instance import SPLITTUN, run_cli
+
+__all__ = ["SPLITTUN", "assert_one_line_error", "splittun"]
 
 #: The one way tests run the command (the lab driver's): `splittun(*args, home=…, ns=…)`.
 splittun = run_cli

@@ -22,7 +22,7 @@ import zmq
 from messages.control import Request
 from messages.schema import encode_payload
 from runtime import paths
-from tests.support.cli import REPO
+from tests.support import REPO
 
 
 class Procs:

@@ -32,7 +32,7 @@ from runtime.actor import Actor, answers, dispatch
 from runtime.paths import Home
 from runtime.transport import ReplyServer, ask, request
 from splittun import cli
-from tests.support.cli import REPO
+from tests.support import REPO
 
 REAL_ACTORS: tuple[type[Actor], ...] = (
     ControllerActor,

@@ -33,7 +33,7 @@ from messages import control as c
 from messages.control import RequestFailed
 from runtime import paths
 from runtime.transport import Publisher, Subscriber, ask, request
-from tests.support.cli import REPO
+from tests.support import REPO
 
 KEY = flow_key(6, "192.0.2.66", 40000, "203.0.113.80", 80)
 
