@@ -101,6 +101,8 @@ class DatagramBatch:
 
 #: (the app's own address, its original destination) → the cookie of the socket that owns that flow now (0: none)
 SocketCheck = Callable[[Address, Address], int]
+#: The owner of a session whose first datagrams came from a socket already closed: no live socket has this cookie.
+_OWNER_CLOSED = -1
 
 
 class UdpConn:
@@ -298,7 +300,11 @@ class UdpProxy(ProxyBase):
         conntrack entry, which the interceptor decided for that socket: a new session) or came down the old
         entry before the interceptor removed it (another app reusing the port at once): those get nothing
         through — dropped, the session closed, the entry deleted, so that socket's next datagram is decided
-        for its own app. No socket at all (it sent and closed) means the last datagrams of the decided one."""
+        for its own app. No socket at all (it sent and closed) means the last datagrams of the decided one while
+        its conntrack entry lives (once the interceptor ended it, they are dropped: another app may have sent
+        them down the old entry and closed — a narrower window, not none; see ARCHITECTURE.md); a
+        session whose first datagrams found no socket belongs to no socket, so any socket seen later is another
+        (an app that reused the closed socket's port before the interceptor removed the entry)."""
         if self.socket_check is None:
             return conn
         s = conn.session
@@ -309,9 +315,18 @@ class UdpProxy(ProxyBase):
             self._count("dropped_unverified")
             self.say(logging.WARNING, "udp client socket check failed: %s: these datagrams are dropped", exc)
             return None
-        if not cookie or cookie == conn.client_cookie or not conn.client_cookie:
-            conn.client_cookie = conn.client_cookie or cookie
+        if not conn.client_cookie:  # the session's first round: it belongs to the socket found now
+            conn.client_cookie = cookie or _OWNER_CLOSED
             return conn
+        if cookie == conn.client_cookie:
+            return conn
+        if not cookie:  # the app's last datagrams — unless its entry ended meanwhile: then whose they are is unsure
+            if self.ct_events is not None:
+                self._on_entries_gone()
+            if not s.closed:
+                return conn
+            self._count("dropped_owner_gone")
+            return None
         if self.ct_events is not None:
             self._on_entries_gone()  # the old entry's end may be waiting: then this is a new flow
         if s.closed:

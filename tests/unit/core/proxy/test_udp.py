@@ -184,6 +184,27 @@ def test_udp_drain_keeps_live_sessions_and_refuses_new_flows(echoes: list[UdpEch
     assert proxy.table.active == 0 and proxy.stopped.is_set()
 
 
+def test_a_session_whose_app_socket_had_closed_carries_no_later_socket(hooks: Hooks, echoes: list[UdpEcho]) -> None:
+    """The app sent and closed before the proxy read its datagram (a loaded proxy): that datagram is its own
+    and goes out; a socket found on the same addresses later reused the port, so its datagram is dropped."""
+    server = echo_server(echoes)
+    owner = {"cookie": 0}  # no socket: the app is gone
+    plan = lambda _req: UpstreamPlan(server.address)  # noqa: E731
+    check = lambda _client, _dst: owner["cookie"]  # noqa: E731
+    proxy = UdpProxy([("127.0.0.1", 0)], plan, ProxyConfig(), hooks=hooks, resolver=None, socket_check=check)
+    proxy.start()
+    try:
+        with client() as c:
+            c.sendto(b"last words", proxy.addresses[0])
+            assert c.recvfrom(100)[0] == b"re:last words"
+            owner["cookie"] = 12  # another app's socket on the same port, sending down the same entry
+            c.sendto(b"reused", proxy.addresses[0])
+            assert wait_until(lambda: proxy.counters().get("dropped_other_socket") == 1)
+        assert [data for data, _addr in server.got] == [b"last words"]
+    finally:
+        proxy.shutdown(0.0)
+
+
 def test_a_session_only_carries_the_socket_its_flow_was_decided_for(hooks: Hooks, echoes: list[UdpEcho]) -> None:
     """Another socket's datagrams on the same addresses (a reused port) are dropped and the session closed; a
     socket check that cannot answer drops too: "cannot tell" never sends anything out of the split path."""
