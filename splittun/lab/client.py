@@ -26,7 +26,11 @@ SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 
 class ProbeError(Exception):
-    """The probe did not get an answer (timeout, unreachable, bad reply)."""
+    """The probe did not get an answer (timeout, unreachable, bad reply); `errno` when the system said why."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 def make_socket(family: int, proto: str, mark: int, bind_dev: str, timeout: float, ttl: int = 0) -> socket.socket:
@@ -55,8 +59,10 @@ def probe(
     timeout: float = 5.0,
     as_json: bool = False,
     ttl: int = 0,
+    local_port: int = 0,
 ) -> str:
-    """One request; returns the server's answer (address, or JSON text with ``as_json``)."""
+    """One request; returns the server's answer (address, or JSON text with ``as_json``). ``local_port``: send
+    from this port (TCP with SO_REUSEADDR, so a port whose last connection the server closed is free at once)."""
     if target:
         family = 6 if ":" in target else 4  # the address decides; --family only picks the default target
     target = target or (WHOAMI_V6 if family == 6 else WHOAMI_V4)
@@ -64,6 +70,10 @@ def probe(
     deadline = time.monotonic() + timeout
     try:
         with make_socket(family, proto, mark, bind_dev, timeout, ttl) as sock:
+            if local_port:
+                if proto == "tcp":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("::" if family == 6 else "0.0.0.0", local_port))
             if proto == "udp":
                 sock.connect((target, port))  # connected: only the server's own reply is accepted
                 sock.send(b"json" if as_json else b"whoami")
@@ -83,7 +93,7 @@ def probe(
     except TimeoutError as exc:
         raise ProbeError(f"timeout after {timeout:.3g}s ({proto}{family} {target})") from exc
     except OSError as exc:
-        raise ProbeError(f"{exc.strerror or exc} ({proto}{family} {target})") from exc
+        raise ProbeError(f"{exc.strerror or exc} ({proto}{family} {target})", exc.errno or 0) from exc
     head, sep, body = b"".join(chunks).partition(b"\r\n\r\n")
     if not sep or not head.startswith(b"HTTP/1.1 200"):
         raise ProbeError(f"bad HTTP reply: {head[:80]!r}")

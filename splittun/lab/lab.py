@@ -173,11 +173,22 @@ class Lab:
         """True if any of the lab's namespaces exists (a half-built lab exists and needs down())."""
         return any((NETNS_DIR / ns).exists() for ns in self.namespaces.values())
 
+    def _make_state_dir(self) -> None:
+        """Create the state directory; another lab going down may remove the shared root between the two
+        mkdirs (it removes the root once empty), so try again."""
+        for _ in range(20):
+            try:
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                return
+            except FileNotFoundError:
+                time.sleep(0.01)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+
     def up(self, timeout: float = 10.0) -> None:
         """Build the lab from scratch (tearing down a previous one) and wait until both paths work."""
         self.down()
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._make_state_dir()
             self._save_state()
             for ns in self.namespaces.values():
                 _run(["ip", "netns", "add", ns])
@@ -461,7 +472,7 @@ class Lab:
     def _spawn(self, key: str, args: list[str]) -> int:
         """Start a detached lab daemon in its namespace with the venv's python; log to the state dir."""
         role, module = DAEMONS[key]
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._make_state_dir()
         with open(self.state_dir / f"{key}.log", "ab") as log:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns(role), sys.executable, "-m", module, *args, "--lab", self.name],
@@ -572,7 +583,7 @@ class Lab:
         st = dict(self._load_state() if st is None else st)
         st.update(name=self.name, style=self.style, antispoof=self.antispoof, rp_filter=self.rp_filter,
                   second_uplink=self.second_uplink)  # fmt: skip
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._make_state_dir()
         tmp = self.state_dir / "state.json.tmp"
         tmp.write_text(json.dumps(st, indent=1, sort_keys=True) + "\n")
         tmp.replace(self.state_dir / "state.json")

@@ -30,9 +30,9 @@ from runtime import paths
 from splittun.lab import topology as T
 from tests.support import FIXTURES_DIR
 from tests.support.cli import splittun
-from tests.support.e2e import E2E
+from tests.support.e2e import E2E, private_e2e
 from tests.support.interceptor import ISP, VPN, wait_until
-from tests.support.lab import Leaks, own_lab
+from tests.support.lab import Leaks
 
 LOAD = FIXTURES_DIR / "faults" / "load.py"
 SERVER = T.SERVER_V4[0]
@@ -43,18 +43,7 @@ RECOVERY_LIMIT = 15.0  # seconds: supervisord restarts a program at once, the ac
 
 @pytest.fixture(scope="module")
 def faults() -> Iterator[E2E]:
-    labs = own_lab("faults")
-    harness = E2E(next(labs))
-    try:
-        harness.ensure("replaced")
-        harness.reset()
-        harness.apply("rules", "add", "--name", "splitapp", "--dest", SERVER)
-        yield harness
-    finally:
-        try:
-            harness.stop()
-        finally:
-            labs.close()
+    yield from private_e2e("faults", [("--name", "splitapp", "--dest", SERVER)])
 
 
 class Load:
@@ -91,11 +80,13 @@ class Load:
 
     def stop(self) -> None:
         self.stop_file.touch()
-        for key, proc in self.procs.items():
-            _out, err = proc.communicate(timeout=30)
-            assert proc.returncode == 0, f"{key}: {err}"
-        for reader in self._readers:
+        for proc in self.procs.values():
+            proc.wait(timeout=30)
+        for reader in self._readers:  # they own stdout until its end; communicate() would close it under them
             reader.join(timeout=5)
+        for key, proc in self.procs.items():
+            assert proc.stderr is not None
+            assert proc.returncode == 0, f"{key}: {proc.stderr.read()}"
 
     def __exit__(self, *exc: object) -> None:
         for proc in self.procs.values():

@@ -26,9 +26,9 @@ import pytest
 
 from splittun.lab import topology as T
 from tests.support import FIXTURES_DIR
-from tests.support.e2e import E2E
+from tests.support.e2e import E2E, private_e2e
 from tests.support.interceptor import ISP, VPN
-from tests.support.lab import Leaks, own_lab
+from tests.support.lab import Leaks
 
 CLIENT = FIXTURES_DIR / "faults" / "port_reuse.py"
 SERVER = {4: T.SERVER_V4[0], 6: T.SERVER_V6[0]}
@@ -42,19 +42,7 @@ UDP_LOST = 0.05
 
 @pytest.fixture(scope="module")
 def reuse() -> Iterator[E2E]:
-    labs = own_lab("noleak")
-    harness = E2E(next(labs))
-    try:
-        harness.ensure("replaced")
-        harness.reset()  # enabled, no rules, interface auto
-        for family in (4, 6):
-            harness.apply("rules", "add", "--name", "splitapp", "--dest", SERVER[family])
-        yield harness
-    finally:
-        try:
-            harness.stop()
-        finally:
-            labs.close()
+    yield from private_e2e("noleak", [("--name", "splitapp", "--dest", SERVER[family]) for family in (4, 6)])
 
 
 def run_apps(st: E2E, proto: str, family: int, rounds: int) -> dict[str, dict[str, Any]]:

@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from splittun.lab import topology as T
 from splittun.lab.instance import Instance, InstanceError
 from tests.support import FIXTURES_DIR
 from tests.support.interceptor import DNS, FIXTURES, wait_until
+from tests.support.lab import own_lab
 
 #: Conntrack marks that are splittun's (under VERDICT_MASK: a split mark also carries an interface index).
 OUR_CT_MARKS = frozenset(CONNTRACK_MARKS | {int(Mark.SPLIT_EGRESS)})
@@ -257,3 +259,22 @@ def two_peers(lab: Lab, peer_a: str, peer_b: str, rounds: int) -> list[dict[str,
     proc = lab.exec("host", argv, timeout=60)
     assert proc.returncode == 0, f"two-peers client: {proc.stderr.strip()}"
     return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def private_e2e(base: str, rules: Sequence[Sequence[str]]) -> Iterator[E2E]:
+    """A module's own lab with splittun up in the replaced style, at the baseline plus `rules` (each the
+    arguments of `splittun rules add`); for tests that load the lab too hard to share it. Everything goes at
+    the end, also when a test failed."""
+    labs = own_lab(base)
+    harness = E2E(next(labs))
+    try:
+        harness.ensure("replaced")
+        harness.reset()
+        for rule in rules:
+            harness.apply("rules", "add", *rule)
+        yield harness
+    finally:
+        try:
+            harness.stop()
+        finally:
+            labs.close()
