@@ -87,9 +87,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         heartbeats.close()
         ctx.term()
     missing = [s for s in states if s.instance not in seen]
+    # One that supervisord gave up on ends the wait at once: name it, not those still starting beside it.
+    failed = [s for s in missing if s.state in GAVE_UP_STATES]
     if missing or not states:
-        print(f"splittun: {len(missing)} of {len(states)} actors sent no heartbeat within {args.timeout:g} s:")
-        for state in missing:
+        if failed:
+            print(f"splittun: {len(failed)} of {len(states)} actors did not start:")
+        else:
+            print(f"splittun: {len(missing)} of {len(states)} actors sent no heartbeat within {args.timeout:g} s:")
+        for state in failed or missing:
             print(f"  {state.instance}: {state.state} {state.description}".rstrip() + _last_log_line(home, state))
         print(f"splittun: stopping what did start (logs are in {home.log_dir})")
         sup.shutdown()

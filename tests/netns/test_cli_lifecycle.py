@@ -148,6 +148,7 @@ def test_up_names_the_actor_that_did_not_start_and_leaves_nothing(home: Path, ho
     )
     result = splittun("up", "--timeout", "6", home=home, ns=host_ns, env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 1
+    assert "actors did not start:" in result.stdout
     assert "ivpn:" in result.stdout and "simulated failure" in result.stdout
     assert "controller:" not in result.stdout  # only the one that failed is named
     assert leftover_processes(home) == []
