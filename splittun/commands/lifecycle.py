@@ -87,8 +87,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         heartbeats.close()
         ctx.term()
     missing = [s for s in states if s.instance not in seen]
-    # One that supervisord gave up on ends the wait at once: name it, not those still starting beside it.
-    failed = [s for s in missing if s.state in GAVE_UP_STATES]
+    # One that supervisord gave up on (or keeps restarting) is the cause: name it, not those still starting.
+    failed = [s for s in missing if s.state in GAVE_UP_STATES or s.state == "BACKOFF"]
     if missing or not states:
         if failed:
             print(f"splittun: {len(failed)} of {len(states)} actors did not start:")
