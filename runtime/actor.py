@@ -253,7 +253,7 @@ class Runtime:
         try:
             not_ready = actor.readiness()
         except Exception as exc:
-            not_ready = f"readiness check failed: {type(exc).__name__}: {exc}"
+            not_ready = f"readiness check failed: {describe(exc)}"
         self.publish(
             Heartbeat(
                 name=self.name,

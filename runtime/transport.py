@@ -139,7 +139,7 @@ class ReplyServer:
             reply = _error_reply(exc.code, exc.message)
         except Exception as exc:
             self.log.error("request.failed", op=req.op, error=describe(exc))
-            reply = _error_reply(control.INTERNAL, f"{req.op} failed: {type(exc).__name__}: {exc}")
+            reply = _error_reply(control.INTERNAL, f"{req.op} failed: {describe(exc)}")
         self.handled += 1
         self._send(envelope, reply)
 
