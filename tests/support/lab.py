@@ -42,8 +42,9 @@ import pytest
 from splittun.lab import Lab
 from splittun.lab.leakmon import Allowance, LeakMonitor, LeakMonitorError
 
-#: One lab per pytest-xdist worker (namespaces are global): names get the worker's suffix.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+#: One lab per pytest-xdist worker (namespaces are global): names get the worker's suffix, after an optional
+#: SPLITTUN_TEST_TAG that keeps two test runs on one machine (two checkouts) out of each other's labs.
+_WORKER = os.environ.get("SPLITTUN_TEST_TAG", "") + os.environ.get("PYTEST_XDIST_WORKER", "")
 
 
 def lab_name(base: str) -> str:
