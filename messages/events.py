@@ -16,9 +16,17 @@ from .verdict import Verdict, verdict_verb
 # --- actors -----------------------------------------------------------------------------------------
 
 
+# The heartbeat's cadence is part of its contract: consumers judge "gone" by HEARTBEAT_TTL.
+HEARTBEAT_INTERVAL = 5.0  # steady state (each beat wakes the bus, the controller and the interceptors)
+HEARTBEAT_FAST = 1.0  # while starting or not ready; also how often a sender looks at its readiness
+HEARTBEAT_STARTUP = 10.0  # seconds of fast beats after start (`up` waits for them)
+HEARTBEAT_TTL = 3 * HEARTBEAT_INTERVAL  # a process not heard from for this long is gone
+
+
 @message("actor.heartbeat")
 class Heartbeat(Message):
-    """Sent every second by every actor (and the bus): proof of life plus the actor's own counters."""
+    """Proof of life plus the actor's own counters, from every actor and the bus: every HEARTBEAT_FAST s
+    while starting or not ready (so "ready" is seen within a second), else every HEARTBEAT_INTERVAL s."""
 
     name: str  # program: bus, controller, proxy_tcp…
     instance: str  # supervisord process name: proxy_tcp_00…

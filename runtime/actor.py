@@ -5,7 +5,8 @@ An actor is a subclass of `Actor`; its package's `__main__` calls `main(TheActor
 - binds the actor's request endpoint (`<instance>.ctl.sock`) and answers the ops declared in
   messages/control.py: `ping` and `counters` for every actor, the rest through the methods an actor binds
   with `@answers(OP)` (arguments decoded into the op's record, the result encoded; docs/control-plane.md),
-- publishes `actor.heartbeat` (name, pid, uptime, counters) every second,
+- publishes `actor.heartbeat` (name, pid, uptime, counters, readiness): every second while starting or not
+  ready, then every HEARTBEAT_INTERVAL seconds (messages/events.py: the cadence is part of the contract),
 - decodes every bus message; a malformed one is logged in one line, counted and dropped,
 - stops on SIGTERM/SIGINT (or when supervisord dies: PR_SET_PDEATHSIG) within 2 s, closing its
   sockets and removing its ipc file.
@@ -25,7 +26,7 @@ from typing import Any, ClassVar, TypeVar
 import zmq
 
 from messages.control import INVALID_ARGUMENT, UNKNOWN_OP, AnyActor, NoArgs, Op, Ops, Ping, Request, RequestFailed
-from messages.events import Heartbeat
+from messages.events import HEARTBEAT_FAST, HEARTBEAT_INTERVAL, HEARTBEAT_STARTUP, Heartbeat
 from messages.schema import Message, MessageError, decode
 from runtime import log as logmod
 from runtime import paths
@@ -35,7 +36,6 @@ from runtime.transport import Publisher, ReplyServer, Subscriber
 from runtime.transport import ask as send_ask
 from runtime.transport import request as send_request
 
-HEARTBEAT_INTERVAL = 1.0
 _MESSAGE_BATCH = 256
 _MALFORMED_LOG_LINES_PER_SECOND = 5
 
@@ -248,12 +248,32 @@ class Runtime:
             self.log.error("counters.failed", error=describe(exc))
         return counters
 
-    def heartbeat(self, actor: Actor) -> None:
-        now = time.time()
+    def heartbeats(self, actor: Actor) -> None:
+        """Beat now; then every HEARTBEAT_FAST s while starting or not ready (and once more when readiness
+        changed), else every HEARTBEAT_INTERVAL s. A ready, idle actor wakes once per interval: each beat
+        also wakes every subscriber, so an idle instance beating every second was never idle."""
+        last_not_ready: str | None = None
+
+        def tick() -> None:
+            nonlocal last_not_ready
+            not_ready = self.readiness(actor)
+            self.heartbeat(actor, not_ready)
+            steady = not not_ready and not_ready == last_not_ready and self.uptime() >= HEARTBEAT_STARTUP
+            last_not_ready = not_ready
+            self.loop.call_later(HEARTBEAT_INTERVAL if steady else HEARTBEAT_FAST, tick)
+
+        self.loop.call_later(0.0, tick)
+
+    def readiness(self, actor: Actor) -> str:
         try:
-            not_ready = actor.readiness()
+            return actor.readiness()
         except Exception as exc:
-            not_ready = f"readiness check failed: {describe(exc)}"
+            return f"readiness check failed: {describe(exc)}"
+
+    def heartbeat(self, actor: Actor, not_ready: str | None = None) -> None:
+        now = time.time()
+        if not_ready is None:
+            not_ready = self.readiness(actor)
         self.publish(
             Heartbeat(
                 name=self.name,
@@ -306,7 +326,7 @@ def main(actor_cls: type[Actor], argv: Sequence[str] | None = None) -> int:
             actor.stop()
         rt.close()
         return 1
-    rt.loop.call_every(HEARTBEAT_INTERVAL, lambda: rt.heartbeat(actor), first=0.0)
+    rt.heartbeats(actor)
     log.info("actor.started", pid=rt.pid, run_dir=rt.run_dir)
     try:
         rt.loop.run()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import zmq
 
-from messages.events import Heartbeat
+from messages.events import HEARTBEAT_FAST, HEARTBEAT_INTERVAL, HEARTBEAT_STARTUP, Heartbeat
 
 from . import log as logmod
 from . import paths
@@ -48,7 +48,14 @@ class Bus:
         self.instance = os.environ.get("SUPERVISOR_PROCESS_NAME", "bus")
         loop.add_socket(self.xsub, self._forward_events)
         loop.add_socket(self.xpub, self._forward_subscriptions)
-        loop.call_every(1.0, self._heartbeat, first=0.0)
+        # Like every actor: fast while starting (`up` waits for it), then at the steady cadence.
+        fast = loop.call_every(HEARTBEAT_FAST, self._heartbeat, first=0.0)
+
+        def settle() -> None:
+            fast.cancel()
+            loop.call_every(HEARTBEAT_INTERVAL, self._heartbeat)
+
+        loop.call_later(HEARTBEAT_STARTUP, settle)
 
     def _forward_events(self) -> None:
         for _ in range(BATCH):

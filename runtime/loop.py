@@ -173,7 +173,9 @@ class Loop:
         self.running = not self.stop_reason
         while self.running:
             due_in = self.timers.run_due(self._call)
-            timeout_ms = 1000 if due_in is None else min(1000, int(due_in * 1000) + 1)
+            # No cap: signals, stop() and other threads wake the poll through the wakeup fd, so an idle
+            # process sleeps until its next timer instead of waking every second for nothing.
+            timeout_ms = None if due_in is None else int(due_in * 1000) + 1
             if not self.running:
                 break
             ready = self.poller.poll(timeout_ms)  # pyzmq retries EINTR after running signal handlers

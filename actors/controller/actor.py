@@ -23,6 +23,7 @@ from typing import Any
 
 from core import config as cfg
 from core.egress import find_interface
+from kernel.inotify import FileWatch
 from messages import Heartbeat, Message, NetenvChanged, Notification, PolicySnapshot
 from messages.control import (
     INVALID_ARGUMENT,
@@ -50,8 +51,9 @@ from runtime.paths import Home
 
 from .registry import ConnectionRegistry
 
-CONFIG_POLL_SECONDS = 0.25
-REPUBLISH_SECONDS = 3.0
+CONFIG_POLL_SECONDS = 0.25  # where inotify is missing
+CONFIG_RECHECK_SECONDS = 10.0  # with inotify: a safety net (queue overflow, a watch lost to a remount)
+REPUBLISH_SECONDS = 10.0  # late subscribers ask at start; this only covers a dropped publish
 
 
 def interface_checker(snapshot: NetenvChanged | None) -> Any:
@@ -82,10 +84,27 @@ class ControllerActor(Actor):
         self.version = int(time.time() * 1000)
         self.snapshot = self._compile()
         self._check_config_file(initial=True)
-        self.rt.loop.call_every(CONFIG_POLL_SECONDS, self._check_config_file)
+        self._watch_config_file()
         self.rt.loop.call_every(REPUBLISH_SECONDS, lambda: self.rt.publish(self.snapshot), first=0.0)
 
+    def stop(self) -> None:
+        watch = getattr(self, "config_watch", None)
+        if watch is not None:
+            watch.close()
+
     # --- config -----------------------------------------------------------------------------------
+
+    def _watch_config_file(self) -> None:
+        """A hand edit is picked up at once (inotify on the file's directory), without waking this process
+        four times a second to stat the file; polling remains where inotify is not available."""
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        self.config_watch = FileWatch.open(self.config_path)
+        if self.config_watch is None:
+            self.rt.loop.call_every(CONFIG_POLL_SECONDS, self._check_config_file)
+            return
+        watch = self.config_watch
+        self.rt.loop.add_fd(watch.fileno(), lambda: watch.changed() and self._check_config_file())
+        self.rt.loop.call_every(CONFIG_RECHECK_SECONDS, self._check_config_file)
 
     def _stamp(self) -> tuple[int, int, int] | None:
         try:

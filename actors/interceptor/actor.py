@@ -47,6 +47,9 @@ DEFAULT_HANDLER = ""
 DEFAULT_JUMP_CHECKS = "5,15,45"
 SNAPSHOT_RETRY = 0.5  # seconds between asking for the policy or the network we have not got yet
 PASSIVE_RETRY = 5.0
+# After the scheduled checks: other software's firewall edits (a kill switch, a firewall reload) do not
+# always come with a network change; each check runs iptables-save six times, so not every few seconds.
+JUMP_CHECK_EVERY = 60.0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -162,6 +165,7 @@ class InterceptorActor(Actor):
             self.log.info("rules.installed", workers=self.workers)
             for delay in self._check_schedule(self.rt.args.jump_checks):
                 self.rt.loop.call_later(delay, lambda d=delay: self._check_jumps(f"scheduled {d:g}s"))
+            self.rt.loop.call_every(JUMP_CHECK_EVERY, lambda: self._check_jumps_in_background("periodic"))
             write_marker(paths.routing_marker(self.rt.run_dir))  # before the first change: `down` removes what we add
             self.routing = RoutingKeeper(SplitRouting(), self.log)
             self.routing.start()
@@ -230,7 +234,8 @@ class InterceptorActor(Actor):
             changed = self.netenv is None or msg.seq != self.netenv.seq  # not just netenv repeating itself
             self.netenv = msg
             self.engine.set_netenv(msg)
-            self._check_jumps_in_background("network changed")
+            if changed:
+                self._check_jumps_in_background("network changed")
             self._want_routing(recheck=changed)
 
     def _read_conntrack(self) -> None:

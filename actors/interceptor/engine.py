@@ -39,6 +39,7 @@ from messages import (
     ProcessInfo,
     Verdict,
 )
+from messages.events import HEARTBEAT_TTL
 from messages.flows import FiveTuple, IpProtocol
 from messages.marks import VERDICT_MASK
 from runtime.log import EventLog, describe
@@ -54,7 +55,7 @@ from .verdict import MALFORMED, SplitEgress, VerdictOutcome, decide
 #: policy has app rules (otherwise the verdict does not depend on the process and nobody should wait).
 RETRY_DELAYS = (0.002, 0.008, 0.03)
 MAX_DECISIONS = 4096
-OWN_PID_TTL = 5.0  # seconds a heartbeat's pid counts as ours
+OWN_PID_TTL = HEARTBEAT_TTL  # seconds a heartbeat's pid counts as ours
 #: Seconds a UDP flow whose entry we deleted is remembered, so a late answer cannot turn it around.
 LATE_ANSWER_MEMORY = 5.0
 MAX_DELETED_MEMORY = 16384

@@ -33,7 +33,7 @@ from runtime.actor import Actor, answers
 
 SETTLE = 0.1  # wait this long after the first change of a burst before reading
 MIN_INTERVAL = 1.0  # never read (so never publish) more often than this
-REPUBLISH = 5.0
+REPUBLISH = 30.0  # late subscribers ask at start (snapshot); this covers a dropped publish
 RETRY = 5.0  # after a refresh that failed with nothing to fall back on
 
 
