@@ -223,6 +223,9 @@ class PolicyRule(Struct):
     port_hi: int = 0
     interface: str = ""  # "" = the global choice
     source: str = ""  # original text (Portmaster endpoint string) when it came from one
+    # An applied preset (core/presets): its destinations come from the preset in force, filled in when the
+    # controller compiles the policy; a snapshot never carries an unexpanded one.
+    preset: str = ""
 
 
 @message("policy.snapshot")
