@@ -237,6 +237,22 @@ class PolicySnapshot(Message):
     rules: list[PolicyRule] = field(default_factory=list)
 
 
+# --- updates ----------------------------------------------------------------------------------------
+
+
+@message("updates.stale")
+class UpdatesStale(Message):
+    """The preset index in force is older than `splittun/updateStaleAfterDays` (the controller, at start, after
+    each switch and then hourly while it stays stale). Notifications turn it into a notice the user can silence."""
+
+    ts: float
+    name: str  # the index's name: splittun-presets
+    version: str
+    published: float  # seconds since the epoch
+    age_days: float
+    max_age_days: int
+
+
 # --- notifications ----------------------------------------------------------------------------------
 
 

@@ -119,3 +119,11 @@ def check_upgrade(current: Index | None, candidate: Index, now: datetime) -> Dec
 def _when(index: Index) -> str:
     assert index.published is not None
     return index.published.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def staleness(index: Index, now: datetime, max_age: timedelta) -> timedelta | None:
+    """How old the index in force is when it is older than `max_age` (None: fresh enough, or no date)."""
+    if index.published is None:
+        return None
+    age = now - index.published
+    return age if age > max_age else None
