@@ -147,6 +147,7 @@ class ControllerActor(Actor):
     def _apply(self, new: cfg.Config, source: str) -> None:
         """Make `new` the config in force: a new policy snapshot, published at once (when it changed)."""
         if new != self.config or self.reloads == 0:
+            stale_days_changed = new.update_stale_days != self.config.update_stale_days
             self.config = new
             self.snapshot = self._compile()
             self.rt.publish(self.snapshot)
@@ -158,6 +159,8 @@ class ControllerActor(Actor):
                 rules=len(new.rules),
                 source=source,
             )
+            if stale_days_changed:
+                self._check_stale()
         self.reloads += 1
 
     def _edit(self, op: Op[Any, Edited], args: Any) -> Edited:
