@@ -14,12 +14,13 @@ import argparse
 import json
 import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from core.presets import preset_store
+from core.presets import INDEX_NAME, BadPreset, parse_preset, preset_store
 from core.updates import Refused
 from core.updates.source import UpdateError, open_source
-from core.updates.store import BUILTIN, Switched
+from core.updates.store import BUILTIN, Switched, pack
 from messages.control import Controller, Edited, NoArgs, PresetApply, PresetRef, UpdateApply, UpdateOutcome, to_plain
 from splittun.output import table
 
@@ -48,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_remove)
 
     update = sub.add_parser("update", help="check, apply or roll back preset updates (splittun/updateSource)")
-    usub = update.add_subparsers(dest="update_command", required=True, metavar="{check,apply,rollback}")
+    usub = update.add_subparsers(dest="update_command", required=True, metavar="{check,apply,rollback,pack}")
     for name, func, text in (
         ("check", cmd_check, "what the update source offers and whether the upgrade rules allow it"),
         ("apply", cmd_update_apply, "download, verify and switch to the offered version"),
@@ -57,6 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = usub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+    p = usub.add_parser("pack", help="publish a preset directory: write its index.json (sizes, sha256)")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--version", required=True, help="semantic version, e.g. 1.2.0")
+    p.add_argument("--name", default=INDEX_NAME)
+    p.add_argument("--local", action="store_true", help="mark the index as generated locally")
+    p.set_defaults(func=cmd_pack)
 
 
 # --- presets --------------------------------------------------------------------------------------
@@ -196,6 +203,24 @@ def _switch(args: argparse.Namespace, home: Any, op: Any, op_args: Any, locally:
         print(f"{done}: applied (policy version {outcome.version})")
     else:
         print(f"{done}: installed; splittun is not running, it applies at 'splittun up'")
+    return OK
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    """Every preset file in the directory is checked before the index names it."""
+    if not args.directory.is_dir():
+        raise UserError(f"{args.directory}: not a directory")
+    for path in sorted(args.directory.glob("*.json")):
+        if path.name != "index.json":
+            try:
+                parse_preset(path.name, path.read_bytes())
+            except BadPreset as exc:
+                raise UserError(str(exc)) from None
+    try:
+        index = pack(args.directory, args.name, args.version, datetime.now(UTC), args.local)
+    except ValueError as exc:
+        raise UserError(f"--version: {exc}") from None
+    print(f"{args.directory / 'index.json'}: {index.describe()}, {len(index.files)} files")
     return OK
 
 
