@@ -2,9 +2,9 @@
 
 `open_source(text)` picks one from the `splittun/updateSource` option: an absolute path (or file:// URL) is a
 directory, https://… a web server verified against the system's CAs or the configured CA file. Plain http is
-refused: the index carries the hashes, so it must come over a verified channel. Every failure is an
-`UpdateError` with one line naming the source and the problem; a read never returns more than the caller's
-limit (a file larger than its index says is an error, not a memory problem).
+refused, also as a redirect target: the index carries the hashes, so it must come over a verified channel. Every
+failure is an `UpdateError` with one line naming the source and the problem; a read never returns more than the
+caller's limit (a file larger than its index says is an error, not a memory problem).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from http.client import HTTPException, IncompleteRead
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 INDEX_FILE = "index.json"
@@ -54,14 +54,15 @@ class HttpsSource:
         self.url = url.rstrip("/")
         self.timeout = timeout
         try:
-            self.context = ssl.create_default_context(cafile=cafile or None)
+            context = ssl.create_default_context(cafile=cafile or None)
         except (OSError, ssl.SSLError) as exc:
             raise UpdateError(f"CA file {cafile}: cannot be used ({getattr(exc, 'strerror', None) or exc})") from None
+        self.opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _HttpsOnlyRedirects)
 
     def read(self, name: str, limit: int) -> bytes:
         url = f"{self.url}/{name}"
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout, context=self.context) as reply:
+            with self.opener.open(url, timeout=self.timeout) as reply:
                 data = reply.read(limit + 1)
                 if len(data) <= limit and reply.length:  # bytes the server announced but never sent
                     raise IncompleteRead(data, reply.length)
@@ -80,6 +81,15 @@ class HttpsSource:
             text = getattr(exc, "strerror", None) or str(exc) or "timed out"
             raise UpdateError(f"source {self.url}: {name}: {text}") from None
         return _within(self.url, name, data, limit)
+
+
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect may move the source, never off https (an index fetched in the clear could name any hashes)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        if urlsplit(newurl).scheme != "https":
+            raise urllib.error.URLError(f"redirected to {newurl}, which is not https")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _within(url: str, name: str, data: bytes, limit: int) -> bytes:

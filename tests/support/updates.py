@@ -68,11 +68,14 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def https_server(directory: Path, cert: Path, key: Path, cut: str = "", prefix: Sequence[str] = ()) -> Iterator[str]:
+def https_server(
+    directory: Path, cert: Path, key: Path, cut: str = "", prefix: Sequence[str] = (), redirect: str = ""
+) -> Iterator[str]:
     """https://127.0.0.1:PORT serving `directory` until the block ends; `prefix` runs it elsewhere (e.g.
     `ip netns exec NS`), always on that namespace's loopback."""
     argv = [*prefix, sys.executable, str(HTTPS_SERVER), str(directory), str(cert), str(key)]
-    proc = subprocess.Popen([*argv, *(["--cut", cut] if cut else [])], stdout=subprocess.PIPE, text=True)
+    options = [*(["--cut", cut] if cut else []), *(["--redirect", redirect] if redirect else [])]
+    proc = subprocess.Popen([*argv, *options], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         port = proc.stdout.readline().strip()

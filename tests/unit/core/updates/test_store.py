@@ -204,3 +204,17 @@ def test_https_download_cut_short(tmp_path: Path, home: Path, store: Store, cert
         store.stage(open_source(url, cafile=str(cert[0])), NOW)
     assert str(caught.value) == f"source {url}: video.json: download cut short (IncompleteRead)"
     assert snapshot(home) == before
+
+
+def test_a_redirect_off_https_is_refused(tmp_path: Path, home: Path, store: Store, cert: tuple[Path, Path]) -> None:
+    v12 = publish(tmp_path / "v12", "1.2.0", V2, NOW - DAY)
+    before = snapshot(home)
+    with (
+        https_server(v12, *cert, redirect="http://127.0.0.1:9/index.json") as url,
+        pytest.raises(UpdateError) as caught,
+    ):
+        store.stage(open_source(url, cafile=str(cert[0])), NOW)
+    assert str(caught.value) == (
+        f"source {url}: unreachable (redirected to http://127.0.0.1:9/index.json, which is not https)"
+    )
+    assert snapshot(home) == before
