@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # nft (wg-quick style lab rule), netlink tools, the NFQUEUE library netfilterqueue builds against,
 # the real clients and servers of tests and benchmarks.
 APT_PACKAGES := iptables nftables iproute2 conntrack libnetfilter-queue-dev gcc make \
-                iperf3 curl socat haproxy wrk procps psmisc util-linux
+                iperf3 curl socat haproxy wrk procps psmisc util-linux openssl
 
 .PHONY: all deps venv test lint demo bench clean distclean
 

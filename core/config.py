@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,26 @@ from typing import Any
 from core.policy import RuleError, parse_endpoint, parse_ports
 from core.policy import validate as validate_rule
 from messages import PolicyRule
-from messages.control import ConfigSet, Controller, InterfaceChoice, Op, RuleAdd, RuleMove, RuleRef
+from messages.control import (
+    ConfigSet,
+    Controller,
+    InterfaceChoice,
+    Op,
+    PresetApply,
+    PresetRef,
+    RuleAdd,
+    RuleMove,
+    RuleRef,
+)
 
 LEVELS = ("user", "expert", "developer")
 
 ENABLE = "splittun/enable"
 INTERFACE = "splittun/interface"
 RULES = "splittun/rules"
+UPDATE_SOURCE = "splittun/updateSource"
+UPDATE_CA_FILE = "splittun/updateCAFile"
+UPDATE_STALE_DAYS = "splittun/updateStaleAfterDays"
 
 
 class ConfigError(ValueError):
@@ -74,6 +87,20 @@ def _rules(key: str, value: Any) -> list[PolicyRule]:
         seen.add(rule.id)
         out.append(rule)
     return out
+
+
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {_json_type(value)}")
+    return value.strip()
+
+
+def _days(key: str, value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 3650:
+        raise ConfigError(key, f"expected a number of days from 1 to 3650, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -143,6 +170,31 @@ OPTIONS: dict[str, Option] = {
             _rules,
             _parse_json_text,
         ),
+        Option(
+            UPDATE_SOURCE,
+            "expert",
+            "",
+            "Where preset updates come from: an absolute directory path or an https:// URL holding index.json "
+            "(`splittun update`). Empty: no updates, the presets shipped with splittun stay in force.",
+            _text,
+            lambda text: text,
+        ),
+        Option(
+            UPDATE_CA_FILE,
+            "expert",
+            "",
+            "A PEM file of CA certificates an https update source is verified against; empty = the system's CAs.",
+            _text,
+            lambda text: text,
+        ),
+        Option(
+            UPDATE_STALE_DAYS,
+            "expert",
+            30,
+            "Days after its publication that the preset index in force counts as stale (`status` says so).",
+            _days,
+            lambda text: text,
+        ),
     )
 }
 
@@ -152,12 +204,22 @@ class Config:
     enable: bool = False
     interface: str = ""
     rules: tuple[PolicyRule, ...] = ()
+    update_source: str = ""
+    update_ca_file: str = ""
+    update_stale_days: int = 30
 
     def value(self, key: str) -> Any:
-        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: list(self.rules)}[key]
+        return self.to_json()[key] if key != RULES else list(self.rules)
 
     def to_json(self) -> dict[str, Any]:
-        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: [rule_to_json(r) for r in self.rules]}
+        return {
+            ENABLE: self.enable,
+            INTERFACE: self.interface,
+            RULES: [rule_to_json(r) for r in self.rules],
+            UPDATE_SOURCE: self.update_source,
+            UPDATE_CA_FILE: self.update_ca_file,
+            UPDATE_STALE_DAYS: self.update_stale_days,
+        }
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -232,6 +294,9 @@ def from_json(data: Any, interface_exists: Callable[[str], bool] | None = None) 
         enable=values.get(ENABLE, False),
         interface=values.get(INTERFACE, ""),
         rules=tuple(values.get(RULES, ())),
+        update_source=values.get(UPDATE_SOURCE, ""),
+        update_ca_file=values.get(UPDATE_CA_FILE, ""),
+        update_stale_days=values.get(UPDATE_STALE_DAYS, 30),
     )
     if interface_exists is not None:
         check_interfaces(config, interface_exists)
@@ -336,17 +401,47 @@ def _find_rule(config: Config, rule_id: str) -> int:
     raise RuleNotFound(rule_id, f"no such rule (rules: {known})")
 
 
-_Edit = Callable[[Config, Any, Callable[[str], bool]], tuple[Config, PolicyRule | None]]
+def apply_preset(
+    config: Config, spec: PresetApply, interface_exists: Callable[[str], bool], presets: Collection[str]
+) -> tuple[Config, PolicyRule]:
+    """`presets apply`: one rule standing for the preset (core/presets expands it when the policy is compiled)."""
+    if spec.name not in presets:
+        raise RuleNotFound(spec.name, f"no such preset (presets in force: {', '.join(sorted(presets)) or 'none'})")
+    applied = next((r for r in config.rules if r.preset == spec.name), None)
+    if applied is not None:
+        raise ConfigError(spec.name, f"preset already applied as rule {applied.id} (remove it first to change it)")
+    if spec.interface and not interface_exists(spec.interface):
+        raise ConfigError("--interface", f"unknown interface {spec.interface!r}")
+    action = "keep" if spec.keep else "split"
+    rule = PolicyRule(id=config.next_rule_id(), action=action, preset=spec.name, interface=spec.interface)
+    rule = validate_rule(rule)
+    rules = list(config.rules)
+    rules.insert(_index(spec.position, len(rules) + 1), rule)
+    return config.replace(rules=tuple(rules)), rule
 
-#: What each edit op does to a config (its arguments are the op's record).
+
+def remove_preset(config: Config, name: str) -> Config:
+    for rule in config.rules:
+        if rule.preset == name:
+            return remove_rule(config, rule.id)
+    applied = ", ".join(r.preset for r in config.rules if r.preset) or "none"
+    raise RuleNotFound(name, f"preset not applied (applied presets: {applied})")
+
+
+_Edit = Callable[[Config, Any, Callable[[str], bool], Collection[str]], tuple[Config, PolicyRule | None]]
+
+#: What each edit op does to a config (its arguments are the op's record; then how to check that an interface
+#: exists, and the names of the presets in force).
 EDITS: dict[str, _Edit] = {
-    Controller.ENABLE.name: lambda c, a, x: (set_value(c, ENABLE, "true"), None),
-    Controller.DISABLE.name: lambda c, a, x: (set_value(c, ENABLE, "false"), None),
-    Controller.SET_INTERFACE.name: lambda c, a, x: (set_value(c, INTERFACE, _arg(a, InterfaceChoice).choice), None),
-    Controller.ADD_RULE.name: lambda c, a, x: add_rule(c, _arg(a, RuleAdd), x),
-    Controller.REMOVE_RULE.name: lambda c, a, x: (remove_rule(c, _arg(a, RuleRef).id), None),
-    Controller.MOVE_RULE.name: lambda c, a, x: (move_rule(c, _arg(a, RuleMove).id, a.position), None),
-    Controller.SET_CONFIG.name: lambda c, a, x: (set_value(c, _arg(a, ConfigSet).key, a.value), None),
+    Controller.ENABLE.name: lambda c, a, x, p: (set_value(c, ENABLE, "true"), None),
+    Controller.DISABLE.name: lambda c, a, x, p: (set_value(c, ENABLE, "false"), None),
+    Controller.SET_INTERFACE.name: lambda c, a, x, p: (set_value(c, INTERFACE, _arg(a, InterfaceChoice).choice), None),
+    Controller.ADD_RULE.name: lambda c, a, x, p: add_rule(c, _arg(a, RuleAdd), x),
+    Controller.REMOVE_RULE.name: lambda c, a, x, p: (remove_rule(c, _arg(a, RuleRef).id), None),
+    Controller.MOVE_RULE.name: lambda c, a, x, p: (move_rule(c, _arg(a, RuleMove).id, a.position), None),
+    Controller.SET_CONFIG.name: lambda c, a, x, p: (set_value(c, _arg(a, ConfigSet).key, a.value), None),
+    Controller.APPLY_PRESET.name: lambda c, a, x, p: apply_preset(c, _arg(a, PresetApply), x, p),
+    Controller.REMOVE_PRESET.name: lambda c, a, x, p: (remove_preset(c, _arg(a, PresetRef).name), None),
 }
 
 
@@ -357,17 +452,22 @@ def _arg(args: Any, cls: type[Any]) -> Any:
 
 
 def edit(
-    config: Config, op: Op[Any, Any], args: Any, interface_exists: Callable[[str], bool] | None = None
+    config: Config,
+    op: Op[Any, Any],
+    args: Any,
+    interface_exists: Callable[[str], bool] | None = None,
+    presets: Collection[str] = (),
 ) -> tuple[Config, PolicyRule | None]:
     """Apply one edit op to `config`: the new config, validated as a whole (named interfaces must exist), and
-    the rule it added (rules.add) or None. ConfigError (RuleNotFound for a rule id nobody has) when refused;
-    `str()` is the one line the user sees."""
+    the rule it added (rules.add, presets.apply) or None. `presets` are the names of the presets in force.
+    ConfigError (RuleNotFound for a rule id or preset nobody has) when refused; `str()` is the one line the
+    user sees."""
     change = EDITS.get(op.name)
     if change is None or op.actor != Controller.actor:
         raise ValueError(f"{op!r} is not a config edit")
     exists = interface_exists or live_interface_exists
     try:
-        new, rule = change(config, args, exists)
+        new, rule = change(config, args, exists, presets)
     except RuleError as exc:
         raise ConfigError(exc.field, exc.problem) from None
     check_interfaces(new, exists)

@@ -27,6 +27,7 @@ from .events import (
     ProxySessionOpen,
     ProxySessionStats,
     SessionCounters,
+    UpdatesStale,
 )
 from .flows import canonical_ip, flow_key
 from .marks import Mark, Queue
@@ -58,6 +59,7 @@ __all__ = [
     "Request",
     "RequestFailed",
     "SessionCounters",
+    "UpdatesStale",
     "Verdict",
     "canonical_ip",
     "decode",

@@ -363,6 +363,36 @@ class ConfigSet(Struct):
     value: str  # as typed on the command line (JSON for splittun/rules)
 
 
+@record
+class PresetApply(Struct):
+    """`splittun presets apply NAME`: one rule that stands for the preset's destinations (same names as its flags)."""
+
+    name: str
+    keep: bool = False  # keep the preset's connections in the VPN (an exception) instead of splitting them
+    interface: str = ""  # leave through this interface instead of the global choice
+    position: int = 0  # 1 = first; 0 = last
+
+
+@record
+class PresetRef(Struct):
+    name: str
+
+
+@record
+class UpdateApply(Struct):
+    staging: str  # the staging directory the CLI downloaded and verified (a name in $SPLITTUN_HOME)
+
+
+@record
+class UpdateOutcome(Struct):
+    """A preset version switch the controller made: now in force, the one before it, the policy carrying it."""
+
+    kind: str  # bootstrap | upgrade | downgrade | republish | rollback
+    current: str  # "splittun-presets 1.2.0 (2026-12-01 10:00 UTC)"
+    previous: str
+    version: int  # the policy version compiled from the presets now in force
+
+
 class Controller(Ops, actor="controller"):
     """Config, policy, connection registry. While splittun runs it is the only writer of the config file:
     every edit below is validated, written atomically and applied, or refused with one line."""
@@ -381,6 +411,10 @@ class Controller(Ops, actor="controller"):
     REMOVE_RULE = Op("rules.remove", RuleRef, Edited, "Remove a rule by id.")
     MOVE_RULE = Op("rules.move", RuleMove, Edited, "Move a rule to a position (1 = first; first match wins).")
     SET_CONFIG = Op("config.set", ConfigSet, Edited, "Set one option from its command-line text.")
+    APPLY_PRESET = Op("presets.apply", PresetApply, Edited, "Apply a preset: one rule expanded at compile time.")
+    REMOVE_PRESET = Op("presets.remove", PresetRef, Edited, "Remove an applied preset's rule.")
+    APPLY_UPDATE = Op("update.apply", UpdateApply, UpdateOutcome, "Install a staged preset version if the rules allow.")
+    ROLLBACK_UPDATE = Op("update.rollback", NoArgs, UpdateOutcome, "Go back to the previous preset version.")
 
 
 # interceptor (actors/interceptor/actor.py)
@@ -480,6 +514,8 @@ __all__ = [
     "Op",
     "Ops",
     "Ping",
+    "PresetApply",
+    "PresetRef",
     "Proxy",
     "ProxyStatus",
     "ReloadOutcome",
@@ -492,6 +528,8 @@ __all__ = [
     "RulesChecked",
     "SessionsArgs",
     "SplitInfo",
+    "UpdateApply",
+    "UpdateOutcome",
     "Upstream",
     "all_ops",
     "groups",

@@ -231,6 +231,9 @@ class PolicyRule(Struct):
     port_hi: int = 0
     interface: str = ""  # "" = the global choice
     source: str = ""  # original text (Portmaster endpoint string) when it came from one
+    # An applied preset (core/presets): its destinations come from the preset in force, filled in when the
+    # controller compiles the policy; a snapshot never carries an unexpanded one.
+    preset: str = ""
 
 
 @message("policy.snapshot")
@@ -240,6 +243,22 @@ class PolicySnapshot(Message):
     enabled: bool = False
     interface: str = ""  # configured: "" = auto, else name, IP or MAC
     rules: list[PolicyRule] = field(default_factory=list)
+
+
+# --- updates ----------------------------------------------------------------------------------------
+
+
+@message("updates.stale")
+class UpdatesStale(Message):
+    """The preset index in force is older than `splittun/updateStaleAfterDays` (the controller, at start, after
+    each switch and then hourly while it stays stale). Notifications turn it into a notice the user can silence."""
+
+    ts: float
+    name: str  # the index's name: splittun-presets
+    version: str
+    published: float  # seconds since the epoch
+    age_days: float
+    max_age_days: int
 
 
 # --- notifications ----------------------------------------------------------------------------------

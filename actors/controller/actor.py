@@ -10,6 +10,11 @@
   edit as an op (enable, disable, interface.set, rules.add|remove|move, config.set); the controller
   validates it (named interfaces must exist now), writes the file atomically and applies it, answering
   with the policy version that carries it, or refuses it with one line and changes nothing.
+- Presets: the version in force ($SPLITTUN_HOME/presets, the built-in set until an update; core/presets) is
+  loaded at start; an applied preset (one rule) is expanded from it each time the policy is compiled. The CLI
+  downloads and verifies an update into a staging directory; `update.apply` checks the upgrade rules against
+  the version in force, switches atomically and republishes the policy; `update.rollback` goes back. A
+  version in force older than `splittun/updateStaleAfterDays` is announced as `updates.stale`.
 - Registry: `conn.*` and `proxy.session.*` events joined per connection (registry.py).
 
 Its ops are declared in messages/control.py (`Controller`); docs/control-plane.md lists them.
@@ -18,13 +23,18 @@ Its ops are declared in messages/control.py (`Controller`); docs/control-plane.m
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from core import config as cfg
 from core.egress import find_interface
+from core.presets import Preset, expand, preset_store, presets_of
+from core.updates import staleness
+from core.updates.source import UpdateError
+from core.updates.store import BUILTIN, Installed, Switched
 from kernel.inotify import FileWatch
-from messages import Heartbeat, Message, NetenvChanged, Notification, PolicySnapshot
+from messages import Heartbeat, Message, NetenvChanged, Notification, PolicySnapshot, UpdatesStale
 from messages.control import (
     INVALID_ARGUMENT,
     NOT_FOUND,
@@ -39,11 +49,15 @@ from messages.control import (
     InterfaceChoice,
     NoArgs,
     Op,
+    PresetApply,
+    PresetRef,
     ReloadOutcome,
     RequestFailed,
     RuleAdd,
     RuleMove,
     RuleRef,
+    UpdateApply,
+    UpdateOutcome,
 )
 from messages.verdict import parse_verdict
 from runtime.actor import Actor, answers
@@ -54,6 +68,8 @@ from .registry import ConnectionRegistry
 CONFIG_POLL_SECONDS = 0.25  # where inotify is missing
 CONFIG_RECHECK_SECONDS = 10.0  # with inotify: a safety net (queue overflow, a watch lost to a remount)
 REPUBLISH_SECONDS = 10.0  # late subscribers ask at start; this only covers a dropped publish
+#: How often the controller looks whether the preset index in force has become stale, and re-announces it.
+STALE_CHECK_SECONDS = 3600.0
 
 
 def interface_checker(snapshot: NetenvChanged | None) -> Any:
@@ -74,7 +90,10 @@ class ControllerActor(Actor):
         self.heartbeats: dict[str, tuple[Heartbeat, float]] = {}
         self.registry = ConnectionRegistry()
         self.netenv: NetenvChanged | None = None
-        self.config_path: Path = Home.from_env().config_file
+        home = Home.from_env()
+        self.config_path: Path = home.config_file
+        self.store = preset_store(home.root)
+        self.preset_version, self.presets = self._load_presets()
         self.config = cfg.Config()
         self.config_stamp: tuple[int, int, int] | None = None
         self.last_error = ""
@@ -86,6 +105,7 @@ class ControllerActor(Actor):
         self._check_config_file(initial=True)
         self._watch_config_file()
         self.rt.loop.call_every(REPUBLISH_SECONDS, lambda: self.rt.publish(self.snapshot), first=0.0)
+        self.rt.loop.call_every(STALE_CHECK_SECONDS, self._check_stale, first=0.0)
 
     def stop(self) -> None:
         watch = getattr(self, "config_watch", None)
@@ -146,6 +166,7 @@ class ControllerActor(Actor):
     def _apply(self, new: cfg.Config, source: str) -> None:
         """Make `new` the config in force: a new policy snapshot, published at once (when it changed)."""
         if new != self.config or self.reloads == 0:
+            stale_days_changed = new.update_stale_days != self.config.update_stale_days
             self.config = new
             self.snapshot = self._compile()
             self.rt.publish(self.snapshot)
@@ -157,6 +178,8 @@ class ControllerActor(Actor):
                 rules=len(new.rules),
                 source=source,
             )
+            if stale_days_changed:
+                self._check_stale()
         self.reloads += 1
 
     def _edit(self, op: Op[Any, Edited], args: Any) -> Edited:
@@ -168,7 +191,7 @@ class ControllerActor(Actor):
                 INVALID_ARGUMENT, f"the config file is invalid, fix or remove it first: {self.last_error}"
             )
         try:
-            new, rule = cfg.edit(self.config, op, args, cfg.live_interface_exists)
+            new, rule = cfg.edit(self.config, op, args, cfg.live_interface_exists, presets=self.presets)
         except cfg.RuleNotFound as exc:
             raise RequestFailed(NOT_FOUND, str(exc)) from None
         except cfg.ConfigError as exc:
@@ -179,14 +202,62 @@ class ControllerActor(Actor):
         return Edited(applied=True, version=self.snapshot.version, rule=rule)
 
     def _compile(self) -> PolicySnapshot:
+        """The config in force as a policy snapshot: applied presets expanded from the presets in force."""
         self.version = max(self.version + 1, int(time.time() * 1000))
         return PolicySnapshot(
             version=self.version,
             ts=time.time(),
             enabled=self.config.enable,
             interface=self.config.interface,
-            rules=list(self.config.rules),
+            rules=expand(self.config.rules, self.presets),
         )
+
+    # --- presets and their updates ------------------------------------------------------------------
+
+    def _load_presets(self) -> tuple[Installed, dict[str, Preset]]:
+        """The preset version in force; the built-in set when the one on disk cannot be used (said in one line)."""
+        try:
+            version = self.store.current()
+        except UpdateError as exc:
+            self.log.error("presets.unusable", error=str(exc), using=BUILTIN)
+            version = self.store.load(BUILTIN)
+        return version, presets_of(version)
+
+    def _switched(self, switched: Switched) -> UpdateOutcome:
+        """A new preset version is in force on disk: load it, recompile, publish, say what changed."""
+        self.preset_version, self.presets = self._load_presets()
+        self.snapshot = self._compile()
+        self.rt.publish(self.snapshot)
+        current, previous = switched.current.index, switched.previous.index
+        self.log.info("presets.switched", kind=switched.kind, current=current.describe(), version=self.snapshot.version)
+        self._check_stale()
+        return UpdateOutcome(
+            kind=switched.kind, current=current.describe(), previous=previous.describe(), version=self.snapshot.version
+        )
+
+    def _check_stale(self) -> None:
+        index = self.preset_version.index
+        max_age = timedelta(days=self.config.update_stale_days)
+        age = staleness(index, datetime.now(UTC), max_age)
+        if age is None or index.published is None:
+            return
+        self.announce_stale_presets(
+            UpdatesStale(
+                ts=time.time(),
+                name=index.name,
+                version=str(index.version),
+                published=index.published.timestamp(),
+                age_days=round(age / timedelta(days=1), 1),
+                max_age_days=self.config.update_stale_days,
+            )
+        )
+
+    def announce_stale_presets(self, stale: UpdatesStale) -> None:
+        """THE HOOK for notifications (issue 12): the preset index in force is stale. Today an `updates.stale`
+        event and a line in `splittun status`; the notification system turns it into a notice with a
+        "Don't show again" action (suppression id `updates-stale`)."""
+        self.log.warning("presets.stale", version=stale.version, age_days=stale.age_days, max_days=stale.max_age_days)
+        self.rt.publish(stale)
 
     # --- bus --------------------------------------------------------------------------------------
 
@@ -279,6 +350,31 @@ class ControllerActor(Actor):
     @answers(Controller.SET_CONFIG)
     def answer_set_config(self, args: ConfigSet) -> Edited:
         return self._edit(Controller.SET_CONFIG, args)
+
+    @answers(Controller.APPLY_PRESET)
+    def answer_apply_preset(self, args: PresetApply) -> Edited:
+        return self._edit(Controller.APPLY_PRESET, args)
+
+    @answers(Controller.REMOVE_PRESET)
+    def answer_remove_preset(self, args: PresetRef) -> Edited:
+        return self._edit(Controller.REMOVE_PRESET, args)
+
+    @answers(Controller.APPLY_UPDATE)
+    def answer_apply_update(self, args: UpdateApply) -> UpdateOutcome:
+        """Install the version the CLI staged (verified again here) when the upgrade rules allow it."""
+        try:
+            switched = self.store.install(self.store.root.parent / args.staging, datetime.now(UTC))
+        except UpdateError as exc:
+            raise RequestFailed(INVALID_ARGUMENT, str(exc)) from None
+        return self._switched(switched)
+
+    @answers(Controller.ROLLBACK_UPDATE)
+    def answer_rollback_update(self, args: NoArgs) -> UpdateOutcome:
+        try:
+            switched = self.store.rollback()
+        except UpdateError as exc:
+            raise RequestFailed(INVALID_ARGUMENT, str(exc)) from None
+        return self._switched(switched)
 
     def counters(self) -> dict[str, int]:
         return {

@@ -7,10 +7,11 @@
 """
 
 from .match import EMPTY_POLICY, AppFacts, CompiledPolicy, RuleMatch
-from .rules import RuleError, describe, parse_endpoint, parse_ports, validate
+from .rules import PRESET_NAME, RuleError, describe, parse_endpoint, parse_ports, proto_ports, validate
 
 __all__ = [
     "EMPTY_POLICY",
+    "PRESET_NAME",
     "AppFacts",
     "CompiledPolicy",
     "RuleError",
@@ -18,5 +19,6 @@ __all__ = [
     "describe",
     "parse_endpoint",
     "parse_ports",
+    "proto_ports",
     "validate",
 ]

@@ -116,6 +116,8 @@ def _app_matches(path_pattern: str, name: str, exe: str, comm: str) -> bool:
 
 
 def compile_rule(rule: PolicyRule) -> tuple[_Check, ...]:
+    if rule.preset:  # never expanded (core/presets.expand): it must not match everything
+        return (lambda f: False,)
     checks: list[_Check] = []
     if rule.proto:
         number = IpProtocol[rule.proto.upper()]  # validated: tcp or udp

@@ -28,6 +28,8 @@ PROTOCOLS = {
     "": "",
 }
 _GLOB_CHARS = set("*?[")
+#: What a preset may be called (core/presets: its file is NAME.json).
+PRESET_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9_*?-]{1,63}(?<!-)$")
 
 
@@ -96,6 +98,11 @@ def validate(rule: PolicyRule) -> PolicyRule:
         raise RuleError("uid", f"must be >= 0, got {rule.uid}")
     if rule.children and not (rule.app_path or rule.app_name):
         raise RuleError("children", "needs an app path or process name to find the parent app by")
+    if rule.preset:
+        if not PRESET_NAME.match(rule.preset):
+            raise RuleError("preset", f"{rule.preset!r} is not a preset name (lowercase letters, digits, '-')")
+        if rule.dest or rule.proto or rule.port_lo or rule.port_hi:
+            raise RuleError("preset", "a preset brings its own destinations, protocols and ports")
     kind = classify_dest(rule.dest)
     dest = "" if rule.dest == "*" else rule.dest
     if kind == "domain":
@@ -176,15 +183,18 @@ def describe(rule: PolicyRule) -> str:
         parts.append(f"uid={rule.uid}")
     if rule.children:
         parts.append("+children")
+    if rule.preset:
+        parts.append(f"preset={rule.preset}")
     if rule.dest:
         parts.append(f"dest={rule.dest}")
     if rule.proto or rule.port_lo:
-        ports = (
-            ""
-            if not rule.port_lo
-            else (str(rule.port_lo) if rule.port_lo == rule.port_hi else f"{rule.port_lo}-{rule.port_hi}")
-        )
-        parts.append(f"{rule.proto or '*'}/{ports or '*'}")
+        parts.append(proto_ports(rule.proto, rule.port_lo, rule.port_hi))
     if rule.interface:
         parts.append(f"via {rule.interface}")
     return " ".join(parts)
+
+
+def proto_ports(proto: str, lo: int, hi: int) -> str:
+    """'tcp/443', 'udp/8801-8810', '*/80', 'tcp/*'."""
+    ports = "" if not lo else (str(lo) if lo == hi else f"{lo}-{hi}")
+    return f"{proto or '*'}/{ports or '*'}"

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from core import config as cfg
 from core.policy import describe
+from core.presets import Preset, preset_store, presets_of
+from core.updates.source import UpdateError
+from core.updates.store import BUILTIN, Installed
 from messages import PolicyRule
 from messages.control import (
     INVALID_ARGUMENT,
@@ -123,7 +127,7 @@ def edit(op: Op[Any, Edited], args: Any, done: Callable[[Edited], str]) -> int:
             print(f"{done(edited)}: applied (policy version {edited.version})")
             return OK
     try:
-        new, rule = cfg.edit(load(home), op, args)
+        new, rule = cfg.edit(load(home), op, args, presets=presets_in_force(home)[1])
     except cfg.ConfigError as exc:
         raise UserError(str(exc)) from None
     cfg.save(home.config_file, new)
@@ -132,7 +136,18 @@ def edit(op: Op[Any, Edited], args: Any, done: Callable[[Edited], str]) -> int:
     return OK
 
 
-def ask_controller(home: Home, op: Op[Any, Edited], args: Any) -> Edited | None:
+def presets_in_force(home: Home) -> tuple[Installed, dict[str, Preset]]:
+    """The preset version in force on disk (the controller loads the same), the built-in set when it is unusable."""
+    store = preset_store(home.root)
+    try:
+        version = store.current()
+    except UpdateError as exc:
+        print(f"splittun: warning: {exc}; the built-in presets are in force", file=sys.stderr)
+        version = store.load(BUILTIN)
+    return version, presets_of(version)
+
+
+def ask_controller(home: Home, op: Op[Any, Any], args: Any) -> Any:
     """The controller's answer to an edit; None when its socket is a leftover (supervisord is gone), so the
     file is ours to edit."""
     try:
@@ -191,7 +206,8 @@ def rule_row(position: int, rule: PolicyRule) -> list[Any]:
         if x
     )
     proto = f"{rule.proto or '*'}/{ports or '*'}" if (rule.proto or ports) else "*"
-    return [position, rule.id, rule.action, app or "*", rule.dest or "*", proto, rule.interface or "(global)"]
+    dest = f"preset {rule.preset}" if rule.preset else rule.dest or "*"
+    return [position, rule.id, rule.action, app or "*", dest, proto, rule.interface or "(global)"]
 
 
 def cmd_rules_list(args: argparse.Namespace) -> int:

@@ -6,10 +6,12 @@ import argparse
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import zmq
 
+from core.updates import staleness
 from messages import Heartbeat, MessageError
 from messages.control import Controller, RequestFailed
 from messages.marks import MAX_INTERCEPTOR_WORKERS
@@ -20,6 +22,7 @@ from splittun.output import duration, table
 from splittun.supervise import ProcessState, Supervisor, SupervisorError
 
 from . import FAILED, NOT_RUNNING, OK, UserError, current_home, prepared_home, require_root
+from .configure import load, presets_in_force
 
 GAVE_UP_STATES = {"FATAL", "EXITED", "STOPPED", "UNKNOWN"}
 #: Seconds `up` waits, once every process heartbeats, for all of them to say they are ready.
@@ -199,8 +202,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             row["sessions_refused"] = beat.counters.get("sessions_refused", 0)
             row["refused_session_limit"] = beat.counters.get("refused_session_limit", 0)
         rows.append(row)
+    presets = presets_status(home)
     if args.json:
-        print(json.dumps({"supervisord_pid": pid, "home": str(home.root), "actors": rows}))
+        print(json.dumps({"supervisord_pid": pid, "home": str(home.root), "actors": rows, "presets": presets}))
         return OK
     print(
         table(
@@ -218,7 +222,23 @@ def cmd_status(args: argparse.Namespace) -> int:
             ],
         )
     )
+    if presets["stale"]:
+        print(presets["message"])
     return OK
+
+
+def presets_status(home: Home) -> dict[str, Any]:
+    """The preset version in force and whether it is stale (older than splittun/updateStaleAfterDays)."""
+    version, _ = presets_in_force(home)
+    max_days = load(home).update_stale_days
+    age = staleness(version.index, datetime.now(UTC), timedelta(days=max_days))
+    message = ""
+    if age is not None:
+        message = (
+            f"presets: {version.index.describe()} is stale, published {age.days} days ago (more than {max_days}): "
+            "'splittun update apply' fetches a newer one"
+        )
+    return {"index": version.index.to_json(), "stale": age is not None, "message": message}
 
 
 def _note(row: dict[str, Any]) -> str:

@@ -88,6 +88,9 @@ SAMPLES: dict[str, m.Message] = {
         enabled=True,
         rules=[m.PolicyRule(id="r1", action="split", app_name="curl", dest="203.0.113.0/24", proto="tcp")],
     ),
+    "updates.stale": m.UpdatesStale(
+        ts=2.0, name="splittun-presets", version="1.0.0", published=1.0, age_days=31.5, max_age_days=30
+    ),
     "notify.*": m.Notification(
         topic="notify.ivpn.connected",
         id="n1",
