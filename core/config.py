@@ -33,6 +33,8 @@ LEVELS = ("user", "expert", "developer")
 ENABLE = "splittun/enable"
 INTERFACE = "splittun/interface"
 RULES = "splittun/rules"
+DATA_PATH = "splittun/dataPath"
+DATA_PATHS = ("kernel", "proxy")
 
 
 class ConfigError(ValueError):
@@ -59,6 +61,13 @@ def _interface(key: str, value: Any) -> str:
         raise ConfigError(key, f"expected a string (empty = auto, or a name, IP or MAC), got {_json_type(value)}")
     value = value.strip()
     return "" if value.lower() == "auto" else value
+
+
+def _data_path(key: str, value: Any) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in DATA_PATHS:
+        shown = value if isinstance(value, str) else _json_type(value)
+        raise ConfigError(key, f"expected {' or '.join(DATA_PATHS)}, got {shown!r}")
+    return value.strip().lower()
 
 
 def _rules(key: str, value: Any) -> list[PolicyRule]:
@@ -143,6 +152,16 @@ OPTIONS: dict[str, Option] = {
             _rules,
             _parse_json_text,
         ),
+        Option(
+            DATA_PATH,
+            "expert",
+            "kernel",
+            "How split TCP connections leave: kernel = re-routed and source-NATed by the kernel (no copy "
+            "through a user-space proxy; Linux with the NFQUEUE interceptor); proxy = through splittun's TCP "
+            "proxy. Split UDP always goes through the UDP proxy, which checks every datagram's socket.",
+            _data_path,
+            lambda text: text,
+        ),
     )
 }
 
@@ -152,12 +171,16 @@ class Config:
     enable: bool = False
     interface: str = ""
     rules: tuple[PolicyRule, ...] = ()
+    data_path: str = "kernel"
 
     def value(self, key: str) -> Any:
-        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: list(self.rules)}[key]
+        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: list(self.rules), DATA_PATH: self.data_path}[key]
 
     def to_json(self) -> dict[str, Any]:
-        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: [rule_to_json(r) for r in self.rules]}
+        data = {ENABLE: self.enable, INTERFACE: self.interface, RULES: [rule_to_json(r) for r in self.rules]}
+        if self.data_path != OPTIONS[DATA_PATH].default:
+            data[DATA_PATH] = self.data_path
+        return data
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -232,6 +255,7 @@ def from_json(data: Any, interface_exists: Callable[[str], bool] | None = None) 
         enable=values.get(ENABLE, False),
         interface=values.get(INTERFACE, ""),
         rules=tuple(values.get(RULES, ())),
+        data_path=values.get(DATA_PATH, OPTIONS[DATA_PATH].default),
     )
     if interface_exists is not None:
         check_interfaces(config, interface_exists)

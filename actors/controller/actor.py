@@ -186,6 +186,7 @@ class ControllerActor(Actor):
             enabled=self.config.enable,
             interface=self.config.interface,
             rules=list(self.config.rules),
+            data_path=self.config.data_path,
         )
 
     # --- bus --------------------------------------------------------------------------------------
