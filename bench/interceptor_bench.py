@@ -10,8 +10,10 @@ host side by side in one run:
   destination-only rules, so the verdict needs no process;
 - app policy: the same with app rules in front, so every verdict needs the connection's process.
 Each policy is measured for a destination that stays in the VPN (203.0.113.80: the interceptor's cost
-alone) and one that is split (203.0.113.81: the interceptor plus the proxy, and the ISP path instead of
-the VPN's).
+alone) and one that is split (203.0.113.81), once per data path of split TCP (`splittun/dataPath`):
+kernel (re-routed by its mark and source-NATed) and proxy (through the TCP proxy).
+- bulk: iperf3 upload and download to the split destination: direct (no splittun; a uid rule sends the
+  client via the ISP, the route a split connection takes) beside splittun's kernel and proxy paths.
 
 Measurements:
 - latency: sequential connections, each from a freshly forked small process with few fds (as with curl):
@@ -63,7 +65,11 @@ TOOL = [PY, "-m", "bench.interceptor_bench", "tool"]
 CLIENT_NAME = "ibclient"  # comm of the latency client, so app rules can name it
 APP_UID = 65534  # the clients run as a user, as apps do; splittun runs as root
 BARE_QUEUE = 17040
-NEEDS = ("ip", "iptables-legacy", "haproxy", "wrk", "setpriv")
+NEEDS = ("ip", "iptables-legacy", "haproxy", "wrk", "setpriv", "iperf3")
+DIRECT_UID = 65533  # the bulk baseline: a uid rule sends it via the ISP, as the split path does, no splittun
+DIRECT_TABLE, DIRECT_PREF = 1650, 1650
+IPERF_PORT = 5201
+DATA_PATHS = ("kernel", "proxy")
 OUT_QUEUES = range(17040, 17080)  # outbound queue groups (v4 17040+i, v6 17060+i)
 REQUEST = b"GET / HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n"
 
@@ -339,6 +345,14 @@ class Bench:
     def up(self) -> None:
         self.say(f"building lab {LAB_NAME}")
         self.lab.up()
+        # The bulk baseline's route: DIRECT_UID leaves via the ISP without splittun (a split connection's way)
+        self.sh("host", ["ip", "route", "add", "default", "via", T.ISP_LAN_V4, "dev", T.HOST_IF,
+                         "table", str(DIRECT_TABLE)])  # fmt: skip
+        self.sh("host", ["ip", "rule", "add", "uidrange", f"{DIRECT_UID}-{DIRECT_UID}", "lookup", str(DIRECT_TABLE),
+                         "pref", str(DIRECT_PREF)])  # fmt: skip
+        iperf_log = open(self.tmp / "iperf3.log", "ab")  # noqa: SIM115 - kept open for the process's life
+        self.procs.append(self.lab.popen("inet", ["iperf3", "-s", "-B", SPLIT_DST, "-p", str(IPERF_PORT)],
+                                         stdout=iperf_log, stderr=iperf_log))  # fmt: skip
         self.home.mkdir()
         cfg = self.tmp / "origin.cfg"
         binds = "".join(f"    bind {ip}:{PORTS[0]}-{PORTS[-1]}\n" for ip in (KEEP_DST, SPLIT_DST))
@@ -397,6 +411,39 @@ class Bench:
     def ask(self, instance: str, op: str) -> Any:
         assert self.inst is not None
         return self.inst.ask(instance, op)
+
+    def set_data_path(self, data_path: str) -> None:
+        """`splittun config set splittun/dataPath`; until the interceptor's rules follow."""
+        self.splittun("config", "set", "splittun/dataPath", data_path)
+        deadline = time.monotonic() + 15
+        while self.ask("interceptor", "status")["data_path"] != data_path:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the interceptor did not switch to the {data_path} data path")
+            time.sleep(0.05)
+
+    def bulk(self, variant: str, uid: int = APP_UID) -> None:
+        """iperf3 upload and download to the split destination."""
+        for reverse in (False, True):
+            argv = ["iperf3", "-c", SPLIT_DST, "-p", str(IPERF_PORT), "-t", f"{self.seconds:g}", "-J"]
+            argv += ["-R"] if reverse else []
+            result: dict[str, Any] = {}
+            for attempt in range(3):  # iperf3's server refuses a test while the last one is still closing
+                as_uid = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+                timeout = self.seconds + 30
+                done = self.lab.exec("host", [*as_uid, *argv], capture_output=True, text=True, timeout=timeout)
+                try:
+                    result = json.loads(done.stdout)
+                except ValueError:
+                    result = {"error": done.stderr.strip() or "no output"}
+                if "error" not in result:
+                    break
+                time.sleep(0.5 * (attempt + 1))
+            else:
+                raise RuntimeError(f"iperf3 {' '.join(argv[1:])}: {result['error']}")
+            gbits = result["end"]["sum_received"]["bits_per_second"] / 1e9
+            run = Run("bulk", variant, "download" if reverse else "upload", rate=gbits)
+            self.say(f"bulk {variant} {run.path}: {gbits:.2f} Gbit/s")
+            self.runs.append(run)
 
     def set_policy(self, rules: list[dict[str, Any]]) -> None:
         """Through the real controller (config file, reload, policy.snapshot); wait until the interceptor
@@ -519,15 +566,24 @@ class Bench:
         with self.bare_queue():
             for _, fn in measure:
                 fn("bare NFQUEUE", "vpn", KEEP_DST)
+        if "bulk" in sections:
+            self.bulk("direct", uid=DIRECT_UID)
         self.start_splittun()
         for name, rules in (("dest policy", DEST_POLICY), ("app policy", APP_POLICY)):
             self.set_policy(rules)
             for _, fn in measure:
                 fn(name, "vpn", KEEP_DST)
-                fn(name, "split", SPLIT_DST)
+            for data_path in DATA_PATHS:
+                self.set_data_path(data_path)
+                for _, fn in measure:
+                    fn(name, f"split ({data_path})", SPLIT_DST)
+                if "bulk" in sections and name == "dest policy":
+                    self.bulk(f"splittun, {data_path} path")
         self.stop_splittun()
         for _, fn in measure:
             fn("off", "vpn", KEEP_DST)
+        if "bulk" in sections:
+            self.bulk("direct", uid=DIRECT_UID)
 
     # --- report ---------------------------------------------------------------------------------------
 
@@ -569,6 +625,20 @@ class Bench:
                 for r in rates
             ]
             lines.append("")
+        bulk = [r for r in self.runs if r.kind == "bulk"]
+        if bulk:
+            lines += [
+                f"Split TCP bulk (iperf3, {self.seconds:g} s each) to the split destination; × = of the direct "
+                "rows' mean (no splittun, the same ISP route by a uid rule).",
+                "",
+                "| variant | direction | Gbit/s | × direct |",
+                "|---|---|---|---|",
+            ]
+            for direction in ("upload", "download"):
+                base = statistics.mean(r.rate for r in bulk if r.variant == "direct" and r.path == direction)
+                lines += [f"| {r.variant} | {direction} | {r.rate:.2f} | {r.rate / base:.2f}× |"
+                          for r in bulk if r.path == direction]  # fmt: skip
+            lines.append("")
         if self.attribution:
             lines += ["Process attribution (the real attribution code in the lab host namespace, median):", ""]
             lines += ["| what | µs |", "|---|---|"]
@@ -595,7 +665,7 @@ class Bench:
         return f"{100 * r.unattributed / r.decided:.1f} %" if r.decided else "–"
 
 
-SECTIONS = ("latency", "rate", "attr")
+SECTIONS = ("latency", "rate", "bulk", "attr")
 
 
 def main(argv: list[str]) -> int:

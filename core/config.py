@@ -46,6 +46,8 @@ RULES = "splittun/rules"
 UPDATE_SOURCE = "splittun/updateSource"
 UPDATE_CA_FILE = "splittun/updateCAFile"
 UPDATE_STALE_DAYS = "splittun/updateStaleAfterDays"
+DATA_PATH = "splittun/dataPath"
+DATA_PATHS = ("kernel", "proxy")
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,13 @@ def _interface(key: str, value: Any) -> str:
         raise ConfigError(key, f"expected a string (empty = auto, or a name, IP or MAC), got {_json_type(value)}")
     value = value.strip()
     return "" if value.lower() == "auto" else value
+
+
+def _data_path(key: str, value: Any) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in DATA_PATHS:
+        shown = value if isinstance(value, str) else _json_type(value)
+        raise ConfigError(key, f"expected {' or '.join(DATA_PATHS)}, got {shown!r}")
+    return value.strip().lower()
 
 
 def _rules(key: str, value: Any) -> list[PolicyRule]:
@@ -195,6 +204,16 @@ OPTIONS: dict[str, Option] = {
             _days,
             lambda text: text,
         ),
+        Option(
+            DATA_PATH,
+            "expert",
+            "kernel",
+            "How split TCP connections leave: kernel = re-routed and source-NATed by the kernel (no copy "
+            "through a user-space proxy; Linux with the NFQUEUE interceptor); proxy = through splittun's TCP "
+            "proxy. Split UDP always goes through the UDP proxy, which checks every datagram's socket.",
+            _data_path,
+            lambda text: text,
+        ),
     )
 }
 
@@ -207,6 +226,7 @@ class Config:
     update_source: str = ""
     update_ca_file: str = ""
     update_stale_days: int = 30
+    data_path: str = "kernel"
 
     def value(self, key: str) -> Any:
         return self.to_json()[key] if key != RULES else list(self.rules)
@@ -219,6 +239,7 @@ class Config:
             UPDATE_SOURCE: self.update_source,
             UPDATE_CA_FILE: self.update_ca_file,
             UPDATE_STALE_DAYS: self.update_stale_days,
+            DATA_PATH: self.data_path,
         }
 
     def replace(self, **changes: Any) -> Config:
@@ -297,6 +318,7 @@ def from_json(data: Any, interface_exists: Callable[[str], bool] | None = None) 
         update_source=values.get(UPDATE_SOURCE, ""),
         update_ca_file=values.get(UPDATE_CA_FILE, ""),
         update_stale_days=values.get(UPDATE_STALE_DAYS, 30),
+        data_path=values.get(DATA_PATH, OPTIONS[DATA_PATH].default),
     )
     if interface_exists is not None:
         check_interfaces(config, interface_exists)

@@ -13,6 +13,7 @@ interceptor routes (kernel/routing.py) come from that one function.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -187,3 +188,17 @@ def split_routes(netenv: NetenvChanged | None, policy: PolicySnapshot | None) ->
         return None
     rule_interfaces = [r.interface for r in policy.rules if r.interface]
     return plan_routes(split_egresses(netenv, policy.interface, rule_interfaces).in_use())
+
+
+def kernel_routes(netenv: NetenvChanged | None, policy: PolicySnapshot | None) -> list[SplitRoute] | None:
+    """The kernel data path's tables for this network and policy: the global choice's routes for split
+    marks with index 0, and each rule interface's routes for marks with its index (kernel/routing.py
+    `KernelPathRouting`). None while the network or the policy is not known yet."""
+    if netenv is None or policy is None:
+        return None
+    rule_interfaces = [r.interface for r in policy.rules if r.interface]
+    egresses = split_egresses(netenv, policy.interface, rule_interfaces)
+    routes = [dataclasses.replace(r, mark_index=0) for r in plan_routes(egresses.chosen.all())]
+    for index in sorted(egresses.used):
+        routes += [dataclasses.replace(r, mark_index=index) for r in plan_routes(egresses.by_index[index].all())]
+    return routes

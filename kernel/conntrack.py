@@ -44,11 +44,14 @@ IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
 MSG_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
 MSG_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
 MSG_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+NFNLGRP_CONNTRACK_UPDATE = 2
 NFNLGRP_CONNTRACK_DESTROY = 3
 NFGEN = struct.Struct("!BBH")  # family, version, res_id
 
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO, CTA_MARK, CTA_ID, CTA_MARK_MASK = 1, 2, 3, 4, 8, 12, 21
 CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
+CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY = 9, 10  # only while net.netfilter.nf_conntrack_acct is 1
+CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2  # u64, big endian
 IPS_CONFIRMED = 1 << 3
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
@@ -59,7 +62,34 @@ CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE = 7, 8, 9
 #: conntrack's TCP states (enum tcp_conntrack) that a closed connection's entry lingers in.
 TCP_CONNTRACK_TIME_WAIT, TCP_CONNTRACK_CLOSE = 7, 8
 ICMP_ECHO_REQUEST = {IpProtocol.ICMP: 8, IpProtocol.ICMPV6: 128}
-_U16, _U32 = struct.Struct("!H"), struct.Struct("!I")
+_U16, _U32, _U64 = struct.Struct("!H"), struct.Struct("!I"), struct.Struct("!Q")
+
+
+@dataclass(frozen=True, slots=True)
+class CtCounters:
+    """Bytes and packets each way, as conntrack accounting counted them (original = the app's direction)."""
+
+    packets_orig: int = 0
+    bytes_orig: int = 0
+    packets_reply: int = 0
+    bytes_reply: int = 0
+
+
+def _parse_counters(orig: Buffer | None, reply: Buffer | None) -> CtCounters | None:
+    if orig is None and reply is None:
+        return None
+
+    def pair(data: Buffer | None) -> tuple[int, int]:
+        attrs = parse_attrs(data or b"")
+        packets, octets = attrs.get(CTA_COUNTERS_PACKETS, b""), attrs.get(CTA_COUNTERS_BYTES, b"")
+        return (
+            _U64.unpack(packets[:8])[0] if len(packets) >= 8 else 0,
+            _U64.unpack(octets[:8])[0] if len(octets) >= 8 else 0,
+        )
+
+    po, bo = pair(orig)
+    pr, br = pair(reply)
+    return CtCounters(po, bo, pr, br)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +101,7 @@ class CtEntry:
     id: int = 0  # the kernel's identity of the entry (CTA_ID): a new connection on the same tuple has another
     reply: FiveTuple | None = None  # parsed on request only (parse_entry's with_reply; lookup_reply)
     tcp_state: int = -1  # conntrack's TCP state (TCP_CONNTRACK_*), -1 when not TCP or not told
+    counters: CtCounters | None = None  # with conntrack accounting on (the kernel data path turns it on)
 
 
 # --- building ---------------------------------------------------------------------------------------
@@ -183,7 +214,8 @@ def parse_entry(payload: Buffer, with_reply: bool = False) -> CtEntry | None:
         tcp = parse_attrs(parse_attrs(attrs[CTA_PROTOINFO]).get(CTA_PROTOINFO_TCP, b""))
         state = tcp.get(CTA_PROTOINFO_TCP_STATE, b"")
         tcp_state = state[0] if len(state) >= 1 else -1
-    return CtEntry(orig, mark, ct_id, reply, tcp_state)
+    counters = _parse_counters(attrs.get(CTA_COUNTERS_ORIG), attrs.get(CTA_COUNTERS_REPLY))
+    return CtEntry(orig, mark, ct_id, reply, tcp_state, counters)
 
 
 # --- I/O --------------------------------------------------------------------------------------------
@@ -288,10 +320,15 @@ def mark_filter(mark: int, mask: int) -> list[tuple[int, int, int, int]]:
 
 class ConntrackEvents(NetlinkSocket):
     """Non-blocking reader of conntrack destroy events (register `fileno()` with the loop); with `mark`, only
-    of entries whose mark & `mask` equals it (filtered in the kernel)."""
+    of entries whose mark & `mask` equals it (filtered in the kernel). With `updates`, of update events
+    instead (state changes such as a TCP connection entering TIME_WAIT: they carry the TCP state, no
+    counters) — only ever with a mark filter, there are many."""
 
-    def __init__(self, mark: int | None = None, mask: int = 0xFFFFFFFF) -> None:
-        groups = 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)
+    def __init__(self, mark: int | None = None, mask: int = 0xFFFFFFFF, updates: bool = False) -> None:
+        if updates and mark is None:
+            raise ValueError("update events need a mark filter")
+        groups = 1 << ((NFNLGRP_CONNTRACK_UPDATE if updates else NFNLGRP_CONNTRACK_DESTROY) - 1)
+        self.msg_type = MSG_NEW if updates else MSG_DELETE
         super().__init__(NETLINK_NETFILTER, groups=groups, rcvbuf=4 << 20, timeout=0.0)
         if mark is not None:
             attach_filter(self.sock, mark_filter(mark, mask))
@@ -301,7 +338,7 @@ class ConntrackEvents(NetlinkSocket):
         out: list[CtEntry] = []
         for data in self.pending(limit):
             for msg_type, _flags, _seq, payload in iter_messages(data):
-                if msg_type == MSG_DELETE:
+                if msg_type == self.msg_type:
                     entry = parse_entry(payload)
                     if entry is not None:
                         out.append(entry)

@@ -30,7 +30,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from messages.marks import SPLIT_ROUTE_TABLE, SPLIT_RULE_PRIORITY, Mark
+from messages.marks import (
+    KERNEL_RULE_PRIORITY,
+    KERNEL_TABLE_BASE,
+    SPLIT_ROUTE_TABLE,
+    SPLIT_RULE_PRIORITY,
+    Mark,
+    split_mark,
+)
 from runtime.log import describe
 
 #: Seconds between reconciliations when nothing changed: repairs what another program (a VPN client) removed.
@@ -48,10 +55,12 @@ class SplitRoute:
     interface: str
     gateway: str = ""  # "" = device route (point-to-point links only)
     ifindex: int = 0
+    mark_index: int | None = None  # kernel data path: the interface index in the split marks it serves
 
     def __str__(self) -> str:
         via = f"via {self.gateway} " if self.gateway else ""
-        return f"IPv{self.family} default {via}dev {self.interface}"
+        marks = "" if self.mark_index is None else f" for split marks with index {self.mark_index}"
+        return f"IPv{self.family} default {via}dev {self.interface}{marks}"
 
 
 class SplitRouting:
@@ -178,6 +187,70 @@ class SplitRouting:
                 }
                 for fam, af in _FAMILIES.items()
             }
+
+
+def kernel_table(mark_index: int) -> int:
+    """The routing table of split marks carrying this interface index (0 = the global choice)."""
+    return KERNEL_TABLE_BASE + mark_index
+
+
+class KernelPathRouting:
+    """The kernel data path's routing: one rule and table per interface index a split mark can carry,
+    `fwmark 1719|index<<16 lookup KERNEL_TABLE_BASE+index` at priority 1719, each table holding the
+    default route(s) through that interface (index 0: the global choice). An app's split connection is
+    re-routed by its verdict's mark alone: no socket option, no proxy.
+
+    Harmless beside the proxy path: a connection DNAT-ed to a local proxy finds the local table first
+    (priority 0), so these rules only ever see packets that leave the host. Like `SplitRouting` it is
+    found again by priority and table range, so `remove` needs no state (also after a crash).
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self.table = KERNEL_TABLE_BASE
+        self.priority = KERNEL_RULE_PRIORITY
+
+    def describe_rule(self) -> str:
+        return (
+            f"fwmark {int(Mark.REROUTE_TO_SPLIT_TUN)}|index<<16 lookup {KERNEL_TABLE_BASE}+index "
+            f"priority {KERNEL_RULE_PRIORITY}"
+        )
+
+    def _one(self, index: int) -> SplitRouting:
+        return SplitRouting(self.netns, split_mark(index), kernel_table(index), KERNEL_RULE_PRIORITY)
+
+    def apply(self, routes: Sequence[SplitRoute]) -> list[str]:
+        """Make the kernel match `routes` (each with its mark_index); indexes no longer wanted go."""
+        by_index: dict[int, list[SplitRoute]] = {}
+        for r in routes:
+            by_index.setdefault(r.mark_index or 0, []).append(r)
+        changes: list[str] = []
+        for index, mine in sorted(by_index.items()):
+            changes += self._one(index).apply(mine)
+        for index in sorted(self.installed_indexes() - set(by_index)):
+            changes += self._one(index).remove()
+        return changes
+
+    def remove(self) -> list[str]:
+        changes: list[str] = []
+        for index in sorted(self.installed_indexes()):
+            changes += self._one(index).remove()
+        return changes
+
+    def installed_indexes(self) -> set[int]:
+        """Interface indexes that have a rule of ours (either family)."""
+        found: set[int] = set()
+        with contextlib.closing(self._one(0)._ipr()) as ipr:
+            for af in _FAMILIES.values():
+                for msg in ipr.get_rules(family=af):
+                    attrs = dict(msg["attrs"])
+                    table = attrs.get("FRA_TABLE", 0)
+                    if attrs.get("FRA_PRIORITY") == KERNEL_RULE_PRIORITY and 0 <= table - KERNEL_TABLE_BASE <= 0xFFFF:
+                        found.add(table - KERNEL_TABLE_BASE)
+        return found
+
+    def current(self) -> dict[str, Any]:
+        return {str(index): self._one(index).current() for index in sorted(self.installed_indexes())}
 
 
 _EEXIST, _ENOENT, _ESRCH = errno.EEXIST, errno.ENOENT, errno.ESRCH

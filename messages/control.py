@@ -268,7 +268,8 @@ class ConnectionArgs(Struct):
 
 @record
 class SplitInfo(Struct):
-    """What the proxy did with a split connection."""
+    """Where a split connection went: its proxy session, or (data_path "kernel") the interface and address
+    the kernel sent it from, with conntrack's counts once it ended."""
 
     session_id: str
     worker: str
@@ -282,6 +283,7 @@ class SplitInfo(Struct):
     bytes_down: int = 0
     packets_up: int = 0
     packets_down: int = 0
+    data_path: str = "proxy"
 
 
 @record

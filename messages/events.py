@@ -83,6 +83,8 @@ class ConnVerdict(Message):
     reason: str = ""
     split_key: str = ""  # flows.flow_key of the connection when split: the proxies publish the same key
     interface: str = ""
+    data_path: str = ""  # split connections: "kernel" (re-routed + source NAT) or "proxy" (a proxy session)
+    local_ip: str = ""  # kernel path: the address it leaves from (the proxies report theirs per session)
 
     def __post_init__(self) -> None:
         if not self.verb:
@@ -94,6 +96,7 @@ class ConnEnd(Message):
     conn_id: str
     ts: float
     reason: str = ""
+    counters: SessionCounters | None = None  # kernel path: conntrack's accounting of the whole connection
 
 
 # --- proxies ----------------------------------------------------------------------------------------
@@ -243,6 +246,7 @@ class PolicySnapshot(Message):
     enabled: bool = False
     interface: str = ""  # configured: "" = auto, else name, IP or MAC
     rules: list[PolicyRule] = field(default_factory=list)
+    data_path: str = "proxy"  # splittun/dataPath: "kernel" or "proxy" (the one that works everywhere)
 
 
 # --- updates ----------------------------------------------------------------------------------------

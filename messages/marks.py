@@ -60,6 +60,10 @@ class Queue(IntEnum):
 
 SPLIT_ROUTE_TABLE = 1720
 SPLIT_RULE_PRIORITY = 1720  # ahead of wg-quick (32764/32765) and other VPN clients' rules
+#: The kernel data path: split marks (1719 | interface index << 16) are routed by rules at this priority
+#: to table KERNEL_TABLE_BASE + interface index (0 = the global choice), one per interface in use.
+KERNEL_RULE_PRIORITY = 1719
+KERNEL_TABLE_BASE = 1719 << 16
 
 PROXY_IPV4 = "127.0.0.17"
 PROXY_IPV6 = "::1"

@@ -210,6 +210,7 @@ class ControllerActor(Actor):
             enabled=self.config.enable,
             interface=self.config.interface,
             rules=expand(self.config.rules, self.presets),
+            data_path=self.config.data_path,
         )
 
     # --- presets and their updates ------------------------------------------------------------------

@@ -35,7 +35,7 @@ PENDING_SESSION_SECONDS = 30.0
 
 @dataclass
 class SplitTunnelContext:
-    """What the proxy did with a split connection."""
+    """What the proxy did with a split connection, or where the kernel sent it (data_path "kernel")."""
 
     session_id: str
     worker: str
@@ -49,6 +49,7 @@ class SplitTunnelContext:
     bytes_down: int = 0
     packets_up: int = 0
     packets_down: int = 0
+    data_path: str = "proxy"
 
     def count(self, counters: SessionCounters) -> None:
         self.bytes_up, self.bytes_down = counters.bytes_up, counters.bytes_down
@@ -144,6 +145,16 @@ class ConnectionRegistry:
         if rec is None:
             return  # conn.new was lost (bus restart): nothing to attach the verdict to
         rec.verdict, rec.rule, rec.reason, rec.interface = int(msg.verdict), msg.rule, msg.reason, msg.interface
+        if msg.data_path == "kernel":  # no proxy session will tell: the interceptor said where it leaves
+            rec.split = SplitTunnelContext(
+                session_id="",
+                worker="kernel",
+                interface=msg.interface,
+                local_ip=msg.local_ip,
+                local_port=rec.src_port,
+                opened=msg.ts,
+                data_path="kernel",
+            )
         if msg.split_key:
             rec.split_key = msg.split_key
             self._by_split_key[msg.split_key] = rec.conn_id
@@ -156,6 +167,10 @@ class ConnectionRegistry:
         if rec is None:
             return
         rec.ended, rec.end_reason = msg.ts, msg.reason
+        if rec.split is not None and rec.split.data_path == "kernel":
+            rec.split.closed, rec.split.reason = msg.ts, msg.reason
+            if msg.counters is not None:
+                rec.split.count(msg.counters)
         self._close(rec)
 
     def on_session_open(self, msg: ProxySessionOpen) -> None:

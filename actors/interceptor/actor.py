@@ -22,14 +22,15 @@ import threading
 from typing import Any
 
 from core import verdict_handler
-from core.egress import split_routes
+from core.egress import kernel_routes, split_routes
 from kernel.conntrack import Conntrack, ConntrackEvents
 from kernel.procfs import ProcReader
-from kernel.routing import RoutingKeeper, SplitRouting
+from kernel.routing import KernelPathRouting, RoutingKeeper, SplitRouting
 from kernel.sockdiag import SockDiag, SocketEvents
-from messages import Heartbeat, IvpnStatus, Message, NetenvChanged, PolicySnapshot
+from messages import Heartbeat, IvpnStatus, Mark, Message, NetenvChanged, PolicySnapshot
 from messages.control import INVALID_ARGUMENT, Controller, Interceptor, NoArgs, Op, RequestFailed, RulesChecked
 from messages.control import Netenv as NetenvOps
+from messages.marks import VERDICT_MASK
 from runtime import paths
 from runtime.actor import Actor, answers
 from runtime.log import describe
@@ -105,6 +106,7 @@ class InterceptorActor(Actor):
         self.attributor = Attributor(self.diag, ProcReader())
         self.conntrack = Conntrack()
         self.ct_events = ConntrackEvents()
+        self.ct_updates: ConntrackEvents | None = None  # while split TCP takes the kernel path (_follow_data_path)
         self.socket_events = SocketEvents()
         if args.verdict_handler and verdict_handler.SLOT.get() is None:
             try:
@@ -126,8 +128,10 @@ class InterceptorActor(Actor):
         self.rt.loop.add_fd(self.socket_events.fileno(), self._read_sockets)
         self.source: PacketSource = packet_source()
         self.fw: Firewall | None = None
-        self.routing: RoutingKeeper | None = None  # worker 0, once active
+        self.routing: RoutingKeeper | None = None  # worker 0, once active: the proxies' table 1720
+        self.kernel_routing: RoutingKeeper | None = None  # and the kernel data path's per-interface tables
         self._fw_lock = threading.Lock()  # rule checks run on the loop or, after network changes, a thread
+        self._data_path_wanted = ""
         self.active = False
         self._passive_logged = False
         self._activate()
@@ -168,7 +172,9 @@ class InterceptorActor(Actor):
             self.rt.loop.call_every(JUMP_CHECK_EVERY, lambda: self._check_jumps_in_background("periodic"))
             write_marker(paths.routing_marker(self.rt.run_dir))  # before the first change: `down` removes what we add
             self.routing = RoutingKeeper(SplitRouting(), self.log)
-            self.routing.start()
+            self.kernel_routing = RoutingKeeper(KernelPathRouting(), self.log)
+            for keeper in self._keepers():
+                keeper.start()
             self._want_routing()
 
     @staticmethod
@@ -219,9 +225,37 @@ class InterceptorActor(Actor):
     def _want_routing(self, recheck: bool = False) -> None:
         """Hand the split routing for the current network and policy to the keeper's thread (never waits).
         Until both are known there is no plan, and the routing stays as it is."""
-        if self.routing is not None:
+        if self.routing is not None and self.kernel_routing is not None:
             policy = self.engine.policy.snapshot if self.engine.policy.version > 0 else None
             self.routing.want(split_routes(self.netenv, policy), recheck)
+            self.kernel_routing.want(kernel_routes(self.netenv, policy), recheck)
+            if policy is not None and self.fw is not None:
+                self._set_data_path(policy.data_path)
+
+    def _keepers(self) -> list[RoutingKeeper]:
+        return [k for k in (getattr(self, "routing", None), getattr(self, "kernel_routing", None)) if k is not None]
+
+    def _set_data_path(self, data_path: str) -> None:
+        """The policy's data path decides the nat and filter rules (DNAT split TCP to the proxy, or let the
+        kernel route it). Rewriting them takes six iptables-restore runs, so a thread does it, never the
+        verdict loop; the engine says "kernel" in its verdicts only once the rules are in place."""
+        fw = self.fw
+        if fw is None or data_path in (fw.data_path, self._data_path_wanted):
+            return
+        self._data_path_wanted = data_path
+
+        def switch() -> None:
+            with self._fw_lock:
+                try:
+                    fw.set_data_path(data_path)
+                except Exception as exc:
+                    self.log.error("rules.data_path_failed", data_path=data_path, error=describe(exc))
+                    self._data_path_wanted = ""
+                    return
+            self.log.info("rules.data_path", data_path=data_path)
+            self.rt.loop.call_soon_threadsafe(lambda: self._follow_data_path(data_path))
+
+        threading.Thread(target=switch, name="data-path", daemon=True).start()
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, PolicySnapshot):
@@ -240,6 +274,23 @@ class InterceptorActor(Actor):
 
     def _read_conntrack(self) -> None:
         self.engine.on_conntrack_destroyed(self.ct_events.read())
+
+    def _read_conntrack_updates(self) -> None:
+        if self.ct_updates is not None:
+            self.engine.on_conntrack_updated(self.ct_updates.read())
+
+    def _follow_data_path(self, data_path: str) -> None:
+        """Verdicts say the data path the rules now have. On the kernel path no proxy session tells when a
+        split TCP connection closed, so split entries' state changes are read (filtered in the kernel);
+        on the proxy path nobody needs them."""
+        self.engine.set_data_path(data_path)
+        if data_path == "kernel" and self.ct_updates is None:
+            self.ct_updates = ConntrackEvents(mark=int(Mark.REROUTE_TO_SPLIT_TUN), mask=VERDICT_MASK, updates=True)
+            self.rt.loop.add_fd(self.ct_updates.fileno(), self._read_conntrack_updates)
+        elif data_path != "kernel" and self.ct_updates is not None:
+            self.rt.loop.remove(self.ct_updates.fileno())
+            self.ct_updates.close()
+            self.ct_updates = None
 
     def _read_sockets(self) -> None:
         self.engine.on_sockets_destroyed(self.socket_events.read())
@@ -285,14 +336,15 @@ class InterceptorActor(Actor):
             "queues": worker_queues(self.index),
             "handler": verdict_handler.SLOT.name,
             "routing": self.routing.status() if self.routing is not None else {"owner": False},
+            "kernel_routing": self.kernel_routing.status() if self.kernel_routing is not None else {"owner": False},
+            "data_path": self.engine.tcp_data_path,
             **self.engine.status(),
         }
 
     def readiness(self) -> str:
         if not getattr(self, "active", False):
             return "passive: another interceptor holds the queues"
-        routing = getattr(self, "routing", None)
-        return routing.not_ready() if routing is not None else ""
+        return next((why for keeper in self._keepers() if (why := keeper.not_ready())), "")
 
     def counters(self) -> dict[str, int]:
         engine = getattr(self, "engine", None)
@@ -300,16 +352,16 @@ class InterceptorActor(Actor):
             return {}
         out = {k: v for k, v in engine.status().items() if isinstance(v, int)}
         out["active"] = int(self.active)
-        out["conntrack_overruns"] = self.ct_events.overruns
+        out["conntrack_overruns"] = self.ct_events.overruns + (self.ct_updates.overruns if self.ct_updates else 0)
         out["socket_event_overruns"] = self.socket_events.overruns
         out["attribution_scans"] = self.attributor.scans
         out["attribution_listings"] = self.attributor.listings
         out["attribution_no_socket"] = self.attributor.no_socket
         out["attribution_no_process"] = self.attributor.no_process
-        routing = getattr(self, "routing", None)
-        if routing is not None:
-            out["routing_errors"] = routing.errors
-            out["routing_changes"] = routing.changes
+        keepers = self._keepers()
+        if keepers:
+            out["routing_errors"] = sum(k.errors for k in keepers)
+            out["routing_changes"] = sum(k.changes for k in keepers)
         return out
 
     def stop(self) -> None:
@@ -317,9 +369,8 @@ class InterceptorActor(Actor):
         routing stays: a proxy may still be using it (`splittun down` removes it once all have stopped)."""
         if hasattr(self, "_stopping"):
             self._stopping.set()
-        routing = getattr(self, "routing", None)
-        if routing is not None:
-            routing.stop()
+        for keeper in self._keepers():
+            keeper.stop()
         if getattr(self, "owns_rules", False) and getattr(self, "active", False):
             try:
                 removed = cleanup(self.rt.run_dir)
@@ -329,7 +380,7 @@ class InterceptorActor(Actor):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.flush_pending()
-        for name in ("source", "ct_events", "socket_events", "conntrack", "diag", "attributor", "names"):
+        for name in ("source", "ct_events", "ct_updates", "socket_events", "conntrack", "diag", "attributor", "names"):
             thing = getattr(self, name, None)
             if thing is not None:
                 try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from core.policy import EMPTY_POLICY, CompiledPolicy
-from kernel.conntrack import CtEntry
+from kernel.conntrack import TCP_CONNTRACK_CLOSE, TCP_CONNTRACK_TIME_WAIT, CtCounters, CtEntry
 from kernel.sockdiag import DiagSocket
 from messages import (
     ConnEnd,
@@ -37,6 +37,7 @@ from messages import (
     NetenvChanged,
     PolicySnapshot,
     ProcessInfo,
+    SessionCounters,
     Verdict,
 )
 from messages.events import HEARTBEAT_TTL
@@ -85,6 +86,7 @@ class Engine:
         self._unpublished: list[LiveConn] = []  # decided in this batch of packets; their events to come
         self._decisions: dict[tuple[int, int, str, int, str, bool], VerdictOutcome] = {}  # _destination_outcome
         self.netenv: NetenvChanged | None = None
+        self.tcp_data_path = "proxy"  # until the firewall's rules say otherwise (set_data_path)
         self.egress = SplitEgress(None, "", [])
         self._own: dict[str, tuple[int, float]] = {}
         self._own_cache: tuple[float, frozenset[int]] = (-1.0, frozenset())
@@ -583,8 +585,24 @@ class Engine:
             )
         )
 
+    def set_data_path(self, data_path: str) -> None:
+        """The firewall's rules now send split TCP this way (the actor calls this once they are in place)."""
+        self.tcp_data_path = data_path
+
+    def data_path(self, flow: FiveTuple) -> str:
+        """How a split connection of this flow leaves: split TCP as the firewall's rules send it (the kernel
+        path lets it out by its mark), everything else through a proxy."""
+        return self.tcp_data_path if flow.protocol == IpProtocol.TCP else "proxy"
+
     def _publish_verdict(self, conn: LiveConn, now: float) -> None:
         o = conn.outcome
+        interface, data_path, local_ip = o.interface if o.split else "", "", ""
+        if o.split:
+            data_path = self.data_path(conn.flow)
+            if data_path == "kernel":  # no proxy reports where it left: say it here
+                egress = self.egress.found(o.interface, conn.flow.ip_version)
+                if egress is not None:
+                    interface, local_ip = egress.interface, egress.source
         self.ports.publish(
             ConnVerdict(
                 conn_id=conn.conn_id,
@@ -593,7 +611,9 @@ class Engine:
                 rule=o.rule,
                 reason=o.reason,
                 split_key=conn.flow.key() if o.split else "",
-                interface=o.interface if o.split else "",
+                interface=interface,
+                data_path=data_path,
+                local_ip=local_ip,
             )
         )
 
@@ -606,7 +626,26 @@ class Engine:
             if conn.ct_id and entry.id and conn.ct_id != entry.id:  # an older entry of a reused tuple
                 self.counters["stale_destroys"] += 1
                 continue
-            self._end(entry.orig, conn, "closed")
+            self._end(entry.orig, conn, "closed", _counters(entry.counters))
+
+    def on_conntrack_updated(self, entries: list[CtEntry]) -> None:
+        """conn.end for split TCP connections that closed (TIME_WAIT or CLOSE), not minutes later when their
+        entry times out: on the kernel path no proxy session tells when the connection ended. Counts come
+        from the entry itself (update events carry none)."""
+        for entry in entries:
+            if entry.tcp_state not in (TCP_CONNTRACK_TIME_WAIT, TCP_CONNTRACK_CLOSE):
+                continue
+            conn = self.live.get(entry.orig)
+            if conn is None or (conn.ct_id and entry.id and conn.ct_id != entry.id):
+                continue
+            try:
+                counted = self.ports.conntrack_get(entry.orig)
+            except OSError:
+                counted = None
+            if counted is not None and entry.id and counted.id and counted.id != entry.id:
+                continue  # the tuple has a newer entry already: this one's close is not the live connection's
+            counters = counted.counters if counted is not None else None
+            self._end(entry.orig, conn, "closed", _counters(counters))
 
     def on_sockets_destroyed(self, sockets: list[DiagSocket]) -> None:
         """UDP sockets that are gone. A UDP conntrack entry outlives its socket, and another socket on the same
@@ -666,12 +705,13 @@ class Engine:
         conn.socket_cookie = cookie
         return True
 
-    def _end(self, key: FiveTuple, conn: LiveConn, reason: str) -> None:
-        """Forget a live connection and publish its conn.end (after any conn.new still queued)."""
+    def _end(self, key: FiveTuple, conn: LiveConn, reason: str, counters: SessionCounters | None = None) -> None:
+        """Forget a live connection and publish its conn.end (after any conn.new still queued), with
+        conntrack's byte and packet counts when the entry's destroy event carried them."""
         self.flush_events()  # conn.new before conn.end, always
         if self.live.get(key) is conn:
             self.live.untrack(key)
-        self.ports.publish(ConnEnd(conn_id=conn.conn_id, ts=self.ports.now(), reason=reason))
+        self.ports.publish(ConnEnd(conn_id=conn.conn_id, ts=self.ports.now(), reason=reason, counters=counters))
 
     # --- re-evaluation ---------------------------------------------------------------------------------
 
@@ -711,3 +751,15 @@ class Engine:
             "live": len(self.live),
             "pending": len(self._pending),
         }
+
+
+def _counters(counted: CtCounters | None) -> SessionCounters | None:
+    """Conntrack's counts in the proxies' terms: the original direction is the app's upload."""
+    if counted is None:
+        return None
+    return SessionCounters(
+        bytes_up=counted.bytes_orig,
+        bytes_down=counted.bytes_reply,
+        packets_up=counted.packets_orig,
+        packets_down=counted.packets_reply,
+    )

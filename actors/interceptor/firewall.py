@@ -11,7 +11,10 @@ In short, per IP version:
 - filter `SPLITTUN-FILTER` (from OUTPUT and INPUT): act on the mark and save permanent ones to the
   connmark. Mark 0 (undecided: queue bypassed because no interceptor runs) simply RETURNs — unlike
   Portmaster we never drop it, so failure means "unsplit, through the VPN", never "no network".
-- nat `SPLITTUN-REDIRECT` (from nat OUTPUT): mark 1719 → DNAT to the split proxies (TCP only on SYN).
+- nat `SPLITTUN-REDIRECT` (from nat OUTPUT): mark 1719 → DNAT to the split proxies (TCP only on SYN;
+  with the kernel data path only UDP: split TCP is re-routed by its mark, kernel/routing.py).
+- nat `SPLITTUN-SNAT` (from nat POSTROUTING): a split TCP connection leaving the host (the kernel path)
+  gets the source address of the interface it leaves through.
 
 Every change is one `iptables-legacy-restore --noflush` per table: libiptc applies all lines to a copy
 of the table and the kernel swaps the whole table at once, so there is never a moment without our
@@ -40,6 +43,8 @@ INGEST_IN = "SPLITTUN-INGEST-INPUT"
 FILTER = "SPLITTUN-FILTER"
 REDIRECT = "SPLITTUN-REDIRECT"
 EGRESS_REPLIES = "SPLITTUN-EGRESS-REPLIES"
+SNAT = "SPLITTUN-SNAT"
+DATA_PATHS = ("proxy", "kernel")
 
 #: (table, built-in chain, our chain): the jump rules we keep at position 1.
 JUMPS: tuple[tuple[str, str, str], ...] = (
@@ -49,6 +54,7 @@ JUMPS: tuple[tuple[str, str, str], ...] = (
     ("filter", "OUTPUT", FILTER),
     ("filter", "INPUT", FILTER),
     ("nat", "OUTPUT", REDIRECT),
+    ("nat", "POSTROUTING", SNAT),
 )
 TABLES = ("mangle", "filter", "nat")
 #: Install order: what acts on marks first, the queueing last; removal the other way round.
@@ -103,14 +109,28 @@ def worker_queues(index: int) -> dict[str, int]:
 
 
 VALID_MARK_NOTE = "splittun: src_valid_mark was "
+ACCT_NOTE = "splittun: nf_conntrack_acct was "
 
 
-def render(family: int, workers: int = 1, valid_mark_was: int | None = None) -> dict[str, list[str]]:
+def render(
+    family: int,
+    workers: int = 1,
+    valid_mark_was: int | None = None,
+    data_path: str = "proxy",
+    acct_was: int | None = None,
+) -> dict[str, list[str]]:
     """Our chains' rules per table, in iptables-restore syntax (`-A CHAIN …`).
 
-    `valid_mark_was`: we set net.ipv4.conf.all.src_valid_mark and this was its value before; it is kept
-    as a comment rule, so whoever removes our rules (also after a crash, in the right namespace) puts it
-    back."""
+    `valid_mark_was` / `acct_was`: we set net.ipv4.conf.all.src_valid_mark / net.netfilter.
+    nf_conntrack_acct and this was the value before; it is kept as a comment rule, so whoever removes our
+    rules (also after a crash, in the right namespace) puts it back.
+    `data_path`: "proxy" DNATs split TCP to the TCP proxy; "kernel" lets it leave by its mark (re-routed
+    by KernelPathRouting, source-NATed here) and accepts it for good, so a kill switch's OUTPUT rules
+    added later cannot drop it. Split UDP goes to the UDP proxy either way (it checks every datagram's
+    socket: a kernel-routed UDP flow could carry another app's datagrams after a port is reused)."""
+    if data_path not in DATA_PATHS:
+        raise ValueError(f"data path must be one of {', '.join(DATA_PATHS)}, got {data_path!r}")
+    kernel = data_path == "kernel"
     out_queue = queue_spec(Queue.IPV4_OUT if family == 4 else Queue.IPV6_OUT, workers)
     in_queue = queue_spec(Queue.IPV4_IN if family == 4 else Queue.IPV6_IN, workers)
     reject = "icmp-admin-prohibited" if family == 4 else "icmp6-adm-prohibited"
@@ -141,9 +161,13 @@ def render(family: int, workers: int = 1, valid_mark_was: int | None = None) -> 
         # Replies to the proxies' upstream get their mark back before routing: with strict rp_filter (and
         # src_valid_mark) the reverse-path check then finds the split route, not the VPN default.
         f"-A {EGRESS_REPLIES} -m connmark --mark {int(Mark.SPLIT_EGRESS)} -j MARK --set-mark {int(Mark.SPLIT_EGRESS)}",
+        # The same for replies to kernel-path split connections (their mark holds the interface index).
+        f"-A {EGRESS_REPLIES} -p tcp -m connmark --mark {SPLIT_MATCH} -j CONNMARK --restore-mark",
     ]
     if family == 4 and valid_mark_was is not None:
         mangle.append(f'-A {EGRESS_REPLIES} -m comment --comment "{VALID_MARK_NOTE}{valid_mark_was}" -j RETURN')
+    if family == 4 and acct_was is not None:
+        mangle.append(f'-A {EGRESS_REPLIES} -m comment --comment "{ACCT_NOTE}{acct_was}" -j RETURN')
     filt = [
         f"-A {FILTER} -m mark --mark 0 -j RETURN",  # undecided: continue unsplit (through the VPN), never drop
         f"-A {FILTER} -m mark --mark {int(Mark.ACCEPT)} -j RETURN",
@@ -159,14 +183,17 @@ def render(family: int, workers: int = 1, valid_mark_was: int | None = None) -> 
         Mark.BLOCK_ALWAYS: f"REJECT --reject-with {reject}",
         Mark.DROP_ALWAYS: "DROP",
         Mark.REROUTE_TO_TUNNEL: "RETURN",
-        Mark.REROUTE_TO_SPLIT_TUN: "RETURN",
+        Mark.REROUTE_TO_SPLIT_TUN: "ACCEPT" if kernel else "RETURN",
     }
     for mark in RESTORED_MARKS:
         filt.append(f"-A {FILTER} -m mark --mark {_match(mark)} -j CONNMARK --save-mark")
         filt.append(f"-A {FILTER} -m mark --mark {_match(mark)} -j {final[mark]}")
+    tcp_to_proxy = f"-A {REDIRECT} -p tcp -m mark --mark {SPLIT_MATCH} -m tcp --syn -j DNAT --to-destination {proxy}"
     nat = [
-        f"-A {REDIRECT} -p tcp -m mark --mark {SPLIT_MATCH} -m tcp --syn -j DNAT --to-destination {proxy}",
+        *([] if kernel else [tcp_to_proxy]),
         f"-A {REDIRECT} -p udp -m mark --mark {SPLIT_MATCH} -j DNAT --to-destination {proxy}",
+        # Only packets that leave the host: a split connection DNAT-ed to a proxy goes out lo.
+        f"-A {SNAT} -p tcp -m mark --mark {SPLIT_MATCH} ! -o lo -j MASQUERADE",
     ]
     return {"mangle": mangle, "filter": filt, "nat": nat}
 
@@ -229,20 +256,35 @@ def plan_remove(saved: SavedTable) -> list[str]:
     return lines
 
 
-def valid_mark_note(saved: SavedTable) -> int | None:
-    """The src_valid_mark value our rules say to restore (None: we did not change it)."""
+def valid_mark_note(saved: SavedTable, note: str = VALID_MARK_NOTE) -> int | None:
+    """The sysctl value our rules say to restore (None: we did not change it); src_valid_mark by default,
+    nf_conntrack_acct with `note=ACCT_NOTE`."""
     for rule in saved.chain_rules(EGRESS_REPLIES):
-        found = re.search(re.escape(VALID_MARK_NOTE) + r"(\d+)", rule)
+        found = re.search(re.escape(note) + r"(\d+)", rule)
         if found:
             return int(found.group(1))
     return None
 
 
-def plan_install(saved: SavedTable, family: int, workers: int, valid_mark_was: int | None = None) -> list[str]:
+def plan_install(
+    saved: SavedTable,
+    family: int,
+    workers: int,
+    valid_mark_was: int | None = None,
+    data_path: str = "proxy",
+    acct_was: int | None = None,
+) -> list[str]:
     """Restore lines that leave exactly our current rules in one table, whatever was there before.
-    A src_valid_mark note already there wins: it holds the value from before we first changed it."""
+    A sysctl note already there wins: it holds the value from before we first changed it."""
     kept = valid_mark_note(saved)
-    wanted = render(family, workers, kept if kept is not None else valid_mark_was)[saved.name]
+    kept_acct = valid_mark_note(saved, ACCT_NOTE)
+    wanted = render(
+        family,
+        workers,
+        kept if kept is not None else valid_mark_was,
+        data_path,
+        kept_acct if kept_acct is not None else acct_was,
+    )[saved.name]
     chains = sorted({r.split()[1] for r in wanted})
     stale = [c for c in _our_chains(saved) if c not in chains]
     lines = [f":{c} - [0:0]" for c in chains]  # with --noflush: created, or flushed when present
@@ -342,7 +384,10 @@ class LinuxFirewall:
         # get no real nft either.
         self.interop = interop if interop is not None else (NftInterop() if xtables is None else None)
         self.ipv4_conf = Path(sysctl_root) / "net/ipv4/conf"
+        self.acct = Path(sysctl_root) / "net/netfilter/nf_conntrack_acct"
         self.valid_mark_was: int | None = None
+        self.acct_was: int | None = None
+        self.data_path = "proxy"  # until the policy says otherwise (set_data_path)
 
     # --- src_valid_mark: strict rp_filter must see the split egress mark on replies -----------------
 
@@ -369,6 +414,21 @@ class LinuxFirewall:
         except OSError:
             pass  # no /proc/sys here: nothing to adapt
 
+    def _sysctl(self, path: Path, value: int | None = None) -> int:
+        if value is not None:
+            path.write_text(f"{value}\n")
+        return int(path.read_text())
+
+    def _prepare_accounting(self) -> None:
+        """Conntrack counts bytes and packets per connection while we run: the kernel path's split
+        connections get their counters from their destroy event (no proxy counts them)."""
+        try:
+            if self._sysctl(self.acct) != 1:
+                self.acct_was = self._sysctl(self.acct)
+                self._sysctl(self.acct, 1)
+        except (OSError, ValueError):
+            pass  # no conntrack sysctls here: split connections on the kernel path show no counters
+
     def _apply(self, family: int, table: str, planner: Callable[[SavedTable], list[str]]) -> bool:
         """Plan from a fresh listing and apply; one retry when another program changed it meanwhile."""
         xt = self.xt[family]
@@ -387,10 +447,20 @@ class LinuxFirewall:
     def install(self) -> None:
         """Our rules, exactly once, jumps on top (replaces whatever of ours was there: crash leftovers)."""
         self._prepare_valid_mark()
+        self._prepare_accounting()
         for family in FAMILIES:
             for table in INSTALL_ORDER:
                 self._apply(family, table, lambda saved, f=family: self._plan_install(saved, f))
         self._ensure_interop()
+
+    def set_data_path(self, data_path: str) -> None:
+        """Switch split TCP between the proxy and the kernel path: each table is rewritten in one commit.
+        Live connections keep their path (conntrack holds their NAT binding, the kernel tables stay)."""
+        render(4, self.workers, data_path=data_path)  # validates before anything changes
+        self.data_path = data_path
+        for family in FAMILIES:
+            for table in INSTALL_ORDER:
+                self._apply(family, table, lambda saved, f=family: self._plan_install(saved, f))
 
     def _ensure_interop(self) -> list[str]:
         """Exemptions for other VPN software's rules that would drop split replies ([] = none needed)."""
@@ -402,17 +472,19 @@ class LinuxFirewall:
             return [f"nft exemption failed: {exc}"]
 
     def _plan_install(self, saved: SavedTable, family: int) -> list[str]:
-        return plan_install(saved, family, self.workers, self.valid_mark_was)
+        return plan_install(saved, family, self.workers, self.valid_mark_was, self.data_path, self.acct_was)
 
     def remove(self) -> list[str]:
         """Remove every chain and jump of ours; returns "ip4 mangle"-style names of tables changed.
         A src_valid_mark we changed (the note in our rules says from what) is put back."""
         changed = []
         notes: list[int | None] = []
+        acct_notes: list[int | None] = []
 
         def planner(saved: SavedTable) -> list[str]:  # the note comes from the listing the removal uses
             if saved.name == "mangle":
                 notes.append(valid_mark_note(saved))
+                acct_notes.append(valid_mark_note(saved, ACCT_NOTE))
             return plan_remove(saved)
 
         for family in FAMILIES:
@@ -428,6 +500,11 @@ class LinuxFirewall:
             with contextlib.suppress(OSError):
                 self._valid_mark(restore_valid_mark)
             changed.append(f"src_valid_mark={restore_valid_mark}")
+        restore_acct = acct_notes[-1] if acct_notes else None
+        if restore_acct is not None:
+            with contextlib.suppress(OSError):
+                self._sysctl(self.acct, restore_acct)
+            changed.append(f"nf_conntrack_acct={restore_acct}")
         return changed
 
     def check_jump_order(self) -> list[str]:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from core.egress import resolve_egress
+from core.egress import Egress, resolve_egress
 from core.policy import CompiledPolicy
 from core.verdict_handler import ConnectionView, VerdictHandler
 from messages import IvpnStatus, Mark, NetenvChanged, ProcessInfo, Verdict
@@ -64,12 +64,15 @@ class SplitEgress:
     def __init__(self, netenv: NetenvChanged | None, global_choice: str, rule_interfaces: Iterable[str]) -> None:
         self.known = netenv is not None
         self._answers: dict[tuple[str, int], tuple[int, str]] = {}
+        self._found: dict[tuple[str, int], Egress] = {}
         if netenv is None:
             return
         for spec in {"", *rule_interfaces}:
             egress = resolve_egress(netenv, spec or global_choice)
             for version in (4, 6):
                 found = egress.for_family(version)
+                if found is not None:
+                    self._found[(spec, version)] = found
                 if found is None:
                     self._answers[(spec, version)] = (0, egress.why(version))
                 elif spec and not 0 < found.ifindex <= MAX_INTERFACE_INDEX:
@@ -81,6 +84,10 @@ class SplitEgress:
         return isinstance(other, SplitEgress) and (self.known, self._answers) == (other.known, other._answers)
 
     __hash__ = None  # type: ignore[assignment]
+
+    def found(self, interface: str, version: int) -> Egress | None:
+        """The egress a split connection of this rule interface ("" = the global choice) leaves through."""
+        return self._found.get((interface, version))
 
     def check(self, interface: str, version: int) -> tuple[int, str]:
         answer = self._answers.get((interface, version))

@@ -185,11 +185,16 @@ class Instance:
 
         return bool(poll(adopted, timeout))
 
-    def publish_policy(self, rules: list[PolicyRule], enabled: bool = True, timeout: float = 15.0) -> bool:
+    def publish_policy(
+        self, rules: list[PolicyRule], enabled: bool = True, timeout: float = 15.0, data_path: str = "proxy"
+    ) -> bool:
         """Publish a snapshot newer than the controller's on the bus, until every interceptor worker adopted it:
-        tests that want a policy without going through the config file."""
+        tests that want a policy without going through the config file (split TCP through the proxy unless
+        `data_path` says "kernel")."""
         self.version = max(self.version + 1, int(time.time() * 1000))
-        snapshot = PolicySnapshot(version=self.version, ts=time.time(), enabled=enabled, rules=rules)
+        snapshot = PolicySnapshot(
+            version=self.version, ts=time.time(), enabled=enabled, rules=rules, data_path=data_path
+        )
         workers = self.workers()
         ctx = zmq.Context()
         pub = Publisher(ctx, paths.bus_in(self.run_dir))

@@ -46,11 +46,15 @@ OUTSIDE = {4: T.INET_V4, 6: T.INET_V6}
 TUN = {4: T.TUN_HOST_V4, 6: T.TUN_HOST_V6}
 
 
-@pytest.fixture(scope="module")
-def e2e() -> Iterator[E2E]:
-    """A private lab ("e2e") and the splittun instance in its host; both gone afterwards, also on failure."""
+DATA_PATHS = ("kernel", "proxy")
+
+
+@pytest.fixture(scope="module", params=DATA_PATHS)
+def e2e(request: pytest.FixtureRequest) -> Iterator[E2E]:
+    """A private lab ("e2e") and the splittun instance in its host; both gone afterwards, also on failure.
+    Every test runs once per data path of split TCP (`splittun/dataPath`: kernel, proxy)."""
     labs = own_lab("e2e")
-    harness = E2E(next(labs))
+    harness = E2E(next(labs), data_path=str(request.param))
     try:
         yield harness
     finally:
@@ -471,7 +475,13 @@ def test_connections_show_the_split_tunnel_details(st: E2E, leaks: Leaks, family
     assert (row["verb"], row["rule"], row["dst_ip"], row["dst_port"]) == ("split tunneled", "r1", SPLIT[family], 80)
     split = row["split"]
     assert (split["interface"], split["local_ip"]) == (T.HOST_IF, ISP[family]) and split["local_port"] > 0
-    assert (split["bytes_up"], split["bytes_down"]) == (fetched["sent"], fetched["received"])
+    assert split["data_path"] == st.data_path
+    if st.data_path == "proxy":  # the proxy counts payload
+        assert (split["bytes_up"], split["bytes_down"]) == (fetched["sent"], fetched["received"])
+    else:  # conntrack counts IP packets: payload plus 40-80 bytes of IP and TCP headers per packet
+        for way, payload in (("up", fetched["sent"]), ("down", fetched["received"])):
+            packets, headers = split[f"packets_{way}"], split[f"bytes_{way}"] - payload
+            assert packets >= 3 and 40 * packets <= headers <= 80 * packets, (way, split)
     other = [r for r in st.connections("--app", "splittun.lab.client") if r["started"] >= t0]
     assert [(r["verb"], r["split"]) for r in other] == [("accepted", None)]
 
@@ -480,7 +490,7 @@ def test_connections_show_the_split_tunnel_details(st: E2E, leaks: Leaks, family
     line = next(line for line in table.splitlines() if line.startswith(row["conn_id"] + " "))
     local = f"[{ISP[6]}]:{split['local_port']}" if family == 6 else f"{ISP[4]}:{split['local_port']}"
     # ID APP PROTO DESTINATION VERDICT ("split tunneled") RULE IFACE LOCAL UP DOWN STATE
-    assert line.split()[7:11] == [T.HOST_IF, local, f"{fetched['sent']}B", f"{fetched['received']}B"]
+    assert line.split()[7:11] == [T.HOST_IF, local, f"{split['bytes_up']}B", f"{split['bytes_down']}B"]
     shown = st.ok("conn", "show", row["conn_id"]).partition("split tunnel:")[2]
     assert f"interface: {T.HOST_IF}" in shown and f"local_ip: {ISP[family]}" in shown
 

@@ -21,7 +21,7 @@ from messages.marks import SPLIT_ROUTE_TABLE, VERDICT_MASK, Mark
 from runtime.paths import Home
 from splittun.lab import Lab
 from splittun.lab import topology as T
-from splittun.lab.instance import Instance, InstanceError
+from splittun.lab.instance import Instance, InstanceError, poll
 from tests.support import FIXTURES_DIR
 from tests.support.interceptor import DNS, FIXTURES, wait_until
 from tests.support.lab import own_lab
@@ -31,7 +31,7 @@ OUR_CT_MARKS = frozenset(CONNTRACK_MARKS | {int(Mark.SPLIT_EGRESS)})
 UDP = T.WHOAMI_UDP_PORT
 TCP = T.WHOAMI_TCP_PORT
 SYSCTLS = ("net.ipv4.conf.all.src_valid_mark", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter",
-           f"net.ipv4.conf.{T.HOST_IF}.rp_filter")  # fmt: skip
+           f"net.ipv4.conf.{T.HOST_IF}.rp_filter", "net.netfilter.nf_conntrack_acct")  # fmt: skip
 
 
 # --- what `splittun down` must leave exactly as it found it ---------------------------------------------
@@ -46,7 +46,7 @@ class HostState:
     routes: str  # ip -4/-6 route show table all (main, local, 1720, wg-quick's 51820, ...)
     split_table: str  # ip -4/-6 route show table 1720, spelled out for the message when it differs
     conntrack: tuple[str, ...]  # conntrack entries carrying our marks, without their countdown
-    sysctls: str  # the reverse-path filter settings splittun may have to adjust (src_valid_mark)
+    sysctls: str  # what splittun may adjust: src_valid_mark (strict rp_filter), conntrack accounting
 
 
 def host_state(lab: Lab) -> HostState:
@@ -89,8 +89,9 @@ class E2E:
     """The lab plus the splittun instance the tests share; restarted when a test wants another routing style
     (the VPN's routing is set up before splittun starts, as on a real machine)."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, data_path: str = "") -> None:
         self.lab = lab
+        self.data_path = data_path  # splittun/dataPath every test starts with ("" = the default)
         self.inst: Instance | None = None
         self.style: tuple[str, bool] | None = None
         #: The host before splittun first ran in each style: what every `down` must return to.
@@ -127,12 +128,18 @@ class E2E:
         return None if inst is None else inst.stop()
 
     def reset(self) -> None:
-        """Back to the tests' baseline through the CLI: enabled, no rules, interface auto."""
+        """Back to the tests' baseline through the CLI: enabled, no rules, interface auto, the data path."""
         config = self.config_file()
         if config.get("splittun/rules"):
             self.apply("config", "set", "splittun/rules", "[]")
         if config.get("splittun/interface"):
             self.interface("auto", expect=T.HOST_IF)
+        if self.data_path and config.get("splittun/dataPath", "kernel") != self.data_path:
+            self.apply("config", "set", "splittun/dataPath", self.data_path)
+        if self.data_path:  # the interceptor rewrites its rules in the background: until they are in place
+            assert self.inst is not None
+            inst = self.inst
+            assert poll(lambda: inst.ask("interceptor", "status")["data_path"] == self.data_path, 15.0)
         if not config.get("splittun/enable"):
             self.apply("enable")
 

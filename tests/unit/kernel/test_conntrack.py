@@ -182,3 +182,16 @@ def test_destroy_events_are_read_and_overruns_counted() -> None:
         assert events.overruns == 1
     finally:
         events.close()
+
+
+def test_destroy_event_with_accounting_carries_the_counters_each_way() -> None:
+    t = FiveTuple(6, "192.0.2.66", 40000, "203.0.113.81", 80)
+
+    def counted(kind: int, packets: int, octets: int) -> bytes:
+        pk = nla(ct.CTA_COUNTERS_PACKETS, struct.pack("!Q", packets))
+        return nla_nested(kind, pk, nla(ct.CTA_COUNTERS_BYTES, struct.pack("!Q", octets)))
+
+    payload = ct.delete_payload(t) + counted(ct.CTA_COUNTERS_ORIG, 6, 396) + counted(ct.CTA_COUNTERS_REPLY, 5, 5316)
+    entry = ct.parse_entry(payload)
+    assert entry is not None and entry.counters == ct.CtCounters(6, 396, 5, 5316)
+    assert ct.parse_entry(ct.delete_payload(t)) == ct.CtEntry(t)  # accounting off: no counters, not zeros

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from actors.interceptor.actor import InterceptorActor
-from core.egress import plan_routes, split_egresses, split_routes
+from core.egress import kernel_routes, plan_routes, split_egresses, split_routes
 from core.policy import EMPTY_POLICY, CompiledPolicy
-from kernel.routing import RoutingKeeper, SplitRoute
+from kernel.routing import RoutingKeeper, SplitRoute, kernel_table
 from messages import NetenvChanged, PolicyRule, PolicySnapshot
 from tests.unit.core.proxy.test_units import netenv
 
@@ -50,6 +51,23 @@ def test_an_empty_plan_only_when_the_network_says_so() -> None:
     assert split_routes(netenv(uplink_ipv4="", uplink_ipv6=""), policy()) == []  # no uplink: nothing to route
     assert split_routes(netenv(gateways=[]), policy()) == []  # never the kernel's on-link guess
     assert split_routes(netenv(), policy("eth9")) == []  # the chosen interface is not there
+
+
+def test_kernel_path_tables_serve_the_global_choice_as_index_0_and_each_rule_interface_as_its_own() -> None:
+    """A split mark carries 0 for the global choice, else the rule's interface index: one table each."""
+    assert kernel_routes(netenv(), policy()) == [replace(ETH0_V4, mark_index=0), replace(ETH0_V6, mark_index=0)]
+    assert kernel_routes(netenv(), policy("", "wlan0")) == [
+        replace(ETH0_V4, mark_index=0),
+        replace(ETH0_V6, mark_index=0),
+        replace(WLAN0_V4, mark_index=3),
+    ]
+    assert kernel_routes(netenv(), policy("wlan0", "eth0")) == [
+        replace(WLAN0_V4, mark_index=0),
+        replace(ETH0_V4, mark_index=2),
+        replace(ETH0_V6, mark_index=2),
+    ]
+    assert kernel_routes(None, policy()) is None and kernel_routes(netenv(), None) is None
+    assert kernel_table(0) == 1719 << 16 and kernel_table(3) == (1719 << 16) + 3
 
 
 def test_nothing_known_yet_means_no_plan() -> None:
@@ -228,6 +246,7 @@ def interceptor() -> tuple[InterceptorActor, FakeRouting]:
     fake = FakeRouting()
     actor.log, actor.engine, actor.netenv, actor.fw = FakeLog(), FakeEngine(), None, None  # type: ignore[assignment]
     actor.routing = RoutingKeeper(fake, actor.log)  # type: ignore[arg-type]
+    actor.kernel_routing = RoutingKeeper(FakeRouting(), actor.log)  # type: ignore[arg-type]
     actor._fw_lock = threading.Lock()
     return actor, fake
 

@@ -117,6 +117,25 @@ def test_registry_joins_verdict_and_session_in_either_order() -> None:
         assert rec.ended == 2.1 and rec.process_name == "curl"
 
 
+def test_registry_takes_a_kernel_path_connection_from_its_verdict_and_its_counts_from_its_end() -> None:
+    reg = ConnectionRegistry()
+    reg.handle(new())
+    kernel = {"interface": "eth0", "data_path": "kernel", "local_ip": "192.0.2.10"}
+    reg.handle(
+        ConnVerdict(conn_id="c1", ts=1.1, verdict=Verdict.REROUTE_TO_SPLIT_TUN, rule="r1", split_key=KEY, **kernel)
+    )
+    rec = reg.get("c1")
+    assert rec is not None and rec.split is not None and rec.state == "open"
+    where = (rec.split.data_path, rec.split.interface, rec.split.local_ip, rec.split.local_port)
+    assert where == ("kernel", "eth0", "192.0.2.10", 40000)
+    counted = SessionCounters(bytes_up=396, bytes_down=5316, packets_up=6, packets_down=5)
+    reg.handle(ConnEnd(conn_id="c1", ts=2.0, reason="closed", counters=counted))
+    rec = reg.get("c1")
+    assert rec is not None and rec.split is not None and rec.state == "closed"
+    assert (rec.split.bytes_up, rec.split.bytes_down, rec.split.packets_up, rec.split.packets_down) == (396, 5316, 6, 5)
+    assert rec.to_info().split is not None and rec.to_info().split.data_path == "kernel"  # type: ignore[union-attr]
+
+
 def test_registry_filters_and_rolls_off_old_connections() -> None:
     reg = ConnectionRegistry(max_closed=3)
     for i in range(10):

@@ -17,7 +17,7 @@ import pytest
 from actors.interceptor.engine import RETRY_DELAYS, Engine
 from actors.interceptor.names import NameTable
 from core.verdict_handler import HandlerSlot
-from kernel.conntrack import CtEntry
+from kernel.conntrack import CtCounters, CtEntry
 from kernel.sockdiag import DiagSocket
 from messages import (
     ConnEnd,
@@ -30,6 +30,7 @@ from messages import (
     PolicyRule,
     PolicySnapshot,
     ProcessInfo,
+    SessionCounters,
     Verdict,
     flow_key,
 )
@@ -767,3 +768,35 @@ def test_the_actors_ports_offer_everything_the_protocol_names(tmp_path: Path) ->
     flow = FiveTuple(6, "192.0.2.66", 40000, "203.0.113.80", 80)
     assert (ports.attribute(flow), ports.socket_uid(flow), ports.socket_cookie(flow, fresh=True)) == (None, None, 0)
     Engine(instance="interceptor", log=EventLog("test"), ports=ports)  # the engine takes it as it is
+
+
+# --- the kernel data path: verdicts say where split TCP leaves; a closed one ends with conntrack's counts ----
+
+
+def test_kernel_path_verdict_names_the_egress_and_its_close_carries_conntracks_counts() -> None:
+    h = FakePorts()
+    h.policy(1, SPLIT_80)
+    h.engine.set_data_path("kernel")
+    assert is_split(h.send("tcp4_syn").mark)
+    [v] = h.of(ConnVerdict)
+    assert (v.data_path, v.interface, v.local_ip) == ("kernel", "eth0", "192.0.2.10")
+    key = h.confirm("tcp4_syn", split_mark(2), ct_id=7)
+    h.table[key] = CtEntry(key, split_mark(2), 7, counters=CtCounters(6, 396, 5, 5316))
+    h.engine.on_conntrack_updated([CtEntry(key, split_mark(2), 7, tcp_state=3)])  # ESTABLISHED: still open
+    assert not h.of(ConnEnd)
+    h.engine.on_conntrack_updated([CtEntry(key, split_mark(2), 8, tcp_state=7)])  # another entry's TIME_WAIT
+    assert not h.of(ConnEnd)
+    h.engine.on_conntrack_updated([CtEntry(key, split_mark(2), 7, tcp_state=7)])  # TIME_WAIT: closed
+    [end] = h.of(ConnEnd)
+    assert end.counters == SessionCounters(bytes_up=396, bytes_down=5316, packets_up=6, packets_down=5)
+    assert not h.engine.live
+
+
+def test_split_udp_and_the_proxy_path_say_proxy() -> None:
+    h = FakePorts()
+    h.policy(1, SPLIT_80)
+    assert is_split(h.send("tcp4_syn").mark)
+    h.engine.set_data_path("kernel")
+    assert h.engine.data_path(FiveTuple(17, "192.0.2.66", 5000, "203.0.113.80", 53)) == "proxy"
+    [v] = h.of(ConnVerdict)
+    assert (v.data_path, v.interface, v.local_ip) == ("proxy", "eth0", "")  # decided before the switch

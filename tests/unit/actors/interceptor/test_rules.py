@@ -70,8 +70,36 @@ def test_ipv6_rules_use_ipv6_queues_proxy_and_reject() -> None:
     assert rules["nat"] == [
         f"-A {fw.REDIRECT} -p tcp -m mark --mark 1719/0xffff -m tcp --syn -j DNAT --to-destination [::1]:719",
         f"-A {fw.REDIRECT} -p udp -m mark --mark 1719/0xffff -j DNAT --to-destination [::1]:719",
+        f"-A {fw.SNAT} -p tcp -m mark --mark 1719/0xffff ! -o lo -j MASQUERADE",
     ]
     assert any("icmp6-adm-prohibited" in r for r in rules["filter"])
+
+
+def test_kernel_data_path_routes_split_tcp_by_its_mark_and_keeps_udp_on_the_proxy() -> None:
+    proxy, kernel = fw.render(4), fw.render(4, data_path="kernel")
+    to_proxy = "-j DNAT --to-destination 127.0.0.17:719"
+    tcp_dnat = f"-A {fw.REDIRECT} -p tcp -m mark --mark 1719/0xffff -m tcp --syn {to_proxy}"
+    udp_dnat = f"-A {fw.REDIRECT} -p udp -m mark --mark 1719/0xffff {to_proxy}"
+    assert tcp_dnat in proxy["nat"] and tcp_dnat not in kernel["nat"]
+    assert udp_dnat in proxy["nat"] and udp_dnat in kernel["nat"]  # UDP: the proxy checks every datagram's socket
+    # leaving split TCP gets the egress interface's address; accepted for good (a kill switch added later
+    # cannot drop it); its replies get the mark back before routing (strict rp_filter)
+    assert f"-A {fw.SNAT} -p tcp -m mark --mark 1719/0xffff ! -o lo -j MASQUERADE" in kernel["nat"]
+    assert f"-A {fw.FILTER} -m mark --mark 1719/0xffff -j ACCEPT" in kernel["filter"]
+    assert f"-A {fw.FILTER} -m mark --mark 1719/0xffff -j RETURN" in proxy["filter"]
+    restore = f"-A {fw.EGRESS_REPLIES} -p tcp -m connmark --mark 1719/0xffff -j CONNMARK --restore-mark"
+    assert restore in kernel["mangle"]
+    assert ("nat", "POSTROUTING", fw.SNAT) in fw.JUMPS
+    with pytest.raises(ValueError, match="data path must be one of proxy, kernel"):
+        fw.render(4, data_path="fast")
+
+
+def test_conntrack_accounting_note_is_kept_and_restored_like_src_valid_mark(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    note = f'-A {fw.EGRESS_REPLIES} -m comment --comment "{fw.ACCT_NOTE}0" -j RETURN'
+    assert note in fw.render(4, acct_was=0)["mangle"]
+    saved = fw.parse_save("*mangle\n:" + fw.EGRESS_REPLIES + " - [0:0]\n" + note + "\nCOMMIT\n", "mangle")
+    assert fw.valid_mark_note(saved, fw.ACCT_NOTE) == 0 and fw.valid_mark_note(saved) is None
+    assert note in fw.plan_install(saved, 4, 1, acct_was=1)  # the first value wins
 
 
 def test_proxy_egress_mark_is_accept_final_and_its_replies_get_it_back() -> None:
