@@ -166,7 +166,8 @@ class InterceptorActor(Actor):
                 paths.rules_marker(self.rt.run_dir)
             )  # before installing: a crash right after still gets cleaned up
             self.fw.install()
-            self.log.info("rules.installed", workers=self.workers)
+            self._follow_data_path(self.fw.data_path)
+            self.log.info("rules.installed", workers=self.workers, data_path=self.fw.data_path)
             for delay in self._check_schedule(self.rt.args.jump_checks):
                 self.rt.loop.call_later(delay, lambda d=delay: self._check_jumps(f"scheduled {d:g}s"))
             self.rt.loop.call_every(JUMP_CHECK_EVERY, lambda: self._check_jumps_in_background("periodic"))
@@ -220,6 +221,8 @@ class InterceptorActor(Actor):
                 rules=len(snapshot.rules),
                 source=source,
             )
+            if not self.owns_rules:  # worker 0's rules follow the policy; the others' verdicts follow it
+                self.engine.set_data_path(snapshot.data_path)
             self._want_routing()
 
     def _want_routing(self, recheck: bool = False) -> None:
@@ -337,7 +340,8 @@ class InterceptorActor(Actor):
             "handler": verdict_handler.SLOT.name,
             "routing": self.routing.status() if self.routing is not None else {"owner": False},
             "kernel_routing": self.kernel_routing.status() if self.kernel_routing is not None else {"owner": False},
-            "data_path": self.engine.tcp_data_path,
+            "data_path": self.engine.tcp_data_path,  # what verdicts say now (worker 0: once the rules are in place)
+            "policy_data_path": self.engine.policy.snapshot.data_path if self.engine.policy.version > 0 else "",
             **self.engine.status(),
         }
 

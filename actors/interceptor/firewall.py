@@ -266,6 +266,13 @@ def valid_mark_note(saved: SavedTable, note: str = VALID_MARK_NOTE) -> int | Non
     return None
 
 
+def installed_data_path(saved: SavedTable) -> str | None:
+    """The data path our nat rules in `saved` implement (None: none of ours there)."""
+    if REDIRECT not in saved.chains:
+        return None
+    return "proxy" if any(" -p tcp " in r for r in saved.chain_rules(REDIRECT)) else "kernel"
+
+
 def plan_install(
     saved: SavedTable,
     family: int,
@@ -445,7 +452,10 @@ class LinuxFirewall:
         return False
 
     def install(self) -> None:
-        """Our rules, exactly once, jumps on top (replaces whatever of ours was there: crash leftovers)."""
+        """Our rules, exactly once, jumps on top (replaces whatever of ours was there: crash leftovers). After
+        a crash the data path the rules had is kept, so live and new split TCP keep their path meanwhile."""
+        if "nat" in self.xt[4].tables():
+            self.data_path = installed_data_path(self.xt[4].save("nat")) or self.data_path
         self._prepare_valid_mark()
         self._prepare_accounting()
         for family in FAMILIES:

@@ -145,11 +145,14 @@ class Instance:
         return int(self.paths.supervisord_pidfile.read_text())
 
     def active(self, instance: str = "interceptor") -> bool:
-        """The interceptor holds its queues (and, worker 0, its rules)."""
+        """The interceptor holds its queues, has its policy, and (worker 0) its rules implement the data path the
+        policy names (a fresh worker 0 installs the proxy path's and switches once it has the policy)."""
         try:
-            return bool(self.ask(instance, "status")["active"])
+            status = self.ask(instance, "status")
         except RequestFailed:
             return False
+        wanted = status.get("policy_data_path", "")
+        return bool(status["active"]) and bool(wanted) and status.get("data_path") == wanted
 
     def workers(self) -> list[str]:
         """The interceptor processes, as `splittun status` lists them."""

@@ -174,9 +174,11 @@ def watched() -> Iterator[Watched]:
         run_dir.mkdir(mode=0o700, exist_ok=True)
         env = {**os.environ, "SPLITTUN_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
         env.pop("SUPERVISOR_PROCESS_NAME", None)
-        for name, module in (("bus", "runtime.bus"), ("netenv", "actors.netenv")):
+        # netenv repeats its snapshot every 2 s here (30 s by default): a first one the feed's subscription was
+        # too late for comes again soon.
+        for name, argv in (("bus", ["-m", "runtime.bus"]), ("netenv", ["-m", "actors.netenv", "--republish", "2"])):
             log = open(run_dir / f"{name}.log", "wb")  # noqa: SIM115 - the process owns it
-            procs.append(lab.popen("host", [sys.executable, "-m", module], env=env, stdout=log, stderr=log, cwd=REPO))
+            procs.append(lab.popen("host", [sys.executable, *argv], env=env, stdout=log, stderr=log, cwd=REPO))
             log.close()
             if name == "bus":  # subscribe before netenv starts, so its first snapshot is not missed
                 deadline = time.monotonic() + 10

@@ -301,3 +301,15 @@ def test_rules_that_are_not_antispoof_are_left_alone() -> None:
         {"drop": None}]}}]}  # fmt: skip
     assert vpn_interop.find_antispoof(other) == []  # no "not arriving on the tunnel" condition
     assert vpn_interop.find_antispoof({}) == [] and vpn_interop.find_antispoof({"nftables": [1, "x"]}) == []
+
+
+def test_a_reinstall_keeps_the_data_path_the_rules_already_implement() -> None:
+    """After a crash the new worker 0 installs over the old rules: read which path they had, keep it."""
+
+    def nat(path: str) -> fw.SavedTable:
+        lines = [":" + fw.REDIRECT + " - [0:0]", *fw.render(4, data_path=path)["nat"]]
+        return fw.parse_save("*nat\n" + "\n".join(lines) + "\nCOMMIT\n", "nat")
+
+    assert fw.installed_data_path(nat("kernel")) == "kernel"
+    assert fw.installed_data_path(nat("proxy")) == "proxy"
+    assert fw.installed_data_path(fw.parse_save("*nat\nCOMMIT\n", "nat")) is None
