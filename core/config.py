@@ -8,7 +8,7 @@ reloaded by the controller when it changes. Invalid config is refused with one m
 the command-line flag) and the problem, and whatever config was in force stays in force.
 
 Options carry an expertise level like Portmaster's: user ⊂ expert ⊂ developer. The split-tunnel
-options are user level.
+options are user level; how long the connection history is kept (`splittun/history/…`) is expert level.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 from core.policy import RuleError, parse_endpoint, parse_ports
 from core.policy import validate as validate_rule
+from core.state.timespec import TimeSpecError, parse_duration
 from messages import PolicyRule
 from messages.control import ConfigSet, Controller, InterfaceChoice, Op, RuleAdd, RuleMove, RuleRef
 
@@ -33,6 +34,10 @@ LEVELS = ("user", "expert", "developer")
 ENABLE = "splittun/enable"
 INTERFACE = "splittun/interface"
 RULES = "splittun/rules"
+HISTORY_MAX_AGE = "splittun/history/maxAge"
+HISTORY_MAX_ROWS = "splittun/history/maxRows"
+DEFAULT_HISTORY_MAX_AGE = "7d"  # a laptop's week of connections…
+DEFAULT_HISTORY_MAX_ROWS = 100_000  # …in at most some 50 MB
 
 
 class ConfigError(ValueError):
@@ -74,6 +79,30 @@ def _rules(key: str, value: Any) -> list[PolicyRule]:
         seen.add(rule.id)
         out.append(rule)
     return out
+
+
+def _duration(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a duration like 7d, 12h or 30m, got {_json_type(value)}")
+    try:
+        if parse_duration(value) <= 0:
+            raise ConfigError(key, "must be longer than 0")
+    except TimeSpecError as exc:
+        raise ConfigError(key, str(exc)) from None
+    return value.strip()
+
+
+def _row_count(key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(key, f"expected a positive whole number, got {value!r}")
+    return value
+
+
+def _parse_int_text(text: str) -> Any:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return text  # let the check name the problem
 
 
 @dataclass(frozen=True)
@@ -143,6 +172,22 @@ OPTIONS: dict[str, Option] = {
             _rules,
             _parse_json_text,
         ),
+        Option(
+            HISTORY_MAX_AGE,
+            "expert",
+            DEFAULT_HISTORY_MAX_AGE,
+            "How long closed connections stay in the history (state database), e.g. 7d, 12h, 30m.",
+            _duration,
+            lambda text: text,
+        ),
+        Option(
+            HISTORY_MAX_ROWS,
+            "expert",
+            DEFAULT_HISTORY_MAX_ROWS,
+            "At most this many closed connections stay in the history; the oldest go first.",
+            _row_count,
+            _parse_int_text,
+        ),
     )
 }
 
@@ -152,12 +197,29 @@ class Config:
     enable: bool = False
     interface: str = ""
     rules: tuple[PolicyRule, ...] = ()
+    history_max_age: str = DEFAULT_HISTORY_MAX_AGE
+    history_max_rows: int = DEFAULT_HISTORY_MAX_ROWS
 
     def value(self, key: str) -> Any:
-        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: list(self.rules)}[key]
+        return {
+            ENABLE: self.enable,
+            INTERFACE: self.interface,
+            RULES: list(self.rules),
+            HISTORY_MAX_AGE: self.history_max_age,
+            HISTORY_MAX_ROWS: self.history_max_rows,
+        }[key]
 
     def to_json(self) -> dict[str, Any]:
-        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: [rule_to_json(r) for r in self.rules]}
+        """As in the file: the split-tunnel options always, the others only when not at their default."""
+        data = {ENABLE: self.enable, INTERFACE: self.interface, RULES: [rule_to_json(r) for r in self.rules]}
+        for key in (HISTORY_MAX_AGE, HISTORY_MAX_ROWS):
+            if self.value(key) != OPTIONS[key].default:
+                data[key] = self.value(key)
+        return data
+
+    @property
+    def history_max_age_seconds(self) -> float:
+        return parse_duration(self.history_max_age)
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -232,6 +294,8 @@ def from_json(data: Any, interface_exists: Callable[[str], bool] | None = None) 
         enable=values.get(ENABLE, False),
         interface=values.get(INTERFACE, ""),
         rules=tuple(values.get(RULES, ())),
+        history_max_age=values.get(HISTORY_MAX_AGE, DEFAULT_HISTORY_MAX_AGE),
+        history_max_rows=values.get(HISTORY_MAX_ROWS, DEFAULT_HISTORY_MAX_ROWS),
     )
     if interface_exists is not None:
         check_interfaces(config, interface_exists)

@@ -259,6 +259,8 @@ class ConnectionsArgs(Struct):
     verdict: str = ""  # a verb, name or number: split, accept, block…; "" = any
     app: str = ""  # text in the process name, path or command line; "" = any
     limit: int = 200
+    since: float = 0.0  # seen at or after this time (seconds since the epoch); 0 = any
+    until: float = 0.0  # started at or before this time; 0 = now
 
 
 @record
@@ -313,6 +315,31 @@ class ConnectionInfo(Struct):
     split: SplitInfo | None = None
     verb: str = ""
     state: str = "open"  # open | closed
+
+
+@record
+class TimeWindow(Struct):
+    since: float = 0.0  # seconds since the epoch; 0 = the oldest history kept
+    until: float = 0.0  # 0 = now
+
+
+@record
+class NotificationsArgs(Struct):
+    all: bool = False  # also the ones responded to, executed or expired
+
+
+@record
+class NotificationResponse(Struct):
+    id: str
+    action: str  # the id of one of its actions (suppress = "Don't show again")
+
+
+@record
+class NotificationsReset(Struct):
+    """What `notifications reset` deleted."""
+
+    notifications: int
+    markers: int
 
 
 @record
@@ -373,7 +400,8 @@ class Controller(Ops, actor="controller"):
     CONFIG = Op("config", NoArgs, ConfigState, "The config in force, its policy version and the last refusal.")
     NETENV = Op("netenv", NoArgs, NetenvChanged | None, "The last network snapshot netenv published (nil: none yet).")
     CONNECTIONS = Op("connections", ConnectionsArgs, list[ConnectionInfo], "Recent connections, newest first.")
-    CONNECTION = Op("connection", ConnectionArgs, ConnectionInfo, "One connection (not_found once it rolled off).")
+    CONNECTION = Op("connection", ConnectionArgs, ConnectionInfo, "One connection, live or from history.")
+    COUNTS = Op("connections.counts", TimeWindow, dict[str, int], "Connections per verdict verb in a time window.")
     ENABLE = Op("enable", NoArgs, Edited, "Split tunnelling on.")
     DISABLE = Op("disable", NoArgs, Edited, "Split tunnelling off: every connection stays in the VPN.")
     SET_INTERFACE = Op("interface.set", InterfaceChoice, Edited, "Choose the split interface (auto, name, IP, MAC).")
@@ -477,6 +505,9 @@ __all__ = [
     "Lookup",
     "Netenv",
     "NoArgs",
+    "NotificationResponse",
+    "NotificationsArgs",
+    "NotificationsReset",
     "Op",
     "Ops",
     "Ping",
@@ -492,6 +523,7 @@ __all__ = [
     "RulesChecked",
     "SessionsArgs",
     "SplitInfo",
+    "TimeWindow",
     "Upstream",
     "all_ops",
     "groups",

@@ -11,6 +11,11 @@
   validates it (named interfaces must exist now), writes the file atomically and applies it, answering
   with the policy version that carries it, or refuses it with one line and changes nothing.
 - Registry: `conn.*` and `proxy.session.*` events joined per connection (registry.py).
+- History: every connection that closes is written to the state database (core/state, `$SPLITTUN_HOME/
+  state.db`) in batches (every 0.1 s, or at once when many are waiting), so a burst of connections never
+  holds up the bus. `connections` answers live ones from memory and the rest from the database, also after a
+  restart. Retention (`splittun/history/maxAge`, `maxRows`) runs every minute. A database that cannot be
+  opened or written is one log line; the controller runs on without history.
 
 Its ops are declared in messages/control.py (`Controller`); docs/control-plane.md lists them.
 """
@@ -23,6 +28,7 @@ from typing import Any
 
 from core import config as cfg
 from core.egress import find_interface
+from core.state import ConnectionFilter, StateDB, StateError
 from messages import Heartbeat, Message, NetenvChanged, Notification, PolicySnapshot
 from messages.control import (
     INVALID_ARGUMENT,
@@ -43,8 +49,9 @@ from messages.control import (
     RuleAdd,
     RuleMove,
     RuleRef,
+    TimeWindow,
 )
-from messages.verdict import parse_verdict
+from messages.verdict import parse_verdict, verdict_verb
 from runtime.actor import Actor, answers
 from runtime.paths import Home
 
@@ -52,6 +59,9 @@ from .registry import ConnectionRegistry
 
 CONFIG_POLL_SECONDS = 0.25
 REPUBLISH_SECONDS = 3.0
+HISTORY_FLUSH_SECONDS = 0.1
+HISTORY_FLUSH_ROWS = 500  # write at once when this many closed connections wait
+RETENTION_SECONDS = 60.0
 
 
 def interface_checker(snapshot: NetenvChanged | None) -> Any:
@@ -71,6 +81,11 @@ class ControllerActor(Actor):
     def start(self) -> None:
         self.heartbeats: dict[str, tuple[Heartbeat, float]] = {}
         self.registry = ConnectionRegistry()
+        self.history_saved = 0
+        self.history_pruned = 0
+        self.state_errors = 0
+        self.db: StateDB | None = None
+        self.db = self._open_state(Home.from_env().state_db)
         self.netenv: NetenvChanged | None = None
         self.config_path: Path = Home.from_env().config_file
         self.config = cfg.Config()
@@ -84,6 +99,51 @@ class ControllerActor(Actor):
         self._check_config_file(initial=True)
         self.rt.loop.call_every(CONFIG_POLL_SECONDS, self._check_config_file)
         self.rt.loop.call_every(REPUBLISH_SECONDS, lambda: self.rt.publish(self.snapshot), first=0.0)
+        self.rt.loop.call_every(HISTORY_FLUSH_SECONDS, self._flush_history)
+        self.rt.loop.call_every(RETENTION_SECONDS, self._retain, first=1.0)
+
+    def stop(self) -> None:
+        self._flush_history()
+        if self.db is not None:
+            self.db.close()
+
+    # --- state database -----------------------------------------------------------------------------
+
+    def _open_state(self, path: Path) -> StateDB | None:
+        try:
+            db = StateDB.open(path)
+        except StateError as exc:
+            self._state_failed(exc)
+            return None
+        self.log.info("state.opened", path=path, schema=db.version, connections=db.count_connections())
+        return db
+
+    def _state_failed(self, exc: StateError) -> None:
+        """One line, then on without the database: live connections and everything else keep working."""
+        self.state_errors += 1
+        self.log.error("state.unavailable", error=str(exc), effect="running without history until restart")
+        if self.db is not None:
+            self.db.close()
+        self.db = None
+
+    def _flush_history(self) -> None:
+        rows = self.registry.take_closed()
+        if not rows or self.db is None:
+            return
+        try:
+            self.history_saved += self.db.save_connections(rows)
+        except StateError as exc:
+            self._state_failed(exc)
+
+    def _retain(self) -> None:
+        if self.db is None:
+            return
+        try:
+            self.history_pruned += self.db.prune(
+                time.time(), self.config.history_max_age_seconds, self.config.history_max_rows
+            )
+        except StateError as exc:
+            self._state_failed(exc)
 
     # --- config -----------------------------------------------------------------------------------
 
@@ -176,8 +236,8 @@ class ControllerActor(Actor):
             self.heartbeats[msg.instance] = (msg, time.time())
         elif isinstance(msg, NetenvChanged):
             self.netenv = msg
-        else:
-            self.registry.handle(msg)
+        elif self.registry.handle(msg) and self.registry.closed_waiting >= HISTORY_FLUSH_ROWS:
+            self._flush_history()
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -216,22 +276,71 @@ class ControllerActor(Actor):
     def answer_netenv(self, args: NoArgs) -> NetenvChanged | None:
         return self.netenv
 
-    @answers(Controller.CONNECTIONS)
-    def answer_connections(self, args: ConnectionsArgs) -> list[ConnectionInfo]:
+    def _connection_filter(self, args: ConnectionsArgs | TimeWindow, limit: int = 0) -> ConnectionFilter:
         verdict = None
-        if args.verdict:
+        if isinstance(args, ConnectionsArgs) and args.verdict:
             try:
                 verdict = int(parse_verdict(args.verdict))
             except ValueError as exc:
                 raise RequestFailed(INVALID_ARGUMENT, str(exc)) from None
-        return [r.to_info() for r in self.registry.query(verdict, args.app or None, args.limit)]
+        app = args.app if isinstance(args, ConnectionsArgs) else ""
+        return ConnectionFilter(verdict=verdict, app=app, since=args.since, until=args.until, limit=limit)
+
+    def _history(self, query: ConnectionFilter) -> list[ConnectionInfo]:
+        """What the database holds for `query` (nothing without one); written up to now first."""
+        self._flush_history()
+        if self.db is None:
+            return []
+        try:
+            return self.db.connections(query)
+        except StateError as exc:
+            self._state_failed(exc)
+            return []
+
+    @answers(Controller.CONNECTIONS)
+    def answer_connections(self, args: ConnectionsArgs) -> list[ConnectionInfo]:
+        """Live and recent ones from memory (the freshest version), older ones from the database."""
+        query = self._connection_filter(args, args.limit)
+        rows = {r.conn_id: r for r in self.registry.query(query)}
+        for old in self._history(query):
+            rows.setdefault(old.conn_id, old)
+        return sorted(rows.values(), key=lambda r: r.started, reverse=True)[: max(0, args.limit)]
 
     @answers(Controller.CONNECTION)
     def answer_connection(self, args: ConnectionArgs) -> ConnectionInfo:
         rec = self.registry.get(args.id)
+        if rec is None and self.db is not None:
+            self._flush_history()
+            try:
+                rec = self.db.connection(args.id)
+            except StateError as exc:
+                self._state_failed(exc)
         if rec is None:
-            raise RequestFailed(NOT_FOUND, f"no connection {args.id!r} (old ones roll off)")
-        return rec.to_info()
+            raise RequestFailed(NOT_FOUND, f"no connection {args.id!r} (not live and not in the history)")
+        return rec
+
+    @answers(Controller.COUNTS)
+    def answer_counts(self, args: TimeWindow) -> dict[str, int]:
+        """Per verdict verb: live connections from memory, closed ones from the database (from memory without
+        one); "total" is their sum."""
+        query = self._connection_filter(args, limit=1 << 62)
+        by_verdict: dict[int, int] = {}
+        in_memory = self.registry.query(query)
+        stored = None
+        if self.db is not None:
+            self._flush_history()
+            try:
+                stored = self.db.verdict_counts(query)
+            except StateError as exc:
+                self._state_failed(exc)
+        if stored is not None:
+            by_verdict.update(stored)
+            in_memory = [r for r in in_memory if r.state == "open"]  # closed ones are in the database now
+        for rec in in_memory:
+            by_verdict[rec.verdict] = by_verdict.get(rec.verdict, 0) + 1
+        counts = {verdict_verb(v): n for v, n in sorted(by_verdict.items())}
+        counts["total"] = sum(by_verdict.values())
+        return counts
 
     @answers(Controller.ENABLE)
     def answer_enable(self, args: NoArgs) -> Edited:
@@ -268,4 +377,8 @@ class ControllerActor(Actor):
             "config_reloads": self.reloads,
             "config_refused": self.refused,
             **self.registry.counts(),
+            "history_saved": self.history_saved,
+            "history_pruned": self.history_pruned,
+            "state_errors": self.state_errors,
+            "state_db": int(self.db is not None),
         }
