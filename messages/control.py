@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import field
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
-from .events import InterfaceRecord, NetenvChanged, PolicyRule, PolicySnapshot
+from .events import InterfaceRecord, NetenvChanged, Notification, PolicyRule, PolicySnapshot
 from .schema import VERSION_KEY, Message, Struct, _decoder_for, record
 
 BAD_REQUEST = "bad_request"  # undecodable or schema-invalid request
@@ -402,6 +402,14 @@ class Controller(Ops, actor="controller"):
     CONNECTIONS = Op("connections", ConnectionsArgs, list[ConnectionInfo], "Recent connections, newest first.")
     CONNECTION = Op("connection", ConnectionArgs, ConnectionInfo, "One connection, live or from history.")
     COUNTS = Op("connections.counts", TimeWindow, dict[str, int], "Connections per verdict verb in a time window.")
+    NOTIFICATIONS = Op("notifications", NotificationsArgs, list[Notification], "Notifications, newest first.")
+    RESPOND = Op("notifications.respond", NotificationResponse, Notification, "Answer a notification with an action.")
+    NOTIFY = Op(
+        "notify", Notification, Notification | None, "Show a notification (nil: suppressed, or already showing)."
+    )
+    RESET_NOTIFICATIONS = Op(
+        "notifications.reset", NoArgs, NotificationsReset, "Delete every notification state and suppression marker."
+    )
     ENABLE = Op("enable", NoArgs, Edited, "Split tunnelling on.")
     DISABLE = Op("disable", NoArgs, Edited, "Split tunnelling off: every connection stays in the VPN.")
     SET_INTERFACE = Op("interface.set", InterfaceChoice, Edited, "Choose the split interface (auto, name, IP, MAC).")

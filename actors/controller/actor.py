@@ -16,6 +16,10 @@
   holds up the bus. `connections` answers live ones from memory and the rest from the database, also after a
   restart. Retention (`splittun/history/maxAge`, `maxRows`) runs every minute. A database that cannot be
   opened or written is one log line; the controller runs on without history.
+- Notifications: `notify()` shows one (unless the user suppressed its id), stores it and publishes it as
+  `notify.*`; other actors raise theirs with the `notify` op. The controller's own: the config refused, the
+  split interface gone / back, a rule that can never match (notices.py). Answered with
+  `notifications.respond`, all forgotten with `notifications.reset` (core/state/notifications.py).
 
 Its ops are declared in messages/control.py (`Controller`); docs/control-plane.md lists them.
 """
@@ -29,6 +33,7 @@ from typing import Any
 from core import config as cfg
 from core.egress import find_interface
 from core.state import ConnectionFilter, StateDB, StateError
+from core.state.notifications import NotificationCenter, NotificationError
 from messages import Heartbeat, Message, NetenvChanged, Notification, PolicySnapshot
 from messages.control import (
     INVALID_ARGUMENT,
@@ -43,6 +48,9 @@ from messages.control import (
     Edited,
     InterfaceChoice,
     NoArgs,
+    NotificationResponse,
+    NotificationsArgs,
+    NotificationsReset,
     Op,
     ReloadOutcome,
     RequestFailed,
@@ -55,6 +63,7 @@ from messages.verdict import parse_verdict, verdict_verb
 from runtime.actor import Actor, answers
 from runtime.paths import Home
 
+from . import notices
 from .registry import ConnectionRegistry
 
 CONFIG_POLL_SECONDS = 0.25
@@ -86,6 +95,8 @@ class ControllerActor(Actor):
         self.state_errors = 0
         self.db: StateDB | None = None
         self.db = self._open_state(Home.from_env().state_db)
+        self.notes = NotificationCenter(self.db, self._state_failed)
+        self.conditions: set[str] = set()  # ids of the notices.conditions() shown now
         self.netenv: NetenvChanged | None = None
         self.config_path: Path = Home.from_env().config_file
         self.config = cfg.Config()
@@ -136,6 +147,7 @@ class ControllerActor(Actor):
             self._state_failed(exc)
 
     def _retain(self) -> None:
+        self.notes.expire(time.time())
         if self.db is None:
             return
         try:
@@ -169,18 +181,10 @@ class ControllerActor(Actor):
             self.refused += 1
             self.last_error = str(exc)
             self.log.error("config.refused", error=self.last_error, kept_version=self.snapshot.version)
-            self.rt.publish(
-                Notification(
-                    topic="notify.config.refused",
-                    id="config-refused",
-                    ts=time.time(),
-                    title="Config change refused",
-                    message=f"{self.last_error}. The previous config stays in force.",
-                    level="error",
-                )
-            )
+            self.notify(notices.config_refused(self.last_error, time.time()))
             return ReloadOutcome(applied=False, error=self.last_error, version=self.snapshot.version)
         self.last_error = ""
+        self.retire(notices.CONFIG_REFUSED)
         self._apply(new, "file")
         return ReloadOutcome(applied=True, version=self.snapshot.version)
 
@@ -198,6 +202,7 @@ class ControllerActor(Actor):
                 rules=len(new.rules),
                 source=source,
             )
+            self._check_conditions()
         self.reloads += 1
 
     def _edit(self, op: Op[Any, Edited], args: Any) -> Edited:
@@ -229,6 +234,37 @@ class ControllerActor(Actor):
             rules=list(self.config.rules),
         )
 
+    # --- notifications ----------------------------------------------------------------------------
+
+    def notify(self, note: Notification) -> Notification | None:
+        """Show a notification: stored and published as `note.topic`, unless the user suppressed its id or the
+        same one is showing already (then None)."""
+        shown = self.notes.show(note)
+        if shown is not None:
+            self.rt.publish(shown)
+            self.log.info("notify.shown", id=shown.id, level=shown.level, title=shown.title)
+        return shown
+
+    def retire(self, note_id: str) -> None:
+        """What a notification told about is over: it stops showing (announced with its new expiry)."""
+        retired = self.notes.retire(note_id, time.time())
+        if retired is not None:
+            self.rt.publish(retired)
+
+    def _check_conditions(self) -> None:
+        now = time.time()
+        found = notices.conditions(self.config, self.netenv, now)
+        for note_id, note in found.items():
+            if note_id not in self.conditions:
+                self.notify(note)
+        for note_id in self.conditions - set(found):
+            self.retire(note_id)
+            if note_id == notices.INTERFACE_GONE:
+                self.notify(notices.interface_back(self.config, now))
+        if notices.INTERFACE_GONE in found:
+            self.retire(notices.INTERFACE_BACK)
+        self.conditions = set(found)
+
     # --- bus --------------------------------------------------------------------------------------
 
     def on_message(self, msg: Message) -> None:
@@ -236,6 +272,7 @@ class ControllerActor(Actor):
             self.heartbeats[msg.instance] = (msg, time.time())
         elif isinstance(msg, NetenvChanged):
             self.netenv = msg
+            self._check_conditions()
         elif self.registry.handle(msg) and self.registry.closed_waiting >= HISTORY_FLUSH_ROWS:
             self._flush_history()
 
@@ -341,6 +378,35 @@ class ControllerActor(Actor):
         counts = {verdict_verb(v): n for v, n in sorted(by_verdict.items())}
         counts["total"] = sum(by_verdict.values())
         return counts
+
+    @answers(Controller.NOTIFICATIONS)
+    def answer_notifications(self, args: NotificationsArgs) -> list[Notification]:
+        return self.notes.list(time.time(), everything=args.all)
+
+    @answers(Controller.NOTIFY)
+    def answer_notify(self, args: Notification) -> Notification | None:
+        try:
+            return self.notify(args)
+        except ValueError as exc:
+            raise RequestFailed(INVALID_ARGUMENT, str(exc)) from None
+
+    @answers(Controller.RESPOND)
+    def answer_respond(self, args: NotificationResponse) -> Notification:
+        try:
+            note = self.notes.respond(args.id, args.action, time.time())
+        except NotificationError as exc:
+            raise RequestFailed(NOT_FOUND if exc.code == "not_found" else INVALID_ARGUMENT, str(exc)) from None
+        self.rt.publish(note)  # the answer is news too (inject-event: it is the event)
+        self.log.info("notify.responded", id=note.id, action=note.responded, state=note.state)
+        return note
+
+    @answers(Controller.RESET_NOTIFICATIONS)
+    def answer_reset_notifications(self, args: NoArgs) -> NotificationsReset:
+        notes, markers = self.notes.reset()
+        self.conditions = set()  # what still holds is shown again
+        self._check_conditions()
+        self.log.info("notify.reset", notifications=notes, markers=markers)
+        return NotificationsReset(notifications=notes, markers=markers)
 
     @answers(Controller.ENABLE)
     def answer_enable(self, args: NoArgs) -> Edited:

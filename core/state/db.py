@@ -16,7 +16,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,8 +227,9 @@ class StateDB:
         try:
             yield
         except sqlite3.Error as exc:
-            if self._db.in_transaction:
-                self._db.rollback()
+            with suppress(sqlite3.Error):
+                if self._db.in_transaction:
+                    self._db.rollback()
             raise StateError(f"state database {self.where}: {exc}") from None
 
     @contextmanager
