@@ -490,6 +490,21 @@ class Proxy(Ops, actor="proxy"):
     STATUS = Op("status", NoArgs, ProxyStatus, "Protocol, listen addresses, egress per family and counters.")
 
 
+# api (actors/api/actor.py): the local HTTP API
+
+
+@record
+class LoginCode(Struct):
+    url: str  # open it in a browser on this machine: the code in it works once
+    expires: float  # seconds since the epoch
+
+
+class Api(Ops, actor="api"):
+    """The local HTTP API actor."""
+
+    LOGIN = Op("login", NoArgs, LoginCode, "A one-time login URL for a browser (splittun ui): code → session cookie.")
+
+
 __all__ = [
     "BAD_REQUEST",
     "INTERNAL",
@@ -499,6 +514,7 @@ __all__ = [
     "UNKNOWN_OP",
     "ActorInfo",
     "AnyActor",
+    "Api",
     "ConfigSet",
     "ConfigState",
     "ConnectionArgs",
@@ -510,6 +526,7 @@ __all__ = [
     "Interceptor",
     "InterfaceChoice",
     "Location",
+    "LoginCode",
     "Lookup",
     "Netenv",
     "NoArgs",

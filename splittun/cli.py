@@ -12,6 +12,7 @@ from splittun.commands import (
     FAILED,
     USER_ERROR,
     UserError,
+    api,
     configure,
     connections,
     interfaces,
@@ -21,7 +22,7 @@ from splittun.commands import (
 from splittun.commands import events as events_cmd
 from splittun.commands import lab as lab_cmd
 
-COMMAND_MODULES = (lifecycle, configure, connections, events_cmd, lab_cmd, interfaces, notifications)
+COMMAND_MODULES = (lifecycle, configure, connections, events_cmd, lab_cmd, interfaces, notifications, api)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -191,7 +191,13 @@ class ControllerActor(Actor):
     def _apply(self, new: cfg.Config, source: str) -> None:
         """Make `new` the config in force: a new policy snapshot, published at once (when it changed)."""
         if new != self.config or self.reloads == 0:
+            history_changed = (new.history_max_age, new.history_max_rows) != (
+                self.config.history_max_age,
+                self.config.history_max_rows,
+            )
             self.config = new
+            if history_changed:
+                self._retain()  # a shorter history takes effect now, not within the minute
             self.snapshot = self._compile()
             self.rt.publish(self.snapshot)
             self.log.info(
