@@ -45,11 +45,15 @@ def _counted(split: SplitInfo, counters: SessionCounters, **changes: Any) -> Spl
 
 
 def _updated(rec: ConnectionInfo, **changes: Any) -> ConnectionInfo:
-    """`rec` with `changes`, its verb and state derived again: closed once conntrack forgot it, or — sooner —
-    once its proxy session closed (TCP entries linger in conntrack for minutes after the close)."""
-    new = dataclasses.replace(rec, **changes)
-    closed = new.ended is not None or (new.split is not None and new.split.closed is not None)
-    return dataclasses.replace(new, verb=verdict_verb(new.verdict), state="closed" if closed else "open")
+    """`rec` with `changes`, its verb and state derived again (one copy: this runs for every event): closed
+    once conntrack forgot it, or — sooner — once its proxy session closed (TCP entries linger in conntrack for
+    minutes after the close)."""
+    ended = changes.get("ended", rec.ended)
+    split = changes.get("split", rec.split)
+    closed = ended is not None or (split is not None and split.closed is not None)
+    changes["state"] = "closed" if closed else "open"
+    changes["verb"] = verdict_verb(changes.get("verdict", rec.verdict))
+    return dataclasses.replace(rec, **changes)
 
 
 class ConnectionRegistry:
