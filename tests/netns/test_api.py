@@ -300,3 +300,24 @@ def test_retention_deletes_what_it_should(st: E2E, leaks: Leaks) -> None:
     assert wait_until(lambda: stored() == [], timeout=5), stored()
     st.ok("config", "set", "splittun/history/maxAge", "7d")
     st.ok("config", "set", "splittun/history/maxRows", "100000")
+
+
+def test_a_corrupt_state_database_is_one_line_and_nothing_else_breaks(st: E2E, leaks: Leaks) -> None:
+    """Last in the module: it breaks the history on purpose, then puts a fresh one back."""
+    home = Home.from_env({"SPLITTUN_HOME": str(st.home)})
+    db = home.state_db
+    for suffix in ("-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    db.write_bytes(b"not a database " * 1000)
+    kill9(st, "controller")
+    log = (home.log_dir / "controller.log").read_text().splitlines()
+    failures = [line for line in log[-50:] if "state.unavailable" in line]
+    assert len(failures) == 1 and "file is not a database" in failures[0], failures
+    conn_id = split_curl(st, leaks)  # live connections, notifications, edits: all as before
+    assert conn_id in [c["conn_id"] for c in st.connections("--since", "1h")]
+    assert notify(st, "still-works", "in memory")["state"] == "active"
+    assert good(st, "GET", "/api/v1/counts", token="read")["split tunneled"] >= 1
+    st.apply("rules", "add", "--name", "wget")
+    db.unlink()
+    kill9(st, "controller")
+    assert wait_until(lambda: db.exists(), timeout=5)  # a new, empty history
