@@ -265,6 +265,33 @@ def test_a_rule_that_can_never_match_is_a_notification(st: E2E) -> None:
     assert wait_until(lambda: f"rule-never-matches-{rule}" not in shown(), timeout=10)  # retired with the rule
 
 
+def test_the_split_interface_gone_and_back_are_notifications(st: E2E) -> None:
+    def veth(action: str) -> None:
+        if action == "add":
+            st.lab.exec("host", ["ip", "link", "add", "stv2", "type", "veth", "peer", "name", "stv3"], check=True)
+            st.lab.exec("host", ["ip", "addr", "add", "fd00:5717:2::1/64", "dev", "stv2", "nodad"], check=True)
+            for end in ("stv3", "stv2"):
+                st.lab.exec("host", ["ip", "link", "set", end, "up"], check=True)
+        else:
+            st.lab.exec("host", ["ip", "link", "del", "stv2"])
+
+    def shown() -> dict[str, str]:
+        return {n["id"]: n["message"] for n in json.loads(st.ok("notifications", "list", "--json"))}
+
+    veth("add")
+    try:
+        assert wait_until(lambda: st.cli("interface", "stv2").returncode == 0), st.cli("interface", "stv2").stderr
+        veth("del")
+        assert wait_until(lambda: "split-interface-gone" in shown(), timeout=10), shown()
+        assert "'stv2' is not there" in shown()["split-interface-gone"]
+        veth("add")
+        assert wait_until(lambda: "split-interface-back" in shown(), timeout=10), shown()
+        assert "split-interface-gone" not in shown() and "'stv2' again" in shown()["split-interface-back"]
+    finally:
+        veth("del")
+        st.interface("auto", expect=T.HOST_IF)
+
+
 # --- history --------------------------------------------------------------------------------------------------
 
 
