@@ -8,7 +8,7 @@ reloaded by the controller when it changes. Invalid config is refused with one m
 the command-line flag) and the problem, and whatever config was in force stays in force.
 
 Options carry an expertise level like Portmaster's: user ⊂ expert ⊂ developer. The split-tunnel
-options are user level.
+options are user level; how long the connection history is kept (`splittun/history/…`) is expert level.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 from core.policy import RuleError, parse_endpoint, parse_ports
 from core.policy import validate as validate_rule
+from core.state.timespec import TimeSpecError, parse_duration
 from messages import PolicyRule
 from messages.control import (
     ConfigSet,
@@ -48,6 +49,10 @@ UPDATE_CA_FILE = "splittun/updateCAFile"
 UPDATE_STALE_DAYS = "splittun/updateStaleAfterDays"
 DATA_PATH = "splittun/dataPath"
 DATA_PATHS = ("kernel", "proxy")
+HISTORY_MAX_AGE = "splittun/history/maxAge"
+HISTORY_MAX_ROWS = "splittun/history/maxRows"
+DEFAULT_HISTORY_MAX_AGE = "7d"  # a laptop's week of connections…
+DEFAULT_HISTORY_MAX_ROWS = 100_000  # …in at most some 50 MB
 
 
 class ConfigError(ValueError):
@@ -110,6 +115,30 @@ def _days(key: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 3650:
         raise ConfigError(key, f"expected a number of days from 1 to 3650, got {value!r}")
     return value
+
+
+def _duration(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a duration like 7d, 12h or 30m, got {_json_type(value)}")
+    try:
+        if parse_duration(value) <= 0:
+            raise ConfigError(key, "must be longer than 0")
+    except TimeSpecError as exc:
+        raise ConfigError(key, str(exc)) from None
+    return value.strip()
+
+
+def _row_count(key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(key, f"expected a positive whole number, got {value!r}")
+    return value
+
+
+def _parse_int_text(text: str) -> Any:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return text  # let the check name the problem
 
 
 @dataclass(frozen=True)
@@ -214,6 +243,22 @@ OPTIONS: dict[str, Option] = {
             _data_path,
             lambda text: text,
         ),
+        Option(
+            HISTORY_MAX_AGE,
+            "expert",
+            DEFAULT_HISTORY_MAX_AGE,
+            "How long closed connections stay in the history (state database), e.g. 7d, 12h, 30m.",
+            _duration,
+            lambda text: text,
+        ),
+        Option(
+            HISTORY_MAX_ROWS,
+            "expert",
+            DEFAULT_HISTORY_MAX_ROWS,
+            "At most this many closed connections stay in the history; the oldest go first.",
+            _row_count,
+            _parse_int_text,
+        ),
     )
 }
 
@@ -227,20 +272,33 @@ class Config:
     update_ca_file: str = ""
     update_stale_days: int = 30
     data_path: str = "kernel"
+    history_max_age: str = DEFAULT_HISTORY_MAX_AGE
+    history_max_rows: int = DEFAULT_HISTORY_MAX_ROWS
 
     def value(self, key: str) -> Any:
-        return self.to_json()[key] if key != RULES else list(self.rules)
-
-    def to_json(self) -> dict[str, Any]:
         return {
             ENABLE: self.enable,
             INTERFACE: self.interface,
-            RULES: [rule_to_json(r) for r in self.rules],
+            RULES: list(self.rules),
             UPDATE_SOURCE: self.update_source,
             UPDATE_CA_FILE: self.update_ca_file,
             UPDATE_STALE_DAYS: self.update_stale_days,
             DATA_PATH: self.data_path,
-        }
+            HISTORY_MAX_AGE: self.history_max_age,
+            HISTORY_MAX_ROWS: self.history_max_rows,
+        }[key]
+
+    def to_json(self) -> dict[str, Any]:
+        """As in the file: the split-tunnel options always, the others only when not at their default."""
+        data = {ENABLE: self.enable, INTERFACE: self.interface, RULES: [rule_to_json(r) for r in self.rules]}
+        for key in (UPDATE_SOURCE, UPDATE_CA_FILE, UPDATE_STALE_DAYS, DATA_PATH, HISTORY_MAX_AGE, HISTORY_MAX_ROWS):
+            if self.value(key) != OPTIONS[key].default:
+                data[key] = self.value(key)
+        return data
+
+    @property
+    def history_max_age_seconds(self) -> float:
+        return parse_duration(self.history_max_age)
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -319,6 +377,8 @@ def from_json(data: Any, interface_exists: Callable[[str], bool] | None = None) 
         update_ca_file=values.get(UPDATE_CA_FILE, ""),
         update_stale_days=values.get(UPDATE_STALE_DAYS, 30),
         data_path=values.get(DATA_PATH, OPTIONS[DATA_PATH].default),
+        history_max_age=values.get(HISTORY_MAX_AGE, DEFAULT_HISTORY_MAX_AGE),
+        history_max_rows=values.get(HISTORY_MAX_ROWS, DEFAULT_HISTORY_MAX_ROWS),
     )
     if interface_exists is not None:
         check_interfaces(config, interface_exists)

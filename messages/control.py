@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import field
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
-from .events import InterfaceRecord, NetenvChanged, PolicyRule, PolicySnapshot
+from .events import InterfaceRecord, NetenvChanged, Notification, PolicyRule, PolicySnapshot
 from .schema import VERSION_KEY, Message, Struct, _decoder_for, record
 
 BAD_REQUEST = "bad_request"  # undecodable or schema-invalid request
@@ -259,6 +259,8 @@ class ConnectionsArgs(Struct):
     verdict: str = ""  # a verb, name or number: split, accept, block…; "" = any
     app: str = ""  # text in the process name, path or command line; "" = any
     limit: int = 200
+    since: float = 0.0  # seen at or after this time (seconds since the epoch); 0 = any
+    until: float = 0.0  # started at or before this time; 0 = now
 
 
 @record
@@ -315,6 +317,31 @@ class ConnectionInfo(Struct):
     split: SplitInfo | None = None
     verb: str = ""
     state: str = "open"  # open | closed
+
+
+@record
+class TimeWindow(Struct):
+    since: float = 0.0  # seconds since the epoch; 0 = the oldest history kept
+    until: float = 0.0  # 0 = now
+
+
+@record
+class NotificationsArgs(Struct):
+    all: bool = False  # also the ones responded to, executed or expired
+
+
+@record
+class NotificationResponse(Struct):
+    id: str
+    action: str  # the id of one of its actions (suppress = "Don't show again")
+
+
+@record
+class NotificationsReset(Struct):
+    """What `notifications reset` deleted."""
+
+    notifications: int
+    markers: int
 
 
 @record
@@ -405,7 +432,16 @@ class Controller(Ops, actor="controller"):
     CONFIG = Op("config", NoArgs, ConfigState, "The config in force, its policy version and the last refusal.")
     NETENV = Op("netenv", NoArgs, NetenvChanged | None, "The last network snapshot netenv published (nil: none yet).")
     CONNECTIONS = Op("connections", ConnectionsArgs, list[ConnectionInfo], "Recent connections, newest first.")
-    CONNECTION = Op("connection", ConnectionArgs, ConnectionInfo, "One connection (not_found once it rolled off).")
+    CONNECTION = Op("connection", ConnectionArgs, ConnectionInfo, "One connection, live or from history.")
+    COUNTS = Op("connections.counts", TimeWindow, dict[str, int], "Connections per verdict verb in a time window.")
+    NOTIFICATIONS = Op("notifications", NotificationsArgs, list[Notification], "Notifications, newest first.")
+    RESPOND = Op("notifications.respond", NotificationResponse, Notification, "Answer a notification with an action.")
+    NOTIFY = Op(
+        "notify", Notification, Notification | None, "Show a notification (nil: suppressed, or already showing)."
+    )
+    RESET_NOTIFICATIONS = Op(
+        "notifications.reset", NoArgs, NotificationsReset, "Delete every notification state and suppression marker."
+    )
     ENABLE = Op("enable", NoArgs, Edited, "Split tunnelling on.")
     DISABLE = Op("disable", NoArgs, Edited, "Split tunnelling off: every connection stays in the VPN.")
     SET_INTERFACE = Op("interface.set", InterfaceChoice, Edited, "Choose the split interface (auto, name, IP, MAC).")
@@ -490,6 +526,21 @@ class Proxy(Ops, actor="proxy"):
     STATUS = Op("status", NoArgs, ProxyStatus, "Protocol, listen addresses, egress per family and counters.")
 
 
+# api (actors/api/actor.py): the local HTTP API
+
+
+@record
+class LoginCode(Struct):
+    url: str  # open it in a browser on this machine: the code in it works once
+    expires: float  # seconds since the epoch
+
+
+class Api(Ops, actor="api"):
+    """The local HTTP API actor."""
+
+    LOGIN = Op("login", NoArgs, LoginCode, "A one-time login URL for a browser (splittun ui): code → session cookie.")
+
+
 __all__ = [
     "BAD_REQUEST",
     "INTERNAL",
@@ -499,6 +550,7 @@ __all__ = [
     "UNKNOWN_OP",
     "ActorInfo",
     "AnyActor",
+    "Api",
     "ConfigSet",
     "ConfigState",
     "ConnectionArgs",
@@ -510,9 +562,13 @@ __all__ = [
     "Interceptor",
     "InterfaceChoice",
     "Location",
+    "LoginCode",
     "Lookup",
     "Netenv",
     "NoArgs",
+    "NotificationResponse",
+    "NotificationsArgs",
+    "NotificationsReset",
     "Op",
     "Ops",
     "Ping",
@@ -530,6 +586,7 @@ __all__ = [
     "RulesChecked",
     "SessionsArgs",
     "SplitInfo",
+    "TimeWindow",
     "UpdateApply",
     "UpdateOutcome",
     "Upstream",

@@ -287,6 +287,8 @@ class Notification(Message):
     level: str = "info"  # info | warning | error | prompt
     state: str = "active"  # active | responded | executed
     actions: list[NotificationAction] = field(default_factory=list)
+    expires: float = 0.0  # seconds since the epoch after which it is no longer shown; 0 = never
+    responded: str = ""  # the id of the action the user chose (state responded or executed)
 
     def __post_init__(self) -> None:
         if not self.topic.startswith("notify.") or self.topic == "notify.":
@@ -295,7 +297,5 @@ class Notification(Message):
     def wire_topic(self) -> str:
         return self.topic
 
-    def to_wire(self) -> dict[str, Any]:
-        data = Message.to_wire(self)  # slots dataclasses break zero-arg super() on 3.11
-        del data["topic"]  # travels as the topic frame
-        return data
+    # The topic also stays in the payload: a notification inside a reply (the `notifications` op, the API) has
+    # no topic frame. On the bus the frame decides (schema.decode).

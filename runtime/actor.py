@@ -91,7 +91,7 @@ def dispatch(actor: Actor, req: Request) -> Any:
 
 
 class Actor:
-    """Base class of the six actors. Override what the actor needs; everything has a safe default."""
+    """Base class of the actors. Override what the actor needs; everything has a safe default."""
 
     name: ClassVar[str] = ""
     #: Topic prefixes this actor receives in `on_message`.

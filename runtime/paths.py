@@ -80,6 +80,11 @@ def routing_marker(run: Path) -> Path:
     return run / "interceptor.routing"
 
 
+def api_token(run: Path, level: str) -> Path:
+    """The local API's bearer token for `level` (read, admin): 0600, written by `splittun up` (core/access.py)."""
+    return run / f"api-{level}.token"
+
+
 def endpoint_file(address: str) -> Path | None:
     return Path(address[len("ipc://") :]) if address.startswith("ipc://") else None
 

@@ -8,11 +8,22 @@ import sys
 from collections.abc import Sequence
 
 from splittun import __version__
-from splittun.commands import FAILED, USER_ERROR, UserError, configure, connections, interfaces, lifecycle, presets
+from splittun.commands import (
+    FAILED,
+    USER_ERROR,
+    UserError,
+    api,
+    configure,
+    connections,
+    interfaces,
+    lifecycle,
+    notifications,
+    presets,
+)
 from splittun.commands import events as events_cmd
 from splittun.commands import lab as lab_cmd
 
-COMMAND_MODULES = (lifecycle, configure, connections, events_cmd, lab_cmd, interfaces, presets)
+COMMAND_MODULES = (lifecycle, configure, connections, events_cmd, lab_cmd, interfaces, presets, notifications, api)
 
 
 def build_parser() -> argparse.ArgumentParser:

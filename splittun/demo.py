@@ -8,6 +8,7 @@ transport, the lab's probes, link housekeeping and the split connections it show
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -52,14 +53,17 @@ class Demo:
         check: bool = True,
         shown: str | None = None,
         input: str | None = None,
+        quiet: bool = False,
     ) -> str:
-        """Run a command (in a lab namespace), print it as a user would type it, then its output."""
+        """Run a command (in a lab namespace), print it as a user would type it, then its output (unless quiet:
+        the caller shows what matters of it)."""
         full = [*(["ip", "netns", "exec", self.lab.ns(ns)] if ns else []), *argv]
         where = f"[{ns}] " if ns else ""
-        print(f"{where}$ {shown or shlex.join(argv)}", flush=True)
+        if not quiet or shown:
+            print(f"{where}$ {shown or shlex.join(argv)}", flush=True)
         result = subprocess.run(full, env=self.env, capture_output=True, text=True, timeout=120, input=input)
         output = (result.stdout + result.stderr).rstrip()
-        if output:
+        if output and not quiet:
             print("\n".join("    " + line for line in output.splitlines()), flush=True)
         if check and result.returncode != 0:
             raise RuntimeError(f"{shown or shlex.join(argv)} failed with exit {result.returncode}")
@@ -84,7 +88,7 @@ class Demo:
         self.sh(["curl", "-s", "--max-time", "5", f"http://[{T.WHOAMI_V6}]/"])
         print(f"    (the VPN server's exit address is {T.VPNSRV_V4}; the ISP gave this laptop {T.HOST_V4})")
 
-        self.step("Start splittun inside the laptop's namespace (supervisord runs the bus and the six actors)")
+        self.step("Start splittun inside the laptop's namespace (supervisord runs the bus and the seven actors)")
         self.splittun("up")
         self.splittun("status")
         self.splittun("interface")
@@ -108,6 +112,21 @@ class Demo:
 
         self.step("The connections, with what the split tunnel did with them")
         self.splittun("connections", "--limit", "12")
+
+        self.step("History survives a restart: kill -9 the controller, supervisord restarts it, ask again")
+        self.restart_controller()
+        self.splittun("connections", "--since", "10m", "--verdict", "split", "--limit", "4")
+
+        self.step("A notification: a hand edit of the config goes wrong, splittun refuses it and says so")
+        self.notification()
+
+        self.step("The local API (loopback :817, bearer token): counts per verdict, as a script would ask")
+        token = shlex.join([sys.executable, "-m", "splittun.cli", "api", "token", "--read"])
+        url = "http://127.0.0.1:817/api/v1/counts?since=1h"
+        self.sh(
+            ["sh", "-c", f'curl -s -H "Authorization: Bearer $({token})" {url}'],
+            shown=f'curl -s -H "Authorization: Bearer $(splittun api token --read)" {url}',
+        )
 
         self.step("The same story on the bus, live, while curl fetches a page")
         self.events_during(
@@ -133,6 +152,44 @@ class Demo:
         if report.leaks or report.drops:
             print(report.describe(), flush=True)
             raise RuntimeError("packets left the physical link outside the VPN")
+
+    def restart_controller(self) -> None:
+        status = json.loads(
+            self.sh(
+                [sys.executable, "-m", "splittun.cli", "status", "--json"],
+                shown="splittun status --json | jq '.actors[] | select(.actor == \"controller\") | .pid'",
+                quiet=True,
+            )
+        )
+        pid = next(a["pid"] for a in status["actors"] if a["actor"] == "controller")
+        print(f"    {pid}", flush=True)
+        self.sh(["kill", "-9", str(pid)])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            answer = self.sh([sys.executable, "-m", "splittun.cli", "status", "--json"], check=False, quiet=True)
+            try:
+                rows = json.loads(answer)["actors"]
+            except (ValueError, KeyError):
+                continue
+            row = next((a for a in rows if a["actor"] == "controller"), None)
+            if row and row["pid"] not in (0, pid) and row["heartbeat_age"] is not None:
+                print(f"    (supervisord restarted the controller: pid {row['pid']})", flush=True)
+                return
+        raise RuntimeError("the controller did not come back after kill -9")
+
+    def notification(self) -> None:
+        config = self.home / "config.json"
+        good = config.read_text()
+        self.sh(["sh", "-c", f"echo '{{\"splittun/enable\": \"yes\"}}' > {config}"],
+                shown=f"echo '{{\"splittun/enable\": \"yes\"}}' > {config}")  # fmt: skip
+        time.sleep(1.0)  # the controller looks at the file four times a second
+        self.splittun("notifications")
+        self.splittun("notifications", "respond", "config-refused", "ok")
+        config.write_text(good)
+        print(f"    (the good config is back in {config}; the controller applies it again)", flush=True)
+        time.sleep(1.0)
+        self.splittun("notifications", "list", "--all")
 
     def events_during(self, prefixes: list[str], action: list[str]) -> None:
         """`splittun events PREFIX…` running while `action` runs, as two terminals would show it."""

@@ -26,7 +26,7 @@ from kernel import netns
 from runtime.paths import Home
 
 CONF_FILE = Path(__file__).with_name("supervisord.conf")
-PROGRAMS = ("bus", "controller", "netenv", "ivpn", "proxy_tcp", "proxy_udp", "interceptor")
+PROGRAMS = ("bus", "controller", "netenv", "ivpn", "api", "proxy_tcp", "proxy_udp", "interceptor")
 
 
 class SupervisorError(RuntimeError):
@@ -88,6 +88,7 @@ class Supervisor:
         udp_workers: int = 1,
         extra_env: dict[str, str] | None = None,
         interceptor_workers: int = 1,
+        api_port: int = 817,
     ) -> int:
         """Start supervisord (it daemonizes) and wait until its socket answers; returns its pid."""
         self.clean_stale()
@@ -98,6 +99,7 @@ class Supervisor:
             SPLITTUN_UDP_WORKERS=str(udp_workers),
             SPLITTUN_INTERCEPTOR_WORKERS=str(interceptor_workers),
             SPLITTUN_INTERCEPTOR_EXTRA=str(interceptor_workers - 1),
+            SPLITTUN_API_PORT=str(api_port),
             PYTHONUNBUFFERED="1",
         )
         env.update(extra_env or {})

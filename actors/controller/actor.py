@@ -16,6 +16,15 @@
   the version in force, switches atomically and republishes the policy; `update.rollback` goes back. A
   version in force older than `splittun/updateStaleAfterDays` is announced as `updates.stale`.
 - Registry: `conn.*` and `proxy.session.*` events joined per connection (registry.py).
+- History: every connection that closes is written to the state database (core/state, `$SPLITTUN_HOME/
+  state.db`) in batches (every 0.1 s, or at once when many are waiting), so a burst of connections never
+  holds up the bus. `connections` answers live ones from memory and the rest from the database, also after a
+  restart. Retention (`splittun/history/maxAge`, `maxRows`) runs every minute. A database that cannot be
+  opened or written is one log line; the controller runs on without history.
+- Notifications: `notify()` shows one (unless the user suppressed its id), stores it and publishes it as
+  `notify.*`; other actors raise theirs with the `notify` op. The controller's own: the config refused, the
+  split interface gone / back, a rule that can never match (notices.py). Answered with
+  `notifications.respond`, all forgotten with `notifications.reset` (core/state/notifications.py).
 
 Its ops are declared in messages/control.py (`Controller`); docs/control-plane.md lists them.
 """
@@ -30,6 +39,8 @@ from typing import Any
 from core import config as cfg
 from core.egress import find_interface
 from core.presets import Preset, expand, preset_store, presets_of
+from core.state import ConnectionFilter, StateDB, StateError
+from core.state.notifications import NotificationCenter, NotificationError
 from core.updates import staleness
 from core.updates.source import UpdateError
 from core.updates.store import BUILTIN, Installed, Switched
@@ -48,6 +59,9 @@ from messages.control import (
     Edited,
     InterfaceChoice,
     NoArgs,
+    NotificationResponse,
+    NotificationsArgs,
+    NotificationsReset,
     Op,
     PresetApply,
     PresetRef,
@@ -56,13 +70,15 @@ from messages.control import (
     RuleAdd,
     RuleMove,
     RuleRef,
+    TimeWindow,
     UpdateApply,
     UpdateOutcome,
 )
-from messages.verdict import parse_verdict
+from messages.verdict import parse_verdict, verdict_verb
 from runtime.actor import Actor, answers
 from runtime.paths import Home
 
+from . import notices
 from .registry import ConnectionRegistry
 
 CONFIG_POLL_SECONDS = 0.25  # where inotify is missing
@@ -70,6 +86,9 @@ CONFIG_RECHECK_SECONDS = 10.0  # with inotify: a safety net (queue overflow, a w
 REPUBLISH_SECONDS = 10.0  # late subscribers ask at start; this only covers a dropped publish
 #: How often the controller looks whether the preset index in force has become stale, and re-announces it.
 STALE_CHECK_SECONDS = 3600.0
+HISTORY_FLUSH_SECONDS = 0.1
+HISTORY_FLUSH_ROWS = 500  # write at once when this many closed connections wait
+RETENTION_SECONDS = 60.0
 
 
 def interface_checker(snapshot: NetenvChanged | None) -> Any:
@@ -87,8 +106,16 @@ class ControllerActor(Actor):
     subscriptions = ("actor.heartbeat", "conn.", "proxy.session.", "netenv.changed")
 
     def start(self) -> None:
+        self._flush_timer: Any = None  # armed while closed connections wait (an idle controller sleeps)
         self.heartbeats: dict[str, tuple[Heartbeat, float]] = {}
         self.registry = ConnectionRegistry()
+        self.history_saved = 0
+        self.history_pruned = 0
+        self.state_errors = 0
+        self.db: StateDB | None = None
+        self.db = self._open_state(Home.from_env().state_db)
+        self.notes = NotificationCenter(self.db, self._state_failed)
+        self.conditions: set[str] = set()  # ids of the notices.conditions() shown now
         self.netenv: NetenvChanged | None = None
         home = Home.from_env()
         self.config_path: Path = home.config_file
@@ -106,11 +133,58 @@ class ControllerActor(Actor):
         self._watch_config_file()
         self.rt.loop.call_every(REPUBLISH_SECONDS, lambda: self.rt.publish(self.snapshot), first=0.0)
         self.rt.loop.call_every(STALE_CHECK_SECONDS, self._check_stale, first=0.0)
+        self.rt.loop.call_every(RETENTION_SECONDS, self._retain, first=1.0)
 
     def stop(self) -> None:
         watch = getattr(self, "config_watch", None)
         if watch is not None:
             watch.close()
+        if getattr(self, "registry", None) is not None:
+            self._flush_history()
+        if getattr(self, "db", None) is not None:
+            self.db.close()
+
+    # --- state database -----------------------------------------------------------------------------
+
+    def _open_state(self, path: Path) -> StateDB | None:
+        try:
+            db = StateDB.open(path)
+        except StateError as exc:
+            self._state_failed(exc)
+            return None
+        self.log.info("state.opened", path=path, schema=db.version, connections=db.count_connections())
+        return db
+
+    def _state_failed(self, exc: StateError) -> None:
+        """One line, then on without the database: live connections and everything else keep working."""
+        self.state_errors += 1
+        self.log.error("state.unavailable", error=str(exc), effect="running without history until restart")
+        if self.db is not None:
+            self.db.close()
+        self.db = None
+
+    def _flush_history(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        rows = self.registry.take_closed()
+        if not rows or self.db is None:
+            return
+        try:
+            self.history_saved += self.db.save_connections(rows)
+        except StateError as exc:
+            self._state_failed(exc)
+
+    def _retain(self) -> None:
+        self.notes.expire(time.time())
+        if self.db is None:
+            return
+        try:
+            self.history_pruned += self.db.prune(
+                time.time(), self.config.history_max_age_seconds, self.config.history_max_rows
+            )
+        except StateError as exc:
+            self._state_failed(exc)
 
     # --- config -----------------------------------------------------------------------------------
 
@@ -148,18 +222,10 @@ class ControllerActor(Actor):
             self.refused += 1
             self.last_error = str(exc)
             self.log.error("config.refused", error=self.last_error, kept_version=self.snapshot.version)
-            self.rt.publish(
-                Notification(
-                    topic="notify.config.refused",
-                    id="config-refused",
-                    ts=time.time(),
-                    title="Config change refused",
-                    message=f"{self.last_error}. The previous config stays in force.",
-                    level="error",
-                )
-            )
+            self.notify(notices.config_refused(self.last_error, time.time()))
             return ReloadOutcome(applied=False, error=self.last_error, version=self.snapshot.version)
         self.last_error = ""
+        self.retire(notices.CONFIG_REFUSED)
         self._apply(new, "file")
         return ReloadOutcome(applied=True, version=self.snapshot.version)
 
@@ -167,7 +233,13 @@ class ControllerActor(Actor):
         """Make `new` the config in force: a new policy snapshot, published at once (when it changed)."""
         if new != self.config or self.reloads == 0:
             stale_days_changed = new.update_stale_days != self.config.update_stale_days
+            history_changed = (new.history_max_age, new.history_max_rows) != (
+                self.config.history_max_age,
+                self.config.history_max_rows,
+            )
             self.config = new
+            if history_changed:
+                self._retain()  # a shorter history takes effect now, not within the minute
             self.snapshot = self._compile()
             self.rt.publish(self.snapshot)
             self.log.info(
@@ -180,6 +252,7 @@ class ControllerActor(Actor):
             )
             if stale_days_changed:
                 self._check_stale()
+            self._check_conditions()
         self.reloads += 1
 
     def _edit(self, op: Op[Any, Edited], args: Any) -> Edited:
@@ -254,11 +327,42 @@ class ControllerActor(Actor):
         )
 
     def announce_stale_presets(self, stale: UpdatesStale) -> None:
-        """THE HOOK for notifications (issue 12): the preset index in force is stale. Today an `updates.stale`
-        event and a line in `splittun status`; the notification system turns it into a notice with a
-        "Don't show again" action (suppression id `updates-stale`)."""
+        """The preset index in force is stale: an `updates.stale` event, a line in `splittun status`, and a
+        notification with "Don't show again" (suppression id `updates-stale`)."""
         self.log.warning("presets.stale", version=stale.version, age_days=stale.age_days, max_days=stale.max_age_days)
         self.rt.publish(stale)
+        self.notify(notices.updates_stale(stale.name, stale.version, stale.age_days, stale.max_age_days, stale.ts))
+
+    # --- notifications ----------------------------------------------------------------------------
+
+    def notify(self, note: Notification) -> Notification | None:
+        """Show a notification: stored and published as `note.topic`, unless the user suppressed its id or the
+        same one is showing already (then None)."""
+        shown = self.notes.show(note)
+        if shown is not None:
+            self.rt.publish(shown)
+            self.log.info("notify.shown", id=shown.id, level=shown.level, title=shown.title)
+        return shown
+
+    def retire(self, note_id: str) -> None:
+        """What a notification told about is over: it stops showing (announced with its new expiry)."""
+        retired = self.notes.retire(note_id, time.time())
+        if retired is not None:
+            self.rt.publish(retired)
+
+    def _check_conditions(self) -> None:
+        now = time.time()
+        found = notices.conditions(self.config, self.netenv, now)
+        for note_id, note in found.items():
+            if note_id not in self.conditions:
+                self.notify(note)
+        for note_id in self.conditions - set(found):
+            self.retire(note_id)
+            if note_id == notices.INTERFACE_GONE:
+                self.notify(notices.interface_back(self.config, now))
+        if notices.INTERFACE_GONE in found:
+            self.retire(notices.INTERFACE_BACK)
+        self.conditions = set(found)
 
     # --- bus --------------------------------------------------------------------------------------
 
@@ -267,8 +371,12 @@ class ControllerActor(Actor):
             self.heartbeats[msg.instance] = (msg, time.time())
         elif isinstance(msg, NetenvChanged):
             self.netenv = msg
-        else:
-            self.registry.handle(msg)
+            self._check_conditions()
+        elif self.registry.handle(msg) and self.registry.closed_waiting:
+            if self.registry.closed_waiting >= HISTORY_FLUSH_ROWS:
+                self._flush_history()
+            elif self._flush_timer is None:
+                self._flush_timer = self.rt.loop.call_later(HISTORY_FLUSH_SECONDS, self._flush_history)
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -307,22 +415,100 @@ class ControllerActor(Actor):
     def answer_netenv(self, args: NoArgs) -> NetenvChanged | None:
         return self.netenv
 
-    @answers(Controller.CONNECTIONS)
-    def answer_connections(self, args: ConnectionsArgs) -> list[ConnectionInfo]:
+    def _connection_filter(self, args: ConnectionsArgs | TimeWindow, limit: int = 0) -> ConnectionFilter:
         verdict = None
-        if args.verdict:
+        if isinstance(args, ConnectionsArgs) and args.verdict:
             try:
                 verdict = int(parse_verdict(args.verdict))
             except ValueError as exc:
                 raise RequestFailed(INVALID_ARGUMENT, str(exc)) from None
-        return [r.to_info() for r in self.registry.query(verdict, args.app or None, args.limit)]
+        app = args.app if isinstance(args, ConnectionsArgs) else ""
+        return ConnectionFilter(verdict=verdict, app=app, since=args.since, until=args.until, limit=limit)
+
+    def _history(self, query: ConnectionFilter) -> list[ConnectionInfo]:
+        """What the database holds for `query` (nothing without one); written up to now first."""
+        self._flush_history()
+        if self.db is None:
+            return []
+        try:
+            return self.db.connections(query)
+        except StateError as exc:
+            self._state_failed(exc)
+            return []
+
+    @answers(Controller.CONNECTIONS)
+    def answer_connections(self, args: ConnectionsArgs) -> list[ConnectionInfo]:
+        """Live and recent ones from memory (the freshest version), older ones from the database."""
+        query = self._connection_filter(args, args.limit)
+        rows = {r.conn_id: r for r in self.registry.query(query)}
+        for old in self._history(query):
+            rows.setdefault(old.conn_id, old)
+        return sorted(rows.values(), key=lambda r: r.started, reverse=True)[: max(0, args.limit)]
 
     @answers(Controller.CONNECTION)
     def answer_connection(self, args: ConnectionArgs) -> ConnectionInfo:
         rec = self.registry.get(args.id)
+        if rec is None and self.db is not None:
+            self._flush_history()
+            try:
+                rec = self.db.connection(args.id)
+            except StateError as exc:
+                self._state_failed(exc)
         if rec is None:
-            raise RequestFailed(NOT_FOUND, f"no connection {args.id!r} (old ones roll off)")
-        return rec.to_info()
+            raise RequestFailed(NOT_FOUND, f"no connection {args.id!r} (not live and not in the history)")
+        return rec
+
+    @answers(Controller.COUNTS)
+    def answer_counts(self, args: TimeWindow) -> dict[str, int]:
+        """Per verdict verb: live connections from memory, closed ones from the database (from memory without
+        one); "total" is their sum."""
+        query = self._connection_filter(args, limit=1 << 62)
+        by_verdict: dict[int, int] = {}
+        in_memory = self.registry.query(query)
+        stored = None
+        if self.db is not None:
+            self._flush_history()
+            try:
+                stored = self.db.verdict_counts(query)
+            except StateError as exc:
+                self._state_failed(exc)
+        if stored is not None:
+            by_verdict.update(stored)
+            in_memory = [r for r in in_memory if r.state == "open"]  # closed ones are in the database now
+        for rec in in_memory:
+            by_verdict[rec.verdict] = by_verdict.get(rec.verdict, 0) + 1
+        counts = {verdict_verb(v): n for v, n in sorted(by_verdict.items())}
+        counts["total"] = sum(by_verdict.values())
+        return counts
+
+    @answers(Controller.NOTIFICATIONS)
+    def answer_notifications(self, args: NotificationsArgs) -> list[Notification]:
+        return self.notes.list(time.time(), everything=args.all)
+
+    @answers(Controller.NOTIFY)
+    def answer_notify(self, args: Notification) -> Notification | None:
+        try:
+            return self.notify(args)
+        except ValueError as exc:
+            raise RequestFailed(INVALID_ARGUMENT, str(exc)) from None
+
+    @answers(Controller.RESPOND)
+    def answer_respond(self, args: NotificationResponse) -> Notification:
+        try:
+            note = self.notes.respond(args.id, args.action, time.time())
+        except NotificationError as exc:
+            raise RequestFailed(NOT_FOUND if exc.code == "not_found" else INVALID_ARGUMENT, str(exc)) from None
+        self.rt.publish(note)  # the answer is news too (inject-event: it is the event)
+        self.log.info("notify.responded", id=note.id, action=note.responded, state=note.state)
+        return note
+
+    @answers(Controller.RESET_NOTIFICATIONS)
+    def answer_reset_notifications(self, args: NoArgs) -> NotificationsReset:
+        notes, markers = self.notes.reset()
+        self.conditions = set()  # what still holds is shown again
+        self._check_conditions()
+        self.log.info("notify.reset", notifications=notes, markers=markers)
+        return NotificationsReset(notifications=notes, markers=markers)
 
     @answers(Controller.ENABLE)
     def answer_enable(self, args: NoArgs) -> Edited:
@@ -384,4 +570,8 @@ class ControllerActor(Actor):
             "config_reloads": self.reloads,
             "config_refused": self.refused,
             **self.registry.counts(),
+            "history_saved": self.history_saved,
+            "history_pruned": self.history_pruned,
+            "state_errors": self.state_errors,
+            "state_db": int(self.db is not None),
         }

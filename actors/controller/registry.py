@@ -9,11 +9,12 @@ Pure logic: fed with decoded messages, queried with plain arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.state import ConnectionFilter
 from messages import (
     ConnEnd,
     ConnNew,
@@ -22,7 +23,6 @@ from messages import (
     ProxySessionOpen,
     ProxySessionStats,
     SessionCounters,
-    Verdict,
     verdict_verb,
 )
 from messages.control import ConnectionInfo, SplitInfo
@@ -33,90 +33,42 @@ DEFAULT_MAX_ACTIVE = 16384
 PENDING_SESSION_SECONDS = 30.0
 
 
-@dataclass
-class SplitTunnelContext:
-    """What the proxy did with a split connection, or where the kernel sent it (data_path "kernel")."""
-
-    session_id: str
-    worker: str
-    interface: str
-    local_ip: str
-    local_port: int
-    opened: float
-    closed: float | None = None
-    reason: str = ""
-    bytes_up: int = 0
-    bytes_down: int = 0
-    packets_up: int = 0
-    packets_down: int = 0
-    data_path: str = "proxy"
-
-    def count(self, counters: SessionCounters) -> None:
-        self.bytes_up, self.bytes_down = counters.bytes_up, counters.bytes_down
-        self.packets_up, self.packets_down = counters.packets_up, counters.packets_down
+def _counted(split: SplitInfo, counters: SessionCounters, **changes: Any) -> SplitInfo:
+    return dataclasses.replace(
+        split,
+        bytes_up=counters.bytes_up,
+        bytes_down=counters.bytes_down,
+        packets_up=counters.packets_up,
+        packets_down=counters.packets_down,
+        **changes,
+    )
 
 
-@dataclass
-class ConnectionRecord:
-    conn_id: str
-    started: float
-    protocol: str
-    src_ip: str
-    src_port: int
-    dst_ip: str
-    dst_port: int
-    ip_version: int = 4
-    inbound: bool = False
-    domain: str = ""
-    pid: int = -1
-    exe: str = ""
-    process_name: str = ""
-    cmdline: list[str] = field(default_factory=list)
-    uid: int = -1
-    verdict: int = int(Verdict.UNDECIDED)
-    rule: str = ""
-    reason: str = ""
-    split_key: str = ""
-    interface: str = ""
-    ended: float | None = None
-    end_reason: str = ""
-    split: SplitTunnelContext | None = None
-
-    @property
-    def verb(self) -> str:
-        return verdict_verb(self.verdict)
-
-    @property
-    def state(self) -> str:
-        """closed once conntrack forgot it, or — sooner — once its proxy session closed (TCP entries
-        linger in conntrack for minutes after the close)."""
-        return "closed" if self.ended is not None or (self.split and self.split.closed is not None) else "open"
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["verb"] = self.verb
-        data["state"] = self.state
-        return data
-
-    def to_info(self) -> ConnectionInfo:
-        """As the `connections` and `connection` ops answer it (messages/control.py)."""
-        data = self.to_dict()
-        split = data.pop("split")
-        return ConnectionInfo(**data, split=None if split is None else SplitInfo(**split))
-
-    def matches_app(self, text: str) -> bool:
-        text = text.lower()
-        return any(text in part.lower() for part in (self.exe, self.process_name, " ".join(self.cmdline)))
+def _updated(rec: ConnectionInfo, **changes: Any) -> ConnectionInfo:
+    """`rec` with `changes`, its verb and state derived again (one copy: this runs for every event): closed
+    once conntrack forgot it, or — sooner — once its proxy session closed (TCP entries linger in conntrack for
+    minutes after the close)."""
+    ended = changes.get("ended", rec.ended)
+    split = changes.get("split", rec.split)
+    closed = ended is not None or (split is not None and split.closed is not None)
+    changes["state"] = "closed" if closed else "open"
+    changes["verb"] = verdict_verb(changes.get("verdict", rec.verdict))
+    return dataclasses.replace(rec, **changes)
 
 
 class ConnectionRegistry:
+    """Connections as `ConnectionInfo` records (replaced whole on every event), live and recently closed.
+
+    Every connection that closes is also queued for the state database: `take_closed()` hands them over."""
+
     def __init__(self, max_closed: int = DEFAULT_MAX_CLOSED, max_active: int = DEFAULT_MAX_ACTIVE) -> None:
         self.max_closed = max_closed
         self.max_active = max_active
-        self._active: OrderedDict[str, ConnectionRecord] = OrderedDict()
-        self._closed: OrderedDict[str, ConnectionRecord] = OrderedDict()
+        self._active: OrderedDict[str, ConnectionInfo] = OrderedDict()
+        self._closed: OrderedDict[str, ConnectionInfo] = OrderedDict()
         self._by_split_key: dict[str, str] = {}
-        self._pending: OrderedDict[str, tuple[float, SplitTunnelContext]] = OrderedDict()
+        self._pending: OrderedDict[str, tuple[float, SplitInfo]] = OrderedDict()
+        self._to_store: dict[str, ConnectionInfo] = {}
         self.rolled_off = 0
 
     # --- events -----------------------------------------------------------------------------------
@@ -124,7 +76,7 @@ class ConnectionRegistry:
     def on_conn_new(self, msg: ConnNew) -> None:
         rec = self._find(msg.conn_id)
         if rec is None:
-            rec = ConnectionRecord(
+            rec = ConnectionInfo(
                 conn_id=msg.conn_id,
                 started=msg.ts,
                 protocol=protocol_name(msg.protocol),
@@ -133,20 +85,21 @@ class ConnectionRegistry:
                 dst_ip=msg.dst_ip,
                 dst_port=msg.dst_port,
             )
-            self._active[msg.conn_id] = rec
-            self._bound(self._active, self.max_active)
-        rec.ip_version, rec.inbound, rec.domain = msg.ip_version, msg.inbound, msg.domain or rec.domain
+        changes: dict[str, Any] = {"ip_version": msg.ip_version, "inbound": msg.inbound}
+        changes["domain"] = msg.domain or rec.domain
         if msg.process is not None:
             p = msg.process
-            rec.pid, rec.exe, rec.process_name, rec.cmdline, rec.uid = p.pid, p.exe, p.name, list(p.cmdline), p.uid
+            changes.update(pid=p.pid, exe=p.exe, process_name=p.name, cmdline=list(p.cmdline), uid=p.uid)
+        self._put(_updated(rec, **changes))
 
     def on_conn_verdict(self, msg: ConnVerdict) -> None:
         rec = self._find(msg.conn_id)
         if rec is None:
             return  # conn.new was lost (bus restart): nothing to attach the verdict to
-        rec.verdict, rec.rule, rec.reason, rec.interface = int(msg.verdict), msg.rule, msg.reason, msg.interface
+        changes: dict[str, Any] = dict(verdict=int(msg.verdict), rule=msg.rule, reason=msg.reason)
+        changes["interface"] = msg.interface
         if msg.data_path == "kernel":  # no proxy session will tell: the interceptor said where it leaves
-            rec.split = SplitTunnelContext(
+            changes["split"] = SplitInfo(
                 session_id="",
                 worker="kernel",
                 interface=msg.interface,
@@ -156,25 +109,25 @@ class ConnectionRegistry:
                 data_path="kernel",
             )
         if msg.split_key:
-            rec.split_key = msg.split_key
+            changes["split_key"] = msg.split_key
             self._by_split_key[msg.split_key] = rec.conn_id
             pending = self._pending.pop(msg.split_key, None)
             if pending is not None:
-                rec.split = pending[1]
+                changes["split"] = pending[1]
+        self._put(_updated(rec, **changes))
 
     def on_conn_end(self, msg: ConnEnd) -> None:
-        rec = self._active.pop(msg.conn_id, None)
-        if rec is None:
+        rec = self._active.get(msg.conn_id) or self._closed.get(msg.conn_id)
+        if rec is None or rec.ended is not None:
             return
-        rec.ended, rec.end_reason = msg.ts, msg.reason
-        if rec.split is not None and rec.split.data_path == "kernel":
-            rec.split.closed, rec.split.reason = msg.ts, msg.reason
-            if msg.counters is not None:
-                rec.split.count(msg.counters)
-        self._close(rec)
+        changes: dict[str, Any] = dict(ended=msg.ts, end_reason=msg.reason)
+        if rec.split is not None and rec.split.data_path == "kernel":  # its end is its split's end
+            split = dataclasses.replace(rec.split, closed=msg.ts, reason=msg.reason)
+            changes["split"] = split if msg.counters is None else _counted(split, msg.counters)
+        self._put(_updated(rec, **changes))
 
     def on_session_open(self, msg: ProxySessionOpen) -> None:
-        ctx = SplitTunnelContext(
+        split = SplitInfo(
             session_id=msg.session_id,
             worker=msg.worker,
             interface=msg.interface,
@@ -184,22 +137,18 @@ class ConnectionRegistry:
         )
         rec = self._by_key(msg.split_key)
         if rec is not None:
-            rec.split = ctx
+            self._put(_updated(rec, split=split))
         else:
-            self._pending[msg.split_key] = (time.monotonic(), ctx)
+            self._pending[msg.split_key] = (time.monotonic(), split)
             self._expire_pending()
 
     def on_session_stats(self, msg: ProxySessionStats) -> None:
-        ctx = self._session(msg.split_key, msg.session_id)
-        if ctx is not None:
-            ctx.count(msg.counters)
+        self._update_session(msg.split_key, msg.session_id, lambda s: _counted(s, msg.counters))
 
     def on_session_close(self, msg: ProxySessionClose) -> None:
-        ctx = self._session(msg.split_key, msg.session_id)
-        if ctx is None:
-            return
-        ctx.count(msg.counters)
-        ctx.closed, ctx.reason = msg.ts, msg.reason
+        self._update_session(
+            msg.split_key, msg.session_id, lambda s: _counted(s, msg.counters, closed=msg.ts, reason=msg.reason)
+        )
 
     def handle(self, msg: Any) -> bool:
         """Feed any message; True when it was one the registry uses."""
@@ -211,22 +160,33 @@ class ConnectionRegistry:
 
     # --- queries ----------------------------------------------------------------------------------
 
-    def get(self, conn_id: str) -> ConnectionRecord | None:
+    def get(self, conn_id: str) -> ConnectionInfo | None:
         return self._find(conn_id)
 
-    def query(self, verdict: int | None = None, app: str | None = None, limit: int = 200) -> list[ConnectionRecord]:
+    def query(self, query: ConnectionFilter | None = None, now: float | None = None) -> list[ConnectionInfo]:
         """Newest first: active connections, then closed ones."""
-        out: list[ConnectionRecord] = []
+        query = query or ConnectionFilter()
+        now = time.time() if now is None else now
+        out: list[ConnectionInfo] = []
         for pool in (self._active, self._closed):
             for rec in reversed(pool.values()):
-                if verdict is not None and rec.verdict != verdict:
-                    continue
-                if app and not rec.matches_app(app):
+                if not query.matches(rec, now):
                     continue
                 out.append(rec)
-                if len(out) >= limit:
+                if len(out) >= query.limit:
                     return out
         return out
+
+    def take_closed(self) -> list[ConnectionInfo]:
+        """Connections that closed (or changed after closing) since the last call, for the state database."""
+        rows = list(self._to_store.values())
+        self._to_store.clear()
+        return rows
+
+    @property
+    def closed_waiting(self) -> int:
+        """How many closed connections `take_closed` would hand over now."""
+        return len(self._to_store)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -238,25 +198,36 @@ class ConnectionRegistry:
 
     # --- internals --------------------------------------------------------------------------------
 
-    def _find(self, conn_id: str) -> ConnectionRecord | None:
+    def _put(self, rec: ConnectionInfo) -> None:
+        """Store the new version of a record in the pool its state belongs to."""
+        if rec.state == "open":
+            self._active[rec.conn_id] = rec
+            self._bound(self._active, self.max_active)
+            return
+        if self._active.pop(rec.conn_id, None) is not None or rec.conn_id not in self._closed:
+            self._closed[rec.conn_id] = rec
+            self._bound(self._closed, self.max_closed)
+        else:
+            self._closed[rec.conn_id] = rec  # keeps its place: closed order is the order they closed in
+        self._to_store[rec.conn_id] = rec
+
+    def _find(self, conn_id: str) -> ConnectionInfo | None:
         return self._active.get(conn_id) or self._closed.get(conn_id)
 
-    def _by_key(self, split_key: str) -> ConnectionRecord | None:
+    def _by_key(self, split_key: str) -> ConnectionInfo | None:
         conn_id = self._by_split_key.get(split_key)
         return self._find(conn_id) if conn_id else None
 
-    def _session(self, split_key: str, session_id: str) -> SplitTunnelContext | None:
+    def _update_session(self, split_key: str, session_id: str, change: Any) -> None:
         rec = self._by_key(split_key)
         if rec is not None and rec.split is not None and rec.split.session_id == session_id:
-            return rec.split
+            self._put(_updated(rec, split=change(rec.split)))
+            return
         pending = self._pending.get(split_key)
-        return pending[1] if pending and pending[1].session_id == session_id else None
+        if pending and pending[1].session_id == session_id:
+            self._pending[split_key] = (pending[0], change(pending[1]))
 
-    def _close(self, rec: ConnectionRecord) -> None:
-        self._closed[rec.conn_id] = rec
-        self._bound(self._closed, self.max_closed)
-
-    def _bound(self, pool: OrderedDict[str, ConnectionRecord], limit: int) -> None:
+    def _bound(self, pool: OrderedDict[str, ConnectionInfo], limit: int) -> None:
         while len(pool) > limit:
             _, old = pool.popitem(last=False)
             self.rolled_off += 1

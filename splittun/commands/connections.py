@@ -1,4 +1,5 @@
-"""`splittun connections` and `splittun conn show ID`: the controller's connection registry."""
+"""`splittun connections` and `splittun conn show ID`: live connections from the controller's registry, older ones
+from its history (the state database), with `--since 1h` / `--until …` to pick a time window."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import time
 from typing import Any
 
+from core.state import TimeSpecError, parse_when
 from messages.control import (
     NOT_FOUND,
     UNAVAILABLE,
@@ -29,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("connections", help="recent connections with their verdicts and split-tunnel details")
     p.add_argument("--verdict", help="split, accept, block… (a verb, name or number)")
     p.add_argument("--app", help="text in the process name, path or command line")
+    p.add_argument("--since", help="seen since: 1h, 30m, 7d ago, an ISO time or epoch seconds")
+    p.add_argument("--until", help="started until: same forms as --since")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_connections)
@@ -66,9 +70,22 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def when(flag: str, text: str | None, now: float) -> float:
+    """A --since/--until value as epoch seconds (0 = not given); a wrong one is the user's one-line error."""
+    if not text:
+        return 0.0
+    try:
+        return parse_when(text, now)
+    except TimeSpecError as exc:
+        raise UserError(f"{flag}: {exc}") from None
+
+
 def cmd_connections(args: argparse.Namespace) -> int:
+    now = time.time()
+    since, until = when("--since", args.since, now), when("--until", args.until, now)
     rows = ask(
-        Controller.CONNECTIONS, ConnectionsArgs(verdict=args.verdict or "", app=args.app or "", limit=args.limit)
+        Controller.CONNECTIONS,
+        ConnectionsArgs(verdict=args.verdict or "", app=args.app or "", limit=args.limit, since=since, until=until),
     )
     if args.json:
         print(json.dumps(rows))
@@ -89,7 +106,7 @@ def cmd_connections(args: argparse.Namespace) -> int:
                 endpoint_text(split["local_ip"], split["local_port"]) if split.get("local_ip") else "-",
                 _bytes(split.get("bytes_up", 0)) if split else "-",
                 _bytes(split.get("bytes_down", 0)) if split else "-",
-                "open " + duration(now - r["started"]) if r["state"] == "open" else "closed",
+                "open " + duration(now - r["started"]) if r["state"] == "open" else "closed " + ago(now, r),
             ]
         )
     if not out:
@@ -97,6 +114,13 @@ def cmd_connections(args: argparse.Namespace) -> int:
         return OK
     print(table(["ID", "APP", "PROTO", "DESTINATION", "VERDICT", "RULE", "IFACE", "LOCAL", "UP", "DOWN", "STATE"], out))
     return OK
+
+
+def ago(now: float, row: dict[str, Any]) -> str:
+    """How long ago a closed connection was last seen: `3m05s ago`."""
+    split = row.get("split") or {}
+    last = row.get("ended") or split.get("closed") or row["started"]
+    return duration(max(0.0, now - last)) + " ago"
 
 
 def cmd_conn_show(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 
 import zmq
 
+from core import access
 from core.updates import staleness
 from messages import Heartbeat, MessageError
 from messages.control import Controller, RequestFailed
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"interceptor processes, one NFQUEUE slot each (--queue-balance; 1-{MAX_INTERCEPTOR_WORKERS}, default 1)",
     )
     p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for heartbeats (default 20)")
+    p.add_argument("--api-port", type=_port, default=817, help="the local HTTP API's port on loopback (default 817)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop everything (does nothing when nothing runs)")
@@ -54,6 +56,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 64:
         raise argparse.ArgumentTypeError("must be between 1 and 64")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be between 1 and 65535")
     return value
 
 
@@ -76,12 +85,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise UserError(
             f"splittun is already running (supervisord pid {running}, home {home.root}); 'splittun down' stops it"
         )
+    access.generate(home.run_dir)  # fresh API tokens for every run (`splittun api token` prints them)
     ctx = zmq.Context()
     # Subscribe before starting: the bus comes up inside supervisord and the SUB socket reconnects to it.
     heartbeats = Subscriber(ctx, paths.bus_out(home.run_dir), ["actor.heartbeat"])
     try:
         try:
-            pid = sup.start(args.tcp_workers, args.udp_workers, interceptor_workers=args.interceptor_workers)
+            pid = sup.start(
+                args.tcp_workers,
+                args.udp_workers,
+                interceptor_workers=args.interceptor_workers,
+                api_port=args.api_port,
+            )
         except SupervisorError as exc:
             print(f"splittun: {exc}")
             return FAILED

@@ -16,7 +16,7 @@ from runtime.paths import Home
 from splittun.supervise import Supervisor
 from tests.support.cli import assert_one_line_error, splittun
 
-ALL_SINGLE = {"bus", "controller", "netenv", "ivpn", "interceptor", "proxy_tcp_00", "proxy_udp_00"}
+ALL_SINGLE = {"bus", "controller", "netenv", "ivpn", "api", "interceptor", "proxy_tcp_00", "proxy_udp_00"}
 
 
 def status_json(home: Path, ns: str) -> dict:
@@ -66,7 +66,7 @@ def test_up_status_events_down_cycle(home: Path, host_ns: str) -> None:
     up = splittun("up", home=home, ns=host_ns)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        assert "7 processes heartbeating" in up.stdout
+        assert "8 processes heartbeating" in up.stdout
         rows = actors_by_name(home, host_ns)
         assert set(rows) == ALL_SINGLE
         for row in rows.values():
@@ -185,7 +185,7 @@ def test_two_instances_side_by_side(home: Path, host_ns: str, tmp_path_factory: 
     other = Path(tempfile.mkdtemp(prefix="st-", dir="/tmp"))
     try:
         assert splittun("up", home=home, ns=host_ns).returncode == 0
-        assert splittun("up", home=other, ns=host_ns).returncode == 0
+        assert splittun("up", "--api-port", "8170", home=other, ns=host_ns).returncode == 0  # 817 is taken
         first, second = actors_by_name(home, host_ns), actors_by_name(other, host_ns)
         assert not {r["pid"] for r in first.values()} & {r["pid"] for r in second.values()}
         assert splittun("down", home=home, ns=host_ns).returncode == 0

@@ -17,6 +17,7 @@ import msgpack
 import pytest
 import zmq
 
+from actors.api.actor import ApiActor
 from actors.controller.actor import ControllerActor
 from actors.interceptor.actor import InterceptorActor
 from actors.ivpn.actor import IvpnActor
@@ -35,6 +36,7 @@ from splittun import cli
 from tests.support import REPO
 
 REAL_ACTORS: tuple[type[Actor], ...] = (
+    ApiActor,
     ControllerActor,
     InterceptorActor,
     NetenvActor,
@@ -97,7 +99,7 @@ def test_every_op_is_declared_once_with_a_record_and_a_one_line_doc() -> None:
         seen.add((op.actor, op.name))
         assert issubclass(op.args, c.Struct) and op.doc and "\n" not in op.doc, op
         assert op.doc[0].isupper() and op.doc.endswith("."), op
-    assert {g.actor for g in c.groups()} == {"*", "controller", "interceptor", "netenv", "proxy"}
+    assert {g.actor for g in c.groups()} == {"*", "api", "controller", "interceptor", "netenv", "proxy"}
     assert {op.name for op in Controller.ops} >= {"enable", "disable", "interface.set", "rules.add", "config.set"}
 
 
@@ -110,7 +112,8 @@ def test_every_declared_op_has_a_handler_in_exactly_one_actor() -> None:
             bound.setdefault(op, set()).add(inspect.unwrap(getattr(cls, method)))
     for op in c.all_ops():
         assert len(bound.get(op, ())) == 1, f"{op!r} is answered by {bound.get(op)}"
-    assert {cls.control for cls in REAL_ACTORS if cls.control} == {c.Controller, c.Interceptor, c.Netenv, c.Proxy}
+    groups = {c.Api, c.Controller, c.Interceptor, c.Netenv, c.Proxy}
+    assert {cls.control for cls in REAL_ACTORS if cls.control} == groups
 
 
 def test_a_handler_can_only_bind_its_own_actors_ops() -> None:

@@ -26,3 +26,19 @@ def test_status_notes_say_why_an_actor_is_not_ready_and_what_a_proxy_refused() -
     assert _note(row) == "refused 12 sessions (10 at the session limit)"
     assert _note({"not_ready": "no egress", "sessions_refused": 0}) == "not ready: no egress"
     assert _note({"not_ready": ""}) == ""
+
+
+def test_a_wrong_time_window_is_one_line_before_anything_is_asked(home: Path) -> None:
+    env = {**os.environ, "SPLITTUN_HOME": str(home)}
+    for flag, value in (("--since", "soon"), ("--until", "yesterday-ish")):
+        result = subprocess.run([*SPLITTUN, "connections", flag, value], capture_output=True, text=True, env=env)
+        assert_one_line_error(result, 2, f"{flag}: '{value}' is not a time")
+
+
+def test_nothing_running_is_one_line_for_notifications_api_and_ui(home: Path) -> None:
+    env = {**os.environ, "SPLITTUN_HOME": str(home)}
+    if os.geteuid() != 0:
+        return  # they need root first: test_not_root_gets_one_readable_line
+    for argv in (["notifications"], ["notifications", "reset"], ["api", "token"], ["ui"]):
+        result = subprocess.run([*SPLITTUN, *argv], capture_output=True, text=True, env=env, timeout=30)
+        assert_one_line_error(result, 3, "not running")

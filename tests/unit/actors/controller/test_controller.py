@@ -15,6 +15,7 @@ import pytest
 import zmq
 
 from actors.controller.registry import ConnectionRegistry
+from core.state import ConnectionFilter
 from messages import (
     ConnEnd,
     ConnNew,
@@ -133,7 +134,7 @@ def test_registry_takes_a_kernel_path_connection_from_its_verdict_and_its_counts
     rec = reg.get("c1")
     assert rec is not None and rec.split is not None and rec.state == "closed"
     assert (rec.split.bytes_up, rec.split.bytes_down, rec.split.packets_up, rec.split.packets_down) == (396, 5316, 6, 5)
-    assert rec.to_info().split is not None and rec.to_info().split.data_path == "kernel"  # type: ignore[union-attr]
+    assert rec.split.data_path == "kernel"
 
 
 def test_registry_filters_and_rolls_off_old_connections() -> None:
@@ -151,9 +152,25 @@ def test_registry_filters_and_rolls_off_old_connections() -> None:
     assert [r.conn_id for r in reg.query()] == ["c9", "c8", "c7"]  # newest first, bounded
     assert reg.counts()["connections_rolled_off"] == 7
     assert reg.get("c0") is None
-    assert [r.conn_id for r in reg.query(verdict=int(Verdict.ACCEPT))] == ["c8"]
-    assert [r.conn_id for r in reg.query(app="CURL")] == ["c9", "c8", "c7"]
-    assert reg.query(app="firefox") == []
+    assert [r.conn_id for r in reg.query(ConnectionFilter(verdict=int(Verdict.ACCEPT)))] == ["c8"]
+    assert [r.conn_id for r in reg.query(ConnectionFilter(app="CURL"))] == ["c9", "c8", "c7"]
+    assert reg.query(ConnectionFilter(app="firefox")) == []
+    stored = reg.take_closed()  # every connection that closed, also those that rolled off memory since
+    assert sorted(r.conn_id for r in stored) == sorted(f"c{i}" for i in range(10))
+    assert all(r.state == "closed" and r.ended == 3.0 for r in stored) and reg.take_closed() == []
+
+
+def test_registry_hands_a_connection_to_the_history_when_it_closes_and_again_when_it_changes() -> None:
+    reg = ConnectionRegistry()
+    for msg in (new(), verdict(), opened()):
+        reg.handle(msg)
+    assert reg.take_closed() == [] and reg.closed_waiting == 0
+    reg.handle(closed())
+    [first] = reg.take_closed()
+    assert first.state == "closed" and first.ended is None and first.split.bytes_down == 500
+    reg.handle(ConnEnd(conn_id="c1", ts=9.0, reason="timeout"))  # conntrack forgets it minutes later
+    [again] = reg.take_closed()
+    assert again.ended == 9.0 and again.end_reason == "timeout" and again.split == first.split
 
 
 def test_registry_ignores_events_for_unknown_connections() -> None:
