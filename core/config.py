@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import tempfile
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core.policy import RuleError, parse_endpoint, parse_ports
+from core.policy.rules import classify_dest, has_glob, normalize_domain
 from core.policy import validate as validate_rule
 from messages import PolicyRule
 from messages.control import ConfigSet, Controller, InterfaceChoice, Op, RuleAdd, RuleMove, RuleRef
@@ -33,6 +35,8 @@ LEVELS = ("user", "expert", "developer")
 ENABLE = "splittun/enable"
 INTERFACE = "splittun/interface"
 RULES = "splittun/rules"
+SPLIT_DNS = "splittun/splitDNS"
+VPN_DOMAINS = "splittun/vpnDomains"
 
 
 class ConfigError(ValueError):
@@ -59,6 +63,47 @@ def _interface(key: str, value: Any) -> str:
         raise ConfigError(key, f"expected a string (empty = auto, or a name, IP or MAC), got {_json_type(value)}")
     value = value.strip()
     return "" if value.lower() == "auto" else value
+
+
+def _servers(key: str, value: Any) -> list[str]:
+    """DNS server addresses (IPv4 or IPv6, port 53), each once, in order."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"expected a list of IP addresses, got {_json_type(value)}")
+    out: list[str] = []
+    for text in value:
+        try:
+            ip = ipaddress.ip_address(text.strip())
+        except ValueError:
+            raise ConfigError(key, f"{text.strip()!r} is not an IP address") from None
+        if ip.is_loopback or ip.is_unspecified or ip.is_multicast:
+            raise ConfigError(key, f"{ip} cannot be a split DNS server (loopback, unspecified or multicast)")
+        if str(ip) not in out:
+            out.append(str(ip))
+    return out
+
+
+def _domains(key: str, value: Any) -> list[str]:
+    """Domain names (a name covers its subdomains), lower case, each once."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"expected a list of domain names, got {_json_type(value)}")
+    out: list[str] = []
+    for text in value:
+        name = normalize_domain(text).lstrip(".")
+        try:
+            if classify_dest(name) != "domain" or has_glob(name):
+                raise RuleError("dest", "")
+        except RuleError:
+            raise ConfigError(key, f"{text.strip()!r} is not a domain name") from None
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _parse_list_text(text: str) -> Any:
+    """CLI text of a list option: a JSON list, or comma-separated values ("" = none)."""
+    if text.strip().startswith("["):
+        return _parse_json_text(text)
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _rules(key: str, value: Any) -> list[PolicyRule]:
@@ -143,6 +188,24 @@ OPTIONS: dict[str, Option] = {
             _rules,
             _parse_json_text,
         ),
+        Option(
+            SPLIT_DNS,
+            "user",
+            [],
+            "DNS servers that split apps' queries go to, out of the split interface (IP addresses; "
+            "comma-separated on the command line). Empty = the servers netenv learned for that interface.",
+            _servers,
+            _parse_list_text,
+        ),
+        Option(
+            VPN_DOMAINS,
+            "user",
+            [],
+            "Domains (with their subdomains) that always resolve through the VPN, also for split apps: "
+            "an intranet behind the VPN (comma-separated on the command line).",
+            _domains,
+            _parse_list_text,
+        ),
     )
 }
 
@@ -152,12 +215,20 @@ class Config:
     enable: bool = False
     interface: str = ""
     rules: tuple[PolicyRule, ...] = ()
+    split_dns: tuple[str, ...] = ()
+    vpn_domains: tuple[str, ...] = ()
 
     def value(self, key: str) -> Any:
-        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: list(self.rules)}[key]
+        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: list(self.rules),
+                SPLIT_DNS: list(self.split_dns), VPN_DOMAINS: list(self.vpn_domains)}[key]  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
-        return {ENABLE: self.enable, INTERFACE: self.interface, RULES: [rule_to_json(r) for r in self.rules]}
+        data = {ENABLE: self.enable, INTERFACE: self.interface, RULES: [rule_to_json(r) for r in self.rules]}
+        if self.split_dns:
+            data[SPLIT_DNS] = list(self.split_dns)
+        if self.vpn_domains:
+            data[VPN_DOMAINS] = list(self.vpn_domains)
+        return data
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -232,6 +303,8 @@ def from_json(data: Any, interface_exists: Callable[[str], bool] | None = None) 
         enable=values.get(ENABLE, False),
         interface=values.get(INTERFACE, ""),
         rules=tuple(values.get(RULES, ())),
+        split_dns=tuple(values.get(SPLIT_DNS, ())),
+        vpn_domains=tuple(values.get(VPN_DOMAINS, ())),
     )
     if interface_exists is not None:
         check_interfaces(config, interface_exists)

@@ -232,6 +232,8 @@ class PolicySnapshot(Message):
     enabled: bool = False
     interface: str = ""  # configured: "" = auto, else name, IP or MAC
     rules: list[PolicyRule] = field(default_factory=list)
+    split_dns: list[str] = field(default_factory=list)  # splittun/splitDNS: servers for split apps' queries
+    vpn_domains: list[str] = field(default_factory=list)  # splittun/vpnDomains: always resolved through the VPN
 
 
 # --- notifications ----------------------------------------------------------------------------------

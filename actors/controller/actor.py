@@ -167,6 +167,8 @@ class ControllerActor(Actor):
             enabled=self.config.enable,
             interface=self.config.interface,
             rules=list(self.config.rules),
+            split_dns=list(self.config.split_dns),
+            vpn_domains=list(self.config.vpn_domains),
         )
 
     # --- bus --------------------------------------------------------------------------------------

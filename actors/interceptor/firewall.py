@@ -11,7 +11,8 @@ In short, per IP version:
 - filter `SPLITTUN-FILTER` (from OUTPUT and INPUT): act on the mark and save permanent ones to the
   connmark. Mark 0 (undecided: queue bypassed because no interceptor runs) simply RETURNs — unlike
   Portmaster we never drop it, so failure means "unsplit, through the VPN", never "no network".
-- nat `SPLITTUN-REDIRECT` (from nat OUTPUT): mark 1719 → DNAT to the split proxies (TCP only on SYN).
+- nat `SPLITTUN-REDIRECT` (from nat OUTPUT): mark 1719 → DNAT to the split proxies, mark 1799 → DNAT to
+  the resolver (TCP only on SYN).
 
 Every change is one `iptables-legacy-restore --noflush` per table: libiptc applies all lines to a copy
 of the table and the kernel swaps the whole table at once, so there is never a moment without our
@@ -30,7 +31,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from messages.marks import MAX_INTERCEPTOR_WORKERS, PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT, VERDICT_MASK, Mark, Queue
+from messages.marks import (
+    MAX_INTERCEPTOR_WORKERS,
+    NAMESERVER_PORT,
+    PROXY_IPV4,
+    PROXY_IPV6,
+    SPLIT_PROXY_PORT,
+    VERDICT_MASK,
+    Mark,
+    Queue,
+)
 
 from .vpn_interop import NftInterop
 
@@ -63,16 +73,21 @@ RESTORED_MARKS = (
     Mark.DROP_ALWAYS,
     Mark.REROUTE_TO_TUNNEL,
     Mark.REROUTE_TO_SPLIT_TUN,
+    Mark.REROUTE_TO_NAMESERVER,
 )
+#: Marks that carry more than the verdict above VERDICT_MASK (an interface index, a DNS path): matched
+#: under the mask and restored whole from the connmark.
+MASKED_MARKS = frozenset({Mark.REROUTE_TO_SPLIT_TUN, Mark.REROUTE_TO_NAMESERVER})
 #: Conntrack entries carrying these marks (under VERDICT_MASK: a split mark also holds an interface index)
 #: are ours: cleanup deletes them.
 CONNTRACK_MARKS = frozenset(int(m) for m in (*RESTORED_MARKS, Mark.SPLIT_EGRESS))
 #: The split mark, as the rules match it: 1719 with any interface index above the verdict bits.
 SPLIT_MATCH = f"{int(Mark.REROUTE_TO_SPLIT_TUN)}/{VERDICT_MASK:#x}"
+NAMESERVER_MATCH = f"{int(Mark.REROUTE_TO_NAMESERVER)}/{VERDICT_MASK:#x}"
 
 
 def _match(mark: Mark) -> str:
-    return SPLIT_MATCH if mark == Mark.REROUTE_TO_SPLIT_TUN else str(int(mark))
+    return f"{int(mark)}/{VERDICT_MASK:#x}" if mark in MASKED_MARKS else str(int(mark))
 
 
 MAX_WORKERS = MAX_INTERCEPTOR_WORKERS
@@ -115,9 +130,10 @@ def render(family: int, workers: int = 1, valid_mark_was: int | None = None) -> 
     in_queue = queue_spec(Queue.IPV4_IN if family == 4 else Queue.IPV6_IN, workers)
     reject = "icmp-admin-prohibited" if family == 4 else "icmp6-adm-prohibited"
     proxy = f"{PROXY_IPV4}:{SPLIT_PROXY_PORT}" if family == 4 else f"[{PROXY_IPV6}]:{SPLIT_PROXY_PORT}"
+    resolver = f"{PROXY_IPV4}:{NAMESERVER_PORT}" if family == 4 else f"[{PROXY_IPV6}]:{NAMESERVER_PORT}"
     restore = [
-        f"-m connmark --mark {SPLIT_MATCH} -j CONNMARK --restore-mark"  # with its interface index
-        if m == Mark.REROUTE_TO_SPLIT_TUN
+        f"-m connmark --mark {_match(m)} -j CONNMARK --restore-mark"  # with its interface index / DNS path
+        if m in MASKED_MARKS
         else f"-m connmark --mark {int(m)} -j MARK --set-mark {int(m)}"
         for m in RESTORED_MARKS
     ]
@@ -160,6 +176,7 @@ def render(family: int, workers: int = 1, valid_mark_was: int | None = None) -> 
         Mark.DROP_ALWAYS: "DROP",
         Mark.REROUTE_TO_TUNNEL: "RETURN",
         Mark.REROUTE_TO_SPLIT_TUN: "RETURN",
+        Mark.REROUTE_TO_NAMESERVER: "RETURN",
     }
     for mark in RESTORED_MARKS:
         filt.append(f"-A {FILTER} -m mark --mark {_match(mark)} -j CONNMARK --save-mark")
@@ -167,6 +184,8 @@ def render(family: int, workers: int = 1, valid_mark_was: int | None = None) -> 
     nat = [
         f"-A {REDIRECT} -p tcp -m mark --mark {SPLIT_MATCH} -m tcp --syn -j DNAT --to-destination {proxy}",
         f"-A {REDIRECT} -p udp -m mark --mark {SPLIT_MATCH} -j DNAT --to-destination {proxy}",
+        f"-A {REDIRECT} -p tcp -m mark --mark {NAMESERVER_MATCH} -m tcp --syn -j DNAT --to-destination {resolver}",
+        f"-A {REDIRECT} -p udp -m mark --mark {NAMESERVER_MATCH} -j DNAT --to-destination {resolver}",
     ]
     return {"mangle": mangle, "filter": filt, "nat": nat}
 
