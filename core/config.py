@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from core.policy import RuleError, parse_endpoint, parse_ports
-from core.policy.rules import classify_dest, has_glob, normalize_domain
 from core.policy import validate as validate_rule
+from core.policy.rules import classify_dest, has_glob, normalize_domain
 from messages import PolicyRule
 from messages.control import ConfigSet, Controller, InterfaceChoice, Op, RuleAdd, RuleMove, RuleRef
 

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 
 from splittun import __version__
 from splittun.commands import FAILED, USER_ERROR, UserError, configure, connections, interfaces, lifecycle
+from splittun.commands import dns as dns_cmd
 from splittun.commands import events as events_cmd
 from splittun.commands import lab as lab_cmd
 
-COMMAND_MODULES = (lifecycle, configure, connections, events_cmd, lab_cmd, interfaces)
+COMMAND_MODULES = (lifecycle, configure, connections, events_cmd, lab_cmd, interfaces, dns_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -180,7 +180,7 @@ def test_split_dns_servers_and_vpn_domains_are_lists_set_comma_separated_and_val
     assert set_value(config, SPLIT_DNS, "").split_dns == ()
     assert set_value(config, SPLIT_DNS, '["192.0.2.1"]').split_dns == ("192.0.2.1",)
     for key, bad, problem in ((SPLIT_DNS, "dns.example", "'dns.example' is not an IP address"),
-                              (SPLIT_DNS, "::1", "::1 cannot be a split DNS server (loopback, unspecified or multicast)"),
+                              (SPLIT_DNS, "::1", "::1 cannot be a split DNS server (loopback, unspecified or multicast)"),  # noqa: E501
                               (VPN_DOMAINS, "*.corp", "'*.corp' is not a domain name")):  # fmt: skip
         with pytest.raises(ConfigError) as err:
             set_value(config, key, bad)
