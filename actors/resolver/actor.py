@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import socket
 import struct
 import threading
@@ -36,6 +37,7 @@ from .upstream import ask
 
 DEFAULT_LISTEN = (f"{PROXY_IPV4}:{NAMESERVER_PORT}", f"[{PROXY_IPV6}]:{NAMESERVER_PORT}")
 SNAPSHOT_RETRY = 0.25
+PASSIVE_RETRY = 5.0
 TCP_IDLE = 10.0  # seconds a TCP client may keep its connection without a query
 MAX_UDP = 65535
 
@@ -69,16 +71,34 @@ class ResolverActor(Actor):
         self.pool = ThreadPoolExecutor(max_workers=max(2, args.threads), thread_name_prefix="resolve")
         self.sockets: list[socket.socket] = []
         self.listening: list[str] = []
-        for text in args.listen or DEFAULT_LISTEN:
-            address = parse_address(text)
-            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-                sock = self._bind(address, kind)
-                self.sockets.append(sock)
-                handler = self._on_datagram if kind == socket.SOCK_DGRAM else self._on_connection
-                self.rt.loop.add_fd(sock.fileno(), lambda s=sock, h=handler: h(s))
-            self.listening.append(text)
-        self.log.info("resolver.listening", addresses=" ".join(self.listening))
+        self.passive = ""  # why we do not listen: another splittun instance answers DNS in this namespace
+        self._listen()
         self.rt.loop.call_later(0.0, self._ask_for_snapshots)
+
+    def _listen(self) -> None:
+        """Bind every address (UDP and TCP) or none. Taken (another instance's resolver) → passive, retry later."""
+        texts = self.rt.args.listen or DEFAULT_LISTEN
+        sockets: list[socket.socket] = []
+        try:
+            for text in texts:
+                for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                    sockets.append(self._bind(parse_address(text), kind))
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if not self.passive:
+                hint = "another splittun instance answers DNS in this network namespace; retrying"
+                self.log.error("resolver.passive", reason=describe(exc), hint=hint)
+            self.passive = f"passive: {' '.join(texts)} taken by another resolver"
+            self.rt.loop.call_later(PASSIVE_RETRY, self._listen)
+            return
+        for sock in sockets:
+            handler = self._on_datagram if sock.type == socket.SOCK_DGRAM else self._on_connection
+            self.rt.loop.add_fd(sock.fileno(), lambda s=sock, h=handler: h(s))
+        self.sockets, self.listening, self.passive = sockets, list(texts), ""
+        self.log.info("resolver.listening", addresses=" ".join(self.listening))
 
     @staticmethod
     def _bind(address: tuple[str, int], kind: socket.SocketKind) -> socket.socket:
@@ -230,6 +250,8 @@ class ResolverActor(Actor):
         return DnsFlushed(dropped=dropped)
 
     def readiness(self) -> str:
+        if getattr(self, "passive", ""):
+            return self.passive
         if not getattr(self, "sockets", None):
             return "not listening"
         if self.policy is None:
