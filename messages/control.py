@@ -311,6 +311,7 @@ class ConnectionInfo(Struct):
     ended: float | None = None
     end_reason: str = ""
     split: SplitInfo | None = None
+    resolved_via: str = ""  # DNS: the path and server that answered (the query's own connection, or its answer's)
     verb: str = ""
     state: str = "open"  # open | closed
 

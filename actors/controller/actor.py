@@ -10,7 +10,7 @@
   edit as an op (enable, disable, interface.set, rules.add|remove|move, config.set); the controller
   validates it (named interfaces must exist now), writes the file atomically and applies it, answering
   with the policy version that carries it, or refuses it with one line and changes nothing.
-- Registry: `conn.*` and `proxy.session.*` events joined per connection (registry.py).
+- Registry: `conn.*`, `proxy.session.*` and `dns.query` events joined per connection (registry.py).
 
 Its ops are declared in messages/control.py (`Controller`); docs/control-plane.md lists them.
 """
@@ -66,7 +66,7 @@ class ControllerActor(Actor):
 
     name = "controller"
     control = Controller
-    subscriptions = ("actor.heartbeat", "conn.", "proxy.session.", "netenv.changed")
+    subscriptions = ("actor.heartbeat", "conn.", "proxy.session.", "netenv.changed", "dns.query")
 
     def start(self) -> None:
         self.heartbeats: dict[str, tuple[Heartbeat, float]] = {}

@@ -115,6 +115,12 @@ def test_a_split_app_gets_the_isp_answer_and_a_vpn_app_the_vpn_answer_for_the_sa
         (vpn_name, "vpn", VPN_DNS[family]),
     }
 
+    def resolved_via() -> set[str]:  # the split app's connection, as `splittun connections` shows it
+        rows = st.connections("--app", SPLIT_APP)
+        return {r["resolved_via"] for r in rows if r["dst_ip"] == GeoDns.address("isp", family) and r["dst_port"] == 80}
+
+    assert poll(lambda: f"split {ISP_DNS[4]} via {T.HOST_IF}" in resolved_via(), 5), resolved_via()
+
 
 def test_a_cached_answer_is_served_on_its_own_path_only(st: E2E, leaks: Leaks) -> None:
     allow_split_dns(leaks)
