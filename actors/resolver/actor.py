@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from core.dns.names import NAMES_FILE, NameTable
+from core.netenv.dns import link_dns_servers
 from core.proxy.base import parse_address
 from kernel.conntrack import Conntrack, CtEntry
 from messages import Message, NetenvChanged, PolicySnapshot
@@ -38,6 +39,7 @@ from .upstream import ask
 DEFAULT_LISTEN = (f"{PROXY_IPV4}:{NAMESERVER_PORT}", f"[{PROXY_IPV6}]:{NAMESERVER_PORT}")
 SNAPSHOT_RETRY = 0.25
 PASSIVE_RETRY = 5.0
+LEARN_INTERVAL = 30.0
 TCP_IDLE = 10.0  # seconds a TCP client may keep its connection without a query
 MAX_UDP = 65535
 
@@ -74,6 +76,7 @@ class ResolverActor(Actor):
         self.passive = ""  # why we do not listen: another splittun instance answers DNS in this namespace
         self._listen()
         self.rt.loop.call_later(0.0, self._ask_for_snapshots)
+        self.rt.loop.call_every(LEARN_INTERVAL, self._configure)  # servers learned from files change unseen
 
     def _listen(self) -> None:
         """Bind every address (UDP and TCP) or none. Taken (another instance's resolver) → passive, retry later."""
@@ -204,11 +207,16 @@ class ResolverActor(Actor):
             self._configure()
 
     def _configure(self) -> None:
+        """New settings from the policy, the network and the servers the split interfaces were given (the
+        netenv library reads them from the host's network software: core/netenv/dns.py)."""
         settings = Settings.of(self.policy, self.netenv)
+        learned = {e.interface: link_dns_servers(e.ifindex, e.interface) for e in settings.egresses.in_use()}
+        settings = Settings.of(self.policy, self.netenv, learned)
         if settings != self.engine.settings:
             self.engine.settings = settings
-            self.log.info("resolver.configured", split_dns=",".join(settings.split_servers) or "-",
-                          source=settings.split_source, vpn_domains=",".join(settings.vpn_domains) or "-")  # fmt: skip
+            servers, source = settings.split_servers()
+            self.log.info("resolver.configured", split_dns=",".join(servers) or "-", source=source,
+                          vpn_domains=",".join(settings.vpn_domains) or "-")  # fmt: skip
 
     def _ask_for_snapshots(self) -> None:
         """A resolver starting after the last change would wait for the next one: ask the owners instead."""
@@ -229,13 +237,14 @@ class ResolverActor(Actor):
     @answers(Resolver.STATUS)
     def answer_status(self, args: NoArgs) -> DnsStatus:
         settings = self.engine.settings
-        split = list(settings.split_servers) or ["the server each split app asked, out of the split interface"]
+        servers, source = settings.split_servers()
+        split = list(servers) or ["the server each split app asked, out of the split interface"]
         return DnsStatus(
             listen=self.listening,
             rerouting=not self.readiness(),
             not_ready=self.readiness(),
             upstreams={"vpn": ["the server each app asked, through the VPN"], "split": split},
-            split_dns_source=settings.split_source,
+            split_dns_source=source,
             vpn_domains=list(settings.vpn_domains),
             cache_entries=len(self.engine.cache),
             cache_hit_rate=round(self.engine.cache.hit_rate(), 4),

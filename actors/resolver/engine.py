@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,30 +62,44 @@ class Query:
     arrived: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Settings:
     """What the resolver resolves with, replaced whole when the policy or the network changes."""
 
-    split_servers: tuple[str, ...] = ()
-    split_source: str = "none"  # where they came from: "splittun/splitDNS", "netenv", "none"
+    configured: tuple[str, ...] = ()  # splittun/splitDNS: wins over what was learned
+    learned: Mapping[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)  # interface → (servers, source)
     vpn_domains: tuple[str, ...] = ()
     egresses: SplitEgresses = field(default_factory=lambda: split_egresses(None, ""))
 
     @classmethod
-    def of(cls, policy: PolicySnapshot | None, netenv: NetenvChanged | None, learned: tuple[str, ...] = ()) -> Settings:
-        configured = tuple(policy.split_dns) if policy is not None else ()
+    def of(
+        cls,
+        policy: PolicySnapshot | None,
+        netenv: NetenvChanged | None,
+        learned: Mapping[str, tuple[tuple[str, ...], str]] | None = None,
+    ) -> Settings:
         interfaces = [r.interface for r in policy.rules if r.interface] if policy is not None else []
-        egresses = split_egresses(netenv, policy.interface if policy is not None else "", interfaces)
-        servers, source = (
-            (configured, "splittun/splitDNS") if configured else (learned, "netenv" if learned else "none")
+        return cls(
+            configured=tuple(policy.split_dns) if policy is not None else (),
+            learned=dict(learned or {}),
+            vpn_domains=tuple(policy.vpn_domains) if policy is not None else (),
+            egresses=split_egresses(netenv, policy.interface if policy is not None else "", interfaces),
         )
-        vpn_domains = tuple(policy.vpn_domains) if policy is not None else ()
-        return cls(tuple(servers), source, vpn_domains, egresses)
 
     def egress_set(self, index: int) -> EgressSet:
         if index:
             return self.egresses.by_index.get(index) or EgressSet(reason=f"no interface with index {index} here")
         return self.egresses.chosen
+
+    def split_servers(self, index: int = 0) -> tuple[tuple[str, ...], str]:
+        """The split path's servers for the interface `index` names (0 = the global choice), and their source."""
+        if self.configured:
+            return self.configured, "splittun/splitDNS"
+        for egress in self.egress_set(index).all():
+            servers, source = self.learned.get(egress.interface, ((), ""))
+            if servers:
+                return servers, f"netenv: {source} ({egress.interface})"
+        return (), "none"
 
 
 @dataclass
@@ -159,13 +173,15 @@ class ResolverEngine:
         flow = entry.orig.key() if entry is not None else flow_key(q.protocol, *q.client, *q.local)
         qname = message.question[0].name.to_text(omit_final_dot=True).lower()
         settings = self.settings
+        path = nameserver_path(entry.mark) if entry is not None else None
+        index = path[1] if path else 0
         where = (
             route(
                 qname,
                 entry.mark,
                 entry.orig.dst_ip,
-                split_servers=settings.split_servers,
-                split_families=self._families(settings, entry.mark),
+                split_servers=settings.split_servers(index)[0],
+                split_families=[f for f in (4, 6) if settings.egress_set(index).for_family(f) is not None],
                 vpn_domains=settings.vpn_domains,
             )
             if entry is not None
@@ -185,12 +201,6 @@ class ResolverEngine:
             self._event(q, message, flow, where.path, "", "", cached.rcode(), cached, cached=True)
             return self._fit(q, message, cached)
         return Pending(q, message, where, key, flow)
-
-    @staticmethod
-    def _families(settings: Settings, mark: int) -> list[int]:
-        path = nameserver_path(mark)
-        egress = settings.egress_set(path[1] if path else 0)
-        return [f for f in (4, 6) if egress.for_family(f) is not None]
 
     # --- the upstream (blocking: a worker thread) ----------------------------------------------------
 

@@ -150,3 +150,16 @@ def test_malformed_queries_get_formerr_or_are_dropped() -> None:
     assert w.engine.prepare(Query(b"\x01", UDP, CLIENT, LOCAL)) is None
     assert w.engine.counters["malformed"] == 2
     assert isinstance(w.engine.prepare(Query(dns.message.make_query("x.", "A").to_wire(), UDP, CLIENT, LOCAL)), Pending)
+
+
+def test_learned_servers_of_the_split_interface_are_used_unless_split_dns_is_configured() -> None:
+    learned = {"eth0": (("192.0.2.53",), "systemd-resolved")}
+    settings = Settings.of(PolicySnapshot(version=1, ts=0.0), NETENV, learned)
+    assert settings.split_servers() == (("192.0.2.53",), "netenv: systemd-resolved (eth0)")
+    assert Settings.of(POLICY, NETENV, learned).split_servers() == (("192.0.2.1",), "splittun/splitDNS")
+    assert Settings.of(PolicySnapshot(version=1, ts=0.0), NETENV).split_servers() == ((), "none")
+    w = World(nameserver_mark(True))
+    w.engine.settings = settings
+    w.answers["192.0.2.53"] = "203.0.113.80"
+    w.ask()
+    assert w.asked[0][0] == "192.0.2.53"
