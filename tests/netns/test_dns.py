@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from splittun.lab import topology as T
-from splittun.lab.geodns import EDGE_NAME, GEO_NAME, SHOP_NAME, GeoDns
+from splittun.lab.geodns import BIG_NAME, EDGE_NAME, GEO_NAME, SHOP_NAME, GeoDns
 from splittun.lab.instance import poll
 from tests.support.e2e import E2E, host_state
 from tests.support.interceptor import ISP, VPN
@@ -131,6 +131,13 @@ def test_a_cached_answer_is_served_on_its_own_path_only(st: E2E, leaks: Leaks) -
     assert first["addresses"] == again["addresses"] == [GeoDns.address("vpn", 4)]
     assert split["addresses"] == [GeoDns.address("isp", 4)]  # the VPN path's cached answer is not the split app's
     assert len(geo(st).queries("vpn", name)) == 1  # the second VPN lookup came from the cache
+
+
+def test_an_answer_too_big_for_udp_is_fetched_over_tcp_and_handed_on_truncated(st: E2E) -> None:
+    result = app(st, VPN_APP, BIG_NAME, 4, fetch=False)
+    assert len(result["addresses"]) == 40 and result["transport"] == "tcp"  # the app got TC, asked again over TCP
+    asked = [q["transport"] for q in geo(st).queries("vpn", BIG_NAME)]
+    assert asked[-2:] == ["udp", "tcp"]  # the resolver got TC from the server and asked it again over TCP
 
 
 def test_a_domain_rule_matches_the_first_connection_after_a_lookup_over_tcp(st: E2E, leaks: Leaks) -> None:
