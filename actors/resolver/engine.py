@@ -14,10 +14,11 @@ counted; nothing here raises.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,14 +30,15 @@ import dns.rcode
 import dns.rdatatype
 
 from core.dns.answers import DnsError, parse_response
-from core.dns.cache import AnswerCache, CacheKey, cache_key
+from core.dns.cache import AnswerCache, CacheKey, cache_key, question_of
 from core.dns.names import NameTable
 from core.dns.route import SPLIT, DnsRoute, NoRoute, family, route
+from core.dns.wire import Question, read_question
 from core.egress import EgressSet, SplitEgresses, split_egresses
 from core.proxy.decider import Binding
 from kernel.conntrack import CtEntry
 from messages import DnsQuery, Mark, NetenvChanged, PolicySnapshot
-from messages.flows import FiveTuple, IpProtocol, flow_key
+from messages.flows import FiveTuple, IpProtocol, endpoint_text, protocol_name
 from messages.marks import nameserver_path
 from runtime.log import describe
 
@@ -109,8 +111,9 @@ class Pending:
     query: Query
     message: dns.message.Message
     route: DnsRoute
-    key: CacheKey | None
+    key: CacheKey
     flow: str
+    question: Question
 
 
 class ResolverEngine:
@@ -154,53 +157,64 @@ class ResolverEngine:
     # --- the way in (no network) ----------------------------------------------------------------------
 
     def prepare(self, q: Query) -> bytes | Pending | None:
-        """The answer's bytes when no upstream is needed (cache, errors); a `Pending` otherwise; None = drop."""
+        """The answer's bytes when no upstream is needed (cache, errors); a `Pending` otherwise; None = drop.
+
+        A plain query is read without a full parse (core/dns/wire.py), so a cached answer costs no
+        dnspython work at all; anything else is parsed and checked first."""
         self.count("queries")
         if q.protocol == IpProtocol.TCP:
             self.count("tcp_queries")
-        try:
-            message = dns.message.from_wire(q.wire)
-        except dns.exception.DNSException:
-            self.count("malformed")
-            return formerr(q.wire)
-        if message.flags & dns.flags.QR or message.opcode() != dns.opcode.QUERY or len(message.question) != 1:
-            self.count("malformed")
-            return self._reply(q, message, rcode=dns.rcode.FORMERR if message.question else dns.rcode.NOTIMP)
+        question = read_question(q.wire)
+        message = None
+        if question is None:
+            try:
+                message = dns.message.from_wire(q.wire)
+            except dns.exception.DNSException:
+                self.count("malformed")
+                return formerr(q.wire)
+            if message.flags & dns.flags.QR or message.opcode() != dns.opcode.QUERY or len(message.question) != 1:
+                self.count("malformed")
+                return self._reply(message, dns.rcode.FORMERR if message.question else dns.rcode.NOTIMP)
+            question = question_of(message)
         try:
             entry = self.origin(FiveTuple(q.protocol, q.local[0], q.local[1], q.client[0], q.client[1]))
         except (OSError, ValueError):
             entry = None
-        flow = entry.orig.key() if entry is not None else flow_key(q.protocol, *q.client, *q.local)
-        qname = message.question[0].name.to_text(omit_final_dot=True).lower()
-        settings = self.settings
-        path = nameserver_path(entry.mark) if entry is not None else None
-        index = path[1] if path else 0
-        where = (
-            route(
-                qname,
-                entry.mark,
-                entry.orig.dst_ip,
-                split_servers=settings.split_servers(index)[0],
-                split_families=[f for f in (4, 6) if settings.egress_set(index).for_family(f) is not None],
-                vpn_domains=settings.vpn_domains,
-            )
-            if entry is not None
-            else NoRoute("no conntrack entry: not a query splittun rerouted")
-        )
+        flow = _flow_text(entry.orig if entry is not None else FiveTuple(q.protocol, *q.client, *q.local))
+        where = self._route(question.name, entry)
         if isinstance(where, NoRoute):
             self.count("refused")
-            answer = self._reply(q, message, rcode=dns.rcode.REFUSED)
-            self._event(q, message, flow, "", "", "", dns.rcode.REFUSED, None, cached=False)
-            return answer
+            self._event(q, question, flow, "", "", "", dns.rcode.REFUSED)
+            return self._reply(message or dns.message.from_wire(q.wire), dns.rcode.REFUSED)
         self.count("split" if where.path == SPLIT else "vpn")
-        key = cache_key(where.key, message)
+        key = cache_key(where.key, question)
         with self._cache_lock:
-            cached = self.cache.get(key, message.id, time.time())
-        if cached is not None:
+            hit = self.cache.get(key, question.id, time.time())
+        limit = TCP_MAX_SIZE if q.protocol == IpProtocol.TCP else question.payload
+        if hit is not None:
+            wire, cached = hit
             self.count("cache_hits")
-            self._event(q, message, flow, where.path, "", "", cached.rcode(), cached, cached=True)
-            return self._fit(q, message, cached)
-        return Pending(q, message, where, key, flow)
+            self._event(q, question, flow, where.path, "", "", cached.rcode, cached.answers, cached.addresses,
+                        transport="cache")  # fmt: skip
+            if len(wire) <= limit:
+                return wire
+            return self._fit(q, message or dns.message.from_wire(q.wire), dns.message.from_wire(wire))
+        return Pending(q, message or dns.message.from_wire(q.wire), where, key, flow, question)
+
+    def _route(self, qname: str, entry: CtEntry | None) -> DnsRoute | NoRoute:
+        if entry is None:
+            return NoRoute("no conntrack entry: not a query splittun rerouted")
+        settings = self.settings
+        path = nameserver_path(entry.mark)
+        index = path[1] if path else 0
+        return route(
+            qname,
+            entry.mark,
+            entry.orig.dst_ip,
+            split_servers=settings.split_servers(index)[0],
+            split_families=[f for f in (4, 6) if settings.egress_set(index).for_family(f) is not None],
+            vpn_domains=settings.vpn_domains,
+        )
 
     # --- the upstream (blocking: a worker thread) ----------------------------------------------------
 
@@ -224,13 +238,13 @@ class ResolverEngine:
             with self._cache_lock:
                 self.cache.put(p.key, answer, time.time())
             answer.id = p.message.id
-            self._event(p.query, p.message, p.flow, p.route.path, server, binding.interface, answer.rcode(), answer,
-                        cached=False, transport=transport)  # fmt: skip
+            found = [rd.address for r in answer.answer if r.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rd in r]
+            self._event(p.query, p.question, p.flow, p.route.path, server, binding.interface, answer.rcode(),
+                        sum(len(r) for r in answer.answer), found, transport=transport)  # fmt: skip
             return self._fit(p.query, p.message, answer)
         self.count("servfail")
-        self._event(p.query, p.message, p.flow, p.route.path, "", "", dns.rcode.SERVFAIL, None, cached=False,
-                    error=last_error)  # fmt: skip
-        return self._reply(p.query, p.message, rcode=dns.rcode.SERVFAIL)
+        self._event(p.query, p.question, p.flow, p.route.path, "", "", dns.rcode.SERVFAIL, error=last_error)
+        return self._reply(p.message, dns.rcode.SERVFAIL)
 
     def answer(self, q: Query) -> bytes | None:
         """Both steps in one (TCP streams, tests)."""
@@ -262,7 +276,7 @@ class ResolverEngine:
 
     # --- answers -------------------------------------------------------------------------------------
 
-    def _reply(self, q: Query, message: dns.message.Message, rcode: int) -> bytes:
+    def _reply(self, message: dns.message.Message, rcode: int) -> bytes:
         response = dns.message.make_response(message)
         response.set_rcode(rcode)
         return response.to_wire()
@@ -285,42 +299,50 @@ class ResolverEngine:
     def _event(
         self,
         q: Query,
-        message: dns.message.Message,
+        question: Question,
         flow: str,
         path: str,
         upstream: str,
         interface: str,
         rcode: int,
-        answer: dns.message.Message | None,
+        answers: int = 0,
+        addresses: Sequence[str] = (),
         *,
-        cached: bool,
         transport: str = "",
         error: str = "",
     ) -> None:
-        question = message.question[0]
-        addresses = [
-            rd.address
-            for rrset in (answer.answer if answer is not None else ())
-            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
-            for rd in rrset
-        ]
         event = DnsQuery(
             ts=time.time(),
             flow=flow,
-            name=question.name.to_text(omit_final_dot=True).lower(),
-            qtype=dns.rdatatype.to_text(question.rdtype),
+            name=question.name,
+            qtype=_rdtype_text(question.rdtype),
             path=path,
             upstream=upstream,
             interface=interface,
-            rcode=dns.rcode.to_text(rcode) + (f" ({error})" if error else ""),
-            answers=sum(len(r) for r in answer.answer) if answer is not None else 0,
-            addresses=addresses[:MAX_EVENT_ADDRESSES],
+            rcode=_rcode_text(rcode) + (f" ({error})" if error else ""),
+            answers=answers,
+            addresses=list(addresses[:MAX_EVENT_ADDRESSES]),
             latency_ms=round((time.monotonic() - q.arrived) * 1000, 3),
-            cached=cached,
-            transport=transport or ("cache" if cached else ""),
+            cached=transport == "cache",
+            transport=transport,
         )
         self.recent.append(event)
         self.publish(event)
+
+
+def _flow_text(t: FiveTuple) -> str:
+    """The flow key of a tuple read from conntrack (its addresses are canonical already: no re-parse)."""
+    return f"{protocol_name(t.protocol)} {endpoint_text(t.src_ip, t.src_port)} {endpoint_text(t.dst_ip, t.dst_port)}"
+
+
+@functools.lru_cache(maxsize=256)
+def _rdtype_text(rdtype: int) -> str:
+    return dns.rdatatype.to_text(rdtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _rcode_text(rcode: int) -> str:
+    return dns.rcode.to_text(rcode)
 
 
 def formerr(wire: bytes) -> bytes | None:

@@ -1,11 +1,12 @@
 """The resolver's answer cache: TTLs honoured, negative answers too (RFC 2308), kept apart per route.
 
+Answers are kept as bytes and served by patching id and TTLs (core/dns/wire.py): no parse per hit.
 An answer is cached for the smallest TTL of its records (capped), a negative one (NXDOMAIN, or NOERROR
 without an answer) for its SOA's TTL and minimum, whichever is smaller. A cached answer is served with
 its TTLs counted down by its age and the asker's query id. Answers that say nothing lasting (SERVFAIL,
 REFUSED, truncated, no SOA on a negative answer) are not cached. The key holds the route (split and VPN
-answers for one name differ on purpose: geo-DNS), the question, and the DO and CD bits (DNSSEC records
-are only in answers to DO queries). Pure: the clock is an argument.
+answers for one name differ on purpose: geo-DNS), the question, whether the query had EDNS, and the DO
+and CD bits (DNSSEC records are only in answers to DO queries). Pure: the clock is an argument.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
+from .answers import DnsError
+from .wire import Question, patched, ttl_fields
+
 MAX_TTL = 86400
 MAX_NEGATIVE_TTL = 3600
 MAX_ENTRIES = 10000
@@ -26,13 +30,25 @@ MAX_ENTRIES = 10000
 CacheKey = tuple[Any, ...]
 
 
-def cache_key(route_key: Any, query: dns.message.Message) -> CacheKey | None:
-    """The key of a query's answer on a route; None for what is never cached (no single question)."""
-    if len(query.question) != 1:
-        return None
-    q = query.question[0]
-    do = bool(query.ednsflags & dns.flags.DO)
-    return route_key, q.name.to_text().lower(), q.rdtype, q.rdclass, do, bool(query.flags & dns.flags.CD)
+def question_of(message: dns.message.Message) -> Question:
+    """The `Question` of a parsed query (the full path), keyed like `wire.read_question` keys a plain one."""
+    q = message.question[0]
+    edns = message.edns >= 0
+    return Question(
+        name=q.name.to_text(omit_final_dot=True).lower(),
+        rdtype=q.rdtype,
+        rdclass=q.rdclass,
+        edns=edns,
+        do=bool(message.ednsflags & dns.flags.DO),
+        cd=bool(message.flags & dns.flags.CD),
+        payload=max(512, message.payload) if edns else 512,
+        id=message.id,
+    )
+
+
+def cache_key(route_key: Any, question: Question) -> CacheKey:
+    """The key of a question's answer on a route (split and VPN answers for one name differ on purpose)."""
+    return (route_key, *question.key)
 
 
 def cache_ttl(response: dns.message.Message) -> int | None:
@@ -52,11 +68,17 @@ def cache_ttl(response: dns.message.Message) -> int | None:
     return min(MAX_TTL, *ttls)
 
 
-@dataclass
-class _Entry:
+@dataclass(frozen=True)
+class Cached:
+    """One cached answer: its bytes, where its TTLs are, and what a `dns.query` event says about it."""
+
     wire: bytes
+    ttls: tuple[tuple[int, int], ...]
     stored: float
     expires: float
+    rcode: int
+    answers: int
+    addresses: tuple[str, ...]
 
 
 class AnswerCache:
@@ -64,7 +86,7 @@ class AnswerCache:
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, Cached] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -77,20 +99,29 @@ class AnswerCache:
         self._entries.clear()
         return count
 
-    def put(self, key: CacheKey | None, response: dns.message.Message, now: float) -> bool:
+    def put(self, key: CacheKey, response: dns.message.Message, now: float) -> bool:
         """Keep `response` for its TTL; False when it is not cacheable."""
         ttl = cache_ttl(response)
-        if key is None or ttl is None or ttl <= 0:
+        if ttl is None or ttl <= 0:
             return False
-        self._entries[key] = _Entry(response.to_wire(), now, now + ttl)
+        wire = response.to_wire()
+        try:
+            ttls = ttl_fields(wire)
+        except DnsError:
+            return False
+        addresses = tuple(
+            rd.address for r in response.answer if r.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rd in r
+        )
+        answers = sum(len(r) for r in response.answer)
+        self._entries[key] = Cached(wire, ttls, now, now + ttl, response.rcode(), answers, addresses)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return True
 
-    def get(self, key: CacheKey | None, query_id: int, now: float) -> dns.message.Message | None:
-        """The cached answer for `key`, TTLs counted down and with `query_id`; None when absent or expired."""
-        entry = self._entries.get(key) if key is not None else None
+    def get(self, key: CacheKey, ident: int, now: float) -> tuple[bytes, Cached] | None:
+        """The cached answer for `key` with id `ident` and its TTLs counted down; None when absent or expired."""
+        entry = self._entries.get(key)
         if entry is None or entry.expires <= now:
             if entry is not None:
                 del self._entries[key]
@@ -98,13 +129,7 @@ class AnswerCache:
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        answer = dns.message.from_wire(entry.wire)
-        age = int(now - entry.stored)
-        for section in (answer.answer, answer.authority, answer.additional):
-            for rrset in section:
-                rrset.ttl = max(0, rrset.ttl - age)
-        answer.id = query_id
-        return answer
+        return patched(entry.wire, ident, entry.ttls, int(now - entry.stored)), entry
 
     def hit_rate(self) -> float:
         asked = self.hits + self.misses

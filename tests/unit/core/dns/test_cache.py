@@ -7,11 +7,15 @@ import dns.message
 import dns.rcode
 import dns.rrset
 
-from core.dns.cache import AnswerCache, cache_key, cache_ttl
+from core.dns.cache import AnswerCache, cache_key, cache_ttl, question_of
 
 
 def query(name: str = "geo.example.", rdtype: str = "A", do: bool = False) -> dns.message.Message:
     return dns.message.make_query(name, rdtype, want_dnssec=do)
+
+
+def key(route: str, q: dns.message.Message) -> tuple[object, ...]:
+    return cache_key(route, question_of(q))
 
 
 def answer(q: dns.message.Message, *records: str, rcode: int = dns.rcode.NOERROR, soa: str = "") -> dns.message.Message:
@@ -30,12 +34,13 @@ def test_an_answer_lives_for_its_smallest_ttl_counted_down_when_served() -> None
     cache = AnswerCache()
     q = query()
     r = answer(q, "geo.example. 300 CNAME edge.cdn.example.", "edge.cdn.example. 60 A 203.0.113.80")
-    key = cache_key("vpn", q)
-    assert cache_ttl(r) == 60 and cache.put(key, r, now=1000.0)
-    served = cache.get(key, query_id=7, now=1030.0)
-    assert served is not None and served.id == 7
-    assert [rr.ttl for rr in served.answer] == [270, 30]
-    assert cache.get(key, 8, now=1060.0) is None and len(cache) == 0
+    k = key("vpn", q)
+    assert cache_ttl(r) == 60 and cache.put(k, r, now=1000.0)
+    hit = cache.get(k, 7, now=1030.0)
+    assert hit is not None and hit[1].addresses == ("203.0.113.80",) and hit[1].answers == 2
+    served = dns.message.from_wire(hit[0])
+    assert served.id == 7 and [rr.ttl for rr in served.answer] == [270, 30]
+    assert cache.get(k, 8, now=1060.0) is None and len(cache) == 0
     assert (cache.hits, cache.misses) == (1, 1)
 
 
@@ -55,17 +60,17 @@ def test_failures_and_truncated_answers_are_not_cached() -> None:
 
 
 def test_routes_and_the_do_bit_keep_answers_apart() -> None:
-    keys = {cache_key("vpn", query()), cache_key("split", query()), cache_key("vpn", query(do=True)),
-            cache_key("vpn", query(rdtype="AAAA"))}  # fmt: skip
-    assert len(keys) == 4
-    assert cache_key("vpn", query()) == cache_key("vpn", query("GEO.example."))
+    keys = {key("vpn", query()), key("split", query()), key("vpn", query(do=True)), key("vpn", query(rdtype="AAAA")),
+            key("vpn", dns.message.make_query("geo.example.", "A", use_edns=0))}  # fmt: skip
+    assert len(keys) == 5
+    assert key("vpn", query()) == key("vpn", query("GEO.example."))
 
 
 def test_least_recently_used_answers_go_first_and_flush_empties() -> None:
     cache = AnswerCache(max_entries=2)
     for i in range(3):
         q = query(f"n{i}.example.")
-        cache.put(cache_key("vpn", q), answer(q, f"n{i}.example. 60 A 203.0.113.{i}"), now=0.0)
-    assert cache.get(cache_key("vpn", query("n0.example.")), 1, now=1.0) is None
-    assert cache.get(cache_key("vpn", query("n2.example.")), 1, now=1.0) is not None
+        cache.put(key("vpn", q), answer(q, f"n{i}.example. 60 A 203.0.113.{i}"), now=0.0)
+    assert cache.get(key("vpn", query("n0.example.")), 1, now=1.0) is None
+    assert cache.get(key("vpn", query("n2.example.")), 1, now=1.0) is not None
     assert cache.flush() == 2 and len(cache) == 0
