@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.dns.route import Server
 from core.policy import RuleError, parse_endpoint, parse_ports
 from core.policy import validate as validate_rule
 from core.policy.rules import classify_dest, has_glob, normalize_domain
@@ -66,19 +67,20 @@ def _interface(key: str, value: Any) -> str:
 
 
 def _servers(key: str, value: Any) -> list[str]:
-    """DNS server addresses (IPv4 or IPv6, port 53), each once, in order."""
+    """DNS server addresses (IPv4 or IPv6, port 53; tls://ADDRESS[#NAME] for DNS over TLS), each once, in order."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(key, f"expected a list of IP addresses, got {_json_type(value)}")
     out: list[str] = []
     for text in value:
         try:
-            ip = ipaddress.ip_address(text.strip())
-        except ValueError:
-            raise ConfigError(key, f"{text.strip()!r} is not an IP address") from None
+            server = Server.parse(text)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+        ip = ipaddress.ip_address(server.address)
         if ip.is_loopback or ip.is_unspecified or ip.is_multicast:
             raise ConfigError(key, f"{ip} cannot be a split DNS server (loopback, unspecified or multicast)")
-        if str(ip) not in out:
-            out.append(str(ip))
+        if str(server) not in out:
+            out.append(str(server))
     return out
 
 
@@ -192,8 +194,9 @@ OPTIONS: dict[str, Option] = {
             SPLIT_DNS,
             "user",
             [],
-            "DNS servers that split apps' queries go to, out of the split interface (IP addresses; "
-            "comma-separated on the command line). Empty = the servers netenv learned for that interface.",
+            "DNS servers that split apps' queries go to, out of the split interface (IP addresses, or "
+            "tls://ADDRESS#NAME for DNS over TLS; comma-separated on the command line). Empty = the servers "
+            "netenv learned for that interface.",
             _servers,
             _parse_list_text,
         ),

@@ -232,7 +232,7 @@ class ResolverEngine:
                 self.count("upstream_errors")
                 last_error = describe(exc)
                 continue
-            if transport != "udp" and p.query.protocol == IpProtocol.UDP:
+            if transport == "tcp":
                 self.count("truncated_retries")
             self._learn(answer)
             with self._cache_lock:

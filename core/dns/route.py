@@ -10,12 +10,14 @@ address the app asked from the query's conntrack entry and calls `route()`:
   learned), out of the split interface; when none is known for a usable family, to the server the app asked,
   still out of the split interface — never into the VPN;
 - a name under `splittun/vpnDomains` (an intranet behind the VPN) always resolves through the VPN.
+A configured server may be `tls://ADDRESS[#NAME]`: DNS over TLS (`Server`).
 Never: a VPN app's query outside the VPN, a split app's query inside it.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -47,8 +49,41 @@ class NoRoute:
     reason: str
 
 
-def family(address: str) -> int:
-    return 6 if ":" in address else 4
+TLS_PREFIX = "tls://"
+DOT_PORT = 853
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """An upstream server as configured: an address (plain DNS, port 53), or `tls://ADDRESS[#NAME]`: DNS over
+    TLS (port 853), the certificate checked for NAME (default: the address itself)."""
+
+    address: str
+    tls: bool = False
+    name: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Server:
+        """ValueError (saying why) for anything but an IP address, optionally as tls://ADDRESS[#NAME]."""
+        text = text.strip()
+        tls = text.lower().startswith(TLS_PREFIX)
+        rest = text[len(TLS_PREFIX) :] if tls else text
+        address, _, name = rest.partition("#") if tls else (rest, "", "")
+        try:
+            ip = ipaddress.ip_address(address.strip("[]"))
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address (or tls://ADDRESS[#NAME])") from None
+        if name and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", name):
+            raise ValueError(f"{name!r} is not a host name")
+        return cls(str(ip), tls, name.lower())
+
+    def __str__(self) -> str:
+        return f"{TLS_PREFIX}{self.address}" + (f"#{self.name}" if self.name else "") if self.tls else self.address
+
+
+def family(server: str) -> int:
+    """The IP version of a server (an address, or a tls:// one)."""
+    return 6 if ":" in (server[len(TLS_PREFIX) :].partition("#")[0] if server.startswith(TLS_PREFIX) else server) else 4
 
 
 def in_domains(name: str, domains: Iterable[str]) -> str:

@@ -7,8 +7,9 @@
 Any name under ``GEO_NAME`` answers like it (a test asks a name of its own, then finds it in the logs).
 Both serve a CNAME (``ALIAS_NAME`` → ``GEO_NAME``), a name reached through a CNAME chain into another
 domain (``SHOP_NAME`` → ``EDGE_NAME``) and a name whose answer does not fit 512 bytes (``BIG_NAME``: UDP
-answers are truncated, so resolvers ask again over TCP). Every query is logged, one JSON object a line
-(name, type, transport, who asked), so a test sees which server a query reached.
+answers are truncated, so resolvers ask again over TCP). Both also answer DNS over TLS on port 853 with a
+self-signed certificate for ``TLS_NAMES`` (``GeoDns.ca_file`` is what to trust). Every query is logged,
+one JSON object a line (name, type, transport, who asked), so a test sees which server a query reached.
 
     python -m splittun.lab.geodns --listen 192.0.2.1 --listen 2001:db8:10::1 --index 0 --log PATH
     with GeoDns(lab) as geo: geo.queries("vpn")  # both servers, stopped on the way out
@@ -22,6 +23,7 @@ import argparse
 import json
 import selectors
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -51,6 +53,8 @@ TTL = 60
 #: Which whoami server each DNS server answers with (index into SERVER_V4 / SERVER_V6).
 ANSWER_INDEX = {"isp": 0, "vpn": 1}
 SERVERS = {"isp": ("isp", T.ISP_LAN_V4, T.ISP_LAN_V6), "vpn": ("vpnsrv", T.TUN_SRV_V4, T.TUN_SRV_V6)}
+#: The names the servers' DNS-over-TLS certificates are for (GeoDns.ca_file holds both certificates).
+TLS_NAMES = {"isp": "dns.isp.test", "vpn": "dns.vpn.test"}
 
 
 def zone(index: int) -> dict[str, list[tuple[str, str]]]:
@@ -90,8 +94,9 @@ def respond(query: dns.message.Message, records: dict[str, list[tuple[str, str]]
     return response
 
 
-def serve(listen: list[str], records: dict[str, list[tuple[str, str]]], log: Path) -> None:
-    """UDP and TCP on port 53 of each address, until killed; one log line per query."""
+def serve(listen: list[str], records: dict[str, list[tuple[str, str]]], log: Path, tls: ssl.SSLContext | None) -> None:
+    """UDP and TCP on port 53 of each address (with `tls`, DNS over TLS on 853 too), until killed; one log line
+    per query."""
     sel = selectors.DefaultSelector()
     out = log.open("a", buffering=1)
     lock = threading.Lock()
@@ -120,41 +125,51 @@ def serve(listen: list[str], records: dict[str, list[tuple[str, str]]], log: Pat
             short.flags |= dns.flags.TC | dns.flags.AA
             return short.to_wire()
 
-    def tcp_client(conn: socket.socket, peer: Any) -> None:
+    def recv_exactly(conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n and (chunk := conn.recv(n - len(data))):
+            data += chunk
+        return data
+
+    def tcp_client(conn: socket.socket, peer: Any, transport: str) -> None:
         with conn:
             conn.settimeout(10)
             try:
-                while head := conn.recv(2, socket.MSG_WAITALL):
-                    wire = conn.recv(struct.unpack("!H", head)[0], socket.MSG_WAITALL)
-                    reply = answer(wire, "tcp", peer)
+                if tls is not None and transport == "tls":
+                    conn = tls.wrap_socket(conn, server_side=True)
+                while len(head := recv_exactly(conn, 2)) == 2:
+                    wire = recv_exactly(conn, struct.unpack("!H", head)[0])
+                    reply = answer(wire, transport, peer)
                     if reply is None:
                         return
                     conn.sendall(struct.pack("!H", len(reply)) + reply)
             except OSError:
                 return
 
+    services = [(socket.SOCK_DGRAM, 53, "udp"), (socket.SOCK_STREAM, 53, "tcp")]
+    services += [(socket.SOCK_STREAM, 853, "tls")] if tls is not None else []
     for address in listen:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        for kind, port, transport in services:
             sock = socket.socket(family, kind)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((address, 53))
+            sock.bind((address, port))
             if kind == socket.SOCK_STREAM:
                 sock.listen(64)
-            sel.register(sock, selectors.EVENT_READ, kind)
+            sel.register(sock, selectors.EVENT_READ, transport)
     print("geodns ready", flush=True)
     while True:
         for key, _ in sel.select():
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
-            if key.data == socket.SOCK_DGRAM:
+            if key.data == "udp":
                 wire, peer = sock.recvfrom(65535)
                 reply = answer(wire, "udp", peer)
                 if reply is not None:
                     sock.sendto(reply, peer)
             else:
                 conn, peer = sock.accept()
-                threading.Thread(target=tcp_client, args=(conn, peer), daemon=True).start()
+                threading.Thread(target=tcp_client, args=(conn, peer, key.data), daemon=True).start()
 
 
 class GeoDns:
@@ -164,13 +179,28 @@ class GeoDns:
         self.lab = lab
         self.procs: list[subprocess.Popen[str]] = []
         self.logs = {server: lab.state_dir / f"geodns-{server}.jsonl" for server in SERVERS}
+        #: The servers' self-signed certificates, one file: what a resolver must trust for DNS over TLS.
+        self.ca_file = lab.state_dir / "geodns-ca.pem"
+
+    def _certificate(self, server: str, v4: str, v6: str) -> list[str]:
+        """A self-signed certificate for TLS_NAMES[server] and both addresses; the server's --tls options."""
+        cert, key = (self.lab.state_dir / f"geodns-{server}.{ext}" for ext in ("pem", "key"))
+        san = f"subjectAltName=DNS:{TLS_NAMES[server]},IP:{v4},IP:{v6}"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-days", "2", "-subj", f"/CN={TLS_NAMES[server]}", "-addext", san,
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)  # fmt: skip
+        with self.ca_file.open("a") as ca:
+            ca.write(cert.read_text())
+        return ["--tls-cert", str(cert), "--tls-key", str(key)]
 
     def __enter__(self) -> GeoDns:
         try:
+            self.ca_file.write_text("")
             for server, (role, v4, v6) in SERVERS.items():
                 self.logs[server].write_text("")
                 argv = [sys.executable, "-m", "splittun.lab.geodns", "--listen", v4, "--listen", v6,
-                        "--index", str(ANSWER_INDEX[server]), "--log", str(self.logs[server])]  # fmt: skip
+                        "--index", str(ANSWER_INDEX[server]), "--log", str(self.logs[server]),
+                        *self._certificate(server, v4, v6)]  # fmt: skip
                 proc = self.lab.popen(role, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 self.procs.append(proc)
                 assert proc.stdout is not None
@@ -210,8 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--listen", action="append", required=True, help="address to answer on (port 53, UDP and TCP)")
     ap.add_argument("--index", type=int, default=0, help="which whoami server the names resolve to (0 or 1)")
     ap.add_argument("--log", type=Path, required=True, help="where every query is logged (JSON lines)")
+    ap.add_argument("--tls-cert", type=Path, help="also DNS over TLS on port 853 with this certificate")
+    ap.add_argument("--tls-key", type=Path)
     args = ap.parse_args(argv)
-    serve(args.listen, zone(args.index), args.log)
+    tls = None
+    if args.tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    serve(args.listen, zone(args.index), args.log, tls)
 
 
 if __name__ == "__main__":

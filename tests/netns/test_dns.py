@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from splittun.lab import topology as T
-from splittun.lab.geodns import BIG_NAME, EDGE_NAME, GEO_NAME, SHOP_NAME, GeoDns
+from splittun.lab.geodns import BIG_NAME, EDGE_NAME, GEO_NAME, SHOP_NAME, TLS_NAMES, GeoDns
 from splittun.lab.instance import poll
 from tests.support.e2e import E2E, host_state
 from tests.support.interceptor import ISP, VPN
@@ -39,6 +39,7 @@ def e2e() -> Iterator[E2E]:
     try:
         with GeoDns(harness.lab) as geo:
             harness.geo = geo  # type: ignore[attr-defined]
+            harness.env = {"SSL_CERT_FILE": str(geo.ca_file)}  # the resolver trusts the lab's DNS-over-TLS servers
             yield harness
     finally:
         try:
@@ -183,6 +184,28 @@ def test_killing_the_resolver_leaks_nothing_and_dns_is_back_after_its_restart(st
         "seen": ISP[4],
         "transport": "udp",
     }
+
+
+def test_split_dns_over_tls_reaches_the_isp_server_encrypted_and_a_bad_certificate_is_refused(
+    st: E2E, leaks: Leaks
+) -> None:
+    allow_split_dns(leaks)
+    leaks.allow(ISP_DNS[4], "tcp", 853, via=T.HOST_IF)
+    try:
+        st.apply("config", "set", "splittun/splitDNS", f"tls://{ISP_DNS[4]}#{TLS_NAMES['isp']}")
+        name = unique()
+        assert app(st, SPLIT_APP, name, 4, fetch=False)["addresses"] == [GeoDns.address("isp", 4)]
+        assert [q["transport"] for q in geo(st).queries("isp", name)] == ["tls"]
+        st.apply("config", "set", "splittun/splitDNS", f"tls://{ISP_DNS[4]}#{TLS_NAMES['vpn']}")  # the wrong name
+        name = unique()
+        proc = st.lab.exec("host", [sys.executable, "-m", "splittun.lab.dnsapp", "--comm", SPLIT_APP, "--server",
+                                    VPN_DNS[4], "--name", name])  # fmt: skip
+        assert json.loads(proc.stdout)["addresses"] == []  # SERVFAIL: never an unchecked answer, nor the VPN's
+        assert not geo(st).queries("isp", name) and not geo(st).queries("vpn", name)
+        events = [e for e in json.loads(st.ok("dns", "--json"))["recent"] if e["name"] == name]
+        assert events and all("CERTIFICATE_VERIFY_FAILED" in e["rcode"] for e in events), events
+    finally:
+        st.apply("config", "set", "splittun/splitDNS", ",".join(ISP_DNS.values()))
 
 
 def test_down_leaves_firewall_routes_and_rules_as_before(st: E2E, style: str) -> None:

@@ -179,7 +179,8 @@ def test_split_dns_servers_and_vpn_domains_are_lists_set_comma_separated_and_val
     assert from_json(config.to_json()) == config
     assert set_value(config, SPLIT_DNS, "").split_dns == ()
     assert set_value(config, SPLIT_DNS, '["192.0.2.1"]').split_dns == ("192.0.2.1",)
-    for key, bad, problem in ((SPLIT_DNS, "dns.example", "'dns.example' is not an IP address"),
+    assert set_value(config, SPLIT_DNS, "TLS://192.0.2.1#DNS.isp.test").split_dns == ("tls://192.0.2.1#dns.isp.test",)
+    for key, bad, problem in ((SPLIT_DNS, "dns.example", "'dns.example' is not an IP address (or tls://ADDRESS[#NAME])"),
                               (SPLIT_DNS, "::1", "::1 cannot be a split DNS server (loopback, unspecified or multicast)"),  # noqa: E501
                               (VPN_DOMAINS, "*.corp", "'*.corp' is not a domain name")):  # fmt: skip
         with pytest.raises(ConfigError) as err:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.dns.route import SPLIT, VPN, DnsRoute, NoRoute, in_domains, route
+from core.dns.route import SPLIT, VPN, DnsRoute, NoRoute, Server, family, in_domains, route
 from messages.marks import nameserver_mark, split_mark
 
 VPN_APP = nameserver_mark()
@@ -60,3 +60,11 @@ def test_routes_with_other_servers_or_paths_have_other_cache_keys() -> None:
     c = route("x", SPLIT_APP, ASKED, split_servers=[ASKED])
     assert isinstance(a, DnsRoute) and isinstance(b, DnsRoute) and isinstance(c, DnsRoute)
     assert len({a.key, b.key, c.key}) == 3
+
+
+def test_tls_servers_parse_and_keep_their_family() -> None:
+    assert Server.parse("tls://2001:db8::53#dns.example") == Server("2001:db8::53", True, "dns.example")
+    assert str(Server.parse("TLS://192.0.2.1")) == "tls://192.0.2.1" and str(Server.parse("192.0.2.1")) == "192.0.2.1"
+    assert family("tls://2001:db8::53#dns.example") == 6 and family("tls://192.0.2.1") == 4
+    found = route("x", SPLIT_APP, ASKED, split_servers=["tls://2001:db8::53"], split_families=[4])
+    assert isinstance(found, DnsRoute) and found.servers == (ASKED,)  # no IPv6 egress: the asked one instead
