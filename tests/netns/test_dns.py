@@ -141,6 +141,17 @@ def test_an_answer_too_big_for_udp_is_fetched_over_tcp_and_handed_on_truncated(s
     assert asked[-2:] == ["udp", "tcp"]  # the resolver got TC from the server and asked it again over TCP
 
 
+def test_malformed_queries_are_counted_and_the_resolver_keeps_serving(st: E2E) -> None:
+    before = json.loads(st.ok("dns", "--json"))["counters"]["malformed"]
+    garbage = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)\n"
+    garbage += f"s.sendto(bytes.fromhex('12340100000100000000000003'), ('{VPN_DNS[4]}', 53))\n"
+    garbage += "print(s.recv(512).hex())"  # a header and a question that runs past the end: FORMERR
+    proc = st.lab.exec("host", [sys.executable, "-c", garbage], timeout=10)
+    assert proc.stdout.strip() == "123480010000000000000000"  # same id, QR, rcode FORMERR
+    assert app(st, VPN_APP, unique(), 4, fetch=False)["addresses"] == [GeoDns.address("vpn", 4)]
+    assert json.loads(st.ok("dns", "--json"))["counters"]["malformed"] == before + 1
+
+
 def test_a_domain_rule_matches_the_first_connection_after_a_lookup_over_tcp(st: E2E, leaks: Leaks) -> None:
     target = GeoDns.address("vpn", 4)
     leaks.allow(target, "tcp", T.WHOAMI_TCP_PORT)
