@@ -150,6 +150,10 @@ def render(family: int, workers: int = 1, valid_mark_was: int | None = None) -> 
         f"-A {INGEST_OUT} -m conntrack --ctstate NEW -j NFQUEUE {out_queue}",
         f"-A {INGEST_IN} -m mark ! --mark 0 -j RETURN",
         *(f"-A {INGEST_IN} {r}" for r in restore),
+        # DNS answers the resolver already learned from: to its own upstream sockets (accept-final) and the ones
+        # it relays to apps (nameserver mark). Only the others are queued for their names.
+        f"-A {INGEST_IN} -m connmark --mark {int(Mark.ACCEPT_FINAL)} -j RETURN",
+        f"-A {INGEST_IN} -m connmark --mark {NAMESERVER_MATCH} -j RETURN",
         f"-A {INGEST_IN} -p udp -m conntrack --ctdir REPLY --ctorigdstport 53 -j NFQUEUE {in_queue}",
         # A UDP flow starting from outside: a real inbound flow (accepted for good), or a late answer to a flow
         # whose entry was just deleted, which would turn that flow around (dropped).

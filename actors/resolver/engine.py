@@ -234,14 +234,15 @@ class ResolverEngine:
                 continue
             if transport == "tcp":
                 self.count("truncated_retries")
-            self._learn(answer)
-            with self._cache_lock:
-                self.cache.put(p.key, answer, time.time())
             answer.id = p.message.id
+            wire = answer.to_wire()  # rendered once: for the names, the cache and the app
+            self._learn(wire)
+            with self._cache_lock:
+                self.cache.put(p.key, answer, time.time(), wire)
             found = [rd.address for r in answer.answer if r.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rd in r]
             self._event(p.query, p.question, p.flow, p.route.path, server, binding.interface, answer.rcode(),
                         sum(len(r) for r in answer.answer), found, transport=transport)  # fmt: skip
-            return self._fit(p.query, p.message, answer)
+            return self._fit(p.query, p.message, answer, wire)
         self.count("servfail")
         self._event(p.query, p.question, p.flow, p.route.path, "", "", dns.rcode.SERVFAIL, error=last_error)
         return self._reply(p.message, dns.rcode.SERVFAIL)
@@ -261,11 +262,11 @@ class ResolverEngine:
             return None
         return Binding(interface=egress.interface, source_ip=egress.source, mark=int(Mark.SPLIT_EGRESS))
 
-    def _learn(self, answer: dns.message.Message) -> None:
+    def _learn(self, wire: bytes) -> None:
         """Address → names of the answer, before the app sees it (the interceptor reads them)."""
         try:
-            found = parse_response(answer.to_wire())
-        except (DnsError, dns.exception.DNSException):
+            found = parse_response(wire)
+        except DnsError:
             return
         if found is None:
             return
@@ -281,12 +282,14 @@ class ResolverEngine:
         response.set_rcode(rcode)
         return response.to_wire()
 
-    def _fit(self, q: Query, query: dns.message.Message, answer: dns.message.Message) -> bytes:
+    def _fit(self, q: Query, query: dns.message.Message, answer: dns.message.Message, wire: bytes = b"") -> bytes:
         """The answer as the client can take it: over UDP at most its EDNS size (512 without EDNS); an answer
         too big goes out truncated (TC), so the client asks again over TCP."""
         limit = (
             TCP_MAX_SIZE if q.protocol == IpProtocol.TCP else max(UDP_MIN_SIZE, query.payload if query.edns >= 0 else 0)
         )
+        if wire and len(wire) <= limit:
+            return wire
         try:
             return answer.to_wire(max_size=limit)
         except dns.exception.TooBig:

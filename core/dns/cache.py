@@ -99,12 +99,12 @@ class AnswerCache:
         self._entries.clear()
         return count
 
-    def put(self, key: CacheKey, response: dns.message.Message, now: float) -> bool:
-        """Keep `response` for its TTL; False when it is not cacheable."""
+    def put(self, key: CacheKey, response: dns.message.Message, now: float, wire: bytes = b"") -> bool:
+        """Keep `response` (rendered as `wire`, when the caller has it) for its TTL; False when not cacheable."""
         ttl = cache_ttl(response)
         if ttl is None or ttl <= 0:
             return False
-        wire = response.to_wire()
+        wire = wire or response.to_wire()
         try:
             ttls = ttl_fields(wire)
         except DnsError:
