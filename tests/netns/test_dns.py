@@ -132,6 +132,9 @@ def test_a_cached_answer_is_served_on_its_own_path_only(st: E2E, leaks: Leaks) -
     assert first["addresses"] == again["addresses"] == [GeoDns.address("vpn", 4)]
     assert split["addresses"] == [GeoDns.address("isp", 4)]  # the VPN path's cached answer is not the split app's
     assert len(geo(st).queries("vpn", name)) == 1  # the second VPN lookup came from the cache
+    assert st.ok("dns", "flush").startswith("flushed ")
+    app(st, VPN_APP, name, 4, fetch=False)
+    assert len(geo(st).queries("vpn", name)) == 2  # after `splittun dns flush`: asked again
 
 
 def test_an_answer_too_big_for_udp_is_fetched_over_tcp_and_handed_on_truncated(st: E2E) -> None:
