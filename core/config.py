@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import tempfile
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.dns.route import Server
 from core.policy import RuleError, parse_endpoint, parse_ports
 from core.policy import validate as validate_rule
+from core.policy.rules import classify_dest, has_glob, normalize_domain
 from core.state.timespec import TimeSpecError, parse_duration
 from messages import PolicyRule
 from messages.control import (
@@ -53,6 +56,8 @@ HISTORY_MAX_AGE = "splittun/history/maxAge"
 HISTORY_MAX_ROWS = "splittun/history/maxRows"
 DEFAULT_HISTORY_MAX_AGE = "7d"  # a laptop's week of connections…
 DEFAULT_HISTORY_MAX_ROWS = 100_000  # …in at most some 50 MB
+SPLIT_DNS = "splittun/splitDNS"
+VPN_DOMAINS = "splittun/vpnDomains"
 
 
 class ConfigError(ValueError):
@@ -86,6 +91,48 @@ def _data_path(key: str, value: Any) -> str:
         shown = value if isinstance(value, str) else _json_type(value)
         raise ConfigError(key, f"expected {' or '.join(DATA_PATHS)}, got {shown!r}")
     return value.strip().lower()
+
+
+def _servers(key: str, value: Any) -> list[str]:
+    """DNS server addresses (IPv4 or IPv6, port 53; tls://ADDRESS[#NAME] for DNS over TLS), each once, in order."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"expected a list of IP addresses, got {_json_type(value)}")
+    out: list[str] = []
+    for text in value:
+        try:
+            server = Server.parse(text)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+        ip = ipaddress.ip_address(server.address)
+        if ip.is_loopback or ip.is_unspecified or ip.is_multicast:
+            raise ConfigError(key, f"{ip} cannot be a split DNS server (loopback, unspecified or multicast)")
+        if str(server) not in out:
+            out.append(str(server))
+    return out
+
+
+def _domains(key: str, value: Any) -> list[str]:
+    """Domain names (a name covers its subdomains), lower case, each once."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"expected a list of domain names, got {_json_type(value)}")
+    out: list[str] = []
+    for text in value:
+        name = normalize_domain(text).lstrip(".")
+        try:
+            if classify_dest(name) != "domain" or has_glob(name):
+                raise RuleError("dest", "")
+        except RuleError:
+            raise ConfigError(key, f"{text.strip()!r} is not a domain name") from None
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _parse_list_text(text: str) -> Any:
+    """CLI text of a list option: a JSON list, or comma-separated values ("" = none)."""
+    if text.strip().startswith("["):
+        return _parse_json_text(text)
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _rules(key: str, value: Any) -> list[PolicyRule]:
@@ -259,6 +306,25 @@ OPTIONS: dict[str, Option] = {
             _row_count,
             _parse_int_text,
         ),
+        Option(
+            SPLIT_DNS,
+            "user",
+            [],
+            "DNS servers that split apps' queries go to, out of the split interface (IP addresses, or "
+            "tls://ADDRESS#NAME for DNS over TLS; comma-separated on the command line). Empty = the servers "
+            "netenv learned for that interface.",
+            _servers,
+            _parse_list_text,
+        ),
+        Option(
+            VPN_DOMAINS,
+            "user",
+            [],
+            "Domains (with their subdomains) that always resolve through the VPN, also for split apps: "
+            "an intranet behind the VPN (comma-separated on the command line).",
+            _domains,
+            _parse_list_text,
+        ),
     )
 }
 
@@ -274,6 +340,8 @@ class Config:
     data_path: str = "kernel"
     history_max_age: str = DEFAULT_HISTORY_MAX_AGE
     history_max_rows: int = DEFAULT_HISTORY_MAX_ROWS
+    split_dns: tuple[str, ...] = ()
+    vpn_domains: tuple[str, ...] = ()
 
     def value(self, key: str) -> Any:
         return {
@@ -286,13 +354,15 @@ class Config:
             DATA_PATH: self.data_path,
             HISTORY_MAX_AGE: self.history_max_age,
             HISTORY_MAX_ROWS: self.history_max_rows,
+            SPLIT_DNS: list(self.split_dns),
+            VPN_DOMAINS: list(self.vpn_domains),
         }[key]
 
     def to_json(self) -> dict[str, Any]:
         """As in the file: the split-tunnel options always, the others only when not at their default."""
         data = {ENABLE: self.enable, INTERFACE: self.interface, RULES: [rule_to_json(r) for r in self.rules]}
-        for key in (UPDATE_SOURCE, UPDATE_CA_FILE, UPDATE_STALE_DAYS, DATA_PATH, HISTORY_MAX_AGE, HISTORY_MAX_ROWS):
-            if self.value(key) != OPTIONS[key].default:
+        for key in OPTIONS:
+            if key not in data and self.value(key) != OPTIONS[key].default:
                 data[key] = self.value(key)
         return data
 
@@ -379,6 +449,8 @@ def from_json(data: Any, interface_exists: Callable[[str], bool] | None = None) 
         data_path=values.get(DATA_PATH, OPTIONS[DATA_PATH].default),
         history_max_age=values.get(HISTORY_MAX_AGE, DEFAULT_HISTORY_MAX_AGE),
         history_max_rows=values.get(HISTORY_MAX_ROWS, DEFAULT_HISTORY_MAX_ROWS),
+        split_dns=tuple(values.get(SPLIT_DNS, ())),
+        vpn_domains=tuple(values.get(VPN_DOMAINS, ())),
     )
     if interface_exists is not None:
         check_interfaces(config, interface_exists)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import field
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
-from .events import InterfaceRecord, NetenvChanged, Notification, PolicyRule, PolicySnapshot
+from .events import DnsQuery, InterfaceRecord, NetenvChanged, Notification, PolicyRule, PolicySnapshot
 from .schema import VERSION_KEY, Message, Struct, _decoder_for, record
 
 BAD_REQUEST = "bad_request"  # undecodable or schema-invalid request
@@ -315,6 +315,7 @@ class ConnectionInfo(Struct):
     ended: float | None = None
     end_reason: str = ""
     split: SplitInfo | None = None
+    resolved_via: str = ""  # DNS: the path and server that answered (the query's own connection, or its answer's)
     verb: str = ""
     state: str = "open"  # open | closed
 
@@ -516,6 +517,34 @@ class ProxyStatus(Struct):
     listen: list[list[Any]]  # [ip, port] pairs
     egress: dict[str, str]  # ipv4/ipv6 → "eth0 src 192.0.2.10 via 192.0.2.1" or "none (why)"
     counters: dict[str, int]
+
+
+@record
+class DnsStatus(Struct):
+    """What the resolver does now: where each path's queries go, its cache and counters."""
+
+    listen: list[str]  # addresses it answers on (127.0.0.17:53, [::1]:53; UDP and TCP)
+    rerouting: bool  # ready: the interceptor sends DNS here
+    not_ready: str  # why not ("" = ready)
+    upstreams: dict[str, list[str]]  # path → servers ("vpn": the server each app asked, …)
+    split_dns_source: str  # where the split servers come from: "splittun/splitDNS", "netenv (…)", "none"
+    vpn_domains: list[str]
+    cache_entries: int
+    cache_hit_rate: float
+    counters: dict[str, int]
+    recent: list[DnsQuery] = field(default_factory=list)  # the last queries answered, newest last
+
+
+@record
+class DnsFlushed(Struct):
+    dropped: int  # cached answers forgotten
+
+
+class Resolver(Ops, actor="resolver"):
+    """Answered by the resolver (actors/resolver): the host's DNS path while splittun runs."""
+
+    STATUS = Op("status", NoArgs, DnsStatus, "Mode, upstreams per path, cache size and hit rate, counters.")
+    FLUSH = Op("flush", NoArgs, DnsFlushed, "Forget every cached answer now.")
 
 
 class Proxy(Ops, actor="proxy"):

@@ -151,6 +151,29 @@ class ProxySessionClose(Message):
     reason: str = ""  # "closed", "reset", "idle", "refused: …", "dial failed: …"
 
 
+# --- resolver ---------------------------------------------------------------------------------------
+
+
+@message("dns.query")
+class DnsQuery(Message):
+    """One query the resolver answered (or could not), published once the answer left. Which app asked is
+    in the interceptor's conn.new of the same flow (the registry joins them); the resolver never reads /proc."""
+
+    ts: float
+    flow: str  # the query as the app made it (flow key: "udp 192.0.2.66:40000 192.0.2.65:53")
+    name: str  # the question's name, no trailing dot
+    qtype: str  # A, AAAA, …
+    path: str  # "vpn" | "split" | "" (not sent anywhere: refused, malformed)
+    upstream: str = ""  # the server that answered ("" = the cache, or none)
+    interface: str = ""  # split: the interface the query left through
+    rcode: str = "NOERROR"
+    answers: int = 0  # records in the answer section
+    addresses: list[str] = field(default_factory=list)  # A/AAAA reached from the question (at most 8)
+    latency_ms: float = 0.0  # from the query's arrival to the answer leaving
+    cached: bool = False
+    transport: str = "udp"  # how the upstream was asked: udp, tcp (after truncation), tls, https
+
+
 # --- network environment ----------------------------------------------------------------------------
 
 
@@ -246,6 +269,8 @@ class PolicySnapshot(Message):
     enabled: bool = False
     interface: str = ""  # configured: "" = auto, else name, IP or MAC
     rules: list[PolicyRule] = field(default_factory=list)
+    split_dns: list[str] = field(default_factory=list)  # splittun/splitDNS: servers for split apps' queries
+    vpn_domains: list[str] = field(default_factory=list)  # splittun/vpnDomains: always resolved through the VPN
     data_path: str = "proxy"  # splittun/dataPath: "kernel" or "proxy" (the one that works everywhere)
 
 

@@ -47,6 +47,33 @@ def split_interface_index(mark: int) -> int | None:
     return mark >> INTERFACE_SHIFT
 
 
+#: A DNS query the interceptor rerouted to the resolver carries RerouteToNameserver (1799) in the verdict's
+#: 16 bits and, above them, the path the asking app's connections take: bit 16 set = split (the app's rules
+#: split it), bits 17-31 the interface index its rule chose (0 = the global choice). The rules match 1799
+#: under VERDICT_MASK; the resolver reads the rest back from the query's conntrack entry, so it knows which
+#: path to resolve on without asking the interceptor per query.
+NAMESERVER_SPLIT = 1 << 16
+NAMESERVER_INTERFACE_SHIFT = 17
+MAX_NAMESERVER_INTERFACE_INDEX = 0x7FFF
+
+
+def nameserver_mark(split: bool = False, interface_index: int = 0) -> int:
+    """The mark of a rerouted DNS query: VPN path (`split` False) or split path through an interface."""
+    if not 0 <= interface_index <= MAX_NAMESERVER_INTERFACE_INDEX:
+        raise ValueError(f"interface index {interface_index} does not fit in a nameserver mark")
+    if not split and interface_index:
+        raise ValueError("only a split query names an interface")
+    path = (NAMESERVER_SPLIT | interface_index << NAMESERVER_INTERFACE_SHIFT) if split else 0
+    return int(Mark.REROUTE_TO_NAMESERVER) | path
+
+
+def nameserver_path(mark: int) -> tuple[bool, int] | None:
+    """(split, interface index) of a rerouted query's mark; None when `mark` is not a nameserver mark."""
+    if mark & VERDICT_MASK != Mark.REROUTE_TO_NAMESERVER:
+        return None
+    return bool(mark & NAMESERVER_SPLIT), (mark & 0xFFFFFFFF) >> NAMESERVER_INTERFACE_SHIFT
+
+
 #: Queue groups are 20 apart (17040 v4 out, 17060 v6 out…): one slot per interceptor worker, so at most 20.
 MAX_INTERCEPTOR_WORKERS = 20
 
@@ -69,4 +96,4 @@ PROXY_IPV4 = "127.0.0.17"
 PROXY_IPV6 = "::1"
 SPLIT_PROXY_PORT = 719
 TUNNEL_PROXY_PORT = 717
-NAMESERVER_PORT = 53
+NAMESERVER_PORT = 53  # the resolver listens on PROXY_IPV4 / PROXY_IPV6 at this port

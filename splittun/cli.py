@@ -20,10 +20,13 @@ from splittun.commands import (
     notifications,
     presets,
 )
+from splittun.commands import dns as dns_cmd
 from splittun.commands import events as events_cmd
 from splittun.commands import lab as lab_cmd
 
-COMMAND_MODULES = (lifecycle, configure, connections, events_cmd, lab_cmd, interfaces, presets, notifications, api)
+COMMAND_MODULES = (
+    lifecycle, configure, connections, events_cmd, lab_cmd, interfaces, presets, notifications, api, dns_cmd
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from splittun.lab import Lab, LabError
 from splittun.lab import topology as T
+from splittun.lab.geodns import GEO_NAME, GeoDns
 from splittun.lab.leakmon import LeakMonitor, LeakMonitorError, LeakReport
 
 LAB_NAME = "demo"
@@ -38,6 +39,10 @@ class Demo:
             self.leaks.allow(address, "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)
             self.leaks.allow(address, "udp", T.WHOAMI_UDP_PORT, via=T.HOST_IF)
         self.leaks.allow(T.SERVER_V4[1], "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)
+        for address in (T.ISP_LAN_V4, T.ISP_LAN_V6):  # the split app's DNS, to the ISP's resolver
+            for proto in ("udp", "tcp"):
+                self.leaks.allow(address, proto, 53, via=T.HOST_IF)
+        self.geo = GeoDns(self.lab)
 
     # --- output -----------------------------------------------------------------------------------
 
@@ -109,6 +114,8 @@ class Demo:
                 input="hello\n",
             )
             self.other_app("udp", family, target)
+
+        self.dns()
 
         self.step("The connections, with what the split tunnel did with them")
         self.splittun("connections", "--limit", "12")
@@ -191,6 +198,22 @@ class Demo:
         time.sleep(1.0)
         self.splittun("notifications", "list", "--all")
 
+    def dns(self) -> None:
+        """Geo-DNS: the VPN's DNS server (tunnel-internal, as the VPN set resolv.conf) and the ISP's answer the
+        same name with different servers. The split app gets the ISP's answer, a VPN app the VPN's."""
+        self.step("DNS follows the split: two apps ask the VPN's DNS server for the same name")
+        self.geo.__enter__()
+        print(f"    ({GEO_NAME}: the ISP's DNS ({T.ISP_LAN_V4}) says {GeoDns.address('isp', 4)}, the VPN's "
+              f"({T.TUN_SRV_V4}, reachable only through the tunnel) says {GeoDns.address('vpn', 4)})")  # fmt: skip
+        self.splittun("config", "set", "splittun/splitDNS", f"{T.ISP_LAN_V4},{T.ISP_LAN_V6}")
+        self.splittun("rules", "add", "--name", "splitapp")
+        for comm in ("splitapp", "vpnapp"):
+            argv = [sys.executable, "-m", "splittun.lab.dnsapp", "--comm", comm, "--server", T.TUN_SRV_V4,
+                    "--name", GEO_NAME, "--fetch"]  # fmt: skip
+            note = "split by its rule" if comm == "splitapp" else "no rule matches it"
+            self.sh(argv, shown=f"{comm} --resolve {GEO_NAME} --then-fetch       # {note}")
+        self.splittun("dns")
+
     def events_during(self, prefixes: list[str], action: list[str]) -> None:
         """`splittun events PREFIX…` running while `action` runs, as two terminals would show it."""
         argv = [sys.executable, "-m", "splittun.cli", "events", *prefixes, "--duration", "2.5"]
@@ -220,6 +243,7 @@ class Demo:
 
     def cleanup(self) -> None:
         self.step("Cleanup")
+        self.geo.__exit__()
         if self.lab.exists():
             subprocess.run(
                 ["ip", "netns", "exec", self.lab.ns("host"), sys.executable, "-m", "splittun.cli", "down"],

@@ -26,7 +26,7 @@ from kernel import netns
 from runtime.paths import Home
 
 CONF_FILE = Path(__file__).with_name("supervisord.conf")
-PROGRAMS = ("bus", "controller", "netenv", "ivpn", "api", "proxy_tcp", "proxy_udp", "interceptor")
+PROGRAMS = ("bus", "controller", "netenv", "ivpn", "api", "proxy_tcp", "proxy_udp", "resolver", "interceptor")
 
 
 class SupervisorError(RuntimeError):

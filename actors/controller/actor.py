@@ -15,7 +15,7 @@
   downloads and verifies an update into a staging directory; `update.apply` checks the upgrade rules against
   the version in force, switches atomically and republishes the policy; `update.rollback` goes back. A
   version in force older than `splittun/updateStaleAfterDays` is announced as `updates.stale`.
-- Registry: `conn.*` and `proxy.session.*` events joined per connection (registry.py).
+- Registry: `conn.*`, `proxy.session.*` and `dns.query` events joined per connection (registry.py).
 - History: every connection that closes is written to the state database (core/state, `$SPLITTUN_HOME/
   state.db`) in batches (every 0.1 s, or at once when many are waiting), so a burst of connections never
   holds up the bus. `connections` answers live ones from memory and the rest from the database, also after a
@@ -103,7 +103,7 @@ class ControllerActor(Actor):
 
     name = "controller"
     control = Controller
-    subscriptions = ("actor.heartbeat", "conn.", "proxy.session.", "netenv.changed")
+    subscriptions = ("actor.heartbeat", "conn.", "proxy.session.", "netenv.changed", "dns.query")
 
     def start(self) -> None:
         self._flush_timer: Any = None  # armed while closed connections wait (an idle controller sleeps)
@@ -284,6 +284,8 @@ class ControllerActor(Actor):
             interface=self.config.interface,
             rules=expand(self.config.rules, self.presets),
             data_path=self.config.data_path,
+            split_dns=list(self.config.split_dns),
+            vpn_domains=list(self.config.vpn_domains),
         )
 
     # --- presets and their updates ------------------------------------------------------------------

@@ -4,6 +4,8 @@ The interceptor names a split connection by its flow key (client address + origi
 `conn.verdict`; the proxies publish the same key in `proxy.session.*`. Either may arrive first, so a
 session that finds no connection waits (bounded) until the verdict comes. Memory is bounded: closed
 connections roll off oldest first, and so do active ones whose end was never reported.
+The resolver's `dns.query` events add how a name was resolved ("resolved via"): to the DNS query's own
+connection (same flow key), and to later connections to an address its answer gave.
 Pure logic: fed with decoded messages, queried with plain arguments.
 """
 
@@ -19,6 +21,7 @@ from messages import (
     ConnEnd,
     ConnNew,
     ConnVerdict,
+    DnsQuery,
     ProxySessionClose,
     ProxySessionOpen,
     ProxySessionStats,
@@ -26,11 +29,12 @@ from messages import (
     verdict_verb,
 )
 from messages.control import ConnectionInfo, SplitInfo
-from messages.flows import protocol_name
+from messages.flows import flow_key, protocol_name
 
 DEFAULT_MAX_CLOSED = 2048
 DEFAULT_MAX_ACTIVE = 16384
 PENDING_SESSION_SECONDS = 30.0
+MAX_RESOLVED = 4096  # DNS query flows and answer addresses remembered for "resolved via"
 
 
 def _counted(split: SplitInfo, counters: SessionCounters, **changes: Any) -> SplitInfo:
@@ -69,6 +73,8 @@ class ConnectionRegistry:
         self._by_split_key: dict[str, str] = {}
         self._pending: OrderedDict[str, tuple[float, SplitInfo]] = OrderedDict()
         self._to_store: dict[str, ConnectionInfo] = {}
+        self._dns_conns: OrderedDict[str, str] = OrderedDict()  # a DNS query's flow key → its conn_id
+        self._resolved: OrderedDict[str, str] = OrderedDict()  # an answer's address → how it was resolved
         self.rolled_off = 0
 
     # --- events -----------------------------------------------------------------------------------
@@ -87,6 +93,11 @@ class ConnectionRegistry:
             )
         changes: dict[str, Any] = {"ip_version": msg.ip_version, "inbound": msg.inbound}
         changes["domain"] = msg.domain or rec.domain
+        if msg.dst_port == 53:
+            _remember(self._dns_conns, flow_key(msg.protocol, msg.src_ip, msg.src_port, msg.dst_ip, msg.dst_port),
+                      msg.conn_id)  # fmt: skip
+        else:
+            changes["resolved_via"] = self._resolved.get(msg.dst_ip, rec.resolved_via)
         if msg.process is not None:
             p = msg.process
             changes.update(pid=p.pid, exe=p.exe, process_name=p.name, cmdline=list(p.cmdline), uid=p.uid)
@@ -149,6 +160,17 @@ class ConnectionRegistry:
         self._update_session(
             msg.split_key, msg.session_id, lambda s: _counted(s, msg.counters, closed=msg.ts, reason=msg.reason)
         )
+
+    def on_dns_query(self, msg: DnsQuery) -> None:
+        if not msg.path:
+            return
+        via = f"{msg.path} {msg.upstream or 'cache'}" + (f" via {msg.interface}" if msg.interface else "")
+        conn_id = self._dns_conns.get(msg.flow)
+        rec = self._find(conn_id) if conn_id else None
+        if rec is not None:
+            self._put(_updated(rec, resolved_via=via))
+        for address in msg.addresses:
+            _remember(self._resolved, address, via)
 
     def handle(self, msg: Any) -> bool:
         """Feed any message; True when it was one the registry uses."""
@@ -240,6 +262,13 @@ class ConnectionRegistry:
             self._pending.popitem(last=False)
 
 
+def _remember(memory: OrderedDict[str, str], key: str, value: str) -> None:
+    memory[key] = value
+    memory.move_to_end(key)
+    if len(memory) > MAX_RESOLVED:
+        memory.popitem(last=False)
+
+
 _HANDLERS = {
     ConnNew: ConnectionRegistry.on_conn_new,
     ConnVerdict: ConnectionRegistry.on_conn_verdict,
@@ -247,4 +276,5 @@ _HANDLERS = {
     ProxySessionOpen: ConnectionRegistry.on_session_open,
     ProxySessionStats: ConnectionRegistry.on_session_stats,
     ProxySessionClose: ConnectionRegistry.on_session_close,
+    DnsQuery: ConnectionRegistry.on_dns_query,
 }

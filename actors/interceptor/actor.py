@@ -22,6 +22,7 @@ import threading
 from typing import Any
 
 from core import verdict_handler
+from core.dns.names import NAMES_FILE, NameTable
 from core.egress import kernel_routes, split_routes
 from kernel.conntrack import Conntrack, ConntrackEvents
 from kernel.procfs import ProcReader
@@ -30,16 +31,16 @@ from kernel.sockdiag import SockDiag, SocketEvents
 from messages import Heartbeat, IvpnStatus, Mark, Message, NetenvChanged, PolicySnapshot
 from messages.control import INVALID_ARGUMENT, Controller, Interceptor, NoArgs, Op, RequestFailed, RulesChecked
 from messages.control import Netenv as NetenvOps
+from messages.events import HEARTBEAT_INTERVAL
 from messages.marks import VERDICT_MASK
 from runtime import paths
 from runtime.actor import Actor, answers
 from runtime.log import describe
 
 from .attribution import Attributor
-from .cleanup import NAMES_FILE, cleanup, write_marker
-from .engine import Engine
+from .cleanup import cleanup, write_marker
+from .engine import RESOLVER, Engine
 from .firewall import MAX_WORKERS, worker_queues
-from .names import NameTable
 from .platform import Firewall, PacketSource, firewall, packet_source
 from .ports import ActorPorts
 
@@ -134,6 +135,7 @@ class InterceptorActor(Actor):
         self._data_path_wanted = ""
         self.active = False
         self._passive_logged = False
+        self.rt.loop.call_every(HEARTBEAT_INTERVAL, self.engine.check_resolver)
         self._activate()
         for fetch in (self._fetch_policy, self._fetch_netenv):
             threading.Thread(target=fetch, name=fetch.__name__, daemon=True).start()
@@ -265,6 +267,8 @@ class InterceptorActor(Actor):
             self._adopt(msg, "bus")
         elif isinstance(msg, Heartbeat):
             self.engine.heard_actor(msg.instance, msg.pid)
+            if msg.name == RESOLVER:
+                self.engine.heard_resolver(msg.ready)
         elif isinstance(msg, IvpnStatus):
             self.engine.set_ivpn(msg)
         elif isinstance(msg, NetenvChanged):

@@ -18,10 +18,9 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from core.dns.names import NAMES_FILE
 from kernel.netns import netns_id
 from runtime import paths
-
-NAMES_FILE = "interceptor-names.table"
 
 
 def write_marker(marker: Path) -> None:

@@ -21,10 +21,12 @@ in one wakeup (conn.new with the process, then conn.verdict).
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from core.dns.answers import DnsError, parse_response
 from core.policy import EMPTY_POLICY, CompiledPolicy
 from kernel.conntrack import TCP_CONNTRACK_CLOSE, TCP_CONNTRACK_TIME_WAIT, CtCounters, CtEntry
 from kernel.sockdiag import DiagSocket
@@ -42,10 +44,9 @@ from messages import (
 )
 from messages.events import HEARTBEAT_TTL
 from messages.flows import FiveTuple, IpProtocol
-from messages.marks import VERDICT_MASK
+from messages.marks import NAMESERVER_PORT, PROXY_IPV4, PROXY_IPV6, VERDICT_MASK
 from runtime.log import EventLog, describe
 
-from .dns import DnsError, parse_response
 from .live import LiveConn, LiveTable
 from .packet import MalformedPacket, ParsedPacket, parse_packet
 from .platform import QueuedPacket
@@ -60,8 +61,18 @@ OWN_PID_TTL = HEARTBEAT_TTL  # seconds a heartbeat's pid counts as ours
 #: Seconds a UDP flow whose entry we deleted is remembered, so a late answer cannot turn it around.
 LATE_ANSWER_MEMORY = 5.0
 MAX_DELETED_MEMORY = 16384
+RESOLVER = "resolver"  # the actor DNS queries are rerouted to while it heartbeats ready
+RESOLVER_SILENCE = HEARTBEAT_TTL  # seconds without its heartbeat after which it counts as gone (a kill is
+# seen at once: its listening socket's destroy event)
+_RESOLVER_LISTEN = {(socket.AF_INET, socket.inet_pton(socket.AF_INET, PROXY_IPV4)),
+                    (socket.AF_INET6, socket.inet_pton(socket.AF_INET6, PROXY_IPV6))}  # fmt: skip
 _SPLITTABLE = (IpProtocol.TCP, IpProtocol.UDP)
 _ICMP = (IpProtocol.ICMP, IpProtocol.ICMPV6)
+
+
+def _resolver_listener(sock: DiagSocket) -> bool:
+    """Is this destroyed socket one the resolver listens on (so the resolver is gone)?"""
+    return (sock.family, sock.src[: 4 if sock.family == socket.AF_INET else 16]) in _RESOLVER_LISTEN
 
 
 @dataclass
@@ -88,6 +99,8 @@ class Engine:
         self.netenv: NetenvChanged | None = None
         self.tcp_data_path = "proxy"  # until the firewall's rules say otherwise (set_data_path)
         self.egress = SplitEgress(None, "", [])
+        self.nameserver = False  # the resolver is ready: DNS queries are rerouted to it
+        self._resolver_heard = 0.0  # monotonic time of its last heartbeat
         self._own: dict[str, tuple[int, float]] = {}
         self._own_cache: tuple[float, frozenset[int]] = (-1.0, frozenset())
         self._own_uids: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())  # (for pids, uids)
@@ -106,6 +119,7 @@ class Engine:
                 "attributed_after_verdict",
                 "unattributed",
                 "reevaluated",
+                "dns_rerouted",
                 "reevaluation_resets",
                 "errors",
                 "handler_errors",
@@ -173,6 +187,25 @@ class Engine:
         self._own[instance] = (pid, self.ports.monotonic() if now is None else now)
         if old is None or old[0] != pid:
             self._own_cache = (-1.0, frozenset())
+
+    def heard_resolver(self, ready: bool, now: float | None = None) -> None:
+        """The resolver's heartbeat: DNS is rerouted to it exactly while it says it is ready."""
+        self._resolver_heard = self.ports.monotonic() if now is None else now
+        self._set_nameserver(ready, "ready" if ready else "not ready")
+
+    def check_resolver(self, now: float | None = None) -> None:
+        """Called every second: a resolver whose heartbeats stopped is gone (its queries go where apps sent them)."""
+        now = self.ports.monotonic() if now is None else now
+        if self.nameserver and now - self._resolver_heard > RESOLVER_SILENCE:
+            self._set_nameserver(False, "silent")
+
+    def _set_nameserver(self, ready: bool, why: str) -> None:
+        if ready == self.nameserver:
+            return
+        self.nameserver = ready
+        self._decisions.clear()
+        self.log.info("resolver.followed", rerouting=ready, why=why)
+        self.reevaluate(f"resolver {why}")
 
     def own_pids(self, now: float | None = None) -> frozenset[int]:
         """Our actors' pids (heard within OWN_PID_TTL) and ours; recomputed at most once a second."""
@@ -257,10 +290,7 @@ class Engine:
         if answer is not None:
             self.counters["dns_answers"] += 1
             now = self.ports.now()
-            names = self.ports.names
-            for address, ttl in answer.addresses:
-                names.learn(address, answer.qname, ttl, now)
-                self.counters["names_learned"] += 1
+            self.counters["names_learned"] += self.ports.names.learn_answer(answer, now)
         pkt.accept()
 
     def _on_outbound(self, pkt: QueuedPacket) -> None:
@@ -459,6 +489,7 @@ class Engine:
             ivpn=self.ivpn,
             errors=errors,
             egress=self.egress.check,
+            nameserver=self.nameserver,
         )
         for error in errors:
             self.counters["handler_errors"] += 1
@@ -509,6 +540,8 @@ class Engine:
         self.counters["decided"] += 1
         if outcome.split:
             self.counters["split"] += 1
+        elif outcome.rerouted_to_nameserver:
+            self.counters["dns_rerouted"] += 1
         self._next_id += 1
         conn = LiveConn(f"{self._id_prefix}-{self._next_id}", flow, first_packet, process, domain, own, outcome, now)
         if self.live.track(key, conn):
@@ -655,6 +688,8 @@ class Engine:
           verdict keeps the entry (and the connection continues under the new socket); another deletes it,
           so its next datagram starts afresh (what it sent meanwhile went the old way: counted)."""
         for sock in sockets:
+            if sock.sport == NAMESERVER_PORT and _resolver_listener(sock):
+                self._set_nameserver(False, "listener closed")  # killed: no waiting for its heartbeats to stop
             for key in self.live.udp_flows_on(sock.sport):
                 conn = self.live.get(key)
                 if conn is None or (conn.socket_cookie and sock.cookie and conn.socket_cookie != sock.cookie):

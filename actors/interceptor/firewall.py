@@ -11,8 +11,9 @@ In short, per IP version:
 - filter `SPLITTUN-FILTER` (from OUTPUT and INPUT): act on the mark and save permanent ones to the
   connmark. Mark 0 (undecided: queue bypassed because no interceptor runs) simply RETURNs — unlike
   Portmaster we never drop it, so failure means "unsplit, through the VPN", never "no network".
-- nat `SPLITTUN-REDIRECT` (from nat OUTPUT): mark 1719 → DNAT to the split proxies (TCP only on SYN;
-  with the kernel data path only UDP: split TCP is re-routed by its mark, kernel/routing.py).
+- nat `SPLITTUN-REDIRECT` (from nat OUTPUT): mark 1719 → DNAT to the split proxies, mark 1799 → DNAT to
+  the resolver (TCP only on SYN; with the kernel data path split TCP is not DNAT-ed: it is re-routed by its
+  mark, kernel/routing.py).
 - nat `SPLITTUN-SNAT` (from nat POSTROUTING): a split TCP connection leaving the host (the kernel path)
   gets the source address of the interface it leaves through.
 
@@ -33,7 +34,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from messages.marks import MAX_INTERCEPTOR_WORKERS, PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT, VERDICT_MASK, Mark, Queue
+from messages.marks import (
+    MAX_INTERCEPTOR_WORKERS,
+    NAMESERVER_PORT,
+    PROXY_IPV4,
+    PROXY_IPV6,
+    SPLIT_PROXY_PORT,
+    VERDICT_MASK,
+    Mark,
+    Queue,
+)
 
 from .vpn_interop import NftInterop
 
@@ -69,16 +79,21 @@ RESTORED_MARKS = (
     Mark.DROP_ALWAYS,
     Mark.REROUTE_TO_TUNNEL,
     Mark.REROUTE_TO_SPLIT_TUN,
+    Mark.REROUTE_TO_NAMESERVER,
 )
+#: Marks that carry more than the verdict above VERDICT_MASK (an interface index, a DNS path): matched
+#: under the mask and restored whole from the connmark.
+MASKED_MARKS = frozenset({Mark.REROUTE_TO_SPLIT_TUN, Mark.REROUTE_TO_NAMESERVER})
 #: Conntrack entries carrying these marks (under VERDICT_MASK: a split mark also holds an interface index)
 #: are ours: cleanup deletes them.
 CONNTRACK_MARKS = frozenset(int(m) for m in (*RESTORED_MARKS, Mark.SPLIT_EGRESS))
 #: The split mark, as the rules match it: 1719 with any interface index above the verdict bits.
 SPLIT_MATCH = f"{int(Mark.REROUTE_TO_SPLIT_TUN)}/{VERDICT_MASK:#x}"
+NAMESERVER_MATCH = f"{int(Mark.REROUTE_TO_NAMESERVER)}/{VERDICT_MASK:#x}"
 
 
 def _match(mark: Mark) -> str:
-    return SPLIT_MATCH if mark == Mark.REROUTE_TO_SPLIT_TUN else str(int(mark))
+    return f"{int(mark)}/{VERDICT_MASK:#x}" if mark in MASKED_MARKS else str(int(mark))
 
 
 MAX_WORKERS = MAX_INTERCEPTOR_WORKERS
@@ -135,9 +150,10 @@ def render(
     in_queue = queue_spec(Queue.IPV4_IN if family == 4 else Queue.IPV6_IN, workers)
     reject = "icmp-admin-prohibited" if family == 4 else "icmp6-adm-prohibited"
     proxy = f"{PROXY_IPV4}:{SPLIT_PROXY_PORT}" if family == 4 else f"[{PROXY_IPV6}]:{SPLIT_PROXY_PORT}"
+    resolver = f"{PROXY_IPV4}:{NAMESERVER_PORT}" if family == 4 else f"[{PROXY_IPV6}]:{NAMESERVER_PORT}"
     restore = [
-        f"-m connmark --mark {SPLIT_MATCH} -j CONNMARK --restore-mark"  # with its interface index
-        if m == Mark.REROUTE_TO_SPLIT_TUN
+        f"-m connmark --mark {_match(m)} -j CONNMARK --restore-mark"  # with its interface index / DNS path
+        if m in MASKED_MARKS
         else f"-m connmark --mark {int(m)} -j MARK --set-mark {int(m)}"
         for m in RESTORED_MARKS
     ]
@@ -154,6 +170,10 @@ def render(
         f"-A {INGEST_OUT} -m conntrack --ctstate NEW -j NFQUEUE {out_queue}",
         f"-A {INGEST_IN} -m mark ! --mark 0 -j RETURN",
         *(f"-A {INGEST_IN} {r}" for r in restore),
+        # DNS answers the resolver already learned from: to its own upstream sockets (accept-final) and the ones
+        # it relays to apps (nameserver mark). Only the others are queued for their names.
+        f"-A {INGEST_IN} -m connmark --mark {int(Mark.ACCEPT_FINAL)} -j RETURN",
+        f"-A {INGEST_IN} -m connmark --mark {NAMESERVER_MATCH} -j RETURN",
         f"-A {INGEST_IN} -p udp -m conntrack --ctdir REPLY --ctorigdstport 53 -j NFQUEUE {in_queue}",
         # A UDP flow starting from outside: a real inbound flow (accepted for good), or a late answer to a flow
         # whose entry was just deleted, which would turn that flow around (dropped).
@@ -184,6 +204,7 @@ def render(
         Mark.DROP_ALWAYS: "DROP",
         Mark.REROUTE_TO_TUNNEL: "RETURN",
         Mark.REROUTE_TO_SPLIT_TUN: "ACCEPT" if kernel else "RETURN",
+        Mark.REROUTE_TO_NAMESERVER: "RETURN",
     }
     for mark in RESTORED_MARKS:
         filt.append(f"-A {FILTER} -m mark --mark {_match(mark)} -j CONNMARK --save-mark")
@@ -192,6 +213,8 @@ def render(
     nat = [
         *([] if kernel else [tcp_to_proxy]),
         f"-A {REDIRECT} -p udp -m mark --mark {SPLIT_MATCH} -j DNAT --to-destination {proxy}",
+        f"-A {REDIRECT} -p tcp -m mark --mark {NAMESERVER_MATCH} -m tcp --syn -j DNAT --to-destination {resolver}",
+        f"-A {REDIRECT} -p udp -m mark --mark {NAMESERVER_MATCH} -j DNAT --to-destination {resolver}",
         # Only packets that leave the host: a split connection DNAT-ed to a proxy goes out lo.
         f"-A {SNAT} -p tcp -m mark --mark {SPLIT_MATCH} ! -o lo -j MASQUERADE",
     ]
@@ -270,7 +293,12 @@ def installed_data_path(saved: SavedTable) -> str | None:
     """The data path our nat rules in `saved` implement (None: none of ours there)."""
     if REDIRECT not in saved.chains:
         return None
-    return "proxy" if any(" -p tcp " in r for r in saved.chain_rules(REDIRECT)) else "kernel"
+    split = (
+        f"--mark {int(Mark.REROUTE_TO_SPLIT_TUN)}/",
+        f"--mark {int(Mark.REROUTE_TO_SPLIT_TUN):#x}/",
+    )  # ours, -save's
+    tcp_to_proxy = [r for r in saved.chain_rules(REDIRECT) if " -p tcp " in r and any(m in r for m in split)]
+    return "proxy" if tcp_to_proxy else "kernel"
 
 
 def plan_install(

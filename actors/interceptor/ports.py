@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from core.dns.names import NameTable
 from core.verdict_handler import SLOT, HandlerSlot
 from kernel.conntrack import Conntrack, CtEntry
 from messages import Message, ProcessInfo
 from messages.flows import FiveTuple
 
 from .attribution import Attributor
-from .names import NameTable
 
 
 class Ports(Protocol):

@@ -17,6 +17,9 @@ Order (a verdict only goes up within one evaluation):
    verdict instead, so it keeps going where it went: through the VPN.
 6. A split needs somewhere to go: when its interface (the rule's, or the global choice) has no egress
    for the flow's IP version, it stays in the VPN. The split mark carries the rule's interface index.
+7. DNS (TCP/UDP to port 53): while the resolver is ready, the query is rerouted to it (RerouteToNameserver,
+   1799) instead, the mark carrying the path steps 4-6 chose for it (messages/marks.py: nameserver_mark), so
+   the resolver asks on that path. While it is not, a query is never split: it stays in the VPN.
 Every verdict except the malformed-packet one is permanent (saved to the connmark).
 """
 
@@ -32,7 +35,13 @@ from core.policy import CompiledPolicy
 from core.verdict_handler import ConnectionView, VerdictHandler
 from messages import IvpnStatus, Mark, NetenvChanged, ProcessInfo, Verdict
 from messages.flows import FiveTuple, IpProtocol
-from messages.marks import MAX_INTERFACE_INDEX, split_mark
+from messages.marks import (
+    MAX_INTERFACE_INDEX,
+    MAX_NAMESERVER_INTERFACE_INDEX,
+    NAMESERVER_PORT,
+    nameserver_mark,
+    split_mark,
+)
 from runtime.log import describe
 
 #: Marks the rules give our own traffic; a packet carrying one is ours (accept-final, never split).
@@ -113,6 +122,10 @@ class VerdictOutcome:
         return self.verdict == Verdict.REROUTE_TO_SPLIT_TUN
 
     @property
+    def rerouted_to_nameserver(self) -> bool:
+        return self.verdict == Verdict.REROUTE_TO_NAMESERVER
+
+    @property
     def permanent(self) -> bool:
         return self.mark != Mark.ACCEPT
 
@@ -174,12 +187,14 @@ def decide(
     ivpn: IvpnStatus | None = None,
     errors: list[str] | None = None,
     egress: EgressCheck | None = None,
+    nameserver: bool = False,
 ) -> VerdictOutcome:
     """The filtering function every connection goes through (first packet and re-evaluation).
 
     `flow` is the connection as its queued packet shows it; `first_packet`: that packet can start a
     connection (TCP: SYN without ACK; other protocols: always); `packet_mark`: the mark it carried.
     Handler errors are appended to `errors` (when given) so the caller can log them once.
+    `nameserver`: the resolver is ready, so DNS queries are rerouted to it.
     """
     if own or packet_mark in OWN_MARKS:
         return OWN
@@ -210,6 +225,8 @@ def decide(
         match = policy.match(flow, domain, process)
         rule, split, interface = match.rule_id, match.split, match.interface
         reason = ""
+    if flow.dst_port == NAMESERVER_PORT:
+        return _dns_outcome(flow, first_packet, rule, split, interface, reason, egress, nameserver)
     if not split:
         return VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, reason)
     if not first_packet:
@@ -220,6 +237,30 @@ def decide(
     if problem:
         return VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, f"{problem}: kept in the VPN", interface)
     return VerdictOutcome(Verdict.REROUTE_TO_SPLIT_TUN, split_mark(index), rule, reason, interface)
+
+
+def _dns_outcome(
+    flow: FiveTuple,
+    first_packet: bool,
+    rule: str,
+    split: bool,
+    interface: str,
+    reason: str,
+    egress: EgressCheck | None,
+    nameserver: bool,
+) -> VerdictOutcome:
+    """A DNS query: rerouted to the resolver with the path the policy chose for it, or kept in the VPN."""
+    if not nameserver or not first_packet:
+        why = "resolver not ready" if not nameserver else "mid-stream TCP cannot be rerouted"
+        return VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, rule, f"DNS: {why}: kept in the VPN")
+    index, problem = egress(interface, flow.ip_version) if split and egress is not None else (0, "")
+    if split and not problem and index > MAX_NAMESERVER_INTERFACE_INDEX:
+        problem = f"interface index {index} does not fit in a nameserver mark"
+    if not split or problem:
+        why = f"DNS: {problem}: resolved through the VPN" if problem else reason
+        return VerdictOutcome(Verdict.REROUTE_TO_NAMESERVER, nameserver_mark(), rule, why)
+    why = reason or "DNS: resolved on the split path"
+    return VerdictOutcome(Verdict.REROUTE_TO_NAMESERVER, nameserver_mark(True, index), rule, why, interface)
 
 
 def reevaluation_resets(protocol: int, old: VerdictOutcome, new: VerdictOutcome) -> bool:

@@ -53,7 +53,7 @@ class _Facts:
     """One connection as the compiled checks see it."""
 
     flow: FiveTuple
-    domain: str  # learned from DNS answers; "" when unknown
+    names: tuple[str, ...]  # the domain's names: the one looked up, then its CNAME targets; () when unknown
     app: AppFacts
 
 
@@ -76,11 +76,11 @@ def _domain_check(pattern: str) -> _Check:
     if pattern.startswith("."):  # Portmaster: .example.com = the domain and all its subdomains
         base = pattern[1:]
         suffix = pattern
-        return lambda f: f.domain == base or f.domain.endswith(suffix)
+        return lambda f: any(name == base or name.endswith(suffix) for name in f.names)
     if has_glob(pattern):
         regex = re.compile(fnmatch.translate(pattern))
-        return lambda f: bool(f.domain) and regex.match(f.domain) is not None
-    return lambda f: f.domain == pattern
+        return lambda f: any(regex.match(name) is not None for name in f.names)
+    return lambda f: pattern in f.names
 
 
 def _ip_check(dest: str, kind: str) -> _Check:
@@ -169,10 +169,11 @@ class CompiledPolicy:
 
     def match(self, flow: FiveTuple, domain: str = "", process: ProcessInfo | None = None) -> RuleMatch:
         """The first rule matching the connection (its 5-tuple, the name its destination was looked up by,
-        its process when known), or the default: keep."""
+        its process when known), or the default: keep. A domain learned through a CNAME chain is the asked
+        name followed by the chain's targets, space-separated: a domain rule matches any of them."""
         if not self.enabled:
             return KEEP_BY_DEFAULT
-        facts = _Facts(flow, domain, self._app(process))
+        facts = _Facts(flow, tuple(domain.split()), self._app(process))
         for rule, checks in self._rules:
             if all(check(facts) for check in checks):
                 return RuleMatch(split=rule.action == "split", rule_id=rule.id, interface=rule.interface)

@@ -67,7 +67,7 @@ MIGRATIONS: tuple[str, ...] = (
         packets_up INTEGER,
         packets_down INTEGER,
         data_path TEXT,              -- the split's path: "proxy" (a session) or "kernel" (routed by its mark)
-        resolved_via TEXT NOT NULL DEFAULT ''  -- which resolver answered the name (once splittun has one)
+        resolved_via TEXT NOT NULL DEFAULT ''  -- which path and server answered its name (the resolver)
     );
     CREATE INDEX connections_last_seen ON connections (last_seen);
     CREATE INDEX connections_started ON connections (started);
@@ -129,6 +129,7 @@ _CONN_COLUMNS = (
     "packets_up",
     "packets_down",
     "data_path",
+    "resolved_via",
 )
 _INSERT_CONN = (
     f"INSERT OR REPLACE INTO connections ({', '.join(_CONN_COLUMNS)}) VALUES ({', '.join('?' for _ in _CONN_COLUMNS)})"
@@ -371,7 +372,7 @@ def _conn_values(info: ConnectionInfo) -> tuple[Any, ...]:
         info.conn_id, info.started, info.ended, last_seen(info, info.started), info.protocol, info.ip_version,
         int(info.inbound), info.src_ip, info.src_port, info.dst_ip, info.dst_port, info.domain, info.pid, info.uid,
         info.exe, info.process_name, json.dumps(info.cmdline), app_text(info), info.verdict, info.verb, info.rule,
-        info.reason, info.split_key, info.interface, info.end_reason, *session,
+        info.reason, info.split_key, info.interface, info.end_reason, *session, info.resolved_via,
     )  # fmt: skip
 
 
@@ -418,6 +419,7 @@ def _conn_info(row: tuple[Any, ...]) -> ConnectionInfo:
         ended=c["ended"],
         end_reason=c["end_reason"],
         split=split,
+        resolved_via=c["resolved_via"],
         verb=c["verb"],
         state="closed",
     )

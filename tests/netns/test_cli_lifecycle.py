@@ -16,7 +16,7 @@ from runtime.paths import Home
 from splittun.supervise import Supervisor
 from tests.support.cli import assert_one_line_error, splittun
 
-ALL_SINGLE = {"bus", "controller", "netenv", "ivpn", "api", "interceptor", "proxy_tcp_00", "proxy_udp_00"}
+ALL_SINGLE = {"bus", "controller", "netenv", "ivpn", "api", "interceptor", "proxy_tcp_00", "proxy_udp_00", "resolver"}
 
 
 def status_json(home: Path, ns: str) -> dict:
@@ -66,7 +66,7 @@ def test_up_status_events_down_cycle(home: Path, host_ns: str) -> None:
     up = splittun("up", home=home, ns=host_ns)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        assert "8 processes heartbeating" in up.stdout
+        assert f"{len(ALL_SINGLE)} processes heartbeating" in up.stdout
         rows = actors_by_name(home, host_ns)
         assert set(rows) == ALL_SINGLE
         for row in rows.values():

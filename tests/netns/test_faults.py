@@ -37,7 +37,7 @@ from tests.support.lab import Leaks
 LOAD = FIXTURES_DIR / "faults" / "load.py"
 SERVER = T.SERVER_V4[0]
 PORT = {"tcp": T.WHOAMI_TCP_PORT, "udp": T.WHOAMI_UDP_PORT}
-ACTORS = ("bus", "controller", "netenv", "ivpn", "api", "interceptor", "proxy_tcp_00", "proxy_udp_00")
+ACTORS = ("bus", "controller", "netenv", "ivpn", "api", "interceptor", "proxy_tcp_00", "proxy_udp_00", "resolver")
 RECOVERY_LIMIT = 15.0  # seconds: supervisord restarts a program at once, the actor is ready in about one
 
 

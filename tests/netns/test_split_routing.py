@@ -155,7 +155,7 @@ def test_down_after_everything_was_killed_leaves_the_host_as_before_up(rt_lab: L
         assert (curl(lab, SPLIT[4]), curl(lab, SPLIT[6])) == (ISP[4], ISP[6])  # conntrack entries with our marks
         sup = Supervisor(inst.paths)
         supervisord, actors = inst.supervisord_pid(), sup.orphans()
-        assert len(actors) == 8, actors  # bus, controller, netenv, ivpn, api, interceptor, two proxies
+        assert len(actors) == 9, actors  # bus, controller, netenv, ivpn, api, resolver, interceptor, two proxies
         for pid in actors:  # stopped first: none may clean up when its parent dies (PDEATHSIG → SIGTERM)
             os.kill(pid, signal.SIGSTOP)
         for pid in (supervisord, *actors):

@@ -96,6 +96,8 @@ class E2E:
         self.style: tuple[str, bool] | None = None
         #: The host before splittun first ran in each style: what every `down` must return to.
         self.pristine: dict[tuple[str, bool], HostState] = {}
+        #: Extra environment for `splittun up` (e.g. SSL_CERT_FILE: the CAs the resolver trusts for DNS over TLS).
+        self.env: dict[str, str] = {}
 
     # -- lifecycle --
 
@@ -113,7 +115,7 @@ class E2E:
     def _up(self) -> Instance:
         """`splittun up` with a fresh home, ready to split (splittun.lab.instance)."""
         try:
-            self.inst = Instance.start(self.lab)
+            self.inst = Instance.start(self.lab, env=self.env or None)
         except InstanceError as exc:
             pytest.fail(str(exc))
         return self.inst

@@ -104,7 +104,13 @@ def test_set_value_from_cli_text() -> None:
 
 
 def test_levels_and_next_rule_id() -> None:
-    assert {o.key for o in cfg.options_for_level("user")} == {"splittun/enable", "splittun/interface", "splittun/rules"}
+    assert {o.key for o in cfg.options_for_level("user")} == {
+        "splittun/enable",
+        "splittun/interface",
+        "splittun/rules",
+        "splittun/splitDNS",
+        "splittun/vpnDomains",
+    }
     assert all(o.description and o.level in cfg.LEVELS for o in cfg.OPTIONS.values())
     config = cfg.from_json({"splittun/rules": [{"id": "r2", "action": "keep"}, {"id": "custom", "action": "keep"}]})
     assert config.next_rule_id() == "r3"
@@ -162,3 +168,21 @@ def test_an_edit_checks_the_interfaces_of_the_whole_config() -> None:
         cfg.edit(base, Controller.ENABLE, NoArgs(), KNOWN)
     with pytest.raises(ValueError, match="not a config edit"):
         cfg.edit(base, Controller.POLICY, NoArgs(), KNOWN)
+
+
+def test_split_dns_servers_and_vpn_domains_are_lists_set_comma_separated_and_validated() -> None:
+    from core.config import SPLIT_DNS, VPN_DOMAINS, Config, ConfigError, from_json, set_value
+
+    config = set_value(Config(), SPLIT_DNS, "203.0.113.53, 2001:db8::53,203.0.113.53")
+    config = set_value(config, VPN_DOMAINS, ".Corp.Example")
+    assert (config.split_dns, config.vpn_domains) == (("203.0.113.53", "2001:db8::53"), ("corp.example",))
+    assert from_json(config.to_json()) == config
+    assert set_value(config, SPLIT_DNS, "").split_dns == ()
+    assert set_value(config, SPLIT_DNS, '["192.0.2.1"]').split_dns == ("192.0.2.1",)
+    assert set_value(config, SPLIT_DNS, "TLS://192.0.2.1#DNS.isp.test").split_dns == ("tls://192.0.2.1#dns.isp.test",)
+    for key, bad, problem in ((SPLIT_DNS, "dns.example", "'dns.example' is not an IP address (or tls://ADDRESS[#NAME])"),
+                              (SPLIT_DNS, "::1", "::1 cannot be a split DNS server (loopback, unspecified or multicast)"),  # noqa: E501
+                              (VPN_DOMAINS, "*.corp", "'*.corp' is not a domain name")):  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            set_value(config, key, bad)
+        assert str(err.value) == f"{key}: {problem}"

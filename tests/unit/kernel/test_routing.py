@@ -248,6 +248,7 @@ def interceptor() -> tuple[InterceptorActor, FakeRouting]:
     actor.routing = RoutingKeeper(fake, actor.log)  # type: ignore[arg-type]
     actor.kernel_routing = RoutingKeeper(FakeRouting(), actor.log)  # type: ignore[arg-type]
     actor._fw_lock = threading.Lock()
+    actor.owns_rules = True
     return actor, fake
 
 

@@ -81,6 +81,18 @@ SAMPLES: dict[str, m.Message] = {
         gateways=[m.GatewayRecord(gateway="192.0.2.1", interface="eth0", family=4)],
         uplink_ipv4="eth0",
     ),
+    "dns.query": m.DnsQuery(
+        ts=1.0,
+        flow="udp 192.0.2.66:40000 192.0.2.65:53",
+        name="geo.example.net",
+        qtype="A",
+        path="split",
+        upstream="192.0.2.1",
+        interface="eth0",
+        answers=1,
+        addresses=["203.0.113.80"],
+        latency_ms=4.2,
+    ),
     "ivpn.status": m.IvpnStatus(ts=1.0, daemon=True, state="CONNECTED", connected=True, vpn_type="wireguard"),
     "policy.snapshot": m.PolicySnapshot(
         version=2,

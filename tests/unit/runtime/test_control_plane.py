@@ -24,6 +24,7 @@ from actors.ivpn.actor import IvpnActor
 from actors.netenv.actor import NetenvActor
 from actors.proxy_tcp.actor import ProxyTcpActor
 from actors.proxy_udp.actor import ProxyUdpActor
+from actors.resolver.actor import ResolverActor
 from messages import PolicyRule
 from messages import control as c
 from messages.control import Controller, Edited, NoArgs, Ping, Proxy, ProxyStatus, Request, RequestFailed
@@ -43,6 +44,7 @@ REAL_ACTORS: tuple[type[Actor], ...] = (
     ProxyTcpActor,
     ProxyUdpActor,
     IvpnActor,
+    ResolverActor,
 )
 
 STATUS = ProxyStatus(protocol="tcp", listen=[["127.0.0.17", 719]], egress={"ipv4": "eth0"}, counters={"sessions": 3})
@@ -99,7 +101,7 @@ def test_every_op_is_declared_once_with_a_record_and_a_one_line_doc() -> None:
         seen.add((op.actor, op.name))
         assert issubclass(op.args, c.Struct) and op.doc and "\n" not in op.doc, op
         assert op.doc[0].isupper() and op.doc.endswith("."), op
-    assert {g.actor for g in c.groups()} == {"*", "api", "controller", "interceptor", "netenv", "proxy"}
+    assert {g.actor for g in c.groups()} == {"*", "api", "controller", "interceptor", "netenv", "proxy", "resolver"}
     assert {op.name for op in Controller.ops} >= {"enable", "disable", "interface.set", "rules.add", "config.set"}
 
 
@@ -112,7 +114,7 @@ def test_every_declared_op_has_a_handler_in_exactly_one_actor() -> None:
             bound.setdefault(op, set()).add(inspect.unwrap(getattr(cls, method)))
     for op in c.all_ops():
         assert len(bound.get(op, ())) == 1, f"{op!r} is answered by {bound.get(op)}"
-    groups = {c.Api, c.Controller, c.Interceptor, c.Netenv, c.Proxy}
+    groups = {c.Api, c.Controller, c.Interceptor, c.Netenv, c.Proxy, c.Resolver}
     assert {cls.control for cls in REAL_ACTORS if cls.control} == groups
 
 

@@ -20,6 +20,7 @@ from messages import (
     ConnEnd,
     ConnNew,
     ConnVerdict,
+    DnsQuery,
     Heartbeat,
     Notification,
     PolicySnapshot,
@@ -135,6 +136,19 @@ def test_registry_takes_a_kernel_path_connection_from_its_verdict_and_its_counts
     assert rec is not None and rec.split is not None and rec.state == "closed"
     assert (rec.split.bytes_up, rec.split.bytes_down, rec.split.packets_up, rec.split.packets_down) == (396, 5316, 6, 5)
     assert rec.split.data_path == "kernel"
+
+
+def test_registry_shows_how_a_dns_query_and_the_connections_to_its_answer_were_resolved() -> None:
+    reg = ConnectionRegistry()
+    query = ConnNew(conn_id="q1", ts=1.0, ip_version=4, protocol=17, src_ip="192.0.2.66", src_port=41000,
+                    dst_ip="192.0.2.65", dst_port=53)  # fmt: skip
+    reg.handle(query)
+    reg.handle(DnsQuery(ts=1.1, flow=flow_key(17, "192.0.2.66", 41000, "192.0.2.65", 53), name="geo.example.net",
+                        qtype="A", path="split", upstream="192.0.2.1", interface="eth0", answers=1,
+                        addresses=["203.0.113.80"]))  # fmt: skip
+    reg.handle(new())  # curl → 203.0.113.80, the address the answer gave
+    assert reg.get("q1").resolved_via == "split 192.0.2.1 via eth0"
+    assert reg.get("c1").resolved_via == "split 192.0.2.1 via eth0"
 
 
 def test_registry_filters_and_rolls_off_old_connections() -> None:

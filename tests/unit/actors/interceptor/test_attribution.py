@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from actors.interceptor.attribution import Attributor
-from actors.interceptor.names import GRACE, NameTable
+from core.dns.names import GRACE, NameTable
 from core.policy import AppFacts
 from kernel.procfs import ProcReader, parse_stat_start, parse_status, socket_inode
 from kernel.sockdiag import DiagSocket, best_udp_match, diag_request, ip_bytes, parse_diag_message

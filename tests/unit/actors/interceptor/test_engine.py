@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from actors.interceptor.engine import RETRY_DELAYS, Engine
-from actors.interceptor.names import NameTable
+from core.dns.names import NameTable
 from core.verdict_handler import HandlerSlot
 from kernel.conntrack import CtCounters, CtEntry
 from kernel.sockdiag import DiagSocket
@@ -34,8 +34,9 @@ from messages import (
     Verdict,
     flow_key,
 )
+from messages.events import HEARTBEAT_TTL
 from messages.flows import FiveTuple
-from messages.marks import split_interface_index, split_mark
+from messages.marks import nameserver_path, split_interface_index, split_mark
 from runtime.log import EventLog
 from tests.support import FIXTURES_DIR
 
@@ -800,3 +801,49 @@ def test_split_udp_and_the_proxy_path_say_proxy() -> None:
     assert h.engine.data_path(FiveTuple(17, "192.0.2.66", 5000, "203.0.113.80", 53)) == "proxy"
     [v] = h.of(ConnVerdict)
     assert (v.data_path, v.interface, v.local_ip) == ("proxy", "eth0", "")  # decided before the switch
+
+
+# --- DNS follows the resolver's readiness ---------------------------------------------------------------
+
+
+def udp4_query(dst: str = "192.0.2.65", sport: int = 40053) -> bytes:
+    """An IPv4/UDP datagram to port 53 from the host's tunnel address (checksums are not checked)."""
+    import socket as s
+
+    payload = b"\x12\x34" + bytes(10)
+    udp = struct.pack("!HHHH", sport, 53, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                     s.inet_aton("192.0.2.66"), s.inet_aton(dst))  # fmt: skip
+    return ip + udp
+
+
+def listener_closed(address: bytes) -> DiagSocket:
+    return DiagSocket(2, 7, address + bytes(12), 53, bytes(16), 0, 0, 1, cookie=3)
+
+
+def test_dns_is_rerouted_only_while_the_resolver_is_ready_and_a_killed_one_is_noticed_at_once() -> None:
+    h = FakePorts()
+    h.policy(1, SPLIT_CURL)
+    assert h.send(udp4_query(sport=1)).mark == Mark.ACCEPT_ALWAYS  # no resolver yet: where the app sent it
+    h.engine.heard_resolver(True)
+    assert h.deleted  # the flow decided without the resolver is re-queued
+    rerouted = h.send(udp4_query(sport=2))
+    assert nameserver_path(rerouted.mark or 0) == (True, 0)  # curl is split: the resolver asks on the split path
+    assert h.engine.counters["dns_rerouted"] == 1
+    h.deleted.clear()
+    h.engine.on_sockets_destroyed([listener_closed(bytes([127, 0, 0, 1]))])  # someone else's port 53: nothing
+    assert h.engine.nameserver
+    h.engine.on_sockets_destroyed([listener_closed(bytes([127, 0, 0, 17]))])  # kill -9: its socket is destroyed
+    assert not h.engine.nameserver and h.deleted  # the rerouted flow's entry goes: its next query is decided anew
+    assert h.send(udp4_query(sport=3)).mark == Mark.ACCEPT_ALWAYS
+
+
+def test_a_resolver_whose_heartbeats_stop_is_not_followed_any_more() -> None:
+    h = FakePorts()
+    h.engine.heard_resolver(True, now=10.0)
+    h.engine.check_resolver(now=10.0 + HEARTBEAT_TTL - 1)
+    assert h.engine.nameserver
+    h.engine.check_resolver(now=10.0 + HEARTBEAT_TTL + 1)
+    assert not h.engine.nameserver
+    h.engine.heard_resolver(False, now=15.0)
+    assert not h.engine.nameserver

@@ -9,8 +9,8 @@ import struct
 
 import pytest
 
-from actors.interceptor.dns import DnsError, parse_response, read_name
 from actors.interceptor.packet import MalformedPacket, parse_packet
+from core.dns.answers import DnsError, parse_response, read_name
 from messages.flows import FiveTuple, IpProtocol
 from tests.support import FIXTURES_DIR
 

@@ -70,6 +70,8 @@ def test_ipv6_rules_use_ipv6_queues_proxy_and_reject() -> None:
     assert rules["nat"] == [
         f"-A {fw.REDIRECT} -p tcp -m mark --mark 1719/0xffff -m tcp --syn -j DNAT --to-destination [::1]:719",
         f"-A {fw.REDIRECT} -p udp -m mark --mark 1719/0xffff -j DNAT --to-destination [::1]:719",
+        f"-A {fw.REDIRECT} -p tcp -m mark --mark 1799/0xffff -m tcp --syn -j DNAT --to-destination [::1]:53",
+        f"-A {fw.REDIRECT} -p udp -m mark --mark 1799/0xffff -j DNAT --to-destination [::1]:53",
         f"-A {fw.SNAT} -p tcp -m mark --mark 1719/0xffff ! -o lo -j MASQUERADE",
     ]
     assert any("icmp6-adm-prohibited" in r for r in rules["filter"])

@@ -10,7 +10,7 @@ from core.policy import CompiledPolicy
 from core.verdict_handler import ConnectionView, HandlerAlreadySet, HandlerSlot
 from messages import IvpnStatus, Mark, PolicyRule, PolicySnapshot, ProcessInfo, Verdict
 from messages.flows import FiveTuple, IpProtocol
-from messages.marks import split_interface_index, split_mark
+from messages.marks import nameserver_mark, nameserver_path, split_interface_index, split_mark
 
 TCP, UDP, ICMP = IpProtocol.TCP, IpProtocol.UDP, IpProtocol.ICMP
 
@@ -280,3 +280,52 @@ def test_split_egress_table_answers_from_the_network_snapshot() -> None:
     assert "not known" in table.check("eth7", 4)[1]  # a rule newer than the table: kept, never guessed
     early = SplitEgress(None, "", ["eth1"])
     assert early.check("", 4) == (0, "") and early.check("eth1", 4)[1] == "the network state is not known yet"
+
+
+# --- DNS: rerouted to the resolver with the asking app's path -------------------------------------------
+
+SPLIT_CURL = policy(PolicyRule(id="curl", action="split", app_name="curl", interface="eth1"))
+CURL = ProcessInfo(pid=10, name="curl", exe="/usr/bin/curl")
+
+
+@pytest.mark.parametrize("proto", [UDP, TCP])
+def test_dns_of_a_vpn_app_is_rerouted_on_the_vpn_path(proto: int) -> None:
+    out = decide(flow(proto, "192.0.2.65", 53), SPLIT_CURL, process=ProcessInfo(pid=11, name="firefox"),
+                 nameserver=True)  # fmt: skip
+    assert (out.verdict, out.mark) == (Verdict.REROUTE_TO_NAMESERVER, Mark.REROUTE_TO_NAMESERVER)
+    assert nameserver_path(out.mark) == (False, 0) and not out.split and out.permanent
+
+
+def test_dns_of_a_split_app_carries_its_path_and_interface_in_the_mark() -> None:
+    out = decide(flow(UDP, "192.0.2.65", 53), SPLIT_CURL, process=CURL, nameserver=True, egress=lambda i, v: (12, ""))
+    assert out.verdict == Verdict.REROUTE_TO_NAMESERVER and out.rule == "curl" and out.interface == "eth1"
+    assert out.mark & 0xFFFF == Mark.REROUTE_TO_NAMESERVER
+    assert nameserver_path(out.mark) == (True, 12)
+
+
+def test_dns_of_a_split_app_whose_interface_is_gone_resolves_through_the_vpn() -> None:
+    out = decide(flow(UDP, "192.0.2.65", 53), SPLIT_CURL, process=CURL, nameserver=True,
+                 egress=lambda i, v: (0, "no IPv4 gateway on eth1"))  # fmt: skip
+    assert nameserver_path(out.mark) == (False, 0)
+    assert out.reason == "DNS: no IPv4 gateway on eth1: resolved through the VPN"
+
+
+def test_without_a_ready_resolver_dns_is_never_split() -> None:
+    out = decide(flow(UDP, "192.0.2.65", 53), SPLIT_CURL, process=CURL, nameserver=False)
+    assert (out.verdict, out.mark) == (Verdict.ACCEPT, Mark.ACCEPT_ALWAYS)
+    assert out.reason == "DNS: resolver not ready: kept in the VPN"
+
+
+def test_localhost_dns_and_our_own_queries_are_never_rerouted() -> None:
+    assert decide(flow(UDP, "127.0.0.53", 53), SPLIT_ALL, nameserver=True).mark == Mark.ACCEPT_ALWAYS
+    assert decide(flow(UDP, "192.0.2.65", 53), SPLIT_ALL, own=True, nameserver=True).mark == Mark.ACCEPT_FINAL
+
+
+def test_nameserver_marks_round_trip_and_stay_apart_from_split_marks() -> None:
+    assert nameserver_mark() == 1799
+    assert nameserver_path(nameserver_mark(True, 0x7FFF)) == (True, 0x7FFF)
+    assert nameserver_path(split_mark(3)) is None and split_interface_index(nameserver_mark(True, 3)) is None
+    with pytest.raises(ValueError):
+        nameserver_mark(True, 0x8000)
+    with pytest.raises(ValueError):
+        nameserver_mark(False, 1)

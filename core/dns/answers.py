@@ -1,11 +1,13 @@
 """Reading DNS answers: which addresses did a name resolve to, and for how long.
 
-Domain rules match connections by name, but a connection only carries an address. The interceptor
-queues inbound DNS answers, learns address → name from them here, then accepts them unchanged, so the
+Domain rules match connections by name, but a connection only carries an address. The resolver reads
+every answer it relays here, and the interceptor every plain DNS answer it queues (the fallback for queries
+the resolver never sees); both store address → name (names.py) before the app sees the answer, so the
 app's very first connection after the lookup already finds its name.
 
-The name learned for an address is the question's name (what the user wrote the rule for), also when
-the answer reaches the address through a CNAME chain; the chain's TTL is the smallest TTL on the way.
+The names learned for an address are the question's name (what the user wrote the rule for) and, when
+the answer reaches the address through a CNAME chain, the chain's targets (`chain`); the chain's TTL is
+the smallest TTL on the way.
 Pure functions over bytes: compressed names, CNAME chains and broken packets are tested with bytes.
 """
 

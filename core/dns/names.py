@@ -1,4 +1,9 @@
-"""Address → domain name, learned from DNS answers and shared by every interceptor worker.
+"""Address → domain name, learned from DNS answers, shared by the resolver and every interceptor worker.
+
+The resolver (actors/resolver) writes every answer it relays before the app sees it; the interceptor's
+snooping of plain DNS answers it queues (answers.py) is the fallback for queries the resolver never sees.
+A name learned through a CNAME chain is stored as the chain, space-separated ("www.example.com
+cdn.example.net"), so a domain rule matches the asked name or any CNAME target (core/policy/match.py).
 
 With `--queue-balance` the DNS answer and the connection that follows it usually land on different
 queues (the kernel hashes each flow's addresses), so a per-process dict would miss the very first
@@ -24,6 +29,10 @@ import time
 import zlib
 from pathlib import Path
 
+from .answers import DnsAnswer
+
+#: The table's file in the run directory (removed by the interceptor's cleanup).
+NAMES_FILE = "interceptor-names.table"
 GRACE = 600  # seconds a learned name is kept at least
 _MAGIC = b"STNAMES1"
 _HEADER = struct.Struct("!8sII")  # magic, slot count, slot size
@@ -36,6 +45,17 @@ DEFAULT_SLOTS = 16384  # 4.5 MiB
 
 
 _MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def chain_text(chain: tuple[str, ...] | list[str]) -> str:
+    """The names of a CNAME chain as one stored name: whole names only, at most 255 bytes."""
+    text = ""
+    for name in chain:
+        longer = f"{text} {name}" if text else name
+        if len(longer.encode("ascii", errors="replace")) > _NAME_MAX:
+            break
+        text = longer
+    return text
 
 
 def _address_bytes(address: str) -> bytes:
@@ -67,6 +87,30 @@ class NameTable:
             self._map = mmap.mmap(self._fd, size)
         self.slots = slots
         self.learned = 0
+
+    def replaced(self) -> bool:
+        """Was the file removed or replaced since we opened it (the interceptor's cleanup removes it on
+        stop, a restarted one makes a new one)? A long-lived writer then opens the new one (`reopen`)."""
+        if self.path is None or self._fd < 0:
+            return False
+        try:
+            return os.stat(self.path).st_ino != os.fstat(self._fd).st_ino
+        except OSError:
+            return True
+
+    def reopen(self) -> NameTable:
+        """A fresh table on the same path (creating the file if needed); this one is closed."""
+        self.close()
+        table = NameTable(self.path, self.slots)
+        table.learned = self.learned
+        return table
+
+    def learn_answer(self, answer: DnsAnswer, now: float | None = None) -> int:
+        """Every address of an answer → its CNAME chain's names; returns how many addresses were learned."""
+        name = chain_text(answer.chain or (answer.qname,))
+        for address, ttl in answer.addresses:
+            self.learn(address, name, ttl, now)
+        return len(answer.addresses)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
