@@ -61,6 +61,7 @@ CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE = 7, 8, 9
 
 #: conntrack's TCP states (enum tcp_conntrack) that a closed connection's entry lingers in.
 TCP_CONNTRACK_TIME_WAIT, TCP_CONNTRACK_CLOSE = 7, 8
+IPS_SEEN_REPLY = 1 << 1  # enum ip_conntrack_status
 ICMP_ECHO_REQUEST = {IpProtocol.ICMP: 8, IpProtocol.ICMPV6: 128}
 _U16, _U32, _U64 = struct.Struct("!H"), struct.Struct("!I"), struct.Struct("!Q")
 
@@ -102,6 +103,7 @@ class CtEntry:
     reply: FiveTuple | None = None  # parsed on request only (parse_entry's with_reply; lookup_reply)
     tcp_state: int = -1  # conntrack's TCP state (TCP_CONNTRACK_*), -1 when not TCP or not told
     counters: CtCounters | None = None  # with conntrack accounting on (the kernel data path turns it on)
+    status: int = 0  # CTA_STATUS bits (IPS_*): e.g. IPS_SEEN_REPLY once a reply went the other way
 
 
 # --- building ---------------------------------------------------------------------------------------
@@ -215,7 +217,8 @@ def parse_entry(payload: Buffer, with_reply: bool = False) -> CtEntry | None:
         state = tcp.get(CTA_PROTOINFO_TCP_STATE, b"")
         tcp_state = state[0] if len(state) >= 1 else -1
     counters = _parse_counters(attrs.get(CTA_COUNTERS_ORIG), attrs.get(CTA_COUNTERS_REPLY))
-    return CtEntry(orig, mark, ct_id, reply, tcp_state, counters)
+    status = _U32.unpack(attrs[CTA_STATUS][:4])[0] if len(attrs.get(CTA_STATUS, b"")) >= 4 else 0
+    return CtEntry(orig, mark, ct_id, reply, tcp_state, counters, status)
 
 
 # --- I/O --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import errno
 import socket
 import struct
 
-from kernel.conntrack import Conntrack
+from kernel.conntrack import IPS_SEEN_REPLY, Conntrack
 from messages.flows import FiveTuple, IpProtocol
 
 from .decider import Address
@@ -63,7 +63,8 @@ def original_dst(sock: socket.socket) -> Address | None:
 
 
 class ConntrackResolver:
-    """Original addresses by conntrack reply-tuple lookup: (orig_client, orig_dst, mark) or None.
+    """Original addresses by conntrack reply-tuple lookup: (orig_client, orig_dst, mark, replied) or None;
+    `replied`: a reply already went back down this entry (a flow older than the session asking).
 
     None means the kernel has no NAT record for the flow; other failures raise (OSError, ValueError)."""
 
@@ -71,11 +72,11 @@ class ConntrackResolver:
         self.ct = conntrack or Conntrack(timeout=1.0, rcvbuf=None)
         self.protocol = protocol
 
-    def __call__(self, client: Address, listen: Address) -> tuple[Address, Address, int] | None:
+    def __call__(self, client: Address, listen: Address) -> tuple[Address, Address, int, bool] | None:
         entry = self.ct.lookup_reply(FiveTuple(self.protocol, listen[0], listen[1], client[0], client[1]))
         if entry is None:
             return None
-        return entry.orig.src, entry.orig.dst, entry.mark
+        return entry.orig.src, entry.orig.dst, entry.mark, bool(entry.status & IPS_SEEN_REPLY)
 
     def forget(self, client: Address, dst: Address) -> bool:
         """Delete the flow's entry (original tuple client → dst): its next datagram is NEW again."""

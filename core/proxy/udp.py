@@ -18,7 +18,9 @@ How a datagram finds its way (Linux, DNAT to the proxy):
   sent down this split path. Each round of datagrams a session gets is checked against the socket that
   owns the flow now (one sock_diag lookup): another socket's datagrams are dropped, the session closed and
   the entry deleted, so that socket's next datagram is queued and decided for its own app. Nothing that
-  should stay in the VPN leaves here.
+  should stay in the VPN leaves here. A flow whose entry already carried replies when this proxy first sees
+  it (the proxy restarted, or its session timed out) has no known socket: its datagram is dropped and the
+  entry deleted, so the next one is decided afresh.
 Datagrams are read one by one on the data thread, so a burst of first packets creates one session (it
 exists before the second datagram is read). What one readiness event finds queued for a session is sent
 on together: with UDP GSO (Linux) one send carries up to 64 equal-sized datagrams through routing and
@@ -382,7 +384,18 @@ class UdpProxy(ProxyBase):
         if resolved is None and self._replaced.get(key, 0.0) > time.monotonic():
             self._count("dropped_other_socket")  # queued under the entry deleted for another socket: dropped
             return None
-        orig_client, orig_dst, ct_mark = resolved if resolved is not None else (None, None, 0)
+        orig_client, orig_dst, ct_mark, replied = resolved if resolved is not None else (None, None, 0, False)
+        if known is None and replied and self.socket_check is not None:
+            # A flow this proxy never saw, yet its entry already carried replies: it began under an earlier
+            # proxy (this one restarted) or outlived a session that timed out. Whose socket it was decided for
+            # is unknown here, and another app's socket may have reused the port since: drop, delete the
+            # entry, and that socket's next datagram is queued and decided for its own app.
+            self._count("dropped_unknown_owner")
+            forget = getattr(self.resolver, "forget", None)
+            if forget is not None and orig_client is not None and orig_dst is not None:
+                with contextlib.suppress(OSError):
+                    forget(orig_client, orig_dst)
+            return None
         if known is not None:
             s = known.session
             if orig_dst == s.orig_dst and (orig_client or client) == s.orig_client:

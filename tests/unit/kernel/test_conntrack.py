@@ -96,7 +96,8 @@ def only_entry(datagram: bytes, seq: int) -> ct.CtEntry | None:
     without = ct.parse_entry(messages[0][3])
     entry = ct.parse_entry(messages[0][3], with_reply=True)
     assert without is not None and entry is not None and without.reply is None
-    assert without == ct.CtEntry(entry.orig, entry.mark, entry.id)
+    assert without == ct.CtEntry(entry.orig, entry.mark, entry.id, status=entry.status)
+    assert entry.status == 0x1B8 and not entry.status & ct.IPS_SEEN_REPLY  # confirmed, NATed, no reply yet
     return entry
 
 

@@ -235,3 +235,39 @@ def test_a_session_only_carries_the_socket_its_flow_was_decided_for(hooks: Hooks
         assert [data for data, _addr in server.got] == [b"one"]  # nothing else ever reached the server
     finally:
         proxy.shutdown(0.0)
+
+
+class PreexistingFlows:
+    """A conntrack resolver whose flows all carried replies already (begun under an earlier proxy instance)."""
+
+    def __init__(self, dst: tuple[str, int]) -> None:
+        self.dst = dst
+        self.forgotten: list[tuple[Any, Any]] = []
+
+    def __call__(self, client: Any, _listen: Any) -> tuple[Any, Any, int, bool]:
+        return client, self.dst, 1719, True
+
+    def forget(self, client: Any, dst: Any) -> bool:
+        self.forgotten.append((client, dst))
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_flow_older_than_its_session_is_dropped_and_decided_afresh(hooks: Hooks, echoes: list[UdpEcho]) -> None:
+    """After a restart the proxy cannot know which socket an old flow was decided for (another app may have
+    reused the port since): its datagram never leaves, and the entry goes so the next one is decided again."""
+    server = echo_server(echoes)
+    flows = PreexistingFlows(server.address)
+    plan = lambda _req: UpstreamPlan(server.address)  # noqa: E731
+    proxy = UdpProxy([("127.0.0.1", 0)], plan, ProxyConfig(), hooks=hooks, resolver=flows, socket_check=lambda c, d: 11)
+    proxy.start()
+    try:
+        with client() as c:
+            c.sendto(b"old flow", proxy.addresses[0])
+            assert wait_until(lambda: proxy.counters().get("dropped_unknown_owner") == 1)
+            assert flows.forgotten and flows.forgotten[0][1] == server.address
+        assert server.got == [] and not hooks.opened
+    finally:
+        proxy.shutdown(0.0)
