@@ -24,12 +24,18 @@ import mmap
 import os
 import socket
 import struct
+import sys
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from messages.flows import FiveTuple, ipv6_text
+
+try:
+    import fcntl
+except ImportError:  # Windows: one interceptor creates the file before the proxies are started
+    fcntl = None  # type: ignore[assignment]
 
 _MAGIC = b"STREDIR1"
 _HEADER = struct.Struct("!8sII")  # magic, slot count, slot size
@@ -39,6 +45,21 @@ _HEADER_SIZE = 64
 _SLOT = struct.Struct("!IdBB16sHHB16sHI")
 _PROBE = 8
 DEFAULT_SLOTS = 16384  # ~1 MiB
+#: The table's file in the run directory (removed by the interceptor's cleanup).
+REDIRECTS_FILE = "redirects.table"
+
+#: `splittun up --backend`: how the interceptor sees packets. Every actor reads it from the environment
+#: supervisord passes on: the proxies need to know where original destinations come from.
+BACKEND_ENV = "SPLITTUN_BACKEND"
+NFQUEUE, DIVERT = "nfqueue", "divert"
+BACKENDS = (NFQUEUE, DIVERT)
+
+
+def selected_backend() -> str:
+    """NFQUEUE on Linux unless told otherwise; Windows has only the diverter."""
+    default = NFQUEUE if sys.platform.startswith("linux") else DIVERT
+    chosen = os.environ.get(BACKEND_ENV, "") or default
+    return chosen if chosen in BACKENDS else default
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +95,22 @@ class RedirectTable:
             self._map[: _HEADER.size] = _HEADER.pack(_MAGIC, slots, _SLOT.size)
         else:
             self._fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
-            header = os.pread(self._fd, _HEADER.size, 0)
-            if len(header) < _HEADER.size or _HEADER.unpack(header) != (_MAGIC, slots, _SLOT.size):
-                if not create:
-                    os.close(self._fd)
-                    raise OSError(f"{path}: not a redirect table")
-                os.ftruncate(self._fd, 0)  # another layout (or garbage): start empty
-                os.ftruncate(self._fd, size)
-                os.pwrite(self._fd, _HEADER.pack(_MAGIC, slots, _SLOT.size), 0)
-            self._map = mmap.mmap(self._fd, size)
+            if fcntl is not None:  # the interceptor and the proxies may start at once
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                header = os.pread(self._fd, _HEADER.size, 0)
+                if len(header) < _HEADER.size or _HEADER.unpack(header) != (_MAGIC, slots, _SLOT.size):
+                    if not create:
+                        raise OSError(f"{path}: not a redirect table")
+                    os.ftruncate(self._fd, 0)  # another layout (or garbage): start empty
+                    os.ftruncate(self._fd, size)
+                    os.pwrite(self._fd, _HEADER.pack(_MAGIC, slots, _SLOT.size), 0)
+                self._map = mmap.mmap(self._fd, size)
+            except BaseException:
+                os.close(self._fd)
+                raise
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
         self.full = 0  # puts that found no free slot in their window (the flow stays unsplit)
 
     def close(self) -> None:

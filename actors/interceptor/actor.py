@@ -23,6 +23,7 @@ from typing import Any
 
 from core import verdict_handler
 from core.egress import split_routes
+from core.redirect import selected_backend
 from kernel.conntrack import Conntrack, ConntrackEvents
 from kernel.procfs import ProcReader
 from kernel.routing import RoutingKeeper, SplitRouting
@@ -36,6 +37,7 @@ from runtime.log import describe
 
 from .attribution import Attributor
 from .cleanup import NAMES_FILE, cleanup, write_marker
+from .divert import DivertPath
 from .engine import Engine
 from .firewall import MAX_WORKERS, worker_queues
 from .names import NameTable
@@ -47,6 +49,7 @@ DEFAULT_HANDLER = ""
 DEFAULT_JUMP_CHECKS = "5,15,45"
 SNAPSHOT_RETRY = 0.5  # seconds between asking for the policy or the network we have not got yet
 PASSIVE_RETRY = 5.0
+SWEEP_INTERVAL = 10.0  # seconds between sweeps of the divert backend's idle flows
 
 
 def _env_int(name: str, default: int) -> int:
@@ -118,10 +121,19 @@ class InterceptorActor(Actor):
             drain_conntrack_events=self._read_conntrack,
             handler_slot=verdict_handler.SLOT,
         )
+        self.backend = selected_backend()
+        self.source: PacketSource = packet_source(self.backend, self.rt.run_dir)
+        if isinstance(self.source, DivertPath):
+            if self.workers != 1:
+                raise ValueError("the divert backend runs one interceptor worker (one divert handle)")
+            # No kernel NAT or connmark: a re-queued connection is one the diverter forgets, and no conntrack
+            # entry ever carries our verdict.
+            ports.conntrack_get = lambda key: None  # type: ignore[method-assign]
+            ports.conntrack_delete = self.source.forget  # type: ignore[method-assign]
+            self.rt.loop.call_later(SWEEP_INTERVAL, self._sweep_divert)
         self.engine = Engine(instance=self.rt.instance, log=self.log, ports=ports)
         self.rt.loop.add_fd(self.ct_events.fileno(), self._read_conntrack)
         self.rt.loop.add_fd(self.socket_events.fileno(), self._read_sockets)
-        self.source: PacketSource = packet_source()
         self.fw: Firewall | None = None
         self.routing: RoutingKeeper | None = None  # worker 0, once active
         self._fw_lock = threading.Lock()  # rule checks run on the loop or, after network changes, a thread
@@ -233,6 +245,11 @@ class InterceptorActor(Actor):
             self._check_jumps_in_background("network changed")
             self._want_routing(recheck=changed)
 
+    def _sweep_divert(self) -> None:
+        if isinstance(self.source, DivertPath):
+            self.source.redirector.sweep()
+            self.rt.loop.call_later(SWEEP_INTERVAL, self._sweep_divert)
+
     def _read_conntrack(self) -> None:
         self.engine.on_conntrack_destroyed(self.ct_events.read())
 
@@ -279,6 +296,7 @@ class InterceptorActor(Actor):
             "owns_rules": self.owns_rules,
             "queues": worker_queues(self.index),
             "handler": verdict_handler.SLOT.name,
+            "backend": getattr(self, "backend", ""),
             "routing": self.routing.status() if self.routing is not None else {"owner": False},
             **self.engine.status(),
         }
@@ -295,6 +313,10 @@ class InterceptorActor(Actor):
             return {}
         out = {k: v for k, v in engine.status().items() if isinstance(v, int)}
         out["active"] = int(self.active)
+        source = getattr(self, "source", None)
+        if isinstance(source, DivertPath):
+            out |= {f"divert_{k}": v for k, v in (source.redirector.counters | source.counters).items()}
+            out["divert_flows"] = len(source.redirector.flows)
         out["conntrack_overruns"] = self.ct_events.overruns
         out["socket_event_overruns"] = self.socket_events.overruns
         out["attribution_scans"] = self.attributor.scans

@@ -20,6 +20,7 @@ import errno
 import socket
 import struct
 
+from core.redirect import RedirectTable
 from kernel.conntrack import Conntrack
 from messages.flows import FiveTuple, IpProtocol
 
@@ -83,3 +84,27 @@ class ConntrackResolver:
 
     def close(self) -> None:
         self.ct.close()
+
+
+# --- the divert backend's redirect table -----------------------------------------------------------------
+
+
+class RedirectResolver:
+    """Original addresses from the divert interceptor's redirect table (core/redirect.py): with a packet
+    diverter there is no NAT in the kernel, so neither SO_ORIGINAL_DST nor conntrack knows them.
+    Same answer as `ConntrackResolver`: (the app's address, its original destination, the split mark)."""
+
+    conntrack_events = False  # no conntrack entries to watch: the interceptor's table expires flows
+
+    def __init__(self, table: RedirectTable, protocol: int) -> None:
+        self.table = table
+        self.protocol = protocol
+
+    def __call__(self, client: Address, listen: Address) -> tuple[Address, Address, int] | None:
+        found = self.table.lookup(self.protocol, client[0], client[1])
+        if found is None:
+            return None
+        return found.flow.src, found.flow.dst, found.mark
+
+    def close(self) -> None:
+        self.table.close()

@@ -10,6 +10,7 @@ from typing import Any
 
 import zmq
 
+from core.redirect import BACKEND_ENV, BACKENDS, DIVERT, selected_backend
 from messages import Heartbeat, MessageError
 from messages.control import Controller, RequestFailed
 from messages.marks import MAX_INTERCEPTOR_WORKERS
@@ -35,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=_interceptor_workers,
         default=1,
         help=f"interceptor processes, one NFQUEUE slot each (--queue-balance; 1-{MAX_INTERCEPTOR_WORKERS}, default 1)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=selected_backend(),
+        help="how connections are intercepted: nfqueue (iptables NFQUEUE + NAT, Linux's default) or divert "
+        "(a packet diverter rewriting split flows to the proxies: WinDivert on Windows, eBPFDivert on Linux)",
     )
     p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for heartbeats (default 20)")
     p.set_defaults(func=cmd_up)
@@ -78,7 +86,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     heartbeats = Subscriber(ctx, paths.bus_out(home.run_dir), ["actor.heartbeat"])
     try:
         try:
-            pid = sup.start(args.tcp_workers, args.udp_workers, interceptor_workers=args.interceptor_workers)
+            if args.backend == DIVERT and args.interceptor_workers != 1:
+                raise UserError("--backend divert runs one interceptor worker (one divert handle)")
+            pid = sup.start(args.tcp_workers, args.udp_workers, extra_env={BACKEND_ENV: args.backend},
+                            interceptor_workers=args.interceptor_workers)  # fmt: skip
         except SupervisorError as exc:
             print(f"splittun: {exc}")
             return FAILED

@@ -89,8 +89,9 @@ class E2E:
     """The lab plus the splittun instance the tests share; restarted when a test wants another routing style
     (the VPN's routing is set up before splittun starts, as on a real machine)."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, backend: str = "nfqueue") -> None:
         self.lab = lab
+        self.backend = backend  # splittun up --backend
         self.inst: Instance | None = None
         self.style: tuple[str, bool] | None = None
         #: The host before splittun first ran in each style: what every `down` must return to.
@@ -112,7 +113,7 @@ class E2E:
     def _up(self) -> Instance:
         """`splittun up` with a fresh home, ready to split (splittun.lab.instance)."""
         try:
-            self.inst = Instance.start(self.lab)
+            self.inst = Instance.start(self.lab, "--backend", self.backend)
         except InstanceError as exc:
             pytest.fail(str(exc))
         return self.inst
