@@ -11,9 +11,13 @@ further peer gets a port of its own (what the kernel's implicit source NAT does 
 proxy keeps one session per peer. The entry holds the app's real port, the original destination, the split
 mark (its interface index: the interface a rule chose) and an expiry.
 
+The proxies publish their own upstream sockets here too (mark 1720, keyed by the upstream's local address and
+port) right after binding them, before their first packet: the diverter sees those packets like any other and
+must pass them untouched, as the NFQUEUE rules do for a socket carrying 1720.
+
 The table lives in one small memory-mapped file (`path`), like the interceptor's name table: a fixed-size
-open-addressing hash table (crc32 of the key, 8-slot probe window), so its size is bounded. One writer (the
-interceptor, which owns the divert handle); readers are lock-free with a per-slot sequence counter (odd =
+open-addressing hash table (crc32 of the key, 8-slot probe window), so its size is bounded. Writers (the
+interceptor, the proxies) serialise with flock; readers are lock-free with a per-slot sequence counter (odd =
 being written). An entry whose expiry passed is free for reuse; the writer refreshes the expiry of live flows.
 """
 
@@ -27,6 +31,7 @@ import struct
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,12 +125,28 @@ class RedirectTable:
             os.close(self._fd)
             self._fd = -1
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Writers: the interceptor (redirects) and the proxies (their own upstreams) serialise on the file."""
+        if self._fd < 0 or fcntl is None:
+            yield
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
     def _window(self, proto: int, addr: bytes, port: int) -> list[int]:
         start = zlib.crc32(bytes((proto,)) + addr + port.to_bytes(2, "big")) % self.slots
         return [_HEADER_SIZE + ((start + i) % self.slots) * _SLOT.size for i in range(_PROBE)]
 
     def put(self, redirect: Redirect, expiry: float) -> bool:
         """Publish (or refresh) a redirected flow until `expiry` (wall clock); False when its window is full."""
+        with self._locked():
+            return self._put(redirect, expiry)
+
+    def _put(self, redirect: Redirect, expiry: float) -> bool:
         flow = redirect.flow
         addr, dst = _packed(flow.src_ip), _packed(flow.dst_ip)
         target = -1
@@ -151,6 +172,10 @@ class RedirectTable:
         return True
 
     def remove(self, redirect: Redirect) -> None:
+        with self._locked():
+            self._remove(redirect)
+
+    def _remove(self, redirect: Redirect) -> None:
         flow = redirect.flow
         addr = _packed(flow.src_ip)
         for off in self._window(flow.protocol, addr, redirect.seen_port):

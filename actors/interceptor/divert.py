@@ -31,7 +31,7 @@ from typing import Any
 from core.redirect import Redirect, RedirectTable
 from kernel.divert import LOOPBACK_INTERFACE, Diverter, divert_filter
 from messages.flows import FiveTuple, IpProtocol
-from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT
+from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT, Mark
 from messages.verdict import KextVerdict, kext_verdict
 
 from .packet import MalformedPacket, parse_packet
@@ -104,7 +104,7 @@ class Redirector:
         self.by_seen: dict[tuple[int, str, int], FiveTuple] = {}
         self._next_alias = ALIAS_PORTS.start
         self.counters = dict.fromkeys(("forward", "reverse", "passed", "dropped", "evicted", "expired",
-                                       "aliases", "unknown_reverse", "table_full"), 0)  # fmt: skip
+                                       "aliases", "unknown_reverse", "table_full", "own_upstreams"), 0)  # fmt: skip
 
     # --- packets ---------------------------------------------------------------------------------------
 
@@ -118,7 +118,7 @@ class Redirector:
             return Step.SEND  # loopback traffic of anyone else: never split
         known = self.flows.get(flow)
         if known is None:
-            return Step.DECIDE
+            return self._own_upstream(flow)
         now = self.clock()
         if known.expires <= now:
             self._forget(flow, known)
@@ -128,8 +128,18 @@ class Redirector:
             # A SYN on a tuple we know, not a retransmission of a split flow's own unanswered SYN: a new
             # connection reusing the addresses and ports, decided for itself.
             self._forget(flow, known)
-            return Step.DECIDE
+            return self._own_upstream(flow)  # (our upstream's retransmitted SYN passes again)
         return self._apply(pkt, flow, known, info.tcp_flags, now)
+
+    def _own_upstream(self, flow: FiveTuple) -> Step:
+        """A new flow: one of the proxies' upstreams (announced in the table before its first packet) passes
+        for good, as a socket carrying 1720 does on NFQUEUE; anything else is for the engine to decide."""
+        mine = self.table.lookup(flow.protocol, flow.src_ip, flow.src_port)
+        if mine is None or mine.mark != Mark.SPLIT_EGRESS or mine.flow.dst != flow.dst:
+            return Step.DECIDE
+        self._remember(flow, DivertedFlow(KextVerdict.PERMANENT_ACCEPT, None, self.clock() + self._idle(flow)))
+        self.counters["own_upstreams"] += 1
+        return Step.SEND
 
     def decided(self, pkt: Any, mark: int) -> Step:
         """The engine's verdict (its mark) for a new flow's first packet: remember it when the driver would,

@@ -201,6 +201,16 @@ class ProxyBase:
 
     # --- sessions -----------------------------------------------------------------------------------
 
+    def _announce(self, upstream: socket.socket, remote: Address) -> None:
+        """Divert backend: say the upstream is ours before its first packet (its resolver's `announce`)."""
+        announce = getattr(getattr(self, "resolver", None), "announce", None)
+        if announce is not None:
+            try:
+                local = upstream.getsockname()
+                announce((local[0], local[1]), remote)
+            except OSError as exc:
+                self.say(logging.WARNING, "upstream not announced: %s", exc)
+
     def _decide(self, req: SessionRequest) -> UpstreamPlan | Refusal:
         try:
             answer = self.decider(req)

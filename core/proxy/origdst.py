@@ -19,15 +19,23 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import time
 
-from core.redirect import RedirectTable
+from core.redirect import Redirect, RedirectTable
 from kernel.conntrack import Conntrack
 from messages.flows import FiveTuple, IpProtocol
+from messages.marks import Mark
 
 from .decider import Address
 
 SO_ORIGINAL_DST = 80
+#: Seconds an announced upstream stays in the redirect table: its first packet follows at once, and the
+#: interceptor remembers the flow from then on.
+OWN_UPSTREAM_TTL = 60.0
 IP6T_SO_ORIGINAL_DST = 80
+#: Seconds an announced upstream stays in the redirect table: its first packet follows at once, and the
+#: interceptor remembers the flow from then on.
+OWN_UPSTREAM_TTL = 60.0
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 
 # --- SO_ORIGINAL_DST ----------------------------------------------------------------------------------
@@ -105,6 +113,13 @@ class RedirectResolver:
         if found is None:
             return None
         return found.flow.src, found.flow.dst, found.mark
+
+    def announce(self, local: Address, remote: Address) -> None:
+        """An upstream socket of ours, bound and not yet connected: the divert interceptor passes its packets
+        untouched (what the 1720 socket mark does on NFQUEUE)."""
+        if local[1]:
+            flow = FiveTuple(self.protocol, local[0], local[1], remote[0], remote[1])
+            self.table.put(Redirect(flow, local[1], int(Mark.SPLIT_EGRESS)), time.time() + OWN_UPSTREAM_TTL)
 
     def close(self) -> None:
         self.table.close()

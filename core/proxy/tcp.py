@@ -472,6 +472,7 @@ class TcpProxy(ProxyBase):
         session.extra = plan.extra
         try:
             upstream = open_upstream(socket.SOCK_STREAM, plan.remote, plan.binding)
+            self._announce(upstream, plan.remote)
         except OSError as exc:
             _reset(client)
             self._refused(session, f"upstream socket: {exc.strerror or exc}")

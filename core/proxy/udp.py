@@ -418,6 +418,7 @@ class UdpProxy(ProxyBase):
         session.extra = plan.extra
         try:
             upstream = open_upstream(socket.SOCK_DGRAM, plan.remote, plan.binding)
+            self._announce(upstream, plan.remote)
         except OSError as exc:
             self._refuse(key, session, f"upstream socket: {exc.strerror or exc}", now)
             return None

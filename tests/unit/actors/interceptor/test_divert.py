@@ -272,3 +272,17 @@ def test_the_divert_path_hands_first_packets_to_the_engine_and_acts_on_its_mark(
     fake.waiting = [proxy_reply(TCP4_PROXY_SYNACK)]
     path.drain()  # the proxy's answer never reaches the engine
     assert len(seen) == 2 and addresses(fake.sent[-1]) == ("192.0.2.2", 8080, "192.0.2.1", 59094)
+
+
+def test_a_proxy_upstream_announced_in_the_table_passes_untouched_and_never_reaches_the_engine(
+    redirector: Redirector, table: RedirectTable
+) -> None:
+    from core.proxy.origdst import RedirectResolver
+
+    upstream = packet(TCP4_SYN)  # as if the proxy's upstream socket, bound to 192.0.2.1:59094, sent it
+    RedirectResolver(table, IpProtocol.TCP).announce(("192.0.2.1", 59094), ("192.0.2.99", 8080))
+    assert redirector.outbound(upstream) == Step.DECIDE  # announced for another remote: not this flow
+    RedirectResolver(table, IpProtocol.TCP).announce(("192.0.2.1", 59094), ("192.0.2.2", 8080))
+    assert redirector.outbound(upstream) == Step.SEND
+    assert bytes(upstream.raw) == bytes.fromhex(TCP4_SYN) and redirector.counters["own_upstreams"] == 1
+    assert redirector.outbound(packet(TCP4_SYN)) == Step.SEND  # its retransmitted SYN too
