@@ -337,7 +337,7 @@ class DivertPath:
         self._open = open_diverter
         self.diverter: Any = None
         self.on_packet: PacketCallback | None = None
-        self.counters = {"send_errors": 0, "unreadable": 0}
+        self.counters = {"diverted": 0, "send_errors": 0, "unreadable": 0}  # diverted: every packet read
 
     def open(self, queues: dict[str, int], on_packet: PacketCallback, add_fd: Callable[[int, Any], None]) -> None:
         """`queues` are NFQUEUE's: the diverter has one handle for everything."""
@@ -352,6 +352,7 @@ class DivertPath:
     def handle(self, pkt: Any) -> None:
         """One diverted packet; never raises (an unreadable one is re-injected as it is)."""
         assert self.on_packet is not None
+        self.counters["diverted"] += 1
         try:
             if not pkt.is_outbound:
                 self.on_packet(True, DivertedPacket(self, pkt, inbound=True))
