@@ -8,7 +8,9 @@ host side by side in one run:
   (netfilterqueue, accept with a mark): the floor any Python interceptor starts from;
 - dest policy: `splittun up` in the host namespace (its own SPLITTUN_HOME), split tunnelling enabled with
   destination-only rules, so the verdict needs no process;
-- app policy: the same with app rules in front, so every verdict needs the connection's process.
+- app policy: the same with app rules in front, so every verdict needs the connection's process;
+- divert: `splittun up --backend divert` with the dest policy (pydivert's eBPF backend: the WinDivert way,
+  split flows rewritten to the proxies in user space instead of NFQUEUE + NAT).
 Each policy is measured for a destination that stays in the VPN (203.0.113.80: the interceptor's cost
 alone) and one that is split (203.0.113.81: the interceptor plus the proxy, and the ISP path instead of
 the VPN's).
@@ -18,7 +20,10 @@ Measurements:
   connect() and first response byte, p50/p99;
 - rate: new connections/s with wrk (-c64, `Connection: close`, so one connection per request; wrk holds
   ~70 fds, the case where finding a socket's process is most expensive);
-- packets that reached user space per connection, from the host's /proc/net/netfilter/nfnetlink_queue;
+- packets that reached user space per connection, from the host's /proc/net/netfilter/nfnetlink_queue
+  (divert: the diverter's own count of packets read);
+- split bulk throughput (iperf3 upload and download through the split path, NFQUEUE and divert), with the
+  packets that reached user space per MB;
 - the interceptor's own time per connection (its busy_us and verdict_us counters) and the share of
   connections whose process it did not find;
 - process attribution in-process with the real attribution code (sock_diag, /proc, the process cache), in
@@ -63,7 +68,8 @@ TOOL = [PY, "-m", "bench.interceptor_bench", "tool"]
 CLIENT_NAME = "ibclient"  # comm of the latency client, so app rules can name it
 APP_UID = 65534  # the clients run as a user, as apps do; splittun runs as root
 BARE_QUEUE = 17040
-NEEDS = ("ip", "iptables-legacy", "haproxy", "wrk", "setpriv")
+NEEDS = ("ip", "iptables-legacy", "haproxy", "wrk", "setpriv", "iperf3")
+IPERF_PORT = 5201
 OUT_QUEUES = range(17040, 17080)  # outbound queue groups (v4 17040+i, v6 17060+i)
 REQUEST = b"GET / HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n"
 
@@ -305,6 +311,7 @@ class Run:
     verdict_us: int = 0
     decided: int = 0
     unattributed: int = 0  # connections whose process was not found
+    mbytes: float = 0.0  # bulk: megabytes moved
 
 
 class Bench:
@@ -322,6 +329,7 @@ class Bench:
         self.runs: list[Run] = []
         self.attribution: dict[str, float] = {}
         self.inst: Instance | None = None
+        self.backend = "nfqueue"
         self.bare = False
 
     def say(self, text: str) -> None:
@@ -356,6 +364,12 @@ class Bench:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the origin did not start: {(self.tmp / 'origin.log').read_text()[-500:]}")
             time.sleep(0.05)
+        self.procs.append(self.lab.popen("inet", ["iperf3", "-s", "-B", SPLIT_DST, "-p", str(IPERF_PORT)],
+                                         stdout=log, stderr=log))  # fmt: skip
+        while f"{SPLIT_DST}:{IPERF_PORT}" not in self.sh("inet", ["ss", "-Htln"]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("iperf3 did not start")
+            time.sleep(0.05)
 
     def down(self) -> None:
         if self.inst is not None:
@@ -384,9 +398,10 @@ class Bench:
     def splittun_up(self) -> bool:
         return self.inst is not None
 
-    def start_splittun(self) -> None:
-        self.say("splittun up")
-        self.inst = Instance.start(self.lab)
+    def start_splittun(self, backend: str = "nfqueue") -> None:
+        self.say(f"splittun up --backend {backend}")
+        self.backend = backend
+        self.inst = Instance.start(self.lab, "--backend", backend)
 
     def stop_splittun(self) -> None:
         self.say("splittun down")
@@ -416,6 +431,8 @@ class Bench:
         return next(self.ports)
 
     def queue_total(self) -> int:
+        if self.splittun_up and self.backend == "divert":  # every packet the diverter read
+            return int(self.ask("interceptor", "counters").get("divert_diverted", 0))
         text = self.sh("host", ["cat", "/proc/net/netfilter/nfnetlink_queue"])
         fields = (line.split() for line in text.splitlines())
         return sum(int(f[7]) for f in fields if len(f) >= 8 and int(f[0]) in OUT_QUEUES)
@@ -503,6 +520,31 @@ class Bench:
             f"{run.unattributed} of {run.decided} without process]"
         )
 
+    def bulk(self, variant: str) -> None:
+        """iperf3 through the split path, upload and download, as an app (uid 65534)."""
+        for reverse, path in ((False, "split upload"), (True, "split download")):
+            run = Run("bulk", variant, path)
+            argv = ["setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}", "--clear-groups", "iperf3", "-c",
+                    SPLIT_DST, "-p", str(IPERF_PORT), "-t", f"{self.seconds:g}", "-J"]  # fmt: skip
+            argv += ["-R"] if reverse else []
+            with self.counted(run):
+                for attempt in range(3):  # the server refuses a test while the last one is still closing
+                    done = self.lab.exec("host", argv, capture_output=True, text=True, timeout=self.seconds + 30,
+                                         env=self.env)  # fmt: skip
+                    result = json.loads(done.stdout or "{}")
+                    if "error" not in result or attempt == 2:
+                        break
+                    time.sleep(1)
+            if "error" in result:
+                raise RuntimeError(f"iperf3: {result['error']}")
+            received = result["end"]["sum_received"]
+            run.rate = received["bits_per_second"] / 1e9
+            run.mbytes = received["bytes"] / 1e6
+            run.connections = 1
+            self.runs.append(run)
+            self.say(f"bulk    {variant:12} {path:14} {run.rate:.2f} Gbit/s, "
+                     f"{run.queued / max(run.mbytes, 1e-9):,.0f} packets to user space per MB")  # fmt: skip
+
     def attribution_bench(self) -> None:
         out = self.sh("host", [*TOOL, "attribution", "200"], timeout=120)
         self.attribution = json.loads(out)
@@ -525,7 +567,18 @@ class Bench:
             for _, fn in measure:
                 fn(name, "vpn", KEEP_DST)
                 fn(name, "split", SPLIT_DST)
+            if "bulk" in sections and name == "dest policy":
+                self.bulk("dest policy")
         self.stop_splittun()
+        if "divert" in sections:
+            self.start_splittun("divert")
+            self.set_policy(DEST_POLICY)
+            for _, fn in measure:
+                fn("divert dest", "vpn", KEEP_DST)
+                fn("divert dest", "split", SPLIT_DST)
+            if "bulk" in sections:
+                self.bulk("divert dest")
+            self.stop_splittun()
         for _, fn in measure:
             fn("off", "vpn", KEEP_DST)
 
@@ -569,6 +622,18 @@ class Bench:
                 for r in rates
             ]
             lines.append("")
+        bulk = [r for r in self.runs if r.kind == "bulk"]
+        if bulk:
+            lines += [
+                f"Split bulk throughput: iperf3 -t{self.seconds:g} through the split path (interceptor + proxy), "
+                "as uid 65534.",
+                "",
+                "| variant | path | Gbit/s | MB | packets to user space / MB |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [f"| {r.variant} | {r.path} | {r.rate:.2f} | {r.mbytes:,.0f} | "
+                      f"{r.queued / max(r.mbytes, 1e-9):,.1f} |" for r in bulk]  # fmt: skip
+            lines.append("")
         if self.attribution:
             lines += ["Process attribution (the real attribution code in the lab host namespace, median):", ""]
             lines += ["| what | µs |", "|---|---|"]
@@ -595,7 +660,7 @@ class Bench:
         return f"{100 * r.unattributed / r.decided:.1f} %" if r.decided else "–"
 
 
-SECTIONS = ("latency", "rate", "attr")
+SECTIONS = ("latency", "rate", "attr", "divert", "bulk")
 
 
 def main(argv: list[str]) -> int:
