@@ -74,6 +74,8 @@ def _interceptor_workers(text: str) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     require_root("splittun up")
+    if args.backend == DIVERT and args.interceptor_workers != 1:
+        raise UserError("--backend divert runs one interceptor worker (one divert handle)")
     home = prepared_home()
     sup = Supervisor(home)
     running = sup.pid()
@@ -86,8 +88,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     heartbeats = Subscriber(ctx, paths.bus_out(home.run_dir), ["actor.heartbeat"])
     try:
         try:
-            if args.backend == DIVERT and args.interceptor_workers != 1:
-                raise UserError("--backend divert runs one interceptor worker (one divert handle)")
             pid = sup.start(args.tcp_workers, args.udp_workers, extra_env={BACKEND_ENV: args.backend},
                             interceptor_workers=args.interceptor_workers)  # fmt: skip
         except SupervisorError as exc:
