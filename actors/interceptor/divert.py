@@ -40,6 +40,7 @@ from .platform import PacketCallback
 TCP_IDLE = 300.0  # a split TCP flow with no packet for this long is forgotten (the proxy's read timeout)
 UDP_IDLE = 30.0  # UDP: longer than the proxy's session idle timeout (25 s), so the proxy lets go first
 CLOSING_LINGER = 10.0  # after a FIN or RST: the last ACKs and retransmissions still find the flow
+SHARED_TCP = 30.0  # seconds a TCP redirect stays in the shared table: the proxy reads it when it accepts
 MAX_FLOWS = 65536
 #: Seen ports for a further peer of one UDP socket (what the kernel's implicit source NAT does for NFQUEUE).
 ALIAS_PORTS = range(20000, 32768)
@@ -262,14 +263,20 @@ class Redirector:
         return None
 
     def _publish(self, known: DivertedFlow, force: bool = False) -> None:
-        """Keep the shared entry alive a little longer than the flow (rewritten only when half used up)."""
+        """Keep the shared entry as long as a proxy may read it: a TCP proxy reads it once, when it accepts the
+        connection (SHARED_TCP); a UDP proxy at the flow's start and again while datagrams flow, so a UDP entry
+        lives a little longer than the flow's idle time and is rewritten when half of that is used up. Short
+        lives keep the table sparse (a full probe window refuses new entries)."""
         if known.redirect is None:
             return
         wall = self.wall()
-        idle = self._idle(known.redirect.flow)
-        due = force or known.published_until - wall < idle / 2
-        if due and self.table.put(known.redirect, wall + idle + CLOSING_LINGER):
-            known.published_until = wall + idle + CLOSING_LINGER
+        if known.redirect.flow.protocol == IpProtocol.TCP:
+            ttl, due = SHARED_TCP, force
+        else:
+            ttl = UDP_IDLE + CLOSING_LINGER
+            due = force or known.published_until - wall < ttl / 2
+        if due and self.table.put(known.redirect, wall + ttl):
+            known.published_until = wall + ttl
 
     def _remember(self, flow: FiveTuple, known: DivertedFlow) -> None:
         while len(self.flows) >= self.max_flows:

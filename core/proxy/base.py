@@ -207,9 +207,14 @@ class ProxyBase:
         if announce is not None:
             try:
                 local = upstream.getsockname()
-                announce((local[0], local[1]), remote)
+                announced = announce((local[0], local[1]), remote)
             except OSError as exc:
-                self.say(logging.WARNING, "upstream not announced: %s", exc)
+                announced, reason = False, str(exc)
+            else:
+                reason = "the redirect table has no room"
+            if not announced:
+                self._count("upstream_unannounced")
+                self.say(logging.WARNING, "upstream %s not announced: %s", remote, reason)
 
     def _decide(self, req: SessionRequest) -> UpstreamPlan | Refusal:
         try:

@@ -110,16 +110,17 @@ class RedirectResolver:
 
     def __call__(self, client: Address, listen: Address) -> tuple[Address, Address, int] | None:
         found = self.table.lookup(self.protocol, client[0], client[1])
-        if found is None:
+        if found is None or found.mark == Mark.SPLIT_EGRESS:  # an upstream of ours is never a client: no loop
             return None
         return found.flow.src, found.flow.dst, found.mark
 
-    def announce(self, local: Address, remote: Address) -> None:
+    def announce(self, local: Address, remote: Address) -> bool:
         """An upstream socket of ours, bound and not yet connected: the divert interceptor passes its packets
-        untouched (what the 1720 socket mark does on NFQUEUE)."""
-        if local[1]:
-            flow = FiveTuple(self.protocol, local[0], local[1], remote[0], remote[1])
-            self.table.put(Redirect(flow, local[1], int(Mark.SPLIT_EGRESS)), time.time() + OWN_UPSTREAM_TTL)
+        untouched (what the 1720 socket mark does on NFQUEUE). False: no room in the table."""
+        if not local[1]:
+            return False
+        flow = FiveTuple(self.protocol, local[0], local[1], remote[0], remote[1])
+        return self.table.put(Redirect(flow, local[1], int(Mark.SPLIT_EGRESS)), time.time() + OWN_UPSTREAM_TTL)
 
     def close(self) -> None:
         self.table.close()
