@@ -286,3 +286,21 @@ def test_a_proxy_upstream_announced_in_the_table_passes_untouched_and_never_reac
     assert redirector.outbound(upstream) == Step.SEND
     assert bytes(upstream.raw) == bytes.fromhex(TCP4_SYN) and redirector.counters["own_upstreams"] == 1
     assert redirector.outbound(packet(TCP4_SYN)) == Step.SEND  # its retransmitted SYN too
+
+
+def test_shared_entries_live_only_as_long_as_a_proxy_reads_them(redirector: Redirector, table: RedirectTable) -> None:
+    import time
+
+    from core.proxy.origdst import RedirectResolver
+
+    redirector.decided(packet(TCP4_SYN), split_mark())
+    redirector.decided(packet(UDP4), split_mark())
+    tcp_entry, udp_entry = (known.published_until - time.time() for known in redirector.flows.values())
+    assert 25 < tcp_entry <= 30  # read once, when the proxy accepts
+    assert 35 < udp_entry <= 40  # read while datagrams flow: refreshed by them
+    assert table.lookup(IpProtocol.TCP, "192.0.2.1", 59094, now=time.time() + 31) is None
+    # one of our own upstreams is never a proxy client, even if its packets came back to the proxy
+    resolver = RedirectResolver(table, IpProtocol.TCP)
+    assert resolver.announce(("192.0.2.1", 40000), ("192.0.2.2", 8080))
+    assert resolver(("192.0.2.1", 40000), PROXY4) is None
+    assert resolver(("192.0.2.1", 59094), PROXY4) == (("192.0.2.1", 59094), ("192.0.2.2", 8080), split_mark())
