@@ -349,7 +349,10 @@ class DivertPath:
     def open(self, queues: dict[str, int], on_packet: PacketCallback, add_fd: Callable[[int, Any], None]) -> None:
         """`queues` are NFQUEUE's: the diverter has one handle for everything."""
         self.on_packet = on_packet
-        self.diverter = self._open(divert_filter(SPLIT_PROXY_PORT))
+        try:
+            self.diverter = self._open(divert_filter(SPLIT_PROXY_PORT))
+        except (ImportError, NotImplementedError) as exc:  # no pydivert backend here: said, and retried
+            raise OSError(f"no packet diverter: {exc}") from exc
         add_fd(self.diverter.fileno(), self.drain)
 
     def drain(self) -> None:

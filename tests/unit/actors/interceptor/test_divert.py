@@ -304,3 +304,12 @@ def test_shared_entries_live_only_as_long_as_a_proxy_reads_them(redirector: Redi
     assert resolver.announce(("192.0.2.1", 40000), ("192.0.2.2", 8080))
     assert resolver(("192.0.2.1", 40000), PROXY4) is None
     assert resolver(("192.0.2.1", 59094), PROXY4) == (("192.0.2.1", 59094), ("192.0.2.2", 8080), split_mark())
+
+
+def test_no_diverter_is_an_oserror_so_the_interceptor_stays_passive_and_retries(table: RedirectTable) -> None:
+    def missing(_filter: str) -> None:
+        raise ImportError("libebpfdivert not found")
+
+    path = DivertPath(table, open_diverter=missing)
+    with pytest.raises(OSError, match="no packet diverter: libebpfdivert not found"):
+        path.open({}, lambda inbound, pkt: None, lambda fd, cb: None)
