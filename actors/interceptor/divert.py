@@ -157,14 +157,15 @@ class Redirector:
         remembered = verdict.permanent or verdict == KextVerdict.UNDECIDED
         if verdict == KextVerdict.SPLIT_TUN:
             redirect = self._new_redirect(flow, mark)
-            if redirect is None:  # no room to publish it: the proxy could not find it. Kept in the VPN.
-                self.counters["table_full"] += 1
-                verdict, remembered = KextVerdict.PERMANENT_ACCEPT, True
-            else:
-                known = DivertedFlow(verdict, redirect, now + self._idle(flow))
+            known = DivertedFlow(verdict, redirect, now + self._idle(flow)) if redirect is not None else None
+            if known is not None:
                 self._remember(flow, known)
-                self._publish(known, force=True)
-                return self._apply(pkt, flow, known, info.tcp_flags, now)
+                if self._publish(known, force=True):
+                    return self._apply(pkt, flow, known, info.tcp_flags, now)
+                self._forget(flow, known)
+            # No seen port or no room in the table: the proxy could not find the flow. Kept in the VPN.
+            self.counters["table_full"] += 1
+            verdict, remembered = KextVerdict.PERMANENT_ACCEPT, True
         if remembered:
             self._remember(flow, DivertedFlow(verdict, None, now + self._idle(flow)))
         if verdict in _DROP:
@@ -262,21 +263,25 @@ class Redirector:
                 return port
         return None
 
-    def _publish(self, known: DivertedFlow, force: bool = False) -> None:
+    def _publish(self, known: DivertedFlow, force: bool = False) -> bool:
         """Keep the shared entry as long as a proxy may read it: a TCP proxy reads it once, when it accepts the
         connection (SHARED_TCP); a UDP proxy at the flow's start and again while datagrams flow, so a UDP entry
         lives a little longer than the flow's idle time and is rewritten when half of that is used up. Short
         lives keep the table sparse (a full probe window refuses new entries)."""
         if known.redirect is None:
-            return
+            return False
         wall = self.wall()
         if known.redirect.flow.protocol == IpProtocol.TCP:
             ttl, due = SHARED_TCP, force
         else:
             ttl = UDP_IDLE + CLOSING_LINGER
             due = force or known.published_until - wall < ttl / 2
-        if due and self.table.put(known.redirect, wall + ttl):
-            known.published_until = wall + ttl
+        if not due:
+            return True
+        if not self.table.put(known.redirect, wall + ttl):
+            return False
+        known.published_until = wall + ttl
+        return True
 
     def _remember(self, flow: FiveTuple, known: DivertedFlow) -> None:
         while len(self.flows) >= self.max_flows:

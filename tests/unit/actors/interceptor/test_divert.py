@@ -313,3 +313,17 @@ def test_no_diverter_is_an_oserror_so_the_interceptor_stays_passive_and_retries(
     path = DivertPath(table, open_diverter=missing)
     with pytest.raises(OSError, match="no packet diverter: libebpfdivert not found"):
         path.open({}, lambda inbound, pkt: None, lambda fd, cb: None)
+
+
+def test_a_split_with_no_room_in_the_shared_table_stays_in_the_vpn(clock: Clock) -> None:
+    tiny = RedirectTable(None, slots=1)
+    redirector = Redirector(tiny, proxy4=PROXY4, clock=clock)
+    first, second = packet(UDP4), packet(UDP4)
+    second.dst_addr = "192.0.2.3"  # another peer: another seen port, and the one slot is taken
+    assert redirector.decided(first, split_mark()) == Step.SEND and first.dst_addr == PROXY4[0]
+    assert redirector.decided(second, split_mark()) == Step.SEND
+    assert addresses(second) == ("192.0.2.1", 56720, "192.0.2.3", 8053)  # unchanged: through the VPN
+    assert redirector.counters["table_full"] == 1 and len(redirector.by_seen) == 1
+    again = packet(UDP4)
+    again.dst_addr = "192.0.2.3"
+    assert redirector.outbound(again) == Step.SEND and again.dst_addr == "192.0.2.3"  # remembered as kept
