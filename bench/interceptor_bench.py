@@ -8,7 +8,9 @@ host side by side in one run:
   (netfilterqueue, accept with a mark): the floor any Python interceptor starts from;
 - dest policy: `splittun up` in the host namespace (its own SPLITTUN_HOME), split tunnelling enabled with
   destination-only rules, so the verdict needs no process;
-- app policy: the same with app rules in front, so every verdict needs the connection's process.
+- app policy: the same with app rules in front, so every verdict needs the connection's process;
+- divert: `splittun up --backend divert` with the dest policy (pydivert's eBPF backend: the WinDivert way,
+  split flows rewritten to the proxies in user space instead of NFQUEUE + NAT).
 Each policy is measured for a destination that stays in the VPN (203.0.113.80: the interceptor's cost
 alone) and one that is split (203.0.113.81), once per data path of split TCP (`splittun/dataPath`):
 kernel (re-routed by its mark and source-NATed) and proxy (through the TCP proxy).
@@ -20,7 +22,10 @@ Measurements:
   connect() and first response byte, p50/p99;
 - rate: new connections/s with wrk (-c64, `Connection: close`, so one connection per request; wrk holds
   ~70 fds, the case where finding a socket's process is most expensive);
-- packets that reached user space per connection, from the host's /proc/net/netfilter/nfnetlink_queue;
+- packets that reached user space per connection, from the host's /proc/net/netfilter/nfnetlink_queue
+  (divert: the diverter's own count of packets read);
+- split bulk throughput (iperf3 upload and download through the split path, NFQUEUE and divert), with the
+  packets that reached user space per MB;
 - the interceptor's own time per connection (its busy_us and verdict_us counters) and the share of
   connections whose process it did not find;
 - process attribution in-process with the real attribution code (sock_diag, /proc, the process cache), in
@@ -311,6 +316,7 @@ class Run:
     verdict_us: int = 0
     decided: int = 0
     unattributed: int = 0  # connections whose process was not found
+    mbytes: float = 0.0  # bulk: megabytes moved
 
 
 class Bench:
@@ -328,6 +334,7 @@ class Bench:
         self.runs: list[Run] = []
         self.attribution: dict[str, float] = {}
         self.inst: Instance | None = None
+        self.backend = "nfqueue"
         self.bare = False
 
     def say(self, text: str) -> None:
@@ -370,6 +377,12 @@ class Bench:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the origin did not start: {(self.tmp / 'origin.log').read_text()[-500:]}")
             time.sleep(0.05)
+        self.procs.append(self.lab.popen("inet", ["iperf3", "-s", "-B", SPLIT_DST, "-p", str(IPERF_PORT)],
+                                         stdout=log, stderr=log))  # fmt: skip
+        while f"{SPLIT_DST}:{IPERF_PORT}" not in self.sh("inet", ["ss", "-Htln"]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("iperf3 did not start")
+            time.sleep(0.05)
 
     def down(self) -> None:
         if self.inst is not None:
@@ -398,9 +411,10 @@ class Bench:
     def splittun_up(self) -> bool:
         return self.inst is not None
 
-    def start_splittun(self) -> None:
-        self.say("splittun up")
-        self.inst = Instance.start(self.lab)
+    def start_splittun(self, backend: str = "nfqueue") -> None:
+        self.say(f"splittun up --backend {backend}")
+        self.backend = backend
+        self.inst = Instance.start(self.lab, "--backend", backend)
 
     def stop_splittun(self) -> None:
         self.say("splittun down")
@@ -421,30 +435,6 @@ class Bench:
                 raise RuntimeError(f"the interceptor did not switch to the {data_path} data path")
             time.sleep(0.05)
 
-    def bulk(self, variant: str, uid: int = APP_UID) -> None:
-        """iperf3 upload and download to the split destination."""
-        for reverse in (False, True):
-            argv = ["iperf3", "-c", SPLIT_DST, "-p", str(IPERF_PORT), "-t", f"{self.seconds:g}", "-J"]
-            argv += ["-R"] if reverse else []
-            result: dict[str, Any] = {}
-            for attempt in range(3):  # iperf3's server refuses a test while the last one is still closing
-                as_uid = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-                timeout = self.seconds + 30
-                done = self.lab.exec("host", [*as_uid, *argv], capture_output=True, text=True, timeout=timeout)
-                try:
-                    result = json.loads(done.stdout)
-                except ValueError:
-                    result = {"error": done.stderr.strip() or "no output"}
-                if "error" not in result:
-                    break
-                time.sleep(0.5 * (attempt + 1))
-            else:
-                raise RuntimeError(f"iperf3 {' '.join(argv[1:])}: {result['error']}")
-            gbits = result["end"]["sum_received"]["bits_per_second"] / 1e9
-            run = Run("bulk", variant, "download" if reverse else "upload", rate=gbits)
-            self.say(f"bulk {variant} {run.path}: {gbits:.2f} Gbit/s")
-            self.runs.append(run)
-
     def set_policy(self, rules: list[dict[str, Any]]) -> None:
         """Through the real controller (config file, reload, policy.snapshot); wait until the interceptor
         decides with it."""
@@ -463,6 +453,8 @@ class Bench:
         return next(self.ports)
 
     def queue_total(self) -> int:
+        if self.splittun_up and self.backend == "divert":  # every packet the diverter read
+            return int(self.ask("interceptor", "counters").get("divert_diverted", 0))
         text = self.sh("host", ["cat", "/proc/net/netfilter/nfnetlink_queue"])
         fields = (line.split() for line in text.splitlines())
         return sum(int(f[7]) for f in fields if len(f) >= 8 and int(f[0]) in OUT_QUEUES)
@@ -550,6 +542,32 @@ class Bench:
             f"{run.unattributed} of {run.decided} without process]"
         )
 
+    def bulk(self, variant: str, uid: int = APP_UID) -> None:
+        """iperf3 upload and download to the split destination (as an app, uid 65534; the direct baseline as
+        DIRECT_UID, which a uid rule sends via the ISP without splittun)."""
+        for reverse, path in ((False, "upload"), (True, "download")):
+            run = Run("bulk", variant, path)
+            argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "iperf3", "-c",
+                    SPLIT_DST, "-p", str(IPERF_PORT), "-t", f"{self.seconds:g}", "-J"]  # fmt: skip
+            argv += ["-R"] if reverse else []
+            with self.counted(run):
+                for attempt in range(3):  # the server refuses a test while the last one is still closing
+                    done = self.lab.exec("host", argv, capture_output=True, text=True, timeout=self.seconds + 30,
+                                         env=self.env)  # fmt: skip
+                    result = json.loads(done.stdout or "{}")
+                    if "error" not in result or attempt == 2:
+                        break
+                    time.sleep(1)
+            if "error" in result:
+                raise RuntimeError(f"iperf3: {result['error']}")
+            received = result["end"]["sum_received"]
+            run.rate = received["bits_per_second"] / 1e9
+            run.mbytes = received["bytes"] / 1e6
+            run.connections = 1
+            self.runs.append(run)
+            self.say(f"bulk    {variant:22} {path:9} {run.rate:.2f} Gbit/s, "
+                     f"{run.queued / max(run.mbytes, 1e-9):,.0f} packets to user space per MB")  # fmt: skip
+
     def attribution_bench(self) -> None:
         out = self.sh("host", [*TOOL, "attribution", "200"], timeout=120)
         self.attribution = json.loads(out)
@@ -580,6 +598,15 @@ class Bench:
                 if "bulk" in sections and name == "dest policy":
                     self.bulk(f"splittun, {data_path} path")
         self.stop_splittun()
+        if "divert" in sections:
+            self.start_splittun("divert")
+            self.set_policy(DEST_POLICY)
+            for _, fn in measure:
+                fn("divert dest", "vpn", KEEP_DST)
+                fn("divert dest", "split", SPLIT_DST)
+            if "bulk" in sections:
+                self.bulk("divert dest")
+            self.stop_splittun()
         for _, fn in measure:
             fn("off", "vpn", KEEP_DST)
         if "bulk" in sections:
@@ -631,12 +658,13 @@ class Bench:
                 f"Split TCP bulk (iperf3, {self.seconds:g} s each) to the split destination; × = of the direct "
                 "rows' mean (no splittun, the same ISP route by a uid rule).",
                 "",
-                "| variant | direction | Gbit/s | × direct |",
-                "|---|---|---|---|",
+                "| variant | direction | Gbit/s | × direct | packets to user space / MB |",
+                "|---|---|---|---|---|",
             ]
             for direction in ("upload", "download"):
                 base = statistics.mean(r.rate for r in bulk if r.variant == "direct" and r.path == direction)
-                lines += [f"| {r.variant} | {direction} | {r.rate:.2f} | {r.rate / base:.2f}× |"
+                lines += [f"| {r.variant} | {direction} | {r.rate:.2f} | {r.rate / base:.2f}× "
+                          f"| {r.queued / max(r.mbytes, 1e-9):,.1f} |"
                           for r in bulk if r.path == direction]  # fmt: skip
             lines.append("")
         if self.attribution:
@@ -665,7 +693,7 @@ class Bench:
         return f"{100 * r.unattributed / r.decided:.1f} %" if r.decided else "–"
 
 
-SECTIONS = ("latency", "rate", "bulk", "attr")
+SECTIONS = ("latency", "rate", "attr", "divert", "bulk")
 
 
 def main(argv: list[str]) -> int:

@@ -5,6 +5,7 @@
 - `egress`: where split traffic leaves (interface, source, gateway) and the split routing it needs
 - `netenv`: interfaces, addresses, gateways and the physical uplink (a library; the actor publishes it)
 - `proxy`: the transparent TCP/UDP proxy engine (a library with its own README) and its actor glue
+- `redirect`: the divert backend's redirect table, shared by the interceptor and the proxies; the backend choice
 
 It builds on `kernel` (talking to the OS), `runtime` (processes) and `messages` (the wire schemas), never on
 an actor or the command line.

@@ -6,6 +6,8 @@
 - `procfs`: /proc (which process holds a socket; what describes a process), tolerant of processes exiting
 - `nfqueue`: the NFQUEUE packet source (queues bound fail-open, read on a poll loop)
 - `routing`: the split policy routing table and rule (pyroute2), kept in the background
+- `divert`: the packet diverter (pydivert: WinDivert on Windows, eBPFDivert on Linux) and its filter
+- `windows`: Windows calls behind small interfaces (owner-pid tables, process images, the IVPN port file)
 
 Connections are `messages.flows.FiveTuple`s throughout. Pure encode/decode functions are tested with kernel
 bytes; only the classes do I/O. Nothing here knows the policy or the actors: callers above (`core`, `actors`)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from .marks import VERDICT_MASK, Mark
+
 
 class Verdict(IntEnum):
     UNDECIDED = 0
@@ -28,8 +30,61 @@ class Verdict(IntEnum):
         return verdict_verb(self)
 
 
+class KextVerdict(IntEnum):
+    """The Windows kernel driver's verdicts: its own numbering, with a permanent variant of accept, block and
+    drop (the driver remembers those for the connection), and split tunnel = 11."""
+
+    UNDECIDED = 0
+    UNDETERMINABLE = 1
+    ACCEPT = 2
+    PERMANENT_ACCEPT = 3
+    BLOCK = 4
+    PERMANENT_BLOCK = 5
+    DROP = 6
+    PERMANENT_DROP = 7
+    REROUTE_TO_NAMESERVER = 8
+    REROUTE_TO_TUNNEL = 9
+    FAILED = 10
+    SPLIT_TUN = 11
+
+    @property
+    def permanent(self) -> bool:
+        """The driver keeps it for every later packet of the connection (reroutes are permanent too)."""
+        return self in _PERMANENT_KEXT
+
+
+_PERMANENT_KEXT = {
+    KextVerdict.PERMANENT_ACCEPT,
+    KextVerdict.PERMANENT_BLOCK,
+    KextVerdict.PERMANENT_DROP,
+    KextVerdict.REROUTE_TO_NAMESERVER,
+    KextVerdict.REROUTE_TO_TUNNEL,
+    KextVerdict.SPLIT_TUN,
+}
+
 #: What the Windows kernel driver uses for "split tunnel" (it has its own numbering).
-WINDOWS_KEXT_VERDICT_SPLIT_TUN = 11
+WINDOWS_KEXT_VERDICT_SPLIT_TUN = int(KextVerdict.SPLIT_TUN)
+
+#: A verdict's packet mark (messages/marks.py, low 16 bits) → the driver verdict that does the same.
+_KEXT_BY_MARK: dict[int, KextVerdict] = {
+    0: KextVerdict.UNDECIDED,  # no verdict: the packet continues, the connection is not remembered
+    Mark.ACCEPT: KextVerdict.ACCEPT,
+    Mark.BLOCK: KextVerdict.BLOCK,
+    Mark.DROP: KextVerdict.DROP,
+    Mark.ACCEPT_FINAL: KextVerdict.PERMANENT_ACCEPT,
+    Mark.ACCEPT_ALWAYS: KextVerdict.PERMANENT_ACCEPT,
+    Mark.BLOCK_ALWAYS: KextVerdict.PERMANENT_BLOCK,
+    Mark.DROP_ALWAYS: KextVerdict.PERMANENT_DROP,
+    Mark.REROUTE_TO_TUNNEL: KextVerdict.REROUTE_TO_TUNNEL,
+    Mark.REROUTE_TO_SPLIT_TUN: KextVerdict.SPLIT_TUN,
+    Mark.REROUTE_TO_NAMESERVER: KextVerdict.REROUTE_TO_NAMESERVER,
+}
+
+
+def kext_verdict(mark: int) -> KextVerdict:
+    """The driver verdict for a verdict's mark (the interface index above 16 bits is not the driver's)."""
+    return _KEXT_BY_MARK.get(mark & VERDICT_MASK, KextVerdict.FAILED)
+
 
 _STRINGS = {
     0: "<Undecided>",

@@ -24,6 +24,7 @@ from typing import Any
 from core import verdict_handler
 from core.dns.names import NAMES_FILE, NameTable
 from core.egress import kernel_routes, split_routes
+from core.redirect import selected_backend
 from kernel.conntrack import Conntrack, ConntrackEvents
 from kernel.procfs import ProcReader
 from kernel.routing import KernelPathRouting, RoutingKeeper, SplitRouting
@@ -39,6 +40,7 @@ from runtime.log import describe
 
 from .attribution import Attributor
 from .cleanup import cleanup, write_marker
+from .divert import DivertPath
 from .engine import RESOLVER, Engine
 from .firewall import MAX_WORKERS, worker_queues
 from .platform import Firewall, PacketSource, firewall, packet_source
@@ -52,6 +54,7 @@ PASSIVE_RETRY = 5.0
 # After the scheduled checks: other software's firewall edits (a kill switch, a firewall reload) do not
 # always come with a network change; each check runs iptables-save six times, so not every few seconds.
 JUMP_CHECK_EVERY = 60.0
+SWEEP_INTERVAL = 10.0  # seconds between sweeps of the divert backend's idle flows
 
 
 def _env_int(name: str, default: int) -> int:
@@ -124,10 +127,19 @@ class InterceptorActor(Actor):
             drain_conntrack_events=self._read_conntrack,
             handler_slot=verdict_handler.SLOT,
         )
+        self.backend = selected_backend()
+        self.source: PacketSource = packet_source(self.backend, self.rt.run_dir)
+        if isinstance(self.source, DivertPath):
+            if self.workers != 1:
+                raise ValueError("the divert backend runs one interceptor worker (one divert handle)")
+            # No kernel NAT or connmark: a re-queued connection is one the diverter forgets, and no conntrack
+            # entry ever carries our verdict.
+            ports.conntrack_get = lambda key: None  # type: ignore[method-assign]
+            ports.conntrack_delete = self.source.forget  # type: ignore[method-assign]
+            self.rt.loop.call_later(SWEEP_INTERVAL, self._sweep_divert)
         self.engine = Engine(instance=self.rt.instance, log=self.log, ports=ports)
         self.rt.loop.add_fd(self.ct_events.fileno(), self._read_conntrack)
         self.rt.loop.add_fd(self.socket_events.fileno(), self._read_sockets)
-        self.source: PacketSource = packet_source()
         self.fw: Firewall | None = None
         self.routing: RoutingKeeper | None = None  # worker 0, once active: the proxies' table 1720
         self.kernel_routing: RoutingKeeper | None = None  # and the kernel data path's per-interface tables
@@ -224,7 +236,7 @@ class InterceptorActor(Actor):
                 source=source,
             )
             if not self.owns_rules:  # worker 0's rules follow the policy; the others' verdicts follow it
-                self.engine.set_data_path(snapshot.data_path)
+                self.engine.set_data_path(self._data_path_for(snapshot))
             self._want_routing()
 
     def _want_routing(self, recheck: bool = False) -> None:
@@ -235,10 +247,15 @@ class InterceptorActor(Actor):
             self.routing.want(split_routes(self.netenv, policy), recheck)
             self.kernel_routing.want(kernel_routes(self.netenv, policy), recheck)
             if policy is not None and self.fw is not None:
-                self._set_data_path(policy.data_path)
+                self._set_data_path(self._data_path_for(policy))
 
     def _keepers(self) -> list[RoutingKeeper]:
         return [k for k in (getattr(self, "routing", None), getattr(self, "kernel_routing", None)) if k is not None]
+
+    def _data_path_for(self, policy: PolicySnapshot) -> str:
+        """The data path split TCP takes under `policy` here: the divert backend rewrites split packets to the
+        proxy itself (no kernel path there, as on Windows)."""
+        return "proxy" if isinstance(getattr(self, "source", None), DivertPath) else policy.data_path
 
     def _set_data_path(self, data_path: str) -> None:
         """The policy's data path decides the nat and filter rules (DNAT split TCP to the proxy, or let the
@@ -278,6 +295,11 @@ class InterceptorActor(Actor):
             if changed:
                 self._check_jumps_in_background("network changed")
             self._want_routing(recheck=changed)
+
+    def _sweep_divert(self) -> None:
+        if isinstance(self.source, DivertPath):
+            self.source.redirector.sweep()
+            self.rt.loop.call_later(SWEEP_INTERVAL, self._sweep_divert)
 
     def _read_conntrack(self) -> None:
         self.engine.on_conntrack_destroyed(self.ct_events.read())
@@ -335,6 +357,7 @@ class InterceptorActor(Actor):
 
     @answers(Interceptor.STATUS)
     def answer_status(self, args: NoArgs) -> dict[str, Any]:
+        policy = self.engine.policy
         return {
             "active": self.active,
             "worker": self.index,
@@ -342,10 +365,11 @@ class InterceptorActor(Actor):
             "owns_rules": self.owns_rules,
             "queues": worker_queues(self.index),
             "handler": verdict_handler.SLOT.name,
+            "backend": getattr(self, "backend", ""),
             "routing": self.routing.status() if self.routing is not None else {"owner": False},
             "kernel_routing": self.kernel_routing.status() if self.kernel_routing is not None else {"owner": False},
             "data_path": self.engine.tcp_data_path,  # what verdicts say now (worker 0: once the rules are in place)
-            "policy_data_path": self.engine.policy.snapshot.data_path if self.engine.policy.version > 0 else "",
+            "policy_data_path": self._data_path_for(policy.snapshot) if policy.version > 0 else "",
             **self.engine.status(),
         }
 
@@ -360,6 +384,10 @@ class InterceptorActor(Actor):
             return {}
         out = {k: v for k, v in engine.status().items() if isinstance(v, int)}
         out["active"] = int(self.active)
+        source = getattr(self, "source", None)
+        if isinstance(source, DivertPath):
+            out |= {f"divert_{k}": v for k, v in (source.redirector.counters | source.counters).items()}
+            out["divert_flows"] = len(source.redirector.flows)
         out["conntrack_overruns"] = self.ct_events.overruns + (self.ct_updates.overruns if self.ct_updates else 0)
         out["socket_event_overruns"] = self.socket_events.overruns
         out["attribution_scans"] = self.attributor.scans

@@ -76,5 +76,8 @@ def cleanup(run_dir: Path | None = None) -> dict[str, Any]:
         if path.exists():
             path.unlink(missing_ok=True)
             result["names_file"] = True
+        from core.redirect import REDIRECTS_FILE  # the divert backend's redirect table
+
+        (Path(run_dir) / REDIRECTS_FILE).unlink(missing_ok=True)
         paths.rules_marker(Path(run_dir)).unlink(missing_ok=True)
     return result

@@ -2,17 +2,22 @@
 
 - `Firewall`: put our interception rules in place, take them away, keep them first.
 - `PacketSource`: deliver queued packets (`QueuedPacket`) to a callback and take their verdicts.
-The engine (engine.py), the verdict logic (verdict.py) and the parsers never see the platform. Linux:
-`firewall.LinuxFirewall` (iptables-legacy) and `kernel.nfqueue.NfqueueSource`. A Windows port implements
-these two with WinDivert (`pydivert`): the firewall becomes the divert filter, the packet source the divert
-handle, and a split verdict rewrites the packet to the proxy instead of setting a mark. No Windows code exists
-yet.
+The engine (engine.py), the verdict logic (verdict.py) and the parsers never see the platform. Two packet
+sources, chosen by `splittun up --backend` (core.redirect.selected_backend):
+- NFQUEUE (Linux's default): `kernel.nfqueue.NfqueueSource` behind `firewall.LinuxFirewall` (iptables-legacy);
+  a verdict is a mark, the kernel's NAT takes split connections to the proxies.
+- divert (Windows' only one; on Linux through pydivert's eBPF backend): `divert.DivertPath`. The divert filter is
+  the interception; a split verdict rewrites the flow's packets to the proxy instead of setting a mark. On Linux
+  the firewall stays `LinuxFirewall` for its egress half (the proxies' 1720 replies under strict rp_filter, the
+  wg-quick exemption); its queue rules find no listener and let packets pass unmarked (--queue-bypass) to the
+  diverter. No Windows firewall exists yet (README, "The divert backend").
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -43,12 +48,18 @@ class PacketSource(Protocol):
     def close(self) -> None: ...
 
 
-def packet_source() -> PacketSource:
+def packet_source(backend: str = "nfqueue", run_dir: Path | None = None) -> PacketSource:
+    if backend == "divert":
+        from core.redirect import REDIRECTS_FILE, RedirectTable
+
+        from .divert import DivertPath
+
+        return DivertPath(RedirectTable(run_dir / REDIRECTS_FILE if run_dir is not None else None))
     if sys.platform.startswith("linux"):
         from kernel.nfqueue import NfqueueSource
 
         return NfqueueSource()
-    raise NotImplementedError(f"packet interception is not implemented on {sys.platform} (WinDivert: planned)")
+    raise NotImplementedError(f"NFQUEUE exists only on Linux; on {sys.platform} use the divert backend")
 
 
 def firewall(workers: int) -> Firewall:

@@ -201,6 +201,21 @@ class ProxyBase:
 
     # --- sessions -----------------------------------------------------------------------------------
 
+    def _announce(self, upstream: socket.socket, remote: Address) -> None:
+        """Divert backend: say the upstream is ours before its first packet (its resolver's `announce`)."""
+        announce = getattr(getattr(self, "resolver", None), "announce", None)
+        if announce is not None:
+            try:
+                local = upstream.getsockname()
+                announced = announce((local[0], local[1]), remote)
+            except OSError as exc:
+                announced, reason = False, str(exc)
+            else:
+                reason = "the redirect table has no room"
+            if not announced:
+                self._count("upstream_unannounced")
+                self.say(logging.WARNING, "upstream %s not announced: %s", remote, reason)
+
     def _decide(self, req: SessionRequest) -> UpstreamPlan | Refusal:
         try:
             answer = self.decider(req)

@@ -56,11 +56,13 @@ class SessionRequest:
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    """How the upstream socket leaves: device (SO_BINDTODEVICE), source address, fwmark (SO_MARK)."""
+    """How the upstream socket leaves: device (SO_BINDTODEVICE), source address, fwmark (SO_MARK); the device's
+    index for binders that bind by index (IP_UNICAST_IF, upstream.UnicastIfBinder)."""
 
     interface: str = ""
     source_ip: str = ""
     mark: int = 0
+    ifindex: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +133,6 @@ class SplitDecider:
             return Refusal(chosen.why(family))
         return UpstreamPlan(
             remote=req.flow.dst,
-            binding=Binding(interface=egress.interface, source_ip=egress.source, mark=self.mark),
+            binding=Binding(egress.interface, egress.source, self.mark, egress.ifindex),
             extra={"interface": egress.interface},
         )

@@ -19,14 +19,23 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import time
 
+from core.redirect import Redirect, RedirectTable
 from kernel.conntrack import IPS_SEEN_REPLY, Conntrack
 from messages.flows import FiveTuple, IpProtocol
+from messages.marks import Mark
 
 from .decider import Address
 
 SO_ORIGINAL_DST = 80
+#: Seconds an announced upstream stays in the redirect table: its first packet follows at once, and the
+#: interceptor remembers the flow from then on.
+OWN_UPSTREAM_TTL = 60.0
 IP6T_SO_ORIGINAL_DST = 80
+#: Seconds an announced upstream stays in the redirect table: its first packet follows at once, and the
+#: interceptor remembers the flow from then on.
+OWN_UPSTREAM_TTL = 60.0
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 
 # --- SO_ORIGINAL_DST ----------------------------------------------------------------------------------
@@ -84,3 +93,35 @@ class ConntrackResolver:
 
     def close(self) -> None:
         self.ct.close()
+
+
+# --- the divert backend's redirect table -----------------------------------------------------------------
+
+
+class RedirectResolver:
+    """Original addresses from the divert interceptor's redirect table (core/redirect.py): with a packet
+    diverter there is no NAT in the kernel, so neither SO_ORIGINAL_DST nor conntrack knows them.
+    Same answer as `ConntrackResolver`: (the app's address, its original destination, the split mark)."""
+
+    conntrack_events = False  # no conntrack entries to watch: the interceptor's table expires flows
+
+    def __init__(self, table: RedirectTable, protocol: int) -> None:
+        self.table = table
+        self.protocol = protocol
+
+    def __call__(self, client: Address, listen: Address) -> tuple[Address, Address, int, bool] | None:
+        found = self.table.lookup(self.protocol, client[0], client[1])
+        if found is None or found.mark == Mark.SPLIT_EGRESS:  # an upstream of ours is never a client: no loop
+            return None
+        return found.flow.src, found.flow.dst, found.mark, False  # the diverter decided this flow just now
+
+    def announce(self, local: Address, remote: Address) -> bool:
+        """An upstream socket of ours, bound and not yet connected: the divert interceptor passes its packets
+        untouched (what the 1720 socket mark does on NFQUEUE). False: no room in the table."""
+        if not local[1]:
+            return False
+        flow = FiveTuple(self.protocol, local[0], local[1], remote[0], remote[1])
+        return self.table.put(Redirect(flow, local[1], int(Mark.SPLIT_EGRESS)), time.time() + OWN_UPSTREAM_TTL)
+
+    def close(self) -> None:
+        self.table.close()

@@ -18,6 +18,7 @@ import time
 from typing import Any, ClassVar
 
 from core.egress import EgressSet, split_egresses, static_egress
+from core.redirect import DIVERT, REDIRECTS_FILE, RedirectTable, selected_backend
 from messages import (
     Message,
     NetenvChanged,
@@ -38,12 +39,14 @@ from messages.control import (
     SessionsArgs,
     Upstream,
 )
+from messages.flows import IpProtocol
 from messages.marks import PROXY_IPV4, PROXY_IPV6, SPLIT_PROXY_PORT
 from runtime.actor import Actor, Runtime, answers
 
 from .base import ProxyBase, SessionHooks, parse_address
 from .config import ProxyConfig
 from .decider import SplitDecider
+from .origdst import RedirectResolver
 from .session import Session, canon
 
 DEFAULT_LISTEN = (f"{PROXY_IPV4}:{SPLIT_PROXY_PORT}", f"[{PROXY_IPV6}]:{SPLIT_PROXY_PORT}")
@@ -166,8 +169,12 @@ class ProxyActor(Actor):
         self.rule_interfaces: list[str] = []  # interfaces rules chose for themselves
         self.static = bool(args.interface and (args.gateway4 or args.gateway6))
         self.decider = SplitDecider()
+        extra: dict[str, Any] = {}
+        if selected_backend() == DIVERT:  # no kernel NAT: original destinations come from the interceptor's table
+            protocol = IpProtocol.TCP if self.proxy_class.protocol == "tcp" else IpProtocol.UDP
+            extra["resolver"] = RedirectResolver(RedirectTable(self.rt.run_dir / REDIRECTS_FILE), protocol)
         self.proxy = self.proxy_class(
-            listen, self.decider, self.config, BusHooks(self.rt), id_prefix=f"{self.rt.instance}-"
+            listen, self.decider, self.config, BusHooks(self.rt), id_prefix=f"{self.rt.instance}-", **extra
         )
         self.proxy.start()
         if self.static:

@@ -366,9 +366,12 @@ class TcpProxy(ProxyBase):
     protocol = "tcp"
     kind = socket.SOCK_STREAM
 
-    def __init__(self, *args: Any, orig_dst: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, orig_dst: bool = True, resolver: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.use_orig_dst = orig_dst
+        #: (client, listen) → (app address, original destination, split mark), instead of SO_ORIGINAL_DST and
+        #: conntrack: the divert backend's redirect table (origdst.RedirectResolver)
+        self.resolver = resolver
         splice = self.config.splice
         self.use_splice = HAS_SPLICE if splice is None else (splice and HAS_SPLICE)
         self.pipes = PipePool(self.config.pipe_size) if self.use_splice else None  # type: ignore[assignment]
@@ -436,7 +439,11 @@ class TcpProxy(ProxyBase):
 
     def _admit(self, client: socket.socket, addr: Address, listen: Address) -> None:
         orig = None
-        if self.use_orig_dst:
+        found = None
+        if self.resolver is not None:
+            found = self.resolver(addr, listen)
+            orig = found[1] if found is not None else None
+        elif self.use_orig_dst:
             try:
                 orig = original_dst(client)
             except (OSError, ValueError) as exc:
@@ -447,7 +454,12 @@ class TcpProxy(ProxyBase):
             self._count("refused_session_limit")
             self._refused(session, f"session limit {self.table.max_sessions} reached")
             return
-        ct_mark = self._ct_mark(addr, listen) if getattr(self.decider, "wants_ct_mark", False) else 0
+        if found is not None:
+            ct_mark = found[2]
+        elif self.resolver is None and getattr(self.decider, "wants_ct_mark", False):
+            ct_mark = self._ct_mark(addr, listen)
+        else:
+            ct_mark = 0
         seen = FiveTuple(IpProtocol.TCP, addr[0], addr[1], listen[0], listen[1])
         flow = FiveTuple(IpProtocol.TCP, addr[0], addr[1], orig[0], orig[1]) if orig is not None else None
         plan = self._decide(SessionRequest(seen, flow, ct_mark))
@@ -460,6 +472,7 @@ class TcpProxy(ProxyBase):
         session.extra = plan.extra
         try:
             upstream = open_upstream(socket.SOCK_STREAM, plan.remote, plan.binding)
+            self._announce(upstream, plan.remote)
         except OSError as exc:
             _reset(client)
             self._refused(session, f"upstream socket: {exc.strerror or exc}")
@@ -527,6 +540,9 @@ class TcpProxy(ProxyBase):
             self.pipes.close()
         if self._conntrack is not None:
             self._conntrack.close()
+        if self.resolver is not None:
+            with contextlib.suppress(Exception):
+                self.resolver.close()
 
 
 def _reset(sock: socket.socket) -> None:

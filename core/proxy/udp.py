@@ -200,7 +200,10 @@ class UdpProxy(ProxyBase):
             default_socket_check() if socket_check == "auto" else socket_check  # type: ignore[assignment]
         )
         # Split entries going away (filtered in the kernel): a session lives exactly as long as its entry.
-        self.ct_events: Any = split_entry_events() if self.resolver is not None and socket_check == "auto" else None
+        watch = (
+            self.resolver is not None and socket_check == "auto" and getattr(self.resolver, "conntrack_events", True)
+        )
+        self.ct_events: Any = split_entry_events() if watch else None
         self.by_orig: dict[tuple[Address, Address], UdpConn] = {}
         self.gso = sys.platform.startswith("linux")
         self.buffer = bytearray(self.config.udp_buffer_size)
@@ -428,6 +431,7 @@ class UdpProxy(ProxyBase):
         session.extra = plan.extra
         try:
             upstream = open_upstream(socket.SOCK_DGRAM, plan.remote, plan.binding)
+            self._announce(upstream, plan.remote)
         except OSError as exc:
             self._refuse(key, session, f"upstream socket: {exc.strerror or exc}", now)
             return None

@@ -12,6 +12,7 @@ from typing import Any
 import zmq
 
 from core import access
+from core.redirect import BACKEND_ENV, BACKENDS, DIVERT, selected_backend
 from core.updates import staleness
 from messages import Heartbeat, MessageError
 from messages.control import Controller, RequestFailed
@@ -39,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=_interceptor_workers,
         default=1,
         help=f"interceptor processes, one NFQUEUE slot each (--queue-balance; 1-{MAX_INTERCEPTOR_WORKERS}, default 1)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=selected_backend(),
+        help="how connections are intercepted: nfqueue (iptables NFQUEUE + NAT, Linux's default) or divert "
+        "(a packet diverter rewriting split flows to the proxies: WinDivert on Windows, eBPFDivert on Linux)",
     )
     p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for heartbeats (default 20)")
     p.add_argument("--api-port", type=_port, default=817, help="the local HTTP API's port on loopback (default 817)")
@@ -78,6 +86,8 @@ def _interceptor_workers(text: str) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     require_root("splittun up")
+    if args.backend == DIVERT and args.interceptor_workers != 1:
+        raise UserError("--backend divert runs one interceptor worker (one divert handle)")
     home = prepared_home()
     sup = Supervisor(home)
     running = sup.pid()
@@ -94,6 +104,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             pid = sup.start(
                 args.tcp_workers,
                 args.udp_workers,
+                extra_env={BACKEND_ENV: args.backend},
                 interceptor_workers=args.interceptor_workers,
                 api_port=args.api_port,
             )

@@ -89,9 +89,10 @@ class E2E:
     """The lab plus the splittun instance the tests share; restarted when a test wants another routing style
     (the VPN's routing is set up before splittun starts, as on a real machine)."""
 
-    def __init__(self, lab: Lab, data_path: str = "") -> None:
+    def __init__(self, lab: Lab, data_path: str = "", backend: str = "nfqueue") -> None:
         self.lab = lab
         self.data_path = data_path  # splittun/dataPath every test starts with ("" = the default)
+        self.backend = backend  # splittun up --backend
         self.inst: Instance | None = None
         self.style: tuple[str, bool] | None = None
         #: The host before splittun first ran in each style: what every `down` must return to.
@@ -115,7 +116,7 @@ class E2E:
     def _up(self) -> Instance:
         """`splittun up` with a fresh home, ready to split (splittun.lab.instance)."""
         try:
-            self.inst = Instance.start(self.lab, env=self.env or None)
+            self.inst = Instance.start(self.lab, "--backend", self.backend, env=self.env or None)
         except InstanceError as exc:
             pytest.fail(str(exc))
         return self.inst
