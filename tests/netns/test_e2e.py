@@ -475,8 +475,8 @@ def test_connections_show_the_split_tunnel_details(st: E2E, leaks: Leaks, family
     assert (row["verb"], row["rule"], row["dst_ip"], row["dst_port"]) == ("split tunneled", "r1", SPLIT[family], 80)
     split = row["split"]
     assert (split["interface"], split["local_ip"]) == (T.HOST_IF, ISP[family]) and split["local_port"] > 0
-    assert split["data_path"] == st.data_path
-    if st.data_path == "proxy":  # the proxy counts payload
+    assert split["data_path"] == st.split_tcp_path
+    if st.split_tcp_path == "proxy":  # the proxy counts payload
         assert (split["bytes_up"], split["bytes_down"]) == (fetched["sent"], fetched["received"])
     else:  # conntrack counts IP packets: payload plus 40-80 bytes of IP and TCP headers per packet
         for way, payload in (("up", fetched["sent"]), ("down", fetched["received"])):

@@ -89,6 +89,11 @@ class E2E:
     """The lab plus the splittun instance the tests share; restarted when a test wants another routing style
     (the VPN's routing is set up before splittun starts, as on a real machine)."""
 
+    @property
+    def split_tcp_path(self) -> str:
+        """How split TCP leaves in this harness: the divert backend always proxies, NFQUEUE follows dataPath."""
+        return "proxy" if self.backend == "divert" else (self.data_path or "kernel")
+
     def __init__(self, lab: Lab, data_path: str = "", backend: str = "nfqueue") -> None:
         self.lab = lab
         self.data_path = data_path  # splittun/dataPath every test starts with ("" = the default)
