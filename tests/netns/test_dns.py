@@ -2,17 +2,23 @@
 the split app gets the ISP server's answer, the VPN app the VPN server's, and each connects where its answer
 points. The lab's two DNS servers (splittun.lab.geodns) log every query they get: a VPN app's query never
 reaches the ISP's server (and the leak monitor on the physical link sees no DNS to the VPN's server), a
-split app's never reaches the VPN's. splittun is driven only through its CLI.
+split app's never reaches the VPN's; a capture at the tunnel's far end sees the VPN app's query and never
+the split app's. splittun is driven only through its CLI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +26,7 @@ import pytest
 from splittun.lab import topology as T
 from splittun.lab.geodns import BIG_NAME, EDGE_NAME, GEO_NAME, SHOP_NAME, TLS_NAMES, GeoDns
 from splittun.lab.instance import poll
+from tests.support import FIXTURES_DIR
 from tests.support.e2e import E2E, host_state
 from tests.support.interceptor import ISP, VPN
 from tests.support.lab import Leaks, own_lab
@@ -89,6 +96,27 @@ def unique(base: str = GEO_NAME) -> str:
     return f"t{uuid.uuid4().hex[:10]}.{base}"
 
 
+@contextlib.contextmanager
+def tunnel_capture(st: E2E) -> Iterator[Callable[[str], bool]]:
+    """Every packet crossing the tunnel, captured at its far end (the VPN server's TUN device, where tunnelled
+    traffic arrives decrypted); yields `crossed(name)`: did a DNS message for `name` pass through the tunnel?"""
+    path = Path(tempfile.mkdtemp(prefix="st-tuncap-")) / "tunnel.bin"
+    argv = [sys.executable, str(FIXTURES_DIR / "tunnel_capture.py"), T.TUN_SRV_IF, str(path)]
+    proc = st.lab.popen("vpnsrv", argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", "tunnel capture did not start"
+
+        def crossed(name: str) -> bool:
+            label = name.split(".", 1)[0].encode()  # unique per test; a DNS message carries it verbatim
+            return path.exists() and label in path.read_bytes()
+
+        yield crossed
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
 def allow_split_dns(leaks: Leaks) -> None:
     """The split app's queries leave through the physical link to the ISP's resolver, on purpose."""
     for address in ISP_DNS.values():
@@ -103,8 +131,13 @@ def test_a_split_app_gets_the_isp_answer_and_a_vpn_app_the_vpn_answer_for_the_sa
     allow_split_dns(leaks)
     leaks.allow(GeoDns.address("isp", family), "tcp", T.WHOAMI_TCP_PORT)  # the split app's connection
     split_name, vpn_name = unique(), unique()
-    split = app(st, SPLIT_APP, split_name, family)
-    vpn = app(st, VPN_APP, vpn_name, family)
+    with tunnel_capture(st) as crossed:
+        split = app(st, SPLIT_APP, split_name, family)
+        vpn = app(st, VPN_APP, vpn_name, family)
+        # On the tunnel: the VPN app's query (which shows the capture sees DNS), never the split app's. (The
+        # leak monitor, on the physical link, fails the test on any DNS of the VPN app there.)
+        assert poll(lambda: crossed(vpn_name), 5), "the VPN app's query never crossed the tunnel"
+        assert not crossed(split_name), "the split app's DNS query went through the tunnel"
     assert split == {"addresses": [GeoDns.address("isp", family)], "seen": ISP[family], "transport": "udp"}
     assert vpn == {"addresses": [GeoDns.address("vpn", family)], "seen": VPN[family], "transport": "udp"}
     # Where each query went: the split app's only to the ISP's server, the VPN app's only to the VPN's.
