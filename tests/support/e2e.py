@@ -253,8 +253,10 @@ def socat_udp(lab: Lab, address: str) -> str:
 
 
 def python_app(lab: Lab, proto: str, address: str, port: int | None = None) -> str:
-    """The lab's whoami client: a Python app (process name "python") no app rule names."""
-    argv = [sys.executable, "-m", "splittun.lab.client", "--proto", proto, "--target", address]
+    """The lab's whoami client: a Python app (process name "python") no app rule names. 15 s to answer: on the
+    divert backend every packet crosses user space, and on a loaded 2-CPU machine (the other test worker) a
+    connection can wait seconds there; which path it took is what is asserted, not how fast."""
+    argv = [sys.executable, "-m", "splittun.lab.client", "--proto", proto, "--target", address, "--timeout", "15"]
     proc = lab.exec("host", [*argv, *(["--port", str(port)] if port else [])], timeout=30)
     assert proc.returncode == 0, f"python client {proto} {address}: {proc.stderr.strip()}"
     return proc.stdout.strip()
