@@ -1,4 +1,4 @@
-"""The redirect table: where a redirected connection was going, shared by the divert interceptor and the proxies.
+"""The redirect table: split flows the interceptor publishes for the proxies (where they went, whose they are).
 
 With a packet diverter (WinDivert on Windows, eBPFDivert on Linux: `--backend divert`) there is no NAT in the
 kernel: the interceptor itself rewrites a split connection's packets to the local proxy. The proxy then cannot
@@ -10,6 +10,12 @@ The seen port is the app's own port, except when one app socket talks to several
 further peer gets a port of its own (what the kernel's implicit source NAT does on the NFQUEUE path), so the
 proxy keeps one session per peer. The entry holds the app's real port, the original destination, the split
 mark (its interface index: the interface a rule chose) and an expiry.
+
+With NFQUEUE the kernel's NAT does the redirecting, yet the interceptor publishes every split UDP flow here too,
+with the cookie of the socket it was decided for (`Redirect.cookie`; 0: any socket, the verdict did not depend
+on one). A UDP conntrack entry outlives its socket: another app reusing the port at once may send down a split
+flow's entry before it is removed, and the UDP proxy tells that app's datagrams from the decided socket's by
+this cookie (core/proxy/udp.py). The entry is written before the verdict, so the proxy always finds it.
 
 The proxies publish their own upstream sockets here too (mark 1720, keyed by the upstream's local address and
 port) right after binding them, before their first packet: the diverter sees those packets like any other and
@@ -36,14 +42,14 @@ from pathlib import Path
 from kernel.mapped import MappedFile
 from messages.flows import FiveTuple, ipv6_text
 
-_MAGIC = b"STREDIR1"
+_MAGIC = b"STREDIR2"
 _HEADER = struct.Struct("!8sII")  # magic, slot count, slot size
 _HEADER_SIZE = 64
 # seq, expiry (monotonic-free wall seconds), proto, client addr len, client addr, seen port, client port,
-# original destination addr len, original destination addr, original destination port, split mark
-_SLOT = struct.Struct("!IdBB16sHHB16sHI")
+# original destination addr len, original destination addr, original destination port, split mark, socket cookie
+_SLOT = struct.Struct("!IdBB16sHHB16sHIQ")
 _PROBE = 16
-DEFAULT_SLOTS = 65536  # 3.5 MiB; a busy app opening 1,000 connections/s keeps ~30,000 live entries (TCP 30 s)
+DEFAULT_SLOTS = 65536  # 4 MiB; a busy app opening 1,000 connections/s keeps ~30,000 live entries (TCP 30 s)
 #: The table's file in the run directory (removed by the interceptor's cleanup).
 REDIRECTS_FILE = "redirects.table"
 
@@ -63,11 +69,13 @@ def selected_backend() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Redirect:
-    """One redirected flow: the app's own 5-tuple (`flow`), the port the proxy sees it from, and its split mark."""
+    """One redirected flow: the app's own 5-tuple (`flow`), the port the proxy sees it from, its split mark and
+    the socket it was decided for."""
 
     flow: FiveTuple  # the app's address and port → where it was going
     seen_port: int  # the client port as the proxy sees it (the app's own, or an alias for a further peer)
     mark: int  # the split mark the verdict carried (1719 | interface index << 16)
+    cookie: int = 0  # the app socket the verdict was given for (0: any socket; see the module docstring)
 
     def seen(self) -> tuple[int, str, int]:
         return self.flow.protocol, self.flow.src_ip, self.seen_port
@@ -95,6 +103,10 @@ class RedirectTable:
 
     def close(self) -> None:
         self._file.close()
+
+    def replaced(self) -> bool:
+        """Was the file removed or made anew since it was opened (the interceptor restarted)?"""
+        return self._file.replaced()
 
     def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Writers: the interceptor (redirects) and the proxies (their own upstreams) serialise on the file."""
@@ -128,7 +140,7 @@ class RedirectTable:
         struct.pack_into("!I", self._map, target, (seq + 1) & 0xFFFFFFFF)  # odd: being written
         packed = _SLOT.pack(
             (seq + 1) & 0xFFFFFFFF, expiry, flow.protocol, len(addr), addr, redirect.seen_port,
-            flow.src_port, len(dst), dst, flow.dst_port, redirect.mark,
+            flow.src_port, len(dst), dst, flow.dst_port, redirect.mark, redirect.cookie,
         )  # fmt: skip
         self._map[target + 4 : target + _SLOT.size] = packed[4:]
         struct.pack_into("!I", self._map, target, (seq + 2) & 0xFFFFFFFF)
@@ -166,10 +178,10 @@ class RedirectTable:
                     break
             else:
                 return None  # a writer keeps changing it: unknown rather than wait
-            _seq, exp, proto, alen, a, sport, cport, dlen, dst, dport, mark = row
+            _seq, exp, proto, alen, a, sport, cport, dlen, dst, dport, mark, cookie = row
             if proto == protocol and a[:alen] == addr and sport == seen_port:
                 if exp <= now:
                     return None
                 flow = FiveTuple(protocol, _text(a[:alen]), cport, _text(dst[:dlen]), dport)
-                return Redirect(flow, seen_port, mark)
+                return Redirect(flow, seen_port, mark, cookie)
         return None

@@ -24,7 +24,7 @@ from typing import Any
 from core import verdict_handler
 from core.dns.names import NAMES_FILE, NameTable
 from core.egress import kernel_routes, split_routes
-from core.redirect import selected_backend
+from core.redirect import REDIRECTS_FILE, RedirectTable, selected_backend
 from kernel.conntrack import Conntrack, ConntrackEvents
 from kernel.procfs import ProcReader
 from kernel.routing import KernelPathRouting, RoutingKeeper, SplitRouting
@@ -118,6 +118,11 @@ class InterceptorActor(Actor):
                     self.log.info("handler.registered", handler=args.verdict_handler)
             except Exception as exc:  # a broken handler module must not stop interception
                 self.log.error("handler.load_failed", handler=args.verdict_handler, error=describe(exc))
+        self.backend = selected_backend()
+        self.source: PacketSource = packet_source(self.backend, self.rt.run_dir)
+        divert = isinstance(self.source, DivertPath)
+        # NFQUEUE: split UDP flows' owners for the UDP proxy (the diverter keeps its own redirects there)
+        self.redirects = None if divert else RedirectTable(self.rt.run_dir / REDIRECTS_FILE)
         ports = ActorPorts(
             names=self.names,
             attributor=self.attributor,
@@ -126,10 +131,9 @@ class InterceptorActor(Actor):
             call_later=self.rt.loop.call_later,
             drain_conntrack_events=self._read_conntrack,
             handler_slot=verdict_handler.SLOT,
+            redirects=self.redirects,
         )
-        self.backend = selected_backend()
-        self.source: PacketSource = packet_source(self.backend, self.rt.run_dir)
-        if isinstance(self.source, DivertPath):
+        if divert:
             if self.workers != 1:
                 raise ValueError("the divert backend runs one interceptor worker (one divert handle)")
             # No kernel NAT or connmark: a re-queued connection is one the diverter forgets, and no conntrack
@@ -416,7 +420,17 @@ class InterceptorActor(Actor):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.flush_pending()
-        for name in ("source", "ct_events", "ct_updates", "socket_events", "conntrack", "diag", "attributor", "names"):
+        for name in (
+            "source",
+            "ct_events",
+            "ct_updates",
+            "socket_events",
+            "conntrack",
+            "diag",
+            "attributor",
+            "names",
+            "redirects",
+        ):
             thing = getattr(self, name, None)
             if thing is not None:
                 try:

@@ -76,7 +76,7 @@ def cleanup(run_dir: Path | None = None) -> dict[str, Any]:
         if path.exists():
             path.unlink(missing_ok=True)
             result["names_file"] = True
-        from core.redirect import REDIRECTS_FILE  # the divert backend's redirect table
+        from core.redirect import REDIRECTS_FILE  # the redirect table (split UDP owners; the diverter's redirects)
 
         (Path(run_dir) / REDIRECTS_FILE).unlink(missing_ok=True)
         paths.rules_marker(Path(run_dir)).unlink(missing_ok=True)

@@ -516,9 +516,8 @@ class Engine:
         elif process is None and self.policy.uses_apps and flow.protocol in _SPLITTABLE and not outcome.rule:
             # App rules could not be checked: said in the verdict's reason and counted, never silent.
             outcome = replace(outcome, reason=outcome.reason or "process not found: app rules could not match")
-        conn = self._decided(key, flow, first, process, domain, own, outcome, packets)
-        if process is not None:
-            conn.socket_cookie = self._cookie(flow)
+        cookie = self._cookie(flow) if process is not None else 0
+        self._decided(key, flow, first, process, domain, own, outcome, packets, cookie)
 
     def _decided(
         self,
@@ -530,8 +529,14 @@ class Engine:
         own: bool,
         outcome: VerdictOutcome,
         packets: list[QueuedPacket],
+        cookie: int = 0,
     ) -> LiveConn:
-        """Give the verdict, then track the connection and queue its events for the end of this batch."""
+        """Give the verdict, then track the connection and queue its events for the end of this batch.
+        `cookie`: the socket it was decided for (0: any). A split UDP flow's owner is published first: the UDP
+        proxy lets only that socket's datagrams through (another app may reuse the port before the entry
+        goes; core/redirect.py)."""
+        if outcome.split and flow.protocol == IpProtocol.UDP:
+            self.ports.publish_split_owner(flow, int(outcome.mark), cookie)
         for pkt in packets:
             self._apply(pkt, outcome)
         if self._arrived:  # not for a connection decided late (retries, stop)
@@ -544,6 +549,7 @@ class Engine:
             self.counters["dns_rerouted"] += 1
         self._next_id += 1
         conn = LiveConn(f"{self._id_prefix}-{self._next_id}", flow, first_packet, process, domain, own, outcome, now)
+        conn.socket_cookie = cookie
         if self.live.track(key, conn):
             self.counters["untracked"] += 1
         if not self._unpublished:
@@ -736,8 +742,7 @@ class Engine:
         outcome = self._evaluate(f, old.first_packet, process, domain, own)
         if outcome.mark != old.outcome.mark:
             return False
-        conn = self._decided(key, f, old.first_packet, process, domain, own, outcome, [])
-        conn.socket_cookie = cookie
+        self._decided(key, f, old.first_packet, process, domain, own, outcome, [], cookie)
         return True
 
     def _end(self, key: FiveTuple, conn: LiveConn, reason: str, counters: SessionCounters | None = None) -> None:

@@ -14,12 +14,17 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from core.dns.names import NameTable
+from core.redirect import Redirect, RedirectTable
 from core.verdict_handler import SLOT, HandlerSlot
 from kernel.conntrack import Conntrack, CtEntry
 from messages import Message, ProcessInfo
 from messages.flows import FiveTuple
 
 from .attribution import Attributor
+
+#: Seconds a split UDP flow's owner stays in the redirect table: the proxy reads it when the flow's first
+#: datagram arrives (milliseconds later), or when a socket takes the flow over; a later decision rewrites it.
+SPLIT_OWNER_TTL = 120.0
 
 
 class Ports(Protocol):
@@ -77,6 +82,12 @@ class Ports(Protocol):
         """Read the destroy events waiting now and hand them to the engine (`on_conntrack_destroyed`)."""
         ...
 
+    # --- the shared redirect table -------------------------------------------------------------------
+    def publish_split_owner(self, flow: FiveTuple, mark: int, cookie: int) -> None:
+        """Tell the UDP proxy which socket a split UDP flow was decided for (0: any socket), before its
+        verdict is given (core/redirect.py)."""
+        ...
+
 
 class ActorPorts:
     """`Ports` from the real parts the actor owns. The engine calls these attributes directly (bound methods
@@ -92,6 +103,7 @@ class ActorPorts:
         call_later: Callable[[float, Callable[[], Any]], Any],
         drain_conntrack_events: Callable[[], None],
         handler_slot: HandlerSlot = SLOT,
+        redirects: RedirectTable | None = None,
     ) -> None:
         self.names = names
         self.handler_slot = handler_slot
@@ -107,3 +119,8 @@ class ActorPorts:
         self.conntrack_get = conntrack.get
         self.conntrack_delete = conntrack.delete
         self.drain_conntrack_events = drain_conntrack_events
+        self.redirects = redirects
+
+    def publish_split_owner(self, flow: FiveTuple, mark: int, cookie: int) -> None:
+        if self.redirects is not None:  # a full probe window is counted by the table; the proxy then drops
+            self.redirects.put(Redirect(flow, flow.src_port, mark, cookie), time.time() + SPLIT_OWNER_TTL)

@@ -20,6 +20,7 @@ import errno
 import socket
 import struct
 import time
+from pathlib import Path
 
 from core.redirect import Redirect, RedirectTable
 from kernel.conntrack import IPS_SEEN_REPLY, Conntrack
@@ -33,9 +34,6 @@ SO_ORIGINAL_DST = 80
 #: interceptor remembers the flow from then on.
 OWN_UPSTREAM_TTL = 60.0
 IP6T_SO_ORIGINAL_DST = 80
-#: Seconds an announced upstream stays in the redirect table: its first packet follows at once, and the
-#: interceptor remembers the flow from then on.
-OWN_UPSTREAM_TTL = 60.0
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 
 # --- SO_ORIGINAL_DST ----------------------------------------------------------------------------------
@@ -125,3 +123,35 @@ class RedirectResolver:
 
     def close(self) -> None:
         self.table.close()
+
+
+class SplitOwners:
+    """Which app socket each split UDP flow was decided for (NFQUEUE): the cookie the interceptor put in the
+    redirect table before the flow's verdict (core/redirect.py). Called as (the app's address, its original
+    destination) → the socket's cookie, 0 when any socket will do (the verdict did not depend on it), None
+    when the interceptor published nothing for the flow. Keyed by the app's address and port: one socket
+    talking to several peers is one owner. The interceptor makes the table before it decides anything; with
+    no table at all (no interceptor of ours publishes here: a proxy run on its own, as the proxy lab tests
+    do) every answer is 0 and the proxy keeps to the socket it finds first. A table made anew (the
+    interceptor restarted after `down`) is reopened."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.table: RedirectTable | None = None
+
+    def __call__(self, client: Address, dst: Address) -> int | None:
+        table = self.table
+        if table is None or table.replaced():  # one stat per new session, beside its conntrack/sock_diag lookups
+            if table is not None:
+                table.close()
+            try:
+                table = self.table = RedirectTable(self.path, create=False)
+            except OSError:
+                table = self.table = None
+                return 0
+        found = table.lookup(IpProtocol.UDP, client[0], client[1])
+        return None if found is None else found.cookie
+
+    def close(self) -> None:
+        if self.table is not None:
+            self.table.close()

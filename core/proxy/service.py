@@ -46,7 +46,7 @@ from runtime.actor import Actor, Runtime, answers
 from .base import ProxyBase, SessionHooks, parse_address
 from .config import ProxyConfig
 from .decider import SplitDecider
-from .origdst import RedirectResolver
+from .origdst import RedirectResolver, SplitOwners
 from .session import Session, canon
 
 DEFAULT_LISTEN = (f"{PROXY_IPV4}:{SPLIT_PROXY_PORT}", f"[{PROXY_IPV6}]:{SPLIT_PROXY_PORT}")
@@ -173,6 +173,8 @@ class ProxyActor(Actor):
         if selected_backend() == DIVERT:  # no kernel NAT: original destinations come from the interceptor's table
             protocol = IpProtocol.TCP if self.proxy_class.protocol == "tcp" else IpProtocol.UDP
             extra["resolver"] = RedirectResolver(RedirectTable(self.rt.run_dir / REDIRECTS_FILE), protocol)
+        elif self.proxy_class.protocol == "udp":  # NFQUEUE: the interceptor names each split flow's socket
+            extra["owners"] = SplitOwners(self.rt.run_dir / REDIRECTS_FILE)
         self.proxy = self.proxy_class(
             listen, self.decider, self.config, BusHooks(self.rt), id_prefix=f"{self.rt.instance}-", **extra
         )

@@ -15,12 +15,16 @@ How a datagram finds its way (Linux, DNAT to the proxy):
   an entry deleted by the firewall and a seen address reused for another peer never cross-deliver.
 - A session belongs to the app socket its flow was decided for. A UDP conntrack entry outlives its socket,
   so another app's socket reusing the port at once (before the interceptor removed the entry) would be
-  sent down this split path. Each round of datagrams a session gets is checked against the socket that
-  owns the flow now (one sock_diag lookup): another socket's datagrams are dropped, the session closed and
-  the entry deleted, so that socket's next datagram is queued and decided for its own app. Nothing that
-  should stay in the VPN leaves here. A flow whose entry already carried replies when this proxy first sees
-  it (the proxy restarted, or its session timed out) has no known socket: its datagram is dropped and the
-  entry deleted, so the next one is decided afresh.
+  sent down this split path. Each round of datagrams a session gets is checked: the socket that owns the
+  flow now (one sock_diag lookup) must be the one the interceptor decided the flow for, which it names in
+  the redirect table before the verdict (core/redirect.py; a mapped-memory read). Asking only "which socket
+  is there now" is not enough: when the decided socket closed before its first datagram reached the proxy
+  (a slow round under load) and another app already holds the port, that app's datagrams would follow.
+  Another socket's datagrams are dropped, the session closed and the entry deleted, so that socket's next
+  datagram is queued and decided for its own app. Nothing that should stay in the VPN leaves here. A flow
+  whose entry already carried replies when this proxy first sees it (the proxy restarted, or its session
+  timed out) has no known socket: its datagram is dropped and the entry deleted, so the next one is decided
+  afresh.
 Datagrams are read one by one on the data thread, so a burst of first packets creates one session (it
 exists before the second datagram is read). What one readiness event finds queued for a session is sent
 on together: with UDP GSO (Linux) one send carries up to 64 equal-sized datagrams through routing and
@@ -103,6 +107,10 @@ class DatagramBatch:
 
 #: (the app's own address, its original destination) → the cookie of the socket that owns that flow now (0: none)
 SocketCheck = Callable[[Address, Address], int]
+#: (the app's own address, its original destination) → the socket the interceptor decided the flow for: its cookie,
+#: 0 for any socket, None when it said nothing (core.proxy.origdst.SplitOwners)
+SplitOwners = Callable[[Address, Address], "int | None"]
+_REPLACED = "client socket replaced: another socket reused the app's port"
 #: The owner of a session whose first datagrams came from a socket already closed: no live socket has this cookie.
 _OWNER_CLOSED = -1
 
@@ -192,6 +200,7 @@ class UdpProxy(ProxyBase):
         *args: Any,
         resolver: Resolver | str | None = "auto",
         socket_check: SocketCheck | str | None = "auto",
+        owners: SplitOwners | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -199,6 +208,7 @@ class UdpProxy(ProxyBase):
         self.socket_check: SocketCheck | None = (
             default_socket_check() if socket_check == "auto" else socket_check  # type: ignore[assignment]
         )
+        self.owners = owners  # NFQUEUE: the socket each split flow was decided for (the interceptor says)
         # Split entries going away (filtered in the kernel): a session lives exactly as long as its entry.
         watch = (
             self.resolver is not None and socket_check == "auto" and getattr(self.resolver, "conntrack_events", True)
@@ -301,15 +311,16 @@ class UdpProxy(ProxyBase):
 
     def _client_socket_checked(self, sock: socket.socket, listen: Address, addr: Any, conn: UdpConn) -> UdpConn | None:
         """The session for this round of a flow's datagrams, once it is known to come from the app socket the
-        flow was decided for. Another socket's datagrams on the same addresses are either a new flow (a new
-        conntrack entry, which the interceptor decided for that socket: a new session) or came down the old
-        entry before the interceptor removed it (another app reusing the port at once): those get nothing
-        through — dropped, the session closed, the entry deleted, so that socket's next datagram is decided
-        for its own app. No socket at all (it sent and closed) means the last datagrams of the decided one while
-        its conntrack entry lives (once the interceptor ended it, they are dropped: another app may have sent
-        them down the old entry and closed — a narrower window, not none; see ARCHITECTURE.md); a
-        session whose first datagrams found no socket belongs to no socket, so any socket seen later is another
-        (an app that reused the closed socket's port before the interceptor removed the entry)."""
+        flow was decided for. That socket is the one the interceptor named in the redirect table before the
+        verdict (`owners`; without it, the socket found at the session's first round). Another socket's
+        datagrams on the same addresses are either a new flow (a new conntrack entry, which the interceptor
+        decided for that socket: a new session), or a socket the interceptor gave the flow to (it took the
+        port over with the same verdict: the table names it now), or came down the old entry before the
+        interceptor removed it (another app reusing the port at once): those get nothing through — dropped,
+        the session closed, the entry deleted, so that socket's next datagram is decided for its own app. No
+        socket at all (it sent and closed) means the last datagrams of the decided one while its conntrack
+        entry lives (once the interceptor ended it, they are dropped: another app may have sent them down the
+        old entry and closed — a narrower window, not none; see ARCHITECTURE.md)."""
         if self.socket_check is None:
             return conn
         s = conn.session
@@ -320,10 +331,18 @@ class UdpProxy(ProxyBase):
             self._count("dropped_unverified")
             self.say(logging.WARNING, "udp client socket check failed: %s: these datagrams are dropped", exc)
             return None
-        if not conn.client_cookie:  # the session's first round: it belongs to the socket found now
-            conn.client_cookie = cookie or _OWNER_CLOSED
+        if not conn.client_cookie:  # the session's first round: whose flow is it?
+            owner = self.owners(client, dst) if self.owners is not None else 0
+            if owner is None:  # the interceptor published no owner: whose it is cannot be known
+                return self._drop_flow(conn, client, dst, "dropped_unknown_owner", "the interceptor named no socket")
+            if owner and cookie and cookie != owner:  # the decided socket closed and another took its port
+                return self._drop_flow(conn, client, dst, "dropped_other_socket", _REPLACED)
+            conn.client_cookie = owner or cookie or _OWNER_CLOSED
             return conn
         if cookie == conn.client_cookie:
+            return conn
+        if cookie and self.owners is not None and self.owners(client, dst) == cookie:
+            conn.client_cookie = cookie  # the interceptor gave the flow to this socket (same verdict)
             return conn
         if not cookie:  # the app's last datagrams — unless its entry ended meanwhile: then whose they are is unsure
             if self.ct_events is not None:
@@ -339,11 +358,16 @@ class UdpProxy(ProxyBase):
             if fresh is not None:
                 fresh.client_cookie = cookie
             return fresh
-        self._count("dropped_other_socket")
+        return self._drop_flow(conn, client, dst, "dropped_other_socket", _REPLACED)
+
+    def _drop_flow(self, conn: UdpConn, client: Address, dst: Address, counter: str, reason: str) -> None:
+        """Nothing of this round goes out: close the session and delete the flow's entry, so the next datagram
+        on these addresses is queued and decided for its own socket; what was queued meanwhile is dropped."""
+        self._count(counter)
         if len(self._replaced) > 4 * self.table.max_sessions:
             self._replaced.clear()
         self._replaced[conn.key] = time.monotonic() + _REFUSAL_MEMORY
-        self._close_conn(conn, "client socket replaced: another socket reused the app's port")
+        self._close_conn(conn, reason)
         forget = getattr(self.resolver, "forget", None)
         if forget is not None:
             with contextlib.suppress(OSError):
@@ -576,7 +600,7 @@ class UdpProxy(ProxyBase):
             self._check_drained()
 
     def _release(self) -> None:
-        for thing in (self.resolver, self.socket_check, self.ct_events):
+        for thing in (self.resolver, self.socket_check, self.ct_events, self.owners):
             closer = getattr(thing, "close", None)
             if closer is not None:
                 with contextlib.suppress(Exception):

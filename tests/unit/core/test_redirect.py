@@ -43,3 +43,25 @@ def test_a_reader_refuses_a_file_that_is_not_a_redirect_table(tmp_path: Path) ->
     (tmp_path / "junk").write_bytes(b"x" * 100)
     with pytest.raises(OSError):
         RedirectTable(tmp_path / "junk", slots=64, create=False)
+
+
+def test_the_udp_proxy_reads_the_socket_a_split_flow_was_decided_for_also_from_a_new_table(tmp_path: Path) -> None:
+    """NFQUEUE: the interceptor names each split UDP flow's socket; the proxy's `SplitOwners` reads it, and
+    follows the file when a restarted interceptor made it anew."""
+    from core.proxy.origdst import SplitOwners
+
+    path = tmp_path / "redirects"
+    flow = FiveTuple(IpProtocol.UDP, "192.0.2.66", 41000, "203.0.113.80", 5300)
+    owners = SplitOwners(path)
+    assert owners(("192.0.2.66", 41000), ("203.0.113.80", 5300)) == 0  # no interceptor publishes: any socket
+    writer = RedirectTable(path)
+    writer.put(Redirect(flow, flow.src_port, split_mark(2), cookie=0x1_0000_0007), time.time() + 30)
+    assert owners(("192.0.2.66", 41000), ("203.0.113.80", 5300)) == 0x1_0000_0007  # 64-bit cookies survive
+    assert owners(("192.0.2.66", 41001), ("203.0.113.80", 5300)) is None  # nothing named: not ours to carry
+    writer.close()
+    path.unlink()  # the interceptor's cleanup, then a new interceptor's table
+    writer = RedirectTable(path)
+    writer.put(Redirect(flow, flow.src_port, split_mark(2), cookie=9), time.time() + 30)
+    assert owners(("192.0.2.66", 41000), ("203.0.113.80", 5300)) == 9
+    owners.close()
+    writer.close()

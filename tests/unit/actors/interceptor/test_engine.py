@@ -121,6 +121,7 @@ class FakePorts:
         self.destroyed: list[CtEntry] = []  # destroy events waiting on the events socket
         self.deleted: list[FiveTuple] = []
         self.gets = 0
+        self.owners: dict[FiveTuple, tuple[int, int]] = {}  # split UDP flows' published owners: (mark, cookie)
         self.engine = Engine(instance="interceptor", log=EventLog("test"), ports=self)
         self.engine.set_netenv(NETENV)  # eth0 is the uplink: splits have somewhere to go
 
@@ -161,6 +162,10 @@ class FakePorts:
     def drain_conntrack_events(self) -> None:
         events, self.destroyed = self.destroyed, []
         self.engine.on_conntrack_destroyed(events)
+
+    def publish_split_owner(self, flow: FiveTuple, mark: int, cookie: int) -> None:
+        self.log.append("owner")
+        self.owners[flow] = (mark, cookie)
 
     # --- driving the engine ---
 
@@ -450,7 +455,7 @@ def test_a_split_waits_for_the_process_so_our_own_connections_are_never_split() 
     assert h.log == ["attribute", "verdict"] and pkt.mark == Mark.ACCEPT_FINAL
     h.engine.heard_actor("netenv", 1)  # not ours any more
     h.log.clear()
-    assert is_split(h.send("udp4").mark) and h.log == ["attribute", "verdict"]
+    assert is_split(h.send("udp4").mark) and h.log == ["attribute", "owner", "verdict"]
 
 
 def test_the_events_of_a_batch_of_packets_are_published_at_its_end() -> None:
@@ -731,6 +736,47 @@ def test_a_closed_udp_socket_takes_its_flows_entries_with_it(name: str) -> None:
     h.engine.on_sockets_destroyed([mine])
     assert h.deleted == [key] and not h.engine.live and not h.engine.live._udp_ports
     assert h.of(ConnEnd)[0].reason == "closed: its socket was closed"
+
+
+# --- split UDP flows name their socket for the proxy (another app may reuse the port before the entry goes) ---
+
+
+@pytest.mark.parametrize("name", ["udp4", "udp6"])
+def test_a_split_udp_flow_names_its_socket_for_the_proxy_before_its_verdict(name: str) -> None:
+    h = FakePorts()
+    h.policy(1, SPLIT_CURL)
+    pkt = h.send(name)
+    assert is_split(pkt.mark) and h.log == ["attribute", "owner", "verdict"]
+    [(flow, (mark, cookie))] = h.owners.items()
+    assert (mark, cookie) == (pkt.mark, 1) and flow == next(iter(h.engine.live))
+    h.app(PYTHON, cookie=2)  # another app on another port: kept in the VPN, nothing for the proxy
+    assert h.send(from_port(name, 40123)).mark == Mark.ACCEPT_ALWAYS and len(h.owners) == 1
+    h.app(CURL, cookie=3)
+    assert is_split(h.send(from_port("tcp4_syn", 40124)).mark) and len(h.owners) == 1  # TCP: its own socket
+
+
+def test_a_destination_rule_splits_udp_for_the_socket_found_or_any_when_none_was() -> None:
+    h = FakePorts()
+    h.policy(1, SPLIT_80)
+    assert is_split(h.send("udp4").mark)  # the process is looked up (ours are never split): its socket
+    h.process = None  # nothing found: the rule does not ask for an app, so any socket is the flow's
+    assert is_split(h.send(from_port("udp4", 40123)).mark)
+    assert sorted(cookie for _mark, cookie in h.owners.values()) == [0, 1]
+
+
+def test_a_socket_taking_a_closed_sockets_split_flow_over_is_named_for_the_proxy() -> None:
+    h = FakePorts()
+    h.policy(1, SPLIT_CURL)
+    h.send("udp4")
+    [(key, conn)] = h.engine.live.items()
+    h.app(CURL, cookie=2)  # curl again, a new socket on the same port: same verdict, so it keeps the entry
+    closed = DiagSocket(2, 7, bytes(16), key.src_port, bytes(16), 0, 1000, 98, cookie=conn.socket_cookie)
+    h.engine.on_sockets_destroyed([closed])
+    assert not h.deleted and h.owners[key] == (conn.outcome.mark, 2)
+    h.app(PYTHON, cookie=3)  # python takes the port next: another verdict, the entry goes, no owner changes
+    closed = DiagSocket(2, 7, bytes(16), key.src_port, bytes(16), 0, 1000, 97, cookie=2)
+    h.engine.on_sockets_destroyed([closed])
+    assert h.deleted == [key] and h.owners[key] == (conn.outcome.mark, 2)
 
 
 def test_remembered_destination_verdicts_are_not_used_when_the_app_decides() -> None:

@@ -237,6 +237,52 @@ def test_a_session_only_carries_the_socket_its_flow_was_decided_for(hooks: Hooks
         proxy.shutdown(0.0)
 
 
+def test_a_flow_is_carried_only_for_the_socket_the_interceptor_decided_it_for(
+    hooks: Hooks, echoes: list[UdpEcho]
+) -> None:
+    """The interceptor names the socket a split flow was decided for (the redirect table). The socket found
+    when the first datagram arrives is not enough: the decided app may have given up and closed before a
+    loaded proxy read its datagram, and another app (to stay in the VPN) may already hold the port and send
+    down the same entry. Only the named socket's datagrams go out, or the named socket's last words when no
+    socket is left; a socket the interceptor gives the flow to later is carried; nothing named, nothing out."""
+    server = echo_server(echoes)
+    found = {"cookie": 12}  # the socket on the app's port as the proxy reads the datagram
+    named: dict[str, int | None] = {"cookie": 11}  # what the interceptor published
+    plan = lambda _req: UpstreamPlan(server.address)  # noqa: E731
+    proxy = UdpProxy([("127.0.0.1", 0)], plan, ProxyConfig(), hooks=hooks, resolver=None,
+                     socket_check=lambda _c, _d: found["cookie"], owners=lambda _c, _d: named["cookie"])  # fmt: skip
+    proxy.start()
+    try:
+        with client() as c:  # 11 closed, 12 (another app) holds the port: dropped, session closed
+            c.sendto(b"vpn app", proxy.addresses[0])
+            assert wait_until(lambda: proxy.counters().get("dropped_other_socket") == 1)
+            assert wait_until(lambda: bool(hooks.closed)) and "replaced" in hooks.closed[0].close_reason
+        with client() as c:  # the named socket itself, then gone (its last datagram), then another one
+            found["cookie"] = 11
+            c.sendto(b"one", proxy.addresses[0])
+            assert c.recvfrom(100)[0] == b"re:one"
+            found["cookie"] = 0
+            c.sendto(b"last", proxy.addresses[0])
+            assert c.recvfrom(100)[0] == b"re:last"
+            found["cookie"], named["cookie"] = 13, 13  # the interceptor gave the flow to 13 (same verdict)
+            c.sendto(b"taken over", proxy.addresses[0])
+            assert c.recvfrom(100)[0] == b"re:taken over"
+            found["cookie"] = 14  # not given to 14
+            c.sendto(b"other", proxy.addresses[0])
+            assert wait_until(lambda: proxy.counters().get("dropped_other_socket") == 2)
+        named["cookie"] = None  # nothing published for a new flow: whose it is cannot be known
+        with client() as c:
+            c.sendto(b"unknown", proxy.addresses[0])
+            assert wait_until(lambda: proxy.counters().get("dropped_unknown_owner") == 1)
+        named["cookie"], found["cookie"] = 0, 15  # any socket will do (the process did not decide)
+        with client() as c:
+            c.sendto(b"any", proxy.addresses[0])
+            assert c.recvfrom(100)[0] == b"re:any"
+        assert [data for data, _addr in server.got] == [b"one", b"last", b"taken over", b"any"]
+    finally:
+        proxy.shutdown(0.0)
+
+
 class PreexistingFlows:
     """A conntrack resolver whose flows all carried replies already (begun under an earlier proxy instance)."""
 
