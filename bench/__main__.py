@@ -1,5 +1,6 @@
 """Run benchmark areas: `python -m bench [AREA ...]` (default: all), or one area with its own options:
-`python -m bench proxy --seconds 3 --only bulk` (`python -m bench proxy --help` lists them)."""
+`python -m bench proxy --seconds 3 --only bulk` (`python -m bench proxy --help` lists them). After the areas
+it prints the data-path goal table with this run's numbers (bench/goals.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import importlib
 import pkgutil
 import sys
 from pathlib import Path
+
+from bench import goals
 
 
 def areas() -> list[str]:
@@ -29,6 +32,9 @@ def main(argv: list[str]) -> int:
         print(f"== {area} ==", flush=True)
         module = importlib.import_module(f"bench.{area}_bench")
         status |= module.main(options)
+    if goals.recorded():
+        print("== goals (this run) ==")
+        print(goals.table())
     return status
 
 

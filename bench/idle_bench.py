@@ -22,6 +22,7 @@ from pathlib import Path
 from splittun.lab import Lab
 from splittun.lab.instance import Instance
 
+from . import goals
 from .common import preflight, print_report
 
 LAB_NAME = "stidle"
@@ -136,6 +137,10 @@ def main(argv: list[str]) -> int:
         if inst is not None:
             inst.stop()
         lab.down()
+    cpu = sum(r[1] for r in result.rows)
+    rss, pss = (sum(r[i] for r in result.rows) / 1024 for i in (3, 4))
+    goals.record(goals.IDLE_CPU, f"{cpu:.2f} % ({len(result.rows)} processes)", cpu <= 0.5)
+    goals.record(goals.IDLE_RSS, f"{rss:.0f} / {pss:.0f} MiB", rss <= 120)
     print_report(table(result))
     return 0
 

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import goals
 from bench.common import errors_note, preflight, print_report, raise_nofile
 from splittun.lab import Lab
 from splittun.lab import topology as T
@@ -673,6 +674,40 @@ class Bench:
             lines += [f"| {what} | {us:.1f} |" for what, us in self.attribution.items()]
         return "\n".join(lines)
 
+    def record_goals(self) -> None:
+        """This run's numbers for the data-path goal table (bench/goals.py)."""
+        rates = [r for r in self.runs if r.kind == "rate"]
+        off = [r.rate for r in rates if r.variant == "off"]
+        for measure, variant, path, goal in (
+            (goals.CONN_DEST_VPN, "dest policy", "vpn", 0.8),
+            (goals.CONN_APP_VPN, "app policy", "vpn", 0.7),
+            (goals.CONN_SPLIT_KERNEL, "dest policy", "split (kernel)", 0.7),
+        ):
+            found = [r.rate for r in rates if (r.variant, r.path) == (variant, path)]
+            if off and found:
+                ratio = statistics.mean(found) / statistics.mean(off)
+                goals.record(measure, f"{ratio:.2f}×", ratio >= goal)
+        lat = [r for r in self.runs if r.kind == "latency"]
+        base = [x for r in lat if r.variant == "off" for x in r.connect]
+        dest = [x for r in lat if (r.variant, r.path) == ("dest policy", "vpn") for x in r.connect]
+        if base and dest:
+            p50, p99 = (pct(dest, q) - pct(base, q) for q in (0.5, 0.99))
+            goals.record(goals.LATENCY_DEST, f"{p50:+.2f} / {p99:+.2f} ms", p50 <= 0.1 and p99 <= 0.5)
+        bulk = [r for r in self.runs if r.kind == "bulk"]
+        ratios = []
+        for direction in ("upload", "download"):
+            direct = [r.rate for r in bulk if r.variant == "direct" and r.path == direction]
+            kernel = [r.rate for r in bulk if r.variant == "splittun, kernel path" and r.path == direction]
+            if direct and kernel:
+                ratios.append(statistics.mean(kernel) / statistics.mean(direct))
+        if len(ratios) == 2:
+            goals.record(goals.BULK_KERNEL, " / ".join(f"{x:.2f}×" for x in ratios), min(ratios) >= 0.95)
+        many = [(what, us) for what, us in self.attribution.items() if what.startswith("new socket of a known")]
+        if many:
+            what, us = many[-1]  # the most fds
+            fds = int(re.search(r"with ([0-9,]+) fds", what).group(1).replace(",", ""))  # type: ignore[union-attr]
+            goals.record(goals.ATTRIBUTION_FDS, f"{us / 1000:.2f} ms ({fds:,} fds)", us <= 200 and fds >= 5000)
+
     @staticmethod
     def _pkts(r: Run) -> str:
         return f"{r.queued / max(r.connections, 1):.2f}" if r.queued else "–"
@@ -723,6 +758,7 @@ def main(argv: list[str]) -> int:
         bench.run(set(args.only or SECTIONS))
     finally:
         bench.down()
+    bench.record_goals()
     print_report(bench.table())
     return 0
 

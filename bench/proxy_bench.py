@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench import goals
 from bench.common import errors_note, preflight, print_report, raise_nofile
 from core.egress import plan_routes, static_egress
 from kernel.routing import SplitRouting
@@ -367,6 +368,9 @@ class Bench:
                 value, err = self.wrk(port)
             self.row(label, f"haproxy ({threads} thread{'s' if threads > 1 else ''})",
                      f"{value:,.0f}/s" + errors_note(err), f"{value / direct:.2f}×")  # fmt: skip
+            if threads == 1 and value:
+                goals.record(goals.PROXY_TCP_VS_HAPROXY, f"{one / value:.2f}× ({one:,.0f} vs {value:,.0f}/s)",
+                             one >= value)  # fmt: skip
         port = next(ports)
         with self.socat(port):
             self.redirect("tcp", port, SOCAT_PORT)
@@ -385,6 +389,7 @@ class Bench:
         rate, created = self.new_udp_sessions(self.sessions)
         self.row(f"UDP new sessions/s ({self.sessions:,} flows in a burst)", "splittun (1 worker)",
                  f"{rate:,.0f}/s", f"{created:,} created")  # fmt: skip
+        goals.record(goals.PROXY_UDP_SESSIONS, f"{rate:,.0f}/s", rate >= 10_000)
 
     def mem(self) -> None:
         """Fresh workers, so earlier runs leave nothing behind."""
