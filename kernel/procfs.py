@@ -99,6 +99,14 @@ class ProcReader:
     def sockets(self, pid: int) -> Iterator[tuple[str, int]]:
         """(fd, socket inode) for each socket process `pid` holds, read lazily: a caller that found what
         it wanted stops early and pays for no more readlinks."""
+        with contextlib.closing(self.fds(pid)) as fds:
+            for fd, inode in fds:
+                if inode:
+                    yield str(fd), inode
+
+    def fds(self, pid: int) -> Iterator[tuple[int, int]]:
+        """(fd, socket inode or 0 for anything else) for each open fd of process `pid`, read lazily.
+        Listing the table costs ~1 µs per fd and each readlink 2-4 µs (this VM): `fd_inode` reads one."""
         try:
             dirfd = os.open(f"{self.root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
@@ -108,18 +116,26 @@ class ProcReader:
                 names = os.listdir(dirfd)
             except OSError:  # the process exited between opening its fd table and listing it
                 return
+            own = os.path.realpath(f"{self.root}/{pid}/fd") if pid == os.getpid() else None
             for name in names:
                 try:
                     link = os.readlink(name, dir_fd=dirfd)
                 except OSError:
                     continue
-                if link.startswith("socket:["):
-                    try:
-                        yield name, int(link[8:-1])
-                    except ValueError:
-                        continue
+                if link == own:  # this very listing, when a process reads itself: not one of its fds
+                    continue
+                with contextlib.suppress(ValueError):
+                    yield int(name), socket_inode(link)
         finally:
             os.close(dirfd)
+
+    def fd_inode(self, pid: int, fd: int) -> int | None:
+        """What fd `fd` of process `pid` is now: a socket's inode, 0 for anything else, None when that fd is
+        not open (or the process is gone). One readlink: the whole table is not listed."""
+        try:
+            return socket_inode(os.readlink(f"{self.root}/{pid}/fd/{fd}"))
+        except OSError:
+            return None
 
     def socket_inodes(self, pid: int) -> list[int]:
         """Inodes of the sockets process `pid` holds open ([] when it is gone or unreadable)."""

@@ -10,6 +10,8 @@ still coming from the socket its flow was decided for?).
 This is the first of attribution's three layers: sock_diag (a 5-tuple → its socket), `kernel/procfs.py` (a
 socket → the process holding it, a process's description), and the interceptor's process cache and
 attributor (`actors/interceptor/attribution.py`: a 5-tuple → `ProcessInfo`).
+- Each answer carries the socket's cgroup id (INET_DIAG_CGROUP_ID, kernel 5.7+; 0 when the kernel does not
+  send it): attribution prefers the processes last seen owning sockets of that cgroup.
 - `SocketEvents` reads the kernel's "UDP socket destroyed" broadcasts.
 Encoding and decoding are pure functions (tested with kernel bytes); only the two classes do I/O.
 """
@@ -37,6 +39,9 @@ _MSG = struct.Struct("=BBBB")  # family, state, timer, retrans
 _MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 _MSG_SIZE = _MSG.size + _SOCKID.size + _SOCKID_TAIL.size + _MSG_TAIL.size  # 72
 _ALL_STATES = 0xFFFFFFFF
+INET_DIAG_CGROUP_ID = 21  # u64 attribute after the message, sent unasked since kernel 5.7
+_NLA = struct.Struct("=HH")  # nla_len, nla_type
+_U64 = struct.Struct("=Q")
 
 
 # --- sock_diag: pure encode/decode -------------------------------------------------------------------
@@ -53,6 +58,7 @@ class DiagSocket:
     uid: int
     inode: int
     cookie: int = 0  # the socket's cookie: unique for the kernel's lifetime, unlike a port or an inode
+    cgroup: int = 0  # the cgroup (v2) id of the process that created it; 0 when the kernel does not say
 
 
 def ip_bytes(address: str) -> tuple[int, bytes]:
@@ -80,7 +86,20 @@ def parse_diag_message(payload: bytes) -> DiagSocket | None:
     _if, cookie_lo, cookie_hi = _SOCKID_TAIL.unpack_from(payload, _MSG.size + _SOCKID.size)
     off = _MSG.size + _SOCKID.size + _SOCKID_TAIL.size
     _exp, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(payload, off)
-    return DiagSocket(family, state, src, sport, dst, dport, uid, inode, cookie_lo | cookie_hi << 32)
+    cookie = cookie_lo | cookie_hi << 32
+    return DiagSocket(family, state, src, sport, dst, dport, uid, inode, cookie, cgroup_id(payload, _MSG_SIZE))
+
+
+def cgroup_id(payload: bytes, offset: int) -> int:
+    """The INET_DIAG_CGROUP_ID attribute among the netlink attributes from `offset` on, 0 when absent."""
+    while offset + _NLA.size <= len(payload):
+        length, kind = _NLA.unpack_from(payload, offset)
+        if length < _NLA.size or offset + length > len(payload):
+            return 0
+        if kind & 0x3FFF == INET_DIAG_CGROUP_ID and length >= _NLA.size + _U64.size:
+            return _U64.unpack_from(payload, offset + _NLA.size)[0]
+        offset += (length + 3) & ~3
+    return 0
 
 
 def _same_ip(raw: bytes, family: int, want: bytes, want_family: int) -> bool:

@@ -12,11 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from actors.interceptor.attribution import Attributor
+from actors.interceptor.attribution import FD_PROBES, Attributor, FdTable, probe_order
 from core.dns.names import GRACE, NameTable
 from core.policy import AppFacts
 from kernel.procfs import ProcReader, parse_stat_start, parse_status, socket_inode
-from kernel.sockdiag import DiagSocket, best_udp_match, diag_request, ip_bytes, parse_diag_message
+from kernel.sockdiag import (
+    INET_DIAG_CGROUP_ID,
+    DiagSocket,
+    best_udp_match,
+    cgroup_id,
+    diag_request,
+    ip_bytes,
+    parse_diag_message,
+)
 from messages.flows import FiveTuple
 
 # --- fake /proc -------------------------------------------------------------------------------------------
@@ -68,8 +76,8 @@ class FakeDiag:
         return self.table.get(flow)
 
 
-def diag_socket(inode: int, uid: int = 1000) -> DiagSocket:
-    return DiagSocket(socket.AF_INET, 2, bytes(16), 40000, bytes(16), 443, uid, inode)
+def diag_socket(inode: int, uid: int = 1000, cgroup: int = 0) -> DiagSocket:
+    return DiagSocket(socket.AF_INET, 2, bytes(16), 40000, bytes(16), 443, uid, inode, cgroup=cgroup)
 
 
 def test_status_and_stat_parsing() -> None:
@@ -112,8 +120,8 @@ def test_unknown_socket_gives_none_then_a_started_process_is_found(proc: Path) -
 def scanned(reader: ProcReader) -> list[int]:
     """Record which processes' fds the reader scans, in order."""
     read: list[int] = []
-    original = reader.sockets
-    reader.sockets = lambda pid: read.append(pid) or original(pid)  # type: ignore[method-assign]
+    original = reader.fds
+    reader.fds = lambda pid: read.append(pid) or original(pid)  # type: ignore[method-assign]
     return read
 
 
@@ -273,6 +281,99 @@ def test_a_cached_owner_that_exited_is_looked_for_again(proc: Path) -> None:
     assert attr.attribute(key).pid == 310  # type: ignore[union-attr]
 
 
+# --- reading single fds of a known process (FdTable) ------------------------------------------------------
+
+
+def test_fd_table_guesses_the_replaced_fd_then_the_lowest_free_ones() -> None:
+    table = FdTable({0: 0, 1: 0, 2: 0, 3: 11, 5: 12, 6: 0})  # 4 was free at the last read
+    assert table.candidates(4) == [4, 7, 8, 9]  # no hit yet: the lowest free numbers, on past the top
+    table.hit(3)
+    table.hit(5)
+    assert table.candidates(8) == [5, 4, 7, 8, 9, 3, 10, 11]  # the latest hit, free numbers, older hits
+    table.seen(4, 13)  # a socket took 4
+    table.seen(6, None)  # a file closed
+    table.seen(9, 0)  # something opened far up: 7 and 8 stay free
+    assert table.candidates(6) == [5, 6, 7, 8, 10, 3]
+    assert (table.top, sorted(table.free)) == (9, [6, 7, 8])
+
+
+def test_probe_order_is_the_last_owner_and_the_owners_of_the_same_uid_and_cgroup() -> None:
+    recent = [40, 30, 20, 10]  # newest first
+    keys = {40: (0, 1), 30: (1000, 7), 20: (1000, 8), 10: (1000, 7)}
+    assert probe_order(recent, keys, {(1000, 7)}) == [30, 10, 40]
+    assert probe_order(recent, keys, set()) == [40]
+    assert probe_order([], keys, {(1000, 7)}) == []
+
+
+def browser(proc: Path, pid: int = 500, sockets: int = 300) -> Path:
+    """A process holding many sockets (fds 3…, inodes from pid * 100), the table of a browser."""
+    inodes = tuple(range(pid * 100, pid * 100 + sockets))
+    make_proc(proc, pid, name="firefox", exe="/usr/bin/firefox", ppid=1, sockets=inodes)
+    return proc / str(pid) / "fd"
+
+
+def test_a_new_socket_of_a_known_big_process_is_found_by_reading_a_few_fds(proc: Path) -> None:
+    fds = browser(proc)
+    reader = ProcReader(proc)
+    attr = Attributor(None, reader)
+    assert attr.pid_of_inode(50_100) == 500  # found by a scan; read to the end the next time (a recent owner)
+    (fds / "303").symlink_to("socket:[60000]")
+    assert attr.pid_of_inode(60_000) == 500  # the whole table read once: it is kept
+    listed = scanned(reader)
+    for n, fd in enumerate((304, 305, 1, 306)):  # on past the top, and a low free number
+        (fds / str(fd)).symlink_to(f"socket:[{60_001 + n}]")
+        assert attr.pid_of_inode(60_001 + n) == 500
+    (fds / "305").unlink()  # a socket closed; the next new one gets its number
+    (fds / "305").symlink_to("socket:[60010]")
+    assert attr.pid_of_inode(60_010) == 500
+    assert listed == [] and attr.fd_probe_hits == 5 and attr.fd_probes <= 5 * FD_PROBES  # no table read
+
+
+def test_a_reused_fd_number_never_gives_a_wrong_process(proc: Path) -> None:
+    """A known fd number now holds another socket: the guess reads it, sees another inode and keeps looking;
+    the socket is found in the process that really holds it."""
+    fds = browser(proc, sockets=20)
+    make_proc(proc, 600, name="curl", exe="/usr/bin/curl", ppid=1, sockets=(90_000,))
+    (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 600\n")
+    attr = Attributor(None, ProcReader(proc))
+    assert attr.pid_of_inode(50_001) == 500 and attr.pid_of_inode(50_002) == 500  # 500: a known owner
+    (fds / "4").unlink()
+    (fds / "4").symlink_to("socket:[90001]")  # fd 4 of the browser: another socket than curl's
+    assert attr.pid_of_inode(90_000) == 600
+    assert attr.pid_of_inode(12_345) is None  # no one holds it: not found, never a guess
+
+
+def test_the_owner_of_the_same_uid_and_cgroup_is_read_first(proc: Path) -> None:
+    """Two known big processes of one uid in their own cgroups; the last connection was the web app's: a new
+    socket of the chat app (its cgroup) is found by reading single fds of the chat app, no table read."""
+    fds = {700: browser(proc, 700, 40), 710: browser(proc, 710, 40)}
+    table: dict[FiveTuple, DiagSocket] = {}
+    reader = ProcReader(proc)
+    attr = Attributor(FakeDiag(table), reader)  # type: ignore[arg-type]
+
+    def connect(pid: int, fd: int, inode: int) -> int | None:
+        (fds[pid] / str(fd)).symlink_to(f"socket:[{inode}]")
+        flow = FiveTuple(6, "192.0.2.66", inode % 65536, "203.0.113.80", 443)
+        table[flow] = diag_socket(inode, 1000, cgroup=pid // 10)
+        found = attr.attribute(flow)
+        return found.pid if found is not None else None
+
+    for fd in (50, 51):  # each app's first new sockets: found by reading their tables, which are kept
+        assert connect(700, fd, 80_000 + fd) == 700 and connect(710, fd, 81_000 + fd) == 710
+    listed = scanned(reader)
+    assert connect(700, 52, 80_052) == 700 and listed == []
+
+
+def test_a_process_reading_its_own_fd_table_does_not_count_the_listing() -> None:
+    reader = ProcReader()
+    with socket.socket() as mine:
+        table = dict(reader.fds(os.getpid()))
+        assert table[mine.fileno()] == os.fstat(mine.fileno()).st_ino
+        probe = os.open("/dev/null", os.O_RDONLY)  # the lowest free number: where the listing's fd was
+        os.close(probe)
+        assert probe not in table
+
+
 # --- sock_diag bytes --------------------------------------------------------------------------------------
 
 
@@ -301,6 +402,18 @@ def test_diag_message_parsing() -> None:
         98765,
     )
     assert parse_diag_message(msg[:40]) is None
+    assert parsed.cgroup == 0  # an old kernel (< 5.7) sends no cgroup id
+
+
+def test_the_cgroup_id_is_found_among_the_attributes() -> None:
+    msg = bytes([socket.AF_INET, 1, 0, 0]) + struct.pack("!HH16s16s", 4321, 80, bytes(16), bytes(16))
+    msg += struct.pack("=III", 0, 1, 0) + struct.pack("=IIIII", 0, 0, 0, 1000, 98765)
+    shutdown = struct.pack("=HHB3x", 5, 8, 0)  # INET_DIAG_SHUTDOWN: 5 bytes, padded to 8
+    cgroup = struct.pack("=HHQ", 12, INET_DIAG_CGROUP_ID, 0x1_0000_2345)
+    parsed = parse_diag_message(msg + shutdown + cgroup)
+    assert parsed is not None and (parsed.inode, parsed.cgroup) == (98765, 0x1_0000_2345)
+    assert cgroup_id(shutdown + cgroup[:6], 0) == 0  # cut short: not there
+    assert cgroup_id(struct.pack("=HH", 0, 1) + cgroup, 0) == 0  # a broken attribute ends the walk
 
 
 def test_udp_fallback_prefers_the_connected_socket_and_understands_dual_stack() -> None:
