@@ -220,8 +220,8 @@ class Attributor:
                 if not wanted:
                     return found
             # the cheapest tables first: a big one (a browser) after the newest processes
-            recent.sort(key=lambda pid: len(t.fds) if (t := self._tables.get(pid)) is not None else 0)
             first = [pid for pid in recent[:1] if len(self._tables.get(pid, _NO_TABLE).fds) <= SMALL_TABLE]
+            recent.sort(key=lambda pid: len(self._tables.get(pid, _NO_TABLE).fds))
         else:
             first = recent[:1]
         for pid in first:

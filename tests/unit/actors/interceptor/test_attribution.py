@@ -364,6 +364,22 @@ def test_the_owner_of_the_same_uid_and_cgroup_is_read_first(proc: Path) -> None:
     assert connect(700, 52, 80_052) == 700 and listed == []
 
 
+def test_a_big_table_is_read_after_the_newest_processes_and_the_smaller_tables(proc: Path) -> None:
+    fds = browser(proc, 500, 300)
+    make_proc(proc, 300, name="chat", exe="/usr/bin/chat", ppid=1, sockets=(3000, 3001))
+    reader = ProcReader(proc)
+    attr = Attributor(None, reader)
+    assert attr.pid_of_inode(3000) == 300 and attr.pid_of_inode(50_001) == 500
+    (fds / "400").symlink_to("socket:[60000]")  # far from where the browser's new sockets are guessed
+    assert attr.pid_of_inode(60_000) == 500  # its table is read once and kept
+    (proc / "300" / "fd" / "10").symlink_to("socket:[3010]")
+    listed = scanned(reader)
+    assert attr.pid_of_inode(3010) == 300 and listed == [300]  # the browser's single fds only, then chat
+    make_proc(proc, 605, name="curl", exe="/usr/bin/curl", ppid=1, sockets=(6050,))
+    (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 605\n")
+    assert attr.pid_of_inode(6050) == 605 and 500 not in listed
+
+
 def test_a_process_reading_its_own_fd_table_does_not_count_the_listing() -> None:
     reader = ProcReader()
     with socket.socket() as mine:
