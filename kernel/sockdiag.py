@@ -29,8 +29,8 @@ from .netlink import NLM_F_DUMP, NetlinkError, NetlinkSocket, iter_messages
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-#: sock_diag's multicast groups announcing destroyed UDP sockets (SKNLGRP_INET_UDP_DESTROY, ..._INET6_...).
-SKNLGRP_INET_UDP_DESTROY, SKNLGRP_INET6_UDP_DESTROY = 2, 4
+#: sock_diag's multicast groups announcing destroyed sockets (SKNLGRP_INET_TCP_DESTROY, ..._INET_UDP_..., ...).
+SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET_UDP_DESTROY, SKNLGRP_INET6_TCP_DESTROY, SKNLGRP_INET6_UDP_DESTROY = 1, 2, 3, 4
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _REQ = struct.Struct("=BBBxI")  # family, protocol, ext, pad, states
 _SOCKID = struct.Struct("!HH16s16s")  # sport, dport, src, dst (then if and cookie, host order)
@@ -207,10 +207,15 @@ class SocketEvents(NetlinkSocket):
     talking to the same peer, would follow the old entry (its mark, its DNAT to the proxy) without ever
     being queued. The interceptor deletes the entries of a socket that is gone, so the next socket's first
     datagram is queued and decided for its own app. Needs CAP_NET_ADMIN in the namespace.
+    With `tcp`, destroyed TCP sockets too (attribution: which fd numbers of a process were freed). A closed
+    socket is destroyed once it no longer needs its full state (TCP: after the FIN exchange, about a round
+    trip after close()); its inode is 0 by then, its cookie is the one sock_diag gave while it was open.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tcp: bool = False) -> None:
         groups = (1 << (SKNLGRP_INET_UDP_DESTROY - 1)) | (1 << (SKNLGRP_INET6_UDP_DESTROY - 1))
+        if tcp:
+            groups |= (1 << (SKNLGRP_INET_TCP_DESTROY - 1)) | (1 << (SKNLGRP_INET6_TCP_DESTROY - 1))
         super().__init__(NETLINK_SOCK_DIAG, groups=groups, rcvbuf=4 << 20, timeout=0.0)
 
     def read(self, limit: int = 256) -> list[DiagSocket]:

@@ -26,7 +26,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 
 from kernel.procfs import ProcReader
-from kernel.sockdiag import DiagSocket, SockDiag
+from kernel.sockdiag import DiagSocket, SockDiag, SocketEvents
 from messages import ProcessInfo
 from messages.flows import FiveTuple
 
@@ -36,6 +36,7 @@ RECENT_OWNERS = 16
 NEWEST_PROBES = 8  # pids below the last one handed out that are tried before listing /proc
 FD_PROBES = 24  # fd numbers of a recent owner read one by one before its whole fd table (~3 µs each)
 PROBED_OWNERS = 2  # recent owners of the same uid and cgroup whose single fds are read
+CLOSES_READ = 1024  # destroyed-socket notices read per lookup that misses the caches, at most
 FIRST_FREE = 4  # free fd numbers read before the older hits
 FD_HITS = 16  # fd numbers where a process's new sockets were found lately, tried first
 
@@ -56,25 +57,40 @@ class FdTable:
         self.top = max(fds, default=-1)  # the highest number seen open
         self.free = set(range(self.top)) - fds.keys()  # numbers up to the top not open
         self.hits: deque[int] = deque(maxlen=FD_HITS)
+        self.freed: deque[int] = deque(maxlen=FD_HITS)  # fds of its sockets destroyed lately, newest first
+        self.where = {inode: fd for fd, inode in fds.items() if inode}  # socket inode → its fd
 
     def candidates(self, limit: int = FD_PROBES) -> list[int]:
         """The fd numbers a new socket most likely has, in order: the latest hit (a socket closed and
-        replaced), the lowest numbers free at the last read (which run on past the top), the older hits,
-        then more free numbers."""
+        replaced), the fds of its sockets destroyed since (the lowest first: the kernel takes the lowest
+        free), the lowest numbers free at the last read (which run on past the top), the older hits, then
+        more free numbers."""
         lowest = heapq.nsmallest(limit, self.free)
         lowest += range(self.top + 1, self.top + 1 + limit - len(lowest))
         hits = list(self.hits)
-        out = list(dict.fromkeys([*hits[:1], *lowest[:FIRST_FREE], *hits[1:], *lowest[FIRST_FREE:]]))
+        freed = sorted(self.freed)
+        out = list(dict.fromkeys([*hits[:1], *freed, *lowest[:FIRST_FREE], *hits[1:], *lowest[FIRST_FREE:]]))
         return out[:limit]
+
+    def closed(self, fd: int) -> None:
+        """A socket this process held at `fd` was destroyed: its number is free, or taken by a new fd."""
+        if fd not in self.freed:
+            self.freed.appendleft(fd)
 
     def seen(self, fd: int, inode: int | None) -> None:
         """fd `fd` was read now: `inode` (0: not a socket), None when it was not open."""
+        with contextlib.suppress(ValueError):
+            self.freed.remove(fd)
+        was = self.fds.pop(fd, 0)
+        if was:
+            self.where.pop(was, None)
         if inode is None:
-            self.fds.pop(fd, None)
             if fd <= self.top:
                 self.free.add(fd)
             return
         self.fds[fd] = inode
+        if inode:
+            self.where[inode] = fd
         self.free.discard(fd)
         if fd > self.top:
             self.free.update(range(self.top + 1, fd))
@@ -154,11 +170,18 @@ class ProcessCache:
 class Attributor:
     """5-tuple → ProcessInfo: sock_diag, the cached inode→pid map, the process cache."""
 
-    def __init__(self, diag: SockDiag | None, reader: ProcReader, probe_fds: bool = True) -> None:
+    def __init__(
+        self, diag: SockDiag | None, reader: ProcReader, probe_fds: bool = True, closes: SocketEvents | None = None
+    ) -> None:
         self.diag = diag
         self.reader = reader
         self.processes = ProcessCache(reader)
         self.probe_fds = probe_fds  # False: read a recent owner's whole fd table (the way before; benchmarks)
+        if closes is None and probe_fds and isinstance(diag, SockDiag):
+            with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN; without, a freed fd is found by a table read
+                closes = SocketEvents(tcp=True)
+        self.closes = closes  # destroyed sockets: which fds of recent owners were freed
+        self._cookies: OrderedDict[int, tuple[int, int]] = OrderedDict()  # cookie → (pid, fd) of sockets found
         self._owners: dict[int, int] = {}
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._tables: dict[int, FdTable] = {}  # recent owner → its fd table as last read
@@ -215,6 +238,7 @@ class Attributor:
         checked: set[int] = set()
         recent = list(reversed(self._recent))
         if self.probe_fds:
+            self._read_closes()
             for pid in probe_order(recent, self._keys, set(keys)):
                 self._probe(pid, wanted, found)
                 if not wanted:
@@ -305,6 +329,15 @@ class Attributor:
                 fds.hit(fd)
         return any_socket
 
+    def _read_closes(self) -> None:
+        """Mark the fds of the found sockets destroyed since the last call as freed in their owners' tables."""
+        if self.closes is None or not self._cookies:
+            return
+        for gone in self.closes.read(CLOSES_READ):
+            owner = self._cookies.pop(gone.cookie, None)
+            if owner is not None and (table := self._tables.get(owner[0])) is not None:
+                table.closed(owner[1])
+
     def _remember(self, pid: int) -> int:
         self._recent.pop(pid, None)
         self._recent[pid] = None
@@ -349,11 +382,19 @@ class Attributor:
                 self.no_process += 1
             elif pid in self._recent:
                 self._keys[pid] = (sock.uid, sock.cgroup)
+                table = self._tables.get(pid)
+                fd = table.where.get(sock.inode) if table is not None else None
+                if fd is not None and sock.cookie and self.closes is not None:
+                    self._cookies[sock.cookie] = (pid, fd)
+                    if len(self._cookies) > MAX_CACHED_SOCKETS:
+                        self._cookies.popitem(last=False)
             found_processes.append(process)
         return found_processes
 
     def close(self) -> None:
         self.reader.close()
+        if self.closes is not None:
+            self.closes.close()
 
     def socket_uid(self, flow: FiveTuple) -> int | None:
         """The uid owning the connection's socket (sock_diag alone: no /proc), None when not found.

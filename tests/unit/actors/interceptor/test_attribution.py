@@ -76,8 +76,8 @@ class FakeDiag:
         return self.table.get(flow)
 
 
-def diag_socket(inode: int, uid: int = 1000, cgroup: int = 0) -> DiagSocket:
-    return DiagSocket(socket.AF_INET, 2, bytes(16), 40000, bytes(16), 443, uid, inode, cgroup=cgroup)
+def diag_socket(inode: int, uid: int = 1000, cgroup: int = 0, cookie: int = 0) -> DiagSocket:
+    return DiagSocket(socket.AF_INET, 2, bytes(16), 40000, bytes(16), 443, uid, inode, cookie=cookie, cgroup=cgroup)
 
 
 def test_status_and_stat_parsing() -> None:
@@ -294,6 +294,10 @@ def test_fd_table_guesses_the_replaced_fd_then_the_lowest_free_ones() -> None:
     table.seen(6, None)  # a file closed
     table.seen(9, 0)  # something opened far up: 7 and 8 stay free
     assert table.candidates(6) == [5, 6, 7, 8, 10, 3]
+    table.closed(3)  # a socket of it at fd 3 was destroyed: read right after the latest hit
+    assert table.candidates(3) == [5, 3, 6]
+    table.seen(3, 14)
+    assert table.candidates(3) == [5, 6, 7]
     assert (table.top, sorted(table.free)) == (9, [6, 7, 8])
 
 
@@ -362,6 +366,46 @@ def test_the_owner_of_the_same_uid_and_cgroup_is_read_first(proc: Path) -> None:
         assert connect(700, fd, 80_000 + fd) == 700 and connect(710, fd, 81_000 + fd) == 710
     listed = scanned(reader)
     assert connect(700, 52, 80_052) == 700 and listed == []
+
+
+class FakeCloses:
+    """The destroyed-socket notices (kernel.sockdiag.SocketEvents(tcp=True)): what the test queued."""
+
+    def __init__(self) -> None:
+        self.queued: list[DiagSocket] = []
+
+    def read(self, limit: int = 256) -> list[DiagSocket]:
+        out, self.queued = self.queued, []
+        return out
+
+
+@pytest.mark.parametrize("notices", [True, False])
+def test_the_fd_of_a_destroyed_socket_is_read_first(proc: Path, notices: bool) -> None:
+    """A browser closed an old connection and opened a new one: the kernel gave the new socket the old one's
+    fd, in the middle of the table. The old socket's destroy notice (its cookie) says which fd was freed."""
+    fds = browser(proc, 500, 300)
+    table: dict[FiveTuple, DiagSocket] = {}
+    closes = FakeCloses()
+    reader = ProcReader(proc)
+    attr = Attributor(FakeDiag(table), reader, closes=closes)  # type: ignore[arg-type]
+
+    def attribute(inode: int, cookie: int) -> int | None:
+        flow = FiveTuple(6, "192.0.2.66", inode % 65536, "203.0.113.80", 443)
+        table[flow] = diag_socket(inode, cookie=cookie)
+        found = attr.attribute(flow)
+        return found.pid if found is not None else None
+
+    assert attribute(50_000, cookie=9000) == 500  # the browser's first connection: found by a scan
+    (fds / "303").symlink_to("socket:[60000]")
+    assert attribute(60_000, cookie=9200) == 500  # its table is read once and kept
+    assert attribute(50_097, cookie=9100) == 500  # fd 100: another connection (read with the table)
+    (fds / "100").unlink()  # the old connection is closed ...
+    (fds / "100").symlink_to("socket:[60100]")  # ... and a new socket gets its fd
+    if notices:
+        closes.queued = [diag_socket(0, cookie=9100)]  # destroyed: no inode any more, the cookie stays
+    listed = scanned(reader)
+    assert attribute(60_100, cookie=9300) == 500
+    assert (listed == []) is notices  # without the notice: the whole table is read again
 
 
 def test_a_big_table_is_read_after_the_newest_processes_and_the_smaller_tables(proc: Path) -> None:
