@@ -29,7 +29,8 @@ Measurements:
 - the interceptor's own time per connection (its busy_us and verdict_us counters) and the share of
   connections whose process it did not find;
 - process attribution in-process with the real attribution code (sock_diag, /proc, the process cache), in
-  the lab host namespace.
+  the lab host namespace; a new socket of a process holding 500 and 5,000 fds side by side with the old
+  path (the whole fd table read: `Attributor(probe_fds=False)`). `--only attr` runs this part alone.
 The clients run as uid 65534, as apps run as a user while splittun runs as root. One run takes about a
 minute; everything is torn down at the end, also on failure. `python -m bench.interceptor_bench --help`
 has the knobs (sections, sizes).
@@ -188,7 +189,7 @@ def _median_us(samples: list[int]) -> float:
     return statistics.median(samples) / 1000
 
 
-def tool_attribution(rounds: int) -> None:
+def tool_attribution(rounds: int, fd_counts: tuple[int, ...] = (500, 5000)) -> None:
     """Process attribution with the real attribution code (sock_diag, /proc) on this namespace's sockets."""
     from actors.interceptor.attribution import Attributor
     from kernel.procfs import ProcReader
@@ -220,17 +221,51 @@ def tool_attribution(rounds: int) -> None:
             samples.append(time.perf_counter_ns() - t0)
         return _median_us(samples)
 
-    def new_socket() -> float:
-        """A connection made now by this (already known) process: its socket is new, the process is not."""
+    def new_socket(attributor: Attributor = shared, pattern: str = "reused", rounds: int = rounds) -> float:
+        """A connection made now by this (already known) process: its socket is new, the process is not.
+        `pattern` says which fd number the new socket gets: "reused" (the previous new socket was closed:
+        the same number again), "top" (the previous one stays open: the next number up), "hole" (a socket
+        held since long ago was closed just before: a number in the middle of the table, as in a browser)."""
         samples = []
-        for _ in range(rounds):
+        for i in range(rounds):
+            if pattern == "hole":
+                victim = held.pop(len(held) // 3 + i % max(len(held) // 2, 1))
+                victim.close()
             sock, port = new_client()
             t0 = time.perf_counter_ns()
-            found = shared.attribute(FiveTuple(IpProtocol.TCP, dst, port, dst, dport))
+            found = attributor.attribute(FiveTuple(IpProtocol.TCP, dst, port, dst, dport))
             samples.append(time.perf_counter_ns() - t0)
-            sock.close()
+            if pattern == "reused":
+                sock.close()
+            else:
+                held.append(sock)
             assert found is not None and found.pid == os.getpid(), "attribution found another process"
         return _median_us(samples)
+
+    def fd_count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def grow_to(n: int) -> None:
+        """Open connections until this process holds n fds; each is attributed as it opens (with app rules,
+        the interceptor sees every connection of an app)."""
+        while fd_count() < n:
+            sock, port = new_client()
+            held.append(sock)
+            shared.attribute(FiveTuple(IpProtocol.TCP, dst, port, dst, dport))
+
+    def by_fd_count(n: int) -> None:
+        """Before (a recent owner's whole fd table read for each new socket) and after (single fds read
+        first) side by side, for each way a new socket gets its fd number."""
+        grow_to(n)
+        samples = max(20, rounds * 500 // n)  # "before" reads the whole table: ~25 ms at 5,000 fds
+        for pattern in ("reused", "top", "hole"):
+            for label, attributor in (("before", before), ("after", shared)):
+                results[f"new socket of a known process with {n} fds, fd {pattern}, {label}"] = new_socket(
+                    attributor, pattern, samples
+                )
+                while fd_count() > n:  # the "top" rows held theirs: back to n fds
+                    held.pop().close()
+                grow_to(n)
 
     def new_process() -> float:
         """A connection made by a process started a moment ago (curl): new socket, new pid, known parents.
@@ -268,12 +303,11 @@ def tool_attribution(rounds: int) -> None:
         shared.attribute(flow)
         results["the same socket again (cached)"] = timed(lambda: shared.attribute(flow))
         results["new process, parents known (curl)"] = new_process()
-        fds = len(os.listdir("/proc/self/fd"))
-        results[f"new socket of a known process with {fds} fds"] = new_socket()
-        while len(os.listdir("/proc/self/fd")) < 500:
-            held.append(new_client()[0])
-        fds = len(os.listdir("/proc/self/fd"))
-        results[f"new socket of a known process with {fds} fds (a browser)"] = new_socket()
+        results[f"new socket of a known process with {fd_count()} fds"] = new_socket()
+        before = Attributor(diag, reader, probe_fds=False)
+        before.attribute(flow)  # this process is a known owner for both
+        for n in fd_counts:
+            by_fd_count(n)
     finally:
         for s in held:
             s.close()
@@ -569,7 +603,7 @@ class Bench:
                      f"{run.queued / max(run.mbytes, 1e-9):,.0f} packets to user space per MB")  # fmt: skip
 
     def attribution_bench(self) -> None:
-        out = self.sh("host", [*TOOL, "attribution", "200"], timeout=120)
+        out = self.sh("host", [*TOOL, "attribution", "200"], timeout=300)
         self.attribution = json.loads(out)
         for what, us in self.attribution.items():
             self.say(f"attribution {what}: {us:.1f} µs")
@@ -578,6 +612,8 @@ class Bench:
         self.up()
         if "attr" in sections:
             self.attribution_bench()
+            if not sections - {"attr"}:
+                return
         measure = [m for m in (("latency", self.latency), ("rate", self.rate)) if m[0] in sections]
         for _, fn in measure:
             fn("off", "vpn", KEEP_DST)
@@ -670,7 +706,21 @@ class Bench:
         if self.attribution:
             lines += ["Process attribution (the real attribution code in the lab host namespace, median):", ""]
             lines += ["| what | µs |", "|---|---|"]
-            lines += [f"| {what} | {us:.1f} |" for what, us in self.attribution.items()]
+            sides = {what: us for what, us in self.attribution.items() if what.endswith((", before", ", after"))}
+            lines += [f"| {what} | {us:.1f} |" for what, us in self.attribution.items() if what not in sides]
+            lines += [
+                "",
+                "A new socket of a known process holding many fds, by the fd number it gets: reused (the previous "
+                "new socket was closed), top (it stays open), hole (an old socket was closed just before); "
+                "before = the whole fd table read, after = single fds read first (µs, median):",
+                "",
+                "| new socket | before | after | × before |",
+                "|---|---|---|---|",
+            ]
+            for what, us in sides.items():
+                if what.endswith(", after"):
+                    was = sides[what.removesuffix(", after") + ", before"]
+                    lines.append(f"| {what.removesuffix(', after')} | {was:,.1f} | {us:,.1f} | {us / was:.3f}× |")
         return "\n".join(lines)
 
     @staticmethod
