@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 
-from kernel.procfs import ProcReader
+from kernel.procfs import Cgroups, ProcReader
 from kernel.sockdiag import DiagSocket, SockDiag, SocketEvents
 from messages import ProcessInfo
 from messages.flows import FiveTuple
@@ -36,6 +37,7 @@ RECENT_OWNERS = 16
 NEWEST_PROBES = 8  # pids below the last one handed out that are tried before listing /proc
 FD_PROBES = 24  # fd numbers of a recent owner read one by one before its whole fd table (~3 µs each)
 PROBED_OWNERS = 2  # recent owners of the same uid and cgroup whose single fds are read
+CGROUP_PROCESSES = 64  # a cgroup with more processes than this is not read process by process
 CLOSES_READ = 1024  # destroyed-socket notices read per lookup that misses the caches, at most
 FIRST_FREE = 4  # free fd numbers read before the older hits
 FD_HITS = 16  # fd numbers where a process's new sockets were found lately, tried first
@@ -171,7 +173,12 @@ class Attributor:
     """5-tuple → ProcessInfo: sock_diag, the cached inode→pid map, the process cache."""
 
     def __init__(
-        self, diag: SockDiag | None, reader: ProcReader, probe_fds: bool = True, closes: SocketEvents | None = None
+        self,
+        diag: SockDiag | None,
+        reader: ProcReader,
+        probe_fds: bool = True,
+        closes: SocketEvents | None = None,
+        cgroups: Cgroups | None = None,
     ) -> None:
         self.diag = diag
         self.reader = reader
@@ -181,6 +188,10 @@ class Attributor:
             with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN; without, a freed fd is found by a table read
                 closes = SocketEvents(tcp=True)
         self.closes = closes  # destroyed sockets: which fds of recent owners were freed
+        if cgroups is None and probe_fds and isinstance(diag, SockDiag):
+            cgroups = Cgroups.found(reader.root)
+        self.cgroups = cgroups  # a socket's cgroup id → the processes that may hold it
+        self.cgroup_reads = 0  # lookups that read the processes of the socket's cgroup
         self._cookies: OrderedDict[int, tuple[int, int]] = OrderedDict()  # cookie → (pid, fd) of sockets found
         self._owners: dict[int, int] = {}
         self._recent: OrderedDict[int, None] = OrderedDict()
@@ -239,8 +250,13 @@ class Attributor:
         recent = list(reversed(self._recent))
         if self.probe_fds:
             self._read_closes()
-            for pid in probe_order(recent, self._keys, set(keys)):
+            keys = set(keys)
+            for pid in probe_order(recent, self._keys, keys):
                 self._probe(pid, wanted, found)
+                if not wanted:
+                    return found
+            for cgroup in sorted({cgroup for _uid, cgroup in keys if cgroup}):
+                self._scan_cgroup(cgroup, wanted, found, checked)
                 if not wanted:
                     return found
             # the cheapest tables first: a big one (a browser) after the newest processes
@@ -296,6 +312,22 @@ class Attributor:
                 found[inode] = self._remember(pid)
                 if not wanted:
                     return
+
+    def _scan_cgroup(self, cgroup: int, wanted: set[int], found: dict[int, int], checked: set[int]) -> None:
+        """Read the tables of the processes in cgroup `cgroup`, the smallest first (FDSize), when it has few."""
+        members = self.cgroups.pids(cgroup, time.monotonic()) if self.cgroups is not None else None
+        if not members or len(members) > CGROUP_PROCESSES:
+            return
+        self.cgroup_reads += 1
+        sizes = {pid: self.reader.fd_size(pid) for pid in members if pid not in checked}
+        for pid in sorted((pid for pid, size in sizes.items() if size is not None), key=lambda pid: sizes[pid] or 0):
+            checked.add(pid)
+            if pid in self._recent:
+                self._scan_recent(pid, wanted, found, checked)
+            else:
+                self._scan(pid, wanted, found)
+            if not wanted:
+                return
 
     def _scan_recent(self, pid: int, wanted: set[int], found: dict[int, int], checked: set[int]) -> None:
         checked.add(pid)

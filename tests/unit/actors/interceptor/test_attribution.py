@@ -15,7 +15,7 @@ import pytest
 from actors.interceptor.attribution import FD_PROBES, Attributor, FdTable, probe_order
 from core.dns.names import GRACE, NameTable
 from core.policy import AppFacts
-from kernel.procfs import ProcReader, parse_stat_start, parse_status, socket_inode
+from kernel.procfs import Cgroups, ProcReader, cgroup2_mount, parse_stat_start, parse_status, socket_inode
 from kernel.sockdiag import (
     INET_DIAG_CGROUP_ID,
     DiagSocket,
@@ -41,13 +41,14 @@ def make_proc(
     start: int = 100,
     sockets: tuple = (),
     tgid: int = 0,
+    fdsize: int = 64,
 ) -> None:
     """A fake /proc/<pid>; with `tgid`, a thread of process `tgid` (a hidden entry: not listed by /proc)."""
     d = root / (str(pid) if not tgid else f".task-{pid}")
     (d / "fd").mkdir(parents=True, exist_ok=True)
     (d / "status").write_text(
         f"Name:\t{name}\nState:\tS\nTgid:\t{tgid or pid}\nPid:\t{pid}\nPPid:\t{ppid}\n"
-        f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+        f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\nFDSize:\t{fdsize}\n"
     )
     fields = ["S", str(ppid)] + ["0"] * 17 + [str(start)] + ["0"] * 10
     (d / "stat").write_text(f"{pid} ({name}) " + " ".join(fields) + "\n")
@@ -422,6 +423,53 @@ def test_a_big_table_is_read_after_the_newest_processes_and_the_smaller_tables(p
     make_proc(proc, 605, name="curl", exe="/usr/bin/curl", ppid=1, sockets=(6050,))
     (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 605\n")
     assert attr.pid_of_inode(6050) == 605 and 500 not in listed
+
+
+def test_the_cgroup_v2_mount_and_its_ids(tmp_path: Path) -> None:
+    mountinfo = (
+        "25 1 0:23 / /sys rw,nosuid - sysfs sysfs rw\n"
+        "35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n"
+    )
+    assert cgroup2_mount(mountinfo) == "/sys/fs/cgroup/unified"
+    assert cgroup2_mount("25 1 0:23 / /sys rw - sysfs sysfs rw\n") is None  # ip netns exec: a fresh /sys
+    scope = tmp_path / "user.slice" / "app-firefox.scope"
+    scope.mkdir(parents=True)
+    (scope / "cgroup.procs").write_text("500\n501\n")
+    (tmp_path / "cgroup.procs").write_text("1\n2\n500\n")
+    cgroups = Cgroups(tmp_path)
+    assert cgroups.pids(scope.stat().st_ino, now=0.0) == [500, 501]  # the id is the directory's inode number
+    assert cgroups.pids(tmp_path.stat().st_ino, now=0.0) is None  # the root: everything, no narrowing
+    assert cgroups.pids(0, now=0.0) is None and Cgroups(None).pids(5, now=0.0) is None
+    late = tmp_path / "user.slice" / "app-chat.scope"
+    late.mkdir()
+    (late / "cgroup.procs").write_text("300\n")
+    assert cgroups.pids(late.stat().st_ino, now=0.5) is None  # not walked again within a second
+    assert cgroups.pids(late.stat().st_ino, now=2.0) == [300]
+    remove_tree(scope)
+    assert cgroups.pids(scope.stat().st_ino if scope.exists() else 1, now=2.1) is None
+
+
+def test_a_new_socket_is_looked_for_in_its_cgroup_smallest_table_first(proc: Path, tmp_path: Path) -> None:
+    """Neither the last owner nor the newest processes: the socket's cgroup (an app's scope) names the few
+    processes that may hold it, read by the size of their fd tables, without listing /proc."""
+    scope = tmp_path / "cgroup" / "app-firefox.scope"
+    scope.mkdir(parents=True)
+    (scope / "cgroup.procs").write_text("250\n100\n")
+    make_proc(
+        proc, 250, name="Socket Process", exe="/usr/lib/firefox/firefox-bin", ppid=50, sockets=(2500,), fdsize=256
+    )
+    make_proc(proc, 300, name="chat", exe="/usr/bin/chat", ppid=1, sockets=(3000,))
+    (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 900\n")
+    key = FiveTuple(6, "192.0.2.66", 40000, "203.0.113.80", 443)
+    chat = FiveTuple(6, "192.0.2.66", 40001, "203.0.113.80", 443)
+    table = {key: diag_socket(2500, cgroup=scope.stat().st_ino), chat: diag_socket(3000)}
+    reader = ProcReader(proc)
+    attr = Attributor(FakeDiag(table), reader, cgroups=Cgroups(tmp_path / "cgroup"))  # type: ignore[arg-type]
+    assert attr.attribute(chat).pid == 300  # type: ignore[union-attr]
+    listed = scanned(reader)
+    assert attr.attribute(key).pid == 250  # type: ignore[union-attr]
+    assert listed == [100, 250] and attr.cgroup_reads == 1  # the scope, smallest table first; not chat
+    assert attr.listings == 1  # only the first lookup listed /proc
 
 
 def test_a_process_reading_its_own_fd_table_does_not_count_the_listing() -> None:
