@@ -4,10 +4,13 @@ Attribution has three layers; this is the top one, the interceptor's caches and 
 1. sock_diag (`kernel/sockdiag.py`) looks the packet's 5-tuple up and returns the socket's inode, uid
    and cookie. TCP is an exact lookup; UDP too (the kernel matches it like an incoming datagram, so
    unconnected sockets are found), with a dump of that port as fallback.
-2. The inode is mapped to a pid by scanning /proc/<pid>/fd (`kernel/procfs.py` reads /proc): first the
-   processes that owned the last connections, then the newest processes (pid numbers wrap around, so
-   "newest" starts at the last pid the kernel handed out), then all. Every socket read on the way is
-   cached, so the next connections of a busy app are found without reading /proc at all.
+2. The inode is mapped to a pid by reading /proc/<pid>/fd (`kernel/procfs.py` reads /proc): first single
+   fds of the processes that owned the last connections (where the kernel most likely put a new socket:
+   `FdTable`), then the processes of the socket's cgroup, then whole tables of the last owners (the
+   smallest first) and of the newest processes (pid numbers wrap around, so "newest" starts at the last
+   pid the kernel handed out), then all. Every socket read on the way is cached, so the next connections
+   of a busy app are found without reading /proc at all. The cost does not grow with a known process's
+   fd count: a whole table (~3 µs per fd) is read again only when the guesses miss.
 3. The pid is described from /proc: executable, command line, uid, parent chain (for "children"
    rules). Cached per (pid, start time, comm): a reused pid or an exec gives a fresh description. The
    parent chain comes from the parent's own cached description, so a new process (curl) costs reads
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +45,7 @@ CGROUP_PROCESSES = 64  # a cgroup with more processes than this is not read proc
 CLOSES_READ = 1024  # destroyed-socket notices read per lookup that misses the caches, at most
 FIRST_FREE = 4  # free fd numbers read before the older hits
 FD_HITS = 16  # fd numbers where a process's new sockets were found lately, tried first
+FREE_KEPT = 1024  # free fd numbers kept per table, the lowest (a process may hold fd 1,000,000 and little else)
 
 
 class FdTable:
@@ -57,7 +62,7 @@ class FdTable:
     def __init__(self, fds: dict[int, int]) -> None:
         self.fds = fds  # fd → socket inode, 0 for anything else
         self.top = max(fds, default=-1)  # the highest number seen open
-        self.free = set(range(self.top)) - fds.keys()  # numbers up to the top not open
+        self.free = lowest_free(fds, FREE_KEPT)  # numbers below the top not open (the lowest FREE_KEPT of them)
         self.hits: deque[int] = deque(maxlen=FD_HITS)
         self.freed: deque[int] = deque(maxlen=FD_HITS)  # fds of its sockets destroyed lately, newest first
         self.where = {inode: fd for fd, inode in fds.items() if inode}  # socket inode → its fd
@@ -87,7 +92,7 @@ class FdTable:
         if was:
             self.where.pop(was, None)
         if inode is None:
-            if fd <= self.top:
+            if fd <= self.top and len(self.free) < FREE_KEPT:
                 self.free.add(fd)
             return
         self.fds[fd] = inode
@@ -95,13 +100,25 @@ class FdTable:
             self.where[inode] = fd
         self.free.discard(fd)
         if fd > self.top:
-            self.free.update(range(self.top + 1, fd))
+            self.free.update(itertools.islice(range(self.top + 1, fd), max(FREE_KEPT - len(self.free), 0)))
             self.top = fd
 
     def hit(self, fd: int) -> None:
         with contextlib.suppress(ValueError):
             self.hits.remove(fd)
         self.hits.appendleft(fd)
+
+
+def lowest_free(fds: Iterable[int], limit: int) -> set[int]:
+    """The lowest `limit` numbers below the highest of `fds` that are not in it."""
+    free: list[int] = []
+    expected = 0
+    for fd in sorted(fds):
+        free.extend(range(expected, min(fd, expected + limit - len(free))))
+        if len(free) >= limit:
+            break
+        expected = fd + 1
+    return set(free)
 
 
 SMALL_TABLE = 256  # a recent owner's fd table read before the newest processes only up to this size
@@ -221,7 +238,8 @@ class Attributor:
         Looked for, in this order, until every socket is found:
         0. by reading single fds (`FdTable`) of the last owner and of the recent owners of sockets with the
            same (uid, cgroup id) as in `keys` (what sock_diag said of the sockets looked for): a new socket
-           of a known process, found without reading its whole table;
+           of a known process, found without reading its whole table; then in the processes of the
+           sockets' cgroups (`Cgroups`: when they are few), the smallest fd table first;
         1. in the process that owned the last connection (an app making one connection usually makes
            more: a browser, wrk), when its table is small;
         2. in the few newest processes, probed by number down from the last pid handed out, without
@@ -297,6 +315,9 @@ class Attributor:
         """Read the fds of recent owner `pid` where a new socket most likely is (see `FdTable`)."""
         table = self._tables.get(pid)
         if table is None:
+            return
+        if not self.reader.running(pid):  # one pread: not 24 readlinks into a process that is gone
+            self._forget(pid)
             return
         for fd in table.candidates():
             inode = self.reader.fd_inode(pid, fd)

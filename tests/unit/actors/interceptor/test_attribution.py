@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.interceptor.attribution import FD_PROBES, Attributor, FdTable, probe_order
+from actors.interceptor.attribution import FD_PROBES, Attributor, FdTable, lowest_free, probe_order
 from core.dns.names import GRACE, NameTable
 from core.policy import AppFacts
 from kernel.procfs import Cgroups, ProcReader, cgroup2_mount, parse_stat_start, parse_status, socket_inode
@@ -300,6 +300,14 @@ def test_fd_table_guesses_the_replaced_fd_then_the_lowest_free_ones() -> None:
     table.seen(3, 14)
     assert table.candidates(3) == [5, 6, 7]
     assert (table.top, sorted(table.free)) == (9, [6, 7, 8])
+
+
+def test_a_table_with_a_huge_fd_number_keeps_only_its_lowest_free_numbers() -> None:
+    table = FdTable({0: 0, 1: 0, 5: 7, 1_000_000: 8})  # e.g. a daemon that moved a socket far up
+    assert len(table.free) <= 1024 and table.candidates(4) == [2, 3, 4, 6]
+    table.seen(2_000_000, 9)
+    assert len(table.free) <= 1024
+    assert lowest_free([0, 3, 4, 9], 3) == {1, 2, 5} and lowest_free([], 3) == set()
 
 
 def test_probe_order_is_the_last_owner_and_the_owners_of_the_same_uid_and_cgroup() -> None:
