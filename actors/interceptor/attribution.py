@@ -121,6 +121,12 @@ def lowest_free(fds: Iterable[int], limit: int) -> set[int]:
     return set(free)
 
 
+def probes_for(size: int) -> int:
+    """How many single fds to read in a table of `size` fds: a small table is read whole about as fast (and
+    is, right after, when the socket is not there), so guessing there is kept to the likeliest few."""
+    return min(FD_PROBES, max(2, size // 8))
+
+
 SMALL_TABLE = 256  # a recent owner's fd table read before the newest processes only up to this size
 _NO_TABLE = FdTable({})
 
@@ -319,7 +325,7 @@ class Attributor:
         if not self.reader.running(pid):  # one pread: not 24 readlinks into a process that is gone
             self._forget(pid)
             return
-        for fd in table.candidates():
+        for fd in table.candidates(probes_for(len(table.fds))):
             inode = self.reader.fd_inode(pid, fd)
             self.fd_probes += 1
             table.seen(fd, inode)

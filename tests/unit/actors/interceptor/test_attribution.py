@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.interceptor.attribution import FD_PROBES, Attributor, FdTable, lowest_free, probe_order
+from actors.interceptor.attribution import FD_PROBES, Attributor, FdTable, lowest_free, probe_order, probes_for
 from core.dns.names import GRACE, NameTable
 from core.policy import AppFacts
 from kernel.procfs import Cgroups, ProcReader, cgroup2_mount, parse_stat_start, parse_status, socket_inode
@@ -308,6 +308,10 @@ def test_a_table_with_a_huge_fd_number_keeps_only_its_lowest_free_numbers() -> N
     table.seen(2_000_000, 9)
     assert len(table.free) <= 1024
     assert lowest_free([0, 3, 4, 9], 3) == {1, 2, 5} and lowest_free([], 3) == set()
+
+
+def test_a_small_table_gets_few_guesses() -> None:
+    assert (probes_for(16), probes_for(100), probes_for(500), probes_for(5000)) == (2, 12, FD_PROBES, FD_PROBES)
 
 
 def test_probe_order_is_the_last_owner_and_the_owners_of_the_same_uid_and_cgroup() -> None:
