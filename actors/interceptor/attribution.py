@@ -23,8 +23,8 @@ None: the caller retries a few times within milliseconds, then decides without i
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-import heapq
 import itertools
 import time
 from collections import OrderedDict, deque
@@ -62,7 +62,7 @@ class FdTable:
     def __init__(self, fds: dict[int, int]) -> None:
         self.fds = fds  # fd → socket inode, 0 for anything else
         self.top = max(fds, default=-1)  # the highest number seen open
-        self.free = lowest_free(fds, FREE_KEPT)  # numbers below the top not open (the lowest FREE_KEPT of them)
+        self.free = lowest_free(fds, FREE_KEPT)  # numbers below the top not open, sorted (the lowest FREE_KEPT)
         self.hits: deque[int] = deque(maxlen=FD_HITS)
         self.freed: deque[int] = deque(maxlen=FD_HITS)  # fds of its sockets destroyed lately, newest first
         self.where = {inode: fd for fd, inode in fds.items() if inode}  # socket inode → its fd
@@ -72,7 +72,7 @@ class FdTable:
         replaced), the fds of its sockets destroyed since (the lowest first: the kernel takes the lowest
         free), the lowest numbers free at the last read (which run on past the top), the older hits, then
         more free numbers."""
-        lowest = heapq.nsmallest(limit, self.free)
+        lowest = self.free[:limit]
         lowest += range(self.top + 1, self.top + 1 + limit - len(lowest))
         hits = list(self.hits)
         freed = sorted(self.freed)
@@ -91,16 +91,19 @@ class FdTable:
         was = self.fds.pop(fd, 0)
         if was:
             self.where.pop(was, None)
+        at = bisect.bisect_left(self.free, fd)
+        listed = at < len(self.free) and self.free[at] == fd
         if inode is None:
-            if fd <= self.top and len(self.free) < FREE_KEPT:
-                self.free.add(fd)
+            if fd <= self.top and not listed and len(self.free) < FREE_KEPT:
+                self.free.insert(at, fd)
             return
         self.fds[fd] = inode
         if inode:
             self.where[inode] = fd
-        self.free.discard(fd)
+        if listed:
+            del self.free[at]
         if fd > self.top:
-            self.free.update(itertools.islice(range(self.top + 1, fd), max(FREE_KEPT - len(self.free), 0)))
+            self.free.extend(itertools.islice(range(self.top + 1, fd), max(FREE_KEPT - len(self.free), 0)))
             self.top = fd
 
     def hit(self, fd: int) -> None:
@@ -109,8 +112,8 @@ class FdTable:
         self.hits.appendleft(fd)
 
 
-def lowest_free(fds: Iterable[int], limit: int) -> set[int]:
-    """The lowest `limit` numbers below the highest of `fds` that are not in it."""
+def lowest_free(fds: Iterable[int], limit: int) -> list[int]:
+    """The lowest `limit` numbers below the highest of `fds` that are not in it, in order."""
     free: list[int] = []
     expected = 0
     for fd in sorted(fds):
@@ -118,7 +121,7 @@ def lowest_free(fds: Iterable[int], limit: int) -> set[int]:
         if len(free) >= limit:
             break
         expected = fd + 1
-    return set(free)
+    return free
 
 
 def probes_for(size: int) -> int:
@@ -273,7 +276,6 @@ class Attributor:
         checked: set[int] = set()
         recent = list(reversed(self._recent))
         if self.probe_fds:
-            self._read_closes()
             keys = set(keys)
             for pid in probe_order(recent, self._keys, keys):
                 self._probe(pid, wanted, found)
@@ -325,6 +327,8 @@ class Attributor:
         if not self.reader.running(pid):  # one pread: not 24 readlinks into a process that is gone
             self._forget(pid)
             return
+        if len(table.fds) > SMALL_TABLE:  # (a small table is read whole cheaply: its notices are not kept)
+            self._read_closes()
         for fd in table.candidates(probes_for(len(table.fds))):
             inode = self.reader.fd_inode(pid, fd)
             self.fd_probes += 1
@@ -389,7 +393,8 @@ class Attributor:
         return any_socket
 
     def _read_closes(self) -> None:
-        """Mark the fds of the found sockets destroyed since the last call as freed in their owners' tables."""
+        """Mark the fds of the found sockets destroyed since the last call as freed in their owners' tables.
+        Read only before guessing in a big table: a lookup for a new process (curl) does not pay for them."""
         if self.closes is None or not self._cookies:
             return
         for gone in self.closes.read(CLOSES_READ):
@@ -442,7 +447,8 @@ class Attributor:
             elif pid in self._recent:
                 self._keys[pid] = (sock.uid, sock.cgroup)
                 table = self._tables.get(pid)
-                fd = table.where.get(sock.inode) if table is not None else None
+                big = table is not None and len(table.fds) > SMALL_TABLE
+                fd = table.where.get(sock.inode) if table is not None and big else None
                 if fd is not None and sock.cookie and self.closes is not None:
                     self._cookies[sock.cookie] = (pid, fd)
                     if len(self._cookies) > MAX_CACHED_SOCKETS:
