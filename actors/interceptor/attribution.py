@@ -42,6 +42,7 @@ NEWEST_PROBES = 8  # pids below the last one handed out that are tried before li
 FD_PROBES = 24  # fd numbers of a recent owner read one by one before its whole fd table (~3 µs each)
 PROBED_OWNERS = 2  # recent owners of the same uid and cgroup whose single fds are read
 CGROUP_PROCESSES = 64  # a cgroup with more processes than this is not read process by process
+MAX_COOKIES = 16384  # attributed sockets whose destroy notice is waited for (~100 bytes each)
 CLOSES_READ = 1024  # destroyed-socket notices read per lookup that misses the caches, at most
 FIRST_FREE = 4  # free fd numbers read before the older hits
 FD_HITS = 16  # fd numbers where a process's new sockets were found lately, tried first
@@ -446,12 +447,11 @@ class Attributor:
                 self.no_process += 1
             elif pid in self._recent:
                 self._keys[pid] = (sock.uid, sock.cgroup)
-                table = self._tables.get(pid)
-                big = table is not None and len(table.fds) > SMALL_TABLE
-                fd = table.where.get(sock.inode) if table is not None and big else None
+                table = self._tables.get(pid)  # (a process's first sockets are closed too when it has grown big)
+                fd = table.where.get(sock.inode) if table is not None else None
                 if fd is not None and sock.cookie and self.closes is not None:
                     self._cookies[sock.cookie] = (pid, fd)
-                    if len(self._cookies) > MAX_CACHED_SOCKETS:
+                    if len(self._cookies) > MAX_COOKIES:
                         self._cookies.popitem(last=False)
             found_processes.append(process)
         return found_processes

@@ -421,6 +421,33 @@ def test_the_fd_of_a_destroyed_socket_is_read_first(proc: Path, notices: bool) -
     assert (listed == []) is notices  # without the notice: the whole table is read again
 
 
+def test_a_socket_from_when_the_table_was_small_is_guessed_once_it_is_big(proc: Path) -> None:
+    fds = browser(proc, 500, 10)
+    table: dict[FiveTuple, DiagSocket] = {}
+    closes = FakeCloses()
+    reader = ProcReader(proc)
+    attr = Attributor(FakeDiag(table), reader, closes=closes)  # type: ignore[arg-type]
+
+    def attribute(inode: int, cookie: int) -> int | None:
+        flow = FiveTuple(6, "192.0.2.66", inode % 65536, "203.0.113.80", 443)
+        table[flow] = diag_socket(inode, cookie=cookie)
+        found = attr.attribute(flow)
+        return found.pid if found is not None else None
+
+    assert attribute(50_000, cookie=1) == 500
+    (fds / "13").symlink_to("socket:[60000]")
+    assert attribute(60_000, cookie=2) == 500  # the small table is read and kept
+    assert attribute(50_005, cookie=3) == 500  # an early connection, at fd 8
+    for fd in range(14, 400):  # the browser grows
+        (fds / str(fd)).symlink_to(f"socket:[{70_000 + fd}]")
+    assert attribute(70_399, cookie=4) == 500  # read whole again: a big table now
+    (fds / "8").unlink()
+    (fds / "8").symlink_to("socket:[60008]")  # the early connection closed; a new socket took its fd
+    closes.queued = [diag_socket(0, cookie=3)]
+    listed = scanned(reader)
+    assert attribute(60_008, cookie=5) == 500 and listed == []
+
+
 def test_a_big_table_is_read_after_the_newest_processes_and_the_smaller_tables(proc: Path) -> None:
     fds = browser(proc, 500, 300)
     make_proc(proc, 300, name="chat", exe="/usr/bin/chat", ppid=1, sockets=(3000, 3001))
