@@ -74,6 +74,10 @@ class Cgroups:
         self._paths: dict[int, str] = {}
         self._walked = -rewalk - 1.0
 
+    def __bool__(self) -> bool:
+        """False without a cgroup v2 mount: nothing to narrow by."""
+        return self.root is not None
+
     @classmethod
     def found(cls, proc_root: str = "/proc") -> Cgroups:
         try:

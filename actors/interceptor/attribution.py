@@ -28,7 +28,7 @@ import contextlib
 import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 
 from kernel.procfs import Cgroups, ProcReader
 from kernel.sockdiag import DiagSocket, SockDiag, SocketEvents
@@ -135,12 +135,14 @@ SMALL_TABLE = 256  # a recent owner's fd table read before the newest processes 
 _NO_TABLE = FdTable({})
 
 
-def probe_order(recent: Sequence[int], keys: dict[int, tuple[int, int]], wanted: set[tuple[int, int]]) -> list[int]:
+def probe_order(
+    recent: Sequence[int], keys: dict[int, tuple[int, int]], wanted: set[tuple[int, int]], tables: Container[int]
+) -> list[int]:
     """The recent owners (newest first) whose single fds are read for new sockets: the last owner, and
     up to `PROBED_OWNERS` whose last socket had the (uid, cgroup id) of a socket looked for (an app's
-    processes share both: a desktop session gives each app its own cgroup)."""
-    same = [pid for pid in recent if keys.get(pid) in wanted][:PROBED_OWNERS]
-    return list(dict.fromkeys([*same, *recent[:1]]))
+    processes share both: a desktop session gives each app its own cgroup); only those with a kept table."""
+    same = [pid for pid in recent if keys.get(pid) in wanted and pid in tables][:PROBED_OWNERS]
+    return list(dict.fromkeys([*same, *(pid for pid in recent[:1] if pid in tables)]))
 
 
 class ProcessCache:
@@ -278,11 +280,11 @@ class Attributor:
         recent = list(reversed(self._recent))
         if self.probe_fds:
             keys = set(keys)
-            for pid in probe_order(recent, self._keys, keys):
+            for pid in probe_order(recent, self._keys, keys, self._tables):
                 self._probe(pid, wanted, found)
                 if not wanted:
                     return found
-            for cgroup in sorted({cgroup for _uid, cgroup in keys if cgroup}):
+            for cgroup in sorted({cgroup for _uid, cgroup in keys if cgroup} if self.cgroups else ()):
                 self._scan_cgroup(cgroup, wanted, found, checked)
                 if not wanted:
                     return found

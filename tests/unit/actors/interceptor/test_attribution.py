@@ -317,9 +317,11 @@ def test_a_small_table_gets_few_guesses() -> None:
 def test_probe_order_is_the_last_owner_and_the_owners_of_the_same_uid_and_cgroup() -> None:
     recent = [40, 30, 20, 10]  # newest first
     keys = {40: (0, 1), 30: (1000, 7), 20: (1000, 8), 10: (1000, 7)}
-    assert probe_order(recent, keys, {(1000, 7)}) == [30, 10, 40]
-    assert probe_order(recent, keys, set()) == [40]
-    assert probe_order([], keys, {(1000, 7)}) == []
+    tables = {40, 30, 20, 10}  # each one's fd table was read and kept
+    assert probe_order(recent, keys, {(1000, 7)}, tables) == [30, 10, 40]
+    assert probe_order(recent, keys, set(), tables) == [40]
+    assert probe_order([], keys, {(1000, 7)}, tables) == []
+    assert probe_order(recent, keys, {(1000, 7)}, {10}) == [10]  # nothing to guess from without a table
 
 
 def browser(proc: Path, pid: int = 500, sockets: int = 300) -> Path:
