@@ -267,7 +267,7 @@ def tool_attribution(rounds: int, fd_counts: tuple[int, ...] = (500, 5000)) -> N
                     held.pop().close()
                 grow_to(n)
 
-    def new_process(attributor: Attributor = shared) -> float:
+    def new_process(attributor: Attributor = shared, count: int = 100) -> list[int]:
         """A connection made by a process started a moment ago (curl): new socket, new pid, known parents.
         Another process forks them, as a shell would: a process that forks pays for it afterwards in
         copy-on-write faults, which would be charged to the attribution measured here."""
@@ -276,7 +276,7 @@ def tool_attribution(rounds: int, fd_counts: tuple[int, ...] = (500, 5000)) -> N
         assert spawner.stdin is not None and spawner.stdout is not None
         samples = []
         try:
-            for _ in range(min(rounds, 100)):
+            for _ in range(min(rounds, count)):
                 spawner.stdin.write("\n")
                 spawner.stdin.flush()
                 pid, port = map(int, spawner.stdout.readline().split())
@@ -290,7 +290,7 @@ def tool_attribution(rounds: int, fd_counts: tuple[int, ...] = (500, 5000)) -> N
         finally:
             spawner.kill()
             spawner.wait()
-        return _median_us(samples)
+        return samples
 
     try:
         c, sport = new_client()
@@ -304,8 +304,12 @@ def tool_attribution(rounds: int, fd_counts: tuple[int, ...] = (500, 5000)) -> N
         results["the same socket again (cached)"] = timed(lambda: shared.attribute(flow))
         before = Attributor(diag, reader, probe_fds=False)
         before.attribute(flow)  # this process is a known owner for both
-        for label, attributor in (("before", before), ("after", shared)):  # the guesses must not slow this down
-            results[f"new process, parents known (curl), {label}"] = new_process(attributor)
+        curl: dict[str, list[int]] = {"before": [], "after": []}
+        for _ in range(4):  # alternating blocks: the machine's load drifts; the guesses must not slow this down
+            for label, attributor in (("before", before), ("after", shared)):
+                curl[label] += new_process(attributor, 25)
+        for label, samples in curl.items():
+            results[f"new process, parents known (curl), {label}"] = _median_us(samples)
         results[f"new socket of a known process with {fd_count()} fds"] = new_socket()
         for n in fd_counts:
             by_fd_count(n)
