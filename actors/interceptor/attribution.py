@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import itertools
 import time
 from collections import OrderedDict, deque
@@ -206,7 +207,7 @@ class Attributor:
         diag: SockDiag | None,
         reader: ProcReader,
         probe_fds: bool = True,
-        closes: SocketEvents | None = None,
+        closes: Callable[[], SocketEvents] | None = None,
         cgroups: Cgroups | None = None,
     ) -> None:
         self.diag = diag
@@ -214,9 +215,11 @@ class Attributor:
         self.processes = ProcessCache(reader)
         self.probe_fds = probe_fds  # False: read a recent owner's whole fd table (the way before; benchmarks)
         if closes is None and probe_fds and isinstance(diag, SockDiag):
-            with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN; without, a freed fd is found by a table read
-                closes = SocketEvents(tcp=True)
-        self.closes = closes  # destroyed sockets: which fds of recent owners were freed
+            closes = functools.partial(SocketEvents, tcp=True)
+        # Destroyed sockets: which fds of recent owners were freed. Listened to only while a kept table is big
+        # (> SMALL_TABLE): every TCP socket closed in the namespace costs the kernel a notice (~3 µs).
+        self._open_closes = closes
+        self.closes: SocketEvents | None = None
         if cgroups is None and probe_fds and isinstance(diag, SockDiag):
             cgroups = Cgroups.found(reader.root)
         self.cgroups = cgroups  # a socket's cgroup id → the processes that may hold it
@@ -393,6 +396,9 @@ class Attributor:
             fds = self._tables[pid] = FdTable(table)
             for fd in hits:
                 fds.hit(fd)
+            if len(table) > SMALL_TABLE and self.closes is None and self._open_closes is not None:
+                with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN; without, a freed fd costs a table read
+                    self.closes = self._open_closes()
         return any_socket
 
     def _read_closes(self) -> None:
@@ -414,8 +420,12 @@ class Attributor:
 
     def _forget(self, pid: int) -> None:
         self._recent.pop(pid, None)
-        self._tables.pop(pid, None)
         self._keys.pop(pid, None)
+        gone = self._tables.pop(pid, None)
+        big = gone is not None and len(gone.fds) > SMALL_TABLE
+        if big and self.closes is not None and all(len(t.fds) <= SMALL_TABLE for t in self._tables.values()):
+            self.closes.close()  # no big table left: stop the kernel's notices
+            self.closes = None
 
     def attribute_many(self, flows: Sequence[FiveTuple]) -> list[ProcessInfo | None]:
         """The processes of several connections (sock_diag each, then one pass over the processes for all)."""
@@ -451,7 +461,7 @@ class Attributor:
                 self._keys[pid] = (sock.uid, sock.cgroup)
                 table = self._tables.get(pid)  # (a process's first sockets are closed too when it has grown big)
                 fd = table.where.get(sock.inode) if table is not None else None
-                if fd is not None and sock.cookie and self.closes is not None:
+                if fd is not None and sock.cookie and self._open_closes is not None:
                     self._cookies[sock.cookie] = (pid, fd)
                     if len(self._cookies) > MAX_COOKIES:
                         self._cookies.popitem(last=False)

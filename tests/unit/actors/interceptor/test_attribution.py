@@ -389,9 +389,14 @@ class FakeCloses:
     def __init__(self) -> None:
         self.queued: list[DiagSocket] = []
 
+        self.closed = False
+
     def read(self, limit: int = 256) -> list[DiagSocket]:
         out, self.queued = self.queued, []
         return out
+
+    def close(self) -> None:
+        self.closed = True
 
 
 @pytest.mark.parametrize("notices", [True, False])
@@ -402,7 +407,7 @@ def test_the_fd_of_a_destroyed_socket_is_read_first(proc: Path, notices: bool) -
     table: dict[FiveTuple, DiagSocket] = {}
     closes = FakeCloses()
     reader = ProcReader(proc)
-    attr = Attributor(FakeDiag(table), reader, closes=closes)  # type: ignore[arg-type]
+    attr = Attributor(FakeDiag(table), reader, closes=lambda: closes)  # type: ignore[arg-type,return-value]
 
     def attribute(inode: int, cookie: int) -> int | None:
         flow = FiveTuple(6, "192.0.2.66", inode % 65536, "203.0.113.80", 443)
@@ -428,7 +433,7 @@ def test_a_socket_from_when_the_table_was_small_is_guessed_once_it_is_big(proc: 
     table: dict[FiveTuple, DiagSocket] = {}
     closes = FakeCloses()
     reader = ProcReader(proc)
-    attr = Attributor(FakeDiag(table), reader, closes=closes)  # type: ignore[arg-type]
+    attr = Attributor(FakeDiag(table), reader, closes=lambda: closes)  # type: ignore[arg-type,return-value]
 
     def attribute(inode: int, cookie: int) -> int | None:
         flow = FiveTuple(6, "192.0.2.66", inode % 65536, "203.0.113.80", 443)
@@ -448,6 +453,23 @@ def test_a_socket_from_when_the_table_was_small_is_guessed_once_it_is_big(proc: 
     closes.queued = [diag_socket(0, cookie=3)]
     listed = scanned(reader)
     assert attribute(60_008, cookie=5) == 500 and listed == []
+
+
+def test_destroy_notices_are_listened_to_only_while_a_kept_table_is_big(proc: Path) -> None:
+    """Every TCP socket closed in the namespace costs the kernel a notice: not without a big process."""
+    fds = browser(proc, 500, 10)
+    opened: list[FakeCloses] = []
+    attr = Attributor(None, ProcReader(proc), closes=lambda: opened.append(FakeCloses()) or opened[-1])  # type: ignore[arg-type,return-value,func-returns-value]
+    assert attr.pid_of_inode(50_000) == 500
+    (fds / "13").symlink_to("socket:[60000]")
+    assert attr.pid_of_inode(60_000) == 500 and attr.closes is None  # a small table is kept: no notices
+    for fd in range(14, 400):
+        (fds / str(fd)).symlink_to(f"socket:[{70_000 + fd}]")
+    (fds / "600").symlink_to("socket:[80000]")
+    assert attr.pid_of_inode(80_000) == 500 and attr.closes is opened[0]  # big now: listened to
+    remove_tree(proc / "500")
+    assert attr.pid_of_inode(99_999) is None  # the browser exited and is forgotten
+    assert attr.closes is None and opened[0].closed and len(opened) == 1
 
 
 def test_a_big_table_is_read_after_the_newest_processes_and_the_smaller_tables(proc: Path) -> None:
