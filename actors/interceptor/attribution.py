@@ -41,6 +41,7 @@ MAX_CACHED_SOCKETS = 65536
 RECENT_OWNERS = 16
 NEWEST_PROBES = 8  # pids below the last one handed out that are tried before listing /proc
 FD_PROBES = 24  # fd numbers of a recent owner read one by one before its whole fd table (~3 µs each)
+ROOT_CGROUP = 1  # the cgroup v2 root's id
 PROBED_OWNERS = 2  # recent owners of the same uid and cgroup whose single fds are read
 CGROUP_PROCESSES = 64  # a cgroup with more processes than this is not read process by process
 MAX_COOKIES = 16384  # attributed sockets whose destroy notice is waited for (~100 bytes each)
@@ -141,7 +142,9 @@ def probe_order(
 ) -> list[int]:
     """The recent owners (newest first) whose single fds are read for new sockets: the last owner, and
     up to `PROBED_OWNERS` whose last socket had the (uid, cgroup id) of a socket looked for (an app's
-    processes share both: a desktop session gives each app its own cgroup); only those with a kept table."""
+    processes share both: a desktop session gives each app its own cgroup; in the root cgroup, as in the
+    lab, the uid alone says too little); only those with a kept table."""
+    wanted = {key for key in wanted if key[1] > ROOT_CGROUP}  # the root cgroup holds everything: no hint
     same = [pid for pid in recent if keys.get(pid) in wanted and pid in tables][:PROBED_OWNERS]
     return list(dict.fromkeys([*same, *(pid for pid in recent[:1] if pid in tables)]))
 

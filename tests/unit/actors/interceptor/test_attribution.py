@@ -322,6 +322,8 @@ def test_probe_order_is_the_last_owner_and_the_owners_of_the_same_uid_and_cgroup
     assert probe_order(recent, keys, set(), tables) == [40]
     assert probe_order([], keys, {(1000, 7)}, tables) == []
     assert probe_order(recent, keys, {(1000, 7)}, {10}) == [10]  # nothing to guess from without a table
+    keys[30] = keys[10] = (1000, 1)
+    assert probe_order(recent, keys, {(1000, 1)}, tables) == [40]  # the root cgroup: the uid alone is no hint
 
 
 def browser(proc: Path, pid: int = 500, sockets: int = 300) -> Path:
