@@ -29,7 +29,8 @@ Measurements:
 - the interceptor's own time per connection (its busy_us and verdict_us counters) and the share of
   connections whose process it did not find;
 - process attribution in-process with the real attribution code (sock_diag, /proc, the process cache), in
-  the lab host namespace.
+  the lab host namespace; a new socket of a process holding 500 and 5,000 fds side by side with the old
+  path (the whole fd table read: `Attributor(probe_fds=False)`). `--only attr` runs this part alone.
 The clients run as uid 65534, as apps run as a user while splittun runs as root. One run takes about a
 minute; everything is torn down at the end, also on failure. `python -m bench.interceptor_bench --help`
 has the knobs (sections, sizes).
@@ -189,11 +190,11 @@ def _median_us(samples: list[int]) -> float:
     return statistics.median(samples) / 1000
 
 
-def tool_attribution(rounds: int) -> None:
+def tool_attribution(rounds: int, fd_counts: tuple[int, ...] = (500, 5000)) -> None:
     """Process attribution with the real attribution code (sock_diag, /proc) on this namespace's sockets."""
     from actors.interceptor.attribution import Attributor
     from kernel.procfs import ProcReader
-    from kernel.sockdiag import SockDiag
+    from kernel.sockdiag import SockDiag, SocketEvents
     from messages.flows import FiveTuple, IpProtocol
 
     raise_nofile()
@@ -207,10 +208,31 @@ def tool_attribution(rounds: int) -> None:
         srv.accept()[0].close()
         return c, c.getsockname()[1]
 
+    results: dict[str, float] = {}
+
+    def churn_us(n: int) -> float:
+        """Per loopback connection: connect, accept, close both (the kernel's work for a short connection)."""
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            c = socket.create_connection((dst, dport))
+            srv.accept()[0].close()
+            c.close()
+        return (time.perf_counter_ns() - t0) / n / 1000
+
+    # What listening to TCP destroy notices costs every connection of the namespace (before any attributor
+    # listens): alternating blocks without and with a listener, whose queue is drained after each block.
+    churn: dict[str, list[float]] = {"without": [], "with": []}
+    for _ in range(6):
+        churn["without"].append(churn_us(200))
+        notices = SocketEvents(tcp=True)
+        churn["with"].append(churn_us(200))
+        notices.read(0)
+        notices.close()
+    for label, blocks in churn.items():
+        results[f"connect + close on loopback, TCP destroy notices listened to, {label}"] = statistics.median(blocks)
     diag = SockDiag()
     reader = ProcReader()
     shared = Attributor(diag, reader)
-    results: dict[str, float] = {}
     held: list[socket.socket] = []
 
     def timed(fn: Any) -> float:
@@ -221,19 +243,53 @@ def tool_attribution(rounds: int) -> None:
             samples.append(time.perf_counter_ns() - t0)
         return _median_us(samples)
 
-    def new_socket() -> float:
-        """A connection made now by this (already known) process: its socket is new, the process is not."""
+    def new_socket(attributor: Attributor = shared, pattern: str = "reused", rounds: int = rounds) -> float:
+        """A connection made now by this (already known) process: its socket is new, the process is not.
+        `pattern` says which fd number the new socket gets: "reused" (the previous new socket was closed:
+        the same number again), "top" (the previous one stays open: the next number up), "hole" (a socket
+        held since long ago was closed just before: a number in the middle of the table, as in a browser)."""
         samples = []
-        for _ in range(rounds):
+        for i in range(rounds):
+            if pattern == "hole":
+                victim = held.pop(len(held) // 3 + i % max(len(held) // 2, 1))
+                victim.close()
             sock, port = new_client()
             t0 = time.perf_counter_ns()
-            found = shared.attribute(FiveTuple(IpProtocol.TCP, dst, port, dst, dport))
+            found = attributor.attribute(FiveTuple(IpProtocol.TCP, dst, port, dst, dport))
             samples.append(time.perf_counter_ns() - t0)
-            sock.close()
+            if pattern == "reused":
+                sock.close()
+            else:
+                held.append(sock)
             assert found is not None and found.pid == os.getpid(), "attribution found another process"
         return _median_us(samples)
 
-    def new_process() -> float:
+    def fd_count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def grow_to(n: int) -> None:
+        """Open connections until this process holds n fds; each is attributed as it opens (with app rules,
+        the interceptor sees every connection of an app)."""
+        while fd_count() < n:
+            sock, port = new_client()
+            held.append(sock)
+            shared.attribute(FiveTuple(IpProtocol.TCP, dst, port, dst, dport))
+
+    def by_fd_count(n: int) -> None:
+        """Before (a recent owner's whole fd table read for each new socket) and after (single fds read
+        first) side by side, for each way a new socket gets its fd number."""
+        grow_to(n)
+        samples = max(20, rounds * 500 // n)  # "before" reads the whole table: ~25 ms at 5,000 fds
+        for pattern in ("reused", "top", "hole"):
+            for label, attributor in (("before", before), ("after", shared)):
+                results[f"new socket of a known process with {n} fds, fd {pattern}, {label}"] = new_socket(
+                    attributor, pattern, samples
+                )
+                while fd_count() > n:  # the "top" rows held theirs: back to n fds
+                    held.pop().close()
+                grow_to(n)
+
+    def new_process(attributor: Attributor = shared, count: int = 100) -> list[int]:
         """A connection made by a process started a moment ago (curl): new socket, new pid, known parents.
         Another process forks them, as a shell would: a process that forks pays for it afterwards in
         copy-on-write faults, which would be charged to the attribution measured here."""
@@ -242,21 +298,21 @@ def tool_attribution(rounds: int) -> None:
         assert spawner.stdin is not None and spawner.stdout is not None
         samples = []
         try:
-            for _ in range(min(rounds, 100)):
+            for _ in range(min(rounds, count)):
                 spawner.stdin.write("\n")
                 spawner.stdin.flush()
                 pid, port = map(int, spawner.stdout.readline().split())
                 srv.accept()[0].close()
                 time.sleep(0.002)  # as the interceptor would: it was idle while the process started
                 t0 = time.perf_counter_ns()
-                found = shared.attribute(FiveTuple(IpProtocol.TCP, dst, port, dst, dport))
+                found = attributor.attribute(FiveTuple(IpProtocol.TCP, dst, port, dst, dport))
                 samples.append(time.perf_counter_ns() - t0)
                 os.kill(pid, signal.SIGKILL)
                 assert found is not None and found.pid == pid, "attribution found another process"
         finally:
             spawner.kill()
             spawner.wait()
-        return _median_us(samples)
+        return samples
 
     try:
         c, sport = new_client()
@@ -268,13 +324,17 @@ def tool_attribution(rounds: int) -> None:
         )
         shared.attribute(flow)
         results["the same socket again (cached)"] = timed(lambda: shared.attribute(flow))
-        results["new process, parents known (curl)"] = new_process()
-        fds = len(os.listdir("/proc/self/fd"))
-        results[f"new socket of a known process with {fds} fds"] = new_socket()
-        while len(os.listdir("/proc/self/fd")) < 500:
-            held.append(new_client()[0])
-        fds = len(os.listdir("/proc/self/fd"))
-        results[f"new socket of a known process with {fds} fds (a browser)"] = new_socket()
+        before = Attributor(diag, reader, probe_fds=False)
+        before.attribute(flow)  # this process is a known owner for both
+        curl: dict[str, list[int]] = {"before": [], "after": []}
+        for _ in range(4):  # alternating blocks: the machine's load drifts; the guesses must not slow this down
+            for label, attributor in (("before", before), ("after", shared)):
+                curl[label] += new_process(attributor, 25)
+        for label, samples in curl.items():
+            results[f"new process, parents known (curl), {label}"] = _median_us(samples)
+        results[f"new socket of a known process with {fd_count()} fds"] = new_socket()
+        for n in fd_counts:
+            by_fd_count(n)
     finally:
         for s in held:
             s.close()
@@ -570,7 +630,7 @@ class Bench:
                      f"{run.queued / max(run.mbytes, 1e-9):,.0f} packets to user space per MB")  # fmt: skip
 
     def attribution_bench(self) -> None:
-        out = self.sh("host", [*TOOL, "attribution", "200"], timeout=120)
+        out = self.sh("host", [*TOOL, "attribution", "200"], timeout=300)
         self.attribution = json.loads(out)
         for what, us in self.attribution.items():
             self.say(f"attribution {what}: {us:.1f} µs")
@@ -579,6 +639,8 @@ class Bench:
         self.up()
         if "attr" in sections:
             self.attribution_bench()
+            if not sections - {"attr"}:
+                return
         measure = [m for m in (("latency", self.latency), ("rate", self.rate)) if m[0] in sections]
         for _, fn in measure:
             fn("off", "vpn", KEEP_DST)
@@ -671,7 +733,22 @@ class Bench:
         if self.attribution:
             lines += ["Process attribution (the real attribution code in the lab host namespace, median):", ""]
             lines += ["| what | µs |", "|---|---|"]
-            lines += [f"| {what} | {us:.1f} |" for what, us in self.attribution.items()]
+            sides = {what: us for what, us in self.attribution.items() if what.endswith((", before", ", after"))}
+            lines += [f"| {what} | {us:.1f} |" for what, us in self.attribution.items() if what not in sides]
+            lines += [
+                "",
+                "Before = a recent owner's whole fd table read (`Attributor(probe_fds=False)`), after = single fds "
+                "read first; a new socket of a known process holding many fds, by the fd number it gets: reused "
+                "(the previous new socket was closed), top (it stays open), hole (an old socket was closed just "
+                "before) (µs, median):",
+                "",
+                "| lookup | before | after | × before |",
+                "|---|---|---|---|",
+            ]
+            for what, us in sides.items():
+                if what.endswith(", after"):
+                    was = sides[what.removesuffix(", after") + ", before"]
+                    lines.append(f"| {what.removesuffix(', after')} | {was:,.1f} | {us:,.1f} | {us / was:.3f}× |")
         return "\n".join(lines)
 
     def record_goals(self) -> None:

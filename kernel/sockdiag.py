@@ -10,6 +10,8 @@ still coming from the socket its flow was decided for?).
 This is the first of attribution's three layers: sock_diag (a 5-tuple → its socket), `kernel/procfs.py` (a
 socket → the process holding it, a process's description), and the interceptor's process cache and
 attributor (`actors/interceptor/attribution.py`: a 5-tuple → `ProcessInfo`).
+- Each answer carries the socket's cgroup id (INET_DIAG_CGROUP_ID, kernel 5.7+; 0 when the kernel does not
+  send it): attribution prefers the processes last seen owning sockets of that cgroup.
 - `SocketEvents` reads the kernel's "UDP socket destroyed" broadcasts.
 Encoding and decoding are pure functions (tested with kernel bytes); only the two classes do I/O.
 """
@@ -27,8 +29,8 @@ from .netlink import NLM_F_DUMP, NetlinkError, NetlinkSocket, iter_messages
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-#: sock_diag's multicast groups announcing destroyed UDP sockets (SKNLGRP_INET_UDP_DESTROY, ..._INET6_...).
-SKNLGRP_INET_UDP_DESTROY, SKNLGRP_INET6_UDP_DESTROY = 2, 4
+#: sock_diag's multicast groups announcing destroyed sockets (SKNLGRP_INET_TCP_DESTROY, ..._INET_UDP_..., ...).
+SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET_UDP_DESTROY, SKNLGRP_INET6_TCP_DESTROY, SKNLGRP_INET6_UDP_DESTROY = 1, 2, 3, 4
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _REQ = struct.Struct("=BBBxI")  # family, protocol, ext, pad, states
 _SOCKID = struct.Struct("!HH16s16s")  # sport, dport, src, dst (then if and cookie, host order)
@@ -37,6 +39,9 @@ _MSG = struct.Struct("=BBBB")  # family, state, timer, retrans
 _MSG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 _MSG_SIZE = _MSG.size + _SOCKID.size + _SOCKID_TAIL.size + _MSG_TAIL.size  # 72
 _ALL_STATES = 0xFFFFFFFF
+INET_DIAG_CGROUP_ID = 21  # u64 attribute after the message, sent unasked since kernel 5.7
+_NLA = struct.Struct("=HH")  # nla_len, nla_type
+_U64 = struct.Struct("=Q")
 
 
 # --- sock_diag: pure encode/decode -------------------------------------------------------------------
@@ -53,6 +58,7 @@ class DiagSocket:
     uid: int
     inode: int
     cookie: int = 0  # the socket's cookie: unique for the kernel's lifetime, unlike a port or an inode
+    cgroup: int = 0  # the cgroup (v2) id of the process that created it; 0 when the kernel does not say
 
 
 def ip_bytes(address: str) -> tuple[int, bytes]:
@@ -80,7 +86,20 @@ def parse_diag_message(payload: bytes) -> DiagSocket | None:
     _if, cookie_lo, cookie_hi = _SOCKID_TAIL.unpack_from(payload, _MSG.size + _SOCKID.size)
     off = _MSG.size + _SOCKID.size + _SOCKID_TAIL.size
     _exp, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(payload, off)
-    return DiagSocket(family, state, src, sport, dst, dport, uid, inode, cookie_lo | cookie_hi << 32)
+    cookie = cookie_lo | cookie_hi << 32
+    return DiagSocket(family, state, src, sport, dst, dport, uid, inode, cookie, cgroup_id(payload, _MSG_SIZE))
+
+
+def cgroup_id(payload: bytes, offset: int) -> int:
+    """The INET_DIAG_CGROUP_ID attribute among the netlink attributes from `offset` on, 0 when absent."""
+    while offset + _NLA.size <= len(payload):
+        length, kind = _NLA.unpack_from(payload, offset)
+        if length < _NLA.size or offset + length > len(payload):
+            return 0
+        if kind & 0x3FFF == INET_DIAG_CGROUP_ID and length >= _NLA.size + _U64.size:
+            return _U64.unpack_from(payload, offset + _NLA.size)[0]
+        offset += (length + 3) & ~3
+    return 0
 
 
 def _same_ip(raw: bytes, family: int, want: bytes, want_family: int) -> bool:
@@ -188,10 +207,15 @@ class SocketEvents(NetlinkSocket):
     talking to the same peer, would follow the old entry (its mark, its DNAT to the proxy) without ever
     being queued. The interceptor deletes the entries of a socket that is gone, so the next socket's first
     datagram is queued and decided for its own app. Needs CAP_NET_ADMIN in the namespace.
+    With `tcp`, destroyed TCP sockets too (attribution: which fd numbers of a process were freed). A closed
+    socket is destroyed once it no longer needs its full state (TCP: after the FIN exchange, about a round
+    trip after close()); its inode is 0 by then, its cookie is the one sock_diag gave while it was open.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tcp: bool = False) -> None:
         groups = (1 << (SKNLGRP_INET_UDP_DESTROY - 1)) | (1 << (SKNLGRP_INET6_UDP_DESTROY - 1))
+        if tcp:
+            groups |= (1 << (SKNLGRP_INET_TCP_DESTROY - 1)) | (1 << (SKNLGRP_INET6_TCP_DESTROY - 1))
         super().__init__(NETLINK_SOCK_DIAG, groups=groups, rcvbuf=4 << 20, timeout=0.0)
 
     def read(self, limit: int = 256) -> list[DiagSocket]:

@@ -12,11 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from actors.interceptor.attribution import Attributor
+from actors.interceptor.attribution import FD_PROBES, Attributor, FdTable, lowest_free, probe_order, probes_for
 from core.dns.names import GRACE, NameTable
 from core.policy import AppFacts
-from kernel.procfs import ProcReader, parse_stat_start, parse_status, socket_inode
-from kernel.sockdiag import DiagSocket, best_udp_match, diag_request, ip_bytes, parse_diag_message
+from kernel.procfs import Cgroups, ProcReader, cgroup2_mount, parse_stat_start, parse_status, socket_inode
+from kernel.sockdiag import (
+    INET_DIAG_CGROUP_ID,
+    DiagSocket,
+    best_udp_match,
+    cgroup_id,
+    diag_request,
+    ip_bytes,
+    parse_diag_message,
+)
 from messages.flows import FiveTuple
 
 # --- fake /proc -------------------------------------------------------------------------------------------
@@ -33,13 +41,14 @@ def make_proc(
     start: int = 100,
     sockets: tuple = (),
     tgid: int = 0,
+    fdsize: int = 64,
 ) -> None:
     """A fake /proc/<pid>; with `tgid`, a thread of process `tgid` (a hidden entry: not listed by /proc)."""
     d = root / (str(pid) if not tgid else f".task-{pid}")
     (d / "fd").mkdir(parents=True, exist_ok=True)
     (d / "status").write_text(
         f"Name:\t{name}\nState:\tS\nTgid:\t{tgid or pid}\nPid:\t{pid}\nPPid:\t{ppid}\n"
-        f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+        f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\nFDSize:\t{fdsize}\n"
     )
     fields = ["S", str(ppid)] + ["0"] * 17 + [str(start)] + ["0"] * 10
     (d / "stat").write_text(f"{pid} ({name}) " + " ".join(fields) + "\n")
@@ -68,8 +77,8 @@ class FakeDiag:
         return self.table.get(flow)
 
 
-def diag_socket(inode: int, uid: int = 1000) -> DiagSocket:
-    return DiagSocket(socket.AF_INET, 2, bytes(16), 40000, bytes(16), 443, uid, inode)
+def diag_socket(inode: int, uid: int = 1000, cgroup: int = 0, cookie: int = 0) -> DiagSocket:
+    return DiagSocket(socket.AF_INET, 2, bytes(16), 40000, bytes(16), 443, uid, inode, cookie=cookie, cgroup=cgroup)
 
 
 def test_status_and_stat_parsing() -> None:
@@ -112,8 +121,8 @@ def test_unknown_socket_gives_none_then_a_started_process_is_found(proc: Path) -
 def scanned(reader: ProcReader) -> list[int]:
     """Record which processes' fds the reader scans, in order."""
     read: list[int] = []
-    original = reader.sockets
-    reader.sockets = lambda pid: read.append(pid) or original(pid)  # type: ignore[method-assign]
+    original = reader.fds
+    reader.fds = lambda pid: read.append(pid) or original(pid)  # type: ignore[method-assign]
     return read
 
 
@@ -273,6 +282,271 @@ def test_a_cached_owner_that_exited_is_looked_for_again(proc: Path) -> None:
     assert attr.attribute(key).pid == 310  # type: ignore[union-attr]
 
 
+# --- reading single fds of a known process (FdTable) ------------------------------------------------------
+
+
+def test_fd_table_guesses_the_replaced_fd_then_the_lowest_free_ones() -> None:
+    table = FdTable({0: 0, 1: 0, 2: 0, 3: 11, 5: 12, 6: 0})  # 4 was free at the last read
+    assert table.candidates(4) == [4, 7, 8, 9]  # no hit yet: the lowest free numbers, on past the top
+    table.hit(3)
+    table.hit(5)
+    assert table.candidates(8) == [5, 4, 7, 8, 9, 3, 10, 11]  # the latest hit, free numbers, older hits
+    table.seen(4, 13)  # a socket took 4
+    table.seen(6, None)  # a file closed
+    table.seen(9, 0)  # something opened far up: 7 and 8 stay free
+    assert table.candidates(6) == [5, 6, 7, 8, 10, 3]
+    table.closed(3)  # a socket of it at fd 3 was destroyed: read right after the latest hit
+    assert table.candidates(3) == [5, 3, 6]
+    table.seen(3, 14)
+    assert table.candidates(3) == [5, 6, 7]
+    assert (table.top, table.free) == (9, [6, 7, 8])
+
+
+def test_a_table_with_a_huge_fd_number_keeps_only_its_lowest_free_numbers() -> None:
+    table = FdTable({0: 0, 1: 0, 5: 7, 1_000_000: 8})  # e.g. a daemon that moved a socket far up
+    assert len(table.free) <= 1024 and table.candidates(4) == [2, 3, 4, 6]
+    table.seen(2_000_000, 9)
+    assert len(table.free) <= 1024
+    assert lowest_free([0, 3, 4, 9], 3) == [1, 2, 5] and lowest_free([], 3) == []
+
+
+def test_a_small_table_gets_few_guesses() -> None:
+    assert (probes_for(16), probes_for(100), probes_for(500), probes_for(5000)) == (2, 12, FD_PROBES, FD_PROBES)
+
+
+def test_probe_order_is_the_last_owner_and_the_owners_of_the_same_uid_and_cgroup() -> None:
+    recent = [40, 30, 20, 10]  # newest first
+    keys = {40: (0, 1), 30: (1000, 7), 20: (1000, 8), 10: (1000, 7)}
+    tables = {40, 30, 20, 10}  # each one's fd table was read and kept
+    assert probe_order(recent, keys, {(1000, 7)}, tables) == [30, 10, 40]
+    assert probe_order(recent, keys, set(), tables) == [40]
+    assert probe_order([], keys, {(1000, 7)}, tables) == []
+    assert probe_order(recent, keys, {(1000, 7)}, {10}) == [10]  # nothing to guess from without a table
+    keys[30] = keys[10] = (1000, 1)
+    assert probe_order(recent, keys, {(1000, 1)}, tables) == [40]  # the root cgroup: the uid alone is no hint
+
+
+def browser(proc: Path, pid: int = 500, sockets: int = 300) -> Path:
+    """A process holding many sockets (fds 3…, inodes from pid * 100), the table of a browser."""
+    inodes = tuple(range(pid * 100, pid * 100 + sockets))
+    make_proc(proc, pid, name="firefox", exe="/usr/bin/firefox", ppid=1, sockets=inodes)
+    return proc / str(pid) / "fd"
+
+
+def test_a_new_socket_of_a_known_big_process_is_found_by_reading_a_few_fds(proc: Path) -> None:
+    fds = browser(proc)
+    reader = ProcReader(proc)
+    attr = Attributor(None, reader)
+    assert attr.pid_of_inode(50_100) == 500  # found by a scan; read to the end the next time (a recent owner)
+    (fds / "303").symlink_to("socket:[60000]")
+    assert attr.pid_of_inode(60_000) == 500  # the whole table read once: it is kept
+    listed = scanned(reader)
+    for n, fd in enumerate((304, 305, 1, 306)):  # on past the top, and a low free number
+        (fds / str(fd)).symlink_to(f"socket:[{60_001 + n}]")
+        assert attr.pid_of_inode(60_001 + n) == 500
+    (fds / "305").unlink()  # a socket closed; the next new one gets its number
+    (fds / "305").symlink_to("socket:[60010]")
+    assert attr.pid_of_inode(60_010) == 500
+    assert listed == [] and attr.fd_probe_hits == 5 and attr.fd_probes <= 5 * FD_PROBES  # no table read
+
+
+def test_a_reused_fd_number_never_gives_a_wrong_process(proc: Path) -> None:
+    """A known fd number now holds another socket: the guess reads it, sees another inode and keeps looking;
+    the socket is found in the process that really holds it."""
+    fds = browser(proc, sockets=20)
+    make_proc(proc, 600, name="curl", exe="/usr/bin/curl", ppid=1, sockets=(90_000,))
+    (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 600\n")
+    attr = Attributor(None, ProcReader(proc))
+    assert attr.pid_of_inode(50_001) == 500 and attr.pid_of_inode(50_002) == 500  # 500: a known owner
+    (fds / "4").unlink()
+    (fds / "4").symlink_to("socket:[90001]")  # fd 4 of the browser: another socket than curl's
+    assert attr.pid_of_inode(90_000) == 600
+    assert attr.pid_of_inode(12_345) is None  # no one holds it: not found, never a guess
+
+
+def test_the_owner_of_the_same_uid_and_cgroup_is_read_first(proc: Path) -> None:
+    """Two known big processes of one uid in their own cgroups; the last connection was the web app's: a new
+    socket of the chat app (its cgroup) is found by reading single fds of the chat app, no table read."""
+    fds = {700: browser(proc, 700, 40), 710: browser(proc, 710, 40)}
+    table: dict[FiveTuple, DiagSocket] = {}
+    reader = ProcReader(proc)
+    attr = Attributor(FakeDiag(table), reader)  # type: ignore[arg-type]
+
+    def connect(pid: int, fd: int, inode: int) -> int | None:
+        (fds[pid] / str(fd)).symlink_to(f"socket:[{inode}]")
+        flow = FiveTuple(6, "192.0.2.66", inode % 65536, "203.0.113.80", 443)
+        table[flow] = diag_socket(inode, 1000, cgroup=pid // 10)
+        found = attr.attribute(flow)
+        return found.pid if found is not None else None
+
+    for fd in (43, 44):  # each app's first new sockets: found by reading their tables, which are kept
+        assert connect(700, fd, 80_000 + fd) == 700 and connect(710, fd, 81_000 + fd) == 710
+    listed = scanned(reader)
+    assert connect(700, 45, 80_045) == 700 and listed == []
+
+
+class FakeCloses:
+    """The destroyed-socket notices (kernel.sockdiag.SocketEvents(tcp=True)): what the test queued."""
+
+    def __init__(self) -> None:
+        self.queued: list[DiagSocket] = []
+
+        self.closed = False
+
+    def read(self, limit: int = 256) -> list[DiagSocket]:
+        out, self.queued = self.queued, []
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("notices", [True, False])
+def test_the_fd_of_a_destroyed_socket_is_read_first(proc: Path, notices: bool) -> None:
+    """A browser closed an old connection and opened a new one: the kernel gave the new socket the old one's
+    fd, in the middle of the table. The old socket's destroy notice (its cookie) says which fd was freed."""
+    fds = browser(proc, 500, 300)
+    table: dict[FiveTuple, DiagSocket] = {}
+    closes = FakeCloses()
+    reader = ProcReader(proc)
+    attr = Attributor(FakeDiag(table), reader, closes=lambda: closes)  # type: ignore[arg-type,return-value]
+
+    def attribute(inode: int, cookie: int) -> int | None:
+        flow = FiveTuple(6, "192.0.2.66", inode % 65536, "203.0.113.80", 443)
+        table[flow] = diag_socket(inode, cookie=cookie)
+        found = attr.attribute(flow)
+        return found.pid if found is not None else None
+
+    assert attribute(50_000, cookie=9000) == 500  # the browser's first connection: found by a scan
+    (fds / "303").symlink_to("socket:[60000]")
+    assert attribute(60_000, cookie=9200) == 500  # its table is read once and kept
+    assert attribute(50_097, cookie=9100) == 500  # fd 100: another connection (read with the table)
+    (fds / "100").unlink()  # the old connection is closed ...
+    (fds / "100").symlink_to("socket:[60100]")  # ... and a new socket gets its fd
+    if notices:
+        closes.queued = [diag_socket(0, cookie=9100)]  # destroyed: no inode any more, the cookie stays
+    listed = scanned(reader)
+    assert attribute(60_100, cookie=9300) == 500
+    assert (listed == []) is notices  # without the notice: the whole table is read again
+
+
+def test_a_socket_from_when_the_table_was_small_is_guessed_once_it_is_big(proc: Path) -> None:
+    fds = browser(proc, 500, 10)
+    table: dict[FiveTuple, DiagSocket] = {}
+    closes = FakeCloses()
+    reader = ProcReader(proc)
+    attr = Attributor(FakeDiag(table), reader, closes=lambda: closes)  # type: ignore[arg-type,return-value]
+
+    def attribute(inode: int, cookie: int) -> int | None:
+        flow = FiveTuple(6, "192.0.2.66", inode % 65536, "203.0.113.80", 443)
+        table[flow] = diag_socket(inode, cookie=cookie)
+        found = attr.attribute(flow)
+        return found.pid if found is not None else None
+
+    assert attribute(50_000, cookie=1) == 500
+    (fds / "13").symlink_to("socket:[60000]")
+    assert attribute(60_000, cookie=2) == 500  # the small table is read and kept
+    assert attribute(50_005, cookie=3) == 500  # an early connection, at fd 8
+    for fd in range(14, 400):  # the browser grows
+        (fds / str(fd)).symlink_to(f"socket:[{70_000 + fd}]")
+    assert attribute(70_399, cookie=4) == 500  # read whole again: a big table now
+    (fds / "8").unlink()
+    (fds / "8").symlink_to("socket:[60008]")  # the early connection closed; a new socket took its fd
+    closes.queued = [diag_socket(0, cookie=3)]
+    listed = scanned(reader)
+    assert attribute(60_008, cookie=5) == 500 and listed == []
+
+
+def test_destroy_notices_are_listened_to_only_while_a_kept_table_is_big(proc: Path) -> None:
+    """Every TCP socket closed in the namespace costs the kernel a notice: not without a big process."""
+    fds = browser(proc, 500, 10)
+    opened: list[FakeCloses] = []
+    attr = Attributor(None, ProcReader(proc), closes=lambda: opened.append(FakeCloses()) or opened[-1])  # type: ignore[arg-type,return-value,func-returns-value]
+    assert attr.pid_of_inode(50_000) == 500
+    (fds / "13").symlink_to("socket:[60000]")
+    assert attr.pid_of_inode(60_000) == 500 and attr.closes is None  # a small table is kept: no notices
+    for fd in range(14, 400):
+        (fds / str(fd)).symlink_to(f"socket:[{70_000 + fd}]")
+    (fds / "600").symlink_to("socket:[80000]")
+    assert attr.pid_of_inode(80_000) == 500 and attr.closes is opened[0]  # big now: listened to
+    remove_tree(proc / "500")
+    assert attr.pid_of_inode(99_999) is None  # the browser exited and is forgotten
+    assert attr.closes is None and opened[0].closed and len(opened) == 1
+
+
+def test_a_big_table_is_read_after_the_newest_processes_and_the_smaller_tables(proc: Path) -> None:
+    fds = browser(proc, 500, 300)
+    make_proc(proc, 300, name="chat", exe="/usr/bin/chat", ppid=1, sockets=(3000, 3001))
+    reader = ProcReader(proc)
+    attr = Attributor(None, reader)
+    assert attr.pid_of_inode(3000) == 300 and attr.pid_of_inode(50_001) == 500
+    (fds / "400").symlink_to("socket:[60000]")  # far from where the browser's new sockets are guessed
+    assert attr.pid_of_inode(60_000) == 500  # its table is read once and kept
+    (proc / "300" / "fd" / "10").symlink_to("socket:[3010]")
+    listed = scanned(reader)
+    assert attr.pid_of_inode(3010) == 300 and listed == [300]  # the browser's single fds only, then chat
+    make_proc(proc, 605, name="curl", exe="/usr/bin/curl", ppid=1, sockets=(6050,))
+    (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 605\n")
+    assert attr.pid_of_inode(6050) == 605 and 500 not in listed
+
+
+def test_the_cgroup_v2_mount_and_its_ids(tmp_path: Path) -> None:
+    mountinfo = (
+        "25 1 0:23 / /sys rw,nosuid - sysfs sysfs rw\n"
+        "35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n"
+    )
+    assert cgroup2_mount(mountinfo) == "/sys/fs/cgroup/unified"
+    assert cgroup2_mount("25 1 0:23 / /sys rw - sysfs sysfs rw\n") is None  # ip netns exec: a fresh /sys
+    scope = tmp_path / "user.slice" / "app-firefox.scope"
+    scope.mkdir(parents=True)
+    (scope / "cgroup.procs").write_text("500\n501\n")
+    (tmp_path / "cgroup.procs").write_text("1\n2\n500\n")
+    cgroups = Cgroups(tmp_path)
+    assert cgroups.pids(scope.stat().st_ino, now=0.0) == [500, 501]  # the id is the directory's inode number
+    assert cgroups.pids(tmp_path.stat().st_ino, now=0.0) is None  # the root: everything, no narrowing
+    assert cgroups.pids(0, now=0.0) is None and Cgroups(None).pids(5, now=0.0) is None
+    late = tmp_path / "user.slice" / "app-chat.scope"
+    late.mkdir()
+    (late / "cgroup.procs").write_text("300\n")
+    assert cgroups.pids(late.stat().st_ino, now=0.5) is None  # not walked again within a second
+    assert cgroups.pids(late.stat().st_ino, now=2.0) == [300]
+    remove_tree(scope)
+    assert cgroups.pids(scope.stat().st_ino if scope.exists() else 1, now=2.1) is None
+
+
+def test_a_new_socket_is_looked_for_in_its_cgroup_smallest_table_first(proc: Path, tmp_path: Path) -> None:
+    """Neither the last owner nor the newest processes: the socket's cgroup (an app's scope) names the few
+    processes that may hold it, read by the size of their fd tables, without listing /proc."""
+    scope = tmp_path / "cgroup" / "app-firefox.scope"
+    scope.mkdir(parents=True)
+    (scope / "cgroup.procs").write_text("250\n100\n")
+    make_proc(
+        proc, 250, name="Socket Process", exe="/usr/lib/firefox/firefox-bin", ppid=50, sockets=(2500,), fdsize=256
+    )
+    make_proc(proc, 300, name="chat", exe="/usr/bin/chat", ppid=1, sockets=(3000,))
+    (proc / "loadavg").write_text("0.10 0.20 0.30 1/200 900\n")
+    key = FiveTuple(6, "192.0.2.66", 40000, "203.0.113.80", 443)
+    chat = FiveTuple(6, "192.0.2.66", 40001, "203.0.113.80", 443)
+    table = {key: diag_socket(2500, cgroup=scope.stat().st_ino), chat: diag_socket(3000)}
+    reader = ProcReader(proc)
+    attr = Attributor(FakeDiag(table), reader, cgroups=Cgroups(tmp_path / "cgroup"))  # type: ignore[arg-type]
+    assert attr.attribute(chat).pid == 300  # type: ignore[union-attr]
+    listed = scanned(reader)
+    assert attr.attribute(key).pid == 250  # type: ignore[union-attr]
+    assert listed == [100, 250] and attr.cgroup_reads == 1  # the scope, smallest table first; not chat
+    assert attr.listings == 1  # only the first lookup listed /proc
+
+
+def test_a_process_reading_its_own_fd_table_does_not_count_the_listing() -> None:
+    reader = ProcReader()
+    with socket.socket() as mine:
+        table = dict(reader.fds(os.getpid()))
+        assert table[mine.fileno()] == os.fstat(mine.fileno()).st_ino
+        probe = os.open("/dev/null", os.O_RDONLY)  # the lowest free number: where the listing's fd was
+        os.close(probe)
+        assert probe not in table
+
+
 # --- sock_diag bytes --------------------------------------------------------------------------------------
 
 
@@ -301,6 +575,18 @@ def test_diag_message_parsing() -> None:
         98765,
     )
     assert parse_diag_message(msg[:40]) is None
+    assert parsed.cgroup == 0  # an old kernel (< 5.7) sends no cgroup id
+
+
+def test_the_cgroup_id_is_found_among_the_attributes() -> None:
+    msg = bytes([socket.AF_INET, 1, 0, 0]) + struct.pack("!HH16s16s", 4321, 80, bytes(16), bytes(16))
+    msg += struct.pack("=III", 0, 1, 0) + struct.pack("=IIIII", 0, 0, 0, 1000, 98765)
+    shutdown = struct.pack("=HHB3x", 5, 8, 0)  # INET_DIAG_SHUTDOWN: 5 bytes, padded to 8
+    cgroup = struct.pack("=HHQ", 12, INET_DIAG_CGROUP_ID, 0x1_0000_2345)
+    parsed = parse_diag_message(msg + shutdown + cgroup)
+    assert parsed is not None and (parsed.inode, parsed.cgroup) == (98765, 0x1_0000_2345)
+    assert cgroup_id(shutdown + cgroup[:6], 0) == 0  # cut short: not there
+    assert cgroup_id(struct.pack("=HH", 0, 1) + cgroup, 0) == 0  # a broken attribute ends the walk
 
 
 def test_udp_fallback_prefers_the_connected_socket_and_understands_dual_stack() -> None:
