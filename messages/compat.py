@@ -20,7 +20,7 @@ from .verdict import verdict_verb
 _VERDICT_FIELDS = tuple(f.name for f in dataclasses.fields(ConnVerdict))  # type: ignore[arg-type]
 _VERDICT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ConnVerdict) if f.default is not dataclasses.MISSING}  # type: ignore[arg-type]
 _VERDICT_ONLY = frozenset(_VERDICT_FIELDS) - {"conn_id", "ts"}
-OPEN_FIELD = "open"  # proxy.session.close (version 2): the session's open, when it never left on its own
+OPEN_FIELD = "opened"  # proxy.session.close (version 2): the session's open, when it never left on its own
 
 # (topic that carries another, topic carried): a subscriber of the carried one must also hear the carrier
 _MERGED = ((ConnNew.TOPIC, ConnVerdict.TOPIC), (ProxySessionClose.TOPIC, ProxySessionOpen.TOPIC))

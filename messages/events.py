@@ -160,8 +160,11 @@ class ProxySessionStats(Message):
     counters: SessionCounters
 
 
-@message("proxy.session.close")
+@message("proxy.session.close", version=2)
 class ProxySessionClose(Message):
+    """A session ended. Version 2: a session that ended before its open left (the proxies hold an open back
+    for a moment) carries that open here, one message instead of two; version 1 bytes have none."""
+
     session_id: str
     worker: str
     split_key: str
@@ -169,6 +172,7 @@ class ProxySessionClose(Message):
     counters: SessionCounters
     duration: float = 0.0
     reason: str = ""  # "closed", "reset", "idle", "refused: …", "dial failed: …"
+    opened: ProxySessionOpen | None = None  # version 2: its open, when that was never published on its own
 
 
 # --- resolver ---------------------------------------------------------------------------------------

@@ -164,6 +164,8 @@ class ConnectionRegistry:
         self._update_session(msg.split_key, msg.session_id, lambda s: _counted(s, msg.counters))
 
     def on_session_close(self, msg: ProxySessionClose) -> None:
+        if msg.opened is not None:  # version 2: a short session's open came inside its close
+            self.on_session_open(msg.opened)
         self._update_session(
             msg.split_key, msg.session_id, lambda s: _counted(s, msg.counters, closed=msg.ts, reason=msg.reason)
         )

@@ -3,6 +3,8 @@ show the bus (server-sent events, `splittun events`) still show the version 1 sh
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 
 import messages as m
@@ -76,3 +78,35 @@ def test_asking_for_a_merged_topic_also_hears_the_topic_that_carries_it() -> Non
     assert legacy_subscriptions([""]) == [""]
     assert legacy_subscriptions(["notify.", "policy."]) == ["notify.", "policy."]
     assert wanted("conn.verdict", ["conn.verdict"]) and not wanted("conn.new", ["conn.verdict"])
+
+
+# A version 1 proxy published a session's open and its close, always two messages.
+V1_SESSION_OPEN = bytes.fromhex(
+    "de0010aa73657373696f6e5f6964a27331a6776f726b6572ac70726f78795f7463705f3030a870726f746f636f6ca3746370a973706c"
+    "69745f6b6579d924746370203139322e302e322e31303a3430303030203230332e302e3131332e38303a3830a27473cb3ff400000000"
+    "0000a9636c69656e745f6970aa3139322e302e322e3130ab636c69656e745f706f7274cd9c40ab6f7269675f6473745f6970ac323033"
+    "2e302e3131332e3830ad6f7269675f6473745f706f727450a86c6f63616c5f6970aa3139322e302e322e3130aa6c6f63616c5f706f72"
+    "74cdc350a9696e74657266616365a465746830a5657874726180a972656d6f74655f6970ac3230332e302e3131332e3830ab72656d6f"
+    "74655f706f727450a17601"
+)
+V1_SESSION_CLOSE = bytes.fromhex(
+    "88aa73657373696f6e5f6964a27331a6776f726b6572ac70726f78795f7463705f3030a973706c69745f6b6579d92474637020313932"
+    "2e302e322e31303a3430303030203230332e302e3131332e38303a3830a27473cb3ff8000000000000a8636f756e7465727384a86279"
+    "7465735f75700baa62797465735f646f776e16aa7061636b6574735f757001ac7061636b6574735f646f776e02a86475726174696f6e"
+    "cb3fd0000000000000a6726561736f6ea6636c6f736564a17601"
+)
+
+
+def test_a_short_session_is_one_close_carrying_its_open_and_views_split_it_back() -> None:
+    opened = m.decode([b"proxy.session.open", V1_SESSION_OPEN])
+    old_close = m.decode([b"proxy.session.close", V1_SESSION_CLOSE])
+    assert isinstance(opened, m.ProxySessionOpen) and isinstance(old_close, m.ProxySessionClose)
+    assert old_close.opened is None  # version 1 bytes still decode
+    close = dataclasses.replace(old_close, opened=opened)
+    topic, payload = close.encode()
+    assert msgpack.unpackb(payload)["v"] == 2 and m.decode([topic, payload]) == close
+    v1_open = {k: v for k, v in msgpack.unpackb(V1_SESSION_OPEN).items() if k != "v"}
+    v1_close = {k: v for k, v in msgpack.unpackb(V1_SESSION_CLOSE).items() if k != "v"}
+    shapes = legacy_shapes(topic.decode(), msgpack.unpackb(payload))
+    assert shapes == [("proxy.session.open", v1_open), ("proxy.session.close", v1_close)]
+    assert legacy_subscriptions(["proxy.session.open"]) == ["proxy.session.open", "proxy.session.close"]

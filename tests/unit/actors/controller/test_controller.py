@@ -142,6 +142,21 @@ def test_registry_reads_a_version_2_conn_new_as_the_version_1_pair() -> None:
         assert (rec.split.session_id, rec.rule, rec.process_name) == ("s1", "r1", "curl")
 
 
+def test_registry_reads_a_close_carrying_its_open_as_the_open_and_close_pair() -> None:
+    records = []
+    for events in ([opened(), closed()], [dataclasses.replace(closed(), opened=opened())]):
+        reg = ConnectionRegistry()
+        reg.handle(new())
+        reg.handle(verdict())
+        for event in events:
+            reg.handle(event)
+        records.append(reg.get("c1"))
+    assert records[0] == records[1]
+    rec = records[1]
+    assert rec is not None and rec.state == "closed" and rec.split is not None
+    assert (rec.split.session_id, rec.split.local_ip, rec.split.bytes_down) == ("s1", "192.0.2.10", 500)
+
+
 def test_registry_takes_a_kernel_path_connection_from_its_verdict_and_its_counts_from_its_end() -> None:
     reg = ConnectionRegistry()
     reg.handle(new())
