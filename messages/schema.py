@@ -67,7 +67,7 @@ class Struct:
             if name in data:
                 value = data[name]
                 # Most fields are plain str/int/float/bool already: a type test, not a call (every subscriber
-                # decodes every event it gets; this halves the cost of a conn.new).
+                # decodes every event it gets; bench/RESULTS.md, "messages per connection").
                 values[name] = (
                     value if type(value) in exact else decode(value, kind, f"{path}.{name}" if path else name)
                 )
