@@ -28,6 +28,8 @@ Measurements:
   packets that reached user space per MB;
 - the interceptor's own time per connection (its busy_us and verdict_us counters) and the share of
   connections whose process it did not find;
+- what the connection's events cost the rest of splittun: CPU time of the bus and the controller per
+  connection (/proc/<pid>/schedstat; robust against a busy machine, unlike connections/s);
 - process attribution in-process with the real attribution code (sock_diag, /proc, the process cache), in
   the lab host namespace; a new socket of a process holding 500 and 5,000 fds side by side with the old
   path (the whole fd table read: `Attributor(probe_fds=False)`). `--only attr` runs this part alone.
@@ -377,6 +379,7 @@ class Run:
     verdict_us: int = 0
     decided: int = 0
     unattributed: int = 0  # connections whose process was not found
+    events_ns: int = 0  # CPU time of the bus and the controller (what the connection's events cost them)
     mbytes: float = 0.0  # bulk: megabytes moved
 
 
@@ -527,15 +530,28 @@ class Bench:
         c = self.ask("interceptor", "counters")
         return c.get("busy_us", 0), c.get("verdict_us", 0), c.get("decided", 0), c.get("unattributed", 0)
 
+    def events_cpu_ns(self) -> int:
+        """CPU time so far of the bus and the controller (the processes every event passes), in ns."""
+        if not self.splittun_up:
+            return 0
+        pids = [a["pid"] for a in self.ask("controller", "actors") if a["name"] in ("bus", "controller")]
+        total = 0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                total += int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+        return total
+
     @contextlib.contextmanager
     def counted(self, run: Run) -> Iterator[None]:
         queueing = self.splittun_up or self.bare
         q0 = self.queue_total() if queueing else 0
         e0 = self.engine_counters()
+        c0 = self.events_cpu_ns()
         yield
         if queueing:
             run.queued = self.queue_total() - q0
         if self.splittun_up:
+            run.events_ns = self.events_cpu_ns() - c0
             run.busy_us, run.verdict_us, run.decided, run.unattributed = (
                 b - a for a, b in zip(e0, self.engine_counters(), strict=True)
             )
@@ -600,7 +616,8 @@ class Bench:
             f"  [{run.queued / max(run.connections, 1):.2f} pkt/conn to user space, "
             f"{run.busy_us / max(run.decided, 1):.0f} µs/conn in the interceptor "
             f"({run.verdict_us / max(run.decided, 1):.0f} to the verdict), "
-            f"{run.unattributed} of {run.decided} without process]"
+            f"{run.unattributed} of {run.decided} without process, "
+            f"bus + controller {run.events_ns / 1000 / max(run.decided, 1):.0f} µs/conn]"
         )
 
     def bulk(self, variant: str, uid: int = APP_UID) -> None:
@@ -706,12 +723,13 @@ class Bench:
                 f"New connections/s: wrk -t2 -c64 -d{self.seconds:g}s, `Connection: close`; × = of the off rows' mean.",
                 "",
                 "| variant | path | connections/s | × off | packets to user space / conn "
-                "| interceptor µs / conn (to verdict) | without process |",
-                "|---|---|---|---|---|---|---|",
+                "| interceptor µs / conn (to verdict) | without process | bus + controller µs / conn |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             lines += [
                 f"| {r.variant} | {r.path} | {r.rate:,.0f}{errors_note(r.errors)} | {r.rate / base:.2f}× "
-                f"| {self._pkts(r)} | {self._busy(r)} | {self._unattributed(r)} |"
+                f"| {self._pkts(r)} | {self._busy(r)} | {self._unattributed(r)} "
+                f"| {f'{r.events_ns / 1000 / r.decided:.0f}' if r.decided else '–'} |"
                 for r in rates
             ]
             lines.append("")

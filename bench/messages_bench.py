@@ -5,10 +5,16 @@
 - decode: validate + decode one `conn.new` — paid by each subscriber.
 - bus: events/s from one publisher through a real bus process to one subscriber, and the share lost
   (a publisher never blocks, so an overloaded bus drops instead of slowing verdicts).
+- per connection, side by side in one run: the messages of one connection as version 1 sent them
+  (conn.new + conn.verdict + conn.end; through a proxy also proxy.session.open + .close) and as version 2
+  sends them (conn.new carrying its verdict + conn.end; a short session's open inside its close): what the
+  interceptor pays to publish them, what the controller pays to decode them and update its registry
+  (CPU time, each connection its own id), and how many messages the bus forwards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -18,8 +24,20 @@ from pathlib import Path
 
 import zmq
 
+from actors.controller.registry import ConnectionRegistry
 from bench.common import print_rows, pump_through_bus
-from messages import ConnNew, ProcessInfo, decode
+from messages import (
+    ConnEnd,
+    ConnNew,
+    ConnVerdict,
+    Message,
+    ProcessInfo,
+    ProxySessionClose,
+    ProxySessionOpen,
+    SessionCounters,
+    Verdict,
+    decode,
+)
 from runtime import paths
 from runtime.transport import Publisher, Subscriber
 
@@ -45,6 +63,56 @@ def per_call_us(fn, n: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - t0) / n * 1e6)
     return best
+
+
+def connection(i: int, version: int, proxied: bool) -> list[Message]:
+    """The messages of one split connection as schema `version` sends them."""
+    cid, port = f"c-{i}", 1024 + i % 60000
+    key = f"tcp 192.0.2.10:{port} 203.0.113.80:443"
+    new = dataclasses.replace(SAMPLE, conn_id=cid, src_port=port)
+    verdict = dict(verdict=Verdict.REROUTE_TO_SPLIT_TUN, rule="r1", split_key=key, interface="eth0", data_path="proxy")
+    end = ConnEnd(conn_id=cid, ts=2.0, reason="closed")
+    if not proxied:
+        verdict["data_path"] = "kernel"
+    out: list[Message] = (
+        [new, ConnVerdict(conn_id=cid, ts=1.0, **verdict)] if version == 1 else [dataclasses.replace(new, **verdict)]
+    )
+    if proxied:
+        where = dict(client_ip="192.0.2.10", client_port=port, orig_dst_ip="203.0.113.80", orig_dst_port=443)
+        opened = ProxySessionOpen(session_id=f"s-{i}", worker="proxy_tcp_00", protocol="tcp", split_key=key, ts=1.1,
+                                  local_ip="192.0.2.10", local_port=port, interface="eth0", **where)  # fmt: skip
+        counters = SessionCounters(bytes_up=100, bytes_down=500, packets_up=2, packets_down=3)
+        close = ProxySessionClose(session_id=f"s-{i}", worker="proxy_tcp_00", split_key=key, ts=1.9,
+                                  counters=counters, duration=0.8, reason="closed")  # fmt: skip
+        out += [opened, close] if version == 1 else [dataclasses.replace(close, opened=opened)]
+    return [*out, end]
+
+
+def per_connection(n: int = 5_000) -> list[tuple[str, str]]:
+    """Publishing and consuming one connection's messages, version 1 against version 2 (CPU µs per connection)."""
+    rows = []
+    for proxied in (False, True):
+        path = "split via proxy" if proxied else "kernel path / vpn"
+        cost: dict[int, tuple[float, float, int]] = {}
+        for version in (1, 2):
+            made = [connection(i, version, proxied) for i in range(n)]
+            t0 = time.process_time()
+            wire = [[msg.encode() for msg in conn] for conn in made]
+            encoded = (time.process_time() - t0) / n * 1e6
+            registry = ConnectionRegistry(max_closed=n, max_active=n)
+            t0 = time.process_time()
+            for frames in wire:
+                for f in frames:
+                    registry.handle(decode(f))
+            consumed = (time.process_time() - t0) / n * 1e6
+            cost[version] = (encoded, consumed, len(made[0]))
+        (e1, c1, m1), (e2, c2, m2) = cost[1], cost[2]
+        rows += [
+            (f"{path}: messages per connection, v1 → v2", f"{m1} → {m2}"),
+            (f"{path}: interceptor+proxy encode, v1 → v2", f"{e1:.1f} → {e2:.1f} µs ({e2 / e1:.2f}×)"),
+            (f"{path}: controller decode + registry, v1 → v2", f"{c1:.1f} → {c2:.1f} µs ({c2 / c1:.2f}×)"),
+        ]
+    return rows
 
 
 def bus_throughput(n: int = 200_000) -> tuple[float, float]:
@@ -86,6 +154,7 @@ def main(argv: list[str]) -> int:
     run.rmdir()
     rate, lost = bus_throughput()
     rows.append(("bus: 1 publisher → bus → 1 subscriber", f"{rate:,.0f} events/s ({lost:.1%} dropped)"))
+    rows += per_connection()
     print_rows(rows)
     return 0
 

@@ -2,6 +2,7 @@
 
 - `verdict`, `marks`: Portmaster's verdict enum and packet marks, defined once.
 - `schema`, `events`, `control`: typed msgpack schemas for bus messages and control requests.
+- `compat`: the version 1 shapes of events version 2 merged, for views that show the bus.
 - `flows`: the flow key the interceptor and the proxies both use for a connection.
 - `endpoints`, `transport`, `loop`, `log`: where sockets live, publish/subscribe/request/reply helpers,
   the poll loop every process runs, and the one log-line format.

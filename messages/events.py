@@ -58,8 +58,12 @@ class ProcessInfo(Struct):
     ancestor_names: list[str] = field(default_factory=list)
 
 
-@message("conn.new")
+@message("conn.new", version=2)
 class ConnNew(Message):
+    """A connection the interceptor decided. Version 2 carries its verdict too (the fields of conn.verdict,
+    same names), so a decided connection is one event instead of two; a version 1 sender's conn.new has no
+    verdict (`verdict` None) and its conn.verdict follows. messages/compat.py gives the version 1 shapes."""
+
     conn_id: str
     ts: float
     ip_version: int
@@ -71,10 +75,26 @@ class ConnNew(Message):
     inbound: bool = False
     process: ProcessInfo | None = None
     domain: str = ""
+    # version 2: the verdict, as in conn.verdict (None: a version 1 sender; its conn.verdict follows)
+    verdict: Verdict | None = None
+    verb: str = ""
+    rule: str = ""
+    reason: str = ""
+    split_key: str = ""
+    interface: str = ""
+    data_path: str = ""
+    local_ip: str = ""
+
+    def __post_init__(self) -> None:
+        if self.verdict is not None and not self.verb:
+            object.__setattr__(self, "verb", verdict_verb(self.verdict))
 
 
 @message("conn.verdict")
 class ConnVerdict(Message):
+    """A verdict on its own: from a version 1 interceptor (after its conn.new), or a verdict that changed.
+    A new connection's verdict travels in its conn.new (version 2)."""
+
     conn_id: str
     ts: float
     verdict: Verdict
@@ -140,8 +160,11 @@ class ProxySessionStats(Message):
     counters: SessionCounters
 
 
-@message("proxy.session.close")
+@message("proxy.session.close", version=2)
 class ProxySessionClose(Message):
+    """A session ended. Version 2: a session that ended before its open left (the proxies hold an open back
+    for a moment) carries that open here, one message instead of two; version 1 bytes have none."""
+
     session_id: str
     worker: str
     split_key: str
@@ -149,6 +172,7 @@ class ProxySessionClose(Message):
     counters: SessionCounters
     duration: float = 0.0
     reason: str = ""  # "closed", "reset", "idle", "refused: …", "dial failed: …"
+    opened: ProxySessionOpen | None = None  # version 2: its open, when that was never published on its own
 
 
 # --- resolver ---------------------------------------------------------------------------------------

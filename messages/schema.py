@@ -39,13 +39,15 @@ class MessageError(ValueError):
 
 
 _Decoder = Callable[[Any, str, str], Any]  # (value, kind, path) -> decoded value
+# One field: name, its decoder, required, the types a value may have to be taken as it is (no decoder call)
+_Field = tuple[str, _Decoder, bool, tuple[type, ...]]
 
 
 class Struct:
     """Base of every schema dataclass. Subclasses are made by `@record` or `@message`."""
 
     __slots__ = ()
-    _decoders: ClassVar[tuple[tuple[str, _Decoder, bool, Any], ...] | None] = None
+    _decoders: ClassVar[tuple[_Field, ...] | None] = None
     _field_names: ClassVar[tuple[str, ...] | None] = None
 
     def to_wire(self) -> dict[str, Any]:
@@ -61,12 +63,16 @@ class Struct:
             raise MessageError(kind, f"expected a map, got {_type_name(data)}", path or None)
         decoders = cls._decoders or _compile(cls)
         values: dict[str, Any] = {}
-        for name, decode, required, _default in decoders:
-            sub = f"{path}.{name}" if path else name
+        for name, decode, required, exact in decoders:
             if name in data:
-                values[name] = decode(data[name], kind, sub)
+                value = data[name]
+                # Most fields are plain str/int/float/bool already: a type test, not a call (every subscriber
+                # decodes every event it gets; bench/RESULTS.md, "messages per connection").
+                values[name] = (
+                    value if type(value) in exact else decode(value, kind, f"{path}.{name}" if path else name)
+                )
             elif required:
-                raise MessageError(kind, "missing", sub)
+                raise MessageError(kind, "missing", f"{path}.{name}" if path else name)
         try:
             return cls(**values)
         except (TypeError, ValueError) as exc:  # __post_init__ checks
@@ -221,14 +227,26 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _compile(cls: type[Struct]) -> tuple[tuple[str, _Decoder, bool, Any], ...]:
+def _compile(cls: type[Struct]) -> tuple[_Field, ...]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        out.append((f.name, _decoder_for(hints[f.name]), required, f.default))
+        out.append((f.name, _decoder_for(hints[f.name]), required, _exact_types(hints[f.name])))
     cls._decoders = tuple(out)
     return cls._decoders
+
+
+_PLAIN = (str, int, float, bool, bytes)
+
+
+def _exact_types(tp: Any) -> tuple[type, ...]:
+    """The types a value of annotation `tp` may have to be valid as it is: plain scalars (a bool is not an
+    int here: `type(True) is bool`), and None for an optional one; () when it always needs its decoder."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (*_exact_types(inner[0]), type(None)) if len(inner) == 1 and inner[0] in _PLAIN else ()
+    return (tp,) if tp in _PLAIN else ()
 
 
 def _decoder_for(tp: Any) -> _Decoder:
@@ -244,10 +262,13 @@ def _decoder_for(tp: Any) -> _Decoder:
         return lambda v, kind, path: None if v is None else sub(v, kind, path)
     if origin is list:
         item = _decoder_for(args[0]) if args else _decoder_for(Any)
+        plain = args[0] if args and args[0] in _PLAIN else None
 
         def dec_list(v: Any, kind: str, path: str) -> list[Any]:
             if not isinstance(v, (list, tuple)):
                 raise MessageError(kind, f"expected array, got {_type_name(v)}", path)
+            if plain is not None and all(type(x) is plain for x in v):
+                return list(v)  # a command line, a parent chain: no call per item
             return [item(x, kind, f"{path}[{i}]") for i, x in enumerate(v)]
 
         return dec_list

@@ -28,6 +28,7 @@ from aiohttp import web
 from core import config as cfg
 from core.access import ADMIN, READ, Tokens
 from core.state import TimeSpecError, parse_when
+from messages.compat import legacy_shapes, legacy_subscriptions, wanted
 from messages.control import (
     INTERNAL,
     INVALID_ARGUMENT,
@@ -369,7 +370,7 @@ async def events(api: HttpApi, request: web.Request) -> web.StreamResponse:
     sub = api.zctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 10_000)
-    for prefix in prefixes:
+    for prefix in legacy_subscriptions(prefixes):  # the version 1 shapes: conn.verdict travels in conn.new
         sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
     sub.connect(paths.bus_out(api.run_dir))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
@@ -383,12 +384,13 @@ async def events(api: HttpApi, request: web.Request) -> web.StreamResponse:
                 continue
             frames = await sub.recv_multipart()
             try:
-                topic, data = decode_loose(frames)
+                shapes = legacy_shapes(*decode_loose(frames))
             except MessageError:
                 continue
-            data.pop("v", None)
-            line = json.dumps(data, default=lambda b: b.hex() if isinstance(b, bytes) else str(b))
-            await response.write(f"event: {topic}\ndata: {line}\n\n".encode())
+            for topic, data in shapes:
+                if wanted(topic, prefixes):
+                    line = json.dumps(data, default=lambda b: b.hex() if isinstance(b, bytes) else str(b))
+                    await response.write(f"event: {topic}\ndata: {line}\n\n".encode())
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:

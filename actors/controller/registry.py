@@ -1,9 +1,10 @@
 """The connection registry: interceptor and proxy events joined into one record per connection.
 
-The interceptor names a split connection by its flow key (client address + original destination) in
-`conn.verdict`; the proxies publish the same key in `proxy.session.*`. Either may arrive first, so a
-session that finds no connection waits (bounded) until the verdict comes. Memory is bounded: closed
-connections roll off oldest first, and so do active ones whose end was never reported.
+The interceptor names a split connection by its flow key (client address + original destination) with its
+verdict (in `conn.new` since version 2, in `conn.verdict` before); the proxies publish the same key in
+`proxy.session.*`. Either may arrive first, so a session that finds no connection waits (bounded) until the
+verdict comes. Memory is bounded: closed connections roll off oldest first, and so do active ones whose end
+was never reported.
 The resolver's `dns.query` events add how a name was resolved ("resolved via"): to the DNS query's own
 connection (same flow key), and to later connections to an address its answer gave.
 Pure logic: fed with decoded messages, queried with plain arguments.
@@ -57,7 +58,17 @@ def _updated(rec: ConnectionInfo, **changes: Any) -> ConnectionInfo:
     closed = ended is not None or (split is not None and split.closed is not None)
     changes["state"] = "closed" if closed else "open"
     changes["verb"] = verdict_verb(changes.get("verdict", rec.verdict))
-    return dataclasses.replace(rec, **changes)
+    # The copy field by field, as the frozen dataclass's __init__ would: dataclasses.replace looks the fields
+    # up again on every call and was the largest single cost of an event here (bench/messages_bench.py).
+    new = _new_record(ConnectionInfo)
+    for name in _RECORD_FIELDS:
+        _set(new, name, changes[name] if name in changes else getattr(rec, name))
+    return new
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(ConnectionInfo))  # type: ignore[arg-type]
+_new_record = object.__new__
+_set = object.__setattr__
 
 
 class ConnectionRegistry:
@@ -101,14 +112,21 @@ class ConnectionRegistry:
         if msg.process is not None:
             p = msg.process
             changes.update(pid=p.pid, exe=p.exe, process_name=p.name, cmdline=list(p.cmdline), uid=p.uid)
+        if msg.verdict is not None:  # version 2: the verdict came with it (one record update, not two)
+            self._verdict_changes(rec, msg, changes)
         self._put(_updated(rec, **changes))
 
     def on_conn_verdict(self, msg: ConnVerdict) -> None:
         rec = self._find(msg.conn_id)
         if rec is None:
             return  # conn.new was lost (bus restart): nothing to attach the verdict to
-        changes: dict[str, Any] = dict(verdict=int(msg.verdict), rule=msg.rule, reason=msg.reason)
-        changes["interface"] = msg.interface
+        changes: dict[str, Any] = {}
+        self._verdict_changes(rec, msg, changes)
+        self._put(_updated(rec, **changes))
+
+    def _verdict_changes(self, rec: ConnectionInfo, msg: ConnNew | ConnVerdict, changes: dict[str, Any]) -> None:
+        """What a verdict changes in a record (`msg`: a conn.verdict, or a conn.new carrying one)."""
+        changes.update(verdict=int(msg.verdict or 0), rule=msg.rule, reason=msg.reason, interface=msg.interface)
         if msg.data_path == "kernel":  # no proxy session will tell: the interceptor said where it leaves
             changes["split"] = SplitInfo(
                 session_id="",
@@ -125,7 +143,6 @@ class ConnectionRegistry:
             pending = self._pending.pop(msg.split_key, None)
             if pending is not None:
                 changes["split"] = pending[1]
-        self._put(_updated(rec, **changes))
 
     def on_conn_end(self, msg: ConnEnd) -> None:
         rec = self._active.get(msg.conn_id) or self._closed.get(msg.conn_id)
@@ -157,6 +174,8 @@ class ConnectionRegistry:
         self._update_session(msg.split_key, msg.session_id, lambda s: _counted(s, msg.counters))
 
     def on_session_close(self, msg: ProxySessionClose) -> None:
+        if msg.opened is not None:  # version 2: a short session's open came inside its close
+            self.on_session_open(msg.opened)
         self._update_session(
             msg.split_key, msg.session_id, lambda s: _counted(s, msg.counters, closed=msg.ts, reason=msg.reason)
         )

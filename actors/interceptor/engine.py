@@ -16,7 +16,8 @@ the policy would split a socket owned by a uid one of our processes runs as (our
 never split). Otherwise the packet is released first and its process is looked for right after —
 while the connection is at most one round trip old, so its socket and the process holding it are
 normally still there. Events are published at the end of the batch of packets the kernel handed over
-in one wakeup (conn.new with the process, then conn.verdict).
+in one wakeup: one conn.new per decided connection, carrying its process and its verdict (one message
+instead of conn.new + conn.verdict: the bus and every subscriber pay per message).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from kernel.sockdiag import DiagSocket
 from messages import (
     ConnEnd,
     ConnNew,
-    ConnVerdict,
     IvpnStatus,
     Mark,
     NetenvChanged,
@@ -589,7 +589,7 @@ class Engine:
             return 0
 
     def flush_events(self) -> None:
-        """End of a batch of packets: conn.new and conn.verdict for every connection decided in it."""
+        """End of a batch of packets: conn.new (with its verdict) for every connection decided in it."""
         if not self._unpublished:
             return
         started = time.perf_counter_ns()
@@ -597,7 +597,6 @@ class Engine:
         for conn in batch:
             try:
                 self._publish_new(conn, conn.started)
-                self._publish_verdict(conn, conn.started)
             except Exception as exc:
                 self.counters["errors"] += 1
                 self.log.once("event.failed", describe(exc))
@@ -606,8 +605,17 @@ class Engine:
     # --- events ----------------------------------------------------------------------------------------
 
     def _publish_new(self, conn: LiveConn, now: float) -> None:
+        """The connection and its verdict in one conn.new (version 2)."""
         f = conn.flow
         icmp = f.protocol in _ICMP
+        o = conn.outcome
+        interface, data_path, local_ip = o.interface if o.split else "", "", ""
+        if o.split:
+            data_path = self.data_path(f)
+            if data_path == "kernel":  # no proxy reports where it left: say it here
+                egress = self.egress.found(o.interface, f.ip_version)
+                if egress is not None:
+                    interface, local_ip = egress.interface, egress.source
         self.ports.publish(
             ConnNew(
                 conn_id=conn.conn_id,
@@ -621,6 +629,13 @@ class Engine:
                 inbound=False,  # only outbound connections are decided (and tracked)
                 process=conn.process,
                 domain=conn.domain,
+                verdict=o.verdict,
+                rule=o.rule,
+                reason=o.reason,
+                split_key=f.key() if o.split else "",
+                interface=interface,
+                data_path=data_path,
+                local_ip=local_ip,
             )
         )
 
@@ -632,29 +647,6 @@ class Engine:
         """How a split connection of this flow leaves: split TCP as the firewall's rules send it (the kernel
         path lets it out by its mark), everything else through a proxy."""
         return self.tcp_data_path if flow.protocol == IpProtocol.TCP else "proxy"
-
-    def _publish_verdict(self, conn: LiveConn, now: float) -> None:
-        o = conn.outcome
-        interface, data_path, local_ip = o.interface if o.split else "", "", ""
-        if o.split:
-            data_path = self.data_path(conn.flow)
-            if data_path == "kernel":  # no proxy reports where it left: say it here
-                egress = self.egress.found(o.interface, conn.flow.ip_version)
-                if egress is not None:
-                    interface, local_ip = egress.interface, egress.source
-        self.ports.publish(
-            ConnVerdict(
-                conn_id=conn.conn_id,
-                ts=now,
-                verdict=o.verdict,
-                rule=o.rule,
-                reason=o.reason,
-                split_key=conn.flow.key() if o.split else "",
-                interface=interface,
-                data_path=data_path,
-                local_ip=local_ip,
-            )
-        )
 
     def on_conntrack_destroyed(self, entries: list[CtEntry]) -> None:
         """conn.end for our connections whose conntrack entry is gone (closed or timed out)."""

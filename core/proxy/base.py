@@ -35,6 +35,13 @@ class SessionHooks:
     def on_close(self, session: Session) -> None:
         """The session ended (also: refused, dial failed). `session.close_reason` says why."""
 
+    #: Seconds an open may be held back, so that a session ending sooner is told in one close; `flush` is
+    #: called within this time of an open (and when the proxy stops). 0: nothing is held, no flush.
+    hold: float = 0.0
+
+    def flush(self) -> None:
+        """Tell what was held back (the opens of sessions still open)."""
+
 
 def parse_address(text: str) -> Address:
     """`127.0.0.17:719`, `[::1]:719` → (ip, port)."""
@@ -78,6 +85,7 @@ class ProxyBase:
         self.stopped = threading.Event()
         self._drain_deadline = 0.0
         self._started = False
+        self._flush_due = False
         self.stats: dict[str, int] = {}
         raise_fd_limit()
         self.listeners: list[socket.socket] = []
@@ -191,6 +199,7 @@ class ProxyBase:
             return
         for session in self.table.sessions():  # the loop stopped some other way: still close everything
             self._close_session(session, "shutdown")
+        self._flush_hooks()
         self._close_listeners()
         self._release()
         self.loop.close()
@@ -227,6 +236,20 @@ class ProxyBase:
         if isinstance(answer, UpstreamPlan) and answer.remote in self.addresses:
             return Refusal("loop: the remote is this proxy")
         return answer
+
+    def _opened(self, session: Session) -> None:
+        """A session's upstream is there: tell the hooks, and have them flush within `hooks.hold` s."""
+        self._hook("on_open", session)
+        if self.hooks.hold > 0 and not self._flush_due:
+            self._flush_due = True
+            self.loop.call_later(self.hooks.hold, self._flush_hooks)
+
+    def _flush_hooks(self) -> None:
+        self._flush_due = False
+        try:
+            self.hooks.flush()
+        except Exception as exc:
+            self.say(logging.ERROR, "session hook flush failed: %s: %s", type(exc).__name__, exc)
 
     def _refused(self, session: Session, reason: str) -> None:
         self.table.refuse()

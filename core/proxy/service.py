@@ -52,40 +52,54 @@ from .session import Session, canon
 DEFAULT_LISTEN = (f"{PROXY_IPV4}:{SPLIT_PROXY_PORT}", f"[{PROXY_IPV6}]:{SPLIT_PROXY_PORT}")
 SNAPSHOT_RETRY = 0.25  # seconds between asking for snapshots we have not received yet
 STOP_DRAIN = 1.0  # the runtime gives an actor 2 s to stop
+# A session's open waits this long for its close: a short session (most TCP ones: a request and its answer)
+# is then one proxy.session.close carrying its open instead of two messages; a longer one's open leaves late
+# by at most this (with the other opens held meanwhile: one batch).
+OPEN_HOLD = 0.1
 
 
 class BusHooks(SessionHooks):
-    """Session events onto the bus (called on the data thread; publishing never blocks)."""
+    """Session events onto the bus (called on the data thread; publishing never blocks). Opens are held back
+    for up to `hold` s: one that closed meanwhile leaves inside its close (schema version 2)."""
+
+    hold = OPEN_HOLD
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.worker = rt.instance
+        self._held: dict[str, ProxySessionOpen] = {}  # session id → its open, not published yet
 
     def on_open(self, s: Session) -> None:
         dst = s.orig_dst or s.listen
         local = s.local or ("", 0)
         remote = s.remote or ("", 0)
-        self.rt.publish(
-            ProxySessionOpen(
-                session_id=s.id,
-                worker=self.worker,
-                protocol=s.protocol,
-                split_key=s.split_key,
-                ts=time.time(),
-                client_ip=canon(s.orig_client[0]),
-                client_port=s.orig_client[1],
-                orig_dst_ip=canon(dst[0]),
-                orig_dst_port=dst[1],
-                local_ip=canon(local[0]) if local[0] else "",
-                local_port=local[1],
-                interface=s.interface,
-                extra=dict(s.extra),
-                remote_ip=canon(remote[0]) if remote[0] else "",
-                remote_port=remote[1],
-            )
+        self._held[s.id] = ProxySessionOpen(
+            session_id=s.id,
+            worker=self.worker,
+            protocol=s.protocol,
+            split_key=s.split_key,
+            ts=time.time(),
+            client_ip=canon(s.orig_client[0]),
+            client_port=s.orig_client[1],
+            orig_dst_ip=canon(dst[0]),
+            orig_dst_port=dst[1],
+            local_ip=canon(local[0]) if local[0] else "",
+            local_port=local[1],
+            interface=s.interface,
+            extra=dict(s.extra),
+            remote_ip=canon(remote[0]) if remote[0] else "",
+            remote_port=remote[1],
         )
 
+    def flush(self) -> None:
+        held, self._held = self._held, {}
+        for opened in held.values():
+            self.rt.publish(opened)
+
     def on_stats(self, s: Session) -> None:
+        opened = self._held.pop(s.id, None)
+        if opened is not None:  # never before its open (stats come seconds later: only if a flush was late)
+            self.rt.publish(opened)
         self.rt.publish(
             ProxySessionStats(
                 session_id=s.id, worker=self.worker, split_key=s.split_key, ts=time.time(), counters=_counters(s)
@@ -102,6 +116,7 @@ class BusHooks(SessionHooks):
                 counters=_counters(s),
                 duration=round(s.age(), 6),
                 reason=s.close_reason,
+                opened=self._held.pop(s.id, None),
             )
         )
 

@@ -176,7 +176,7 @@ class TcpConn:
         self.state = OPEN
         with contextlib.suppress(OSError):
             self.session.local = tuple(self.upstream.getsockname()[:2])  # type: ignore[assignment]
-        self.proxy._hook("on_open", self.session)
+        self.proxy._opened(self.session)
         self.pump(self.up)
         if self.state == OPEN:
             self.pump(self.down)

@@ -474,7 +474,7 @@ class UdpProxy(ProxyBase):
         self.conns[session.id] = conn
         session._closer = lambda reason: self.loop.call_soon_threadsafe(lambda: self._close_conn(conn, reason))
         self.loop.add(upstream.fileno(), READ, lambda _ev: self._on_upstream(conn), edge=False)
-        self._hook("on_open", session)
+        self._opened(session)
         return conn
 
     def _refuse(self, key: tuple[int, Any], session: Session, reason: str, now: float) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import zmq
 
+from messages.compat import legacy_shapes, legacy_subscriptions, wanted
 from messages.schema import MessageError, decode, decode_loose, schema_for_topic
 from runtime import paths
 from runtime.transport import Subscriber
@@ -38,7 +39,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     if sock_file is None or not sock_file.exists():
         raise UserError(f"splittun is not running (no bus at {sock_file}); start it with 'splittun up'", NOT_RUNNING)
     ctx = zmq.Context()
-    sub = Subscriber(ctx, bus_out, args.prefixes or None)
+    prefixes = args.prefixes or [""]
+    sub = Subscriber(ctx, bus_out, legacy_subscriptions(prefixes))  # conn.verdict travels in conn.new…
     deadline = time.monotonic() + args.duration if args.duration > 0 else None
     printed = 0
     try:
@@ -49,11 +51,9 @@ def cmd_events(args: argparse.Namespace) -> int:
             frames = sub.recv_frames(timeout=min(wait, 0.5))
             if frames is None:
                 continue
-            line = render(frames, as_json=args.json)
-            if line is None:
-                continue
-            print(line, flush=True)
-            printed += 1
+            for line in render(frames, as_json=args.json, prefixes=prefixes):
+                print(line, flush=True)
+                printed += 1
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:  # `splittun events | head`
@@ -64,16 +64,21 @@ def cmd_events(args: argparse.Namespace) -> int:
     return OK
 
 
-def render(frames: list[bytes], as_json: bool) -> str | None:
-    """One printable line for a bus message; a malformed one is reported on stderr and skipped."""
+def render(frames: list[bytes], as_json: bool, prefixes: list[str]) -> list[str]:
+    """The printable lines of a bus message in the version 1 shapes (messages/compat.py: a conn.new carrying
+    its verdict prints as conn.new + conn.verdict, as before), those the prefixes ask for; a malformed one is
+    reported on stderr and skipped."""
     try:
         topic, data = decode_loose(frames)
         if schema_for_topic(topic) is not None:
             decode(frames)  # validate against the schema; unknown (newer) topics print as they are
     except MessageError as exc:
         print(f"malformed event dropped: {exc}", file=sys.stderr, flush=True)
-        return None
-    data.pop("v", None)
+        return []
+    return [_line(t, d, as_json) for t, d in legacy_shapes(topic, data) if wanted(t, prefixes)]
+
+
+def _line(topic: str, data: dict[str, Any], as_json: bool) -> str:
     if as_json:
         return json.dumps({"topic": topic, **data}, default=_jsonable, separators=(",", ":"))
     ts = data.pop("ts", None)

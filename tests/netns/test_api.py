@@ -7,6 +7,7 @@ connections the history and the counts show (the leak check allows exactly that 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from core.access import load as load_tokens
+from messages import ConnVerdict
 from runtime.paths import Home
 from splittun.lab import topology as T
 from tests.support import FIXTURES_DIR
@@ -219,6 +221,27 @@ def test_server_sent_events_with_topic_filter(st: E2E) -> None:
     assert not any(t.startswith(("actor.", "conn.")) for t in topics)  # filtered
     note = next(e["data"] for e in got["events"] if e["event"] == "notify.test.sse")
     assert note["id"] == "sse-test" and note["message"] == "Hello from the test"
+
+
+def test_server_sent_events_keep_the_version_1_shapes_of_a_connection(st: E2E, leaks: Leaks) -> None:
+    """On the bus a decided connection is one conn.new carrying its verdict (schema version 2); a browser asking
+    for conn.verdict still gets it, in the shape it got before (messages/compat.py), and nothing it did not ask
+    for. (This module's split TCP takes the kernel path: no proxy session; a short session's open inside its
+    close is split back by the same code: tests/unit/messages/test_compat.py.)"""
+    argv = [sys.executable, str(CLIENT), "GET", f"{BASE}/api/v1/events?topic=conn.verdict&topic=proxy.session.open",
+            "--sse", "4", "--header", f"Authorization: Bearer {tokens(st).read}"]  # fmt: skip
+    stream = st.lab.popen("host", argv, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        conn_id = split_curl(st, leaks)
+        out, _ = stream.communicate(timeout=20)
+    finally:
+        stream.kill()
+    events = json.loads(out)["events"]
+    assert {e["event"] for e in events} <= {"conn.verdict", "proxy.session.open"}  # no conn.new, no conn.end
+    [verdict] = [e["data"] for e in events if e["event"] == "conn.verdict" and e["data"]["conn_id"] == conn_id]
+    assert list(verdict) == [f.name for f in dataclasses.fields(ConnVerdict)]  # the version 1 shape
+    assert verdict["verb"] == "split tunneled" and verdict["split_key"].startswith("tcp ")
 
 
 # --- notifications --------------------------------------------------------------------------------------------

@@ -257,6 +257,8 @@ def test_actors_split_and_report_on_the_bus(actors: tuple[Lab, Path], leaks: Lea
         def collect() -> bool:
             while (msg := sub.recv(timeout=0.05)) is not None:
                 events.setdefault(msg.wire_topic(), []).append(msg)
+                if isinstance(msg, ProxySessionClose) and msg.opened is not None:  # a short session: one message
+                    events.setdefault("proxy.session.open", []).append(msg.opened)
             return bool(events.get("proxy.session.close")) and len(events.get("proxy.session.open", [])) >= 2
 
         assert wait_until(collect)

@@ -280,3 +280,14 @@ def test_flow_key_is_canonical() -> None:
         flow_key(17, "2001:0db8:10::0010", 5353, "2001:db8:30::80", 53)
         == "udp [2001:db8:10::10]:5353 [2001:db8:30::80]:53"
     )
+
+
+def test_plain_fields_taken_as_they_are_are_still_checked_exactly() -> None:
+    good = SAMPLES["conn.new"].to_wire() | {"v": 1, "process": None}
+    assert m.decode([b"conn.new", msgpack.packb(good | {"ts": 2})]).ts == 2.0  # an int is a valid float…
+    with pytest.raises(m.MessageError, match="field 'inbound': expected bool, got int"):
+        m.decode([b"conn.new", msgpack.packb(good | {"inbound": 1})])  # …but no int is a bool
+    with pytest.raises(m.MessageError, match="field 'src_port': expected int, got bool"):
+        m.decode([b"conn.new", msgpack.packb(good | {"src_port": True})])
+    with pytest.raises(m.MessageError, match=r"field 'process.cmdline\[1\]': expected str, got int"):
+        m.decode([b"conn.new", msgpack.packb(good | {"process": {"cmdline": ["curl", 1]}})])

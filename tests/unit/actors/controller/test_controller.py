@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -117,6 +118,43 @@ def test_registry_joins_verdict_and_session_in_either_order() -> None:
         assert ctx is not None and (ctx.interface, ctx.local_ip, ctx.session_id) == ("eth0", "192.0.2.10", "s1")
         assert (ctx.bytes_up, ctx.bytes_down, ctx.packets_up, ctx.packets_down) == (100, 500, 2, 3)
         assert rec.ended == 2.1 and rec.process_name == "curl"
+
+
+def test_registry_reads_a_version_2_conn_new_as_the_version_1_pair() -> None:
+    v = verdict()
+    decided = dataclasses.replace(
+        new(), verdict=v.verdict, rule=v.rule, split_key=v.split_key, interface=v.interface
+    )  # one event: the connection with its verdict
+    for session_first in (False, True):
+        records = []
+        for events in ([new(), verdict()], [decided]):
+            reg = ConnectionRegistry()
+            if session_first:
+                reg.handle(opened())  # the proxy can be faster than the bus delivers the verdict
+            for event in events:
+                reg.handle(event)
+            if not session_first:
+                reg.handle(opened())
+            records.append(reg.get("c1"))
+        assert records[0] == records[1]
+        rec = records[1]
+        assert rec is not None and rec.verb == "split tunneled" and rec.split is not None
+        assert (rec.split.session_id, rec.rule, rec.process_name) == ("s1", "r1", "curl")
+
+
+def test_registry_reads_a_close_carrying_its_open_as_the_open_and_close_pair() -> None:
+    records = []
+    for events in ([opened(), closed()], [dataclasses.replace(closed(), opened=opened())]):
+        reg = ConnectionRegistry()
+        reg.handle(new())
+        reg.handle(verdict())
+        for event in events:
+            reg.handle(event)
+        records.append(reg.get("c1"))
+    assert records[0] == records[1]
+    rec = records[1]
+    assert rec is not None and rec.state == "closed" and rec.split is not None
+    assert (rec.split.session_id, rec.split.local_ip, rec.split.bytes_down) == ("s1", "192.0.2.10", 500)
 
 
 def test_registry_takes_a_kernel_path_connection_from_its_verdict_and_its_counts_from_its_end() -> None:

@@ -216,9 +216,9 @@ def test_split_connection_gets_mark_1719_and_events_with_the_proxy_key() -> None
     h.policy(1, SPLIT_80)
     pkt = h.send("tcp4_syn")
     assert (pkt.mark, pkt.accepted) == (split_mark(2), 1)  # eth0's index: the rule names it
-    [new] = h.of(ConnNew)
-    [verdict] = h.of(ConnVerdict)
-    assert new.conn_id == verdict.conn_id and new.process == CURL
+    [new] = h.of(ConnNew)  # one event: the connection with its verdict
+    verdict = new
+    assert new.process == CURL and not h.of(ConnVerdict)
     assert (new.src_ip, new.dst_ip, new.dst_port, new.protocol) == ("192.0.2.66", "203.0.113.80", 80, 6)
     assert (verdict.verdict, verdict.verb, verdict.rule, verdict.interface) == (8, "split tunneled", "srv", "eth0")
     assert verdict.split_key == flow_key(6, "192.0.2.66", new.src_port, "203.0.113.80", 80)
@@ -228,7 +228,7 @@ def test_unsplit_connection_is_accepted_permanently_without_split_key() -> None:
     h = FakePorts()
     pkt = h.send("tcp6_syn")  # policy disabled until a snapshot arrives
     assert pkt.mark == Mark.ACCEPT_ALWAYS
-    [verdict] = h.of(ConnVerdict)
+    [verdict] = h.of(ConnNew)
     assert (verdict.verdict, verdict.split_key, verdict.interface) == (Verdict.ACCEPT, "", "")
 
 
@@ -247,7 +247,7 @@ def test_mid_stream_tcp_after_a_flush_stays_in_the_vpn() -> None:
     h.policy(1, SPLIT_80)
     pkt = h.send("tcp4_data")
     assert pkt.mark == Mark.ACCEPT_ALWAYS
-    assert "mid-stream" in h.of(ConnVerdict)[0].reason
+    assert "mid-stream" in h.of(ConnNew)[0].reason
 
 
 def test_malformed_packet_is_accepted_unsplit_for_this_packet_only_and_logged_once(
@@ -282,7 +282,7 @@ def test_any_failure_on_the_path_still_gives_a_verdict_without_a_split_mark() ->
     pkt = h.send("tcp4_syn")
     assert (pkt.mark, pkt.accepted) == (Mark.ACCEPT_ALWAYS, 1)  # never split, and kept so: no split later
     assert h.engine.counters["attribution_errors"] == 1
-    verdict = h.of(ConnVerdict)[0]  # not silent: the connection and why it stayed in the VPN are published
+    verdict = h.of(ConnNew)[0]  # not silent: the connection and why it stayed in the VPN are published
     assert verdict.verdict == Verdict.ACCEPT and "finding the process failed (RuntimeError" in verdict.reason
     h.names = None  # type: ignore[assignment]  # anything else failing: accepted unmarked, counted
     pkt = h.send(from_port("tcp4_syn", 40001))
@@ -346,7 +346,7 @@ def test_first_connection_after_a_lookup_matches_the_domain_rule() -> None:
     pkt = h.send("tcp4_syn")
     assert is_split(pkt.mark)
     assert h.of(ConnNew)[0].domain == "www.example.com"
-    assert h.of(ConnVerdict)[0].rule == "dom"
+    assert h.of(ConnNew)[0].rule == "dom"
 
 
 def test_unreadable_dns_answer_is_accepted() -> None:
@@ -434,9 +434,8 @@ def test_without_app_rules_the_verdict_comes_first_and_conn_new_still_carries_th
     assert h.events == []  # events come at the end of the batch of packets
     h.end_batch()
     [new] = h.of(ConnNew)
-    [verdict] = h.of(ConnVerdict)
-    assert new.process == CURL and new.conn_id == verdict.conn_id
-    assert [type(e) for e in h.events] == [ConnNew, ConnVerdict]
+    assert new.process == CURL and new.verdict == Verdict.ACCEPT
+    assert [type(e) for e in h.events] == [ConnNew]  # one event per decided connection
     assert h.engine.counters["attributed_after_verdict"] == 1
 
 
@@ -465,7 +464,7 @@ def test_the_events_of_a_batch_of_packets_are_published_at_its_end() -> None:
     assert all(p.accepted == 1 for p in packets) and h.log == ["verdict", "attribute"] * 4
     assert h.events == [] and [d for d, _ in h.timers] == [0]  # one flush scheduled for the batch
     h.end_batch()
-    assert [type(e) for e in h.events] == [ConnNew, ConnVerdict] * 4
+    assert [type(e) for e in h.events] == [ConnNew] * 4
     assert all(e.process == CURL for e in h.of(ConnNew))
 
 
@@ -474,10 +473,10 @@ def test_conn_end_never_comes_before_conn_new() -> None:
     h.send("tcp4_syn", end_batch=False)
     sport = struct.unpack_from("!H", PACKETS["tcp4_syn"], 20)[0]
     h.engine.on_conntrack_destroyed([CtEntry(FiveTuple(6, "192.0.2.66", sport, "203.0.113.80", 80))])
-    assert [type(e) for e in h.events] == [ConnNew, ConnVerdict, ConnEnd]
+    assert [type(e) for e in h.events] == [ConnNew, ConnEnd]
     assert h.of(ConnNew)[0].process == CURL
     h.end_batch()  # the scheduled flush finds nothing left to do
-    assert len(h.events) == 3
+    assert len(h.events) == 2
 
 
 def test_a_failed_attribution_after_the_verdict_still_publishes_the_connection() -> None:
@@ -489,7 +488,7 @@ def test_a_failed_attribution_after_the_verdict_still_publishes_the_connection()
     h.attribute = broken  # type: ignore[method-assign]
     pkt = h.send("tcp4_syn")
     assert (pkt.mark, pkt.accepted) == (Mark.ACCEPT_ALWAYS, 1)
-    assert h.of(ConnNew)[0].process is None and len(h.of(ConnVerdict)) == 1
+    assert h.of(ConnNew)[0].process is None and h.of(ConnNew)[0].verdict is not None
     assert h.engine.counters["errors"] == 1
 
 
@@ -536,7 +535,7 @@ def test_remembered_destination_verdicts_follow_learned_names_and_new_policies()
     assert is_split(h.send(from_port("tcp4_syn", 40003)).mark)
     h.policy(2, PolicyRule(id="keep-all", action="keep"))
     pkt = h.send(from_port("tcp4_syn", 40004))
-    assert pkt.mark == Mark.ACCEPT_ALWAYS and h.of(ConnVerdict)[-1].rule == "keep-all"
+    assert pkt.mark == Mark.ACCEPT_ALWAYS and h.of(ConnNew)[-1].rule == "keep-all"
 
 
 def test_with_an_external_handler_every_connection_is_decided_afresh() -> None:
@@ -581,7 +580,7 @@ def test_a_rules_own_interface_travels_in_the_split_mark() -> None:
     h.policy(1, PolicyRule(id="wifi", action="split", dest="203.0.113.80", interface="eth1"))
     pkt = h.send("tcp4_syn")
     assert pkt.mark == split_mark(5)  # eth1's index: the proxy reads it back from the conntrack mark
-    assert h.of(ConnVerdict)[0].interface == "eth1"
+    assert h.of(ConnNew)[0].interface == "eth1"
 
 
 def test_a_split_without_an_egress_for_its_ip_version_stays_in_the_vpn() -> None:
@@ -589,7 +588,7 @@ def test_a_split_without_an_egress_for_its_ip_version_stays_in_the_vpn() -> None
     h.policy(1, PolicyRule(id="wifi", action="split", interface="eth1"))  # eth1 has no IPv6
     pkt = h.send("tcp6_syn")
     assert pkt.mark == Mark.ACCEPT_ALWAYS
-    verdict = h.of(ConnVerdict)[0]
+    verdict = h.of(ConnNew)[0]
     assert verdict.verdict == Verdict.ACCEPT and "kept in the VPN" in verdict.reason and verdict.rule == "wifi"
 
 
@@ -614,7 +613,7 @@ def test_a_new_tcp_connection_on_a_reused_port_is_decided_for_its_own_app(name: 
     h = FakePorts()
     h.policy(1, SPLIT_CURL_80, PolicyRule(id="curl80v6", action="split", app_name="curl", dest="2001:db8:30::80"))
     assert is_split(h.send(name).mark)  # curl: split
-    key = h.confirm(name, h.of(ConnVerdict)[0].split_key and split_mark(0))
+    key = h.confirm(name, h.of(ConnNew)[0].split_key and split_mark(0))
     # curl's connection closed (the server first: conntrack keeps the entry in TIME_WAIT), and python's
     # connect() got the same local port. Conntrack killed the old entry for the new SYN: a fresh one, unmarked.
     del h.table[key]
@@ -658,7 +657,7 @@ def test_the_old_entrys_destroy_event_read_first_ends_the_old_connection() -> No
     h = FakePorts()
     h.policy(1, SPLIT_CURL)
     h.send("udp4")
-    key = h.confirm("udp4", h.of(ConnVerdict)[0].split_key and split_mark(0), ct_id=7)
+    key = h.confirm("udp4", h.of(ConnNew)[0].split_key and split_mark(0), ct_id=7)
     h.destroyed.append(h.table.pop(key))  # gone, and its event waits on the socket
     h.app(PYTHON, cookie=2)
     assert h.send("udp4").mark == Mark.ACCEPT_ALWAYS
@@ -825,7 +824,7 @@ def test_kernel_path_verdict_names_the_egress_and_its_close_carries_conntracks_c
     h.policy(1, SPLIT_80)
     h.engine.set_data_path("kernel")
     assert is_split(h.send("tcp4_syn").mark)
-    [v] = h.of(ConnVerdict)
+    [v] = h.of(ConnNew)
     assert (v.data_path, v.interface, v.local_ip) == ("kernel", "eth0", "192.0.2.10")
     key = h.confirm("tcp4_syn", split_mark(2), ct_id=7)
     h.table[key] = CtEntry(key, split_mark(2), 7, counters=CtCounters(6, 396, 5, 5316))
@@ -845,7 +844,7 @@ def test_split_udp_and_the_proxy_path_say_proxy() -> None:
     assert is_split(h.send("tcp4_syn").mark)
     h.engine.set_data_path("kernel")
     assert h.engine.data_path(FiveTuple(17, "192.0.2.66", 5000, "203.0.113.80", 53)) == "proxy"
-    [v] = h.of(ConnVerdict)
+    [v] = h.of(ConnNew)
     assert (v.data_path, v.interface, v.local_ip) == ("proxy", "eth0", "")  # decided before the switch
 
 
