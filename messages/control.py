@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import field
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
-from .events import DnsQuery, InterfaceRecord, NetenvChanged, Notification, PolicyRule, PolicySnapshot
+from .events import DnsQuery, InterfaceRecord, IvpnStatus, NetenvChanged, Notification, PolicyRule, PolicySnapshot
 from .schema import VERSION_KEY, Message, Struct, _decoder_for, record
 
 BAD_REQUEST = "bad_request"  # undecodable or schema-invalid request
@@ -553,6 +553,12 @@ class Proxy(Ops, actor="proxy"):
     EGRESS = Op("egress", Upstream, list[dict[str, Any]], "The sessions whose upstream goes to ip:port.")
     SESSIONS = Op("sessions", SessionsArgs, list[dict[str, Any]], "Open sessions, at most limit.")
     STATUS = Op("status", NoArgs, ProxyStatus, "Protocol, listen addresses, egress per family and counters.")
+
+
+class Ivpn(Ops, actor="ivpn"):
+    """Answered by the ivpn actor (actors/ivpn): the IVPN daemon client."""
+
+    STATUS = Op("status", NoArgs, IvpnStatus, "IVPN as last heard from its daemon (daemon false: not running).")
 
 
 # api (actors/api/actor.py): the local HTTP API

@@ -224,8 +224,20 @@ class NetenvChanged(Message):
 # --- IVPN -------------------------------------------------------------------------------------------
 
 
+@record
+class IvpnDns(Struct):
+    """One DNS server IVPN uses (its custom DNS)."""
+
+    address: str
+    encryption: str = "none"  # "none" | "dot" | "doh"
+    template: str = ""  # DoH URL template
+
+
 @message("ivpn.status")
 class IvpnStatus(Message):
+    """IVPN as the ivpn actor sees it (core/ivpn), published on every change. While the daemon is away
+    (`daemon` false) the last known carrier (server_ip, server_port) stays: the tunnel outlives a restart."""
+
     ts: float
     daemon: bool  # connected to the IVPN daemon
     state: str = "UNKNOWN"  # DISCONNECTED, CONNECTING, CONNECTED…
@@ -236,6 +248,13 @@ class IvpnStatus(Message):
     server_ip: str = ""
     interface: str = ""
     paused: bool = False
+    server_port: int = 0  # the carrier: server_ip:server_port, TCP when is_tcp else UDP
+    is_tcp: bool = False
+    exit_hostname: str = ""
+    dns: list[IvpnDns] = field(default_factory=list)  # empty: IVPN's default DNS
+    kill_switch: bool = False  # IVPN's firewall is on
+    daemon_version: str = ""
+    last_error: str = ""  # the daemon's last error message
 
 
 # --- policy -----------------------------------------------------------------------------------------

@@ -81,8 +81,13 @@ class DaemonClient:
     def run(self) -> None:
         backoff = self.min_backoff
         while not self._stop.is_set():
+            try:
+                up = self._session()
+            except Exception as exc:  # a bug must not end the client for good: log it, go on with backoff
+                self.log(f"client failed: {exc.__class__.__name__}: {exc}")
+                up = False
             # After a session that was up the next attempt comes quickly; without a daemon, ever slower.
-            backoff = self.min_backoff if self._session() else min(backoff * 2, self.max_backoff)
+            backoff = self.min_backoff if up else min(backoff * 2, self.max_backoff)
             self._wake.wait(backoff)
             self._wake.clear()
 
@@ -142,7 +147,7 @@ class DaemonClient:
     def _down(self, why: str, force: bool = False) -> None:
         """Not (or no longer) talking to the daemon: keep the carrier, say daemon=False, log once per reason."""
         if force or why != self._why_down:
-            self.log(f"ivpn: {why}")
+            self.log(why)
             self._why_down = why
         self._publish(replace(self.snapshot, daemon=False))
 

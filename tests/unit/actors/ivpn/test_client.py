@@ -61,7 +61,7 @@ def test_no_daemon_is_reported_once_and_logged_once(seen) -> None:
     rec.wait(lambda: bool(rec.statuses))
     time.sleep(0.5)  # many attempts at the 0.2 s backoff
     assert [s.daemon for s in rec.statuses] == [False]
-    assert rec.logs == ["ivpn: daemon not running"]
+    assert rec.logs == ["daemon not running"]
 
 
 def test_daemon_start_vpn_changes_and_dns(seen, port_file: str) -> None:

@@ -1,0 +1,83 @@
+"""The ivpn actor in-process (no bus): what it publishes as `ivpn.status` and answers to `status`, and how
+`splittun ivpn` prints it, as IVPN's daemon comes, connects and goes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from actors.ivpn.actor import IvpnActor
+from core.ivpn.protocol import NOT_RUNNING
+from core.ivpn.status import to_status
+from messages.control import Request, to_plain
+from messages.events import IvpnStatus
+from runtime import log as logmod
+from runtime.actor import dispatch
+from splittun.commands.ivpn import describe
+from tests.fixtures.ivpn.fake_daemon import FakeIvpnDaemon, FakeVpn
+
+
+class Bus:
+    def __init__(self) -> None:
+        self.sent: list[IvpnStatus] = []
+        self.cond = threading.Condition()
+
+    def publish(self, msg: IvpnStatus) -> bool:
+        with self.cond:
+            self.sent.append(msg)
+            self.cond.notify_all()
+        return True
+
+    def wait_for(self, pred: Any) -> IvpnStatus:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.sent and pred(self.sent[-1]), 5), self.sent[-3:]
+            return self.sent[-1]
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[IvpnActor, Bus, str]]:
+    bus, port_file = Bus(), str(tmp_path / "port.txt")
+    rt = SimpleNamespace(
+        name="ivpn",
+        instance="ivpn",
+        args=SimpleNamespace(port_file=[port_file], republish=0),
+        log=logmod.EventLog("ivpn"),
+        publish=bus.publish,
+        loop=SimpleNamespace(call_every=lambda *a: None),
+    )
+    actor = IvpnActor(rt)  # type: ignore[arg-type]
+    actor.start()
+    yield actor, bus, port_file
+    actor.stop()
+
+
+def test_publishes_every_change_and_answers_status(running) -> None:
+    actor, bus, port_file = running
+    assert not bus.wait_for(lambda s: True).daemon  # "daemon not running" is published at once
+    with FakeIvpnDaemon(port_file, FakeVpn(dns=[("198.51.100.53", 1, "")])) as daemon:
+        actor.client.wake()
+        bus.wait_for(lambda s: s.daemon and s.state == "DISCONNECTED")
+        daemon.connect()
+        up = bus.wait_for(lambda s: s.connected)
+        assert (up.server_ip, up.server_port, up.is_tcp, up.interface) == ("198.51.100.7", 2049, False, "wgivpn")
+        answered = dispatch(actor, Request(op="status", args={}))
+        assert to_plain(answered)["server_ip"] == "198.51.100.7"
+    gone = bus.wait_for(lambda s: not s.daemon)
+    assert gone.server_ip == "198.51.100.7"  # the carrier is kept while the daemon is away
+    assert actor.counters()["connects"] == 1
+
+
+def test_cli_text() -> None:
+    assert describe(to_plain(to_status(NOT_RUNNING, 0.0)))[0] == "daemon: not running"
+    status = IvpnStatus(
+        ts=0.0, daemon=True, state="CONNECTED", connected=True, vpn_type="wireguard", server_ip="198.51.100.7",
+        server_port=2049, interface="wgivpn", kill_switch=True, daemon_version="3.14.2",
+    )  # fmt: skip
+    text = "\n".join(describe(to_plain(status)))
+    assert "wireguard to 198.51.100.7:2049/udp on wgivpn" in text
+    assert "kill switch: on" in text and "dns: IVPN default" in text
