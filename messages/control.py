@@ -559,6 +559,7 @@ class Ivpn(Ops, actor="ivpn"):
     """Answered by the ivpn actor (actors/ivpn): the IVPN daemon client."""
 
     STATUS = Op("status", NoArgs, IvpnStatus, "IVPN as last heard from its daemon (daemon false: not running).")
+    CONNECT = Op("daemon.connect", NoArgs, IvpnStatus, "Look for the daemon now, not after the backoff; the status.")
 
 
 # api (actors/api/actor.py): the local HTTP API

@@ -4,31 +4,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
-from messages.control import UNAVAILABLE, Ivpn, RequestFailed, to_plain
+from messages.control import UNAVAILABLE, Ivpn, Op, RequestFailed, to_plain
 from runtime import paths
 from runtime.transport import ask as ask_op
 
 from . import FAILED, NOT_RUNNING, OK, UserError, current_home, require_root
 
+PING_WAIT = 0.5
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ivpn", help="the IVPN client beside splittun: daemon, VPN state, server, DNS, kill switch")
     p.add_argument("--json", action="store_true", help="the status as JSON")
-    isub = p.add_subparsers(dest="ivpn_command", metavar="{status}")
+    isub = p.add_subparsers(dest="ivpn_command", metavar="{status,ping}")
     status = isub.add_parser("status", help="the same as plain `splittun ivpn`")
     status.add_argument("--json", action="store_true", help="the status as JSON")
+    ping = isub.add_parser("ping", help="look for the IVPN daemon now (it is looked for with backoff)")
+    ping.add_argument("--json", action="store_true", help="the status as JSON")
+    ping.set_defaults(func=cmd_ping)
     p.set_defaults(func=cmd_status)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    require_root("splittun ivpn")
+def ask(op: Op[Any, Any]) -> dict[str, Any]:
+    require_root(f"splittun ivpn {op.name}")
     home = current_home()
     try:
-        status = to_plain(ask_op(paths.actor_endpoint(home.run_dir, "ivpn"), Ivpn.STATUS, None, timeout=3, who="ivpn"))
+        return to_plain(ask_op(paths.actor_endpoint(home.run_dir, "ivpn"), op, None, timeout=3, who="ivpn"))
     except RequestFailed as exc:
         raise UserError(str(exc), NOT_RUNNING if exc.code == UNAVAILABLE else FAILED) from None
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    ask(Ivpn.CONNECT)
+    time.sleep(PING_WAIT)  # one connection attempt: port file, TCP connect, Hello, state
+    return cmd_status(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = ask(Ivpn.STATUS)
     if args.json:
         print(json.dumps(status))
     else:

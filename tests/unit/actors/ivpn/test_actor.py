@@ -18,7 +18,8 @@ from messages.control import Request, to_plain
 from messages.events import IvpnStatus
 from runtime import log as logmod
 from runtime.actor import dispatch
-from splittun.commands.ivpn import describe
+from splittun.cli import build_parser
+from splittun.commands.ivpn import cmd_ping, cmd_status, describe
 from tests.fixtures.ivpn.fake_daemon import FakeIvpnDaemon, FakeVpn
 
 
@@ -60,7 +61,7 @@ def test_publishes_every_change_and_answers_status(running) -> None:
     actor, bus, port_file = running
     assert not bus.wait_for(lambda s: True).daemon  # "daemon not running" is published at once
     with FakeIvpnDaemon(port_file, FakeVpn(dns=[("198.51.100.53", 1, "")])) as daemon:
-        actor.client.wake()
+        dispatch(actor, Request(op="daemon.connect", args={}))  # `splittun ivpn ping`: no waiting for the backoff
         bus.wait_for(lambda s: s.daemon and s.state == "DISCONNECTED")
         daemon.connect()
         up = bus.wait_for(lambda s: s.connected)
@@ -70,6 +71,13 @@ def test_publishes_every_change_and_answers_status(running) -> None:
     gone = bus.wait_for(lambda s: not s.daemon)
     assert gone.server_ip == "198.51.100.7"  # the carrier is kept while the daemon is away
     assert actor.counters()["connects"] == 1
+
+
+def test_cli_commands() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["ivpn"]).func is cmd_status
+    assert parser.parse_args(["ivpn", "status", "--json"]).json
+    assert parser.parse_args(["ivpn", "ping"]).func is cmd_ping
 
 
 def test_cli_text() -> None:
