@@ -21,6 +21,8 @@ from runtime.actor import Actor, answers
 from .client import DaemonClient
 
 REPUBLISH = 10.0
+#: Where to look for the daemon instead of IVPN's own locations (the lab's fake daemon; passed on by supervisord).
+PORT_FILE_ENV = "SPLITTUN_IVPN_PORT_FILE"
 
 
 class IvpnActor(Actor):
@@ -34,8 +36,9 @@ class IvpnActor(Actor):
         parser.add_argument(
             "--port-file",
             action="append",
-            default=[],
-            help="the daemon's port file (repeatable; default: this platform's IVPN locations)",
+            default=[p for p in os.environ.get(PORT_FILE_ENV, "").split(os.pathsep) if p],
+            help=f"the daemon's port file (repeatable; default: {PORT_FILE_ENV}, a {os.pathsep!r}-separated list, "
+            "else this platform's IVPN locations)",
         )
         parser.add_argument(
             "--republish", type=float, default=REPUBLISH, help="repeat the last status every N s (0 = never)"

@@ -21,9 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="the status as JSON")
     isub = p.add_subparsers(dest="ivpn_command", metavar="{status,ping}")
     status = isub.add_parser("status", help="the same as plain `splittun ivpn`")
-    status.add_argument("--json", action="store_true", help="the status as JSON")
+    # SUPPRESS: a subcommand's own --json must not reset `splittun ivpn --json status` to False.
+    status.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="the status as JSON")
     ping = isub.add_parser("ping", help="look for the IVPN daemon now (it is looked for with backoff)")
-    ping.add_argument("--json", action="store_true", help="the status as JSON")
+    ping.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="the status as JSON")
     ping.set_defaults(func=cmd_ping)
     p.set_defaults(func=cmd_status)
 

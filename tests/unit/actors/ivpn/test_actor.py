@@ -77,6 +77,9 @@ def test_cli_commands() -> None:
     parser = build_parser()
     assert parser.parse_args(["ivpn"]).func is cmd_status
     assert parser.parse_args(["ivpn", "status", "--json"]).json
+    assert parser.parse_args(["ivpn", "--json", "status"]).json
+    assert parser.parse_args(["ivpn", "--json", "ping"]).json
+    assert not parser.parse_args(["ivpn", "status"]).json
     assert parser.parse_args(["ivpn", "ping"]).func is cmd_ping
 
 
@@ -89,3 +92,17 @@ def test_cli_text() -> None:
     text = "\n".join(describe(to_plain(status)))
     assert "wireguard to 198.51.100.7:2049/udp on wgivpn" in text
     assert "kill switch: on" in text and "dns: IVPN default" in text
+
+
+def test_port_file_comes_from_the_environment_supervisord_passes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import os
+
+    monkeypatch.setenv("SPLITTUN_IVPN_PORT_FILE", os.pathsep.join(["/tmp/a/port.txt", "/tmp/b/port.txt"]))
+    parser = argparse.ArgumentParser()
+    IvpnActor.add_arguments(parser)
+    assert parser.parse_args([]).port_file == ["/tmp/a/port.txt", "/tmp/b/port.txt"]
+    monkeypatch.delenv("SPLITTUN_IVPN_PORT_FILE")
+    parser = argparse.ArgumentParser()
+    IvpnActor.add_arguments(parser)
+    assert parser.parse_args([]).port_file == []  # IVPN's own locations (port_file_paths)

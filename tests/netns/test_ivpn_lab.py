@@ -1,0 +1,97 @@
+"""IVPN beside splittun in a lab: the project's fake IVPN daemon runs in the lab host (its port file where the
+ivpn actor is told to look, SPLITTUN_IVPN_PORT_FILE passed on by supervisord) and `splittun ivpn` follows what
+a user does in IVPN's UI — the daemon starting, connecting, disconnecting, restarting with a new port and secret,
+exiting. One splittun serves the module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from splittun.lab import topology as T
+from tests.support.e2e import E2E
+from tests.support.interceptor import wait_until
+from tests.support.ivpn import FakeDaemon
+from tests.support.lab import Leaks, own_lab
+
+CARRIER = f"{T.VPNSRV_V4}:{T.VPN_SERVER_PORT}"  # the lab's VPN server: what IVPN reports as its server
+
+
+@pytest.fixture(scope="module")
+def port_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="st-ivpn-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def st(port_dir: Path) -> Iterator[E2E]:
+    labs = own_lab("iv")
+    harness = E2E(next(labs))
+    harness.env = {"SPLITTUN_IVPN_PORT_FILE": str(port_dir / "port.txt")}
+    try:
+        harness.ensure("replaced")
+        harness.reset()
+        yield harness
+    finally:
+        try:
+            harness.stop()
+        finally:
+            labs.close()
+
+
+def ivpn(st: E2E, *args: str) -> dict[str, Any]:
+    return json.loads(st.ok("ivpn", "--json", *args))
+
+
+def until(st: E2E, check: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """The status once `check(status)` holds (the last one seen otherwise, for the assertion message)."""
+    seen: list[dict[str, Any]] = []
+
+    def probe() -> bool:
+        seen.append(ivpn(st))
+        return bool(check(seen[-1]))
+
+    assert wait_until(probe, timeout=timeout), f"ivpn status never matched: {seen[-1] if seen else None}"
+    return seen[-1]
+
+
+def test_status_follows_the_daemon_through_connect_restart_and_exit(st: E2E, port_dir: Path, leaks: Leaks) -> None:
+    assert not (port_dir / "port.txt").exists()
+    assert "daemon: not running" in st.ok("ivpn")
+    fake = FakeDaemon(st.lab, port_dir / "port.txt", "--server", CARRIER, "--client-ip", T.TUN_HOST_V4)
+    try:
+        # `ping` looks at once instead of after the backoff (up to 10 s without a daemon).
+        ivpn(st, "ping")
+        until(st, lambda s: s["daemon"] and s["state"] == "DISCONNECTED", timeout=3)
+        fake.command("connect")
+        up = until(st, lambda s: s["connected"])
+        assert (up["server_ip"], up["server_port"], up["client_ip"], up["interface"]) == (
+            T.VPNSRV_V4, T.VPN_SERVER_PORT, T.TUN_HOST_V4, T.TUN_HOST_IF)  # fmt: skip
+        text = st.ok("ivpn")
+        assert "vpn: connected" in text and f"to {CARRIER}/udp on {T.TUN_HOST_IF}" in text, text
+
+        old_port = fake.port
+        connects = st.inst.ask("ivpn", "counters")["connects"] if st.inst else 0
+        fake.command("restart")  # a new port and a new secret in the port file
+        assert fake.port != old_port
+        assert wait_until(lambda: st.inst is not None and st.inst.ask("ivpn", "counters")["connects"] > connects)
+        again = until(st, lambda s: s["daemon"] and s["connected"])
+        assert again["server_ip"] == T.VPNSRV_V4
+
+        fake.command("killswitch on")
+        assert until(st, lambda s: s["kill_switch"])["kill_switch"]
+        fake.command("disconnect")
+        down = until(st, lambda s: s["state"] == "DISCONNECTED")
+        assert not down["connected"] and down["server_ip"] == "", down
+    finally:
+        fake.stop()
+    gone = until(st, lambda s: not s["daemon"])
+    assert gone["state"] == "DISCONNECTED"
+    assert "daemon: not running" in st.ok("ivpn")
