@@ -255,6 +255,7 @@ class IvpnStatus(Message):
     kill_switch: bool = False  # IVPN's firewall is on
     daemon_version: str = ""
     last_error: str = ""  # the daemon's last error message
+    daemon_port: int = 0  # the daemon's control port on 127.0.0.1 while connected to it (0 = none)
 
 
 # --- policy -----------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from kernel.routing import KernelPathRouting, RoutingKeeper, SplitRouting
 from kernel.sockdiag import SockDiag, SocketEvents
 from messages import Heartbeat, IvpnStatus, Mark, Message, NetenvChanged, PolicySnapshot
 from messages.control import INVALID_ARGUMENT, Controller, Interceptor, NoArgs, Op, RequestFailed, RulesChecked
+from messages.control import Ivpn as IvpnOps
 from messages.control import Netenv as NetenvOps
 from messages.events import HEARTBEAT_INTERVAL
 from messages.marks import VERDICT_MASK
@@ -46,8 +47,8 @@ from .firewall import MAX_WORKERS, worker_queues
 from .platform import Firewall, PacketSource, firewall, packet_source
 from .ports import ActorPorts
 
-#: No external verdict handler by default: the IVPN interop that will register one does not exist yet.
-DEFAULT_HANDLER = ""
+#: The IVPN interop (core/ivpn/interop.py): IVPN's processes, carrier and daemon port are never split.
+DEFAULT_HANDLER = "core.ivpn.interop:interceptor_verdict_handler"
 DEFAULT_JUMP_CHECKS = "5,15,45"
 SNAPSHOT_RETRY = 0.5  # seconds between asking for the policy or the network we have not got yet
 PASSIVE_RETRY = 5.0
@@ -149,7 +150,7 @@ class InterceptorActor(Actor):
         self._passive_logged = False
         self.rt.loop.call_every(HEARTBEAT_INTERVAL, self.engine.check_resolver)
         self._activate()
-        for fetch in (self._fetch_policy, self._fetch_netenv):
+        for fetch in (self._fetch_policy, self._fetch_netenv, self._fetch_ivpn):
             threading.Thread(target=fetch, name=fetch.__name__, daemon=True).start()
 
     def _activate(self) -> None:
@@ -210,6 +211,12 @@ class InterceptorActor(Actor):
         """The network from netenv: until it arrives, a rule's own interface cannot be checked (kept)."""
         self._fetch("netenv", NetenvOps.SNAPSHOT, lambda: self.engine.netenv is not None,
                     lambda snap: self.on_message(snap))  # fmt: skip
+
+    def _fetch_ivpn(self) -> None:
+        """IVPN's status from the ivpn actor, so the handler knows the VPN carrier without waiting for the
+        next `ivpn.status` (until then it keeps process-less connections in the VPN: core/ivpn/interop.py)."""
+        self._fetch("ivpn", IvpnOps.STATUS, lambda: self.engine.ivpn is not None,
+                    lambda status: self.on_message(status))  # fmt: skip
 
     def _fetch(self, actor: str, op: Op[Any, Any], have: Any, adopt: Any) -> None:
         """Ask `actor` until it answers or the bus brought the same thing. Runs in a thread: packets keep

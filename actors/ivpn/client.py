@@ -110,7 +110,7 @@ class DaemonClient:
             self._down(f"daemon not running (port {port_file.port}: {exc.strerror or exc})")
             return False
         self._sock = sock
-        session, splitter, greeted = Session(), LineSplitter(), False
+        session, splitter, greeted = Session(port_file.port), LineSplitter(), False
         try:
             sock.settimeout(POLL)
             sock.sendall(hello_request(port_file.secret))
@@ -149,7 +149,7 @@ class DaemonClient:
         if force or why != self._why_down:
             self.log(why)
             self._why_down = why
-        self._publish(replace(self.snapshot, daemon=False))
+        self._publish(replace(self.snapshot, daemon=False, daemon_port=0))
 
     def _publish(self, snapshot: IvpnSnapshot) -> None:
         """Report a changed snapshot (and the very first one, so "daemon not running" is known at once)."""

@@ -85,6 +85,7 @@ class IvpnSnapshot:
     paused: bool = False
     paused_till: str = ""
     last_error: str = ""  # the daemon's last ErrorResp/ErrorRespDelayed message
+    daemon_port: int = 0  # where the daemon listens (127.0.0.1) while a session is open
 
     @property
     def connected(self) -> bool:
@@ -203,6 +204,7 @@ def _disconnected(snap: IvpnSnapshot, obj: Mapping[str, Any]) -> IvpnSnapshot:
         NOT_RUNNING,
         daemon=snap.daemon,
         daemon_version=snap.daemon_version,
+        daemon_port=snap.daemon_port,
         state="DISCONNECTED",
         dns=snap.dns,
         kill_switch=snap.kill_switch,
@@ -252,8 +254,8 @@ _APPLY = {
 class Session:
     """One connection's protocol state: before HelloResp only HelloResp (or the secret error) is acceptable."""
 
-    def __init__(self) -> None:
-        self.snapshot = NOT_RUNNING
+    def __init__(self, daemon_port: int = 0) -> None:
+        self.snapshot = replace(NOT_RUNNING, daemon_port=daemon_port)
         self.greeted = False
 
     def feed(self, line: bytes) -> IvpnSnapshot:

@@ -34,4 +34,5 @@ def to_status(snap: IvpnSnapshot, ts: float, platform: str | None = None) -> Ivp
         kill_switch=snap.kill_switch.enabled,
         daemon_version=snap.daemon_version,
         last_error=snap.last_error,
+        daemon_port=snap.daemon_port,
     )
