@@ -1,7 +1,9 @@
 """IVPN beside splittun in a lab: the project's fake IVPN daemon runs in the lab host (its port file where the
 ivpn actor is told to look, SPLITTUN_IVPN_PORT_FILE passed on by supervisord) and `splittun ivpn` follows what
 a user does in IVPN's UI — the daemon starting, connecting, disconnecting, restarting with a new port and secret,
-exiting. One splittun serves the module."""
+exiting — and IVPN's own processes are never split, whatever the user's rules say (the interceptor's IVPN
+verdict handler, SPLITTUN_IVPN_EXECUTABLES naming a copy of curl as IVPN's daemon). One splittun serves the
+module."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tests.support.ivpn import FakeDaemon
 from tests.support.lab import Leaks, own_lab
 
 CARRIER = f"{T.VPNSRV_V4}:{T.VPN_SERVER_PORT}"  # the lab's VPN server: what IVPN reports as its server
+SPLIT_SERVER = T.SERVER_V4[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,10 @@ def port_dir() -> Iterator[Path]:
 def st(port_dir: Path) -> Iterator[E2E]:
     labs = own_lab("iv")
     harness = E2E(next(labs))
-    harness.env = {"SPLITTUN_IVPN_PORT_FILE": str(port_dir / "port.txt")}
+    harness.env = {
+        "SPLITTUN_IVPN_PORT_FILE": str(port_dir / "port.txt"),
+        "SPLITTUN_IVPN_EXECUTABLES": str(port_dir / "ivpn-service"),
+    }
     try:
         harness.ensure("replaced")
         harness.reset()
@@ -95,3 +101,29 @@ def test_status_follows_the_daemon_through_connect_restart_and_exit(st: E2E, por
     gone = until(st, lambda s: not s["daemon"])
     assert gone["state"] == "DISCONNECTED"
     assert "daemon: not running" in st.ok("ivpn")
+
+
+def fetch(st: E2E, program: str, address: str) -> str:
+    """What the server at `address` saw `program` (curl, or a copy of it) come from."""
+    done = st.lab.exec("host", [program, "-s", "-m", "5", f"http://{address}/"])
+    assert done.returncode == 0, f"{program}: exit {done.returncode} {done.stderr}"
+    return done.stdout.strip()
+
+
+def test_ivpns_own_processes_are_never_split_and_carry_accept_final(st: E2E, port_dir: Path, leaks: Leaks) -> None:
+    ivpn_service = port_dir / "ivpn-service"  # what the handler was told is IVPN's daemon
+    shutil.copy2(shutil.which("curl") or "/usr/bin/curl", ivpn_service)
+    leaks.allow(SPLIT_SERVER, "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)
+    st.apply("rules", "add", "--dest", SPLIT_SERVER)
+    try:
+        assert fetch(st, "curl", SPLIT_SERVER) == T.HOST_V4  # an app: split as the rule says
+        assert fetch(st, str(ivpn_service), SPLIT_SERVER) == T.VPNSRV_V4  # IVPN: through the VPN
+
+        def ivpn_conn() -> dict[str, Any] | None:
+            return next((c for c in st.connections() if c["exe"] == str(ivpn_service)), None)
+
+        conn = wait_until(ivpn_conn)
+        assert conn is not None, "the IVPN process's connection never showed up"
+        assert conn["rule"] == "external" and "IVPN's own process" in conn["reason"], conn
+    finally:
+        st.apply("config", "set", "splittun/rules", "[]")
