@@ -16,10 +16,10 @@ drop it: for the VPN's own connections). A handler that raises is logged and cou
 stays in the VPN.
 
 What the engine may skip for a cheap handler, declared as attributes on the handler (defaults in brackets):
-`needs_process` [True]: look the process up before every verdict; `process_before_split` [False]: with
-needs_process False, still look it up before a verdict that would split; `by_destination` [False]: without a
-process the answer depends only on the destination, the direction and the VPN status, so the engine may cache
-verdicts per destination as it does without a handler.
+`needs_process` [True]: look the process up before every verdict (False: only where the engine would anyway,
+e.g. before splitting a socket of a uid splittun runs as); `by_destination` [False]: without a process the
+answer depends only on the destination, the direction and the VPN status, so the engine may cache verdicts
+per destination as it does without a handler.
 
 The handler is held as one reference replaced atomically as a whole, and it can be set once: a second
 `set()` raises, so two registrations can never silently replace each other.

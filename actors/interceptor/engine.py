@@ -411,11 +411,6 @@ class Engine:
         handler = self.ports.handler_slot.get()
         return handler is not None and getattr(handler, "needs_process", True)
 
-    def _handler_checks_splits(self) -> bool:
-        """Does the handler want the process before a verdict that would split (`process_before_split`)?"""
-        handler = self.ports.handler_slot.get()
-        return handler is not None and bool(getattr(handler, "process_before_split", False))
-
     def _attempt(self, key: FiveTuple, info: ParsedPacket, packets: list[QueuedPacket], attempt: int) -> None:
         process = None
         flow = info.flow
@@ -423,9 +418,9 @@ class Engine:
             if attempt == 0 and not self._verdict_needs_process():
                 domain = self.ports.names.lookup(flow.dst_ip, self.ports.now())
                 outcome = self._destination_outcome(info, domain)
-                # The process cannot change it, except that our own connections (and, for a handler that
-                # says so, e.g. IVPN's processes) are never split.
-                if not outcome.split or (self._surely_not_ours(info) and not self._handler_checks_splits()):
+                # The process cannot change it, except that our own connections (and the VPN's own, for the
+                # handler: IVPN's processes run as root, as we do) are never split.
+                if not outcome.split or self._surely_not_ours(info):  # verdict first, process right after
                     conn = self._decided(key, flow, info.first_packet, None, domain, False, outcome, packets)
                     self._attribute_after_verdict(conn)
                     return

@@ -1,8 +1,10 @@
 """The ivpn process: keeps a session with the local IVPN daemon (client.py) and publishes `ivpn.status` on
 every change, and again every `--republish` seconds for late subscribers. `splittun ivpn` asks it (Ivpn.STATUS).
 
-Still to come (issue 13): the interceptor's external verdict handler, kill-switch jump checks, DNS
-delegation, the location gate, bypass routes and the wg-quick exemption.
+What IVPN's status means for packets is decided in the interceptor, from `ivpn.status`: the external
+verdict handler (core/ivpn/interop.py: IVPN's processes, carrier and daemon port are accept-final) and a
+jump check on every state change (IVPN's kill-switch chains). Still to come (issue 13): DNS delegation, the
+location gate, bypass routes, the wg-quick exemption and the "connected" notice.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ IVPN's own traffic must never be split, re-routed or dropped by splittun, whatev
 
 Pure: one `ConnectionView` in, an answer out; the executables are configuration (`IVPN_EXECUTABLES_ENV` replaces
 the platform's list, for tests). Cheap by construction: a dict/set lookup per connection, no process needed
-except where a connection would be split (`process_before_split`), and cacheable per destination
-(`by_destination`) so a connection the handler has no opinion on pays nothing measurable.
+before a verdict (`needs_process = False`: the engine still looks up a root-owned socket's process before
+splitting it, as for its own), and cacheable per destination (`by_destination`), so a connection the handler
+has no opinion on pays nothing measurable.
 """
 
 from __future__ import annotations
@@ -76,10 +77,10 @@ def _norm(path: str) -> str:
 class IvpnVerdictHandler:
     """The external verdict handler for IVPN. Immutable configuration; the status comes with each view."""
 
-    #: The process matters only where a connection would otherwise be split (the engine attributes those
-    #: before the verdict), never for the others: they need no look at /proc before their verdict.
+    #: The process matters only where a connection would otherwise be split, and there the engine looks it up
+    #: first whenever the socket belongs to a uid splittun runs as (root): so do IVPN's daemon and what it
+    #: starts (its UI and CLI, run by the user, talk to the daemon on loopback, which is never split).
     needs_process = False
-    process_before_split = True
     #: Without a process, the answer depends only on the destination, the direction and the VPN status.
     by_destination = True
 

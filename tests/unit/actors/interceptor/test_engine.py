@@ -860,7 +860,6 @@ class CountingIvpnHandler:
 
         self.inner = IvpnVerdictHandler(LINUX_EXECUTABLES)
         self.needs_process = self.inner.needs_process
-        self.process_before_split = self.inner.process_before_split
         self.by_destination = self.inner.by_destination
         self.calls = 0
 
@@ -895,13 +894,15 @@ def test_with_the_ivpn_handler_a_connection_it_has_no_opinion_on_pays_no_process
 
 def test_a_split_rule_never_splits_ivpns_processes_their_process_is_looked_up_first() -> None:
     daemon = ProcessInfo(pid=77, uid=0, name="ivpn-service", exe="/usr/bin/ivpn-service")
-    h = with_uids(FakePorts(process=daemon, handler=CountingIvpnHandler()), socket_uid=1000)
+    h = with_uids(FakePorts(process=daemon, handler=CountingIvpnHandler()), socket_uid=0)  # root, like us
     h.engine.set_ivpn(carrier_status("198.51.100.2", 51820))
     h.policy(1, PolicyRule(id="all", action="split"))
     pkt = h.send("tcp4_syn")
     assert h.log == ["attribute", "verdict"] and pkt.mark == Mark.ACCEPT_FINAL
     h.app(CURL, cookie=2)
-    assert is_split(h.send(from_port("tcp4_syn", 40001)).mark)  # an app is split as the rule says
+    h.socket_owner_uid = 1000  # an app, run by a user: split as the rule says, its process looked up after
+    h.log.clear()
+    assert is_split(h.send(from_port("tcp4_syn", 40001)).mark) and h.log == ["verdict", "attribute"]
 
 
 def test_the_carrier_is_accept_final_and_its_inbound_datagrams_are_never_taken_for_late_answers() -> None:
