@@ -58,6 +58,11 @@ JUMP_CHECK_EVERY = 60.0
 SWEEP_INTERVAL = 10.0  # seconds between sweeps of the divert backend's idle flows
 
 
+def _ivpn_firewall_facts(status: IvpnStatus) -> tuple[object, ...]:
+    """What of IVPN's status comes with firewall changes of its own (chains, wg-quick's tables)."""
+    return (status.state, status.connected, status.kill_switch, status.daemon)
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
@@ -294,7 +299,12 @@ class InterceptorActor(Actor):
             if msg.name == RESOLVER:
                 self.engine.heard_resolver(msg.ready)
         elif isinstance(msg, IvpnStatus):
+            old = self.engine.ivpn
             self.engine.set_ivpn(msg)
+            if old is not None and _ivpn_firewall_facts(old) != _ivpn_firewall_facts(msg):
+                # IVPN (re)connecting or turning its kill switch on inserts its chains above ours: at once,
+                # not only when a scheduled check happens to catch it.
+                self._check_jumps_in_background(f"ivpn {msg.state.lower()}, kill switch {msg.kill_switch}", wait=True)
         elif isinstance(msg, NetenvChanged):
             changed = self.netenv is None or msg.seq != self.netenv.seq  # not just netenv repeating itself
             self.netenv = msg
@@ -344,10 +354,11 @@ class InterceptorActor(Actor):
             self.log.warning("rules.jumps_moved_back", why=why, moved=",".join(moved))
         return moved
 
-    def _check_jumps_in_background(self, why: str) -> None:
+    def _check_jumps_in_background(self, why: str, wait: bool = False) -> None:
         """A VPN that connects later (wg-quick recreating its anti-spoofing table, a kill switch inserting
-        its chains) shows up as a network change: check then too, off the verdict loop."""
-        if self.fw is None or self._fw_lock.locked():
+        its chains) shows up as a network change: check then too, off the verdict loop. `wait`: run after a
+        check in progress instead of skipping (it may have read the rules before the change)."""
+        if self.fw is None or (self._fw_lock.locked() and not wait):
             return
 
         def check() -> None:

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from splittun.lab import topology as T
-from tests.support.e2e import E2E
-from tests.support.interceptor import wait_until
-from tests.support.ivpn import FakeDaemon
+from tests.support.e2e import E2E, socat_udp
+from tests.support.interceptor import chain_rules, wait_until
+from tests.support.ivpn import FakeDaemon, kill_switch_off, kill_switch_on
 from tests.support.lab import Leaks, own_lab
 
 CARRIER = f"{T.VPNSRV_V4}:{T.VPN_SERVER_PORT}"  # the lab's VPN server: what IVPN reports as its server
@@ -40,6 +40,8 @@ def st(port_dir: Path) -> Iterator[E2E]:
     harness.env = {
         "SPLITTUN_IVPN_PORT_FILE": str(port_dir / "port.txt"),
         "SPLITTUN_IVPN_EXECUTABLES": str(port_dir / "ivpn-service"),
+        # No scheduled jump checks (5/15/45 s after start): only IVPN's own state changes move ours back.
+        "SPLITTUN_JUMP_CHECKS": "",
     }
     try:
         harness.ensure("replaced")
@@ -126,4 +128,46 @@ def test_ivpns_own_processes_are_never_split_and_carry_accept_final(st: E2E, por
         assert conn is not None, "the IVPN process's connection never showed up"
         assert conn["rule"] == "external" and "IVPN's own process" in conn["reason"], conn
     finally:
+        st.apply("config", "set", "splittun/rules", "[]")
+
+
+def on_top(st: E2E, builtin: str) -> str:
+    """The chain OUTPUT / INPUT of the host's filter table jumps to first (IPv4 and IPv6 alike, else "mixed")."""
+    first = {chain_rules(st.lab, family, "filter", builtin)[0].split()[-1] for family in (4, 6)}
+    return first.pop() if len(first) == 1 else "mixed"
+
+
+def test_with_ivpns_kill_switch_on_split_and_own_traffic_work_and_the_rest_is_blocked(
+    st: E2E, port_dir: Path, leaks: Leaks
+) -> None:
+    leaks.allow(SPLIT_SERVER, via=T.HOST_IF)  # split TCP (kernel path) and split UDP (splittun's own proxy)
+    st.apply("rules", "add", "--dest", SPLIT_SERVER)
+    fake = FakeDaemon(st.lab, port_dir / "port.txt", "--server", CARRIER, "--client-ip", T.TUN_HOST_V4)
+    try:
+        ivpn(st, "ping")
+        until(st, lambda s: s["daemon"], timeout=3)
+        fake.command("connect")
+        until(st, lambda s: s["connected"])
+        # IVPN turns its kill switch on: its chains go on top of OUTPUT and INPUT, above splittun's jumps.
+        kill_switch_on(st.lab, T.VPNSRV_V4, T.VPN_SERVER_PORT, T.TUN_HOST_IF)
+        fake.command("killswitch on")  # …and the daemon says so: splittun puts its jumps back on top at once
+        for builtin in ("OUTPUT", "INPUT"):
+            assert wait_until(lambda b=builtin: on_top(st, b) == "SPLITTUN-FILTER", timeout=5), on_top(st, builtin)
+        for phase in ("kill switch on", "reconnected", "daemon restarted"):
+            assert fetch(st, "curl", SPLIT_SERVER) == T.HOST_V4, phase  # split TCP leaves through eth0
+            assert socat_udp(st.lab, SPLIT_SERVER) == T.HOST_V4, phase  # split UDP: splittun's own upstream
+            assert fetch(st, "curl", T.WHOAMI_V4) == T.VPNSRV_V4, phase  # a VPN app: through the tunnel
+            # Anything else that tries the physical link obeys the kill switch (and the leak check vouches).
+            assert st.lab.exec("host", ["ping", "-c", "1", "-W", "1", T.ISP_LAN_V4]).returncode != 0, phase
+            if phase == "kill switch on":
+                fake.command("state RECONNECTING")
+                fake.command("connect")
+                until(st, lambda s: s["connected"])
+            elif phase == "reconnected":
+                fake.command("restart")
+                until(st, lambda s: s["daemon"] and s["connected"] and s["daemon_port"] == fake.port)
+            assert on_top(st, "OUTPUT") == "SPLITTUN-FILTER"
+    finally:
+        kill_switch_off(st.lab)
+        fake.stop()
         st.apply("config", "set", "splittun/rules", "[]")

@@ -58,3 +58,43 @@ class FakeDaemon:
             self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+# --- IVPN's kill switch, as its Linux firewall leaves it ---------------------------------------------------
+
+KILL_SWITCH_CHAINS = {"OUTPUT": "IVPN-OUT", "INPUT": "IVPN-IN"}
+
+
+def kill_switch_rules(family: int, server: str, port: int, tunnel: str) -> dict[str, list[str]]:
+    """IVPN-style kill-switch chains (reference: ivpn-daemon-protocol.md): loopback, the tunnel and the carrier
+    allowed, everything else dropped; per chain, the rule arguments in order."""
+    out = [["-o", "lo", "-j", "ACCEPT"], ["-o", tunnel, "-j", "ACCEPT"]]
+    into = [["-i", "lo", "-j", "ACCEPT"], ["-i", tunnel, "-j", "ACCEPT"]]
+    if family == 4:
+        out.append(["-d", server, "-p", "udp", "--dport", str(port), "-j", "ACCEPT"])
+        into.append(["-s", server, "-p", "udp", "--sport", str(port), "-j", "ACCEPT"])
+    out.append(["-j", "DROP"])
+    into.append(["-j", "DROP"])
+    return {"IVPN-OUT": [" ".join(r) for r in out], "IVPN-IN": [" ".join(r) for r in into]}
+
+
+def kill_switch_on(lab: Lab, server: str, port: int, tunnel: str) -> None:
+    """What IVPN does when its kill switch goes on: its chains, jumped to from position 1 of OUTPUT and INPUT
+    (above whatever is there, splittun's jumps included)."""
+    for family, tool in ((4, "iptables-legacy"), (6, "ip6tables-legacy")):
+        for chain, rules in kill_switch_rules(family, server, port, tunnel).items():
+            lab.exec("host", [tool, "-w", "-N", chain], check=True)
+            for rule in rules:
+                lab.exec("host", [tool, "-w", "-A", chain, *rule.split()], check=True)
+        for builtin, chain in KILL_SWITCH_CHAINS.items():
+            lab.exec("host", [tool, "-w", "-I", builtin, "1", "-j", chain], check=True)
+
+
+def kill_switch_off(lab: Lab) -> None:
+    """IVPN's kill switch off: its jumps and chains gone (safe to repeat)."""
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        for builtin, chain in KILL_SWITCH_CHAINS.items():
+            while lab.exec("host", [tool, "-w", "-D", builtin, "-j", chain]).returncode == 0:
+                pass
+            lab.exec("host", [tool, "-w", "-F", chain])
+            lab.exec("host", [tool, "-w", "-X", chain])
