@@ -315,3 +315,20 @@ def test_a_reinstall_keeps_the_data_path_the_rules_already_implement() -> None:
     assert fw.installed_data_path(nat("kernel")) == "kernel"
     assert fw.installed_data_path(nat("proxy")) == "proxy"
     assert fw.installed_data_path(fw.parse_save("*nat\nCOMMIT\n", "nat")) is None
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_accept_final_is_accepted_by_our_filter_both_ways_and_never_queued_again(family: int) -> None:
+    """Our own connections (1709; the proxies' upstreams 1720) and the VPN's (IVPN's handler) are accepted in
+    our filter chain, jumped to from the top of OUTPUT and INPUT: a kill switch's chains below cannot drop them."""
+    rules = fw.render(family)
+    filt, mangle = rules["filter"], rules["mangle"]
+    accept = f"-A {fw.FILTER} -m mark --mark 1709 -j ACCEPT"
+    assert filt.index(f"-A {fw.FILTER} -m mark --mark 1709 -j CONNMARK --save-mark") + 1 == filt.index(accept)
+    assert not any(r.endswith(("-j DROP", "-j REJECT")) and "1709" in r for r in filt)
+    for chain in (fw.INGEST_OUT, fw.INGEST_IN):  # restored from the connmark before anything is queued
+        restore = f"-A {chain} -m connmark --mark 1709 -j MARK --set-mark 1709"
+        first_queue = next(i for i, r in enumerate(mangle) if r.startswith(f"-A {chain}") and "NFQUEUE" in r)
+        assert mangle.index(restore) < first_queue
+    assert mangle[0] == f"-A {fw.INGEST_OUT} -m mark ! --mark 0 -j RETURN"  # a socket's own 1709/1720: untouched
+    assert {("filter", "OUTPUT", fw.FILTER), ("filter", "INPUT", fw.FILTER)} <= set(fw.JUMPS)
