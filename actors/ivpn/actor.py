@@ -3,21 +3,26 @@ every change, and again every `--republish` seconds for late subscribers. `split
 
 What IVPN's status means for packets is decided in the interceptor, from `ivpn.status`: the external
 verdict handler (core/ivpn/interop.py: IVPN's processes, carrier and daemon port are accept-final) and a
-jump check on every state change (IVPN's kill-switch chains). Still to come (issue 13): DNS delegation, the
-location gate, bypass routes, the wg-quick exemption and the "connected" notice.
+jump check on every state change (IVPN's kill-switch chains). The ivpn actor itself keeps netenv's location
+gate: interface-derived location off while IVPN connects or holds its tunnel (core/ivpn/status.py), and asks
+the controller to show the "IVPN connected" notice on every connect (none once the user chose "Do not notify
+me anymore", until `splittun notifications reset`). Still to come (issue 13): DNS delegation, bypass routes,
+the wg-quick exemption.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 
 from core.ivpn.portfile import port_file_paths, windows_install_dir
 from core.ivpn.protocol import NOT_RUNNING, IvpnSnapshot
-from core.ivpn.status import to_status
-from messages.control import Ivpn, NoArgs
-from messages.events import IvpnStatus
+from core.ivpn.status import connected_notice, location_gate, to_status
+from messages.control import Controller, Ivpn, Location, NoArgs, RequestFailed
+from messages.control import Netenv as NetenvOps
+from messages.events import IvpnStatus, Notification
 from runtime.actor import Actor, answers
 
 from .client import DaemonClient
@@ -53,11 +58,17 @@ class IvpnActor(Actor):
             paths = port_file_paths(env=os.environ, install_dir=install_dir)
         self.status = to_status(NOT_RUNNING, time.time())
         self.publishes = 0
+        self.location_off = False  # what netenv's location gate should say (location_gate)
+        self.location_asks = 0
+        self.notices = 0  # "connected" notices the controller showed
+        self.notices_held = 0  # …and the ones it did not (suppressed, or already showing)
+        self._was_connected = False
+        self._location_lock = threading.Lock()
         self.client = DaemonClient(paths, self._on_snapshot, lambda line: self.log.info("ivpn.daemon", status=line))
         self.client.start()
         republish = float(getattr(self.rt.args, "republish", REPUBLISH))
         if republish > 0:
-            self.rt.loop.call_every(republish, self._publish)
+            self.rt.loop.call_every(republish, self._republish)
 
     def stop(self) -> None:
         client = getattr(self, "client", None)
@@ -68,10 +79,56 @@ class IvpnActor(Actor):
         """Called on the client's thread for every changed snapshot: the status is replaced whole."""
         self.status = to_status(snap, time.time())
         self._publish()
+        gate = location_gate(snap)
+        if gate != self.location_off:
+            self.location_off = gate
+            self._tell_netenv()
+        if snap.connected and not self._was_connected:
+            notice = connected_notice(snap, time.time())
+            threading.Thread(target=self._notify, args=(notice,), name="ivpn-notice", daemon=True).start()
+        self._was_connected = snap.connected
+
+    def _notify(self, notice: Notification) -> None:
+        """The controller shows it, unless "Do not notify me anymore" marked it (then it answers nil)."""
+        try:
+            shown = self.rt.ask("controller", Controller.NOTIFY, notice, timeout=2.0)
+        except RequestFailed as exc:
+            self.log.warning("ivpn.notice_failed", notice=notice.id, error=str(exc))
+            return
+        if shown is None:
+            self.notices_held += 1  # "Do not notify me anymore", or the same one still showing
+        else:
+            self.notices += 1
 
     def _publish(self) -> None:
         self.publishes += 1
         self.rt.publish(self.status)  # thread-safe
+
+    def _republish(self) -> None:
+        """The periodic repeat; netenv hears the location gate again too (it may have restarted meanwhile)."""
+        self._publish()
+        self._tell_netenv()
+
+    def _tell_netenv(self) -> None:
+        """Netenv.LOCATION off while IVPN connects or holds its tunnel, on otherwise. From a thread of its own:
+        neither the daemon client nor the loop waits for netenv; a failure is retried with the next repeat."""
+        if not self._location_lock.acquire(blocking=False):
+            return  # one in flight; it applies the latest wish before it lets go
+
+        def tell() -> None:
+            try:
+                told = None
+                while told != self.location_off:
+                    told = self.location_off
+                    self.location_asks += 1
+                    self.rt.ask("netenv", NetenvOps.LOCATION, Location(disabled=told), timeout=2.0)
+                    self.log.info("ivpn.location_gate", location="off" if told else "on", state=self.status.state)
+            except RequestFailed as exc:
+                self.log.debug("ivpn.location_gate_failed", error=str(exc))
+            finally:
+                self._location_lock.release()
+
+        threading.Thread(target=tell, name="ivpn-location", daemon=True).start()
 
     @answers(Ivpn.STATUS)
     def answer_status(self, args: NoArgs) -> IvpnStatus:
@@ -84,4 +141,10 @@ class IvpnActor(Actor):
         return self.status
 
     def counters(self) -> dict[str, int]:
-        return {"publishes": self.publishes, **self.client.counters}
+        return {
+            "publishes": self.publishes,
+            "location_asks": self.location_asks,
+            "notices": self.notices,
+            "notices_held": self.notices_held,
+            **self.client.counters,
+        }

@@ -1,10 +1,11 @@
-"""The snapshot as the bus message `ivpn.status` (messages/events.py), the one shape other actors read."""
+"""The snapshot as the bus message `ivpn.status` (messages/events.py), the one shape other actors read, and what
+it means for the rest of splittun (the location gate)."""
 
 from __future__ import annotations
 
 import sys
 
-from messages.events import IvpnDns, IvpnStatus
+from messages.events import IvpnDns, IvpnStatus, Notification, NotificationAction
 
 from .protocol import IvpnSnapshot
 
@@ -35,4 +36,40 @@ def to_status(snap: IvpnSnapshot, ts: float, platform: str | None = None) -> Ivp
         daemon_version=snap.daemon_version,
         last_error=snap.last_error,
         daemon_port=snap.daemon_port,
+    )
+
+
+#: States in which IVPN is bringing its tunnel up or holds it: the device's addresses are the VPN's.
+TUNNEL_STATES = frozenset(
+    {"CONNECTING", "WAIT", "AUTH", "GETCONFIG", "ASSIGNIP", "ADDROUTES", "CONNECTED", "RECONNECTING", "TCP_CONNECT"}
+)
+
+
+def location_gate(snap: IvpnSnapshot) -> bool:
+    """Should netenv's interface-derived location be off? While IVPN is connecting or connected (its tunnel's
+    addresses are not where the device is); on again on disconnect, on daemon exit and on an unexpected drop
+    of the daemon connection (then nobody vouches for the tunnel any more)."""
+    return snap.daemon and snap.state in TUNNEL_STATES
+
+
+#: The "connected" notice (Portmaster's IVPN interop has one): its id is what "Do not notify me anymore" marks.
+CONNECTED_NOTICE = "ivpn.connected"
+#: The action that writes the suppression marker (core/state/notifications.py's SUPPRESS).
+SUPPRESS_ACTION = NotificationAction(id="suppress", text="Do not notify me anymore")
+
+
+def connected_notice(snap: IvpnSnapshot, ts: float) -> Notification:
+    """What the user is told when IVPN connects while splittun runs: that both work side by side."""
+    where = snap.exit_hostname or snap.server_ip or "its server"
+    return Notification(
+        topic=f"notify.{CONNECTED_NOTICE}",
+        id=CONNECTED_NOTICE,
+        ts=ts,
+        title="IVPN connected",
+        message=(
+            f"IVPN connected to {where}. splittun keeps working beside it: split apps still leave outside the "
+            "tunnel, everything else stays in IVPN's, and IVPN's own connections are never touched."
+        ),
+        level="info",
+        actions=[NotificationAction(id="ack", text="OK"), SUPPRESS_ACTION],
     )

@@ -1,9 +1,14 @@
 """IVPN beside splittun in a lab: the project's fake IVPN daemon runs in the lab host (its port file where the
-ivpn actor is told to look, SPLITTUN_IVPN_PORT_FILE passed on by supervisord) and `splittun ivpn` follows what
-a user does in IVPN's UI — the daemon starting, connecting, disconnecting, restarting with a new port and secret,
-exiting — and IVPN's own processes are never split, whatever the user's rules say (the interceptor's IVPN
-verdict handler, SPLITTUN_IVPN_EXECUTABLES naming a copy of curl as IVPN's daemon). One splittun serves the
-module."""
+ivpn actor is told to look, SPLITTUN_IVPN_PORT_FILE passed on by supervisord).
+
+- `splittun ivpn` follows what a user does in IVPN's UI: the daemon starting, connecting, disconnecting,
+  restarting with a new port and secret, exiting; netenv's interface-derived location is off while IVPN
+  holds its tunnel.
+- IVPN's own processes are never split, whatever the user's rules say (the interceptor's IVPN verdict
+  handler; SPLITTUN_IVPN_EXECUTABLES names a copy of curl as IVPN's daemon).
+- With IVPN's kill switch on, split apps and splittun's own traffic keep working and the rest obeys it.
+
+One splittun serves the module."""
 
 from __future__ import annotations
 
@@ -58,6 +63,12 @@ def ivpn(st: E2E, *args: str) -> dict[str, Any]:
     return json.loads(st.ok("ivpn", "--json", *args))
 
 
+def location_off(st: E2E) -> bool:
+    """netenv's location gate, as its last `netenv.changed` says (what location consumers read)."""
+    assert st.inst is not None
+    return bool(st.inst.ask("netenv", "snapshot")["location_disabled"])
+
+
 def until(st: E2E, check: Any, timeout: float = 10.0) -> dict[str, Any]:
     """The status once `check(status)` holds (the last one seen otherwise, for the assertion message)."""
     seen: list[dict[str, Any]] = []
@@ -84,6 +95,7 @@ def test_status_follows_the_daemon_through_connect_restart_and_exit(st: E2E, por
             T.VPNSRV_V4, T.VPN_SERVER_PORT, T.TUN_HOST_V4, T.TUN_HOST_IF)  # fmt: skip
         text = st.ok("ivpn")
         assert "vpn: connected" in text and f"to {CARRIER}/udp on {T.TUN_HOST_IF}" in text, text
+        assert wait_until(lambda: location_off(st)), "netenv's interface-derived location stayed on"
 
         old_port = fake.port
         connects = st.inst.ask("ivpn", "counters")["connects"] if st.inst else 0
@@ -98,6 +110,7 @@ def test_status_follows_the_daemon_through_connect_restart_and_exit(st: E2E, por
         fake.command("disconnect")
         down = until(st, lambda s: s["state"] == "DISCONNECTED")
         assert not down["connected"] and down["server_ip"] == "", down
+        assert wait_until(lambda: not location_off(st)), "netenv's interface-derived location stayed off"
     finally:
         fake.stop()
     gone = until(st, lambda s: not s["daemon"])
@@ -171,3 +184,49 @@ def test_with_ivpns_kill_switch_on_split_and_own_traffic_work_and_the_rest_is_bl
         kill_switch_off(st.lab)
         fake.stop()
         st.apply("config", "set", "splittun/rules", "[]")
+
+
+def connected_notices(st: E2E) -> list[dict[str, Any]]:
+    """The "IVPN connected" notices showing now, as `splittun notifications` lists them."""
+    return [n for n in json.loads(st.ok("notifications", "list", "--json")) if n["id"] == "ivpn.connected"]
+
+
+def counters(st: E2E) -> dict[str, int]:
+    assert st.inst is not None
+    return dict(st.inst.ask("ivpn", "counters"))
+
+
+def reconnect(st: E2E, fake: FakeDaemon) -> None:
+    fake.command("disconnect")
+    until(st, lambda s: s["state"] == "DISCONNECTED")
+    fake.command("connect")
+    until(st, lambda s: s["connected"])
+
+
+def test_the_connected_notice_shows_once_and_not_after_do_not_notify_me_anymore(
+    st: E2E, port_dir: Path, leaks: Leaks
+) -> None:
+    st.ok("notifications", "reset")
+    fake = FakeDaemon(st.lab, port_dir / "port.txt", "--server", CARRIER, "--client-ip", T.TUN_HOST_V4)
+    try:
+        ivpn(st, "ping")
+        until(st, lambda s: s["daemon"], timeout=3)
+        fake.command("connect")
+        until(st, lambda s: s["connected"])
+        [note] = wait_until(lambda: connected_notices(st)) or [None]
+        assert note is not None and note["title"] == "IVPN connected", note
+        assert "suppress" in [a["id"] for a in note["actions"]]
+        reconnect(st, fake)  # connected again while it shows: still one
+        assert len(connected_notices(st)) == 1
+        st.ok("notifications", "respond", "ivpn.connected", "suppress")  # "Do not notify me anymore"
+        assert connected_notices(st) == []
+        held = counters(st)["notices_held"]
+        reconnect(st, fake)
+        assert wait_until(lambda: counters(st)["notices_held"] > held), "the notice was not even asked for"
+        assert connected_notices(st) == [], "shown again after 'Do not notify me anymore'"
+        st.ok("notifications", "reset")  # "Reset Notifications State": the marker goes too
+        reconnect(st, fake)
+        assert wait_until(lambda: connected_notices(st)), "not shown again after the reset"
+    finally:
+        fake.stop()
+        st.ok("notifications", "reset")

@@ -44,6 +44,7 @@ class Bus:
 def running(tmp_path: Path) -> Iterator[tuple[IvpnActor, Bus, str]]:
     bus, port_file = Bus(), str(tmp_path / "port.txt")
     rt = SimpleNamespace(
+        asked=[],
         name="ivpn",
         instance="ivpn",
         args=SimpleNamespace(port_file=[port_file], republish=0),
@@ -51,6 +52,7 @@ def running(tmp_path: Path) -> Iterator[tuple[IvpnActor, Bus, str]]:
         publish=bus.publish,
         loop=SimpleNamespace(call_every=lambda *a: None),
     )
+    rt.ask = lambda instance, op, args=None, timeout=2.0: rt.asked.append((instance, op.name, args)) or args
     actor = IvpnActor(rt)  # type: ignore[arg-type]
     actor.start()
     yield actor, bus, port_file
@@ -106,3 +108,68 @@ def test_port_file_comes_from_the_environment_supervisord_passes_on(monkeypatch:
     parser = argparse.ArgumentParser()
     IvpnActor.add_arguments(parser)
     assert parser.parse_args([]).port_file == []  # IVPN's own locations (port_file_paths)
+
+
+def test_netenvs_location_is_off_while_ivpn_connects_or_holds_its_tunnel(running) -> None:
+    import time
+
+    from messages.control import Location
+
+    actor, bus, port_file = running
+
+    def gate() -> list[bool]:
+        return [args.disabled for instance, op, args in actor.rt.asked if (instance, op) == ("netenv", "location")]
+
+    def settled(expected: list[bool]) -> bool:
+        deadline = time.monotonic() + 5
+        while gate() != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return gate() == expected
+
+    with FakeIvpnDaemon(port_file) as daemon:
+        dispatch(actor, Request(op="daemon.connect", args={}))
+        bus.wait_for(lambda s: s.daemon)
+        assert gate() == []  # disconnected: nothing to change
+        daemon.set_state("CONNECTING")
+        assert settled([True])
+        daemon.connect()
+        bus.wait_for(lambda s: s.connected)
+        daemon.disconnect()
+        assert settled([True, False])
+        daemon.connect()
+        assert settled([True, False, True])
+    bus.wait_for(lambda s: not s.daemon)  # the daemon exits (or the connection drops): on again
+    assert settled([True, False, True, False])
+    assert isinstance(actor.rt.asked[-1][2], Location)
+
+
+def test_every_connect_asks_the_controller_to_show_the_connected_notice(running) -> None:
+    import time
+
+    actor, bus, port_file = running
+
+    def notices() -> list[Any]:
+        return [args for instance, op, args in actor.rt.asked if (instance, op) == ("controller", "notify")]
+
+    def count(n: int) -> bool:
+        deadline = time.monotonic() + 5
+        while len(notices()) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(notices()) == n
+
+    with FakeIvpnDaemon(port_file, FakeVpn(exit_hostname="nl1.wg.ivpn.net")) as daemon:
+        dispatch(actor, Request(op="daemon.connect", args={}))
+        bus.wait_for(lambda s: s.daemon)
+        daemon.connect()
+        bus.wait_for(lambda s: s.connected)
+        assert count(1)
+        daemon.kill_switch(True)  # still connected: no second notice
+        bus.wait_for(lambda s: s.kill_switch)
+        daemon.disconnect()
+        daemon.connect()
+        assert count(2)
+    note = notices()[0]
+    assert (note.topic, note.id, note.title) == ("notify.ivpn.connected", "ivpn.connected", "IVPN connected")
+    assert "nl1.wg.ivpn.net" in note.message
+    assert [(a.id, a.text) for a in note.actions][-1] == ("suppress", "Do not notify me anymore")
+    assert actor.counters()["notices"] == 2

@@ -150,3 +150,17 @@ def test_line_splitter_frames_and_limits() -> None:
     assert splitter.feed(b":2}\n\n") == [b'{"b":2}']
     with pytest.raises(ProtocolError, match="longer than 16"):
         splitter.feed(b"x" * 17)
+
+
+def test_the_location_gate_is_closed_exactly_while_ivpn_connects_or_holds_its_tunnel() -> None:
+    from dataclasses import replace
+
+    from core.ivpn.protocol import NOT_RUNNING
+    from core.ivpn.status import location_gate
+
+    up = replace(NOT_RUNNING, daemon=True)
+    for state in ("CONNECTING", "ADDROUTES", "CONNECTED", "RECONNECTING", "TCP_CONNECT"):
+        assert location_gate(replace(up, state=state)), state
+    for state in ("DISCONNECTED", "EXITING", "INITIALISED", "UNKNOWN"):
+        assert not location_gate(replace(up, state=state)), state
+    assert not location_gate(replace(up, state="CONNECTED", daemon=False))  # daemon gone: nobody vouches
