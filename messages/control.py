@@ -533,6 +533,7 @@ class DnsStatus(Struct):
     cache_hit_rate: float
     counters: dict[str, int]
     recent: list[DnsQuery] = field(default_factory=list)  # the last queries answered, newest last
+    vpn_dns_source: str = ""  # where the vpn path's servers come from: "" (each app's own), "IVPN (delegated)"
 
 
 @record

@@ -3,6 +3,7 @@ it means for the rest of splittun (the location gate)."""
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 
 from messages.events import IvpnDns, IvpnStatus, Notification, NotificationAction
@@ -73,3 +74,24 @@ def connected_notice(snap: IvpnSnapshot, ts: float) -> Notification:
         level="info",
         actions=[NotificationAction(id="ack", text="OK"), SUPPRESS_ACTION],
     )
+
+
+def delegated_dns(status: IvpnStatus | None) -> tuple[str, ...]:
+    """DNS delegation: IVPN's own DNS as the resolver's upstream for VPN-path queries, while IVPN is connected and
+    reports custom DNS (core/dns/route.py `vpn_servers`). Plain servers as their address, DNS over TLS as
+    `tls://ADDRESS` (the certificate checked for the address); DNS over HTTPS, which the resolver does not
+    speak, is left out rather than downgraded to plain DNS (those queries go where the app sent them, through
+    the VPN, as without IVPN)."""
+    if status is None or not status.connected:
+        return ()
+    servers = []
+    for server in status.dns:
+        try:
+            address = str(ipaddress.ip_address(server.address.strip("[]")))
+        except ValueError:
+            continue
+        if server.encryption == "none":
+            servers.append(address)
+        elif server.encryption == "dot":
+            servers.append(f"tls://{address}")
+    return tuple(servers)

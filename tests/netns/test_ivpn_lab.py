@@ -7,6 +7,8 @@ ivpn actor is told to look, SPLITTUN_IVPN_PORT_FILE passed on by supervisord).
 - IVPN's own processes are never split, whatever the user's rules say (the interceptor's IVPN verdict
   handler; SPLITTUN_IVPN_EXECUTABLES names a copy of curl as IVPN's daemon).
 - With IVPN's kill switch on, split apps and splittun's own traffic keep working and the rest obeys it.
+- DNS delegation: while IVPN is connected with custom DNS, VPN apps' queries go to IVPN's DNS server with
+  its encryption (the lab's geo DNS servers log each query and how it came).
 
 One splittun serves the module."""
 
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from typing import Any
 import pytest
 
 from splittun.lab import topology as T
+from splittun.lab.geodns import GEO_NAME, GeoDns
 from tests.support.e2e import E2E, socat_udp
 from tests.support.interceptor import chain_rules, wait_until
 from tests.support.ivpn import FakeDaemon, kill_switch_off, kill_switch_on
@@ -42,16 +47,20 @@ def port_dir() -> Iterator[Path]:
 def st(port_dir: Path) -> Iterator[E2E]:
     labs = own_lab("iv")
     harness = E2E(next(labs))
+    geo = GeoDns(harness.lab)
+    harness.geo = geo  # type: ignore[attr-defined]
     harness.env = {
+        "SSL_CERT_FILE": str(geo.ca_file),  # the resolver trusts the lab's DNS-over-TLS servers
         "SPLITTUN_IVPN_PORT_FILE": str(port_dir / "port.txt"),
         "SPLITTUN_IVPN_EXECUTABLES": str(port_dir / "ivpn-service"),
         # No scheduled jump checks (5/15/45 s after start): only IVPN's own state changes move ours back.
         "SPLITTUN_JUMP_CHECKS": "",
     }
     try:
-        harness.ensure("replaced")
-        harness.reset()
-        yield harness
+        with geo:
+            harness.ensure("replaced")
+            harness.reset()
+            yield harness
     finally:
         try:
             harness.stop()
@@ -230,3 +239,43 @@ def test_the_connected_notice_shows_once_and_not_after_do_not_notify_me_anymore(
     finally:
         fake.stop()
         st.ok("notifications", "reset")
+
+
+def vpn_app_lookup(st: E2E, name: str) -> list[str]:
+    """A VPN app (no rule splits it) resolves `name` at the VPN's DNS server, as resolv.conf says."""
+    argv = [sys.executable, "-m", "splittun.lab.dnsapp", "--comm", "vpnapp", "--server", T.TUN_SRV_V4,
+            "--name", name, "--family", "4"]  # fmt: skip
+    done = st.lab.exec("host", argv, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout)["addresses"])
+
+
+@pytest.mark.parametrize("shape", ["servers", "old"])
+def test_ivpns_custom_dns_serves_vpn_apps_with_its_encryption_while_connected(
+    st: E2E, port_dir: Path, leaks: Leaks, shape: str
+) -> None:
+    geo: GeoDns = st.geo  # type: ignore[attr-defined]
+    assert wait_until(lambda: json.loads(st.ok("dns", "--json"))["rerouting"], timeout=15)
+    extra = ["--old-dns-shape"] if shape == "old" else []
+    fake = FakeDaemon(st.lab, port_dir / "port.txt", "--server", CARRIER, "--dns", f"{T.TUN_SRV_V4}/1", *extra)
+    try:
+        ivpn(st, "ping")
+        until(st, lambda s: s["daemon"], timeout=3)
+        before = f"t{uuid.uuid4().hex[:10]}.{GEO_NAME}"
+        assert vpn_app_lookup(st, before) == [GeoDns.address("vpn", 4)]
+        assert [q["transport"] for q in geo.queries("vpn", before)] == ["udp"]  # as the app sent it
+        fake.command("connect")
+        until(st, lambda s: s["connected"] and s["dns"])
+        assert wait_until(lambda: json.loads(st.ok("dns", "--json"))["vpn_dns_source"], timeout=5)
+        during = f"t{uuid.uuid4().hex[:10]}.{GEO_NAME}"
+        assert vpn_app_lookup(st, during) == [GeoDns.address("vpn", 4)]
+        assert [q["transport"] for q in geo.queries("vpn", during)] == ["tls"]  # IVPN's DNS, over TLS
+        assert not geo.queries("isp", during)
+        assert f"tls://{T.TUN_SRV_V4}" in st.ok("dns")
+        fake.command("disconnect")
+        assert wait_until(lambda: not json.loads(st.ok("dns", "--json"))["vpn_dns_source"], timeout=5)
+        after = f"t{uuid.uuid4().hex[:10]}.{GEO_NAME}"
+        assert vpn_app_lookup(st, after) == [GeoDns.address("vpn", 4)]
+        assert [q["transport"] for q in geo.queries("vpn", after)] == ["udp"]
+    finally:
+        fake.stop()
