@@ -7,6 +7,8 @@ ivpn actor is told to look, SPLITTUN_IVPN_PORT_FILE passed on by supervisord).
 - IVPN's own processes are never split, whatever the user's rules say (the interceptor's IVPN verdict
   handler; SPLITTUN_IVPN_EXECUTABLES names a copy of curl as IVPN's daemon).
 - With IVPN's kill switch on, split apps and splittun's own traffic keep working and the rest obeys it.
+- wg-quick's anti-spoofing rule in its iptables form (no nft): every IVPN state change reconciles our
+  exemption for the proxies' replies on lo; split UDP works through it.
 - DNS delegation: while IVPN is connected with custom DNS, VPN apps' queries go to IVPN's DNS server with
   its encryption (the lab's geo DNS servers log each query and how it came).
 
@@ -279,3 +281,46 @@ def test_ivpns_custom_dns_serves_vpn_apps_with_its_encryption_while_connected(
         assert [q["transport"] for q in geo.queries("vpn", after)] == ["udp"]
     finally:
         fake.stop()
+
+
+WG_RAW = ["PREROUTING", "-d", f"{T.TUN_HOST_V4}/32", "!", "-i", T.TUN_HOST_IF, "-m", "addrtype", "!",
+          "--src-type", "LOCAL", "-j", "DROP"]  # fmt: skip
+
+
+def raw_prerouting(st: E2E) -> list[str]:
+    return chain_rules(st.lab, 4, "raw", "PREROUTING")
+
+
+def test_wgquicks_iptables_antispoof_rule_gets_our_exemption_on_every_ivpn_state_change(
+    st: E2E, port_dir: Path, leaks: Leaks
+) -> None:
+    leaks.allow(SPLIT_SERVER, "udp", T.WHOAMI_UDP_PORT, via=T.HOST_IF)
+    st.apply("rules", "add", "--dest", SPLIT_SERVER)
+    before = raw_prerouting(st)
+    fake = FakeDaemon(st.lab, port_dir / "port.txt", "--server", CARRIER, "--client-ip", T.TUN_HOST_V4)
+    try:
+        ivpn(st, "ping")
+        until(st, lambda s: s["daemon"], timeout=3)
+        # IVPN connects with wg-quick on a host without nft: its anti-spoofing rule in the raw table.
+        st.lab.exec("host", ["iptables-legacy", "-w", "-t", "raw", "-I", *WG_RAW], check=True)
+        fake.command("connect")
+
+        def exempted() -> bool:
+            rules = raw_prerouting(st)
+            drop = next((i for i, r in enumerate(rules) if r.endswith("-j DROP")), -1)
+            return drop > 0 and "-i lo" in rules[drop - 1] and "splittun" in rules[drop - 1]
+
+        assert wait_until(exempted, timeout=5), raw_prerouting(st)
+        # split UDP: the UDP proxy's replies reach the app on lo, addressed to the tunnel address
+        assert socat_udp(st.lab, SPLIT_SERVER) == T.HOST_V4
+        fake.command("killswitch on")  # another change: nothing added twice
+        assert wait_until(lambda: counters(st)["lines"] > 0)
+        assert sum("splittun" in r for r in raw_prerouting(st)) == 1
+        # wg-quick down removes its rule; the next IVPN state change takes ours away too
+        st.lab.exec("host", ["iptables-legacy", "-w", "-t", "raw", "-D", *WG_RAW], check=True)
+        fake.command("disconnect")
+        assert wait_until(lambda: raw_prerouting(st) == before, timeout=5), raw_prerouting(st)
+    finally:
+        st.lab.exec("host", ["iptables-legacy", "-w", "-t", "raw", "-D", *WG_RAW])
+        fake.stop()
+        st.apply("config", "set", "splittun/rules", "[]")

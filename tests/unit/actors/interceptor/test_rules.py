@@ -332,3 +332,22 @@ def test_accept_final_is_accepted_by_our_filter_both_ways_and_never_queued_again
         assert mangle.index(restore) < first_queue
     assert mangle[0] == f"-A {fw.INGEST_OUT} -m mark ! --mark 0 -j RETURN"  # a socket's own 1709/1720: untouched
     assert {("filter", "OUTPUT", fw.FILTER), ("filter", "INPUT", fw.FILTER)} <= set(fw.JUMPS)
+
+
+WG_RAW_V4 = "-A PREROUTING -d 192.0.2.66/32 ! -i wgivpn -m addrtype ! --src-type LOCAL -j DROP"
+WG_RAW_V6 = "-A PREROUTING -d fd00:5717::2/128 ! -i wgivpn -m addrtype ! --src-type LOCAL -j DROP"
+OURS_V4 = f'-A PREROUTING -d 192.0.2.66/32 -i lo -m comment --comment "{vpn_interop.COMMENT}" -j ACCEPT'
+
+
+def test_wgquick_iptables_antispoof_gets_an_exemption_right_before_it_once() -> None:
+    other = "-A PREROUTING -p udp -m udp --dport 9 -j CT --notrack"
+    plan = vpn_interop.plan_raw_exemptions([other, WG_RAW_V4, WG_RAW_V6])
+    assert plan == [
+        f'-I PREROUTING 2 -d 192.0.2.66/32 -i lo -m comment --comment "{vpn_interop.COMMENT}" -j ACCEPT',
+        f'-I PREROUTING 4 -d fd00:5717::2/128 -i lo -m comment --comment "{vpn_interop.COMMENT}" -j ACCEPT',
+    ]
+    assert vpn_interop.plan_raw_exemptions([other, OURS_V4, WG_RAW_V4]) == []  # idempotent
+    assert vpn_interop.plan_raw_exemptions([OURS_V4]) == ["-D" + OURS_V4[2:]]  # wg-quick went down: ours too
+    assert vpn_interop.plan_raw_removal([other, OURS_V4, WG_RAW_V4]) == ["-D" + OURS_V4[2:]]
+    lo_only = "-A PREROUTING -d 192.0.2.66/32 ! -i lo -m addrtype ! --src-type LOCAL -j DROP"
+    assert vpn_interop.plan_raw_exemptions([lo_only, other]) == []  # not an anti-spoofing rule of a tunnel
