@@ -29,10 +29,10 @@ import pytest
 
 from splittun.lab import topology as T
 from splittun.lab.geodns import GEO_NAME, GeoDns
-from tests.support.e2e import E2E, socat_udp
+from tests.support.e2e import E2E, host_state, socat_udp
 from tests.support.interceptor import chain_rules, wait_until
 from tests.support.ivpn import FakeDaemon, kill_switch_off, kill_switch_on
-from tests.support.lab import Leaks, own_lab
+from tests.support.lab import LAB_STYLES, Leaks, own_lab, parse_style
 
 CARRIER = f"{T.VPNSRV_V4}:{T.VPN_SERVER_PORT}"  # the lab's VPN server: what IVPN reports as its server
 SPLIT_SERVER = T.SERVER_V4[1]
@@ -159,42 +159,6 @@ def on_top(st: E2E, builtin: str) -> str:
     """The chain OUTPUT / INPUT of the host's filter table jumps to first (IPv4 and IPv6 alike, else "mixed")."""
     first = {chain_rules(st.lab, family, "filter", builtin)[0].split()[-1] for family in (4, 6)}
     return first.pop() if len(first) == 1 else "mixed"
-
-
-def test_with_ivpns_kill_switch_on_split_and_own_traffic_work_and_the_rest_is_blocked(
-    st: E2E, port_dir: Path, leaks: Leaks
-) -> None:
-    leaks.allow(SPLIT_SERVER, via=T.HOST_IF)  # split TCP (kernel path) and split UDP (splittun's own proxy)
-    st.apply("rules", "add", "--dest", SPLIT_SERVER)
-    fake = FakeDaemon(st.lab, port_dir / "port.txt", "--server", CARRIER, "--client-ip", T.TUN_HOST_V4)
-    try:
-        ivpn(st, "ping")
-        until(st, lambda s: s["daemon"], timeout=3)
-        fake.command("connect")
-        until(st, lambda s: s["connected"])
-        # IVPN turns its kill switch on: its chains go on top of OUTPUT and INPUT, above splittun's jumps.
-        kill_switch_on(st.lab, T.VPNSRV_V4, T.VPN_SERVER_PORT, T.TUN_HOST_IF)
-        fake.command("killswitch on")  # …and the daemon says so: splittun puts its jumps back on top at once
-        for builtin in ("OUTPUT", "INPUT"):
-            assert wait_until(lambda b=builtin: on_top(st, b) == "SPLITTUN-FILTER", timeout=5), on_top(st, builtin)
-        for phase in ("kill switch on", "reconnected", "daemon restarted"):
-            assert fetch(st, "curl", SPLIT_SERVER) == T.HOST_V4, phase  # split TCP leaves through eth0
-            assert socat_udp(st.lab, SPLIT_SERVER) == T.HOST_V4, phase  # split UDP: splittun's own upstream
-            assert fetch(st, "curl", T.WHOAMI_V4) == T.VPNSRV_V4, phase  # a VPN app: through the tunnel
-            # Anything else that tries the physical link obeys the kill switch (and the leak check vouches).
-            assert st.lab.exec("host", ["ping", "-c", "1", "-W", "1", T.ISP_LAN_V4]).returncode != 0, phase
-            if phase == "kill switch on":
-                fake.command("state RECONNECTING")
-                fake.command("connect")
-                until(st, lambda s: s["connected"])
-            elif phase == "reconnected":
-                fake.command("restart")
-                until(st, lambda s: s["daemon"] and s["connected"] and s["daemon_port"] == fake.port)
-            assert on_top(st, "OUTPUT") == "SPLITTUN-FILTER"
-    finally:
-        kill_switch_off(st.lab)
-        fake.stop()
-        st.apply("config", "set", "splittun/rules", "[]")
 
 
 def connected_notices(st: E2E) -> list[dict[str, Any]]:
@@ -324,3 +288,54 @@ def test_wgquicks_iptables_antispoof_rule_gets_our_exemption_on_every_ivpn_state
         st.lab.exec("host", ["iptables-legacy", "-w", "-t", "raw", "-D", *WG_RAW])
         fake.stop()
         st.apply("config", "set", "splittun/rules", "[]")
+
+
+@pytest.mark.parametrize("style", LAB_STYLES)
+def test_with_ivpns_kill_switch_on_split_and_own_traffic_work_and_the_rest_is_blocked(
+    st: E2E, port_dir: Path, leaks: Leaks, style: str
+) -> None:
+    """In each routing style, and with wg-quick's anti-spoofing rule (nft): the last tests of the module, since
+    they restart splittun in another style (the VPN's routing comes before splittun, as on a real machine)."""
+    st.ensure(*parse_style(style))
+    st.reset()
+    leaks.allow(SPLIT_SERVER, via=T.HOST_IF)  # split TCP (kernel path) and split UDP (splittun's own proxy)
+    st.apply("rules", "add", "--dest", SPLIT_SERVER)
+    fake = FakeDaemon(st.lab, port_dir / "port.txt", "--server", CARRIER, "--client-ip", T.TUN_HOST_V4)
+    try:
+        ivpn(st, "ping")
+        until(st, lambda s: s["daemon"], timeout=3)
+        fake.command("connect")
+        until(st, lambda s: s["connected"])
+        # IVPN turns its kill switch on: its chains go on top of OUTPUT and INPUT, above splittun's jumps.
+        kill_switch_on(st.lab, T.VPNSRV_V4, T.VPN_SERVER_PORT, T.TUN_HOST_IF)
+        fake.command("killswitch on")  # …and the daemon says so: splittun puts its jumps back on top at once
+        for builtin in ("OUTPUT", "INPUT"):
+            assert wait_until(lambda b=builtin: on_top(st, b) == "SPLITTUN-FILTER", timeout=5), on_top(st, builtin)
+        for phase in ("kill switch on", "reconnected", "daemon restarted"):
+            assert fetch(st, "curl", SPLIT_SERVER) == T.HOST_V4, phase  # split TCP leaves through eth0
+            assert socat_udp(st.lab, SPLIT_SERVER) == T.HOST_V4, phase  # split UDP: splittun's own upstream
+            assert fetch(st, "curl", T.WHOAMI_V4) == T.VPNSRV_V4, phase  # a VPN app: through the tunnel
+            # Anything else that tries the physical link obeys the kill switch (and the leak check vouches).
+            assert st.lab.exec("host", ["ping", "-c", "1", "-W", "1", T.ISP_LAN_V4]).returncode != 0, phase
+            if phase == "kill switch on":
+                fake.command("state RECONNECTING")
+                fake.command("connect")
+                until(st, lambda s: s["connected"])
+            elif phase == "reconnected":
+                fake.command("restart")
+                until(st, lambda s: s["daemon"] and s["connected"] and s["daemon_port"] == fake.port)
+            assert on_top(st, "OUTPUT") == "SPLITTUN-FILTER"
+    finally:
+        kill_switch_off(st.lab)
+        fake.stop()
+        st.apply("config", "set", "splittun/rules", "[]")
+
+
+def test_down_leaves_firewall_routes_and_rules_exactly_as_before(st: E2E) -> None:
+    """After all of the above (IVPN's chains came and went, exemptions, delegation): `splittun down` leaves the
+    host as it was before splittun first ran in this style."""
+    assert st.style is not None and st.inst is not None
+    style = st.style
+    done = st.stop()
+    assert done is not None and done.returncode == 0, done
+    assert host_state(st.lab) == st.pristine[style]
