@@ -20,7 +20,7 @@ from runtime import log as logmod
 from runtime.actor import dispatch
 from splittun.cli import build_parser
 from splittun.commands.ivpn import cmd_ping, cmd_status, describe
-from tests.fixtures.ivpn.fake_daemon import FakeIvpnDaemon, FakeVpn
+from splittun.lab.ivpn import FakeIvpnDaemon, FakeVpn
 
 
 class Bus:

@@ -12,7 +12,7 @@ import pytest
 
 from actors.ivpn.client import DaemonClient
 from core.ivpn.protocol import DnsServer, IvpnSnapshot
-from tests.fixtures.ivpn.fake_daemon import FakeIvpnDaemon, FakeVpn
+from splittun.lab.ivpn import FakeIvpnDaemon, FakeVpn
 
 
 class Recorder:
