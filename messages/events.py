@@ -256,6 +256,7 @@ class IvpnStatus(Message):
     daemon_version: str = ""
     last_error: str = ""  # the daemon's last error message
     daemon_port: int = 0  # the daemon's control port on 127.0.0.1 while connected to it (0 = none)
+    bypass: str = ""  # splittun/bypassHosts routes outside the VPN now, or why not ("refused: …")
 
 
 # --- policy -----------------------------------------------------------------------------------------
@@ -291,6 +292,7 @@ class PolicySnapshot(Message):
     rules: list[PolicyRule] = field(default_factory=list)
     split_dns: list[str] = field(default_factory=list)  # splittun/splitDNS: servers for split apps' queries
     vpn_domains: list[str] = field(default_factory=list)  # splittun/vpnDomains: always resolved through the VPN
+    bypass_hosts: list[str] = field(default_factory=list)  # splittun/bypassHosts: routed outside the VPN (717)
     data_path: str = "proxy"  # splittun/dataPath: "kernel" or "proxy" (the one that works everywhere)
 
 

@@ -3,11 +3,15 @@ every change, and again every `--republish` seconds for late subscribers. `split
 
 What IVPN's status means for packets is decided in the interceptor, from `ivpn.status`: the external
 verdict handler (core/ivpn/interop.py: IVPN's processes, carrier and daemon port are accept-final) and a
-jump check on every state change (IVPN's kill-switch chains). The ivpn actor itself keeps netenv's location
-gate: interface-derived location off while IVPN connects or holds its tunnel (core/ivpn/status.py), and asks
-the controller to show the "IVPN connected" notice on every connect (none once the user chose "Do not notify
-me anymore", until `splittun notifications reset`). Still to come (issue 13): DNS delegation, bypass routes,
-the wg-quick exemption.
+jump check on every state change (IVPN's kill-switch chains, wg-quick's anti-spoofing exemption); the
+resolver delegates VPN-path DNS to IVPN's custom DNS from it. The ivpn actor itself
+- keeps netenv's location gate: interface-derived location off while IVPN connects or holds its tunnel
+  (core/ivpn/status.py);
+- asks the controller to show the "IVPN connected" notice on every connect (none once the user chose "Do not
+  notify me anymore", until `splittun notifications reset`);
+- runs the pre-connect hooks when IVPN starts connecting (core/ivpn/bypass.py); the first one routes
+  `splittun/bypassHosts` outside the VPN (table and rule 717, kernel/routing.py), kept through reconnects and
+  removed on disconnect, on stop and by `splittun down`.
 """
 
 from __future__ import annotations
@@ -16,14 +20,19 @@ import argparse
 import os
 import threading
 import time
+from dataclasses import replace
 
+from core.ivpn.bypass import PreConnectCancelled, PreConnectHooks, Refused, plan_bypass
 from core.ivpn.portfile import port_file_paths, windows_install_dir
 from core.ivpn.protocol import NOT_RUNNING, IvpnSnapshot
-from core.ivpn.status import connected_notice, location_gate, to_status
+from core.ivpn.status import TUNNEL_STATES, connected_notice, location_gate, to_status
+from kernel.routing import BypassRouting, HostRoute
+from messages import Message, NetenvChanged, PolicySnapshot
 from messages.control import Controller, Ivpn, Location, NoArgs, RequestFailed
 from messages.control import Netenv as NetenvOps
 from messages.events import IvpnStatus, Notification
 from runtime.actor import Actor, answers
+from runtime.log import describe
 
 from .client import DaemonClient
 
@@ -37,6 +46,7 @@ class IvpnActor(Actor):
 
     name = "ivpn"
     control = Ivpn
+    subscriptions = ("policy.snapshot", "netenv.changed")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -64,6 +74,18 @@ class IvpnActor(Actor):
         self.notices_held = 0  # …and the ones it did not (suppressed, or already showing)
         self._was_connected = False
         self._location_lock = threading.Lock()
+        # Bypass routes: the hosts (policy snapshot), the network (netenv) and what is installed.
+        self.bypass_hosts: tuple[str, ...] = ()
+        self.netenv: NetenvChanged | None = None
+        self.bypass = ""  # what `splittun ivpn` says about them ("" = none configured or not connecting)
+        self._in_tunnel = False
+        self._bypass_installed = False
+        self._bypass_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.routing = BypassRouting()
+        self.hooks = PreConnectHooks()
+        self.hooks.register("bypassHosts", self._bypass_hook)
+        threading.Thread(target=self._fetch_snapshots, name="ivpn-fetch", daemon=True).start()
         self.client = DaemonClient(paths, self._on_snapshot, lambda line: self.log.info("ivpn.daemon", status=line))
         self.client.start()
         republish = float(getattr(self.rt.args, "republish", REPUBLISH))
@@ -71,13 +93,26 @@ class IvpnActor(Actor):
             self.rt.loop.call_every(republish, self._republish)
 
     def stop(self) -> None:
+        if hasattr(self, "_stopping"):
+            self._stopping.set()
         client = getattr(self, "client", None)
         if client is not None:
             client.stop()
+        if getattr(self, "_bypass_installed", False):
+            self._set_bypass(None)
 
     def _on_snapshot(self, snap: IvpnSnapshot) -> None:
-        """Called on the client's thread for every changed snapshot: the status is replaced whole."""
-        self.status = to_status(snap, time.time())
+        """Called on the client's thread for every changed snapshot: the status is replaced whole. The
+        pre-connect hooks run first, synchronously, when IVPN starts connecting."""
+        in_tunnel = snap.state in TUNNEL_STATES  # kept while the daemon restarts: the tunnel outlives it
+        if in_tunnel and not self._in_tunnel:
+            cancelled = self.hooks.run()
+            if cancelled:
+                self.log.warning("ivpn.preconnect_cancelled", reason=cancelled)
+        elif self._in_tunnel and snap.state in ("DISCONNECTED", "EXITING"):
+            self._set_bypass(None)
+        self._in_tunnel = in_tunnel if snap.state != "UNKNOWN" else self._in_tunnel
+        self.status = replace(to_status(snap, time.time()), bypass=self.bypass)
         self._publish()
         gate = location_gate(snap)
         if gate != self.location_off:
@@ -103,6 +138,64 @@ class IvpnActor(Actor):
     def _publish(self) -> None:
         self.publishes += 1
         self.rt.publish(self.status)  # thread-safe
+
+    # --- bypass routes (the first pre-connect hook) ---------------------------------------------------------
+
+    def _bypass_hook(self) -> None:
+        plan = plan_bypass(self.bypass_hosts, self.netenv)
+        if isinstance(plan, Refused):
+            self.bypass = f"refused: {plan.reason}"
+            raise PreConnectCancelled(plan.reason)
+        self._set_bypass(plan)
+
+    def _set_bypass(self, plan: list[HostRoute] | None) -> None:
+        """Install `plan` (None: take ours away). Netlink errors are logged, never raised into the client."""
+        with self._bypass_lock:
+            if not plan and not self._bypass_installed:
+                self.bypass = ""
+                return
+            try:
+                changes = self.routing.apply(plan or [])
+            except Exception as exc:
+                self.log.error("ivpn.bypass_failed", error=describe(exc))
+                self.bypass = f"failed: {describe(exc)}"
+                return
+            self._bypass_installed = bool(plan)
+            self.bypass = ", ".join(str(r) for r in plan) if plan else ""
+            if changes:
+                self.log.info("ivpn.bypass", routes=self.bypass or "none", changes="; ".join(changes))
+
+    def on_message(self, msg: Message) -> None:
+        """The bypass hosts (policy) and the network (netenv): while IVPN holds its tunnel, the routes follow."""
+        if isinstance(msg, PolicySnapshot):
+            changed = tuple(msg.bypass_hosts) != self.bypass_hosts
+            self.bypass_hosts = tuple(msg.bypass_hosts)
+        elif isinstance(msg, NetenvChanged):
+            changed = self.netenv is None or msg.seq != self.netenv.seq
+            self.netenv = msg
+        else:
+            return
+        if changed and self._in_tunnel:
+            plan = plan_bypass(self.bypass_hosts, self.netenv)
+            if isinstance(plan, Refused):
+                self.log.warning("ivpn.bypass_refused", reason=plan.reason)
+                self.bypass = f"refused: {plan.reason}"
+                plan = []
+            threading.Thread(target=self._set_bypass, args=(plan,), name="ivpn-bypass", daemon=True).start()
+
+    def _fetch_snapshots(self) -> None:
+        """The policy and the network at start (the bus brings every change after that)."""
+        wanted = {("controller", Controller.POLICY), ("netenv", NetenvOps.SNAPSHOT)}
+        while wanted and not self._stopping.is_set():
+            for actor, op in list(wanted):
+                try:
+                    answer = self.rt.ask(actor, op, timeout=2.0)
+                except RequestFailed:
+                    continue
+                if isinstance(answer, (PolicySnapshot, NetenvChanged)):
+                    self.rt.loop.call_soon_threadsafe(lambda a=answer: self.on_message(a))
+                    wanted.discard((actor, op))
+            self._stopping.wait(0.5)
 
     def _republish(self) -> None:
         """The periodic repeat; netenv hears the location gate again too (it may have restarted meanwhile)."""

@@ -66,6 +66,8 @@ def describe(s: dict[str, Any]) -> list[str]:
     dns = ", ".join(f"{d['address']} ({d['encryption']})" for d in s["dns"]) or "IVPN default"
     lines.append(f"dns: {dns}")
     lines.append(f"kill switch: {'on' if s['kill_switch'] else 'off'}")
+    if s.get("bypass"):
+        lines.append(f"bypass: {s['bypass']}")
     if s["last_error"]:
         lines.append(f"last error: {s['last_error']}")
     return lines

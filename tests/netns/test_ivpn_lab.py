@@ -9,6 +9,8 @@ ivpn actor is told to look, SPLITTUN_IVPN_PORT_FILE passed on by supervisord).
 - With IVPN's kill switch on, split apps and splittun's own traffic keep working and the rest obeys it.
 - wg-quick's anti-spoofing rule in its iptables form (no nft): every IVPN state change reconciles our
   exemption for the proxies' replies on lo; split UDP works through it.
+- Bypass routes: `splittun/bypassHosts` leave via the physical gateway (table and rule 717) from the moment
+  IVPN starts connecting until it disconnects.
 - DNS delegation: while IVPN is connected with custom DNS, VPN apps' queries go to IVPN's DNS server with
   its encryption (the lab's geo DNS servers log each query and how it came).
 
@@ -30,7 +32,7 @@ import pytest
 from splittun.lab import topology as T
 from splittun.lab.geodns import GEO_NAME, GeoDns
 from splittun.lab.ivpn import IvpnDaemonProcess, kill_switch_off, kill_switch_on, physical_link_blocked
-from tests.support.e2e import E2E, host_state, socat_udp
+from tests.support.e2e import E2E, host_state, python_app, socat_udp
 from tests.support.interceptor import chain_rules, wait_until
 from tests.support.lab import LAB_STYLES, Leaks, own_lab, parse_style
 
@@ -288,6 +290,43 @@ def test_wgquicks_iptables_antispoof_rule_gets_our_exemption_on_every_ivpn_state
         st.lab.exec("host", ["iptables-legacy", "-w", "-t", "raw", "-D", *WG_RAW])
         fake.stop()
         st.apply("config", "set", "splittun/rules", "[]")
+
+
+def bypass_table(st: E2E) -> tuple[str, str]:
+    """`ip route show table 717` and the rules at priority 717, as a user would list them."""
+    routes = st.lab.exec("host", ["ip", "route", "show", "table", "717"]).stdout.strip()
+    rules = [r for r in st.lab.exec("host", ["ip", "rule"], check=True).stdout.splitlines() if r.startswith("717:")]
+    return routes, "\n".join(rules)
+
+
+def test_bypass_hosts_leave_outside_the_vpn_while_ivpn_connects_and_go_back_on_disconnect(
+    st: E2E, port_dir: Path, leaks: Leaks
+) -> None:
+    leaks.allow(SPLIT_SERVER, "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)  # the bypass host, on purpose
+    st.apply("config", "set", "splittun/bypassHosts", SPLIT_SERVER)
+    fake = IvpnDaemonProcess(st.lab, port_dir / "port.txt", "--server", CARRIER, "--client-ip", T.TUN_HOST_V4)
+    try:
+        ivpn(st, "ping")
+        until(st, lambda s: s["daemon"], timeout=3)
+        assert python_app(st.lab, "tcp", SPLIT_SERVER) == T.VPNSRV_V4  # IVPN not connecting: through the VPN
+        assert bypass_table(st) == ("", "")
+        fake.command("state CONNECTING")  # the pre-connect hooks run: the bypass routes go in
+        status = until(st, lambda s: s["bypass"])
+        assert status["bypass"] == f"{SPLIT_SERVER}/32 via {T.ISP_LAN_V4} dev {T.HOST_IF}", status
+        routes, rules = bypass_table(st)
+        assert routes.startswith(f"{SPLIT_SERVER} via {T.ISP_LAN_V4} dev {T.HOST_IF}") and "lookup 717" in rules
+        assert python_app(st.lab, "tcp", SPLIT_SERVER) == T.HOST_V4  # outside the VPN, via the ISP
+        assert python_app(st.lab, "tcp", T.WHOAMI_V4) == T.VPNSRV_V4  # everything else stays in
+        for line in ("connect", "state RECONNECTING", "connect"):  # kept through reconnects
+            fake.command(line)
+            assert bypass_table(st)[0], line
+        fake.command("disconnect")
+        until(st, lambda s: not s["bypass"])
+        assert wait_until(lambda: bypass_table(st) == ("", "")), bypass_table(st)
+        assert python_app(st.lab, "tcp", SPLIT_SERVER) == T.VPNSRV_V4
+    finally:
+        fake.stop()
+        st.apply("config", "set", "splittun/bypassHosts", "")
 
 
 @pytest.mark.parametrize("style", LAB_STYLES)
