@@ -257,6 +257,7 @@ class IvpnStatus(Message):
     last_error: str = ""  # the daemon's last error message
     daemon_port: int = 0  # the daemon's control port on 127.0.0.1 while connected to it (0 = none)
     bypass: str = ""  # splittun/bypassHosts routes outside the VPN now, or why not ("refused: …")
+    dns_delegated: bool = False  # IVPN's custom DNS serves VPN apps through splittun's resolver now
 
 
 # --- policy -----------------------------------------------------------------------------------------
@@ -294,6 +295,20 @@ class PolicySnapshot(Message):
     vpn_domains: list[str] = field(default_factory=list)  # splittun/vpnDomains: always resolved through the VPN
     bypass_hosts: list[str] = field(default_factory=list)  # splittun/bypassHosts: routed outside the VPN (717)
     data_path: str = "proxy"  # splittun/dataPath: "kernel" or "proxy" (the one that works everywhere)
+
+
+# --- interception -----------------------------------------------------------------------------------
+
+
+@message("interceptor.state")
+class InterceptionState(Message):
+    """Whether splittun intercepts now (the interceptor's worker 0: its rules are in place, or gone again), on
+    every change and with every heartbeat-slow repeat; `Interceptor.STATUS` (`active`) answers the same. Other
+    actors follow it: IVPN's DNS is delegated only while interception runs."""
+
+    ts: float
+    active: bool
+    reason: str = ""  # "rules installed", "stopping", "passive: …"
 
 
 # --- updates ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import threading
+import time
 from typing import Any
 
 from core import verdict_handler
@@ -33,7 +34,7 @@ from messages import Heartbeat, IvpnStatus, Mark, Message, NetenvChanged, Policy
 from messages.control import INVALID_ARGUMENT, Controller, Interceptor, NoArgs, Op, RequestFailed, RulesChecked
 from messages.control import Ivpn as IvpnOps
 from messages.control import Netenv as NetenvOps
-from messages.events import HEARTBEAT_INTERVAL
+from messages.events import HEARTBEAT_INTERVAL, InterceptionState
 from messages.marks import VERDICT_MASK
 from runtime import paths
 from runtime.actor import Actor, answers
@@ -188,6 +189,8 @@ class InterceptorActor(Actor):
             self.fw.install()
             self._follow_data_path(self.fw.data_path)
             self.log.info("rules.installed", workers=self.workers, data_path=self.fw.data_path)
+            self._announce(True, "rules installed")
+            self.rt.loop.call_every(HEARTBEAT_INTERVAL * 5, lambda: self._announce(self.active, "repeat"))
             for delay in self._check_schedule(self.rt.args.jump_checks):
                 self.rt.loop.call_later(delay, lambda d=delay: self._check_jumps(f"scheduled {d:g}s"))
             self.rt.loop.call_every(JUMP_CHECK_EVERY, lambda: self._check_jumps_in_background("periodic"))
@@ -341,6 +344,10 @@ class InterceptorActor(Actor):
     def _read_sockets(self) -> None:
         self.engine.on_sockets_destroyed(self.socket_events.read())
 
+    def _announce(self, active: bool, reason: str) -> None:
+        """`interceptor.state` (worker 0 only: it alone knows when interception starts and stops)."""
+        self.rt.publish(InterceptionState(ts=time.time(), active=active, reason=reason))
+
     def _check_jumps(self, why: str) -> list[str]:
         if self.fw is None:
             return []
@@ -426,6 +433,7 @@ class InterceptorActor(Actor):
         for keeper in self._keepers():
             keeper.stop()
         if getattr(self, "owns_rules", False) and getattr(self, "active", False):
+            self._announce(False, "stopping")
             try:
                 removed = cleanup(self.rt.run_dir)
                 self.log.info("rules.removed", **{k: str(v) for k, v in removed.items()})

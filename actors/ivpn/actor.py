@@ -9,6 +9,7 @@ resolver delegates VPN-path DNS to IVPN's custom DNS from it. The ivpn actor its
   (core/ivpn/status.py);
 - asks the controller to show the "IVPN connected" notice on every connect (none once the user chose "Do not
   notify me anymore", until `splittun notifications reset`);
+- follows `interceptor.state`: IVPN's DNS counts as delegated only while splittun intercepts (`dns_delegated`);
 - runs the pre-connect hooks when IVPN starts connecting (core/ivpn/bypass.py); the first one routes
   `splittun/bypassHosts` outside the VPN (table and rule 717, kernel/routing.py), kept through reconnects and
   removed on disconnect, on stop and by `splittun down`.
@@ -25,12 +26,12 @@ from dataclasses import replace
 from core.ivpn.bypass import PreConnectCancelled, PreConnectHooks, Refused, plan_bypass
 from core.ivpn.portfile import port_file_paths, windows_install_dir
 from core.ivpn.protocol import NOT_RUNNING, IvpnSnapshot
-from core.ivpn.status import TUNNEL_STATES, connected_notice, location_gate, to_status
+from core.ivpn.status import TUNNEL_STATES, connected_notice, delegated_dns, location_gate, to_status
 from kernel.routing import BypassRouting, HostRoute
 from messages import Message, NetenvChanged, PolicySnapshot
-from messages.control import Controller, Ivpn, Location, NoArgs, RequestFailed
+from messages.control import Controller, Interceptor, Ivpn, Location, NoArgs, RequestFailed
 from messages.control import Netenv as NetenvOps
-from messages.events import IvpnStatus, Notification
+from messages.events import InterceptionState, IvpnStatus, Notification
 from runtime.actor import Actor, answers
 from runtime.log import describe
 
@@ -46,7 +47,7 @@ class IvpnActor(Actor):
 
     name = "ivpn"
     control = Ivpn
-    subscriptions = ("policy.snapshot", "netenv.changed")
+    subscriptions = ("policy.snapshot", "netenv.changed", "interceptor.state")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -67,6 +68,8 @@ class IvpnActor(Actor):
             install_dir = windows_install_dir() if os.name == "nt" else None
             paths = port_file_paths(env=os.environ, install_dir=install_dir)
         self.status = to_status(NOT_RUNNING, time.time())
+        self._snap = NOT_RUNNING
+        self.intercepting = False  # interceptor.state: IVPN's DNS is delegated only while splittun intercepts
         self.publishes = 0
         self.location_off = False  # what netenv's location gate should say (location_gate)
         self.location_asks = 0
@@ -112,7 +115,8 @@ class IvpnActor(Actor):
         elif self._in_tunnel and snap.state in ("DISCONNECTED", "EXITING"):
             self._set_bypass(None)
         self._in_tunnel = in_tunnel if snap.state != "UNKNOWN" else self._in_tunnel
-        self.status = replace(to_status(snap, time.time()), bypass=self.bypass)
+        self._snap = snap
+        self.status = self._status_of(snap)
         self._publish()
         gate = location_gate(snap)
         if gate != self.location_off:
@@ -134,6 +138,11 @@ class IvpnActor(Actor):
             self.notices_held += 1  # "Do not notify me anymore", or the same one still showing
         else:
             self.notices += 1
+
+    def _status_of(self, snap: IvpnSnapshot) -> IvpnStatus:
+        status = to_status(snap, time.time())
+        delegated = self.intercepting and bool(delegated_dns(status))
+        return replace(status, bypass=self.bypass, dns_delegated=delegated)
 
     def _publish(self) -> None:
         self.publishes += 1
@@ -167,6 +176,14 @@ class IvpnActor(Actor):
 
     def on_message(self, msg: Message) -> None:
         """The bypass hosts (policy) and the network (netenv): while IVPN holds its tunnel, the routes follow."""
+        if isinstance(msg, InterceptionState):
+            if msg.active != self.intercepting:
+                self.intercepting = msg.active
+                self.status = self._status_of(self._snap)
+                self.log.info("ivpn.interception", active=msg.active, reason=msg.reason,
+                              dns_delegated=self.status.dns_delegated)  # fmt: skip
+                self._publish()
+            return
         if isinstance(msg, PolicySnapshot):
             changed = tuple(msg.bypass_hosts) != self.bypass_hosts
             self.bypass_hosts = tuple(msg.bypass_hosts)
@@ -185,14 +202,20 @@ class IvpnActor(Actor):
 
     def _fetch_snapshots(self) -> None:
         """The policy and the network at start (the bus brings every change after that)."""
-        wanted = {("controller", Controller.POLICY), ("netenv", NetenvOps.SNAPSHOT)}
+        wanted = {
+            ("controller", Controller.POLICY),
+            ("netenv", NetenvOps.SNAPSHOT),
+            ("interceptor", Interceptor.STATUS),
+        }
         while wanted and not self._stopping.is_set():
             for actor, op in list(wanted):
                 try:
                     answer = self.rt.ask(actor, op, timeout=2.0)
                 except RequestFailed:
                     continue
-                if isinstance(answer, (PolicySnapshot, NetenvChanged)):
+                if isinstance(answer, dict) and "active" in answer:  # the interceptor's status
+                    answer = InterceptionState(ts=time.time(), active=bool(answer["active"]), reason="asked")
+                if isinstance(answer, (PolicySnapshot, NetenvChanged, InterceptionState)):
                     self.rt.loop.call_soon_threadsafe(lambda a=answer: self.on_message(a))
                     wanted.discard((actor, op))
             self._stopping.wait(0.5)

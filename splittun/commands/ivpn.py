@@ -64,7 +64,8 @@ def describe(s: dict[str, Any]) -> list[str]:
         lines.append(f"  {s['vpn_type'] or 'vpn'} to {s['server_ip']}:{s['server_port']}/{proto}{via}")
         lines.append(f"  exit {s['exit_hostname'] or '?'}, client {s['client_ip'] or '-'} {s['client_ipv6']}".rstrip())
     dns = ", ".join(f"{d['address']} ({d['encryption']})" for d in s["dns"]) or "IVPN default"
-    lines.append(f"dns: {dns}")
+    delegated = " (splittun's resolver asks it for VPN apps)" if s.get("dns_delegated") else ""
+    lines.append(f"dns: {dns}{delegated}")
     lines.append(f"kill switch: {'on' if s['kill_switch'] else 'off'}")
     if s.get("bypass"):
         lines.append(f"bypass: {s['bypass']}")

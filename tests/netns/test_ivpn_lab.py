@@ -233,7 +233,7 @@ def test_ivpns_custom_dns_serves_vpn_apps_with_its_encryption_while_connected(
         assert vpn_app_lookup(st, before) == [GeoDns.address("vpn", 4)]
         assert [q["transport"] for q in geo.queries("vpn", before)] == ["udp"]  # as the app sent it
         fake.command("connect")
-        until(st, lambda s: s["connected"] and s["dns"])
+        until(st, lambda s: s["connected"] and s["dns"] and s["dns_delegated"])  # interception runs: delegated
         assert wait_until(lambda: json.loads(st.ok("dns", "--json"))["vpn_dns_source"], timeout=5)
         during = f"t{uuid.uuid4().hex[:10]}.{GEO_NAME}"
         assert vpn_app_lookup(st, during) == [GeoDns.address("vpn", 4)]

@@ -173,3 +173,22 @@ def test_every_connect_asks_the_controller_to_show_the_connected_notice(running)
     assert "nl1.wg.ivpn.net" in note.message
     assert [(a.id, a.text) for a in note.actions][-1] == ("suppress", "Do not notify me anymore")
     assert actor.counters()["notices"] == 2
+
+
+def test_ivpns_dns_counts_as_delegated_only_while_splittun_intercepts(running) -> None:
+    from messages.events import InterceptionState
+
+    actor, bus, port_file = running
+    with FakeIvpnDaemon(port_file, FakeVpn(dns=[("198.51.100.53", 1, "")])) as daemon:
+        dispatch(actor, Request(op="daemon.connect", args={}))
+        bus.wait_for(lambda s: s.daemon)
+        daemon.connect()
+        assert not bus.wait_for(lambda s: s.connected).dns_delegated  # interception not (yet) running
+        actor.on_message(InterceptionState(ts=0.0, active=True, reason="rules installed"))
+        assert bus.wait_for(lambda s: s.dns_delegated).connected
+        assert "splittun's resolver asks it" in "\n".join(describe(to_plain(actor.status)))
+        actor.on_message(InterceptionState(ts=0.0, active=False, reason="stopping"))
+        assert not bus.wait_for(lambda s: not s.dns_delegated).dns_delegated
+        actor.on_message(InterceptionState(ts=0.0, active=True, reason="rules installed"))
+        daemon.disconnect()
+        assert not bus.wait_for(lambda s: s.state == "DISCONNECTED").dns_delegated
