@@ -292,6 +292,35 @@ def test_wgquicks_iptables_antispoof_rule_gets_our_exemption_on_every_ivpn_state
         st.apply("config", "set", "splittun/rules", "[]")
 
 
+def test_the_vpn_carrier_is_never_split_even_by_a_rule_for_its_server(st: E2E, port_dir: Path, leaks: Leaks) -> None:
+    """A rule that would split the VPN server's address; the carrier's conntrack entry is dropped, so its next
+    packet (either way: the forwarder's, or the server's answer coming in) is decided afresh, with IVPN's status
+    naming the carrier. It must stay accept-final and the tunnel must keep working."""
+    st.apply("rules", "add", "--dest", T.VPNSRV_V4)
+    fake = IvpnDaemonProcess(st.lab, port_dir / "port.txt", "--server", CARRIER, "--client-ip", T.TUN_HOST_V4)
+    try:
+        ivpn(st, "ping")
+        until(st, lambda s: s["daemon"], timeout=3)
+        fake.command("connect")
+        until(st, lambda s: s["connected"])
+        st.lab.exec("host", ["conntrack", "-D", "-p", "udp", "--orig-port-dst", str(T.VPN_SERVER_PORT)])
+        assert python_app(st.lab, "tcp", T.WHOAMI_V4) == T.VPNSRV_V4  # the tunnel carries on
+
+        def carrier() -> dict[str, Any] | None:
+            def is_carrier(c: dict[str, Any]) -> bool:
+                ends = {(c["dst_ip"], c["dst_port"]), (c["src_ip"], c["src_port"])}
+                return c["protocol"] == "udp" and (T.VPNSRV_V4, T.VPN_SERVER_PORT) in ends
+
+            return next((c for c in st.connections() if is_carrier(c)), None)
+
+        conn = wait_until(carrier)
+        assert conn is not None, "the carrier was never decided afresh"
+        assert conn["rule"] == "external" and "carrier" in conn["reason"] and conn["verb"] != "split tunneled", conn
+    finally:
+        fake.stop()
+        st.apply("config", "set", "splittun/rules", "[]")
+
+
 def bypass_table(st: E2E) -> tuple[str, str]:
     """`ip route show table 717` and the rules at priority 717, as a user would list them."""
     routes = st.lab.exec("host", ["ip", "route", "show", "table", "717"]).stdout.strip()
@@ -365,6 +394,11 @@ def test_with_ivpns_kill_switch_on_split_and_own_traffic_work_and_the_rest_is_bl
                 fake.command("restart")
                 until(st, lambda s: s["daemon"] and s["connected"] and s["daemon_port"] == fake.port)
             assert on_top(st, "OUTPUT") == "SPLITTUN-FILTER"
+        fake.command("disconnect")  # IVPN off: its kill switch goes too; both kinds of app still work
+        kill_switch_off(st.lab)
+        fake.command("killswitch off")
+        assert fetch(st, "curl", SPLIT_SERVER) == T.HOST_V4
+        assert fetch(st, "curl", T.WHOAMI_V4) == T.VPNSRV_V4
     finally:
         kill_switch_off(st.lab)
         fake.stop()
