@@ -358,6 +358,47 @@ def test_bypass_hosts_leave_outside_the_vpn_while_ivpn_connects_and_go_back_on_d
         st.apply("config", "set", "splittun/bypassHosts", "")
 
 
+def test_ivpn_connecting_after_splittun_started_with_wgquick_antispoof_and_kill_switch(
+    st: E2E, port_dir: Path, leaks: Leaks
+) -> None:
+    """The realistic order: splittun runs first, then IVPN connects and does to the host what it does —
+    wg-quick's routes and rules with the anti-spoofing rule (nft), then its kill switch — and disconnects
+    again. Split TCP and UDP and VPN apps work throughout; the physical link is blocked for the rest."""
+    leaks.allow(SPLIT_SERVER, via=T.HOST_IF)
+    st.apply("rules", "add", "--dest", SPLIT_SERVER)
+    fake = IvpnDaemonProcess(st.lab, port_dir / "port.txt", "--server", CARRIER, "--client-ip", T.TUN_HOST_V4)
+    try:
+        ivpn(st, "ping")
+        until(st, lambda s: s["daemon"], timeout=3)
+        fake.command("state CONNECTING")
+        st.lab.set_style("wgquick", antispoof=True)  # wg-quick up: table 51820, fwmark rules, nft preraw
+        fake.command("connect")
+        kill_switch_on(st.lab, T.VPNSRV_V4, T.VPN_SERVER_PORT, T.TUN_HOST_IF)
+        fake.command("killswitch on")
+        assert wait_until(lambda: on_top(st, "OUTPUT") == on_top(st, "INPUT") == "SPLITTUN-FILTER", timeout=5)
+
+        def wg_table() -> str:
+            return st.lab.exec("host", ["nft", "list", "table", "ip", T.WG_NFT_TABLE]).stdout
+
+        assert wait_until(lambda: "splittun" in wg_table(), timeout=5), wg_table()  # our exemption, before its drop
+        assert fetch(st, "curl", SPLIT_SERVER) == T.HOST_V4
+        assert socat_udp(st.lab, SPLIT_SERVER) == T.HOST_V4  # the proxy's replies pass the anti-spoofing rule
+        assert fetch(st, "curl", T.WHOAMI_V4) == T.VPNSRV_V4
+        blocked, said = physical_link_blocked(st.lab)
+        assert blocked, said
+        fake.command("disconnect")  # IVPN off: kill switch and wg-quick go
+        kill_switch_off(st.lab)
+        fake.command("killswitch off")
+        st.lab.set_style("replaced", antispoof=False)
+        assert fetch(st, "curl", SPLIT_SERVER) == T.HOST_V4
+        assert fetch(st, "curl", T.WHOAMI_V4) == T.VPNSRV_V4
+    finally:
+        kill_switch_off(st.lab)
+        st.lab.set_style("replaced", antispoof=False)  # what the module's splittun was started in
+        fake.stop()
+        st.apply("config", "set", "splittun/rules", "[]")
+
+
 @pytest.mark.parametrize("style", LAB_STYLES)
 def test_with_ivpns_kill_switch_on_split_and_own_traffic_work_and_the_rest_is_blocked(
     st: E2E, port_dir: Path, leaks: Leaks, style: str
