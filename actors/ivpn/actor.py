@@ -26,7 +26,14 @@ from dataclasses import replace
 from core.ivpn.bypass import PreConnectCancelled, PreConnectHooks, Refused, plan_bypass
 from core.ivpn.portfile import port_file_paths, windows_install_dir
 from core.ivpn.protocol import NOT_RUNNING, IvpnSnapshot
-from core.ivpn.status import TUNNEL_STATES, connected_notice, delegated_dns, location_gate, to_status
+from core.ivpn.status import (
+    TUNNEL_STATES,
+    connected_notice,
+    delegated_dns,
+    location_gate,
+    preconnect_notice,
+    to_status,
+)
 from kernel.routing import BypassRouting, HostRoute
 from messages import Message, NetenvChanged, PolicySnapshot
 from messages.control import Controller, Interceptor, Ivpn, Location, NoArgs, RequestFailed
@@ -73,7 +80,7 @@ class IvpnActor(Actor):
         self.publishes = 0
         self.location_off = False  # what netenv's location gate should say (location_gate)
         self.location_asks = 0
-        self.notices = 0  # "connected" notices the controller showed
+        self.notices = 0  # notices the controller showed ("IVPN connected", a refused pre-connect hook)
         self.notices_held = 0  # …and the ones it did not (suppressed, or already showing)
         self._was_connected = False
         self._location_lock = threading.Lock()
@@ -112,6 +119,8 @@ class IvpnActor(Actor):
             cancelled = self.hooks.run()
             if cancelled:
                 self.log.warning("ivpn.preconnect_cancelled", reason=cancelled)
+                notice = preconnect_notice(cancelled, time.time())
+                threading.Thread(target=self._notify, args=(notice,), name="ivpn-notice", daemon=True).start()
         elif self._in_tunnel and snap.state in ("DISCONNECTED", "EXITING"):
             self._set_bypass(None)
         self._in_tunnel = in_tunnel if snap.state != "UNKNOWN" else self._in_tunnel

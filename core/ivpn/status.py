@@ -95,3 +95,19 @@ def delegated_dns(status: IvpnStatus | None) -> tuple[str, ...]:
         elif server.encryption == "dot":
             servers.append(f"tls://{address}")
     return tuple(servers)
+
+
+PRECONNECT_NOTICE = "ivpn.preconnect"
+
+
+def preconnect_notice(reason: str, ts: float) -> Notification:
+    """What the user is told when a pre-connect hook refused (e.g. the bypass routes: two default gateways)."""
+    return Notification(
+        topic=f"notify.{PRECONNECT_NOTICE}",
+        id=PRECONNECT_NOTICE,
+        ts=ts,
+        title="IVPN connects without splittun's preparations",
+        message=f"IVPN is connecting, but splittun could not prepare for it: {reason}.",
+        level="warning",
+        actions=[NotificationAction(id="ack", text="OK")],
+    )

@@ -192,3 +192,22 @@ def test_ivpns_dns_counts_as_delegated_only_while_splittun_intercepts(running) -
         actor.on_message(InterceptionState(ts=0.0, active=True, reason="rules installed"))
         daemon.disconnect()
         assert not bus.wait_for(lambda s: s.state == "DISCONNECTED").dns_delegated
+
+
+def test_a_refused_pre_connect_hook_is_told_and_shown_in_the_status(running) -> None:
+    import time
+
+    actor, bus, port_file = running
+    actor.bypass_hosts = ("203.0.113.81/32",)  # splittun/bypassHosts, but no network known: refused, no route
+    with FakeIvpnDaemon(port_file) as daemon:
+        dispatch(actor, Request(op="daemon.connect", args={}))
+        bus.wait_for(lambda s: s.daemon)
+        daemon.set_state("CONNECTING")
+        status = bus.wait_for(lambda s: s.state == "CONNECTING")
+        assert status.bypass == "refused: the network is not known yet"
+        assert "bypass: refused: the network is not known yet" in describe(to_plain(status))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(op == "notify" for _, op, _ in actor.rt.asked):
+            time.sleep(0.01)
+        [note] = [args for _, op, args in actor.rt.asked if op == "notify"]
+        assert note.id == "ivpn.preconnect" and "bypassHosts: the network is not known yet" in note.message
