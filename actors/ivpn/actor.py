@@ -230,9 +230,11 @@ class IvpnActor(Actor):
             self._stopping.wait(0.5)
 
     def _republish(self) -> None:
-        """The periodic repeat; netenv hears the location gate again too (it may have restarted meanwhile)."""
+        """The periodic repeat. While the gate is closed netenv hears it again too (a restarted netenv starts
+        with it open); an open gate is netenv's default, so nothing is asked then."""
         self._publish()
-        self._tell_netenv()
+        if self.location_off:
+            self._tell_netenv()
 
     def _tell_netenv(self) -> None:
         """Netenv.LOCATION off while IVPN connects or holds its tunnel, on otherwise. From a thread of its own:
