@@ -30,7 +30,7 @@ from core.verdict_handler import AcceptFinal, ConnectionView, HandlerResult
 from messages import Verdict
 from messages.flows import IpProtocol
 
-from .portfile import WINDOWS_DEFAULT_INSTALL_DIR
+from .portfile import WINDOWS_DEFAULT_INSTALL_DIR, windows_install_dir
 
 #: Replaces the platform's list of IVPN executables (os.pathsep-separated paths), e.g. for the lab tests.
 IVPN_EXECUTABLES_ENV = "SPLITTUN_IVPN_EXECUTABLES"
@@ -89,8 +89,13 @@ class IvpnVerdictHandler:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], platform: str | None = None) -> IvpnVerdictHandler:
+        """`IVPN_EXECUTABLES_ENV` when set, else this platform's list (Windows: under the installation directory
+        the registry names, read once here)."""
         listed = [p for p in environ.get(IVPN_EXECUTABLES_ENV, "").split(os.pathsep) if p]
-        return cls(listed or ivpn_executables(platform))
+        if listed:
+            return cls(listed)
+        windows = (platform or sys.platform).startswith("win")
+        return cls(ivpn_executables(platform, windows_install_dir() if windows else None))
 
     def __call__(self, view: ConnectionView) -> HandlerResult:
         process = view.process

@@ -4,6 +4,8 @@ process is split; everything else is left to the user's rules."""
 
 from __future__ import annotations
 
+import pytest
+
 from actors.interceptor.verdict import decide
 from core.ivpn.interop import LINUX_EXECUTABLES, IvpnVerdictHandler, ivpn_executables
 from core.policy import CompiledPolicy
@@ -90,3 +92,13 @@ def test_executables_per_platform_and_from_the_environment() -> None:
     env = {"SPLITTUN_IVPN_EXECUTABLES": "/tmp/x/ivpn-service:/tmp/x/wg"}
     assert IvpnVerdictHandler.from_env(env).executables == {"/tmp/x/ivpn-service", "/tmp/x/wg"}
     assert IvpnVerdictHandler.from_env({}, "linux").executables == set(LINUX_EXECUTABLES)
+
+
+def test_on_windows_the_executables_are_under_the_installation_directory_the_registry_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from core.ivpn import interop
+
+    monkeypatch.setattr(interop, "windows_install_dir", lambda: r"E:\Apps\IVPN Client")
+    handler = IvpnVerdictHandler.from_env({}, "win32")
+    assert r"e:\apps\ivpn client\ivpn service.exe" in handler.executables
