@@ -60,7 +60,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.interceptor.actor import DEFAULT_HANDLER
 from bench.common import errors_note, preflight, print_report, raise_nofile
 from splittun.lab import Lab
 from splittun.lab import topology as T
@@ -582,6 +581,8 @@ class Bench:
     def handler_comparison(self, rounds: int = 2) -> None:
         """The dest policy with and without the external verdict handler (the IVPN interop), alternating, so
         what the handler costs a connection it has no opinion on shows side by side in one run."""
+        from actors.interceptor.actor import DEFAULT_HANDLER  # the interceptor's own default, not a copy
+
         measure = (self.latency, self.rate)
         for fn in measure:
             fn("off", "vpn", KEEP_DST)
