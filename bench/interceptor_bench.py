@@ -17,6 +17,10 @@ kernel (re-routed by its mark and source-NATed) and proxy (through the TCP proxy
 - bulk: iperf3 upload and download to the split destination: direct (no splittun; a uid rule sends the
   client via the ISP, the route a split connection takes) beside splittun's kernel and proxy paths.
 
+- handler (only with `--only handler`): the dest policy with and without the external verdict handler (the
+  IVPN interop, core/ivpn/interop.py), alternating twice: what the handler costs a connection it has no
+  opinion on.
+
 Measurements:
 - latency: sequential connections, each from a freshly forked small process with few fds (as with curl):
   connect() and first response byte, p50/p99;
@@ -475,10 +479,10 @@ class Bench:
     def splittun_up(self) -> bool:
         return self.inst is not None
 
-    def start_splittun(self, backend: str = "nfqueue") -> None:
-        self.say(f"splittun up --backend {backend}")
+    def start_splittun(self, backend: str = "nfqueue", env: dict[str, str] | None = None) -> None:
+        self.say(f"splittun up --backend {backend}" + "".join(f" {k}={v!r}" for k, v in (env or {}).items()))
         self.backend = backend
-        self.inst = Instance.start(self.lab, "--backend", backend)
+        self.inst = Instance.start(self.lab, "--backend", backend, env=env)
 
     def stop_splittun(self) -> None:
         self.say("splittun down")
@@ -652,8 +656,31 @@ class Bench:
         for what, us in self.attribution.items():
             self.say(f"attribution {what}: {us:.1f} µs")
 
+    def handler_comparison(self, rounds: int = 2) -> None:
+        """The dest policy with and without the external verdict handler (the IVPN interop), alternating, so
+        what the handler costs a connection it has no opinion on shows side by side in one run."""
+        from actors.interceptor.actor import DEFAULT_HANDLER  # the interceptor's own default, not a copy
+
+        measure = (self.latency, self.rate)
+        for fn in measure:
+            fn("off", "vpn", KEEP_DST)
+        for _ in range(rounds):
+            for name, handler in (("dest, no handler", ""), ("dest, IVPN handler", DEFAULT_HANDLER)):
+                self.start_splittun(env={"SPLITTUN_VERDICT_HANDLER": handler})
+                self.set_policy(DEST_POLICY)
+                self.set_data_path("kernel")
+                for fn in measure:
+                    fn(name, "vpn", KEEP_DST)
+                    fn(name, "split (kernel)", SPLIT_DST)
+                self.stop_splittun()
+        for fn in measure:
+            fn("off", "vpn", KEEP_DST)
+
     def run(self, sections: set[str]) -> None:
         self.up()
+        if "handler" in sections:
+            self.handler_comparison()
+            return
         if "attr" in sections:
             self.attribution_bench()
             if not sections - {"attr"}:
@@ -824,6 +851,8 @@ class Bench:
 
 
 SECTIONS = ("latency", "rate", "attr", "divert", "bulk")
+#: Only on request (`--only handler`): the dest policy with and without the external verdict handler.
+EXTRA_SECTIONS = ("handler",)
 
 
 def main(argv: list[str]) -> int:
@@ -844,7 +873,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench interceptor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--connects", type=int, default=500, help="sequential connections per latency row")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each wrk run")
-    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these parts (repeatable)")
+    parser.add_argument("--only", action="append", choices=SECTIONS + EXTRA_SECTIONS,
+                        help="run only these parts (repeatable); handler: the verdict handler's cost")  # fmt: skip
     args = parser.parse_args(argv)
     if not preflight("interceptor", NEEDS):
         return 1

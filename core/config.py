@@ -58,6 +58,7 @@ DEFAULT_HISTORY_MAX_AGE = "7d"  # a laptop's week of connections…
 DEFAULT_HISTORY_MAX_ROWS = 100_000  # …in at most some 50 MB
 SPLIT_DNS = "splittun/splitDNS"
 VPN_DOMAINS = "splittun/vpnDomains"
+BYPASS_HOSTS = "splittun/bypassHosts"
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,23 @@ def _domains(key: str, value: Any) -> list[str]:
             raise ConfigError(key, f"{text.strip()!r} is not a domain name") from None
         if name not in out:
             out.append(name)
+    return out
+
+
+def _hosts(key: str, value: Any) -> list[str]:
+    """Addresses or CIDRs (IPv4 or IPv6), normalised, each once: hosts routed outside the VPN."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"expected a list of IP addresses or CIDRs, got {_json_type(value)}")
+    out: list[str] = []
+    for text in value:
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(key, f"{text.strip()!r} is not an IP address or CIDR") from None
+        if net.is_loopback or net.is_multicast or net.is_unspecified or net.prefixlen == 0:
+            raise ConfigError(key, f"{net} cannot bypass the VPN (loopback, multicast, unspecified or everything)")
+        if str(net) not in out:
+            out.append(str(net))
     return out
 
 
@@ -325,6 +343,16 @@ OPTIONS: dict[str, Option] = {
             _domains,
             _parse_list_text,
         ),
+        Option(
+            BYPASS_HOSTS,
+            "expert",
+            [],
+            "Hosts (IP addresses or CIDRs) routed outside the VPN via the physical gateway while IVPN connects "
+            "or holds its tunnel: another tunnel's or overlay's servers, whose packets may come from the kernel "
+            "with no process to split (route table and rule 717; comma-separated on the command line).",
+            _hosts,
+            _parse_list_text,
+        ),
     )
 }
 
@@ -342,6 +370,7 @@ class Config:
     history_max_rows: int = DEFAULT_HISTORY_MAX_ROWS
     split_dns: tuple[str, ...] = ()
     vpn_domains: tuple[str, ...] = ()
+    bypass_hosts: tuple[str, ...] = ()
 
     def value(self, key: str) -> Any:
         return {
@@ -356,6 +385,7 @@ class Config:
             HISTORY_MAX_ROWS: self.history_max_rows,
             SPLIT_DNS: list(self.split_dns),
             VPN_DOMAINS: list(self.vpn_domains),
+            BYPASS_HOSTS: list(self.bypass_hosts),
         }[key]
 
     def to_json(self) -> dict[str, Any]:
@@ -451,6 +481,7 @@ def from_json(data: Any, interface_exists: Callable[[str], bool] | None = None) 
         history_max_rows=values.get(HISTORY_MAX_ROWS, DEFAULT_HISTORY_MAX_ROWS),
         split_dns=tuple(values.get(SPLIT_DNS, ())),
         vpn_domains=tuple(values.get(VPN_DOMAINS, ())),
+        bypass_hosts=tuple(values.get(BYPASS_HOSTS, ())),
     )
     if interface_exists is not None:
         check_interfaces(config, interface_exists)

@@ -6,12 +6,20 @@ path. So a plain function is registered here, once, at interceptor start (`--ver
 module:function`), and the interceptor's `verdict.decide()` calls it for every connection it filters. This
 module is the contract: it lives in core so the handler's own module never imports the interceptor.
 
-The handler gets a `ConnectionView` and returns a `Verdict` (optionally `(verdict, reason)`) or None
-for "no opinion". It runs on the verdict path: it must be fast and must not block. What it may do:
+The handler gets a `ConnectionView` and returns a `Verdict` (optionally `(verdict, reason)`), `AcceptFinal(reason)`
+or None for "no opinion". It runs on the verdict path: it must be fast and must not block. What it may do:
 raise the verdict above Accept (Block, Drop, RerouteToTunnel) — a verdict only goes up, so it cannot
 lower one; RerouteToTunnel means "keep it in the VPN" and always wins over a split rule; it may ask for
-RerouteToSplitTun, which is honoured only where a split is possible. A handler that raises is logged
-and counted, and the connection stays in the VPN.
+RerouteToSplitTun, which is honoured only where a split is possible; `AcceptFinal` accepts the connection for
+good with mark 1709 (never split, and no later firewall rule of other software, such as a kill switch, may
+drop it: for the VPN's own connections). A handler that raises is logged and counted, and the connection
+stays in the VPN.
+
+What the engine may skip for a cheap handler, declared as attributes on the handler (defaults in brackets):
+`needs_process` [True]: look the process up before every verdict (False: only where the engine would anyway,
+e.g. before splitting a socket of a uid splittun runs as); `by_destination` [False]: without a process the
+answer depends only on the destination, the direction and the VPN status, so the engine may cache verdicts
+per destination as it does without a handler.
 
 The handler is held as one reference replaced atomically as a whole, and it can be set once: a second
 `set()` raises, so two registrations can never silently replace each other.
@@ -31,20 +39,30 @@ from messages.flows import FiveTuple
 @dataclass(frozen=True, slots=True)
 class ConnectionView:
     """What a handler may look at: the connection (its 5-tuple, direction), its process and name, the VPN
-    status. `process` is None when it is not known (or not looked for: see `needs_process` in README.md)."""
+    status. `process` is None when it is not known; `attributed` says whether it was looked for (False: the
+    verdict comes before the process, see `needs_process`; True and no process: none found, e.g. a kernel
+    socket)."""
 
     flow: FiveTuple
     inbound: bool
     process: ProcessInfo | None
     domain: str
     ivpn: IvpnStatus | None
+    attributed: bool = True
 
     @property
     def ip_version(self) -> int:
         return self.flow.ip_version
 
 
-HandlerResult = Verdict | tuple[Verdict, str] | None
+@dataclass(frozen=True, slots=True)
+class AcceptFinal:
+    """A handler's "accept for good, accept-final (1709)": the connection is the VPN's own."""
+
+    reason: str = ""
+
+
+HandlerResult = Verdict | tuple[Verdict, str] | AcceptFinal | None
 VerdictHandler = Callable[[ConnectionView], HandlerResult]
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import socket
 import threading
 import time
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from messages.marks import (
+    BYPASS_ROUTE_TABLE,
+    BYPASS_RULE_PRIORITY,
     KERNEL_RULE_PRIORITY,
     KERNEL_TABLE_BASE,
     SPLIT_ROUTE_TABLE,
@@ -254,6 +257,115 @@ class KernelPathRouting:
 
 
 _EEXIST, _ENOENT, _ESRCH = errno.EEXIST, errno.ENOENT, errno.ESRCH
+
+
+@dataclass(frozen=True, slots=True)
+class HostRoute:
+    """One bypass route: `destination` (an address or CIDR) via `gateway` on `interface`."""
+
+    family: int
+    destination: str
+    gateway: str
+    interface: str
+
+    def __str__(self) -> str:
+        return f"{self.destination} via {self.gateway} dev {self.interface}"
+
+
+class BypassRouting:
+    """Table 717 (host routes outside the VPN) and the rule `lookup 717` at priority 717, both IP versions.
+
+    Whoever applies it (the ivpn actor while IVPN connects) passes the whole plan each time; `remove` needs no
+    state (finds ours by table and priority), so `splittun down` takes it away after any stop."""
+
+    def __init__(self, netns: str | None = None, table: int = BYPASS_ROUTE_TABLE,
+                 priority: int = BYPASS_RULE_PRIORITY) -> None:  # fmt: skip
+        self.netns = netns
+        self.table = table
+        self.priority = priority
+
+    def _ipr(self) -> Any:
+        from pyroute2 import IPRoute
+
+        return IPRoute(netns=self.netns) if self.netns else IPRoute()
+
+    def _rules(self, ipr: Any, af: int) -> list[dict[str, Any]]:
+        return [
+            attrs
+            for msg in ipr.get_rules(family=af)
+            if (attrs := dict(msg["attrs"])).get("FRA_PRIORITY") == self.priority
+            and attrs.get("FRA_TABLE") == self.table
+        ]
+
+    def _routes(self, ipr: Any, af: int) -> dict[tuple[str, str, int], Any]:
+        out = {}
+        for msg in ipr.get_routes(family=af, table=self.table):
+            attrs = dict(msg["attrs"])
+            if attrs.get("RTA_TABLE", msg.get("table")) != self.table or "RTA_DST" not in attrs:
+                continue
+            out[(f"{attrs['RTA_DST']}/{msg['dst_len']}", attrs.get("RTA_GATEWAY", ""), attrs.get("RTA_OIF", 0))] = msg
+        return out
+
+    def apply(self, routes: Sequence[HostRoute]) -> list[str]:
+        """Make table 717 and its rule match `routes` (no routes: nothing of ours stays); what changed."""
+        if not routes:
+            return self.remove()
+        changes: list[str] = []
+        with contextlib.closing(self._ipr()) as ipr:
+            for fam, af in _FAMILIES.items():
+                wanted = {}
+                for r in routes:
+                    if r.family == fam and (index := _ifindex(ipr, r.interface)):
+                        wanted[(_cidr(r.destination), r.gateway, index)] = r
+                have = self._routes(ipr, af)
+                for key in have:
+                    if key not in wanted:
+                        with _tolerate(_ENOENT, _ESRCH):
+                            ipr.route("del", family=af, dst=key[0], table=self.table, gateway=key[1] or None,
+                                      oif=key[2])  # fmt: skip
+                        changes.append(f"removed bypass {key[0]} via {key[1]}")
+                for key, r in wanted.items():
+                    if key not in have:
+                        ipr.route("replace", family=af, dst=key[0], gateway=r.gateway, oif=key[2], table=self.table)
+                        changes.append(f"added bypass {r} table {self.table}")
+                if wanted and not self._rules(ipr, af):
+                    with _tolerate(_EEXIST):
+                        ipr.rule("add", family=af, table=self.table, priority=self.priority)
+                        changes.append(f"added IPv{fam} rule lookup {self.table} priority {self.priority}")
+                elif not wanted:
+                    changes += self._remove_rules(ipr, fam, af)
+        return changes
+
+    def _remove_rules(self, ipr: Any, fam: int, af: int) -> list[str]:
+        changes = []
+        for _ in self._rules(ipr, af):
+            with _tolerate(_ENOENT, _ESRCH):
+                ipr.rule("del", family=af, table=self.table, priority=self.priority)
+                changes.append(f"removed IPv{fam} rule lookup {self.table} priority {self.priority}")
+        return changes
+
+    def remove(self) -> list[str]:
+        """Take the rule and every route of table 717 out (idempotent)."""
+        changes: list[str] = []
+        with contextlib.closing(self._ipr()) as ipr:
+            for fam, af in _FAMILIES.items():
+                changes += self._remove_rules(ipr, fam, af)
+                for (dst, gateway, oif), _msg in self._routes(ipr, af).items():
+                    with _tolerate(_ENOENT, _ESRCH):
+                        ipr.route("del", family=af, dst=dst, table=self.table, gateway=gateway or None, oif=oif)
+                        changes.append(f"removed bypass {dst} via {gateway}")
+        return changes
+
+    def current(self) -> dict[str, Any]:
+        with contextlib.closing(self._ipr()) as ipr:
+            return {
+                f"ipv{fam}": {"rules": len(self._rules(ipr, af)), "routes": sorted(k[0] for k in self._routes(ipr, af))}
+                for fam, af in _FAMILIES.items()
+            }
+
+
+def _cidr(destination: str) -> str:
+    return str(ipaddress.ip_network(destination, strict=False))
 
 
 @contextlib.contextmanager

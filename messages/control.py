@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import field
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
-from .events import DnsQuery, InterfaceRecord, NetenvChanged, Notification, PolicyRule, PolicySnapshot
+from .events import DnsQuery, InterfaceRecord, IvpnStatus, NetenvChanged, Notification, PolicyRule, PolicySnapshot
 from .schema import VERSION_KEY, Message, Struct, _decoder_for, record
 
 BAD_REQUEST = "bad_request"  # undecodable or schema-invalid request
@@ -533,6 +533,7 @@ class DnsStatus(Struct):
     cache_hit_rate: float
     counters: dict[str, int]
     recent: list[DnsQuery] = field(default_factory=list)  # the last queries answered, newest last
+    vpn_dns_source: str = ""  # where the vpn path's servers come from: "" (each app's own), "IVPN (delegated)"
 
 
 @record
@@ -553,6 +554,13 @@ class Proxy(Ops, actor="proxy"):
     EGRESS = Op("egress", Upstream, list[dict[str, Any]], "The sessions whose upstream goes to ip:port.")
     SESSIONS = Op("sessions", SessionsArgs, list[dict[str, Any]], "Open sessions, at most limit.")
     STATUS = Op("status", NoArgs, ProxyStatus, "Protocol, listen addresses, egress per family and counters.")
+
+
+class Ivpn(Ops, actor="ivpn"):
+    """Answered by the ivpn actor (actors/ivpn): the IVPN daemon client."""
+
+    STATUS = Op("status", NoArgs, IvpnStatus, "IVPN as last heard from its daemon (daemon false: not running).")
+    CONNECT = Op("daemon.connect", NoArgs, IvpnStatus, "Look for the daemon now, not after the backoff; the status.")
 
 
 # api (actors/api/actor.py): the local HTTP API

@@ -248,8 +248,20 @@ class NetenvChanged(Message):
 # --- IVPN -------------------------------------------------------------------------------------------
 
 
+@record
+class IvpnDns(Struct):
+    """One DNS server IVPN uses (its custom DNS)."""
+
+    address: str
+    encryption: str = "none"  # "none" | "dot" | "doh"
+    template: str = ""  # DoH URL template
+
+
 @message("ivpn.status")
 class IvpnStatus(Message):
+    """IVPN as the ivpn actor sees it (core/ivpn), published on every change. While the daemon is away
+    (`daemon` false) the last known carrier (server_ip, server_port) stays: the tunnel outlives a restart."""
+
     ts: float
     daemon: bool  # connected to the IVPN daemon
     state: str = "UNKNOWN"  # DISCONNECTED, CONNECTING, CONNECTED…
@@ -260,6 +272,16 @@ class IvpnStatus(Message):
     server_ip: str = ""
     interface: str = ""
     paused: bool = False
+    server_port: int = 0  # the carrier: server_ip:server_port, TCP when is_tcp else UDP
+    is_tcp: bool = False
+    exit_hostname: str = ""
+    dns: list[IvpnDns] = field(default_factory=list)  # empty: IVPN's default DNS
+    kill_switch: bool = False  # IVPN's firewall is on
+    daemon_version: str = ""
+    last_error: str = ""  # the daemon's last error message
+    daemon_port: int = 0  # the daemon's control port on 127.0.0.1 while connected to it (0 = none)
+    bypass: str = ""  # splittun/bypassHosts routes outside the VPN now, or why not ("refused: …")
+    dns_delegated: bool = False  # IVPN's custom DNS serves VPN apps through splittun's resolver now
 
 
 # --- policy -----------------------------------------------------------------------------------------
@@ -295,7 +317,22 @@ class PolicySnapshot(Message):
     rules: list[PolicyRule] = field(default_factory=list)
     split_dns: list[str] = field(default_factory=list)  # splittun/splitDNS: servers for split apps' queries
     vpn_domains: list[str] = field(default_factory=list)  # splittun/vpnDomains: always resolved through the VPN
+    bypass_hosts: list[str] = field(default_factory=list)  # splittun/bypassHosts: routed outside the VPN (717)
     data_path: str = "proxy"  # splittun/dataPath: "kernel" or "proxy" (the one that works everywhere)
+
+
+# --- interception -----------------------------------------------------------------------------------
+
+
+@message("interceptor.state")
+class InterceptionState(Message):
+    """Whether splittun intercepts now (the interceptor's worker 0: its rules are in place, or gone again), on
+    every change and with every heartbeat-slow repeat; `Interceptor.STATUS` (`active`) answers the same. Other
+    actors follow it: IVPN's DNS is delegated only while interception runs."""
+
+    ts: float
+    active: bool
+    reason: str = ""  # "rules installed", "stopping", "passive: …"
 
 
 # --- updates ----------------------------------------------------------------------------------------

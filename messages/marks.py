@@ -87,6 +87,10 @@ class Queue(IntEnum):
 
 SPLIT_ROUTE_TABLE = 1720
 SPLIT_RULE_PRIORITY = 1720  # ahead of wg-quick (32764/32765) and other VPN clients' rules
+#: Bypass routes (splittun/bypassHosts, the IVPN interop): `lookup 717` at priority 717, host routes via the
+#: non-VPN gateway, while IVPN connects or holds its tunnel.
+BYPASS_ROUTE_TABLE = 717
+BYPASS_RULE_PRIORITY = 717
 #: The kernel data path: split marks (1719 | interface index << 16) are routed by rules at this priority
 #: to table KERNEL_TABLE_BASE + interface index (0 = the global choice), one per interface in use.
 KERNEL_RULE_PRIORITY = 1719

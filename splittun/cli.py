@@ -22,10 +22,12 @@ from splittun.commands import (
 )
 from splittun.commands import dns as dns_cmd
 from splittun.commands import events as events_cmd
+from splittun.commands import ivpn as ivpn_cmd
 from splittun.commands import lab as lab_cmd
 
 COMMAND_MODULES = (
-    lifecycle, configure, connections, events_cmd, lab_cmd, interfaces, presets, notifications, api, dns_cmd
+    lifecycle, configure, connections, events_cmd, lab_cmd, interfaces, presets, notifications, api, dns_cmd,
+    ivpn_cmd,
 )  # fmt: skip
 
 

@@ -22,6 +22,13 @@ from pathlib import Path
 from splittun.lab import Lab, LabError
 from splittun.lab import topology as T
 from splittun.lab.geodns import GEO_NAME, GeoDns
+from splittun.lab.ivpn import (
+    IvpnDaemonError,
+    IvpnDaemonProcess,
+    kill_switch_off,
+    kill_switch_on,
+    physical_link_blocked,
+)
 from splittun.lab.leakmon import LeakMonitor, LeakMonitorError, LeakReport
 
 LAB_NAME = "demo"
@@ -33,6 +40,10 @@ class Demo:
         self.home = Path(tempfile.mkdtemp(prefix="splittun-demo-", dir="/tmp"))
         self.env = {**os.environ, "SPLITTUN_HOME": str(self.home)}
         self.env.pop("SPLITTUN_RUN_DIR", None)
+        # IVPN's daemon in the lab (splittun.lab.ivpn) writes its port file here; the ivpn actor looks there.
+        self.ivpn_port_file = self.home / "ivpn" / "port.txt"
+        self.env["SPLITTUN_IVPN_PORT_FILE"] = str(self.ivpn_port_file)
+        self.ivpn_daemon: IvpnDaemonProcess | None = None
         self.leaks = LeakMonitor(self.lab)
         # What the demo splits on purpose: curl (TCP) and socat (UDP) to the whoami servers, curl to .81.
         for address in (T.WHOAMI_V4, T.WHOAMI_V6):
@@ -116,6 +127,7 @@ class Demo:
             self.other_app("udp", family, target)
 
         self.dns()
+        self.ivpn()
 
         self.step("The connections, with what the split tunnel did with them")
         self.splittun("connections", "--limit", "12")
@@ -214,6 +226,50 @@ class Demo:
             self.sh(argv, shown=f"{comm} --resolve {GEO_NAME} --then-fetch       # {note}")
         self.splittun("dns")
 
+    def ivpn(self) -> None:
+        """IVPN's client beside splittun: its daemon (the lab's, protocol-exact) connects, splittun notices and
+        tells the user once; IVPN's kill switch goes on and blocks what it should while split apps keep going."""
+        self.step("IVPN beside splittun: its daemon starts and connects; splittun notices")
+        self.ivpn_daemon = daemon = IvpnDaemonProcess(
+            self.lab, self.ivpn_port_file, "--server", f"{T.VPNSRV_V4}:{T.VPN_SERVER_PORT}",
+            "--client-ip", T.TUN_HOST_V4, "--dns", f"{T.TUN_SRV_V4}/1",
+        )  # fmt: skip
+        self.splittun("ivpn", "ping")
+        print("    (IVPN's UI: Connect)", flush=True)
+        daemon.command("connect")
+        time.sleep(1.0)
+        self.splittun("ivpn")
+        self.splittun("notifications")
+
+        self.step("IVPN's kill switch goes on: its chains go on top of OUTPUT/INPUT; splittun's go back above")
+        kill_switch_on(self.lab, T.VPNSRV_V4, T.VPN_SERVER_PORT, T.TUN_HOST_IF)
+        daemon.command("killswitch on")
+        time.sleep(1.5)  # the interceptor checks its jumps at once on the change
+        self.sh(["iptables-legacy", "-S", "OUTPUT"])
+        self.sh(["curl", "-s", "--max-time", "5", f"http://{T.WHOAMI_V4}/"])
+        self.other_app("tcp", 4, T.WHOAMI_V4)
+        print(f"[host] $ python3 whoami-client --proto tcp {T.ISP_LAN_V4}:80      # an app trying the physical link")
+        blocked, said = physical_link_blocked(self.lab)
+        print(f"    {said}\n    ({'blocked by IVPN' if blocked else 'NOT BLOCKED by'}'s kill switch)", flush=True)
+        if not blocked:
+            raise RuntimeError("IVPN's kill switch did not block an app on the physical link")
+
+        self.step("IVPN reconnects: the notice is not shown twice; 'Do not notify me anymore' keeps it away")
+        daemon.command("state RECONNECTING")
+        daemon.command("connect")
+        self.splittun("notifications", "respond", "ivpn.connected", "suppress")
+        daemon.command("disconnect")
+        daemon.command("connect")
+        time.sleep(1.0)
+        self.splittun("notifications")
+        self.splittun("ivpn")
+        print("    (IVPN's UI: Disconnect, kill switch off)", flush=True)
+        daemon.command("disconnect")
+        daemon.command("killswitch off")
+        kill_switch_off(self.lab)
+        daemon.stop()
+        self.ivpn_daemon = None
+
     def events_during(self, prefixes: list[str], action: list[str]) -> None:
         """`splittun events PREFIX…` running while `action` runs, as two terminals would show it."""
         argv = [sys.executable, "-m", "splittun.cli", "events", *prefixes, "--duration", "2.5"]
@@ -244,6 +300,8 @@ class Demo:
     def cleanup(self) -> None:
         self.step("Cleanup")
         self.geo.__exit__()
+        if self.ivpn_daemon is not None:
+            self.ivpn_daemon.stop()
         if self.lab.exists():
             subprocess.run(
                 ["ip", "netns", "exec", self.lab.ns("host"), sys.executable, "-m", "splittun.cli", "down"],
@@ -275,7 +333,7 @@ def main() -> int:
     demo = Demo()
     try:
         demo.run()
-    except (RuntimeError, LabError, LeakMonitorError, subprocess.TimeoutExpired) as exc:
+    except (RuntimeError, LabError, LeakMonitorError, IvpnDaemonError, subprocess.TimeoutExpired) as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

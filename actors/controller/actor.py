@@ -286,6 +286,7 @@ class ControllerActor(Actor):
             data_path=self.config.data_path,
             split_dns=list(self.config.split_dns),
             vpn_domains=list(self.config.vpn_domains),
+            bypass_hosts=list(self.config.bypass_hosts),
         )
 
     # --- presets and their updates ------------------------------------------------------------------

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import threading
+import time
 from typing import Any
 
 from core import verdict_handler
@@ -31,8 +32,9 @@ from kernel.routing import KernelPathRouting, RoutingKeeper, SplitRouting
 from kernel.sockdiag import SockDiag, SocketEvents
 from messages import Heartbeat, IvpnStatus, Mark, Message, NetenvChanged, PolicySnapshot
 from messages.control import INVALID_ARGUMENT, Controller, Interceptor, NoArgs, Op, RequestFailed, RulesChecked
+from messages.control import Ivpn as IvpnOps
 from messages.control import Netenv as NetenvOps
-from messages.events import HEARTBEAT_INTERVAL
+from messages.events import HEARTBEAT_INTERVAL, InterceptionState
 from messages.marks import VERDICT_MASK
 from runtime import paths
 from runtime.actor import Actor, answers
@@ -46,8 +48,8 @@ from .firewall import MAX_WORKERS, worker_queues
 from .platform import Firewall, PacketSource, firewall, packet_source
 from .ports import ActorPorts
 
-#: No external verdict handler by default: the IVPN interop that will register one does not exist yet.
-DEFAULT_HANDLER = ""
+#: The IVPN interop (core/ivpn/interop.py): IVPN's processes, carrier and daemon port are never split.
+DEFAULT_HANDLER = "core.ivpn.interop:interceptor_verdict_handler"
 DEFAULT_JUMP_CHECKS = "5,15,45"
 SNAPSHOT_RETRY = 0.5  # seconds between asking for the policy or the network we have not got yet
 PASSIVE_RETRY = 5.0
@@ -55,6 +57,11 @@ PASSIVE_RETRY = 5.0
 # always come with a network change; each check runs iptables-save six times, so not every few seconds.
 JUMP_CHECK_EVERY = 60.0
 SWEEP_INTERVAL = 10.0  # seconds between sweeps of the divert backend's idle flows
+
+
+def _ivpn_firewall_facts(status: IvpnStatus) -> tuple[object, ...]:
+    """What of IVPN's status comes with firewall changes of its own (chains, wg-quick's tables)."""
+    return (status.state, status.connected, status.kill_switch, status.daemon)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -153,7 +160,7 @@ class InterceptorActor(Actor):
         self._passive_logged = False
         self.rt.loop.call_every(HEARTBEAT_INTERVAL, self.engine.check_resolver)
         self._activate()
-        for fetch in (self._fetch_policy, self._fetch_netenv):
+        for fetch in (self._fetch_policy, self._fetch_netenv, self._fetch_ivpn):
             threading.Thread(target=fetch, name=fetch.__name__, daemon=True).start()
 
     def _activate(self) -> None:
@@ -186,6 +193,8 @@ class InterceptorActor(Actor):
             self.fw.install()
             self._follow_data_path(self.fw.data_path)
             self.log.info("rules.installed", workers=self.workers, data_path=self.fw.data_path)
+            self._announce(True, "rules installed")
+            self.rt.loop.call_every(HEARTBEAT_INTERVAL * 5, lambda: self._announce(self.active, "repeat"))
             for delay in self._check_schedule(self.rt.args.jump_checks):
                 self.rt.loop.call_later(delay, lambda d=delay: self._check_jumps(f"scheduled {d:g}s"))
             self.rt.loop.call_every(JUMP_CHECK_EVERY, lambda: self._check_jumps_in_background("periodic"))
@@ -214,6 +223,12 @@ class InterceptorActor(Actor):
         """The network from netenv: until it arrives, a rule's own interface cannot be checked (kept)."""
         self._fetch("netenv", NetenvOps.SNAPSHOT, lambda: self.engine.netenv is not None,
                     lambda snap: self.on_message(snap))  # fmt: skip
+
+    def _fetch_ivpn(self) -> None:
+        """IVPN's status from the ivpn actor, so the handler knows the VPN carrier without waiting for the
+        next `ivpn.status` (until then it keeps process-less connections in the VPN: core/ivpn/interop.py)."""
+        self._fetch("ivpn", IvpnOps.STATUS, lambda: self.engine.ivpn is not None,
+                    lambda status: self.on_message(status))  # fmt: skip
 
     def _fetch(self, actor: str, op: Op[Any, Any], have: Any, adopt: Any) -> None:
         """Ask `actor` until it answers or the bus brought the same thing. Runs in a thread: packets keep
@@ -291,7 +306,12 @@ class InterceptorActor(Actor):
             if msg.name == RESOLVER:
                 self.engine.heard_resolver(msg.ready)
         elif isinstance(msg, IvpnStatus):
+            old = self.engine.ivpn
             self.engine.set_ivpn(msg)
+            if old is not None and _ivpn_firewall_facts(old) != _ivpn_firewall_facts(msg):
+                # IVPN (re)connecting or turning its kill switch on inserts its chains above ours: at once,
+                # not only when a scheduled check happens to catch it.
+                self._check_jumps_in_background(f"ivpn {msg.state.lower()}, kill switch {msg.kill_switch}", wait=True)
         elif isinstance(msg, NetenvChanged):
             changed = self.netenv is None or msg.seq != self.netenv.seq  # not just netenv repeating itself
             self.netenv = msg
@@ -328,6 +348,10 @@ class InterceptorActor(Actor):
     def _read_sockets(self) -> None:
         self.engine.on_sockets_destroyed(self.socket_events.read())
 
+    def _announce(self, active: bool, reason: str) -> None:
+        """`interceptor.state` (worker 0 only: it alone knows when interception starts and stops)."""
+        self.rt.publish(InterceptionState(ts=time.time(), active=active, reason=reason))
+
     def _check_jumps(self, why: str) -> list[str]:
         if self.fw is None:
             return []
@@ -341,10 +365,11 @@ class InterceptorActor(Actor):
             self.log.warning("rules.jumps_moved_back", why=why, moved=",".join(moved))
         return moved
 
-    def _check_jumps_in_background(self, why: str) -> None:
+    def _check_jumps_in_background(self, why: str, wait: bool = False) -> None:
         """A VPN that connects later (wg-quick recreating its anti-spoofing table, a kill switch inserting
-        its chains) shows up as a network change: check then too, off the verdict loop."""
-        if self.fw is None or self._fw_lock.locked():
+        its chains) shows up as a network change: check then too, off the verdict loop. `wait`: run after a
+        check in progress instead of skipping (it may have read the rules before the change)."""
+        if self.fw is None or (self._fw_lock.locked() and not wait):
             return
 
         def check() -> None:
@@ -412,6 +437,7 @@ class InterceptorActor(Actor):
         for keeper in self._keepers():
             keeper.stop()
         if getattr(self, "owns_rules", False) and getattr(self, "active", False):
+            self._announce(False, "stopping")
             try:
                 removed = cleanup(self.rt.run_dir)
                 self.log.info("rules.removed", **{k: str(v) for k, v in removed.items()})

@@ -40,15 +40,16 @@ def intercepting_here(proc_net: str = "/proc/net") -> bool:
 
 
 def remove_routing(run_dir: Path | None = None, unless_intercepting: bool = False) -> list[str]:
-    """Remove the split rules and tables here (the proxies' and the kernel path's); returns what was removed.
+    """Remove the split rules and tables here (the proxies' and the kernel path's, and the ivpn actor's bypass
+    routes, table 717); returns what was removed.
 
     `unless_intercepting`: leave them when an interceptor runs here now — another instance took over the
     queues after ours stopped, and the routing is its own."""
-    from kernel.routing import KernelPathRouting, SplitRouting
+    from kernel.routing import BypassRouting, KernelPathRouting, SplitRouting
 
     removed = []
     if not (unless_intercepting and intercepting_here()):
-        removed = SplitRouting().remove() + KernelPathRouting().remove()
+        removed = SplitRouting().remove() + KernelPathRouting().remove() + BypassRouting().remove()
     if run_dir is not None:
         paths.routing_marker(Path(run_dir)).unlink(missing_ok=True)
     return removed

@@ -70,6 +70,11 @@ _SPLITTABLE = (IpProtocol.TCP, IpProtocol.UDP)
 _ICMP = (IpProtocol.ICMP, IpProtocol.ICMPV6)
 
 
+def _ivpn_facts(s: IvpnStatus) -> tuple[object, ...]:
+    """What of IVPN's status a verdict may depend on (the handler's carrier, daemon port, state)."""
+    return (s.state, s.connected, s.interface, s.paused, s.server_ip, s.server_port, s.daemon_port, s.kill_switch)
+
+
 def _resolver_listener(sock: DiagSocket) -> bool:
     """Is this destroyed socket one the resolver listens on (so the resolver is gone)?"""
     return (sock.family, sock.src[: 4 if sock.family == socket.AF_INET else 16]) in _RESOLVER_LISTEN
@@ -173,12 +178,7 @@ class Engine:
         old = self.ivpn
         self.ivpn = status
         self._decisions.clear()
-        changed = old is None or (old.state, old.connected, old.interface, old.paused) != (
-            status.state,
-            status.connected,
-            status.interface,
-            status.paused,
-        )
+        changed = old is None or _ivpn_facts(old) != _ivpn_facts(status)
         if changed and self.ports.handler_slot.get() is not None:
             self.reevaluate(f"ivpn {status.state}")
 
@@ -272,6 +272,12 @@ class Engine:
             pkt.accept()
             return
         if info.flow.protocol == IpProtocol.UDP and info.flow.src_port != 53:
+            # The external handler first: the VPN carrier's datagrams (IVPN's server answering after its entry
+            # was re-queued or expired) are accepted for good, never taken for a late answer.
+            if self._evaluate(info.flow, True, None, "", False, True, False).mark == Mark.ACCEPT_FINAL:
+                pkt.set_mark(int(Mark.ACCEPT_FINAL))
+                pkt.accept()
+                return
             until = self._deleted_udp.get(info.flow)
             if until is not None and until > self.ports.now():
                 self.counters["late_answers_dropped"] += 1
@@ -412,7 +418,8 @@ class Engine:
             if attempt == 0 and not self._verdict_needs_process():
                 domain = self.ports.names.lookup(flow.dst_ip, self.ports.now())
                 outcome = self._destination_outcome(info, domain)
-                # The process cannot change it, except that our own connections are never split.
+                # The process cannot change it, except that our own connections (and the VPN's own, for the
+                # handler: IVPN's processes run as root, as we do) are never split.
                 if not outcome.split or self._surely_not_ours(info):  # verdict first, process right after
                     conn = self._decided(key, flow, info.first_packet, None, domain, False, outcome, packets)
                     self._attribute_after_verdict(conn)
@@ -434,17 +441,18 @@ class Engine:
         self._decide_new(key, info, process, packets)
 
     def _destination_outcome(self, info: ParsedPacket, domain: str) -> VerdictOutcome:
-        """The verdict of a connection whose process does not matter. Without an external handler it
-        depends only on the destination (IP version, protocol, address, port, name) and on whether this
-        is the first packet, so it is remembered per destination until anything else `decide()` looks at
-        changes (the policy, the VPN state: `_decisions` is cleared there): an app's next connection to
-        the same server skips the policy walk."""
+        """The verdict of a connection whose process does not matter. Without an external handler (or with
+        one that answers by destination, `by_destination`) it depends only on the destination (IP version,
+        protocol, address, port, name) and on whether this is the first packet, so it is remembered per
+        destination until anything else `decide()` looks at changes (the policy, the VPN state: `_decisions`
+        is cleared there): an app's next connection to the same server skips the policy walk."""
         flow, first = info.flow, info.first_packet
-        cacheable = self.ports.handler_slot.get() is None
+        handler = self.ports.handler_slot.get()
+        cacheable = handler is None or bool(getattr(handler, "by_destination", False))
         key = (info.ip_version, flow.protocol, flow.dst_ip, flow.dst_port, domain, first)
         if cacheable and (outcome := self._decisions.get(key)) is not None:
             return outcome
-        outcome = self._evaluate(flow, first, None, domain, False)
+        outcome = self._evaluate(flow, first, None, domain, False, attributed=False)
         if cacheable:
             if len(self._decisions) >= MAX_DECISIONS:
                 self._decisions.clear()
@@ -475,13 +483,22 @@ class Engine:
         pkt.accept()
 
     def _evaluate(
-        self, flow: FiveTuple, first_packet: bool, process: ProcessInfo | None, domain: str, own: bool
+        self,
+        flow: FiveTuple,
+        first_packet: bool,
+        process: ProcessInfo | None,
+        domain: str,
+        own: bool,
+        inbound: bool = False,
+        attributed: bool = True,
     ) -> VerdictOutcome:
         errors: list[str] = []
         outcome = decide(
             flow,
             self.policy,
             first_packet=first_packet,
+            inbound=inbound,
+            attributed=attributed,
             process=process,
             domain=domain,
             own=own,
@@ -761,7 +778,8 @@ class Engine:
         def evaluate(conn: LiveConn) -> VerdictOutcome:
             domain = conn.domain or names.lookup(conn.flow.dst_ip, now)
             self.counters["reevaluated"] += 1
-            return self._evaluate(conn.flow, conn.first_packet, conn.process, domain, conn.own)
+            return self._evaluate(conn.flow, conn.first_packet, conn.process, domain, conn.own,
+                                  attributed=conn.process is not None)  # fmt: skip
 
         for key, conn, new in self.live.reevaluated(evaluate):
             if not self._delete_entry(key):

@@ -45,7 +45,7 @@ from messages.marks import (
     Queue,
 )
 
-from .vpn_interop import NftInterop
+from .vpn_interop import RAW_CHAIN, NftInterop, plan_raw_exemptions, plan_raw_removal
 
 PREFIX = "SPLITTUN-"
 INGEST_OUT = "SPLITTUN-INGEST-OUTPUT"
@@ -501,13 +501,32 @@ class LinuxFirewall:
                 self._apply(family, table, lambda saved, f=family: self._plan_install(saved, f))
 
     def _ensure_interop(self) -> list[str]:
-        """Exemptions for other VPN software's rules that would drop split replies ([] = none needed)."""
+        """Exemptions for other VPN software's rules that would drop split replies ([] = none needed): in
+        nftables, and in the raw table where wg-quick used iptables (no nft)."""
+        done = self._raw_interop(plan_raw_exemptions)
         if self.interop is None:
-            return []
+            return done
         try:
-            return [f"nft {c.split(' comment ')[0]}" for c in self.interop.ensure()]
+            return done + [f"nft {c.split(' comment ')[0]}" for c in self.interop.ensure()]
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            return [f"nft exemption failed: {exc}"]
+            return [*done, f"nft exemption failed: {exc}"]
+
+    def _raw_interop(self, planner: Callable[[list[str]], list[str]]) -> list[str]:
+        """Apply a raw PREROUTING plan (vpn_interop.py) per IP version; "ip4 raw -I …" for what changed."""
+        done = []
+        for family in FAMILIES:
+            xt = self.xt[family]
+            if "raw" not in xt.tables():
+                continue
+            try:
+                lines = planner(xt.save("raw").chain_rules(RAW_CHAIN))
+                if lines:
+                    xt.restore("raw", lines)
+            except FirewallError as exc:
+                done.append(f"ip{family} raw exemption failed: {exc}")
+                continue
+            done += [f"ip{family} raw {line.split(' -m comment ')[0]}" for line in lines]
+        return done
 
     def _plan_install(self, saved: SavedTable, family: int) -> list[str]:
         return plan_install(saved, family, self.workers, self.valid_mark_was, self.data_path, self.acct_was)
@@ -530,6 +549,7 @@ class LinuxFirewall:
             for table in REMOVE_ORDER:
                 if table in existing and self._apply(family, table, planner if family == 4 else plan_remove):
                     changed.append(f"ip{family} {table}")
+        changed += self._raw_interop(plan_raw_removal)
         if self.interop is not None:
             with contextlib.suppress(OSError, RuntimeError, subprocess.SubprocessError):
                 changed += [f"nft {c}" for c in self.interop.remove()]

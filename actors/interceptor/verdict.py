@@ -8,7 +8,8 @@ new connection and re-evaluates a live one, so the external handler applies to b
 Order (a verdict only goes up within one evaluation):
 1. Our own connections (our marks, our actors' pids) → Accept, accept-final (1709). Nobody overrides.
 2. Everyone else starts at Accept. The external handler may raise it (Block, Drop, RerouteToTunnel…);
-   anything above Accept except a split request is final: a tunnelled connection is never split.
+   anything above Accept except a split request is final: a tunnelled connection is never split. It may also
+   answer AcceptFinal (the VPN's own connections): accepted for good with 1709, like ours, never split.
 3. Only accepted outbound TCP/UDP to a routable destination qualifies for splitting: never localhost,
    multicast, broadcast or link-local; never ICMP or other protocols.
 4. The policy's first matching rule decides split or keep.
@@ -32,7 +33,7 @@ from functools import lru_cache
 
 from core.egress import Egress, resolve_egress
 from core.policy import CompiledPolicy
-from core.verdict_handler import ConnectionView, VerdictHandler
+from core.verdict_handler import AcceptFinal, ConnectionView, VerdictHandler
 from messages import IvpnStatus, Mark, NetenvChanged, ProcessInfo, Verdict
 from messages.flows import FiveTuple, IpProtocol
 from messages.marks import (
@@ -58,6 +59,8 @@ _MARK_FOR = {
 _HANDLER_FINAL = frozenset({Verdict.BLOCK, Verdict.DROP, Verdict.REROUTE_TO_TUNNEL})
 
 RULE_EXTERNAL = "external"
+#: Verdicts that take the same path (through the VPN): moving between them needs no re-queueing.
+_SAME_PATH = frozenset({Verdict.ACCEPT, Verdict.REROUTE_TO_TUNNEL})
 
 #: (interface choice, IP version) → (interface index for the split mark, 0 = the global choice; why the
 #: split has nowhere to go, "" = it has). A split without an egress stays in the VPN instead of reaching a
@@ -154,14 +157,18 @@ def never_split_destination(address: str) -> str:
     return ""
 
 
-def _handler_verdict(handler: VerdictHandler | None, view: ConnectionView) -> tuple[Verdict | None, str, str | None]:
-    """(verdict or None, reason, error) — an exception is reported, never raised into the verdict path."""
+def _handler_verdict(
+    handler: VerdictHandler | None, view: ConnectionView
+) -> tuple[Verdict | AcceptFinal | None, str, str | None]:
+    """(verdict, AcceptFinal or None; reason; error): an exception is reported, never raised into the verdict path."""
     if handler is None:
         return None, "", None
     try:
         result = handler(view)
     except Exception as exc:
         return None, "", describe(exc)
+    if isinstance(result, AcceptFinal):
+        return result, result.reason, None
     reason = ""
     if isinstance(result, tuple):
         result, reason = result[0], str(result[1]) if len(result) > 1 else ""
@@ -188,23 +195,27 @@ def decide(
     errors: list[str] | None = None,
     egress: EgressCheck | None = None,
     nameserver: bool = False,
+    attributed: bool = True,
 ) -> VerdictOutcome:
     """The filtering function every connection goes through (first packet and re-evaluation).
 
     `flow` is the connection as its queued packet shows it; `first_packet`: that packet can start a
     connection (TCP: SYN without ACK; other protocols: always); `packet_mark`: the mark it carried.
     Handler errors are appended to `errors` (when given) so the caller can log them once.
-    `nameserver`: the resolver is ready, so DNS queries are rerouted to it.
+    `nameserver`: the resolver is ready, so DNS queries are rerouted to it. `attributed`: the process was
+    looked for (False: the verdict comes first; the handler's view says so).
     """
     if own or packet_mark in OWN_MARKS:
         return OWN
-    wanted, reason, error = _handler_verdict(handler, ConnectionView(flow, inbound, process, domain, ivpn))
+    wanted, reason, error = _handler_verdict(handler, ConnectionView(flow, inbound, process, domain, ivpn, attributed))
     if error is not None:
         if errors is not None:
             errors.append(error)
         return VerdictOutcome(
             Verdict.ACCEPT, Mark.ACCEPT_ALWAYS, RULE_EXTERNAL, "external handler failed: kept in the VPN"
         )
+    if isinstance(wanted, AcceptFinal):
+        return VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_FINAL, RULE_EXTERNAL, reason or "external handler: final")
     if wanted is not None and wanted > Verdict.ACCEPT and wanted != Verdict.REROUTE_TO_SPLIT_TUN:
         if wanted in _HANDLER_FINAL:
             return VerdictOutcome(wanted, _MARK_FOR[wanted], RULE_EXTERNAL, reason or "external handler")
@@ -269,8 +280,10 @@ def reevaluation_resets(protocol: int, old: VerdictOutcome, new: VerdictOutcome)
     UDP: whenever the verdict changes (a datagram flow can move between proxy and VPN at any packet).
     TCP: only between non-split verdicts (e.g. Accept ↔ Block); a split stream keeps its proxy until it
     closes and an unsplit one cannot be moved to the proxy mid-way. Others: when the verdict changes.
+    Accept and RerouteToTunnel take the same path here (through the VPN, no DNAT): no reset between them,
+    so a handler that learns more (IVPN's carrier, once its status is known) never cuts a flow short.
     """
-    if old.verdict == new.verdict:
+    if old.verdict == new.verdict or {old.verdict, new.verdict} == _SAME_PATH:
         return False
     if protocol == IpProtocol.TCP:
         return not old.split and not new.split

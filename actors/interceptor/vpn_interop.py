@@ -8,13 +8,19 @@ hangs. The fix IVPN's notes describe: an exemption `iifname "lo" <daddr> accept`
 drop rule, in the same chain. Only local processes can send on `lo`, so nothing spoofed gets through.
 
 Exemptions carry our comment, are re-checked whenever the interceptor checks for other software's
-changes (wg-quick recreates its table on every reconnect) and are removed with our rules.
-Planning is pure (nft's JSON in, nft commands out); `NftInterop` runs them.
+changes (wg-quick recreates its table on every reconnect; every IVPN state change runs that check) and are
+removed with our rules. Planning is pure (nft's JSON in, nft commands out); `NftInterop` runs them.
+
+Where nft is missing wg-quick adds the same rule with iptables instead: raw PREROUTING
+`! -i <wg> -d <tunnel address> -m addrtype ! --src-type LOCAL -j DROP`. `plan_raw_exemptions` plans our
+`-i lo -d <address> -j ACCEPT` right before each such rule, and drops exemptions whose drop rule is gone
+(wg-quick down), from `iptables-save -t raw` lines; the firewall applies them with iptables-restore.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -150,3 +156,42 @@ class NftInterop:
 
     def remove(self) -> list[str]:
         return self._apply(plan_removal(self.ruleset())) if self.available else []
+
+
+# --- the iptables fallback (raw PREROUTING) ---------------------------------------------------------------
+
+RAW_CHAIN = "PREROUTING"
+_RAW_DROP = re.compile(r"^-A PREROUTING (?=.*\s! -i (?!lo\s)\S+)(?=.*\s-m addrtype ! --src-type LOCAL)(?=.*\s-j DROP$)")
+_DADDR = re.compile(r"\s-d (\S+)")
+
+
+def _raw_exemption(address: str) -> str:
+    return f'-d {address} -i lo -m comment --comment "{COMMENT}" -j ACCEPT'
+
+
+def plan_raw_exemptions(prerouting: list[str]) -> list[str]:
+    """iptables-restore lines for the raw table, given its `-A PREROUTING …` rules in order: an exemption right
+    before every wg-quick-style drop rule that lacks one, and away with ours whose drop rule is gone."""
+    lines, inserted, exempted, drops = [], 0, set(), set()
+    for position, rule in enumerate(prerouting, start=1):
+        daddr = _DADDR.search(rule)
+        if COMMENT in rule:
+            if daddr:
+                exempted.add(daddr.group(1))
+            continue
+        if daddr and _RAW_DROP.match(rule):
+            drops.add(daddr.group(1))
+            if daddr.group(1) not in exempted:
+                lines.append(f"-I {RAW_CHAIN} {position + inserted} {_raw_exemption(daddr.group(1))}")
+                exempted.add(daddr.group(1))
+                inserted += 1
+    for rule in prerouting:
+        daddr = _DADDR.search(rule)
+        if COMMENT in rule and (not daddr or daddr.group(1) not in drops):
+            lines.append("-D" + rule[2:])
+    return lines
+
+
+def plan_raw_removal(prerouting: list[str]) -> list[str]:
+    """iptables-restore lines removing every exemption of ours from raw PREROUTING."""
+    return ["-D" + rule[2:] for rule in prerouting if COMMENT in rule]

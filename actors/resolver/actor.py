@@ -23,11 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from core.dns.names import NAMES_FILE, NameTable
+from core.ivpn.status import delegated_dns
 from core.netenv.dns import link_dns_servers
 from core.proxy.base import parse_address
 from kernel.conntrack import Conntrack, CtEntry
-from messages import Message, NetenvChanged, PolicySnapshot
-from messages.control import Controller, DnsFlushed, DnsStatus, Netenv, NoArgs, RequestFailed, Resolver
+from messages import IvpnStatus, Message, NetenvChanged, PolicySnapshot
+from messages.control import Controller, DnsFlushed, DnsStatus, Ivpn, Netenv, NoArgs, RequestFailed, Resolver
 from messages.flows import FiveTuple, IpProtocol
 from messages.marks import NAMESERVER_PORT, PROXY_IPV4, PROXY_IPV6
 from runtime.actor import Actor, answers
@@ -49,7 +50,7 @@ class ResolverActor(Actor):
 
     name = "resolver"
     control = Resolver
-    subscriptions = ("policy.snapshot", "netenv.changed")
+    subscriptions = ("policy.snapshot", "netenv.changed", "ivpn.status")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,7 @@ class ResolverActor(Actor):
         args = self.rt.args
         self.policy: PolicySnapshot | None = None
         self.netenv: NetenvChanged | None = None
+        self.ivpn: IvpnStatus | None = None  # IVPN's custom DNS is delegated to (core/ivpn/status.py)
         self._local = threading.local()  # one conntrack socket per thread (netlink requests are not shared)
         self.engine = ResolverEngine(
             origin=self._origin,
@@ -205,24 +207,31 @@ class ResolverActor(Actor):
         elif isinstance(msg, NetenvChanged):
             self.netenv = msg
             self._configure()
+        elif isinstance(msg, IvpnStatus):
+            changed = delegated_dns(msg) != delegated_dns(self.ivpn)
+            self.ivpn = msg
+            if changed:
+                self._configure()
 
     def _configure(self) -> None:
         """New settings from the policy, the network and the servers the split interfaces were given (the
         netenv library reads them from the host's network software: core/netenv/dns.py)."""
         settings = Settings.of(self.policy, self.netenv)
         learned = {e.interface: link_dns_servers(e.ifindex, e.interface) for e in settings.egresses.in_use()}
-        settings = Settings.of(self.policy, self.netenv, learned)
+        settings = Settings.of(self.policy, self.netenv, learned, delegated_dns(self.ivpn))
         if settings != self.engine.settings:
             self.engine.settings = settings
             servers, source = settings.split_servers()
             self.log.info("resolver.configured", split_dns=",".join(servers) or "-", source=source,
-                          vpn_domains=",".join(settings.vpn_domains) or "-")  # fmt: skip
+                          vpn_domains=",".join(settings.vpn_domains) or "-",
+                          vpn_dns=",".join(settings.vpn_servers) or "the server each app asked")  # fmt: skip
 
     def _ask_for_snapshots(self) -> None:
         """A resolver starting after the last change would wait for the next one: ask the owners instead."""
         for actor, op, have in (
             ("controller", Controller.POLICY, self.policy),
             ("netenv", Netenv.SNAPSHOT, self.netenv),
+            ("ivpn", Ivpn.STATUS, self.ivpn),  # not waited for: without IVPN there is nothing to delegate
         ):
             if have is None:
                 try:
@@ -239,11 +248,13 @@ class ResolverActor(Actor):
         settings = self.engine.settings
         servers, source = settings.split_servers()
         split = list(servers) or ["the server each split app asked, out of the split interface"]
+        vpn = list(settings.vpn_servers) or ["the server each app asked, through the VPN"]
         return DnsStatus(
             listen=self.listening,
             rerouting=not self.readiness(),
             not_ready=self.readiness(),
-            upstreams={"vpn": ["the server each app asked, through the VPN"], "split": split},
+            upstreams={"vpn": vpn, "split": split},
+            vpn_dns_source="IVPN (delegated)" if settings.vpn_servers else "",
             split_dns_source=source,
             vpn_domains=list(settings.vpn_domains),
             cache_entries=len(self.engine.cache),

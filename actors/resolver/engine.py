@@ -71,6 +71,7 @@ class Settings:
     configured: tuple[str, ...] = ()  # splittun/splitDNS: wins over what was learned
     learned: Mapping[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)  # interface → (servers, source)
     vpn_domains: tuple[str, ...] = ()
+    vpn_servers: tuple[str, ...] = ()  # the VPN's own DNS (IVPN's, delegated): VPN-path queries go there
     egresses: SplitEgresses = field(default_factory=lambda: split_egresses(None, ""))
 
     @classmethod
@@ -79,12 +80,14 @@ class Settings:
         policy: PolicySnapshot | None,
         netenv: NetenvChanged | None,
         learned: Mapping[str, tuple[tuple[str, ...], str]] | None = None,
+        vpn_servers: tuple[str, ...] = (),
     ) -> Settings:
         interfaces = [r.interface for r in policy.rules if r.interface] if policy is not None else []
         return cls(
             configured=tuple(policy.split_dns) if policy is not None else (),
             learned=dict(learned or {}),
             vpn_domains=tuple(policy.vpn_domains) if policy is not None else (),
+            vpn_servers=vpn_servers,
             egresses=split_egresses(netenv, policy.interface if policy is not None else "", interfaces),
         )
 
@@ -213,6 +216,7 @@ class ResolverEngine:
             entry.orig.dst_ip,
             split_servers=settings.split_servers(index)[0],
             split_families=[f for f in (4, 6) if settings.egress_set(index).for_family(f) is not None],
+            vpn_servers=settings.vpn_servers,
             vpn_domains=settings.vpn_domains,
         )
 

@@ -41,6 +41,8 @@ def cmd_dns(args: argparse.Namespace) -> int:
     print(f"resolver: {' '.join(status['listen'])} (udp, tcp): {mode}")
     for path, servers in status["upstreams"].items():
         source = f" [{status['split_dns_source']}]" if path == "split" else ""
+        if path == "vpn" and status.get("vpn_dns_source"):
+            source = f" [{status['vpn_dns_source']}]"
         print(f"  {path:>5} apps → {', '.join(servers)}{source}")
     if status["vpn_domains"]:
         print(f"  always through the VPN: {', '.join(status['vpn_domains'])}")

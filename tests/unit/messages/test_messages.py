@@ -94,6 +94,7 @@ SAMPLES: dict[str, m.Message] = {
         latency_ms=4.2,
     ),
     "ivpn.status": m.IvpnStatus(ts=1.0, daemon=True, state="CONNECTED", connected=True, vpn_type="wireguard"),
+    "interceptor.state": m.InterceptionState(ts=1.0, active=True, reason="rules installed"),
     "policy.snapshot": m.PolicySnapshot(
         version=2,
         ts=1.0,

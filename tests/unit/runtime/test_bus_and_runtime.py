@@ -241,10 +241,10 @@ def test_bus_stops_and_removes_its_sockets(procs: Procs) -> None:
 
 def test_log_lines_have_one_consistent_shape(procs: Procs) -> None:
     procs.start("bus", "runtime.bus")
-    actor = procs.start("ivpn", "actors.ivpn")
-    wait_for(lambda: "actor.started" in procs.log("ivpn"))
+    actor = procs.start("quiet", "tests.fixtures.runtime.quiet_actor")
+    wait_for(lambda: "actor.started" in procs.log("quiet"))
     actor.terminate()
     actor.wait(timeout=5)
-    shape = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ivpn\[\d+\] [a-z_.]+( |$)")
-    lines = procs.log("ivpn").strip().splitlines()
+    shape = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) quiet\[\d+\] [a-z_.]+( |$)")
+    lines = procs.log("quiet").strip().splitlines()
     assert lines and all(shape.match(line) for line in lines), lines

@@ -101,7 +101,16 @@ def test_every_op_is_declared_once_with_a_record_and_a_one_line_doc() -> None:
         seen.add((op.actor, op.name))
         assert issubclass(op.args, c.Struct) and op.doc and "\n" not in op.doc, op
         assert op.doc[0].isupper() and op.doc.endswith("."), op
-    assert {g.actor for g in c.groups()} == {"*", "api", "controller", "interceptor", "netenv", "proxy", "resolver"}
+    assert {g.actor for g in c.groups()} == {
+        "*",
+        "api",
+        "controller",
+        "interceptor",
+        "ivpn",
+        "netenv",
+        "proxy",
+        "resolver",
+    }
     assert {op.name for op in Controller.ops} >= {"enable", "disable", "interface.set", "rules.add", "config.set"}
 
 
@@ -114,7 +123,7 @@ def test_every_declared_op_has_a_handler_in_exactly_one_actor() -> None:
             bound.setdefault(op, set()).add(inspect.unwrap(getattr(cls, method)))
     for op in c.all_ops():
         assert len(bound.get(op, ())) == 1, f"{op!r} is answered by {bound.get(op)}"
-    groups = {c.Api, c.Controller, c.Interceptor, c.Netenv, c.Proxy, c.Resolver}
+    groups = {c.Api, c.Controller, c.Interceptor, c.Ivpn, c.Netenv, c.Proxy, c.Resolver}
     assert {cls.control for cls in REAL_ACTORS if cls.control} == groups
 
 

@@ -892,3 +892,73 @@ def test_a_resolver_whose_heartbeats_stop_is_not_followed_any_more() -> None:
     assert not h.engine.nameserver
     h.engine.heard_resolver(False, now=15.0)
     assert not h.engine.nameserver
+
+
+# --- the IVPN handler on the packet path (core/ivpn/interop.py) -------------------------------------------
+
+
+class CountingIvpnHandler:
+    """The real IVPN handler, counting its calls (its cheapness attributes copied)."""
+
+    def __init__(self) -> None:
+        from core.ivpn.interop import LINUX_EXECUTABLES, IvpnVerdictHandler
+
+        self.inner = IvpnVerdictHandler(LINUX_EXECUTABLES)
+        self.needs_process = self.inner.needs_process
+        self.by_destination = self.inner.by_destination
+        self.calls = 0
+
+    def __call__(self, view: Any) -> Any:
+        self.calls += 1
+        return self.inner(view)
+
+
+def carrier_status(ip: str = "203.0.113.80", port: int = 5300) -> Any:
+    from messages import IvpnStatus
+
+    return IvpnStatus(ts=0.0, daemon=True, state="CONNECTED", connected=True, server_ip=ip, server_port=port)
+
+
+def swapped(name: str) -> bytes:
+    """The IPv4 fixture packet as its peer's answer: addresses and ports swapped."""
+    data = bytearray(PACKETS[name])
+    data[12:16], data[16:20] = data[16:20], data[12:16]
+    data[20:22], data[22:24] = data[22:24], data[20:22]
+    return bytes(data)
+
+
+def test_with_the_ivpn_handler_a_connection_it_has_no_opinion_on_pays_no_process_lookup_and_is_cached() -> None:
+    handler = CountingIvpnHandler()
+    h = FakePorts(handler=handler)
+    h.engine.set_ivpn(carrier_status("198.51.100.2", 51820))
+    assert h.send(from_port("tcp4_syn", 40001)).mark == Mark.ACCEPT_ALWAYS
+    assert h.log == ["verdict", "attribute"]  # the verdict first, as without a handler
+    assert h.send(from_port("tcp4_syn", 40002)).mark == Mark.ACCEPT_ALWAYS
+    assert handler.calls == 1  # the second connection to the same destination: remembered
+
+
+def test_a_split_rule_never_splits_ivpns_processes_their_process_is_looked_up_first() -> None:
+    daemon = ProcessInfo(pid=77, uid=0, name="ivpn-service", exe="/usr/bin/ivpn-service")
+    h = with_uids(FakePorts(process=daemon, handler=CountingIvpnHandler()), socket_uid=0)  # root, like us
+    h.engine.set_ivpn(carrier_status("198.51.100.2", 51820))
+    h.policy(1, PolicyRule(id="all", action="split"))
+    pkt = h.send("tcp4_syn")
+    assert h.log == ["attribute", "verdict"] and pkt.mark == Mark.ACCEPT_FINAL
+    h.app(CURL, cookie=2)
+    h.socket_owner_uid = 1000  # an app, run by a user: split as the rule says, its process looked up after
+    h.log.clear()
+    assert is_split(h.send(from_port("tcp4_syn", 40001)).mark) and h.log == ["verdict", "attribute"]
+
+
+def test_the_carrier_is_accept_final_and_its_inbound_datagrams_are_never_taken_for_late_answers() -> None:
+    h = FakePorts(handler=CountingIvpnHandler())
+    h.policy(1, PolicyRule(id="all", action="split"))
+    first = h.send("udp4")  # before IVPN's status: the app's flow is split (its process is known)
+    assert is_split(first.mark)
+    h.confirm("udp4", first.mark or 0)
+    h.engine.set_ivpn(carrier_status())  # …and it turns out to be the VPN carrier: re-queued
+    assert h.deleted and h.engine.counters["reevaluation_resets"] == 1
+    answer = h.send(swapped("udp4"), inbound=True)  # the server's next datagram, a NEW inbound flow now
+    assert (answer.dropped, answer.accepted, answer.mark) == (0, 1, Mark.ACCEPT_FINAL)
+    again = h.send(from_port("udp4", 40001))
+    assert again.mark == Mark.ACCEPT_FINAL

@@ -315,3 +315,39 @@ def test_a_reinstall_keeps_the_data_path_the_rules_already_implement() -> None:
     assert fw.installed_data_path(nat("kernel")) == "kernel"
     assert fw.installed_data_path(nat("proxy")) == "proxy"
     assert fw.installed_data_path(fw.parse_save("*nat\nCOMMIT\n", "nat")) is None
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_accept_final_is_accepted_by_our_filter_both_ways_and_never_queued_again(family: int) -> None:
+    """Our own connections (1709; the proxies' upstreams 1720) and the VPN's (IVPN's handler) are accepted in
+    our filter chain, jumped to from the top of OUTPUT and INPUT: a kill switch's chains below cannot drop them."""
+    rules = fw.render(family)
+    filt, mangle = rules["filter"], rules["mangle"]
+    accept = f"-A {fw.FILTER} -m mark --mark 1709 -j ACCEPT"
+    assert filt.index(f"-A {fw.FILTER} -m mark --mark 1709 -j CONNMARK --save-mark") + 1 == filt.index(accept)
+    assert not any(r.endswith(("-j DROP", "-j REJECT")) and "1709" in r for r in filt)
+    for chain in (fw.INGEST_OUT, fw.INGEST_IN):  # restored from the connmark before anything is queued
+        restore = f"-A {chain} -m connmark --mark 1709 -j MARK --set-mark 1709"
+        first_queue = next(i for i, r in enumerate(mangle) if r.startswith(f"-A {chain}") and "NFQUEUE" in r)
+        assert mangle.index(restore) < first_queue
+    assert mangle[0] == f"-A {fw.INGEST_OUT} -m mark ! --mark 0 -j RETURN"  # a socket's own 1709/1720: untouched
+    assert {("filter", "OUTPUT", fw.FILTER), ("filter", "INPUT", fw.FILTER)} <= set(fw.JUMPS)
+
+
+WG_RAW_V4 = "-A PREROUTING -d 192.0.2.66/32 ! -i wgivpn -m addrtype ! --src-type LOCAL -j DROP"
+WG_RAW_V6 = "-A PREROUTING -d fd00:5717::2/128 ! -i wgivpn -m addrtype ! --src-type LOCAL -j DROP"
+OURS_V4 = f'-A PREROUTING -d 192.0.2.66/32 -i lo -m comment --comment "{vpn_interop.COMMENT}" -j ACCEPT'
+
+
+def test_wgquick_iptables_antispoof_gets_an_exemption_right_before_it_once() -> None:
+    other = "-A PREROUTING -p udp -m udp --dport 9 -j CT --notrack"
+    plan = vpn_interop.plan_raw_exemptions([other, WG_RAW_V4, WG_RAW_V6])
+    assert plan == [
+        f'-I PREROUTING 2 -d 192.0.2.66/32 -i lo -m comment --comment "{vpn_interop.COMMENT}" -j ACCEPT',
+        f'-I PREROUTING 4 -d fd00:5717::2/128 -i lo -m comment --comment "{vpn_interop.COMMENT}" -j ACCEPT',
+    ]
+    assert vpn_interop.plan_raw_exemptions([other, OURS_V4, WG_RAW_V4]) == []  # idempotent
+    assert vpn_interop.plan_raw_exemptions([OURS_V4]) == ["-D" + OURS_V4[2:]]  # wg-quick went down: ours too
+    assert vpn_interop.plan_raw_removal([other, OURS_V4, WG_RAW_V4]) == ["-D" + OURS_V4[2:]]
+    lo_only = "-A PREROUTING -d 192.0.2.66/32 ! -i lo -m addrtype ! --src-type LOCAL -j DROP"
+    assert vpn_interop.plan_raw_exemptions([lo_only, other]) == []  # not an anti-spoofing rule of a tunnel

@@ -329,3 +329,17 @@ def test_nameserver_marks_round_trip_and_stay_apart_from_split_marks() -> None:
         nameserver_mark(True, 0x8000)
     with pytest.raises(ValueError):
         nameserver_mark(False, 1)
+
+
+def test_accept_final_from_the_handler_is_1709_and_never_split() -> None:
+    from core.verdict_handler import AcceptFinal
+
+    out = decide(flow(), SPLIT_ALL, handler=lambda v: AcceptFinal("the VPN's own"))
+    assert (out.verdict, out.mark, out.rule, out.reason, out.split) == (
+        Verdict.ACCEPT, Mark.ACCEPT_FINAL, "external", "the VPN's own", False)  # fmt: skip
+
+
+def test_accept_and_tunnel_take_the_same_path_so_moving_between_them_resets_nothing() -> None:
+    tunnel = VerdictOutcome(Verdict.REROUTE_TO_TUNNEL, Mark.REROUTE_TO_TUNNEL)
+    final = VerdictOutcome(Verdict.ACCEPT, Mark.ACCEPT_FINAL)
+    assert not reevaluation_resets(UDP, tunnel, final) and not reevaluation_resets(UDP, final, tunnel)

@@ -163,3 +163,38 @@ def test_learned_servers_of_the_split_interface_are_used_unless_split_dns_is_con
     w.answers["192.0.2.53"] = "203.0.113.80"
     w.ask()
     assert w.asked[0][0] == "192.0.2.53"
+
+
+def test_ivpns_custom_dns_is_the_upstream_of_vpn_apps_while_connected_and_never_of_split_ones() -> None:
+    from core.ivpn.status import delegated_dns
+    from messages import IvpnStatus
+    from messages.events import IvpnDns
+
+    ivpn = IvpnStatus(ts=0.0, daemon=True, state="CONNECTED", connected=True,
+                      dns=[IvpnDns(address="198.51.100.53", encryption="dot")])  # fmt: skip
+    w = World()
+    w.answers["tls://198.51.100.53"] = "203.0.113.82"
+    w.engine.settings = Settings.of(POLICY, NETENV, vpn_servers=delegated_dns(ivpn))
+    assert addresses(w.ask()) == ["203.0.113.82"]
+    assert w.asked == [("tls://198.51.100.53", Binding(mark=int(Mark.ACCEPT_FINAL)))]  # encrypted, through the VPN
+    split = World(nameserver_mark(True))
+    split.engine.settings = Settings.of(POLICY, NETENV, vpn_servers=delegated_dns(ivpn))
+    split.ask()
+    assert [server for server, _ in split.asked] == ["192.0.2.1"]  # a split app's DNS never goes to IVPN's
+
+
+def test_delegation_follows_ivpns_state_and_never_downgrades_encryption() -> None:
+    from dataclasses import replace
+
+    from core.ivpn.status import delegated_dns
+    from messages import IvpnStatus
+    from messages.events import IvpnDns
+
+    dns = [IvpnDns(address="198.51.100.53"), IvpnDns(address="2001:db8::53", encryption="dot"),
+           IvpnDns(address="198.51.100.54", encryption="doh", template="https://dns.example/dns-query"),
+           IvpnDns(address="not-an-ip")]  # fmt: skip
+    up = IvpnStatus(ts=0.0, daemon=True, state="CONNECTED", connected=True, dns=dns)
+    assert delegated_dns(up) == ("198.51.100.53", "tls://2001:db8::53")  # DoH left out, not made plain
+    assert delegated_dns(replace(up, state="DISCONNECTED", connected=False)) == ()
+    assert delegated_dns(replace(up, dns=[])) == ()  # IVPN's default DNS: nothing to delegate
+    assert delegated_dns(None) == ()
