@@ -53,7 +53,7 @@ from runtime import paths
 from runtime.log import EventLog, describe
 from runtime.transport import ask
 
-from . import policy
+from . import panel, policy
 
 API = "/api/v1"
 MAX_BODY_BYTES = 64 * 1024
@@ -121,6 +121,7 @@ class HttpApi:
             app.router.add_route(route.method, API + route.path, self._bind(route))
         app.router.add_get("/ui/login", self.login)
         app.router.add_get("/", self.home)
+        app.router.add_get("/panel/{name:.+}", self.asset)
         return app
 
     def _bind(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -199,7 +200,20 @@ class HttpApi:
         return response
 
     async def home(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"splittun": "logged in", "api": f"{API}/openapi.json"})
+        """The web panel (actors/api/panel/), once logged in; the guard already checked the session."""
+        return self._panel_file(panel.INDEX)
+
+    async def asset(self, request: web.Request) -> web.StreamResponse:
+        name = panel.asset_name(request.match_info["name"])
+        if name is None:
+            return error(404, NOT_FOUND, f"no panel file {request.match_info['name']!r}")
+        return self._panel_file(name)
+
+    def _panel_file(self, name: str) -> web.StreamResponse:
+        data = panel.read_asset(name)
+        if data is None:
+            return error(404, NOT_FOUND, f"no panel file {name!r}")
+        return web.Response(body=data, headers={"Content-Type": panel.content_type(name), **panel.HEADERS})
 
 
 # --- handlers -----------------------------------------------------------------------------------------------

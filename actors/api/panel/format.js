@@ -1,0 +1,61 @@
+// Pure helpers: how a connection is shown. No DOM, no fetch, so each is easy to check by eye and by test.
+
+const PROTOCOLS = { 1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6" };
+
+// The verdict verbs (messages/verdict.py) in the order the chips show them.
+export const VERB_ORDER = ["split tunneled", "accepted", "tunneled", "blocked", "dropped", "failed"];
+
+export function verdictClass(verb) {
+  const known = { "split tunneled": "split", accepted: "accepted", blocked: "blocked", dropped: "dropped",
+                  tunneled: "tunneled", failed: "failed" };
+  return "verdict-" + (known[verb] || "other");
+}
+
+export function protocolName(p) {
+  return typeof p === "number" ? (PROTOCOLS[p] || String(p)) : (p || "");
+}
+
+export function appName(c) {
+  if (c.process_name) return c.process_name;
+  if (c.exe) return c.exe.split("/").pop();
+  return c.pid >= 0 ? `pid ${c.pid}` : "unknown";
+}
+
+export function hostPort(ip, port) {
+  return (ip.includes(":") ? `[${ip}]` : ip) + (port ? `:${port}` : "");
+}
+
+export function destination(c) {
+  return { name: c.domain || "", address: hostPort(c.dst_ip, c.dst_port) };
+}
+
+export function bytes(n) {
+  if (n === undefined || n === null) return "";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let v = n, i = 0;
+  while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+  return (i === 0 ? String(v) : v.toFixed(1)) + " " + units[i];
+}
+
+export function when(ts) {
+  return ts ? new Date(ts * 1000).toLocaleString() : "";
+}
+
+export function interfaceOf(c) {
+  return (c.split && c.split.interface) || c.interface || "";
+}
+
+// "This connection is routed through interface eth0 (192.0.2.10)" — the words of Portmaster's Split Tunnel block.
+export function splitSummary(c) {
+  const s = c.split || {};
+  const iface = s.interface || c.interface;
+  if (!iface) return "This connection is split tunneled; its interface is not known yet.";
+  return `This connection is routed through interface ${iface}` + (s.local_ip ? ` (${s.local_ip})` : "");
+}
+
+// Does the row match the text filter (app, executable, destination name or address)?
+export function matchesText(c, text) {
+  if (!text) return true;
+  const t = text.toLowerCase();
+  return [appName(c), c.exe, c.domain, c.dst_ip, String(c.dst_port)].some((f) => (f || "").toLowerCase().includes(t));
+}
