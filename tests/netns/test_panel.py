@@ -1,0 +1,108 @@
+"""The web panel in a real browser (headless Debian chromium via Selenium), against splittun in a lab.
+
+One splittun and one browser serve the module; the browser runs in the lab host's namespace (where the api
+actor listens on loopback), logs in through `splittun ui`'s one-time URL, and watches a split curl appear.
+Screenshots of each view go to test-artifacts/panel/ (SPLITTUN_ARTIFACTS overrides the directory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from splittun.lab import topology as T
+from tests.support import browser as B
+from tests.support.e2e import E2E, private_e2e
+from tests.support.interceptor import wait_until
+from tests.support.lab import Leaks
+
+SPLIT_SERVER = T.SERVER_V4[1]
+BASE = "http://127.0.0.1:817"
+
+if (why := B.unavailable_reason()) is not None:
+    pytest.skip(why, allow_module_level=True)
+
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def st() -> Iterator[E2E]:
+    yield from private_e2e("panel", [("--name", "curl", "--dest", SPLIT_SERVER)])
+
+
+@pytest.fixture(scope="module")
+def browser(st: E2E) -> Iterator[B.Browser]:
+    """Logged in: the one-time URL from `splittun ui` leaves a session cookie and lands on the panel."""
+    url = st.ok("ui").strip()
+    assert url.startswith(f"{BASE}/ui/login?code="), url
+    with B.browser_in(st.lab.ns("host")) as b:
+        b.run(lambda d: d.get(url))
+        assert b.run(lambda d: d.current_url) == f"{BASE}/"
+        yield b
+
+
+ROWS = """return [...document.querySelectorAll('#conn-rows tr[data-conn-id]')].map(
+    (tr) => ({id: tr.dataset.connId, text: tr.innerText, split: !!tr.querySelector('.verdict-split')}));"""
+
+
+def rows(b: B.Browser) -> list[dict[str, Any]]:
+    """The table as the user sees it, read in one go (the list re-renders under live updates)."""
+    return b.run(lambda d: d.execute_script(ROWS))
+
+
+def text(b: B.Browser, selector: str) -> str:
+    return b.run(lambda d: "\n".join(e.text for e in d.find_elements(By.CSS_SELECTOR, selector)))
+
+
+def click(b: B.Browser, selector: str) -> None:
+    """A real click on what `selector` finds now (again if a live update replaced it in between)."""
+
+    def attempt(d: Any) -> bool:
+        try:
+            d.find_element(By.CSS_SELECTOR, selector).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    assert wait_until(lambda: b.run(attempt), timeout=5), f"could not click {selector}"
+
+
+def test_the_page_loads_with_no_console_errors_and_goes_live(browser: B.Browser) -> None:
+    assert wait_until(lambda: text(browser, "#stream") == "live", timeout=10), text(browser, "#stream")
+    assert text(browser, "h1") == "splittun"
+    assert browser.console_errors() == []
+
+
+def test_a_split_curl_appears_with_the_split_class_and_its_info_panel_names_the_interface(
+    st: E2E, browser: B.Browser, leaks: Leaks
+) -> None:
+    leaks.allow(SPLIT_SERVER, "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)
+    before = {r["id"] for r in rows(browser)}
+    st.lab.exec("host", ["curl", "-s", "--max-time", "5", f"http://{SPLIT_SERVER}/"], check=True)
+
+    def new_split_row() -> dict[str, Any] | None:
+        new = [r for r in rows(browser) if r["id"] not in before and r["split"] and SPLIT_SERVER in r["text"]]
+        return new[0] if new else None
+
+    assert wait_until(lambda: new_split_row() is not None, timeout=5), rows(browser)
+    row = new_split_row()
+    assert row is not None and "split tunneled" in row["text"] and "curl" in row["text"]
+    browser.screenshot("panel/connections")
+
+    click(browser, f'tr[data-conn-id="{row["id"]}"]')
+    expected = f"This connection is routed through interface {T.HOST_IF} ({T.HOST_V4})"
+    assert wait_until(lambda: expected in text(browser, "#split-block"), timeout=5), text(browser, "#info")
+    info = text(browser, "#info")
+    assert "curl" in info and SPLIT_SERVER in info and "split tunneled" in info
+    browser.screenshot("panel/info")
+    assert browser.console_errors() == []
+
+
+def test_the_split_chip_counts_and_filters(browser: B.Browser) -> None:
+    counts = text(browser, 'button.chip[data-verb="split tunneled"] .count')
+    assert counts and int(counts) >= 1, text(browser, "#chips")
+    click(browser, 'button.chip[data-verb="split tunneled"]')
+    assert wait_until(lambda: {r["split"] for r in rows(browser)} == {True}, timeout=5), rows(browser)
