@@ -26,6 +26,7 @@ if (why := B.unavailable_reason()) is not None:
 
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.select import Select  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,22 @@ def test_a_split_curl_appears_with_the_split_class_and_its_info_panel_names_the_
 
 
 def test_the_split_chip_counts_and_filters(browser: B.Browser) -> None:
-    counts = text(browser, 'button.chip[data-verb="split tunneled"] .count')
-    assert counts and int(counts) >= 1, text(browser, "#chips")
+    def split_count() -> int:
+        count = text(browser, 'button.chip[data-verb="split tunneled"] .count')
+        return int(count) if count else 0
+
+    assert wait_until(lambda: split_count() >= 1, timeout=3), text(browser, "#chips")
     click(browser, 'button.chip[data-verb="split tunneled"]')
     assert wait_until(lambda: {r["split"] for r in rows(browser)} == {True}, timeout=5), rows(browser)
+
+
+def test_a_shorter_history_range_reloads_and_keeps_the_recent_split(browser: B.Browser) -> None:
+    browser.run(lambda d: Select(d.find_element(By.ID, "range")).select_by_value("1h"))
+    assert wait_until(lambda: any(r["split"] for r in rows(browser)), timeout=5), rows(browser)
+    assert browser.console_errors() == []
+
+
+def test_the_browser_itself_made_no_connections(browser: B.Browser) -> None:
+    """Only loopback to the panel: chromium's own lookups would show up in the list (and could leak)."""
+    click(browser, 'button.chip[data-verb=""]')
+    assert not [r for r in rows(browser) if r["text"].startswith("chromium")], rows(browser)

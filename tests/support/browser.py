@@ -42,6 +42,7 @@ QUIET_FLAGS = (
     "--disable-client-side-phishing-detection",
     "--metrics-recording-only",
     "--dns-prefetch-disable",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # resolve nothing, ask no nameserver
     "--disable-features=OptimizationHints,MediaRouter,Translate,AutofillServerCommunication,NetworkTimeServiceQuerying",
 )
 

@@ -6,8 +6,9 @@ import * as fmt from "./format.js";
 const HISTORY_LIMIT = 1000;
 const SHOWN_LIMIT = 500; // rows in the table; a virtualised list is the next step for 10,000
 const REFETCH_DELAY_MS = 150; // let the controller's registry join the event before asking it
+const COUNTS_EVERY_MS = 500;
 
-const state = { rows: new Map(), verb: "", text: "", selected: "", counts: {} };
+const state = { rows: new Map(), verb: "", text: "", since: "", selected: "", counts: {} };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs = {}, ...children) {
@@ -35,17 +36,28 @@ function refetch(connId) {
   clearTimeout(pending.get(connId));
   pending.set(connId, setTimeout(async () => {
     pending.delete(connId);
-    try { upsert(await get(`/connections/${encodeURIComponent(connId)}`)); } catch { /* not registered (yet) */ }
+    try {
+      upsert(await get(`/connections/${encodeURIComponent(connId)}`));
+      refreshCounts();
+    } catch { /* not registered (yet) */ }
   }, REFETCH_DELAY_MS));
-  refreshCounts();
 }
 
-let countsTimer = 0;
+// Counts refresh at most every COUNTS_EVERY_MS, after the registry answered for a changed connection (so the
+// counts include it); throttled rather than debounced, so a steady stream of events still updates them.
+let countsDirty = false;
 function refreshCounts() {
-  clearTimeout(countsTimer);
-  countsTimer = setTimeout(async () => {
-    try { state.counts = await get("/counts"); renderChips(); } catch { /* the stream state says why */ }
-  }, 300);
+  countsDirty = true;
+}
+
+setInterval(async () => {
+  if (!countsDirty) return;
+  countsDirty = false;
+  try { state.counts = await get("/counts" + sinceQuery("?")); renderChips(); } catch { /* the stream says why */ }
+}, COUNTS_EVERY_MS);
+
+function sinceQuery(sep) {
+  return state.since ? `${sep}since=${encodeURIComponent(state.since)}` : "";
 }
 
 function onNew(e) {
@@ -167,10 +179,18 @@ async function start() {
     "proxy.session.open": onSession,
     "proxy.session.close": onSession,
   }, setStream);
+  $("range").addEventListener("change", (e) => { state.since = e.target.value; loadHistory(); });
+  await loadHistory();
+}
+
+// History in the chosen time range (the live stream keeps adding to it).
+async function loadHistory() {
+  state.rows.clear();
+  render();
   renderChips();
   try {
-    for (const c of await get(`/connections?limit=${HISTORY_LIMIT}`)) upsert(c);
-    state.counts = await get("/counts");
+    for (const c of await get(`/connections?limit=${HISTORY_LIMIT}` + sinceQuery("&"))) upsert(c);
+    state.counts = await get("/counts" + sinceQuery("?"));
     renderChips();
   } catch (err) {
     setStream(err.message);
