@@ -153,6 +153,8 @@ class HttpApi:
             self.refused += 1
             if decided.log:
                 self.log.warning("api.auth_failed", source=facts.source, path=request.path, why=decided.message)
+            if decided.status == 401 and request.method == "GET" and request.path == "/":
+                return self._panel_file(panel.LOGIN, status=401)  # a browser without a session: how to get one
             return error(decided.status, decided.code, decided.message)
         try:
             response = await handler(request)
@@ -209,11 +211,12 @@ class HttpApi:
             return error(404, NOT_FOUND, f"no panel file {request.match_info['name']!r}")
         return self._panel_file(name)
 
-    def _panel_file(self, name: str) -> web.StreamResponse:
+    def _panel_file(self, name: str, status: int = 200) -> web.StreamResponse:
         data = panel.read_asset(name)
         if data is None:
             return error(404, NOT_FOUND, f"no panel file {name!r}")
-        return web.Response(body=data, headers={"Content-Type": panel.content_type(name), **panel.HEADERS})
+        headers = {"Content-Type": panel.content_type(name), "Cache-Control": "no-store", **panel.HEADERS}
+        return web.Response(body=data, status=status, headers=headers)
 
 
 # --- handlers -----------------------------------------------------------------------------------------------

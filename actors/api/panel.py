@@ -13,6 +13,7 @@ from pathlib import PurePosixPath
 PANEL_PACKAGE = "actors.api"
 PANEL_DIR = "panel"
 INDEX = "index.html"
+LOGIN = "login.html"  # what / shows a browser without a session: how to get one
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".css": "text/css; charset=utf-8",

@@ -122,3 +122,17 @@ def test_the_browser_itself_made_no_connections(browser: B.Browser) -> None:
     """Only loopback to the panel: chromium's own lookups would show up in the list (and could leak)."""
     click(browser, 'button.chip[data-verb=""]')
     assert not [r for r in rows(browser) if r["text"].startswith("chromium")], rows(browser)
+
+
+def test_without_a_session_the_page_says_how_to_log_in_and_a_login_url_works_once(st: E2E, browser: B.Browser) -> None:
+    browser.run(lambda d: d.delete_all_cookies())
+    browser.run(lambda d: d.get(f"{BASE}/"))
+    assert "Run splittun ui" in text(browser, "main"), text(browser, "body")
+    url = st.ok("ui").strip()
+    browser.run(lambda d: d.get(url))
+    assert browser.run(lambda d: d.current_url) == f"{BASE}/"
+    assert wait_until(lambda: text(browser, "#stream") == "live", timeout=10)
+    browser.run(lambda d: d.delete_all_cookies())
+    browser.run(lambda d: d.get(url))  # the same code again
+    assert "used or expired" in text(browser, "body")
+    browser.console_errors()  # the 401s above are expected console errors; the next test starts clean

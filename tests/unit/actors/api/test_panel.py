@@ -40,8 +40,9 @@ class _Refs(HTMLParser):
             self.inline.append("inline script")
 
 
-def test_the_page_loads_only_its_own_files_and_has_nothing_inline() -> None:
-    index = panel.read_asset(panel.INDEX)
+@pytest.mark.parametrize("page", [panel.INDEX, panel.LOGIN])
+def test_the_page_loads_only_its_own_files_and_has_nothing_inline(page: str) -> None:
+    index = panel.read_asset(page)
     assert index is not None
     refs = _Refs()
     refs.feed(index.decode())
