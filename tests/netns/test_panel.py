@@ -26,6 +26,7 @@ if (why := B.unavailable_reason()) is not None:
 
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.select import Select  # noqa: E402
 
 
@@ -47,6 +48,9 @@ def browser(st: E2E) -> Iterator[B.Browser]:
 
 ROWS = """return [...document.querySelectorAll('#conn-rows tr[data-conn-id]')].map(
     (tr) => ({id: tr.dataset.connId, text: tr.innerText, split: !!tr.querySelector('.verdict-split')}));"""
+
+
+SELECTED = "return [...document.querySelectorAll('#conn-rows tr.selected')].map((tr) => tr.dataset.connId);"
 
 
 def rows(b: B.Browser) -> list[dict[str, Any]]:
@@ -135,4 +139,25 @@ def test_without_a_session_the_page_says_how_to_log_in_and_a_login_url_works_onc
     browser.run(lambda d: d.delete_all_cookies())
     browser.run(lambda d: d.get(url))  # the same code again
     assert "used or expired" in text(browser, "body")
+    fresh = st.ok("ui").strip()
+    browser.run(lambda d: d.get(fresh))  # logged in again for the tests after this one
+    assert wait_until(lambda: text(browser, "#stream") == "live", timeout=10)
     browser.console_errors()  # the 401s above are expected console errors; the next test starts clean
+
+
+def test_a_focused_row_keeps_the_focus_through_live_updates_and_enter_opens_it(
+    st: E2E, browser: B.Browser, leaks: Leaks
+) -> None:
+    leaks.allow(SPLIT_SERVER, "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)
+    st.lab.exec("host", ["curl", "-s", "--max-time", "5", f"http://{SPLIT_SERVER}/"], check=True)
+    assert wait_until(lambda: any(r["split"] for r in rows(browser)), timeout=5), rows(browser)
+    first = next(r for r in rows(browser) if r["split"])
+    focused = "return document.activeElement && document.activeElement.dataset.connId;"
+    browser.run(lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-conn-id="{first["id"]}"]').send_keys(Keys.NULL))
+    assert browser.run(lambda d: d.execute_script(focused)) == first["id"]
+    count = len(rows(browser))
+    st.lab.exec("host", ["curl", "-s", "--max-time", "5", f"http://{SPLIT_SERVER}/"], check=True)
+    assert wait_until(lambda: len(rows(browser)) > count, timeout=5), rows(browser)
+    assert browser.run(lambda d: d.execute_script(focused)) == first["id"]  # the live row did not steal it
+    browser.run(lambda d: d.switch_to.active_element.send_keys(Keys.ENTER))
+    assert wait_until(lambda: first["id"] in browser.run(lambda d: d.execute_script(SELECTED)), timeout=5)

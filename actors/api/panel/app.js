@@ -96,9 +96,29 @@ function render() {
       .filter((c) => (!state.verb || c.verb === state.verb) && fmt.matchesText(c, state.text))
       .sort((a, b) => b.started - a.started)
       .slice(0, SHOWN_LIMIT);
-    $("conn-rows").replaceChildren(...rows.map(row));
+    reconcile($("conn-rows"), rows);
     $("empty").hidden = rows.length > 0;
   });
+}
+
+// Keyed update: a row's <tr> is rebuilt only when what it shows changed, and rows already in place are not
+// moved, so a live update neither rebuilds the table nor takes the keyboard focus away from a row.
+const rowNodes = new Map(); // conn_id → { key, tr }
+function reconcile(tbody, rows) {
+  const wanted = rows.map((c) => {
+    const key = JSON.stringify([c.verb, c.state, c.interface, c.split, c.process_name, c.domain, c.conn_id === state.selected]);
+    let cached = rowNodes.get(c.conn_id);
+    if (!cached || cached.key !== key) {
+      const tr = row(c);
+      if (cached && cached.tr.parentNode === tbody) tbody.replaceChild(tr, cached.tr);
+      cached = { key, tr };
+      rowNodes.set(c.conn_id, cached);
+    }
+    return cached.tr;
+  });
+  wanted.forEach((tr, i) => { if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] || null); });
+  while (tbody.children.length > wanted.length) tbody.lastElementChild.remove();
+  for (const id of rowNodes.keys()) if (!state.rows.has(id)) rowNodes.delete(id);
 }
 
 function row(c) {
