@@ -7,6 +7,7 @@ Screenshots of each view go to test-artifacts/panel/ (SPLITTUN_ARTIFACTS overrid
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,7 +60,9 @@ def rows(b: B.Browser) -> list[dict[str, Any]]:
 
 
 def text(b: B.Browser, selector: str) -> str:
-    return b.run(lambda d: "\n".join(e.text for e in d.find_elements(By.CSS_SELECTOR, selector)))
+    """What the elements `selector` finds show, read in one go (no element handle to go stale)."""
+    script = "return [...document.querySelectorAll(arguments[0])].map((e) => e.innerText).join('\\n');"
+    return b.run(lambda d: d.execute_script(script, selector))
 
 
 def click(b: B.Browser, selector: str) -> None:
@@ -161,3 +164,34 @@ def test_a_focused_row_keeps_the_focus_through_live_updates_and_enter_opens_it(
     assert browser.run(lambda d: d.execute_script(focused)) == first["id"]  # the live row did not steal it
     browser.run(lambda d: d.switch_to.active_element.send_keys(Keys.ENTER))
     assert wait_until(lambda: first["id"] in browser.run(lambda d: d.execute_script(SELECTED)), timeout=5)
+
+
+def test_split_this_app_from_the_info_panel_makes_the_next_curl_split(
+    st: E2E, browser: B.Browser, leaks: Leaks
+) -> None:
+    other = T.SERVER_V4[0]  # the module's rule splits curl only to SPLIT_SERVER
+    leaks.allow(other, "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)
+    before = {r["id"] for r in rows(browser)}
+
+    def curl_row(split: bool) -> dict[str, Any] | None:
+        new = [r for r in rows(browser) if r["id"] not in before and f"{other}:80" in r["text"] and r["split"] == split]
+        return new[0] if new else None
+
+    st.lab.exec("host", ["curl", "-s", "--max-time", "5", f"http://{other}/"], check=True)
+    assert wait_until(lambda: curl_row(False) is not None and "…" not in curl_row(False)["text"], timeout=5)
+    row = curl_row(False)
+    assert row is not None
+    click(browser, f'tr[data-conn-id="{row["id"]}"]')
+    click(browser, "#app-action")
+    assert wait_until(lambda: "(applied)" in text(browser, "#action-result"), timeout=10), text(browser, "#info")
+    rule_id = text(browser, "#action-result").split()[2]
+    try:
+        first = st.rules()[0]
+        assert first["id"] == rule_id and "/usr/bin/curl" in json.dumps(first), first
+        st.wait_policy(st.policy_version())
+        before |= {r["id"] for r in rows(browser)}
+        st.lab.exec("host", ["curl", "-s", "--max-time", "5", f"http://{other}/"], check=True)
+        assert wait_until(lambda: curl_row(True) is not None, timeout=5), rows(browser)
+    finally:
+        st.apply("rules", "remove", rule_id)
+    assert browser.console_errors() == []

@@ -14,6 +14,18 @@ export async function get(path) {
   return body;
 }
 
+// A state change: JSON body, same origin (the API refuses other origins), the error's one line on failure.
+export async function send(method, path, data) {
+  const response = await fetch(API + path, {
+    method, credentials: "same-origin",
+    headers: { Accept: "application/json", "Content-Type": "application/json" },
+    body: JSON.stringify(data),
+  });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new ApiError((body.error && body.error.message) || `${response.status} ${response.statusText}`);
+  return body;
+}
+
 // Subscribe to bus topics; `handlers` maps a topic to a function of its decoded data.
 export function subscribe(topics, handlers, onState) {
   const query = topics.map((t) => "topic=" + encodeURIComponent(t)).join("&");

@@ -1,6 +1,6 @@
 // The connections view: history from /connections, live updates from the event stream, verdict chips with
 // counts from /counts, a text filter, and the info panel of the selected connection.
-import { get, subscribe } from "./api.js";
+import { get, send, subscribe } from "./api.js";
 import * as fmt from "./format.js";
 
 const HISTORY_LIMIT = 1000;
@@ -8,7 +8,7 @@ const SHOWN_LIMIT = 500; // rows in the table; a virtualised list is the next st
 const REFETCH_DELAY_MS = 150; // let the controller's registry join the event before asking it
 const COUNTS_EVERY_MS = 500;
 
-const state = { rows: new Map(), verb: "", text: "", since: "", selected: "", counts: {} };
+const state = { rows: new Map(), verb: "", text: "", since: "", selected: "", counts: {}, action: {} };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs = {}, ...children) {
@@ -169,9 +169,34 @@ function showInfo(c) {
               ["Packets up", s.packets_up || ""], ["Packets down", s.packets_down || ""], ["Resolved via", c.resolved_via]]
             : [["Resolved via", c.resolved_via]])));
   }
+  body.push(appAction(c));
   $("info-title").textContent = `${fmt.appName(c)} → ${dest.name || dest.address}`;
   $("info-body").replaceChildren(...body);
   $("info").hidden = false;
+}
+
+// "Split this app" on a connection that stays in the VPN, "Keep this app in the VPN" on a split one. The
+// outcome is kept in state.action (the panel re-renders under live updates and must not lose it).
+function appAction(c) {
+  const keep = c.verb === "split tunneled";
+  const rule = fmt.appRule(c, keep);
+  if (!rule || !c.verb) return "";
+  const done = state.action.connId === c.conn_id ? state.action : { text: "", cls: "" };
+  const result = el("span", { class: "action-result " + done.cls, id: "action-result", role: "status" }, done.text);
+  const button = el("button", { type: "button", class: "action", id: "app-action" },
+    keep ? "Keep this app in the VPN" : "Split this app");
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      const added = await send("POST", "/rules", rule);
+      state.action = { connId: c.conn_id, cls: "ok",
+                       text: `Added rule ${added.rule.id}` + (added.applied ? " (applied)" : "") };
+    } catch (err) {
+      state.action = { connId: c.conn_id, cls: "error", text: err.message };
+    }
+    if (state.selected === c.conn_id) showInfo(state.rows.get(c.conn_id));
+  });
+  return el("div", { class: "actions" }, button, result);
 }
 
 async function select(connId) {

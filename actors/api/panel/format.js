@@ -59,3 +59,10 @@ export function matchesText(c, text) {
   const t = text.toLowerCase();
   return [appName(c), c.exe, c.domain, c.dst_ip, String(c.dst_port)].some((f) => (f || "").toLowerCase().includes(t));
 }
+
+// The rule "split this app" / "keep this app in the VPN" adds: the executable when known (like --app), else the
+// process name (like --name); first, so it wins over the rules already there. null when the app is unknown.
+export function appRule(c, keep) {
+  const who = c.exe ? { app: c.exe } : c.process_name ? { name: c.process_name } : null;
+  return who && { ...who, keep, position: 1 };
+}
