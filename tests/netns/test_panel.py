@@ -195,3 +195,19 @@ def test_split_this_app_from_the_info_panel_makes_the_next_curl_split(
     finally:
         st.apply("rules", "remove", rule_id)
     assert browser.console_errors() == []
+
+
+def test_the_dark_theme_follows_the_system(browser: B.Browser) -> None:
+    colours = "return [getComputedStyle(document.body).backgroundColor, getComputedStyle(document.body).color];"
+
+    def scheme(value: str) -> list[str]:
+        media = {"features": [{"name": "prefers-color-scheme", "value": value}]}
+        browser.run(lambda d: d.execute_cdp_cmd("Emulation.setEmulatedMedia", media))
+        return browser.run(lambda d: d.execute_script(colours))
+
+    try:
+        light, dark = scheme("light"), scheme("dark")
+        browser.screenshot("panel/connections-dark")
+    finally:
+        scheme("")
+    assert light != dark and dark[0] == "rgb(21, 24, 27)", (light, dark)
