@@ -10,6 +10,25 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+
+def pump_through_bus(pub: Any, sub: Any, frames: list[bytes], n: int) -> tuple[int, float]:
+    """Send `frames` n times from `pub` while draining `sub`; (received, seconds). Waits first until the
+    subscription reached the publisher (the slow-joiner window), so every message sent can arrive."""
+    while sub.recv_frames(timeout=0.05) is None:
+        pub.send_frames(frames)
+    while sub.recv_frames(timeout=0.2) is not None:
+        pass
+    received = 0
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pub.send_frames(frames)
+        while sub.recv_frames_nowait() is not None:
+            received += 1
+    while sub.recv_frames(timeout=0.3) is not None:
+        received += 1
+    return received, time.perf_counter() - t0
 
 
 def preflight(name: str, needs: Iterable[str]) -> bool:

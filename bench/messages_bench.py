@@ -18,7 +18,7 @@ from pathlib import Path
 
 import zmq
 
-from bench.common import print_rows
+from bench.common import print_rows, pump_through_bus
 from messages import ConnNew, ProcessInfo, decode
 from runtime import paths
 from runtime.transport import Publisher, Subscriber
@@ -58,20 +58,7 @@ def bus_throughput(n: int = 200_000) -> tuple[float, float]:
             time.sleep(0.02)
         sub = Subscriber(ctx, paths.bus_out(run), ["conn."])
         pub = Publisher(ctx, paths.bus_in(run), hwm=100_000)
-        frames = SAMPLE.encode()
-        while sub.recv_frames(timeout=0.05) is None:  # wait until the subscription reached the publisher
-            pub.send_frames(frames)
-        while sub.recv_frames(timeout=0.2) is not None:
-            pass
-        received = 0
-        t0 = time.perf_counter()
-        for _ in range(n):
-            pub.send_frames(frames)
-            while sub.recv_frames_nowait() is not None:
-                received += 1
-        while sub.recv_frames(timeout=0.3) is not None:
-            received += 1
-        elapsed = time.perf_counter() - t0
+        received, elapsed = pump_through_bus(pub, sub, SAMPLE.encode(), n)
         pub.close()
         sub.close()
         return received / elapsed, 1 - received / n

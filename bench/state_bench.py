@@ -29,7 +29,7 @@ from pathlib import Path
 
 import zmq
 
-from bench.common import preflight, print_rows
+from bench.common import preflight, print_rows, pump_through_bus
 from core.access import load_or_generate
 from core.state import ConnectionFilter, StateDB
 from messages import ConnEnd, ConnNew, ConnVerdict, ProcessInfo, Verdict
@@ -212,19 +212,7 @@ def bus_rate(ns: Namespace, n: int = 100_000) -> float:
     sub = Subscriber(ns.ctx, paths.bus_out(ns.run), ["conn.end"])
     pub = Publisher(ns.ctx, paths.bus_in(ns.run), hwm=200_000)
     frames = ConnEnd(conn_id="b", ts=time.time(), reason="bench").encode()
-    while sub.recv_frames(timeout=0.05) is None:
-        pub.send_frames(frames)
-    while sub.recv_frames(timeout=0.2) is not None:
-        pass
-    received = 0
-    t0 = time.perf_counter()
-    for _ in range(n):
-        pub.send_frames(frames)
-        while sub.recv_frames_nowait() is not None:
-            received += 1
-    while sub.recv_frames(timeout=0.3) is not None:
-        received += 1
-    elapsed = time.perf_counter() - t0
+    received, elapsed = pump_through_bus(pub, sub, frames, n)
     pub.close()
     sub.close()
     return received / elapsed

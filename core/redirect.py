@@ -24,23 +24,17 @@ being written). An entry whose expiry passed is free for reuse; the writer refre
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import socket
 import struct
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernel.mapped import MappedFile
 from messages.flows import FiveTuple, ipv6_text
-
-try:
-    import fcntl
-except ImportError:  # Windows: one interceptor creates the file before the proxies are started
-    fcntl = None  # type: ignore[assignment]
 
 _MAGIC = b"STREDIR1"
 _HEADER = struct.Struct("!8sII")  # magic, slot count, slot size
@@ -94,48 +88,17 @@ class RedirectTable:
         self.path = path
         self.slots = slots
         size = _HEADER_SIZE + slots * _SLOT.size
-        self._fd = -1
-        if path is None:
-            self._map = mmap.mmap(-1, size)
-            self._map[: _HEADER.size] = _HEADER.pack(_MAGIC, slots, _SLOT.size)
-        else:
-            self._fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
-            if fcntl is not None:  # the interceptor and the proxies may start at once
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                header = os.pread(self._fd, _HEADER.size, 0)
-                if len(header) < _HEADER.size or _HEADER.unpack(header) != (_MAGIC, slots, _SLOT.size):
-                    if not create:
-                        raise OSError(f"{path}: not a redirect table")
-                    os.ftruncate(self._fd, 0)  # another layout (or garbage): start empty
-                    os.ftruncate(self._fd, size)
-                    os.pwrite(self._fd, _HEADER.pack(_MAGIC, slots, _SLOT.size), 0)
-                self._map = mmap.mmap(self._fd, size)
-            except BaseException:
-                os.close(self._fd)
-                raise
-            if fcntl is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        # the interceptor and the proxies may open it at once: MappedFile checks the layout under the lock
+        self._file = MappedFile(path, _HEADER.pack(_MAGIC, slots, _SLOT.size), size, create, "redirect table")
+        self._map = self._file.map
         self.full = 0  # puts that found no free slot in their window (the flow stays unsplit)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._map.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Writers: the interceptor (redirects) and the proxies (their own upstreams) serialise on the file."""
-        if self._fd < 0 or fcntl is None:
-            yield
-            return
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return self._file.locked()
 
     def _window(self, proto: int, addr: bytes, port: int) -> list[int]:
         start = zlib.crc32(bytes((proto,)) + addr + port.to_bytes(2, "big")) % self.slots

@@ -7,6 +7,8 @@
 - `nfqueue`: the NFQUEUE packet source (queues bound fail-open, read on a poll loop)
 - `routing`: the split policy routing table and rule (pyroute2), kept in the background
 - `divert`: the packet diverter (pydivert: WinDivert on Windows, eBPFDivert on Linux) and its filter
+- `inotify`: told when a file changes (the controller's config), instead of polling its stat
+- `mapped`: a fixed-size table in a memory-mapped file several processes share (names, redirects)
 - `windows`: Windows calls behind small interfaces (owner-pid tables, process images, the IVPN port file)
 
 Connections are `messages.flows.FiveTuple`s throughout. Pure encode/decode functions are tested with kernel

@@ -19,15 +19,13 @@ address (CDNs), the latest answer wins — the app connecting right after its lo
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import mmap
-import os
 import socket
 import struct
 import time
 import zlib
 from pathlib import Path
+
+from kernel.mapped import MappedFile
 
 from .answers import DnsAnswer
 
@@ -72,31 +70,15 @@ class NameTable:
     def __init__(self, path: Path | None = None, slots: int = DEFAULT_SLOTS) -> None:
         self.path = path
         size = _HEADER_SIZE + slots * _SLOT_SIZE
-        self._fd = -1
-        if path is None:
-            self._map = mmap.mmap(-1, size)
-            self._map[: _HEADER.size] = _HEADER.pack(_MAGIC, slots, _SLOT_SIZE)
-        else:
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            with self._locked():
-                header = os.pread(self._fd, _HEADER.size, 0)
-                if len(header) < _HEADER.size or _HEADER.unpack(header) != (_MAGIC, slots, _SLOT_SIZE):
-                    os.ftruncate(self._fd, 0)  # another layout (or garbage): start empty
-                    os.ftruncate(self._fd, size)
-                    os.pwrite(self._fd, _HEADER.pack(_MAGIC, slots, _SLOT_SIZE), 0)
-            self._map = mmap.mmap(self._fd, size)
+        self._file = MappedFile(path, _HEADER.pack(_MAGIC, slots, _SLOT_SIZE), size)
+        self._map = self._file.map
         self.slots = slots
         self.learned = 0
 
     def replaced(self) -> bool:
         """Was the file removed or replaced since we opened it (the interceptor's cleanup removes it on
         stop, a restarted one makes a new one)? A long-lived writer then opens the new one (`reopen`)."""
-        if self.path is None or self._fd < 0:
-            return False
-        try:
-            return os.stat(self.path).st_ino != os.fstat(self._fd).st_ino
-        except OSError:
-            return True
+        return self._file.replaced()
 
     def reopen(self) -> NameTable:
         """A fresh table on the same path (creating the file if needed); this one is closed."""
@@ -113,22 +95,7 @@ class NameTable:
         return len(answer.addresses)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._map.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    @contextlib.contextmanager
-    def _locked(self):  # type: ignore[no-untyped-def]
-        if self._fd < 0:
-            yield
-            return
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._file.close()
 
     def _window(self, key: bytes) -> range:
         start = zlib.crc32(key) % self.slots
@@ -143,7 +110,7 @@ class NameTable:
         raw_name = name.encode("ascii", errors="replace")[:_NAME_MAX]
         now = time.time() if now is None else now
         expiry = int(now) + max(int(ttl), GRACE)
-        with self._locked():
+        with self._file.locked():
             best, best_expiry = -1, None
             for index in self._window(key):
                 off = self._offset(index)
