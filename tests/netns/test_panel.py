@@ -212,3 +212,82 @@ def test_the_dark_theme_follows_the_system(browser: B.Browser) -> None:
     finally:
         scheme("")
     assert light != dark and dark[0] == "rgb(21, 24, 27)", (light, dark)
+
+
+# --- rules ----------------------------------------------------------------------------------------------------
+
+RULE_ROWS = """return [...document.querySelectorAll('#rule-rows tr[data-rule-id]')].map(
+    (tr) => ({id: tr.dataset.ruleId, text: tr.innerText}));"""
+
+
+def rule_rows(b: B.Browser) -> list[dict[str, str]]:
+    return b.run(lambda d: d.execute_script(RULE_ROWS))
+
+
+def show(b: B.Browser, view: str) -> None:
+    """Open a view from the header's navigation."""
+    click(b, f'nav a[href="#{view}"]')
+    displayed = "return [...document.querySelectorAll('main[id^=view-]')].filter((m) => m.getClientRects().length)"
+    displayed += ".map((m) => m.id);"
+    assert wait_until(lambda: b.run(lambda d: d.execute_script(displayed)) == [f"view-{view}"], timeout=5), view
+
+
+def type_into(b: B.Browser, field: str, value: str) -> None:
+    def fill(d: Any) -> None:
+        box = d.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+
+    b.run(fill)
+
+
+def test_adding_a_rule_in_the_panel_makes_the_next_curl_split_and_it_can_be_moved_and_removed(
+    st: E2E, browser: B.Browser, leaks: Leaks
+) -> None:
+    other = T.SERVER_V4[0]  # no rule splits curl to it (the app-action test removed the one it added)
+    leaks.allow(other, "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)
+    show(browser, "rules")
+    assert wait_until(lambda: [r["id"] for r in rule_rows(browser)] == [r["id"] for r in st.rules()]), rule_rows(
+        browser
+    )
+    assert "name=curl" in rule_rows(browser)[0]["text"]
+
+    # a mistake is shown next to its field, in the words of the CLI
+    cli_says = st.refused("rules", "add", "--name", "curl", "--dest", "192.0.2")
+    type_into(browser, "rule-name", "curl")
+    type_into(browser, "rule-dest", "192.0.2")
+    click(browser, "#rule-add")
+    assert wait_until(lambda: text(browser, "#err-dest") != "", timeout=5), text(browser, "#rule-form")
+    assert text(browser, "#err-dest") in cli_says, (text(browser, "#err-dest"), cli_says)
+    assert text(browser, "#err-form") == "" and len(st.rules()) == 1
+    assert [e for e in browser.console_errors() if "/api/v1/rules " not in e or "400" not in e] == []  # that one
+
+    type_into(browser, "rule-dest", other)
+    browser.run(lambda d: Select(d.find_element(By.ID, "rule-position")).select_by_value("1"))
+    click(browser, "#rule-add")
+    assert wait_until(lambda: "(applied)" in text(browser, "#rules-status"), timeout=10), text(browser, "#view-rules")
+    assert text(browser, "#err-dest") == ""
+    added = st.rules()[0]
+    assert (added["app_name"], added["dest"], added["action"]) == ("curl", other, "split"), added
+    assert wait_until(lambda: [r["id"] for r in rule_rows(browser)] == [r["id"] for r in st.rules()])
+    st.wait_policy(st.policy_version())
+    try:
+        show(browser, "connections")
+        before = {r["id"] for r in rows(browser)}
+        st.lab.exec("host", ["curl", "-s", "--max-time", "5", f"http://{other}/"], check=True)
+        split = lambda: [r for r in rows(browser) if r["id"] not in before and f"{other}:80" in r["text"]]  # noqa: E731
+        assert wait_until(lambda: any(r["split"] for r in split()), timeout=5), split()
+
+        show(browser, "rules")
+        click(browser, f'tr[data-rule-id="{added["id"]}"] .move-down')
+        assert wait_until(lambda: [r["id"] for r in st.rules()][1] == added["id"], timeout=5), st.rules()
+        assert wait_until(lambda: rule_rows(browser)[1]["id"] == added["id"], timeout=5), rule_rows(browser)
+        browser.screenshot("panel/rules")
+        click(browser, f'tr[data-rule-id="{added["id"]}"] .remove')
+        assert wait_until(lambda: added["id"] not in [r["id"] for r in st.rules()], timeout=5), st.rules()
+        assert wait_until(lambda: added["id"] not in [r["id"] for r in rule_rows(browser)], timeout=5)
+    finally:
+        if added["id"] in [r["id"] for r in st.rules()]:
+            st.apply("rules", "remove", added["id"])
+        show(browser, "connections")
+    assert browser.console_errors() == []

@@ -1,7 +1,10 @@
-// The connections view: history from /connections, live updates from the event stream, verdict chips with
-// counts from /counts, a text filter, and the info panel of the selected connection.
+// The page's entry: the connections view (history from /connections, live updates from the event stream,
+// verdict chips with counts from /counts, a text filter, the info panel of the selected connection); the other
+// views (views.js) are switched by the header's navigation.
 import { get, send, subscribe } from "./api.js";
+import { $, el } from "./dom.js";
 import * as fmt from "./format.js";
+import * as views from "./views.js";
 
 const HISTORY_LIMIT = 1000;
 const SHOWN_LIMIT = 500; // rows in the table; a virtualised list is the next step for 10,000
@@ -9,18 +12,6 @@ const REFETCH_DELAY_MS = 150; // let the controller's registry join the event be
 const COUNTS_EVERY_MS = 500;
 
 const state = { rows: new Map(), verb: "", text: "", since: "", selected: "", counts: {}, action: {} };
-const $ = (id) => document.getElementById(id);
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k === "dataset") Object.assign(node.dataset, v);
-    else node.setAttribute(k, v);
-  }
-  for (const child of children) node.append(child === null || child === undefined ? "" : child);
-  return node;
-}
 
 // --- data ----------------------------------------------------------------------------------------------------
 
@@ -242,4 +233,5 @@ async function loadHistory() {
   }
 }
 
+views.start();
 start();

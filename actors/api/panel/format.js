@@ -66,3 +66,30 @@ export function appRule(c, keep) {
   const who = c.exe ? { app: c.exe } : c.process_name ? { name: c.process_name } : null;
   return who && { ...who, keep, position: 1 };
 }
+
+// What a rule applies to, in the words of `splittun rules list` (core/policy/rules.describe, minus the action).
+export function ruleConditions(r) {
+  const parts = [];
+  if (r.endpoint) parts.push(`endpoint ${r.endpoint}`);
+  if (r.app_path) parts.push(`app=${r.app_path}`);
+  if (r.app_name) parts.push(`name=${r.app_name}`);
+  if (r.uid !== undefined && r.uid >= 0) parts.push(`uid=${r.uid}`);
+  if (r.children) parts.push("+children");
+  if (r.preset) parts.push(`preset=${r.preset}`);
+  if (r.dest) parts.push(`dest=${r.dest}`);
+  if (r.proto || r.port_lo) {
+    const lo = r.port_lo || 0, hi = r.port_hi || lo;
+    parts.push(`${r.proto || "*"}/${!lo ? "*" : lo === hi ? lo : `${lo}-${hi}`}`);
+  }
+  return parts.join(" ") || "every connection";
+}
+
+// The add-rule form field an API error is about: its message starts with the field (or the CLI flag) it names,
+// "dest: '1.2.3' is not a valid IP address", "--interface: unknown interface 'x'". "" = the form as a whole.
+const FIELD_OF = { "--interface": "interface", interface: "interface", dest: "dest", port: "port", proto: "proto",
+                   app_path: "app", app: "app", children: "app", app_name: "name", name: "name", uid: "app",
+                   position: "position", endpoint: "dest" };
+export function errorField(message) {
+  const head = String(message).split(":")[0].trim();
+  return FIELD_OF[head] || "";
+}
