@@ -291,3 +291,69 @@ def test_adding_a_rule_in_the_panel_makes_the_next_curl_split_and_it_can_be_move
             st.apply("rules", "remove", added["id"])
         show(browser, "connections")
     assert browser.console_errors() == []
+
+
+# --- settings -------------------------------------------------------------------------------------------------
+
+
+def curl_verdict(st: E2E, browser: B.Browser, server: str) -> str:
+    """Curl `server` and return the verdict its new row shows once the verdict is in."""
+    show(browser, "connections")
+    before = {r["id"] for r in rows(browser)}
+    st.lab.exec("host", ["curl", "-s", "--max-time", "5", f"http://{server}/"], check=True)
+
+    def verdict() -> str:
+        new = [r for r in rows(browser) if r["id"] not in before and f"{server}:80" in r["text"]]
+        return "" if not new or "…" in new[0]["text"] else ("split" if new[0]["split"] else "vpn")
+
+    assert wait_until(lambda: verdict() != "", timeout=5), rows(browser)
+    return verdict()
+
+
+def test_the_enable_toggle_keeps_the_next_curl_in_the_vpn_and_splits_it_again(
+    st: E2E, browser: B.Browser, leaks: Leaks
+) -> None:
+    leaks.allow(SPLIT_SERVER, "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)
+    show(browser, "settings")
+    assert wait_until(lambda: browser.run(lambda d: d.find_element(By.ID, "enable").is_selected()), timeout=5)
+    resolved = f"auto resolves to IPv4: {T.HOST_IF} ({T.HOST_V4})"
+    assert wait_until(lambda: resolved in text(browser, "#interface-resolved"), timeout=5), text(
+        browser, "#view-settings"
+    )
+    browser.screenshot("panel/settings")
+    try:
+        click(browser, "#enable")
+        assert wait_until(lambda: "off (applied)" in text(browser, "#enable-status"), timeout=10)
+        assert st.config_file()["splittun/enable"] is False
+        st.wait_policy(st.policy_version())
+        assert curl_verdict(st, browser, SPLIT_SERVER) == "vpn"
+        show(browser, "settings")
+        assert not browser.run(lambda d: d.find_element(By.ID, "enable").is_selected())
+        click(browser, "#enable")
+        assert wait_until(lambda: "on (applied)" in text(browser, "#enable-status"), timeout=10)
+        st.wait_policy(st.policy_version())
+        assert curl_verdict(st, browser, SPLIT_SERVER) == "split"
+    finally:
+        if st.config_file().get("splittun/enable") is not True:
+            st.apply("enable")
+    assert browser.console_errors() == []
+
+
+def test_settings_are_shown_by_expertise_level_and_a_refusal_is_shown_by_the_option(
+    st: E2E, browser: B.Browser
+) -> None:
+    show(browser, "settings")
+    keys = "return [...document.querySelectorAll('#options .option')].map((o) => o.dataset.key);"
+    browser.run(lambda d: Select(d.find_element(By.ID, "level")).select_by_value("user"))
+    assert wait_until(lambda: "splittun/dataPath" not in browser.run(lambda d: d.execute_script(keys)), timeout=5)
+    browser.run(lambda d: Select(d.find_element(By.ID, "level")).select_by_value("expert"))
+    assert wait_until(lambda: "splittun/dataPath" in browser.run(lambda d: d.execute_script(keys)), timeout=5)
+    assert "re-routed and source-NATed" in text(browser, '.option[data-key="splittun/dataPath"] .hint')
+    field = "opt-splittun-dataPath"
+    type_into(browser, field, "teleport")
+    click(browser, f"#{field}-save")
+    cli_says = st.refused("config", "set", "splittun/dataPath", "teleport")
+    assert wait_until(lambda: text(browser, f"#{field}-error") != "", timeout=5)
+    assert text(browser, f"#{field}-error") in cli_says, (text(browser, f"#{field}-error"), cli_says)
+    browser.run(lambda d: Select(d.find_element(By.ID, "level")).select_by_value("user"))
+    browser.console_errors()  # the refused PUT is an expected console error

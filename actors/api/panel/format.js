@@ -93,3 +93,20 @@ export function errorField(message) {
   const head = String(message).split(":")[0].trim();
   return FIELD_OF[head] || "";
 }
+
+export const LEVELS = ["user", "expert", "developer"];
+
+// What the interface choice means now: "auto" names the uplink per family (the interface carrying the physical
+// default route, from netenv's snapshot) with its address; a named choice is shown as it is.
+export function interfaceResolution(choice, net) {
+  if (!net) return "No network snapshot yet.";
+  const byName = Object.fromEntries(net.interfaces.map((i) => [i.name, i]));
+  const one = (family) => {
+    const name = net[`uplink_ipv${family}`];
+    if (!name) return `IPv${family}: no uplink`;
+    const address = (byName[name] || {})[`ipv${family}`];
+    return `IPv${family}: ${name}` + (address ? ` (${address})` : "");
+  };
+  if (choice && choice !== "auto") return `Split connections leave through ${choice}.`;
+  return `auto resolves to ${one(4)}; ${one(6)}`;
+}

@@ -2,8 +2,9 @@
 // browser's back button keep it. A view module exports `show()` (called each time it is shown).
 import { $ } from "./dom.js";
 import * as rules from "./rules.js";
+import * as settings from "./settings.js";
 
-const VIEWS = { connections: null, rules };
+const VIEWS = { connections: null, rules, settings };
 
 function current() {
   const name = location.hash.slice(1);
