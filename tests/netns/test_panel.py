@@ -8,6 +8,7 @@ Screenshots of each view go to test-artifacts/panel/ (SPLITTUN_ARTIFACTS overrid
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -357,3 +358,43 @@ def test_settings_are_shown_by_expertise_level_and_a_refusal_is_shown_by_the_opt
     assert text(browser, f"#{field}-error") in cli_says, (text(browser, f"#{field}-error"), cli_says)
     browser.run(lambda d: Select(d.find_element(By.ID, "level")).select_by_value("user"))
     browser.console_errors()  # the refused PUT is an expected console error
+
+
+# --- notifications --------------------------------------------------------------------------------------------
+
+NOTES = "return [...document.querySelectorAll('#tray-list li[data-note-id]')].map((li) => li.dataset.noteId);"
+
+
+def notify(st: E2E, note_id: str, message: str) -> Any:
+    """What an actor does to show one (the controller's `notify` op), with "Don't show again" among its actions."""
+    assert st.inst is not None
+    actions = [{"id": "ok", "text": "OK"}, {"id": "suppress", "text": "Don't show again"}]
+    return st.inst.ask("controller", "notify", topic="notify.test.panel", id=note_id, ts=time.time(),
+                       title="Panel test", message=message, level="info", actions=actions)  # fmt: skip
+
+
+def test_dont_show_again_hides_a_notification_and_the_menus_reset_brings_it_back(st: E2E, browser: B.Browser) -> None:
+    tray = lambda: browser.run(lambda d: d.execute_script(NOTES))  # noqa: E731
+    assert notify(st, "panel-note", "Something to answer")["state"] == "active"
+    click(browser, "#tray-toggle")
+    assert wait_until(lambda: "panel-note" in tray(), timeout=5), text(browser, "#tray")
+    assert text(browser, "#tray-count") == str(len(tray()))
+    assert "Something to answer" in text(browser, "#tray")
+    browser.screenshot("panel/notifications")
+    click(browser, 'li[data-note-id="panel-note"] button[data-action="suppress"]')
+    assert wait_until(lambda: "panel-note" not in tray(), timeout=5), text(browser, "#tray")
+    assert notify(st, "panel-note", "Shown again?") is None  # the marker holds it back
+    time.sleep(2.5)  # a poll of the tray later: still not there
+    assert "panel-note" not in tray()
+
+    click(browser, "#menu summary")
+    click(browser, "#reset-notifications")
+    said = "Reset Notifications State: deleted "
+    assert wait_until(lambda: said in text(browser, "#menu-status"), timeout=5), text(browser, "#menu-status")
+    assert "and 1 'don't show again' marker(s)" in text(browser, "#menu-status")
+    assert notify(st, "panel-note", "Back after the reset")["state"] == "active"
+    assert wait_until(lambda: "panel-note" in tray(), timeout=5), text(browser, "#tray")
+    click(browser, 'li[data-note-id="panel-note"] button[data-action="ok"]')
+    assert wait_until(lambda: "panel-note" not in tray(), timeout=5), text(browser, "#tray")
+    click(browser, "#tray-toggle")
+    assert browser.console_errors() == []

@@ -1,6 +1,7 @@
 // The header's navigation: one view shows at a time, named in the URL's hash (#rules) so reload and the
 // browser's back button keep it. A view module exports `show()` (called each time it is shown).
 import { $ } from "./dom.js";
+import * as notifications from "./notifications.js";
 import * as rules from "./rules.js";
 import * as settings from "./settings.js";
 
@@ -23,6 +24,7 @@ function show() {
 }
 
 export function start() {
+  notifications.start(); // the tray and the menu belong to every view
   for (const module of Object.values(VIEWS)) if (module) module.start();
   window.addEventListener("hashchange", show);
   show();
