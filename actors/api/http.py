@@ -48,6 +48,7 @@ from messages.control import (
     TimeWindow,
     to_plain,
 )
+from messages.events import HEARTBEAT_TTL
 from messages.schema import MessageError, Struct, decode_loose, record
 from runtime import paths
 from runtime.log import EventLog, describe
@@ -271,6 +272,7 @@ async def get_status(api: HttpApi, request: web.Request) -> web.StreamResponse:
             "policy_version": config["version"],
             "config_error": config["last_error"],
             "enabled": config["config"].get(cfg.ENABLE, False),
+            "heartbeat_ttl": HEARTBEAT_TTL,  # an actor not heard from for this long is gone
         }
     )
 

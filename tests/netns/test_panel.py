@@ -8,6 +8,8 @@ Screenshots of each view go to test-artifacts/panel/ (SPLITTUN_ARTIFACTS overrid
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -397,4 +399,37 @@ def test_dont_show_again_hides_a_notification_and_the_menus_reset_brings_it_back
     click(browser, 'li[data-note-id="panel-note"] button[data-action="ok"]')
     assert wait_until(lambda: "panel-note" not in tray(), timeout=5), text(browser, "#tray")
     click(browser, "#tray-toggle")
+    assert browser.console_errors() == []
+
+
+# --- interfaces and actors ------------------------------------------------------------------------------------
+
+ACTOR_ROWS = """return Object.fromEntries([...document.querySelectorAll('#actor-rows tr')].map(
+    (tr) => [tr.dataset.actor, tr.innerText]));"""
+
+
+def test_the_status_view_shows_uplinks_and_actors_and_a_banner_while_an_actor_is_gone(
+    st: E2E, browser: B.Browser
+) -> None:
+    show(browser, "status")
+    actors = lambda: browser.run(lambda d: d.execute_script(ACTOR_ROWS))  # noqa: E731
+    assert wait_until(lambda: "controller" in actors() and "netenv" in actors(), timeout=5), actors()
+    assert all("ready" in row and "ago" in row for row in actors().values()), actors()
+    ipv4 = text(browser, '#uplink-rows tr[data-family="4"]')
+    assert f"{T.HOST_IF} ({T.HOST_V4})" in ipv4, ipv4
+    assert browser.run(lambda d: d.find_element(By.ID, "banner").is_displayed()) is False
+    browser.screenshot("panel/status")
+
+    netenv = next(a for a in json.loads(st.ok("status", "--json"))["actors"] if a["actor"] == "netenv")
+    os.kill(netenv["pid"], signal.SIGSTOP)  # alive for supervisord, silent on the bus: its heartbeats stop
+    try:
+        banner = lambda: browser.run(lambda d: d.find_element(By.ID, "banner").is_displayed())  # noqa: E731
+        assert wait_until(banner, timeout=30), actors()
+        assert "netenv: gone (no heartbeat for" in text(browser, "#banner"), text(browser, "#banner")
+        assert "netenv" in text(browser, "#banner-problems") and "gone" in actors()["netenv"]
+        browser.screenshot("panel/status-banner")
+    finally:
+        os.kill(netenv["pid"], signal.SIGCONT)
+    assert wait_until(lambda: not banner(), timeout=15), text(browser, "#banner")
+    show(browser, "connections")
     assert browser.console_errors() == []

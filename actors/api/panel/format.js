@@ -110,3 +110,30 @@ export function interfaceResolution(choice, net) {
   if (choice && choice !== "auto") return `Split connections leave through ${choice}.`;
   return `auto resolves to ${one(4)}; ${one(6)}`;
 }
+
+// An actor's state as the status view shows it: gone (no heartbeat for the TTL), not ready (why), ready.
+export function actorState(a, ttl) {
+  if (a.age > ttl) return { cls: "gone", text: `gone (no heartbeat for ${duration(a.age)})` };
+  if (!a.ready) return { cls: "not-ready", text: "not ready: " + (a.not_ready || "starting") };
+  return { cls: "ready", text: "ready" };
+}
+
+// What keeps splittun from running fully, one line each ([] = all is well): actors gone or not ready, a refused
+// config file. `status` is GET /api/v1/status.
+export function problems(status) {
+  const found = [];
+  if (!status.actors.length) found.push("no actor has reported a heartbeat");
+  for (const a of status.actors) {
+    const s = actorState(a, status.heartbeat_ttl);
+    if (s.cls !== "ready") found.push(`${a.instance}: ${s.text}`);
+  }
+  if (status.config_error) found.push("config file refused: " + status.config_error);
+  return found;
+}
+
+export function duration(seconds) {
+  if (seconds === undefined || seconds === null) return "";
+  if (seconds < 60) return `${seconds.toFixed(seconds < 10 ? 1 : 0)} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${Math.floor(seconds % 60)} s`;
+  return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
+}

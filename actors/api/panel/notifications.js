@@ -6,7 +6,9 @@ import { get, send } from "./api.js";
 import { $, button, el } from "./dom.js";
 
 const POLL_MS = 2000;
+const SAY_MS = 15000; // how long what the menu did stays in view
 let shown = [];
+let sayTimer = 0;
 
 async function load() {
   try {
@@ -44,6 +46,8 @@ function say(text, cls = "ok") {
   node.textContent = text;
   node.className = "menu-status " + cls;
   node.hidden = false;
+  clearTimeout(sayTimer);
+  sayTimer = setTimeout(() => { node.hidden = true; }, SAY_MS);
 }
 
 async function reset() {

@@ -4,8 +4,9 @@ import { $ } from "./dom.js";
 import * as notifications from "./notifications.js";
 import * as rules from "./rules.js";
 import * as settings from "./settings.js";
+import * as status from "./status.js";
 
-const VIEWS = { connections: null, rules, settings };
+const VIEWS = { connections: null, rules, settings, status };
 
 function current() {
   const name = location.hash.slice(1);
@@ -24,7 +25,7 @@ function show() {
 }
 
 export function start() {
-  notifications.start(); // the tray and the menu belong to every view
+  notifications.start(); // the tray, the menu and the banner belong to every view
   for (const module of Object.values(VIEWS)) if (module) module.start();
   window.addEventListener("hashchange", show);
   show();
