@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import zmq
 
+from core.state import StateDB
+from messages import ConnEnd, ConnNew, ConnVerdict, ProcessInfo, Verdict, verdict_verb
+from messages.control import ConnectionInfo
+from runtime import paths
+from runtime.transport import Publisher, Subscriber
 from splittun.lab import topology as T
 from tests.support import browser as B
 from tests.support.e2e import E2E, private_e2e
@@ -432,4 +441,108 @@ def test_the_status_view_shows_uplinks_and_actors_and_a_banner_while_an_actor_is
         os.kill(netenv["pid"], signal.SIGCONT)
     assert wait_until(lambda: not banner(), timeout=15), text(browser, "#banner")
     show(browser, "connections")
+    assert browser.console_errors() == []
+
+
+# --- a long history and a busy machine ------------------------------------------------------------------------
+
+HISTORY = 10_000
+LIVE_RATE = 50  # new connections per second while the page is watched
+
+
+def synthetic(i: int, now: float, app: str) -> ConnectionInfo:
+    """A closed connection of the history: documentation addresses only, never a packet."""
+    return ConnectionInfo(
+        conn_id=f"{app}-{i}", started=now - 120 - i * 0.3, protocol="tcp", src_ip=T.HOST_V4, src_port=20000 + i % 40000,
+        dst_ip=f"198.51.100.{i % 250 + 1}", dst_port=443, pid=5000 + i % 100, exe=f"/usr/bin/{app}{i % 50:02d}",
+        process_name=f"{app}{i % 50:02d}", verdict=int(Verdict.ACCEPT), verb=verdict_verb(Verdict.ACCEPT),
+        ended=now - 119 - i * 0.3, state="closed",
+    )  # fmt: skip
+
+
+def publish_live(st: E2E, seconds: float, stop: threading.Event) -> int:
+    """LIVE_RATE connections a second on the lab's bus (conn.new, conn.verdict, conn.end), as an interceptor
+    under load would publish them; how many."""
+    assert st.inst is not None
+    ctx = zmq.Context()
+    pub = Publisher(ctx, paths.bus_in(st.inst.run_dir))
+    probe = Subscriber(ctx, paths.bus_out(st.inst.run_dir), ["conn.end"])
+    while probe.recv_frames(timeout=0.05) is None:  # until what we publish flows through the bus
+        pub.publish(ConnEnd(conn_id="synthlive-warmup", ts=time.time()))
+    probe.close()
+    proc = ProcessInfo(pid=4343, ppid=1, uid=0, name="synthlive", exe="/usr/bin/synthlive", cmdline=["synthlive"])
+    sent, t0 = 0, time.monotonic()
+    try:
+        while not stop.is_set() and time.monotonic() - t0 < seconds:
+            conn_id, now = f"synthlive-{sent}", time.time()
+            pub.publish(ConnNew(conn_id=conn_id, ts=now, ip_version=4, protocol=6, src_ip=T.HOST_V4,
+                                src_port=30000 + sent, dst_ip="198.51.100.99", dst_port=443, process=proc))  # fmt: skip
+            pub.publish(ConnVerdict(conn_id=conn_id, ts=now, verdict=Verdict.ACCEPT, reason="synthetic"))
+            pub.publish(ConnEnd(conn_id=conn_id, ts=now + 0.01, reason="closed"))
+            sent += 1
+            time.sleep(max(0.0, sent / LIVE_RATE - (time.monotonic() - t0)))
+    finally:
+        pub.close()
+        ctx.term()
+    return sent
+
+
+def total_shown(b: B.Browser) -> tuple[int, int]:
+    """(rows the filters let through, rows in the page) from the line under the list."""
+    numbers = [int(n) for n in re.findall(r"\d+", text(b, "#shown-count"))]
+    return (numbers[0], numbers[-1]) if numbers else (0, 0)
+
+
+def test_ten_thousand_connections_of_history_and_fifty_new_a_second_stay_usable_by_keyboard(
+    st: E2E, browser: B.Browser, leaks: Leaks
+) -> None:
+    assert st.inst is not None
+    now = time.time()
+    db = StateDB.open(st.inst.paths.state_db)  # the controller's history, as if it had seen them
+    try:
+        db.save_connections(synthetic(i, now, "synth") for i in range(HISTORY))
+    finally:
+        db.close()
+    browser.run(lambda d: d.get(f"{BASE}/"))
+    assert wait_until(lambda: total_shown(browser)[1] >= HISTORY, timeout=30), text(browser, "#shown-count")
+    assert len(rows(browser)) < 100  # virtualised: only what is in view is in the DOM
+
+    focused = "return document.activeElement && document.activeElement.dataset.connId;"
+    key = lambda k: browser.run(lambda d: d.switch_to.active_element.send_keys(k))  # noqa: E731
+    top = rows(browser)[0]["id"]
+    browser.run(lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-conn-id="{top}"]').send_keys(Keys.NULL))
+    key(Keys.END)
+    assert wait_until(lambda: browser.run(lambda d: d.execute_script(focused)) == f"synth-{HISTORY - 1}", timeout=5)
+    key(Keys.ARROW_UP)
+    assert browser.run(lambda d: d.execute_script(focused)) == f"synth-{HISTORY - 2}"
+    key(Keys.ENTER)
+    assert wait_until(lambda: "synth48" in text(browser, "#info-title"), timeout=5), text(browser, "#info")
+    key(Keys.HOME)
+    assert browser.run(lambda d: d.execute_script(focused)) == top
+    key(Keys.ESCAPE)
+    assert wait_until(lambda: not browser.run(lambda d: d.find_element(By.ID, "info").is_displayed()), timeout=5)
+
+    type_into(browser, "text-filter", "synth07")
+    assert wait_until(lambda: total_shown(browser)[0] == HISTORY // 50, timeout=5), text(browser, "#shown-count")
+    assert all("synth07" in r["text"] for r in rows(browser)), rows(browser)
+    type_into(browser, "text-filter", "curl")
+
+    leaks.allow(SPLIT_SERVER, "tcp", T.WHOAMI_TCP_PORT, via=T.HOST_IF)
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        live = pool.submit(publish_live, st, 6.0, stop)
+        try:
+            time.sleep(1.0)  # the page is busy with the synthetic stream when the curl comes
+            before = {r["id"] for r in rows(browser)}
+            st.lab.exec("host", ["curl", "-s", "--max-time", "5", f"http://{SPLIT_SERVER}/"], check=True)
+            new_split = lambda: [r for r in rows(browser) if r["id"] not in before and r["split"]]  # noqa: E731
+            assert wait_until(lambda: new_split() != [], timeout=5), rows(browser)
+        except BaseException:
+            stop.set()
+            raise
+        sent = live.result()
+    type_into(browser, "text-filter", "synthlive")
+    assert wait_until(lambda: total_shown(browser)[0] >= sent, timeout=10), (text(browser, "#shown-count"), sent)
+    browser.screenshot("panel/connections-10k")
+    type_into(browser, "text-filter", "")
     assert browser.console_errors() == []
