@@ -42,8 +42,8 @@ lint: venv
 test: deps venv lint
 	$(BIN)/pytest -q
 
-demo: deps venv
-	$(BIN)/python -m splittun.demo
+demo: deps venv  # KEEP=SECONDS: leave splittun running that long, its web panel at 127.0.0.1:8817
+	$(BIN)/python -m splittun.demo $(if $(KEEP),--keep $(KEEP))
 
 bench: deps venv
 	$(BIN)/python -m bench
