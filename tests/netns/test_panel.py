@@ -444,6 +444,30 @@ def test_the_status_view_shows_uplinks_and_actors_and_a_banner_while_an_actor_is
     assert browser.console_errors() == []
 
 
+# --- a narrow window -------------------------------------------------------------------------------------------
+
+OVERFLOW = """const w = document.documentElement.clientWidth;
+return [...document.querySelectorAll('body *')].filter((e) => e.getClientRects().length
+    && !e.closest('.conn-scroll') && e.getBoundingClientRect().right > w + 1)
+    .map((e) => e.tagName + '#' + e.id + '.' + e.className);"""
+
+
+def test_every_view_fits_a_narrow_window(browser: B.Browser) -> None:
+    """Nothing sticks out sideways at phone width (the connections list scrolls inside its own box)."""
+    size = browser.run(lambda d: d.get_window_size())
+    browser.run(lambda d: d.set_window_size(400, 800))
+    try:
+        for view in ("connections", "rules", "settings", "status"):
+            show(browser, view)
+            time.sleep(0.3)  # the view's first answers are in
+            sticking_out = browser.run(lambda d: d.execute_script(OVERFLOW))
+            assert sticking_out == [], (view, sticking_out)
+            browser.screenshot(f"panel/narrow-{view}")
+    finally:
+        browser.run(lambda d: d.set_window_size(size["width"], size["height"]))
+        show(browser, "connections")
+
+
 # --- a long history and a busy machine ------------------------------------------------------------------------
 
 HISTORY = 10_000
