@@ -16,6 +16,16 @@ const SPLIT = "split tunneled";
 
 const state = { rows: new Map(), order: [], verb: "", text: "", since: "", selected: "", counts: {}, action: {} };
 const splitKeys = new Map(); // split_key → conn_id, for proxy.session.* events
+const rulesById = new Map(); // the rules in force, for the info panel's "Decided by" (reloaded per policy)
+
+async function loadRules() {
+  try {
+    const rules = await get("/rules");
+    rulesById.clear();
+    for (const r of rules) rulesById.set(r.id, r);
+    if (state.selected && state.rows.has(state.selected)) showInfo(state.rows.get(state.selected));
+  } catch { /* the info panel names the rule by its id */ }
+}
 
 // --- data ----------------------------------------------------------------------------------------------------
 
@@ -215,7 +225,7 @@ function row(c) {
   const s = c.split || {};
   return el("tr", { tabindex: "0", class: c.conn_id === state.selected ? "selected" : "",
                     dataset: { connId: c.conn_id } },
-    el("td", {}, fmt.appName(c)),
+    el("td", {}, appIcon(c), fmt.appName(c)),
     el("td", { title: dest.address }, dest.name || dest.address, dest.name ? el("span", { class: "sub" }, dest.address) : ""),
     el("td", {}, fmt.protocolName(c.protocol)),
     el("td", {}, c.verb ? el("span", { class: "verdict " + fmt.verdictClass(c.verb) }, c.verb) : "…"),
@@ -223,6 +233,13 @@ function row(c) {
     el("td", { class: "num" }, c.split ? fmt.bytes(s.bytes_up) : ""),
     el("td", { class: "num" }, c.split ? fmt.bytes(s.bytes_down) : ""),
     el("td", { class: "state-" + c.state }, c.state));
+}
+
+function appIcon(c) {
+  const icon = fmt.appIcon(c);
+  const node = el("span", { class: "app-icon", "aria-hidden": "true" }, icon.letter);
+  node.style.setProperty("--hue", String(icon.hue)); // CSSOM, which the CSP allows (no inline style attribute)
+  return node;
 }
 
 // Keyboard: ↑/↓, Page Up/Down, Home/End move between rows (scrolling the virtual list), Enter or Space opens
@@ -272,7 +289,7 @@ function showInfo(c) {
     dl([["Name", dest.name], ["Address", c.dst_ip], ["Port", c.dst_port], ["Protocol", fmt.protocolName(c.protocol)],
         ["Resolved via", c.resolved_via]]),
     el("h3", {}, "Verdict"),
-    dl([["Verdict", c.verb], ["Reason", c.reason], ["Rule", c.rule || (c.verb ? "default (global setting)" : "")],
+    dl([["Verdict", c.verb], ["Reason", c.reason], ["Decided by", fmt.ruleOrigin(c, rulesById.get(c.rule))],
         ["Started", fmt.when(c.started)], ["Ended", fmt.when(c.ended)], ["End", c.end_reason], ["State", c.state]]),
   ];
   if (c.verb === "split tunneled") {
@@ -353,7 +370,9 @@ async function start() {
     if (e.key === "/" && !typing) { e.preventDefault(); $("text-filter").focus(); }
     if (e.key === "Escape" && !$("info").hidden && $("tray").hidden) closeInfo();
   });
-  subscribe(["conn.", "proxy.session."], {
+  loadRules();
+  subscribe(["conn.", "proxy.session.", "policy.snapshot"], {
+    "policy.snapshot": loadRules,
     "conn.new": onNew,
     "conn.verdict": onVerdict,
     "conn.end": onEnd,

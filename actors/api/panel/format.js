@@ -137,3 +137,22 @@ export function duration(seconds) {
   if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${Math.floor(seconds % 60)} s`;
   return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
 }
+
+// Which rule decided a connection, and whether it is an app's rule or one for every app; no rule = the global
+// setting. `rule` is that rule from /rules (undefined when not loaded or gone since).
+export function ruleOrigin(c, rule) {
+  if (!c.verb) return "";
+  if (!c.rule) return "the global setting (no rule matched)";
+  if (!rule) return `rule ${c.rule}`;
+  const kind = rule.app_path || rule.app_name ? "app rule" : "rule for every app";
+  return `${kind} ${c.rule}: ${rule.action} ${ruleConditions(rule)}`;
+}
+
+// An app's icon: its initial on a colour of its own (the same app, the same colour). Real icons would need the
+// desktop's icon theme, which the api actor does not read.
+export function appIcon(c) {
+  const name = appName(c);
+  let hash = 0;
+  for (const ch of c.exe || name) hash = (hash * 31 + ch.charCodeAt(0)) >>> 0;
+  return { letter: (name.match(/[a-z0-9]/i) || ["?"])[0].toUpperCase(), hue: hash % 360 };
+}
