@@ -51,10 +51,22 @@ function upsert(c) {
     if (at >= 0) state.order[at] = row;
   } else {
     keepScrollPlace(insertOrdered(row));
+    forgetOldest();
   }
   listDirty = true;
   render();
   if (c.conn_id === state.selected) showInfo(row);
+}
+
+// The page keeps HISTORY_LIMIT connections, however long it stays open: the oldest go (not the selected one).
+function forgetOldest() {
+  while (state.order.length > HISTORY_LIMIT) {
+    const last = state.order.length - 1;
+    const at = state.order[last].conn_id === state.selected ? last - 1 : last;
+    const [gone] = state.order.splice(at, 1);
+    state.rows.delete(gone.conn_id);
+    if (gone.split_key) splitKeys.delete(gone.split_key);
+  }
 }
 
 // The registry's joined view of a connection (process details, split session, bytes), asked at most
@@ -364,6 +376,7 @@ async function start() {
   $("conn-rows").addEventListener("keydown", onRowKey);
   scroller().addEventListener("scroll", render, { passive: true });
   window.addEventListener("resize", render);
+  window.addEventListener("viewshown", (e) => { if (e.detail === "connections") render(); }); // sized again
   document.addEventListener("keydown", (e) => {
     if ($("view-connections").hidden) return;
     const typing = ["INPUT", "SELECT", "TEXTAREA"].includes(document.activeElement.tagName);

@@ -22,6 +22,7 @@ function show() {
     else tab.removeAttribute("aria-current");
   }
   if (VIEWS[name]) VIEWS[name].show();
+  window.dispatchEvent(new CustomEvent("viewshown", { detail: name })); // app.js redraws the connections list
 }
 
 export function start() {
