@@ -15,7 +15,7 @@ async function poll() {
     found = fmt.problems(last);
   } catch (err) {
     last = null;
-    found = ["the API does not answer: " + err.message];
+    found = ["splittun does not answer: " + err.message]; // the api actor, or the controller behind it
   }
   $("banner-problems").replaceChildren(...found.map((p) => el("li", {}, p)));
   $("banner").hidden = found.length === 0;
