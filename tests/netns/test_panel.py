@@ -20,8 +20,10 @@ from typing import Any
 import pytest
 import zmq
 
+from core import config as cfg
+from core.policy.rules import describe as describe_rule
 from core.state import StateDB
-from messages import ConnEnd, ConnNew, ConnVerdict, ProcessInfo, Verdict, verdict_verb
+from messages import ConnEnd, ConnNew, ConnVerdict, PolicyRule, ProcessInfo, Verdict, verdict_verb
 from messages.control import ConnectionInfo
 from runtime import paths
 from runtime.transport import Publisher, Subscriber
@@ -313,6 +315,36 @@ def test_adding_a_rule_in_the_panel_makes_the_next_curl_split_and_it_can_be_move
             st.apply("rules", "remove", added["id"])
         show(browser, "connections")
     assert browser.console_errors() == []
+
+
+def test_the_panel_describes_a_rule_as_the_cli_does_and_maps_every_rule_error_to_a_field(browser: B.Browser) -> None:
+    """format.js beside core: `ruleConditions` against rules.describe, `errorField` against the add form."""
+    samples = [
+        PolicyRule(id="r1", action="split", app_name="curl", dest="203.0.113.81"),
+        PolicyRule(
+            id="r2",
+            action="keep",
+            app_path="/usr/bin/*",
+            uid=1000,
+            children=True,
+            proto="udp",
+            port_lo=53,
+            port_hi=53,
+            interface="eth0",
+        ),
+        PolicyRule(id="r3", action="split", dest=".example.com", proto="tcp", port_lo=8000, port_hi=8080),
+        PolicyRule(id="r4", action="split", preset="video"),
+    ]
+    fields = ["dest", "port", "proto", "app_path", "app_name", "children", "uid", "--interface", "position"]
+    script = """const [rules, fields, done] = arguments;
+    import('/panel/format.js').then((f) => done({
+      described: rules.map((r) => r.action + ' ' + f.ruleConditions(r)),
+      mapped: fields.map((x) => f.errorField(x + ': the problem')),
+      forms: [...document.querySelectorAll('#rule-form [id^=rule-]')].map((e) => e.id.slice(5)),
+    }));"""
+    got = browser.run(lambda d: d.execute_async_script(script, [cfg.rule_to_json(r) for r in samples], fields))
+    assert got["described"] == [describe_rule(r).removesuffix(f" via {r.interface}") for r in samples]
+    assert all(m in got["forms"] for m in got["mapped"]), got  # every refusal lands next to a field
 
 
 # --- settings -------------------------------------------------------------------------------------------------
