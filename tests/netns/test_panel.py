@@ -413,6 +413,33 @@ def test_settings_are_shown_by_expertise_level_and_a_refusal_is_shown_by_the_opt
     browser.console_errors()  # the refused PUT is an expected console error
 
 
+def test_the_interface_choice_is_set_in_the_panel_and_a_wrong_one_is_refused_in_the_clis_words(
+    st: E2E, browser: B.Browser
+) -> None:
+    show(browser, "settings")
+    type_into(browser, "interface-choice", "nosuch0")
+    click(browser, "#interface-save")
+    assert wait_until(lambda: text(browser, "#interface-error") != "", timeout=5)
+    cli_says = st.refused("interface", "nosuch0")
+    said = text(browser, "#interface-error")
+    assert "unknown interface 'nosuch0'" in said and said in cli_says, (said, cli_says)
+    browser.console_errors()  # the refused PUT
+    try:
+        type_into(browser, "interface-choice", T.HOST_IF)
+        click(browser, "#interface-save")
+        chosen = f"Split connections leave through {T.HOST_IF}."
+        assert wait_until(lambda: chosen in text(browser, "#interface-resolved"), timeout=5)
+        assert text(browser, "#interface-error") == "" and st.config_file()["splittun/interface"] == T.HOST_IF
+        type_into(browser, "interface-choice", "auto")
+        click(browser, "#interface-save")
+        assert wait_until(lambda: "auto resolves to IPv4" in text(browser, "#interface-resolved"), timeout=5)
+        assert st.config_file().get("splittun/interface", "") == ""
+    finally:
+        if st.config_file().get("splittun/interface"):
+            st.interface("auto", expect=T.HOST_IF)
+    assert browser.console_errors() == []
+
+
 # --- notifications --------------------------------------------------------------------------------------------
 
 NOTES = "return [...document.querySelectorAll('#tray-list li[data-note-id]')].map((li) => li.dataset.noteId);"
