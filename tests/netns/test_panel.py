@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,6 +98,19 @@ def click(b: B.Browser, selector: str) -> None:
     act(b, selector, "click", lambda e: e.click())
 
 
+def press(b: B.Browser, key: str) -> None:
+    """A key press on whatever has the focus (again if a live update was re-laying it out just then)."""
+
+    def attempt(d: Any) -> bool:
+        try:
+            d.switch_to.active_element.send_keys(key)
+            return True
+        except (StaleElementReferenceException, ElementNotInteractableException):
+            return False
+
+    assert wait_until(lambda: b.run(attempt), timeout=5), f"could not press {key!r}"
+
+
 def focus(b: B.Browser, selector: str) -> None:
     """The keyboard focus on what `selector` finds now, the way a key press would put it there."""
     act(b, selector, "focus", lambda e: e.send_keys(Keys.NULL))
@@ -130,6 +144,8 @@ def test_a_split_curl_appears_with_the_split_class_and_its_info_panel_names_the_
     info = text(browser, "#info")
     assert "curl" in info and SPLIT_SERVER in info and "split tunneled" in info
     assert f"app rule r1: split name=curl dest={SPLIT_SERVER}" in info, info  # the rule, and that it is an app's
+    parent = Path("/proc/self/comm").read_text().strip()  # curl's parent: this test's process (ip execs curl)
+    assert f"Parent chain\n{parent} ← " in info, info
     browser.screenshot("panel/info")
     assert browser.console_errors() == []
 
@@ -188,7 +204,7 @@ def test_a_focused_row_keeps_the_focus_through_live_updates_and_enter_opens_it(
     st.lab.exec("host", ["curl", "-s", "--max-time", "5", f"http://{SPLIT_SERVER}/"], check=True)
     assert wait_until(lambda: len(rows(browser)) > count, timeout=5), rows(browser)
     assert browser.run(lambda d: d.execute_script(focused)) == first["id"]  # the live row did not steal it
-    browser.run(lambda d: d.switch_to.active_element.send_keys(Keys.ENTER))
+    press(browser, Keys.ENTER)
     assert wait_until(lambda: first["id"] in browser.run(lambda d: d.execute_script(SELECTED)), timeout=5)
 
 
@@ -601,22 +617,21 @@ def test_ten_thousand_connections_of_history_and_fifty_new_a_second_stay_usable_
     assert len(rows(browser)) < 100  # virtualised: only what is in view is in the DOM
 
     focused = "return document.activeElement && document.activeElement.dataset.connId;"
-    key = lambda k: browser.run(lambda d: d.switch_to.active_element.send_keys(k))  # noqa: E731
     top = rows(browser)[0]["id"]
     focus(browser, f'tr[data-conn-id="{top}"]')
-    key(Keys.END)  # the oldest the page keeps (it keeps the newest 10,000)
+    press(browser, Keys.END)  # the oldest the page keeps (it keeps the newest 10,000)
     oldest = lambda: re.fullmatch(r"synth-(\d+)", browser.run(lambda d: d.execute_script(focused)) or "")  # noqa: E731
     assert wait_until(lambda: oldest() is not None, timeout=5), browser.run(lambda d: d.execute_script(focused))
     last = int(oldest().group(1))  # type: ignore[union-attr]
     assert last >= HISTORY - 100 and rows(browser)[-1]["id"] == f"synth-{last}"
-    key(Keys.ARROW_UP)
+    press(browser, Keys.ARROW_UP)
     assert browser.run(lambda d: d.execute_script(focused)) == f"synth-{last - 1}"
-    key(Keys.ENTER)
+    press(browser, Keys.ENTER)
     app = f"synth{(last - 1) % 50:02d}"
     assert wait_until(lambda: app in text(browser, "#info-title"), timeout=5), text(browser, "#info")
-    key(Keys.HOME)
+    press(browser, Keys.HOME)
     assert browser.run(lambda d: d.execute_script(focused)) == top
-    key(Keys.ESCAPE)
+    press(browser, Keys.ESCAPE)
     assert wait_until(lambda: not browser.run(lambda d: d.find_element(By.ID, "info").is_displayed()), timeout=5)
 
     type_into(browser, "text-filter", "synth07")

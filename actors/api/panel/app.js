@@ -116,7 +116,7 @@ function onNew(e) {
     upsert({ conn_id: e.conn_id, started: e.ts, protocol: fmt.protocolName(e.protocol), src_ip: e.src_ip,
              src_port: e.src_port, dst_ip: e.dst_ip, dst_port: e.dst_port, domain: e.domain || "", pid: p.pid ?? -1,
              exe: p.exe || "", process_name: p.name || "", uid: p.uid ?? -1, cmdline: p.cmdline || [], verb: "",
-             state: "open" });
+             state: "open", ppid: p.ppid ?? -1, ancestors: p.ancestors || [], ancestor_names: p.ancestor_names || [] });
   }
   refreshCounts();
 }
@@ -296,7 +296,8 @@ function showInfo(c) {
   const body = [
     el("h3", {}, "Process"),
     dl([["Name", fmt.appName(c)], ["Path", c.exe], ["PID", c.pid >= 0 ? c.pid : ""], ["User", c.uid >= 0 ? c.uid : ""],
-        ["Command line", (c.cmdline || []).join(" ")]]),
+        ["Command line", (c.cmdline || []).join(" ")], ["Parent PID", c.ppid >= 0 ? c.ppid : ""],
+        ["Parent chain", fmt.parentChain(c)]]),
     el("h3", {}, "Destination"),
     dl([["Name", dest.name], ["Address", c.dst_ip], ["Port", c.dst_port], ["Protocol", fmt.protocolName(c.protocol)],
         ["Resolved via", c.resolved_via]]),

@@ -156,3 +156,10 @@ export function appIcon(c) {
   for (const ch of c.exe || name) hash = (hash * 31 + ch.charCodeAt(0)) >>> 0;
   return { letter: (name.match(/[a-z0-9]/i) || ["?"])[0].toUpperCase(), hue: hash % 360 };
 }
+
+// The parent chain, parent first, as conn.new carried it (the interceptor reads it when the connection starts;
+// the history does not keep it): "bash ← sshd ← systemd".
+export function parentChain(c) {
+  const names = (c.ancestor_names || []).length ? c.ancestor_names : (c.ancestors || []).map((a) => a.split("/").pop());
+  return names.join(" ← ");
+}
