@@ -6,9 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the project uses: firewall (legacy iptables: this kernel queues only through xt NFQUEUE),
 # nft (wg-quick style lab rule), netlink tools, the NFQUEUE library netfilterqueue builds against,
-# the real clients and servers of tests and benchmarks.
+# the real clients and servers of tests and benchmarks, and the browser the web panel is tested in.
 APT_PACKAGES := iptables nftables iproute2 conntrack libnetfilter-queue-dev gcc make \
-                iperf3 curl socat haproxy wrk procps psmisc util-linux openssl
+                iperf3 curl socat haproxy wrk procps psmisc util-linux openssl \
+                chromium chromium-driver
 
 .PHONY: all deps venv test lint demo bench clean distclean
 
@@ -41,8 +42,8 @@ lint: venv
 test: deps venv lint
 	$(BIN)/pytest -q
 
-demo: deps venv
-	$(BIN)/python -m splittun.demo
+demo: deps venv  # KEEP=SECONDS: leave splittun running that long, its web panel at 127.0.0.1:8817
+	$(BIN)/python -m splittun.demo $(if $(KEEP),--keep $(KEEP))
 
 bench: deps venv
 	$(BIN)/python -m bench

@@ -8,6 +8,7 @@ transport, the lab's probes, link housekeeping and the split connections it show
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -32,10 +33,12 @@ from splittun.lab.ivpn import (
 from splittun.lab.leakmon import LeakMonitor, LeakMonitorError, LeakReport
 
 LAB_NAME = "demo"
+PANEL_PORT = 8817  # `--keep`: the web panel forwarded to this port on the machine's own loopback
 
 
 class Demo:
-    def __init__(self) -> None:
+    def __init__(self, keep: float = 0.0) -> None:
+        self.keep = keep  # seconds splittun stays up for a person to look at the web panel (0 = don't wait)
         self.lab = Lab(name=LAB_NAME, style="replaced")
         self.home = Path(tempfile.mkdtemp(prefix="splittun-demo-", dir="/tmp"))
         self.env = {**os.environ, "SPLITTUN_HOME": str(self.home)}
@@ -152,6 +155,8 @@ class Demo:
             ["conn.verdict", "proxy.session"],
             ["curl", "-s", "-o", "/dev/null", "--max-time", "5", f"http://{T.SERVER_V4[1]}/"],
         )
+
+        self.panel()
 
         self.step("Stop splittun: the firewall is back to exactly what it was")
         self.splittun("down")
@@ -286,6 +291,43 @@ class Demo:
         out, _ = watcher.communicate(timeout=30)
         print("\n".join("    " + line for line in out.rstrip().splitlines()), flush=True)
 
+    def panel(self) -> None:
+        """The web panel's one-time login URL; with --keep, the panel forwarded to this machine's loopback (the
+        api actor listens on the lab host's loopback only) and splittun left running that long."""
+        self.step("The web panel: the same connections, rules and settings in a browser")
+        url = self.splittun("ui").strip()
+        if not self.keep:
+            print("    (the panel listens in the lab's namespace; `make demo KEEP=600` keeps it running for ten "
+                  f"minutes and forwards it to 127.0.0.1:{PANEL_PORT} on this machine)", flush=True)  # fmt: skip
+            return
+        relay = f"ip netns exec {self.lab.ns('host')} socat STDIO TCP\\:127.0.0.1\\:817"  # socat: \: inside SYSTEM
+        forward = subprocess.Popen(
+            ["socat", f"TCP-LISTEN:{PANEL_PORT},bind=127.0.0.1,reuseaddr,fork", f"SYSTEM:{relay}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        fresh = f"sudo ip netns exec {self.lab.ns('host')} env SPLITTUN_HOME={self.home} splittun ui"
+        print(
+            f"\n    Open in a browser on this machine (one use, valid for two minutes):\n\n"
+            f"        {url.replace(':817/', f':{PANEL_PORT}/')}\n\n"
+            f"    (127.0.0.1:{PANEL_PORT} is forwarded to the panel in the lab; a fresh login URL: {fresh},\n"
+            f"    then change its port to {PANEL_PORT}.) splittun keeps running for {self.keep:.0f} s; Ctrl-C ends "
+            "the wait.",
+            flush=True,
+        )
+        try:
+            deadline = time.monotonic() + self.keep
+            while time.monotonic() < deadline and forward.poll() is None:
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            if forward.poll() is not None:
+                why = (forward.stderr.read() if forward.stderr else b"").decode().strip()
+                raise RuntimeError(f"the forward to 127.0.0.1:{PANEL_PORT} stopped: {why or 'no reason given'}")
+        except KeyboardInterrupt:
+            print("\n    (the wait was cut short)", flush=True)
+        finally:
+            forward.terminate()
+            forward.wait(timeout=5)
+
     def other_app(self, proto: str, family: int, target: str) -> None:
         """The lab's plain Python client: an app no rule matches."""
         self.sh(
@@ -325,12 +367,21 @@ def leak_line(report: LeakReport) -> str:
             f"packets, {report.probes} probe packets, {len(report.allowed)} split flows allowed)")  # fmt: skip
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m splittun.demo", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--keep",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help=f"before stopping, keep splittun running this long with the web panel at 127.0.0.1:{PANEL_PORT}",
+    )
+    args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("make demo needs root (it creates network namespaces): run it with sudo", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    demo = Demo()
+    demo = Demo(keep=args.keep)
     try:
         demo.run()
     except (RuntimeError, LabError, LeakMonitorError, IvpnDaemonError, subprocess.TimeoutExpired) as exc:

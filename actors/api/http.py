@@ -49,12 +49,13 @@ from messages.control import (
     TimeWindow,
     to_plain,
 )
+from messages.events import HEARTBEAT_TTL
 from messages.schema import MessageError, Struct, decode_loose, record
 from runtime import paths
 from runtime.log import EventLog, describe
 from runtime.transport import ask
 
-from . import policy
+from . import panel, policy
 
 API = "/api/v1"
 MAX_BODY_BYTES = 64 * 1024
@@ -122,6 +123,7 @@ class HttpApi:
             app.router.add_route(route.method, API + route.path, self._bind(route))
         app.router.add_get("/ui/login", self.login)
         app.router.add_get("/", self.home)
+        app.router.add_get("/panel/{name:.+}", self.asset)
         return app
 
     def _bind(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -153,6 +155,8 @@ class HttpApi:
             self.refused += 1
             if decided.log:
                 self.log.warning("api.auth_failed", source=facts.source, path=request.path, why=decided.message)
+            if decided.status == 401 and request.method == "GET" and request.path == "/":
+                return self._panel_file(panel.LOGIN, status=401)  # a browser without a session: how to get one
             return error(decided.status, decided.code, decided.message)
         try:
             response = await handler(request)
@@ -200,7 +204,21 @@ class HttpApi:
         return response
 
     async def home(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"splittun": "logged in", "api": f"{API}/openapi.json"})
+        """The web panel (actors/api/panel/), once logged in; the guard already checked the session."""
+        return self._panel_file(panel.INDEX)
+
+    async def asset(self, request: web.Request) -> web.StreamResponse:
+        name = panel.asset_name(request.match_info["name"])
+        if name is None:
+            return error(404, NOT_FOUND, f"no panel file {request.match_info['name']!r}")
+        return self._panel_file(name)
+
+    def _panel_file(self, name: str, status: int = 200) -> web.StreamResponse:
+        data = panel.read_asset(name)
+        if data is None:
+            return error(404, NOT_FOUND, f"no panel file {name!r}")
+        headers = {"Content-Type": panel.content_type(name), "Cache-Control": "no-store", **panel.HEADERS}
+        return web.Response(body=data, status=status, headers=headers)
 
 
 # --- handlers -----------------------------------------------------------------------------------------------
@@ -255,6 +273,7 @@ async def get_status(api: HttpApi, request: web.Request) -> web.StreamResponse:
             "policy_version": config["version"],
             "config_error": config["last_error"],
             "enabled": config["config"].get(cfg.ENABLE, False),
+            "heartbeat_ttl": HEARTBEAT_TTL,  # an actor not heard from for this long is gone
         }
     )
 

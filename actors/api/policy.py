@@ -7,8 +7,9 @@ What local web APIs get wrong, and what this refuses:
   no Origin (a script, curl) or the API's own (same scheme, host and port); anything else is 403. No CORS
   headers are ever sent, so no other origin can read an answer either.
 - Guessing tokens: every request needs the read or the admin token (`Authorization: Bearer …`) or a session
-  cookie from a one-time login code; after `FAILURES_ALLOWED` failures in `FAILURE_WINDOW` seconds a source is
-  refused (429) until the window passes, and only its first failure per window is logged.
+  cookie from a one-time login code; after `FAILURES_ALLOWED` wrong tokens or login codes in `FAILURE_WINDOW`
+  seconds a source is refused (429) until the window passes, and only its first failure per window is logged.
+  A request that presents no token (a browser opening the panel before logging in) is refused but not counted.
 - Levels: read (status, connections, counts, notifications, options) vs admin (anything that changes state);
   the read token on an admin endpoint is 403.
 """
@@ -175,10 +176,14 @@ def decide(
     level = token_level(req.authorization, tokens)
     if level is None and req.session:
         level = sessions.level(req.session, now)
+    if level is None and not req.authorization:
+        # No token presented: nothing was guessed (a browser opening / before logging in, or sending a cookie
+        # from before a restart), so it neither counts towards the limit nor fills the log.
+        why = "session expired" if req.session else "token missing"
+        return Refusal(401, "unauthorized", f"{why}: send Authorization: Bearer <token> or log in with splittun ui")
     if level is None:
         first = limiter.fail(req.source, now)
-        why = "missing" if not req.authorization and not req.session else "wrong"
-        return Refusal(401, "unauthorized", f"token {why}: send Authorization: Bearer <token>", log=first)
+        return Refusal(401, "unauthorized", "token wrong: send Authorization: Bearer <token>", log=first)
     if needed == ADMIN and level != ADMIN:
         return Refusal(403, "forbidden", "this needs the admin token")
     return level

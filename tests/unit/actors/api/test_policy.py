@@ -60,7 +60,7 @@ def test_refusals_in_order() -> None:
     assert run(facts(host="evil.example:817")).status == 403  # DNS rebinding: before anything else
     assert run(facts(method="POST", origin="http://evil.example"), ADMIN).code == "cross_origin"
     missing = run(facts(auth=None))
-    assert (missing.status, missing.log) == (401, True) and "missing" in missing.message
+    assert (missing.status, missing.log) == (401, False) and "missing" in missing.message
     assert run(facts(auth="Bearer nope")).status == 401
     assert run(facts(auth="Basic YWRtaW46YWRtaW4=")).status == 401
 
@@ -73,6 +73,18 @@ def test_failed_logins_are_limited_and_logged_once_per_source() -> None:
     assert isinstance(blocked, Refusal) and blocked.status == 429
     assert run(facts(source="127.0.0.2"), limiter=limiter) == ADMIN  # per source
     assert decide(facts(), READ, TOKENS, Expiring(60, once=False), limiter, NOW + 61) == ADMIN
+
+
+def test_only_a_wrong_token_counts_as_a_failed_login() -> None:
+    """A browser opening / without a session (or with one from before a restart) guessed nothing."""
+    limiter = FailureLimiter(allowed=3, window=60)
+    for _ in range(5):
+        assert run(facts(auth=None), limiter=limiter).status == 401
+        assert run(facts(auth=None, session="from-before-a-restart"), limiter=limiter).status == 401
+    assert run(facts(), limiter=limiter) == ADMIN
+    for _ in range(3):
+        run(facts(auth="Bearer guess"), limiter=limiter)
+    assert run(facts(), limiter=limiter).status == 429
 
 
 def test_login_codes_work_once_and_sessions_until_they_expire() -> None:
