@@ -107,7 +107,7 @@ class Demo:
         self.sh(["curl", "-s", "--max-time", "5", f"http://[{T.WHOAMI_V6}]/"])
         print(f"    (the VPN server's exit address is {T.VPNSRV_V4}; the ISP gave this laptop {T.HOST_V4})")
 
-        self.step("Start splittun inside the laptop's namespace (supervisord runs the bus and the seven actors)")
+        self.step("Start splittun inside the laptop's namespace (supervisord runs the bus and the eight actors)")
         self.splittun("up")
         self.splittun("status")
         self.splittun("interface")
