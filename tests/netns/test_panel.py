@@ -136,6 +136,19 @@ def test_a_split_curl_appears_with_the_split_class_and_its_info_panel_names_the_
     assert wait_until(lambda: new_split_row() is not None, timeout=5), rows(browser)
     row = new_split_row()
     assert row is not None and "split tunneled" in row["text"] and "curl" in row["text"]
+
+    chips_js = (
+        "return [...document.querySelectorAll('#chips .chip')].map((c) => [c.dataset.verb, c.lastChild.textContent])"
+    )
+
+    def chips() -> dict[str, str]:
+        return dict(browser.run(lambda d: d.execute_script(chips_js)))
+
+    def counted() -> bool:  # the chips catch up with the rows (their counts are refreshed, throttled)
+        now = chips()
+        return now.get("") == str(len(rows(browser))) and now.get("split tunneled", "0") != "0"
+
+    assert wait_until(counted, timeout=5), chips()
     browser.screenshot("panel/connections")
 
     click(browser, f'tr[data-conn-id="{row["id"]}"]')
