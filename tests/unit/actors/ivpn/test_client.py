@@ -32,8 +32,10 @@ class Recorder:
             self.changed.notify_all()
 
     def wait(self, what: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Until `what` holds for the statuses so far (none yet: the client's first may still be on its way)."""
         with self.changed:
-            assert self.changed.wait_for(what, timeout), f"statuses {self.statuses[-3:]}, logs {self.logs}"
+            ok = self.changed.wait_for(lambda: bool(self.statuses) and what(), timeout)
+            assert ok, f"statuses {self.statuses[-3:]}, logs {self.logs}"
 
     @property
     def last(self) -> IvpnSnapshot:
