@@ -218,16 +218,16 @@ def test_malformed_requests_get_error_replies(procs: Procs) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_actor_stops_within_two_seconds_and_removes_its_socket(procs: Procs, signum: int) -> None:
     procs.start("bus", "runtime.bus")
-    actor = procs.start("netenv", "actors.netenv")
-    sock = paths.ipc_path(procs.run_dir, "netenv.ctl")
+    actor = procs.start("quiet", "tests.fixtures.runtime.quiet_actor")  # no product actor in the root namespace
+    sock = paths.ipc_path(procs.run_dir, "quiet.ctl")
     wait_for(sock.exists)
-    wait_for(lambda: "actor.started" in procs.log("netenv"))
+    wait_for(lambda: "actor.started" in procs.log("quiet"))
     started = time.monotonic()
     actor.send_signal(signum)
     assert actor.wait(timeout=5) == 0
     assert time.monotonic() - started < 2.0
     assert not sock.exists()
-    assert f"actor.stopped reason={signal.Signals(signum).name}" in procs.log("netenv")
+    assert f"actor.stopped reason={signal.Signals(signum).name}" in procs.log("quiet")
 
 
 def test_bus_stops_and_removes_its_sockets(procs: Procs) -> None:
