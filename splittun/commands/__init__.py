@@ -7,8 +7,12 @@ A handler gets the parsed args and returns an exit code; a user mistake raises `
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from messages.control import UNAVAILABLE, Op, RequestFailed, to_plain
+from runtime import paths
 from runtime.paths import Home, HomeError
+from runtime.transport import ask
 
 # Exit codes
 OK = 0
@@ -37,6 +41,18 @@ def current_home() -> Home:
     except HomeError as exc:
         raise UserError(str(exc)) from None
     return home
+
+
+def ask_actor(action: str, instance: str, op: Op[Any, Any], args: Any = None) -> Any:
+    """`op` asked of a running actor instance for `action` (a `splittun ...` command), answered as plain maps and
+    lists (what --json prints); a refusal is the command's one-line error (exit NOT_RUNNING when the actor is
+    not there, FAILED otherwise)."""
+    require_root(action)
+    home = current_home()
+    try:
+        return to_plain(ask(paths.actor_endpoint(home.run_dir, instance), op, args, timeout=3, who=instance))
+    except RequestFailed as exc:
+        raise UserError(str(exc), NOT_RUNNING if exc.code == UNAVAILABLE else FAILED) from None
 
 
 def prepared_home() -> Home:

@@ -10,11 +10,9 @@ import argparse
 import webbrowser
 
 from core import access
-from messages.control import UNAVAILABLE, Api, NoArgs, RequestFailed
-from runtime import paths
-from runtime.transport import ask
+from messages.control import Api, NoArgs
 
-from . import FAILED, NOT_RUNNING, OK, UserError, current_home, require_root
+from . import FAILED, NOT_RUNNING, OK, UserError, ask_actor, current_home, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,13 +39,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    require_root("splittun ui")
-    home = current_home()
-    try:
-        login = ask(paths.actor_endpoint(home.run_dir, "api"), Api.LOGIN, NoArgs(), timeout=3, who="api")
-    except RequestFailed as exc:
-        raise UserError(str(exc), NOT_RUNNING if exc.code == UNAVAILABLE else FAILED) from None
-    print(login.url)
-    if args.open and not webbrowser.open(login.url):
+    url = ask_actor("splittun ui", "api", Api.LOGIN, NoArgs())["url"]
+    print(url)
+    if args.open and not webbrowser.open(url):
         raise UserError("no browser to open here: copy the URL above", FAILED)
     return OK

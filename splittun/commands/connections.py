@@ -10,21 +10,15 @@ from typing import Any
 
 from core.state import TimeSpecError, parse_when
 from messages.control import (
-    NOT_FOUND,
-    UNAVAILABLE,
     ConnectionArgs,
     ConnectionsArgs,
     Controller,
     Op,
-    RequestFailed,
-    to_plain,
 )
 from messages.flows import endpoint_text
-from runtime import paths
-from runtime.transport import ask as ask_op
 from splittun.output import duration, table
 
-from . import FAILED, NOT_RUNNING, OK, UserError, current_home, require_root
+from . import OK, UserError, ask_actor
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,15 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def ask(op: Op[Any, Any], args: Any) -> Any:
     """The controller's answer, as plain maps and lists (what --json prints)."""
-    require_root(f"splittun {op.name}")
-    home = current_home()
-    try:
-        return to_plain(ask_op(paths.control(home.run_dir), op, args, timeout=3, who="controller"))
-    except RequestFailed as exc:
-        code = NOT_RUNNING if exc.code == UNAVAILABLE else FAILED
-        if exc.code == NOT_FOUND:
-            code = FAILED
-        raise UserError(str(exc), code) from None
+    return ask_actor(f"splittun {op.name}", "controller", op, args)
 
 
 def _app(row: dict[str, Any]) -> str:

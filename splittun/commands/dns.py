@@ -6,12 +6,10 @@ import argparse
 import json
 from typing import Any
 
-from messages.control import UNAVAILABLE, Op, RequestFailed, Resolver, to_plain
-from runtime import paths
-from runtime.transport import ask as ask_op
+from messages.control import Op, Resolver
 from splittun.output import table
 
-from . import FAILED, NOT_RUNNING, OK, UserError, current_home, require_root
+from . import OK, ask_actor
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,12 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def ask(op: Op[Any, Any]) -> Any:
-    require_root(f"splittun dns {op.name}")
-    home = current_home()
-    try:
-        return to_plain(ask_op(paths.actor_endpoint(home.run_dir, "resolver"), op, None, timeout=3, who="resolver"))
-    except RequestFailed as exc:
-        raise UserError(str(exc), NOT_RUNNING if exc.code == UNAVAILABLE else FAILED) from None
+    return ask_actor(f"splittun dns {op.name}", "resolver", op)
 
 
 def cmd_dns(args: argparse.Namespace) -> int:

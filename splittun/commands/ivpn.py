@@ -7,11 +7,9 @@ import json
 import time
 from typing import Any
 
-from messages.control import UNAVAILABLE, Ivpn, Op, RequestFailed, to_plain
-from runtime import paths
-from runtime.transport import ask as ask_op
+from messages.control import Ivpn, Op
 
-from . import FAILED, NOT_RUNNING, OK, UserError, current_home, require_root
+from . import OK, ask_actor
 
 PING_WAIT = 0.5
 
@@ -30,12 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def ask(op: Op[Any, Any]) -> dict[str, Any]:
-    require_root(f"splittun ivpn {op.name}")
-    home = current_home()
-    try:
-        return to_plain(ask_op(paths.actor_endpoint(home.run_dir, "ivpn"), op, None, timeout=3, who="ivpn"))
-    except RequestFailed as exc:
-        raise UserError(str(exc), NOT_RUNNING if exc.code == UNAVAILABLE else FAILED) from None
+    return ask_actor(f"splittun ivpn {op.name}", "ivpn", op)
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
