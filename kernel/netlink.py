@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
+import select
 import socket
 import struct
+import time
 from collections.abc import Iterator
 
 NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
@@ -91,8 +93,13 @@ def error_code(payload: Buffer) -> int:
 
 
 class NetlinkSocket:
-    """A netlink socket for request/response (blocking, with a timeout) or for events (`timeout=0`:
-    non-blocking; register `fileno()` with a loop and read with `pending()`).
+    """A netlink socket for request/response (answers within `timeout` s) or for events (`timeout=0`: register
+    `fileno()` with a loop and read with `pending()`).
+
+    The socket itself is always non-blocking: the kernel handles a request in the sender's context, so its
+    answer is queued before send() returns and a request costs one send and one recv. (A Python socket
+    timeout would poll before every send and recv: two more syscalls per request.) Only when the answer is
+    not there yet does `request` wait for it, up to `timeout`.
 
     `rcvbuf=None` keeps the kernel's default receive buffer; `recv_size` is the largest datagram read.
     """
@@ -112,7 +119,8 @@ class NetlinkSocket:
             except OSError:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.bind((0, groups))
-        self.sock.settimeout(timeout)
+        self.sock.setblocking(False)
+        self.timeout = timeout
         self.recv_size = recv_size
         self.overruns = 0
         self._seq = 0
@@ -143,7 +151,7 @@ class NetlinkSocket:
         replies: list[Buffer] = []
         while True:
             try:
-                data = self.sock.recv(self.recv_size)
+                data = self._recv_answer()
             except TimeoutError:
                 raise NetlinkError(errno_mod.ETIMEDOUT, "netlink request timed out") from None
             done = False
@@ -164,6 +172,24 @@ class NetlinkSocket:
                     done = True
             if done:
                 return replies
+
+    def _recv_answer(self) -> bytes:
+        """The next datagram: at once when queued (the usual case), else waiting up to `timeout`."""
+        try:
+            return self.sock.recv(self.recv_size)
+        except BlockingIOError:
+            pass
+        deadline = time.monotonic() + (self.timeout or 0.0)
+        poller = select.poll()  # not select(): a proxy's fds go past 1024
+        poller.register(self.sock.fileno(), select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise TimeoutError("timed out")
+            try:
+                return self.sock.recv(self.recv_size)
+            except BlockingIOError:
+                continue
 
     def pending(self, limit: int = 0) -> Iterator[bytes]:
         """Datagrams waiting on a non-blocking socket, at most `limit` reads (0: until none is left).

@@ -144,3 +144,30 @@ def test_a_real_socket_binds_and_is_non_blocking_with_no_timeout() -> None:
         assert list(nl.pending()) == []  # nothing subscribed, nothing waiting
     finally:
         nl.close()
+
+
+def test_an_answer_not_yet_queued_is_waited_for_up_to_the_timeout() -> None:
+    """The kernel normally queues a request's answer before send() returns (read at once, no poll); one that
+    comes later is still waited for, and none at all is a timeout, not a hang."""
+    import threading
+    import time
+
+    nl = NetlinkSocket(socket.NETLINK_ROUTE, timeout=0.5)
+    nl.sock.close()
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    nl.sock = ours
+    try:
+        later = threading.Timer(0.1, lambda: kernel.send(nlmsg(20, 0, 1, b"late")))
+        later.start()
+        started = time.monotonic()
+        assert nl.request(22, 0, b"") == [b"late"]
+        assert time.monotonic() - started >= 0.09
+        later.join()
+        started = time.monotonic()
+        with pytest.raises(NetlinkError) as exc:
+            nl.request(22, 0, b"")
+        assert exc.value.errno == errno.ETIMEDOUT and 0.45 <= time.monotonic() - started < 2.0
+    finally:
+        ours.close()
+        kernel.close()
