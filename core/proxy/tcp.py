@@ -131,7 +131,7 @@ class _Direction:
 class TcpConn:
     """One proxied TCP connection: client socket, upstream socket, two directions."""
 
-    __slots__ = ("client", "down", "proxy", "seen", "session", "state", "up", "upstream")
+    __slots__ = ("client", "down", "early", "proxy", "seen", "session", "state", "up", "upstream")
 
     def __init__(self, proxy: TcpProxy, session: Session, client: socket.socket, upstream: socket.socket) -> None:
         self.proxy = proxy
@@ -142,12 +142,15 @@ class TcpConn:
         self.down = _Direction(upstream, client, False)
         self.state = CONNECTING
         self.seen = 0  # bytes moved at the last sweep (rolling read deadline)
+        self.early = 0  # the client's readiness seen while the upstream was still connecting
 
     # --- events -------------------------------------------------------------------------------------
 
     def on_client(self, events: int) -> None:
-        if self.state == OPEN:  # until the upstream answers, the client's bytes wait in its socket buffer
+        if self.state == OPEN:
             self._on_side(events, self.up, self.down, self.client, "client")
+        elif self.state == CONNECTING:  # until the upstream answers, the client's bytes wait in its socket buffer
+            self.early |= events
 
     def on_upstream(self, events: int) -> None:
         if self.state == CONNECTING:
@@ -177,9 +180,12 @@ class TcpConn:
         with contextlib.suppress(OSError):
             self.session.local = tuple(self.upstream.getsockname()[:2])  # type: ignore[assignment]
         self.proxy._opened(self.session)
-        self.pump(self.up)
-        if self.state == OPEN:
-            self.pump(self.down)
+        # What the client sent meanwhile: with its readiness known (edge-triggered: a request, no FIN yet), one
+        # short read drains it and saves a read that would say EAGAIN; the upstream is read only if it said
+        # it has something (a later arrival is a new edge).
+        self.pump(self.up, self.early)
+        if self.state == OPEN and (not self.proxy.edge or events & (READ | RDHUP | HANGUP | ERROR)):
+            self.pump(self.down, events)
 
     def _check_error(self, sock: socket.socket, side: str) -> None:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -246,12 +252,16 @@ class TcpConn:
         """Copy through the shared buffer. Small exchanges (requests, answers) cost fewest syscalls here:
         a short read means the socket is drained, so unless the peer also closed or erred (then we read on
         to see it) we wait for the next readiness instead of paying for one more read that says EAGAIN.
+        When the peer had already sent its FIN as this readiness was reported (RDHUP, no error), a short read
+        took everything before it (the kernel queues a FIN behind all of its data), so it is the end too:
+        no read that returns 0 (an answer arriving with its FIN, as `Connection: close` servers send them).
         A read that fills the buffer means bulk data: the direction moves to the splice path."""
         buf = self.proxy.buffer
         view = self.proxy.view
         size = len(buf)
         session = self.session
         stop_short = bool(events & READ) and not events & (RDHUP | HANGUP | ERROR)
+        fin_seen = bool(events & RDHUP) and not events & (HANGUP | ERROR)
         while True:
             if d.buf is not None:
                 try:
@@ -282,6 +292,8 @@ class TcpConn:
             if n == 0:
                 d.eof = True
                 continue
+            if fin_seen and n < size:
+                d.eof = True  # handled at the top of the loop once these bytes are out
             if d.up:
                 session.bytes_up += n
                 session.packets_up += 1
@@ -313,11 +325,14 @@ class TcpConn:
         if d.shut:
             return
         d.shut = True
-        with contextlib.suppress(OSError):
-            d.dst.shutdown(socket.SHUT_WR)
         other = self.down if d.up else self.up
         if other.shut:
+            # Both sides sent FIN and both were read to EOF: close() sends dst's FIN itself (nothing unread
+            # turns it into an RST), one shutdown() less per session.
             self.close("closed")
+            return
+        with contextlib.suppress(OSError):
+            d.dst.shutdown(socket.SHUT_WR)
 
     def _update_interest(self) -> None:
         """Level-triggered loops: watch exactly what each socket is needed for."""

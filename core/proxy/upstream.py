@@ -29,6 +29,8 @@ from .decider import Address, Binding
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+#: Linux: the socket is made non-blocking by socket() itself (Python then skips its own FIONBIO ioctl)
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 def family_of(ip: str) -> socket.AddressFamily:
@@ -90,9 +92,10 @@ def open_upstream(
     kind: socket.SocketKind, remote: Address, binding: Binding, binder: Binder | None = None
 ) -> socket.socket:
     """A non-blocking socket for `remote` with the binding applied (not yet connected)."""
-    sock = socket.socket(family_of(remote[0]), kind)
+    sock = socket.socket(family_of(remote[0]), kind | _NONBLOCK)
     try:
-        sock.setblocking(False)
+        if not _NONBLOCK:
+            sock.setblocking(False)
         (binder or _DEFAULT_BINDER).apply(sock, binding)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
