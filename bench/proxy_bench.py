@@ -12,6 +12,11 @@ Paths (all from the host namespace to 203.0.113.80 in inet, over the ISP link, n
   and the split routing table (applied here, as the interceptor keeps it under supervisord);
 - haproxy: the same DNAT to haproxy (tcp mode, `server 0.0.0.0` = the original destination, splice-auto);
 - socat: the same DNAT to `socat ... fork` (fixed target: socat cannot read the original destination).
+With `--pin` the load generator (wrk, the origin server, the bus and its subscriber) runs on CPU 0 and the
+proxies under test (splittun's workers, haproxy, socat) on CPU 1 (`taskset`), so a proxy never competes
+with its own load for a CPU; the kernel's networking runs where the sending process runs. Either way the
+new-sessions rows say how each splittun worker's sessions and CPU time (per session, from /proc) split.
+
 The redirected client ("the app") runs as uid 65534 and, like an app on a laptop whose VPN owns the
 default route, sends from the tunnel address; direct clients and the haproxy/socat processes run as uid
 65533, which a uid routing rule sends via the ISP. Everything shares the machine's
@@ -55,12 +60,16 @@ DIRECT_TABLE, DIRECT_PREF = 5201, 30000  # after splittun's rule 1720, before th
 PY = sys.executable
 TOOLS = [PY, "-m", "bench.proxy_tools"]
 SECTIONS = ("bulk", "conn", "udp", "mem")
-NEEDS = ("ip", "iptables-legacy", "iperf3", "haproxy", "socat", "wrk", "setpriv")
+NEEDS = ("ip", "iptables-legacy", "iperf3", "haproxy", "socat", "wrk", "setpriv", "taskset")
+LOAD_CPU, PROXY_CPU = "0", "1"  # --pin
 
 
 class Bench:
-    def __init__(self, seconds: float, sessions: int, only: set[str] | None = None, quiet: bool = False) -> None:
+    def __init__(
+        self, seconds: float, sessions: int, only: set[str] | None = None, quiet: bool = False, pin: bool = False
+    ) -> None:
         self.only = only or set(SECTIONS)
+        self.pin = pin
         self.seconds = seconds
         self.sessions = sessions
         self.quiet = quiet
@@ -78,6 +87,10 @@ class Bench:
     def say(self, text: str) -> None:
         if not self.quiet:
             print(f"  {text}", file=sys.stderr, flush=True)
+
+    def on_cpu(self, cpu: str, argv: list[str]) -> list[str]:
+        """`argv` pinned to `cpu` with --pin (LOAD_CPU or PROXY_CPU), else unchanged."""
+        return ["taskset", "-c", cpu, *argv] if self.pin else argv
 
     def popen(self, role: str, argv: list[str], log: str, **kw: Any) -> subprocess.Popen[Any]:
         out = open(self.tmp / f"{log}.log", "ab")  # noqa: SIM115 - kept open for the process's life
@@ -138,17 +151,17 @@ class Bench:
             f"frontend web\n    bind {SERVER}:{HTTP_PORTS[0]}-{HTTP_PORTS[-1]}\n"
             '    http-request return status 200 content-type text/plain string "ok\\n"\n'
         )
-        self.popen("inet", ["haproxy", "-db", "-f", str(cfg)], "origin")
+        self.popen("inet", self.on_cpu(LOAD_CPU, ["haproxy", "-db", "-f", str(cfg)]), "origin")
         self.popen("inet", [*TOOLS, "hold-server", SERVER, str(HOLD_PORT)], "hold", stdout=subprocess.DEVNULL)
         for proto, port in (("tcp", IPERF_PORT), ("tcp", HTTP_PORTS[0]), ("tcp", HOLD_PORT)):
             self.wait_port("inet", proto, f"{SERVER}:{port}")
-        self.popen("host", [PY, "-m", "runtime.bus"], "bus")
+        self.popen("host", self.on_cpu(LOAD_CPU, [PY, "-m", "runtime.bus"]), "bus")
         deadline = time.monotonic() + 10
         while not (self.run_dir / "bus-out.sock").exists():
             if time.monotonic() > deadline:
                 raise RuntimeError("bus did not start")
             time.sleep(0.05)
-        self.drain = self.popen("host", [*TOOLS, "drain", paths.bus_out(self.run_dir)], "drain",
+        self.drain = self.popen("host", self.on_cpu(LOAD_CPU, [*TOOLS, "drain", paths.bus_out(self.run_dir)]), "drain",
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert self.drain.stdout is not None and self.drain.stdout.readline().strip() == "ready"
 
@@ -171,7 +184,7 @@ class Bench:
         argv = [PY, "-m", f"actors.{kind}", "--instance", name, "--interface", T.HOST_IF,
                 "--source4", T.HOST_V4, "--gateway4", T.ISP_LAN_V4, "--listen", f"127.0.0.17:{SPLITTUN_PORT}",
                 "--max-sessions", str(max(4 * self.sessions, 2048)), *extra]  # fmt: skip
-        self.workers[name] = self.popen("host", argv, name)
+        self.workers[name] = self.popen("host", self.on_cpu(PROXY_CPU, argv), name)
         deadline = time.monotonic() + 10
         while not (self.run_dir / f"{name}.ctl.sock").exists():
             if time.monotonic() > deadline:
@@ -207,7 +220,7 @@ class Bench:
     def _comparison(self, argv: list[str], name: str, port: int) -> Iterator[None]:
         """A proxy we compare with, listening on 127.0.0.17:`port` for the block's duration (as DIRECT_UID:
         a uid rule routes its upstream via the ISP, like the proxy's own); stopped also when it never came up."""
-        proc = self.popen("host", self.as_uid(DIRECT_UID, argv), name)
+        proc = self.popen("host", self.on_cpu(PROXY_CPU, self.as_uid(DIRECT_UID, argv)), name)
         try:
             self.wait_port("host", "tcp", f"127.0.0.17:{port}")
             yield
@@ -243,9 +256,9 @@ class Bench:
         return (s["packets"] - s["lost_packets"]) / s["seconds"]
 
     def wrk(self, port: int, connections: int = 64, uid: int = APP_UID) -> tuple[float, int]:
-        out = self.sh("host", self.as_uid(uid, ["wrk", "-t2", f"-c{connections}", f"-d{self.seconds:g}s",
-                                           "-H", "Connection: close", f"http://{SERVER}:{port}/"]),
-                      timeout=self.seconds + 30)  # fmt: skip
+        argv = ["wrk", "-t2", f"-c{connections}", f"-d{self.seconds:g}s", "-H", "Connection: close",
+                f"http://{SERVER}:{port}/"]  # fmt: skip
+        out = self.sh("host", self.on_cpu(LOAD_CPU, self.as_uid(uid, argv)), timeout=self.seconds + 30)
         rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
         errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
         errors += int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
@@ -304,6 +317,10 @@ class Bench:
             client.kill()
             client.wait()
 
+    def worker_load(self, names: list[str]) -> list[tuple[int, float]]:
+        """Per worker: sessions created so far and CPU seconds used (user + system, all its threads)."""
+        return [(self.counters(n).get("sessions_created", 0), _cpu_seconds(self._pid_of(n))) for n in names]
+
     def _pid_of(self, name: str) -> int:
         return int(request(paths.actor_endpoint(self.run_dir, name), "ping", timeout=5, who=name)["pid"])
 
@@ -352,13 +369,19 @@ class Bench:
         self.row(label, "direct", f"{direct:,.0f}/s" + errors_note(err), "1.00×")
         port = next(ports)
         self.redirect("tcp", port, SPLITTUN_PORT)
+        workers = ["proxy_tcp_00"]
+        before = self.worker_load(workers)
         one, err = self.wrk(port)
-        self.row(label, "splittun (1 worker)", f"{one:,.0f}/s" + errors_note(err), f"{one / direct:.2f}×")
+        note = load_note(before, self.worker_load(workers))
+        self.row(label, "splittun (1 worker)", f"{one:,.0f}/s" + errors_note(err), f"{one / direct:.2f}×; {note}")
         self.worker("proxy_tcp", 1)
         port = next(ports)
         self.redirect("tcp", port, SPLITTUN_PORT)
+        workers.append("proxy_tcp_01")
+        before = self.worker_load(workers)
         two, err = self.wrk(port)
-        scaling = f"{two / direct:.2f}× ({two / one:.2f}× of 1 worker)"
+        note = load_note(before, self.worker_load(workers))
+        scaling = f"{two / direct:.2f}× ({two / one:.2f}× of 1 worker); {note}"
         self.row(label, "splittun (2 workers)", f"{two:,.0f}/s" + errors_note(err), scaling)
         self.stop_worker("proxy_tcp_01")
         for threads in (1, 2):
@@ -409,6 +432,24 @@ class Bench:
         return "\n".join(lines)
 
 
+def load_note(before: list[tuple[int, float]], after: list[tuple[int, float]]) -> str:
+    """How the workers shared a run: each one's share of the sessions (SO_REUSEPORT spreading them) and its CPU
+    time per session."""
+    sessions = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
+    cpu_us = [(a[1] - b[1]) * 1e6 / max(n, 1) for a, b, n in zip(after, before, sessions, strict=True)]
+    if len(sessions) == 1:
+        return f"{cpu_us[0]:.0f} µs CPU/session"
+    total = max(sum(sessions), 1)
+    shares = " / ".join(f"{100 * n / total:.0f} %" for n in sessions)
+    return f"sessions {shares}, {' / '.join(f'{c:.0f}' for c in cpu_us)} µs CPU/session"
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (/proc/PID/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_kib(pid: int) -> int:
     """RSS of the worker: `ip netns exec` execs python, so the pid is the worker itself."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -422,10 +463,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3/wrk run")
     parser.add_argument("--sessions", type=int, default=10_000, help="UDP flows / idle TCP sessions")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these parts (repeatable)")
+    parser.add_argument("--pin", action="store_true",
+                        help=f"load generator on CPU {LOAD_CPU}, proxies on CPU {PROXY_CPU} (taskset)")  # fmt: skip
     args = parser.parse_args(argv)
     if not preflight("proxy", NEEDS):
         return 1
-    bench = Bench(args.seconds, args.sessions, set(args.only or SECTIONS))
+    bench = Bench(args.seconds, args.sessions, set(args.only or SECTIONS), pin=args.pin)
     try:
         bench.run()
     finally:
