@@ -236,8 +236,9 @@ class Conntrack:
     def close(self) -> None:
         self.nl.close()
 
-    def lookup_reply(self, reply: FiveTuple) -> CtEntry | None:
-        """The entry whose reply direction is `reply`, or None when there is none.
+    def lookup_reply(self, reply: FiveTuple, with_reply: bool = True) -> CtEntry | None:
+        """The entry whose reply direction is `reply`, or None when there is none; its reply tuple is parsed
+        `with_reply` only (the caller knows it: it asked by it).
         Raises NetlinkError (other kernel errors, no answer in time) or ValueError (unreadable answer)."""
         self.lookups += 1
         try:
@@ -248,7 +249,7 @@ class Conntrack:
             raise
         if not answers:
             return None
-        entry = parse_entry(answers[0], with_reply=True)
+        entry = parse_entry(answers[0], with_reply=with_reply)
         if entry is None:
             raise ValueError("unreadable conntrack answer")
         return entry

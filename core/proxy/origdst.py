@@ -80,7 +80,8 @@ class ConntrackResolver:
         self.protocol = protocol
 
     def __call__(self, client: Address, listen: Address) -> tuple[Address, Address, int, bool] | None:
-        entry = self.ct.lookup_reply(FiveTuple(self.protocol, listen[0], listen[1], client[0], client[1]))
+        reply = FiveTuple(self.protocol, listen[0], listen[1], client[0], client[1])
+        entry = self.ct.lookup_reply(reply, with_reply=False)  # one new UDP flow each: parse only what is used
         if entry is None:
             return None
         return entry.orig.src, entry.orig.dst, entry.mark, bool(entry.status & IPS_SEEN_REPLY)
