@@ -511,6 +511,7 @@ class TcpProxy(ProxyBase):
         session = conn.session
         session.closed = True
         session.close_reason = reason
+        session._closer = None  # it holds the conn: without this cycle, refcounting frees the session at once
         self.conns.pop(session.id, None)
         self.table.remove(session)
         self._count("closed_" + reason.split(":", 1)[0].replace(" ", "_"))
