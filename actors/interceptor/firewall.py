@@ -5,12 +5,15 @@ iptables-legacy / ip6tables-legacy. The full layout, and why each rule is there,
 In short, per IP version:
 
 - mangle `SPLITTUN-INGEST-OUTPUT` (from OUTPUT): leave packets marked by their socket alone (our
-  proxies' SPLIT_EGRESS, other VPN software); skip loopback; restore our permanent verdict from the
-  connmark; queue only the first packet (ctstate NEW) of a connection nobody decided yet.
-- mangle `SPLITTUN-INGEST-INPUT` (from INPUT): restore our verdict; queue DNS answers (learn names).
+  proxies' SPLIT_EGRESS, other VPN software); skip loopback; a connmark holding our permanent verdict
+  goes (`-g`) to `SPLITTUN-RESTORE-OUTPUT`, which restores it; queue only the first packet (ctstate NEW)
+  of a connection nobody decided yet.
+- mangle `SPLITTUN-INGEST-INPUT` (from INPUT): the same through `SPLITTUN-RESTORE-INPUT`; queue DNS
+  answers (learn names).
 - filter `SPLITTUN-FILTER` (from OUTPUT and INPUT): act on the mark and save permanent ones to the
-  connmark. Mark 0 (undecided: queue bypassed because no interceptor runs) simply RETURNs — unlike
-  Portmaster we never drop it, so failure means "unsplit, through the VPN", never "no network".
+  connmark. Every packet walks these chains, so the verdicts long connections carry are tested first.
+  Mark 0 (undecided: queue bypassed because no interceptor runs) simply RETURNs — unlike Portmaster
+  we never drop it, so failure means "unsplit, through the VPN", never "no network".
 - nat `SPLITTUN-REDIRECT` (from nat OUTPUT): mark 1719 → DNAT to the split proxies, mark 1799 → DNAT to
   the resolver (TCP only on SYN; with the kernel data path split TCP is not DNAT-ed: it is re-routed by its
   mark, kernel/routing.py).
@@ -54,6 +57,10 @@ FILTER = "SPLITTUN-FILTER"
 REDIRECT = "SPLITTUN-REDIRECT"
 EGRESS_REPLIES = "SPLITTUN-EGRESS-REPLIES"
 SNAT = "SPLITTUN-SNAT"
+#: Where a decided connection's packets go (`-g`) once their connmark holds our verdict: restore it, and
+#: the few tests that still apply to them.
+RESTORE_OUT = "SPLITTUN-RESTORE-OUTPUT"
+RESTORE_IN = "SPLITTUN-RESTORE-INPUT"
 DATA_PATHS = ("proxy", "kernel")
 
 #: (table, built-in chain, our chain): the jump rules we keep at position 1.
@@ -80,6 +87,32 @@ RESTORED_MARKS = (
     Mark.REROUTE_TO_TUNNEL,
     Mark.REROUTE_TO_SPLIT_TUN,
     Mark.REROUTE_TO_NAMESERVER,
+)
+#: The same marks in the order our chains test them: the verdicts that long connections carry first (split,
+#: tunnel, accept-always), the rare last. The tests are disjoint, so the order changes no verdict.
+BY_FREQUENCY = (
+    Mark.REROUTE_TO_SPLIT_TUN,
+    Mark.REROUTE_TO_TUNNEL,
+    Mark.ACCEPT_ALWAYS,
+    Mark.ACCEPT_FINAL,
+    Mark.REROUTE_TO_NAMESERVER,
+    Mark.BLOCK_ALWAYS,
+    Mark.DROP_ALWAYS,
+)
+#: The marks SPLITTUN-FILTER acts on, in the order it tests them (the proxies' upstream 1720 carries every
+#: packet of a proxied connection; 1700-1702 only single queued packets).
+FILTER_ORDER = (
+    Mark.REROUTE_TO_SPLIT_TUN,
+    Mark.SPLIT_EGRESS,
+    Mark.REROUTE_TO_TUNNEL,
+    Mark.ACCEPT_ALWAYS,
+    Mark.ACCEPT_FINAL,
+    Mark.REROUTE_TO_NAMESERVER,
+    Mark.ACCEPT,
+    Mark.BLOCK_ALWAYS,
+    Mark.DROP_ALWAYS,
+    Mark.BLOCK,
+    Mark.DROP,
 )
 #: Marks that carry more than the verdict above VERDICT_MASK (an interface index, a DNS path): matched
 #: under the mask and restored whole from the connmark.
@@ -151,33 +184,41 @@ def render(
     reject = "icmp-admin-prohibited" if family == 4 else "icmp6-adm-prohibited"
     proxy = f"{PROXY_IPV4}:{SPLIT_PROXY_PORT}" if family == 4 else f"[{PROXY_IPV6}]:{SPLIT_PROXY_PORT}"
     resolver = f"{PROXY_IPV4}:{NAMESERVER_PORT}" if family == 4 else f"[{PROXY_IPV6}]:{NAMESERVER_PORT}"
-    restore = [
-        f"-m connmark --mark {_match(m)} -j CONNMARK --restore-mark"  # with its interface index / DNS path
-        if m in MASKED_MARKS
-        else f"-m connmark --mark {int(m)} -j MARK --set-mark {int(m)}"
-        for m in RESTORED_MARKS
+    in_queue_tail = [
+        f"-p udp -m conntrack --ctdir REPLY --ctorigdstport 53 -j NFQUEUE {in_queue}",  # DNS answers: their names
+        # A UDP flow starting from outside: a real inbound flow (accepted for good), or a late answer to a flow
+        # whose entry was just deleted, which would turn that flow around (dropped).
+        f"-p udp -m conntrack --ctstate NEW -j NFQUEUE {in_queue}",
     ]
+    in_queue_rules = [f"-A {INGEST_IN} {r}" for r in in_queue_tail]  # no verdict of ours in the connmark
+    in_queue_rules_restored = [f"-A {RESTORE_IN} {r}" for r in in_queue_tail]
+    # Per packet, every packet of every connection walks these chains: a decided connection's packets find
+    # their verdict with one connmark test (most common verdicts first) and leave through a short shared
+    # chain (`-g`: its end returns from the calling chain too), instead of seven restore rules in a row.
+    ours = [f"-m connmark --mark {_match(m)}" for m in BY_FREQUENCY]
     mangle = [
         f"-A {INGEST_OUT} -m mark ! --mark 0 -j RETURN",  # socket marks (SPLIT_EGRESS, VPN software): not ours to touch
         f"-A {INGEST_OUT} -o lo -j RETURN",  # localhost is never split
-        *(f"-A {INGEST_OUT} {r}" for r in restore),
-        # A SYN on an entry that already holds our verdict: a retransmission, or a new connection reopening
-        # an old entry (conntrack reuses one in CLOSE state, mark and NAT binding included). The interceptor
-        # tells them apart by the socket; a verdict never passes to another connection unseen.
-        f"-A {INGEST_OUT} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark 0 -j NFQUEUE {out_queue}",
-        f"-A {INGEST_OUT} -m mark ! --mark 0 -j RETURN",  # decided earlier: never queued again
+        *(f"-A {INGEST_OUT} {m} -g {RESTORE_OUT}" for m in ours),  # our verdict, from the connmark
         f"-A {INGEST_OUT} -m connmark ! --mark 0 -j RETURN",  # another program's connmark: its connection
         f"-A {INGEST_OUT} -m conntrack --ctstate NEW -j NFQUEUE {out_queue}",
+        # The whole connmark back as the mark (a split mark's interface index, a DNS path included).
+        f"-A {RESTORE_OUT} -j CONNMARK --restore-mark",
+        # A SYN on an entry that already holds our verdict: a retransmission, or a new connection reopening
+        # an old entry (conntrack reuses one in CLOSE state, mark and NAT binding included). The interceptor
+        # tells them apart by the socket; a verdict never passes to another connection unseen. Anything else
+        # was decided earlier: never queued again.
+        f"-A {RESTORE_OUT} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j NFQUEUE {out_queue}",
         f"-A {INGEST_IN} -m mark ! --mark 0 -j RETURN",
-        *(f"-A {INGEST_IN} {r}" for r in restore),
+        *(f"-A {INGEST_IN} {m} -g {RESTORE_IN}" for m in ours),
+        *in_queue_rules,
+        f"-A {RESTORE_IN} -j CONNMARK --restore-mark",
+        f"-A {RESTORE_IN} ! -p udp -j RETURN",  # only UDP is queued inbound
         # DNS answers the resolver already learned from: to its own upstream sockets (accept-final) and the ones
         # it relays to apps (nameserver mark). Only the others are queued for their names.
-        f"-A {INGEST_IN} -m connmark --mark {int(Mark.ACCEPT_FINAL)} -j RETURN",
-        f"-A {INGEST_IN} -m connmark --mark {NAMESERVER_MATCH} -j RETURN",
-        f"-A {INGEST_IN} -p udp -m conntrack --ctdir REPLY --ctorigdstport 53 -j NFQUEUE {in_queue}",
-        # A UDP flow starting from outside: a real inbound flow (accepted for good), or a late answer to a flow
-        # whose entry was just deleted, which would turn that flow around (dropped).
-        f"-A {INGEST_IN} -p udp -m conntrack --ctstate NEW -j NFQUEUE {in_queue}",
+        f"-A {RESTORE_IN} -m connmark --mark {int(Mark.ACCEPT_FINAL)} -j RETURN",
+        f"-A {RESTORE_IN} -m connmark --mark {NAMESERVER_MATCH} -j RETURN",
+        *in_queue_rules_restored,
         # Replies to the proxies' upstream get their mark back before routing: with strict rp_filter (and
         # src_valid_mark) the reverse-path check then finds the split route, not the VPN default.
         f"-A {EGRESS_REPLIES} -m connmark --mark {int(Mark.SPLIT_EGRESS)} -j MARK --set-mark {int(Mark.SPLIT_EGRESS)}",
@@ -188,15 +229,6 @@ def render(
         mangle.append(f'-A {EGRESS_REPLIES} -m comment --comment "{VALID_MARK_NOTE}{valid_mark_was}" -j RETURN')
     if family == 4 and acct_was is not None:
         mangle.append(f'-A {EGRESS_REPLIES} -m comment --comment "{ACCT_NOTE}{acct_was}" -j RETURN')
-    filt = [
-        f"-A {FILTER} -m mark --mark 0 -j RETURN",  # undecided: continue unsplit (through the VPN), never drop
-        f"-A {FILTER} -m mark --mark {int(Mark.ACCEPT)} -j RETURN",
-        f"-A {FILTER} -m mark --mark {int(Mark.BLOCK)} -j REJECT --reject-with {reject}",
-        f"-A {FILTER} -m mark --mark {int(Mark.DROP)} -j DROP",
-        # proxies' upstream: accept-final; saved so its replies can be marked (see EGRESS_REPLIES)
-        f"-A {FILTER} -m mark --mark {int(Mark.SPLIT_EGRESS)} -j CONNMARK --save-mark",
-        f"-A {FILTER} -m mark --mark {int(Mark.SPLIT_EGRESS)} -j ACCEPT",
-    ]
     final = {
         Mark.ACCEPT_FINAL: "ACCEPT",
         Mark.ACCEPT_ALWAYS: "RETURN",
@@ -205,10 +237,19 @@ def render(
         Mark.REROUTE_TO_TUNNEL: "RETURN",
         Mark.REROUTE_TO_SPLIT_TUN: "ACCEPT" if kernel else "RETURN",
         Mark.REROUTE_TO_NAMESERVER: "RETURN",
+        Mark.SPLIT_EGRESS: "ACCEPT",  # proxies' upstream: accept-final; saved so its replies can be marked
     }
-    for mark in RESTORED_MARKS:
-        filt.append(f"-A {FILTER} -m mark --mark {_match(mark)} -j CONNMARK --save-mark")
-        filt.append(f"-A {FILTER} -m mark --mark {_match(mark)} -j {final[mark]}")
+    once = {Mark.ACCEPT: "RETURN", Mark.BLOCK: f"REJECT --reject-with {reject}", Mark.DROP: "DROP"}  # not saved
+    # Each mark is tested only by its own rules, so their order changes no verdict: the marks every packet of a
+    # long connection carries come first, the per-packet verdicts of queued packets last. The save is a no-op
+    # write in the kernel when the connmark already holds the mark.
+    filt = [f"-A {FILTER} -m mark --mark 0 -j RETURN"]  # undecided: continue unsplit (through the VPN), never drop
+    for mark in FILTER_ORDER:
+        if mark in once:
+            filt.append(f"-A {FILTER} -m mark --mark {int(mark)} -j {once[mark]}")
+        else:
+            filt.append(f"-A {FILTER} -m mark --mark {_match(mark)} -j CONNMARK --save-mark")
+            filt.append(f"-A {FILTER} -m mark --mark {_match(mark)} -j {final[mark]}")
     tcp_to_proxy = f"-A {REDIRECT} -p tcp -m mark --mark {SPLIT_MATCH} -m tcp --syn -j DNAT --to-destination {proxy}"
     nat = [
         *([] if kernel else [tcp_to_proxy]),

@@ -47,15 +47,18 @@ def test_mark_zero_is_never_dropped_and_undecided_packets_continue() -> None:
 def test_queues_only_new_connections_with_bypass() -> None:
     mangle = fw.render(4)["mangle"]
     queue_rules = [r for r in mangle if "NFQUEUE" in r]
+    dns = "-p udp -m conntrack --ctdir REPLY --ctorigdstport 53 -j NFQUEUE --queue-num 17140 --queue-bypass"
+    # …and the first datagram of a UDP flow starting from outside (late answers to deleted flows are dropped)
+    inbound_udp = "-p udp -m conntrack --ctstate NEW -j NFQUEUE --queue-num 17140 --queue-bypass"
     assert queue_rules == [
-        # …and a SYN on an entry holding our verdict: a retransmission, or a new connection reopening it
-        f"-A {fw.INGEST_OUT} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m mark ! --mark 0 "
-        "-j NFQUEUE --queue-num 17040 --queue-bypass",
         f"-A {fw.INGEST_OUT} -m conntrack --ctstate NEW -j NFQUEUE --queue-num 17040 --queue-bypass",
-        f"-A {fw.INGEST_IN} -p udp -m conntrack --ctdir REPLY --ctorigdstport 53 "
-        "-j NFQUEUE --queue-num 17140 --queue-bypass",
-        # …and the first datagram of a UDP flow starting from outside (late answers to deleted flows are dropped)
-        f"-A {fw.INGEST_IN} -p udp -m conntrack --ctstate NEW -j NFQUEUE --queue-num 17140 --queue-bypass",
+        # …and a SYN on an entry holding our verdict: a retransmission, or a new connection reopening it
+        f"-A {fw.RESTORE_OUT} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN "
+        "-j NFQUEUE --queue-num 17040 --queue-bypass",
+        f"-A {fw.INGEST_IN} {dns}",
+        f"-A {fw.INGEST_IN} {inbound_udp}",
+        f"-A {fw.RESTORE_IN} {dns}",  # the same with our verdict restored (the resolver's own answers return first)
+        f"-A {fw.RESTORE_IN} {inbound_udp}",
     ]
     # Restored verdicts and socket marks return before the queue rule: decided traffic never reaches it.
     out = [r for r in mangle if r.startswith(f"-A {fw.INGEST_OUT} ")]
@@ -326,8 +329,10 @@ def test_accept_final_is_accepted_by_our_filter_both_ways_and_never_queued_again
     accept = f"-A {fw.FILTER} -m mark --mark 1709 -j ACCEPT"
     assert filt.index(f"-A {fw.FILTER} -m mark --mark 1709 -j CONNMARK --save-mark") + 1 == filt.index(accept)
     assert not any(r.endswith(("-j DROP", "-j REJECT")) and "1709" in r for r in filt)
-    for chain in (fw.INGEST_OUT, fw.INGEST_IN):  # restored from the connmark before anything is queued
-        restore = f"-A {chain} -m connmark --mark 1709 -j MARK --set-mark 1709"
+    for chain, restore_chain in ((fw.INGEST_OUT, fw.RESTORE_OUT), (fw.INGEST_IN, fw.RESTORE_IN)):
+        # restored from the connmark before anything is queued
+        restore = f"-A {chain} -m connmark --mark 1709 -g {restore_chain}"
+        assert mangle[mangle.index(restore) :].index(f"-A {restore_chain} -j CONNMARK --restore-mark")
         first_queue = next(i for i, r in enumerate(mangle) if r.startswith(f"-A {chain}") and "NFQUEUE" in r)
         assert mangle.index(restore) < first_queue
     assert mangle[0] == f"-A {fw.INGEST_OUT} -m mark ! --mark 0 -j RETURN"  # a socket's own 1709/1720: untouched
