@@ -34,10 +34,11 @@ from .events import (
 )
 from .flows import canonical_ip, flow_key
 from .marks import Mark, Queue
-from .schema import Message, MessageError, decode, known_topics, schema_for_topic
+from .schema import WIRE_VERSION, Message, MessageError, decode, decode_all, known_topics, schema_for_topic, unbatch
 from .verdict import Verdict, verdict_string, verdict_verb
 
 __all__ = [
+    "WIRE_VERSION",
     "ConnEnd",
     "ConnNew",
     "ConnVerdict",
@@ -68,9 +69,11 @@ __all__ = [
     "Verdict",
     "canonical_ip",
     "decode",
+    "decode_all",
     "flow_key",
     "known_topics",
     "schema_for_topic",
+    "unbatch",
     "verdict_string",
     "verdict_verb",
 ]

@@ -8,7 +8,7 @@ import signal
 import time
 
 from runtime.log import EventLog, LineBudget
-from runtime.loop import Loop, Timers, Wakeup
+from runtime.loop import Loop, Timers, Wakeup, until_slot
 
 
 def test_timers_fire_in_order_keep_their_cadence_and_never_replay_a_backlog() -> None:
@@ -64,3 +64,28 @@ def test_a_sigterm_before_the_loop_runs_is_not_lost() -> None:
         loop.close()
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+def test_turn_end_runs_after_the_turns_work_before_the_loop_sleeps() -> None:
+    """A publisher flushes at the end of a turn: after what the turn's timers and handlers did, before any
+    wait (an event never sits out a sleep), and once more when the loop ends."""
+    loop = Loop(EventLog("test-loop"))
+    seen: list[str] = []
+    try:
+        loop.at_turn_end(lambda: seen.append("end"))
+        loop.call_later(0.0, lambda: seen.append("work"))
+        loop.call_later(0.05, lambda: (seen.append("later"), loop.stop("done")))
+        loop.run()
+    finally:
+        loop.close()
+    assert seen[:2] == ["work", "end"] and seen[-2:] == ["end", "end"] and "later" in seen
+    assert seen.index("later") == len(seen) - 3  # the stopping turn still flushed (then the final one)
+
+
+def test_until_slot_lands_every_process_on_the_same_wall_clock_instant() -> None:
+    assert until_slot(5.0, now=100.0) == 5.0
+    assert until_slot(5.0, now=102.0) == 3.0
+    assert abs(until_slot(5.0, now=104.8) - 5.2) < 1e-9  # too close to the slot: the one after (no double beat)
+    assert abs(until_slot(1.0, now=7.25) - 0.75) < 1e-9
+    # two processes asking at different moments meet at the same instant
+    assert abs((101.3 + until_slot(5.0, now=101.3)) - (103.9 + until_slot(5.0, now=103.9))) < 1e-9
