@@ -70,8 +70,12 @@ class Publisher:
         last = held[-1] if held else None
         if last is not None and last[0] == frames[0] and len(last) <= self.max_batch:
             last.append(frames[1])  # the same topic as the event before it: one more payload
+            full = len(last) > self.max_batch
         else:
             held.append(frames)
+            full = len(held) >= self.max_batch
+        if full:  # a turn that publishes thousands (a re-evaluation) sends them as they fill, not all at its end
+            self.flush()
         return True
 
     def flush(self) -> None:

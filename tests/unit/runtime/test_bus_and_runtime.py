@@ -398,3 +398,26 @@ def test_a_subscriber_hands_out_a_batch_one_event_at_a_time() -> None:
         sub.close()
         ctx.term()
         sock_file.unlink(missing_ok=True)
+
+
+def test_a_turn_that_publishes_thousands_sends_full_messages_as_they_fill() -> None:
+    """A re-evaluation may publish an event per live connection in one turn: full messages leave at once
+    (bounded memory, no end-of-turn burst), the rest at the turn's end; nothing is lost or reordered."""
+    sock_file = Path(f"/tmp/st-pub-{os.getpid()}-{time.monotonic_ns()}.sock")
+    ctx = zmq.Context()
+    pub = Publisher(ctx, f"ipc://{sock_file}")
+    sent: list[list[bytes]] = []
+    pub.send_frames = lambda frames: sent.append(frames) or True  # type: ignore[method-assign]
+    try:
+        flush = pub.holds_turns()
+        for i in range(2 * MAX_BATCH + 3):
+            pub.publish(ConnEnd(conn_id=f"c{i}", ts=1.0))
+        assert [len(m) - 1 for m in sent] == [MAX_BATCH, MAX_BATCH]  # before the turn ended
+        flush()
+        assert [len(m) - 1 for m in sent] == [MAX_BATCH, MAX_BATCH, 3]
+        ids = [msgpack.unpackb(p)["conn_id"] for m in sent for p in m[1:]]
+        assert ids == [f"c{i}" for i in range(2 * MAX_BATCH + 3)]
+    finally:
+        pub.close()
+        ctx.term()
+        sock_file.unlink(missing_ok=True)
