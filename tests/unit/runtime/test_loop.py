@@ -7,6 +7,8 @@ import select
 import signal
 import time
 
+import pytest
+
 from runtime.log import EventLog, LineBudget
 from runtime.loop import Loop, Timers, Wakeup, until_slot
 
@@ -89,3 +91,20 @@ def test_until_slot_lands_every_process_on_the_same_wall_clock_instant() -> None
     assert abs(until_slot(1.0, now=7.25) - 0.75) < 1e-9
     # two processes asking at different moments meet at the same instant
     assert abs((101.3 + until_slot(5.0, now=101.3)) - (103.9 + until_slot(5.0, now=103.9))) < 1e-9
+
+
+def test_slot_timers_fire_on_the_wall_clocks_multiples_of_their_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes' idle work with the same period fires at the same instant, whenever each one started, and
+    stays there after each tick (the next slot is taken from the wall clock again)."""
+    wall = [100.03]
+    monkeypatch.setattr(time, "time", lambda: wall[0])
+    timers = Timers()
+    fired: list[float] = []
+    started = time.monotonic()
+    timer = timers.call_every_slot(0.1, lambda: fired.append(wall[0]))
+    assert abs((timer.when - started) - 0.07) < 0.005  # at wall 100.1
+    time.sleep(0.08)
+    wall[0] = 100.13  # the slot came, and the wall clock says it is 30 ms late (a step, a slow tick)
+    timers.run_due(lambda cb: cb())
+    assert fired == [100.13]
+    assert abs((timer.when - time.monotonic()) - 0.07) < 0.005  # at wall 100.2 again, not 100.23
