@@ -4,7 +4,9 @@
 - publish: encode + non-blocking send into the bus — what the interceptor pays per verdict.
 - decode: validate + decode one `conn.new` — paid by each subscriber.
 - bus: events/s from one publisher through a real bus process to one subscriber, and the share lost
-  (a publisher never blocks, so an overloaded bus drops instead of slowing verdicts).
+  (a publisher never blocks, so an overloaded bus drops instead of slowing verdicts); one event per loop
+  turn (every event its own message, as wire version 1 sent them) against 4 and 16 per turn (wire
+  version 2: a turn's events of one topic leave as one message), side by side in one bus process.
 - per connection, side by side in one run: the messages of one connection as version 1 sent them
   (conn.new + conn.verdict + conn.end; through a proxy also proxy.session.open + .close) and as version 2
   sends them (conn.new carrying its verdict + conn.end; a short session's open inside its close): what the
@@ -21,11 +23,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import zmq
 
 from actors.controller.registry import ConnectionRegistry
-from bench.common import print_rows, pump_through_bus
+from bench.common import print_rows
 from messages import (
     ConnEnd,
     ConnNew,
@@ -115,21 +118,58 @@ def per_connection(n: int = 5_000) -> list[tuple[str, str]]:
     return rows
 
 
-def bus_throughput(n: int = 200_000) -> tuple[float, float]:
+class _Encoded:
+    """A message encoded once: the pump measures the bus, not msgpack (`encode` is a row of its own)."""
+
+    def __init__(self, msg: Message) -> None:
+        self.frames = msg.encode()
+
+    def encode(self) -> list[bytes]:
+        return list(self.frames)
+
+
+def pump_turns(pub: Publisher, sub: Subscriber, event: Message, n: int, per_turn: int) -> tuple[int, float]:
+    """Publish `event` n times, `per_turn` events per loop turn (then the turn's flush), draining `sub`;
+    (events received, seconds). As pump_through_bus, waits out the slow-joiner window first."""
+    msg: Any = _Encoded(event)
+    flush = pub.holds_turns()
+    while sub.recv_frames(timeout=0.05) is None:
+        pub.publish(msg)
+        flush()
+    while sub.recv_frames(timeout=0.2) is not None:
+        pass
+    received = 0
+    t0 = time.perf_counter()
+    for _ in range(n // per_turn):
+        for _ in range(per_turn):
+            pub.publish(msg)
+        flush()
+        while sub.recv_frames_nowait() is not None:
+            received += 1
+    while sub.recv_frames(timeout=0.3) is not None:
+        received += 1
+    return received, time.perf_counter() - t0
+
+
+def bus_throughput(n: int = 100_000, per_turn: tuple[int, ...] = (1,)) -> list[tuple[int, float, float]]:
+    """(events per turn, events/s, share lost) through one real bus process, for each `per_turn`."""
     run = Path(tempfile.mkdtemp(prefix="stb-", dir="/tmp"))
     env = {**os.environ, "SPLITTUN_RUN_DIR": str(run)}
     bus = subprocess.Popen([sys.executable, "-m", "runtime.bus"], env=env, stderr=subprocess.DEVNULL)
     ctx = zmq.Context()
+    out = []
     try:
         deadline = time.monotonic() + 5
         while not (run / "bus-out.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        sub = Subscriber(ctx, paths.bus_out(run), ["conn."])
-        pub = Publisher(ctx, paths.bus_in(run), hwm=100_000)
-        received, elapsed = pump_through_bus(pub, sub, SAMPLE.encode(), n)
-        pub.close()
-        sub.close()
-        return received / elapsed, 1 - received / n
+        for k in per_turn:
+            sub = Subscriber(ctx, paths.bus_out(run), ["conn."])
+            pub = Publisher(ctx, paths.bus_in(run), hwm=100_000)
+            received, elapsed = pump_turns(pub, sub, SAMPLE, n, k)
+            out.append((k, received / elapsed, 1 - received / (n // k * k)))
+            pub.close()
+            sub.close()
+        return out
     finally:
         ctx.term()
         bus.terminate()
@@ -149,11 +189,21 @@ def main(argv: list[str]) -> int:
         ("encode + publish (non-blocking)", f"{per_call_us(lambda: pub.publish(SAMPLE), 20_000):.2f} µs"),
         ("decode + validate conn.new", f"{per_call_us(lambda: decode(frames), 20_000):.2f} µs"),
     ]
+    flush = pub.holds_turns()  # this thread is a loop's now: one turn publishes 16 connections' conn.new
+    turn = [dataclasses.replace(SAMPLE, conn_id=f"c-{i}") for i in range(16)]
+
+    def one_turn() -> None:
+        for msg in turn:
+            pub.publish(msg)
+        flush()
+
+    rows.append(("encode + publish, 16 per loop turn (wire v2)", f"{per_call_us(one_turn, 2_000) / 16:.2f} µs"))
     pub.close()
     ctx.term()
     run.rmdir()
-    rate, lost = bus_throughput()
-    rows.append(("bus: 1 publisher → bus → 1 subscriber", f"{rate:,.0f} events/s ({lost:.1%} dropped)"))
+    for k, rate, lost in bus_throughput(per_turn=(1, 4, 16, 1, 4, 16)):
+        turn = "1 event per loop turn (1 per message)" if k == 1 else f"{k} events per loop turn (batched)"
+        rows.append((f"bus: 1 publisher → bus → 1 subscriber, {turn}", f"{rate:,.0f} events/s ({lost:.1%} dropped)"))
     rows += per_connection()
     print_rows(rows)
     return 0

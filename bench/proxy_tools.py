@@ -89,8 +89,7 @@ def drain(endpoint: str) -> None:
         if sub in ready:
             while True:
                 try:
-                    sub.recv_multipart(zmq.NOBLOCK)
-                    count += 1
+                    count += len(sub.recv_multipart(zmq.NOBLOCK)) - 1  # events: a message may carry several
                 except zmq.Again:
                     break
         if sys.stdin.fileno() in ready and not sys.stdin.buffer.read1(4096):

@@ -1,7 +1,8 @@
 """Wire schemas, constants and ZeroMQ plumbing shared by every splittun process.
 
 - `verdict`, `marks`: Portmaster's verdict enum and packet marks, defined once.
-- `schema`, `events`, `control`: typed msgpack schemas for bus messages and control requests.
+- `schema`, `events`, `control`: typed msgpack schemas for bus messages and control requests; `schema`
+  also says how events are framed on the bus (`WIRE_VERSION`: one or more events of one topic per message).
 - `compat`: the version 1 shapes of events version 2 merged, for views that show the bus.
 - `flows`: the flow key the interceptor and the proxies both use for a connection.
 - `endpoints`, `transport`, `loop`, `log`: where sockets live, publish/subscribe/request/reply helpers,
@@ -34,10 +35,11 @@ from .events import (
 )
 from .flows import canonical_ip, flow_key
 from .marks import Mark, Queue
-from .schema import Message, MessageError, decode, known_topics, schema_for_topic
+from .schema import WIRE_VERSION, Message, MessageError, decode, decode_all, known_topics, schema_for_topic, unbatch
 from .verdict import Verdict, verdict_string, verdict_verb
 
 __all__ = [
+    "WIRE_VERSION",
     "ConnEnd",
     "ConnNew",
     "ConnVerdict",
@@ -68,9 +70,11 @@ __all__ = [
     "Verdict",
     "canonical_ip",
     "decode",
+    "decode_all",
     "flow_key",
     "known_topics",
     "schema_for_topic",
+    "unbatch",
     "verdict_string",
     "verdict_verb",
 ]

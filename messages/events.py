@@ -16,8 +16,10 @@ from .verdict import Verdict, verdict_verb
 # --- actors -----------------------------------------------------------------------------------------
 
 
-# The heartbeat's cadence is part of its contract: consumers judge "gone" by HEARTBEAT_TTL.
-HEARTBEAT_INTERVAL = 5.0  # steady state (each beat wakes the bus, the controller and the interceptors)
+# The heartbeat's cadence is part of its contract: consumers judge "gone" by HEARTBEAT_TTL. Beats fall on the
+# wall clock's multiples of their period (runtime/loop.py until_slot), the same instant in every process, so
+# the bus and each subscriber (controller, interceptors) wake once per slot for all of them.
+HEARTBEAT_INTERVAL = 5.0  # steady state
 HEARTBEAT_FAST = 1.0  # while starting or not ready; also how often a sender looks at its readiness
 HEARTBEAT_STARTUP = 10.0  # seconds of fast beats after start (`up` waits for them)
 HEARTBEAT_TTL = 3 * HEARTBEAT_INTERVAL  # a process not heard from for this long is gone
@@ -26,7 +28,8 @@ HEARTBEAT_TTL = 3 * HEARTBEAT_INTERVAL  # a process not heard from for this long
 @message("actor.heartbeat")
 class Heartbeat(Message):
     """Proof of life plus the actor's own counters, from every actor and the bus: every HEARTBEAT_FAST s
-    while starting or not ready (so "ready" is seen within a second), else every HEARTBEAT_INTERVAL s."""
+    while starting or not ready (so "ready" is seen within a second), else every HEARTBEAT_INTERVAL s, on
+    the wall clock's multiples of the period (so several may arrive in one bus message)."""
 
     name: str  # program: bus, controller, proxy_tcp…
     instance: str  # supervisord process name: proxy_tcp_00…

@@ -1,10 +1,12 @@
 """Typed message schemas on msgpack.
 
 A message is a frozen dataclass declared with `@message(topic)`; nested records use `@record`. On the
-wire a message is the ZeroMQ multipart `[topic, payload]`, the payload a msgpack map holding the fields
-plus `v`, the schema version. Decoding checks every field against the dataclass annotations and raises
-`MessageError` naming the message and the field; fields a newer sender added are ignored (forward
-compatibility), a missing field without a default is an error.
+wire an event is the ZeroMQ multipart `[topic, payload]`, the payload a msgpack map holding the fields
+plus `v`, the schema version. A bus message may carry several events of one topic (wire version 2,
+`WIRE_VERSION`): `[topic, payload, payload, …]`, in the order they were published; `unbatch` splits it.
+Decoding checks every field against the dataclass annotations and raises `MessageError` naming the message
+and the field; fields a newer sender added are ignored (forward compatibility), a missing field without a
+default is an error.
 
 Why not pydantic or similar: the interceptor encodes one event per new connection on its verdict path, so
 encoding is a plain dict build plus `msgpack.packb`, and the validators are compiled once per class.
@@ -22,6 +24,16 @@ from typing import Any, ClassVar, Self, TypeVar
 import msgpack
 
 VERSION_KEY = "v"
+
+#: How events are framed on the bus (not a payload's schema version `v`). Version 1: one event per ZeroMQ
+#: message, `[topic, payload]`. Version 2: one or more events of the same topic per message,
+#: `[topic, payload, payload, …]` in publishing order — a process sends what it published in one loop turn
+#: as one message per run of one topic, and the bus joins runs it forwards in one go (every subscriber pays
+#: per message; bench/RESULTS.md, "events in batches"). One event is still `[topic, payload]`, the same
+#: bytes as version 1; ZeroMQ's prefix subscriptions still filter on the topic frame.
+WIRE_VERSION = 2
+#: Most events in one bus message (a publisher's run or the bus's join stops there).
+MAX_BATCH = 64
 
 #: Upper bound for one payload; larger frames are refused before msgpack touches them.
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
@@ -192,10 +204,27 @@ def decode_payload(cls: type[S], payload: bytes, kind: str | None = None) -> Any
     return cls.from_wire(unpack_payload(payload, name), name)
 
 
+def unbatch(frames: list[Any]) -> list[list[Any]]:
+    """The events of one bus message, each as `[topic, payload]` (a wire version 2 message carries several of
+    one topic; a version 1 message is one). MessageError when there is no payload at all."""
+    if len(frames) == 2:
+        return [frames]
+    if len(frames) < 2:
+        raise MessageError("<message>", f"expected [topic, payload, ...], got {len(frames)} frame(s)")
+    topic = frames[0]
+    return [[topic, payload] for payload in frames[1:]]
+
+
+def decode_all(frames: list[Any]) -> list[Message]:
+    """Every event of one bus message, decoded (MessageError at the first bad one)."""
+    return [decode(one) for one in unbatch(frames)]
+
+
 def decode(frames: list[bytes]) -> Message:
-    """Decode a `[topic, payload]` multipart message into its typed schema, or raise MessageError."""
+    """Decode one event, `[topic, payload]`, into its typed schema, or raise MessageError. A bus message with
+    several payloads (wire version 2) goes through `unbatch` or `decode_all` first."""
     if len(frames) != 2:
-        raise MessageError("<message>", f"expected 2 frames [topic, payload], got {len(frames)}")
+        raise MessageError("<message>", f"expected 2 frames [topic, payload], got {len(frames)} (unbatch a batch)")
     raw_topic, payload = frames
     try:
         topic = bytes(raw_topic).decode("utf-8")
@@ -211,7 +240,7 @@ def decode(frames: list[bytes]) -> Message:
 
 
 def decode_loose(frames: list[bytes]) -> tuple[str, dict[str, Any]]:
-    """Topic and raw map of any well-formed message, known topic or not (for `splittun events`)."""
+    """Topic and raw map of any well-formed event, known topic or not (for `splittun events`)."""
     if len(frames) != 2:
         raise MessageError("<message>", f"expected 2 frames [topic, payload], got {len(frames)}")
     topic = bytes(frames[0]).decode("utf-8", errors="replace")

@@ -6,8 +6,12 @@ An actor is a subclass of `Actor`; its package's `__main__` calls `main(TheActor
   messages/control.py: `ping` and `counters` for every actor, the rest through the methods an actor binds
   with `@answers(OP)` (arguments decoded into the op's record, the result encoded; docs/control-plane.md),
 - publishes `actor.heartbeat` (name, pid, uptime, counters, readiness): every second while starting or not
-  ready, then every HEARTBEAT_INTERVAL seconds (messages/events.py: the cadence is part of the contract),
-- decodes every bus message; a malformed one is logged in one line, counted and dropped,
+  ready, then every HEARTBEAT_INTERVAL seconds (messages/events.py: the cadence is part of the contract), on
+  the wall clock's multiples of them, so every process beats at the same instant (runtime/loop.py until_slot),
+- sends what the actor publishes on its loop thread at the end of each loop turn, one bus message per run
+  of one topic (runtime/transport.py; wire version 2, messages/schema.py), and hands every event of every
+  bus message it receives to `on_message` one by one: actor code sees single events either way,
+- decodes every event; a malformed one is logged in one line, counted and dropped,
 - stops on SIGTERM/SIGINT (or when supervisord dies: PR_SET_PDEATHSIG) within 2 s, closing its
   sockets and removing its ipc file.
 Actor code runs on the loop thread; worker threads may call `publish` (it is thread-safe).
@@ -27,11 +31,11 @@ import zmq
 
 from messages.control import INVALID_ARGUMENT, UNKNOWN_OP, AnyActor, NoArgs, Op, Ops, Ping, Request, RequestFailed
 from messages.events import HEARTBEAT_FAST, HEARTBEAT_INTERVAL, HEARTBEAT_STARTUP, Heartbeat
-from messages.schema import Message, MessageError, decode
+from messages.schema import Message, MessageError, decode, unbatch
 from runtime import log as logmod
 from runtime import paths
 from runtime.log import describe
-from runtime.loop import Loop, die_with_parent
+from runtime.loop import Loop, die_with_parent, until_slot
 from runtime.transport import Publisher, ReplyServer, Subscriber
 from runtime.transport import ask as send_ask
 from runtime.transport import request as send_request
@@ -193,6 +197,7 @@ class Runtime:
             "malformed": self.malformed,
             "handler_errors": self.handler_errors + self.loop.errors,
             "published": pub.sent if pub else 0,
+            "published_messages": pub.messages if pub else 0,
             "dropped": pub.dropped if pub else 0,
             "requests": self.server.handled if self.server else 0,
             "bad_requests": self.server.bad_requests if self.server else 0,
@@ -203,6 +208,7 @@ class Runtime:
     def open(self, actor: Actor) -> None:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.publisher = Publisher(self.ctx, paths.bus_in(self.run_dir))
+        self.loop.at_turn_end(self.publisher.holds_turns())  # this (the loop's) thread's events leave per turn
         if actor.subscriptions:
             self.subscriber = Subscriber(self.ctx, paths.bus_out(self.run_dir), actor.subscriptions)
             self.loop.add_socket(self.subscriber.sock, lambda: self._drain_bus(actor))
@@ -216,22 +222,35 @@ class Runtime:
 
     def _drain_bus(self, actor: Actor) -> None:
         assert self.subscriber is not None
-        for _ in range(_MESSAGE_BATCH):
-            frames = self.subscriber.recv_frames_nowait()
+        events = 0
+        while events < _MESSAGE_BATCH:  # bounded: keep the loop fair to the other sockets
+            frames = self.subscriber.recv_message_nowait()
             if frames is None:
                 return
-            self.received += 1
             try:
-                msg = decode(frames)
+                batch = unbatch(frames)
             except MessageError as exc:
+                self.received += 1
                 self.malformed += 1
                 self._log_malformed(exc)
                 continue
-            try:
-                actor.on_message(msg)
-            except Exception as exc:  # the message was valid; the actor failed on it: log, go on
-                self.handler_errors += 1
-                self.log.error("message.failed", topic=msg.wire_topic(), error=describe(exc))
+            events += len(batch)
+            for one in batch:
+                self._dispatch(actor, one)
+
+    def _dispatch(self, actor: Actor, frames: list[bytes]) -> None:
+        self.received += 1
+        try:
+            msg = decode(frames)
+        except MessageError as exc:
+            self.malformed += 1
+            self._log_malformed(exc)
+            return
+        try:
+            actor.on_message(msg)
+        except Exception as exc:  # the message was valid; the actor failed on it: log, go on
+            self.handler_errors += 1
+            self.log.error("message.failed", topic=msg.wire_topic(), error=describe(exc))
 
     def _log_malformed(self, exc: MessageError) -> None:
         if self._malformed_lines.allow():
@@ -251,7 +270,9 @@ class Runtime:
     def heartbeats(self, actor: Actor) -> None:
         """Beat now; then every HEARTBEAT_FAST s while starting or not ready (and once more when readiness
         changed), else every HEARTBEAT_INTERVAL s. A ready, idle actor wakes once per interval: each beat
-        also wakes every subscriber, so an idle instance beating every second was never idle."""
+        also wakes every subscriber, so an idle instance beating every second was never idle. Beats fall on
+        the wall clock's multiples of their period, the same instant in every process: the bus forwards
+        them together and a subscriber takes them in one wakeup, not one per process."""
         last_not_ready: str | None = None
 
         def tick() -> None:
@@ -260,7 +281,7 @@ class Runtime:
             self.heartbeat(actor, not_ready)
             steady = not not_ready and not_ready == last_not_ready and self.uptime() >= HEARTBEAT_STARTUP
             last_not_ready = not_ready
-            self.loop.call_later(HEARTBEAT_INTERVAL if steady else HEARTBEAT_FAST, tick)
+            self.loop.call_later(until_slot(HEARTBEAT_INTERVAL if steady else HEARTBEAT_FAST), tick)
 
         self.loop.call_later(0.0, tick)
 

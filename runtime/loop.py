@@ -27,14 +27,24 @@ from .log import EventLog, describe
 Callback = Callable[[], Any]
 
 
-class Timer:
-    __slots__ = ("callback", "cancelled", "interval", "when")
+def until_slot(period: float, now: float | None = None) -> float:
+    """Seconds to the next multiple of `period` on the wall clock (never less than a tenth of it): every
+    process that times its idle work this way does it at the same instant, so a subscriber woken by one
+    message finds the others already there, and the machine wakes once instead of once per process."""
+    now = time.time() if now is None else now
+    delay = period - now % period
+    return delay + period if delay < period / 10 else delay
 
-    def __init__(self, when: float, interval: float | None, callback: Callback) -> None:
+
+class Timer:
+    __slots__ = ("aligned", "callback", "cancelled", "interval", "when")
+
+    def __init__(self, when: float, interval: float | None, callback: Callback, aligned: bool = False) -> None:
         self.when = when
         self.interval = interval
         self.callback = callback
         self.cancelled = False
+        self.aligned = aligned
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -54,6 +64,10 @@ class Timers:
         start = time.monotonic() + (interval if first is None else first)
         return self._schedule(Timer(start, interval, callback))
 
+    def call_every_slot(self, interval: float, callback: Callback) -> Timer:
+        """Every `interval` seconds on the wall clock's multiples of it (`until_slot`), starting at the next."""
+        return self._schedule(Timer(time.monotonic() + until_slot(interval), interval, callback, aligned=True))
+
     def _schedule(self, timer: Timer) -> Timer:
         heapq.heappush(self._heap, (timer.when, next(self._seq), timer))
         return timer
@@ -67,10 +81,13 @@ class Timers:
                 continue
             call(timer.callback)
             if timer.interval is not None and not timer.cancelled:
-                # Keep the cadence; when late, the next tick is one interval from now (never a backlog).
-                timer.when += timer.interval
-                if timer.when <= now:
-                    timer.when = now + timer.interval
+                if timer.aligned:  # the next slot, from the wall clock (it may have been stepped)
+                    timer.when = time.monotonic() + until_slot(timer.interval)
+                else:
+                    # Keep the cadence; when late, the next tick is one interval from now (never a backlog).
+                    timer.when += timer.interval
+                    if timer.when <= now:
+                        timer.when = now + timer.interval
                 self._schedule(timer)
         return max(0.0, self._heap[0][0] - time.monotonic()) if self._heap else None
 
@@ -125,6 +142,7 @@ class Loop:
         self.running = False
         self.stop_reason = ""
         self.errors = 0
+        self._turn_end: list[Callback] = []
 
     # --- registration -----------------------------------------------------------------------------
 
@@ -146,6 +164,16 @@ class Loop:
 
     def call_every(self, interval: float, callback: Callback, first: float | None = None) -> Timer:
         return self.timers.call_every(interval, callback, first)
+
+    def call_every_slot(self, interval: float, callback: Callback) -> Timer:
+        """Idle work every `interval` s on the wall clock's multiples of it: with the heartbeats (which beat on
+        those slots too) it wakes a process and its subscribers once, not once each."""
+        return self.timers.call_every_slot(interval, callback)
+
+    def at_turn_end(self, callback: Callback) -> None:
+        """Call `callback()` at the end of every turn, before the loop sleeps again (and once when it ends):
+        where the publisher sends what this turn's handlers published."""
+        self._turn_end.append(callback)
 
     def call_soon_threadsafe(self, callback: Callback) -> None:
         """Run `callback` on the loop thread; safe from any thread."""
@@ -171,19 +199,27 @@ class Loop:
 
     def run(self) -> None:
         self.running = not self.stop_reason
-        while self.running:
-            due_in = self.timers.run_due(self._call)
-            # No cap: signals, stop() and other threads wake the poll through the wakeup fd, so an idle
-            # process sleeps until its next timer instead of waking every second for nothing.
-            timeout_ms = None if due_in is None else int(due_in * 1000) + 1
-            if not self.running:
-                break
-            ready = self.poller.poll(timeout_ms)  # pyzmq retries EINTR after running signal handlers
-            for sock_or_fd, _event in ready:
-                handler = self._handlers.get(sock_or_fd)
-                if handler is not None:
-                    self._call(handler)
-            self.wakeup.run_soon(self._call)
+        try:
+            while self.running:
+                due_in = self.timers.run_due(self._call)
+                self._end_turn()
+                # No cap: signals, stop() and other threads wake the poll through the wakeup fd, so an idle
+                # process sleeps until its next timer instead of waking every second for nothing.
+                timeout_ms = None if due_in is None else int(due_in * 1000) + 1
+                if not self.running:
+                    break
+                ready = self.poller.poll(timeout_ms)  # pyzmq retries EINTR after running signal handlers
+                for sock_or_fd, _event in ready:
+                    handler = self._handlers.get(sock_or_fd)
+                    if handler is not None:
+                        self._call(handler)
+                self.wakeup.run_soon(self._call)
+        finally:
+            self._end_turn()
+
+    def _end_turn(self) -> None:
+        for callback in self._turn_end:
+            self._call(callback)
 
     def _call(self, callback: Callback) -> None:
         try:

@@ -1,14 +1,17 @@
 """Small helpers over pyzmq: publish, subscribe, request and reply.
 
 Publishing is fire-and-forget: a full send queue drops the event and counts it, it never blocks the
-caller (the hot-path rule). Requests are for the control plane only; each call uses a fresh REQ socket
-with a deadline, so a dead server costs a timeout, never a stuck client. `ask(endpoint, OP, args)` sends
-an op declared in messages/control.py and returns its decoded result; `request(endpoint, "op", {...})`
-is the raw form (op by name, arguments and result as plain msgpack values).
+caller (the hot-path rule). On an actor's loop thread the events of one loop turn leave together at its
+end, one bus message per run of one topic (wire version 2, messages/schema.py). Requests are for the
+control plane only; each call uses a fresh REQ socket with a deadline, so a dead server costs a timeout,
+never a stuck client. `ask(endpoint, OP, args)` sends an op declared in messages/control.py and returns its
+decoded result; `request(endpoint, "op", {...})` is the raw form (op by name, arguments and result as plain
+msgpack values).
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,7 +21,7 @@ import zmq
 
 from messages import control
 from messages.control import Op, Reply, Request, RequestFailed
-from messages.schema import Message, MessageError, decode, decode_payload, encode_payload
+from messages.schema import MAX_BATCH, Message, MessageError, decode, decode_payload, encode_payload, unbatch
 
 from .log import EventLog, LineBudget, describe
 from .paths import endpoint_file
@@ -31,40 +34,85 @@ BAD_REQUEST_LINES_PER_SECOND = 5
 
 
 class Publisher:
-    """A PUB socket connected to the bus. Thread-safe; never blocks."""
+    """A PUB socket connected to the bus. Thread-safe; never blocks.
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = DEFAULT_HWM) -> None:
+    A thread that `holds_turns` (an actor's loop thread) does not send at once: what it publishes waits for
+    the end of its loop's turn (`flush`, before the loop sleeps again) and leaves as one bus message per run
+    of one topic, up to MAX_BATCH events each (messages/schema.py, wire version 2): the bus and every
+    subscriber pay per message, not per event. Publishing then only appends to a list — it never blocks and
+    never waits on a timer. Other threads (and a publisher nobody told) send every event at once."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = DEFAULT_HWM, max_batch: int = MAX_BATCH) -> None:
         self.sock = ctx.socket(zmq.PUB)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
+        self.max_batch = max_batch
         self._lock = threading.Lock()
-        self.sent = 0
+        self._held: dict[int, list[list[bytes]]] = {}  # thread → its messages waiting for the end of the turn
+        self.sent = 0  # events
+        self.messages = 0  # bus messages they left in
         self.dropped = 0
 
+    def holds_turns(self) -> Callable[[], None]:
+        """From now on hold what the calling thread publishes until its loop's turn ends; returns the flush
+        that loop must call at the end of every turn (`Loop.at_turn_end`)."""
+        self._held.setdefault(threading.get_ident(), [])
+        return self.flush
+
     def publish(self, msg: Message) -> bool:
-        return self.send_frames(msg.encode())
+        """Fire-and-forget; False when the event was dropped (a held event is dropped, if ever, when it
+        leaves: `dropped` counts it)."""
+        held = self._held.get(threading.get_ident())
+        frames = msg.encode()
+        if held is None:
+            return self.send_frames(frames)
+        last = held[-1] if held else None
+        if last is not None and last[0] == frames[0] and len(last) <= self.max_batch:
+            last.append(frames[1])  # the same topic as the event before it: one more payload
+            full = len(last) > self.max_batch
+        else:
+            held.append(frames)
+            full = len(held) >= self.max_batch
+        if full:  # a turn that publishes thousands (a re-evaluation) sends them as they fill, not all at its end
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Send what the calling thread holds, one message per run of one topic (its loop's turn ends)."""
+        held = self._held.get(threading.get_ident())
+        if held:
+            batch = held[:]
+            held.clear()
+            for frames in batch:
+                self.send_frames(frames)
 
     def send_frames(self, frames: list[bytes]) -> bool:
+        """Send one bus message now (`[topic, payload, …]`)."""
+        events = max(len(frames) - 1, 1)
         with self._lock:
             try:
                 self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
             except zmq.Again:
-                self.dropped += 1
+                self.dropped += events
                 return False
             except zmq.ZMQError:
-                self.dropped += 1  # socket closing during shutdown
+                self.dropped += events  # socket closing during shutdown
                 return False
-            self.sent += 1
+            self.sent += events
+            self.messages += 1
             return True
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             self.sock.close(linger=0)
 
 
 class Subscriber:
-    """A SUB socket on the bus for the given topic prefixes (None = everything)."""
+    """A SUB socket on the bus for the given topic prefixes (None = everything). `recv_frames` and `recv` give
+    one event at a time, also from a bus message that carries several (wire version 2); `recv_message_nowait`
+    gives a whole bus message."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, prefixes: Iterable[str] | None = None) -> None:
         self.sock = ctx.socket(zmq.SUB)
@@ -73,21 +121,38 @@ class Subscriber:
         for prefix in [""] if prefixes is None else prefixes:
             self.sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         self.sock.connect(endpoint)
+        self._pending: collections.deque[list[bytes]] = collections.deque()  # the rest of a batch
 
     def recv_frames(self, timeout: float | None = None) -> list[bytes] | None:
-        """Next raw message, or None after `timeout` seconds (None = wait forever)."""
+        """Next event as `[topic, payload]`, or None after `timeout` seconds (None = wait forever)."""
+        if self._pending:
+            return self._pending.popleft()
         if timeout is not None and not self.sock.poll(int(timeout * 1000)):
             return None
-        return self.sock.recv_multipart()
+        return self._one(self.sock.recv_multipart())
 
     def recv_frames_nowait(self) -> list[bytes] | None:
+        if self._pending:
+            return self._pending.popleft()
+        frames = self.recv_message_nowait()
+        return None if frames is None else self._one(frames)
+
+    def recv_message_nowait(self) -> list[bytes] | None:
+        """The next bus message as it came: `[topic, payload, …]`."""
         try:
             return self.sock.recv_multipart(flags=zmq.NOBLOCK)
         except zmq.Again:
             return None
 
+    def _one(self, frames: list[bytes]) -> list[bytes]:
+        if len(frames) <= 2:
+            return frames  # one event (or a malformed message, for decode to name)
+        events = unbatch(frames)
+        self._pending.extend(events[1:])
+        return events[0]
+
     def recv(self, timeout: float | None = None) -> Message | None:
-        """Next decoded message; raises MessageError for a malformed one."""
+        """Next decoded event; raises MessageError for a malformed one."""
         frames = self.recv_frames(timeout)
         return None if frames is None else decode(frames)
 

@@ -13,6 +13,7 @@ server to run and configure, and server-sent events are a plain `StreamResponse`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -50,7 +51,7 @@ from messages.control import (
     to_plain,
 )
 from messages.events import HEARTBEAT_TTL
-from messages.schema import MessageError, Struct, decode_loose, record
+from messages.schema import MessageError, Struct, decode_loose, record, unbatch
 from runtime import paths
 from runtime.log import EventLog, describe
 from runtime.transport import ask
@@ -402,8 +403,11 @@ async def events(api: HttpApi, request: web.Request) -> web.StreamResponse:
                 await response.write(b": keepalive\n\n")
                 continue
             frames = await sub.recv_multipart()
+            shapes: list[tuple[str, dict[str, Any]]] = []
             try:
-                shapes = legacy_shapes(*decode_loose(frames))
+                for event in unbatch(frames):  # a bus message may carry several events (wire version 2)
+                    with contextlib.suppress(MessageError):
+                        shapes += legacy_shapes(*decode_loose(event))
             except MessageError:
                 continue
             for topic, data in shapes:

@@ -131,7 +131,8 @@ class ControllerActor(Actor):
         self.snapshot = self._compile()
         self._check_config_file(initial=True)
         self._watch_config_file()
-        self.rt.loop.call_every(REPUBLISH_SECONDS, lambda: self.rt.publish(self.snapshot), first=0.0)
+        self.rt.loop.call_later(0.0, lambda: self.rt.publish(self.snapshot))
+        self.rt.loop.call_every_slot(REPUBLISH_SECONDS, lambda: self.rt.publish(self.snapshot))  # with the beats
         self.rt.loop.call_every(STALE_CHECK_SECONDS, self._check_stale, first=0.0)
         self.rt.loop.call_every(RETENTION_SECONDS, self._retain, first=1.0)
 
@@ -198,7 +199,7 @@ class ControllerActor(Actor):
             return
         watch = self.config_watch
         self.rt.loop.add_fd(watch.fileno(), lambda: watch.changed() and self._check_config_file())
-        self.rt.loop.call_every(CONFIG_RECHECK_SECONDS, self._check_config_file)
+        self.rt.loop.call_every_slot(CONFIG_RECHECK_SECONDS, self._check_config_file)
 
     def _stamp(self) -> tuple[int, int, int] | None:
         try:

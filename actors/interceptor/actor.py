@@ -158,7 +158,7 @@ class InterceptorActor(Actor):
         self._data_path_wanted = ""
         self.active = False
         self._passive_logged = False
-        self.rt.loop.call_every(HEARTBEAT_INTERVAL, self.engine.check_resolver)
+        self.rt.loop.call_every_slot(HEARTBEAT_INTERVAL, self.engine.check_resolver)  # wakes with the beats
         self._activate()
         for fetch in (self._fetch_policy, self._fetch_netenv, self._fetch_ivpn):
             threading.Thread(target=fetch, name=fetch.__name__, daemon=True).start()
@@ -194,10 +194,10 @@ class InterceptorActor(Actor):
             self._follow_data_path(self.fw.data_path)
             self.log.info("rules.installed", workers=self.workers, data_path=self.fw.data_path)
             self._announce(True, "rules installed")
-            self.rt.loop.call_every(HEARTBEAT_INTERVAL * 5, lambda: self._announce(self.active, "repeat"))
+            self.rt.loop.call_every_slot(HEARTBEAT_INTERVAL * 5, lambda: self._announce(self.active, "repeat"))
             for delay in self._check_schedule(self.rt.args.jump_checks):
                 self.rt.loop.call_later(delay, lambda d=delay: self._check_jumps(f"scheduled {d:g}s"))
-            self.rt.loop.call_every(JUMP_CHECK_EVERY, lambda: self._check_jumps_in_background("periodic"))
+            self.rt.loop.call_every_slot(JUMP_CHECK_EVERY, lambda: self._check_jumps_in_background("periodic"))
             write_marker(paths.routing_marker(self.rt.run_dir))  # before the first change: `down` removes what we add
             self.routing = RoutingKeeper(SplitRouting(), self.log)
             self.kernel_routing = RoutingKeeper(KernelPathRouting(), self.log)

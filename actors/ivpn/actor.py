@@ -100,7 +100,7 @@ class IvpnActor(Actor):
         self.client.start()
         republish = float(getattr(self.rt.args, "republish", REPUBLISH))
         if republish > 0:
-            self.rt.loop.call_every(republish, self._republish)
+            self.rt.loop.call_every_slot(republish, self._republish)  # when the heartbeats wake everyone anyway
 
     def stop(self) -> None:
         if hasattr(self, "_stopping"):

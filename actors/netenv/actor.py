@@ -75,7 +75,7 @@ class NetenvActor(Actor):
         self._refresh()
         republish = float(getattr(self.rt.args, "republish", REPUBLISH))
         if republish > 0:
-            self.rt.loop.call_every(republish, lambda: self._republish(republish))
+            self.rt.loop.call_every_slot(republish, lambda: self._republish(republish))  # with the heartbeats
 
     def stop(self) -> None:
         monitor = getattr(self, "monitor", None)

@@ -78,7 +78,7 @@ class ResolverActor(Actor):
         self.passive = ""  # why we do not listen: another splittun instance answers DNS in this namespace
         self._listen()
         self.rt.loop.call_later(0.0, self._ask_for_snapshots)
-        self.rt.loop.call_every(LEARN_INTERVAL, self._configure)  # servers learned from files change unseen
+        self.rt.loop.call_every_slot(LEARN_INTERVAL, self._configure)  # servers learned from files change unseen
 
     def _listen(self) -> None:
         """Bind every address (UDP and TCP) or none. Taken (another instance's resolver) → passive, retry later."""

@@ -522,8 +522,8 @@ def test_the_status_view_shows_uplinks_and_actors_and_a_banner_while_an_actor_is
     actors = lambda: browser.run(lambda d: d.execute_script(ACTOR_ROWS))  # noqa: E731
     assert wait_until(lambda: "controller" in actors() and "netenv" in actors(), timeout=5), actors()
     assert all("ready" in row and "ago" in row for row in actors().values()), actors()
-    ipv4 = text(browser, '#uplink-rows tr[data-family="4"]')
-    assert f"{T.HOST_IF} ({T.HOST_V4})" in ipv4, ipv4
+    ipv4 = lambda: text(browser, '#uplink-rows tr[data-family="4"]')  # noqa: E731 (its own request, after the actors)
+    assert wait_until(lambda: f"{T.HOST_IF} ({T.HOST_V4})" in ipv4(), timeout=5), ipv4()
     assert browser.run(lambda d: d.find_element(By.ID, "banner").is_displayed()) is False
     browser.screenshot("panel/status")
 

@@ -232,7 +232,7 @@ def test_unknown_fields_and_newer_versions_are_tolerated() -> None:
         ([b"actor.heartbeat", msgpack.packb({**GOOD_BEAT, "v": "1"})], "field 'v': schema version must be"),
         ([b"actor.heartbeat", b""], "payload is not valid msgpack"),
         ([b"actor.heartbeat"], "expected 2 frames"),
-        ([b"actor.heartbeat", b"x", b"y"], "expected 2 frames"),
+        ([b"actor.heartbeat", _payload(**GOOD_BEAT), _payload(**GOOD_BEAT)], "expected 2 frames"),
         ([b"no.such.topic", _payload()], "no.such.topic: unknown topic"),
         ([b"\xff\xfe", _payload()], "topic is not UTF-8"),
         ([b"conn.verdict", _payload(conn_id="c", ts=1.0, verdict=9)], "field 'verdict': 9 is not a valid Verdict"),
@@ -292,3 +292,18 @@ def test_plain_fields_taken_as_they_are_are_still_checked_exactly() -> None:
         m.decode([b"conn.new", msgpack.packb(good | {"src_port": True})])
     with pytest.raises(m.MessageError, match=r"field 'process.cmdline\[1\]': expected str, got int"):
         m.decode([b"conn.new", msgpack.packb(good | {"process": {"cmdline": ["curl", 1]}})])
+
+
+def test_a_bus_message_carries_one_or_more_events_of_one_topic() -> None:
+    """Wire version 2: `[topic, payload, payload, …]`; one event is the same bytes as version 1."""
+    beats = [m.Heartbeat(name="n", instance=f"n_{i}", pid=i, started=0.0, uptime=1.0, ts=2.0) for i in range(3)]
+    single = beats[0].encode()
+    assert m.unbatch(single) == [single] and m.decode_all(single) == [beats[0]]
+    batch = [single[0], *(b.encode()[1] for b in beats)]
+    assert m.unbatch(batch) == [[single[0], b.encode()[1]] for b in beats]
+    assert m.decode_all(batch) == beats
+    with pytest.raises(m.MessageError, match=r"got 1 frame"):
+        m.unbatch([b"actor.heartbeat"])
+    with pytest.raises(m.MessageError, match="unbatch"):
+        m.decode(batch)  # one event at a time: a batch is split first
+    assert m.WIRE_VERSION == 2

@@ -7,8 +7,10 @@ import select
 import signal
 import time
 
+import pytest
+
 from runtime.log import EventLog, LineBudget
-from runtime.loop import Loop, Timers, Wakeup
+from runtime.loop import Loop, Timers, Wakeup, until_slot
 
 
 def test_timers_fire_in_order_keep_their_cadence_and_never_replay_a_backlog() -> None:
@@ -64,3 +66,45 @@ def test_a_sigterm_before_the_loop_runs_is_not_lost() -> None:
         loop.close()
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+def test_turn_end_runs_after_the_turns_work_before_the_loop_sleeps() -> None:
+    """A publisher flushes at the end of a turn: after what the turn's timers and handlers did, before any
+    wait (an event never sits out a sleep), and once more when the loop ends."""
+    loop = Loop(EventLog("test-loop"))
+    seen: list[str] = []
+    try:
+        loop.at_turn_end(lambda: seen.append("end"))
+        loop.call_later(0.0, lambda: seen.append("work"))
+        loop.call_later(0.05, lambda: (seen.append("later"), loop.stop("done")))
+        loop.run()
+    finally:
+        loop.close()
+    assert seen[:2] == ["work", "end"] and seen[-2:] == ["end", "end"] and "later" in seen
+    assert seen.index("later") == len(seen) - 3  # the stopping turn still flushed (then the final one)
+
+
+def test_until_slot_lands_every_process_on_the_same_wall_clock_instant() -> None:
+    assert until_slot(5.0, now=100.0) == 5.0
+    assert until_slot(5.0, now=102.0) == 3.0
+    assert abs(until_slot(5.0, now=104.8) - 5.2) < 1e-9  # too close to the slot: the one after (no double beat)
+    assert abs(until_slot(1.0, now=7.25) - 0.75) < 1e-9
+    # two processes asking at different moments meet at the same instant
+    assert abs((101.3 + until_slot(5.0, now=101.3)) - (103.9 + until_slot(5.0, now=103.9))) < 1e-9
+
+
+def test_slot_timers_fire_on_the_wall_clocks_multiples_of_their_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes' idle work with the same period fires at the same instant, whenever each one started, and
+    stays there after each tick (the next slot is taken from the wall clock again)."""
+    wall = [100.03]
+    monkeypatch.setattr(time, "time", lambda: wall[0])
+    timers = Timers()
+    fired: list[float] = []
+    started = time.monotonic()
+    timer = timers.call_every_slot(0.1, lambda: fired.append(wall[0]))
+    assert abs((timer.when - started) - 0.07) < 0.005  # at wall 100.1
+    time.sleep(0.08)
+    wall[0] = 100.13  # the slot came, and the wall clock says it is 30 ms late (a step, a slow tick)
+    timers.run_due(lambda cb: cb())
+    assert fired == [100.13]
+    assert abs((timer.when - time.monotonic()) - 0.07) < 0.005  # at wall 100.2 again, not 100.23
