@@ -111,13 +111,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         except SupervisorError as exc:
             print(f"splittun: {exc}")
             return FAILED
-        seen, states = _wait_for_heartbeats(sup, heartbeats, args.timeout)
+        seen, states, exited = _wait_for_heartbeats(sup, heartbeats, args.timeout)
     finally:
         heartbeats.close()
         ctx.term()
     missing = [s for s in states if s.instance not in seen]
-    # One that supervisord gave up on (or keeps restarting) is the cause: name it, not those still starting.
-    failed = [s for s in missing if s.state in GAVE_UP_STATES or s.state == "BACKOFF"]
+    # One that supervisord gave up on, or saw exit while we waited (a crash loop, caught between two of its
+    # restarts or not), is the cause: name it, not those still starting.
+    failed = [s for s in missing if s.state in GAVE_UP_STATES or s.instance in exited]
     if missing or not states:
         if failed:
             print(f"splittun: {len(failed)} of {len(states)} actors did not start:")
@@ -137,15 +138,19 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _wait_for_heartbeats(
     sup: Supervisor, heartbeats: Subscriber, timeout: float
-) -> tuple[dict[str, Heartbeat], list[ProcessState]]:
-    """Until every process heartbeats and says it is ready (ready gets READY_GRACE more seconds)."""
+) -> tuple[dict[str, Heartbeat], list[ProcessState], set[str]]:
+    """Until every process heartbeats and says it is ready (ready gets READY_GRACE more seconds).
+
+    Also returns the instances supervisord was seen restarting (BACKOFF) or giving up on meanwhile."""
     seen: dict[str, Heartbeat] = {}
+    exited: set[str] = set()
     deadline = time.monotonic() + timeout
     states: list[ProcessState] = []
     next_poll = 0.0
     while time.monotonic() < deadline:
         if time.monotonic() >= next_poll:
             states = sup.processes()
+            exited.update(s.instance for s in states if s.state == "BACKOFF" or s.state in GAVE_UP_STATES)
             next_poll = time.monotonic() + 0.25
             if states and all(s.instance in seen for s in states):
                 if all(beat.ready for beat in seen.values()):
@@ -159,7 +164,7 @@ def _wait_for_heartbeats(
             continue
         if isinstance(msg, Heartbeat):
             seen[msg.instance] = msg
-    return seen, states
+    return seen, states, exited
 
 
 def _last_log_line(home: Home, state: ProcessState) -> str:

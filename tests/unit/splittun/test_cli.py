@@ -42,3 +42,27 @@ def test_nothing_running_is_one_line_for_notifications_api_and_ui(home: Path) ->
     for argv in (["notifications"], ["notifications", "reset"], ["api", "token"], ["ui"]):
         result = subprocess.run([*SPLITTUN, *argv], capture_output=True, text=True, env=env, timeout=30)
         assert_one_line_error(result, 3, "not running")
+
+
+def test_up_names_an_actor_it_saw_restarting_even_when_caught_between_two_restarts() -> None:
+    """A crash-looping actor is STARTING half the time: `up` names it if supervisord was seen restarting it."""
+    from messages.events import Heartbeat
+    from splittun.commands.lifecycle import _wait_for_heartbeats
+    from splittun.supervise import ProcessState
+
+    polls = iter(["BACKOFF", "STARTING", "BACKOFF"])
+
+    class FakeSupervisor:
+        def processes(self) -> list[ProcessState]:
+            state = next(polls, "STARTING")
+            return [ProcessState("bus", "RUNNING", 10, 1.0, ""), ProcessState("ivpn", state, 11, 0.0, "")]
+
+    class FakeHeartbeats:
+        def recv(self, timeout: float | None = None) -> Heartbeat | None:
+            beat = Heartbeat(name="bus", instance="bus", pid=10, started=0.0, uptime=1.0, ts=0.0)
+            return beat
+
+    seen, states, exited = _wait_for_heartbeats(FakeSupervisor(), FakeHeartbeats(), timeout=1.0)  # type: ignore[arg-type]
+    assert set(seen) == {"bus"}
+    assert [s.state for s in states if s.instance == "ivpn"] == ["STARTING"]  # caught between two restarts
+    assert exited == {"ivpn"}
