@@ -495,7 +495,7 @@ class TcpProxy(ProxyBase):
         err = upstream.connect_ex(plan.remote)
         client.setblocking(False)  # TCP_NODELAY came with accept: it is set on the listener
         conn = TcpConn(self, session, client, upstream)
-        self.table.add(session)
+        self._track(session)
         self.conns[session.id] = conn
         session._closer = lambda reason: self.loop.call_soon_threadsafe(lambda: conn.close(reason, rst=True))
         if err not in (0, errno.EINPROGRESS):
