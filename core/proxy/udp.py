@@ -584,7 +584,8 @@ class UdpProxy(ProxyBase):
         for conn in list(self.conns.values()):
             s = conn.session
             moved = s.packets_up + s.packets_down
-            if moved != conn.seen:
+            busy = moved != conn.seen
+            if busy:
                 conn.seen = moved
                 s.last_seen = now
             elif now - s.last_seen >= cfg.udp_idle_timeout:
@@ -592,8 +593,7 @@ class UdpProxy(ProxyBase):
                 continue
             if self.resolver is not None and now - conn.validated_at >= cfg.udp_revalidate:
                 conn.check = True
-            if s.stats_due(now, cfg.first_stats, cfg.stats_interval):
-                s.stats_at = now
+            if s.report_due(now, moved, busy, cfg.first_stats, cfg.stats_interval):
                 self._hook("on_stats", s)
         for memory in (self._refused_recently, self._replaced):
             for key, until in list(memory.items()):
