@@ -2,11 +2,12 @@
 
 Publishing is fire-and-forget: a full send queue drops the event and counts it, it never blocks the
 caller (the hot-path rule). On an actor's loop thread the events of one loop turn leave together at its
-end, one bus message per run of one topic (wire version 2, messages/schema.py). Requests are for the
-control plane only; each call uses a fresh REQ socket with a deadline, so a dead server costs a timeout,
-never a stuck client. `ask(endpoint, OP, args)` sends an op declared in messages/control.py and returns its
-decoded result; `request(endpoint, "op", {...})` is the raw form (op by name, arguments and result as plain
-msgpack values).
+end, one bus message per run of one topic (wire version 2, messages/schema.py); a thread with a loop of its
+own (the proxies' data thread) does the same through a `Publisher.batch()` it flushes at its turns' ends.
+Requests are for the control plane only; each call uses a fresh REQ socket with a deadline, so a dead server
+costs a timeout, never a stuck client. `ask(endpoint, OP, args)` sends an op declared in messages/control.py
+and returns its decoded result; `request(endpoint, "op", {...})` is the raw form (op by name, arguments and
+result as plain msgpack values).
 """
 
 from __future__ import annotations
@@ -33,14 +34,48 @@ DEFAULT_HWM = 10_000
 BAD_REQUEST_LINES_PER_SECOND = 5
 
 
+class Batch:
+    """Events one thread holds until its loop's turn ends, then sends as one bus message per run of one topic,
+    up to `max_batch` events each (messages/schema.py, wire version 2): the bus and every subscriber pay per
+    message, not per event. Only its owner thread may use it; publishing only appends to a list (never
+    blocks, never waits on a timer). Made by `Publisher.holds_turns` (an actor's loop thread) or
+    `Publisher.batch` (a thread with a loop of its own: the proxies' data thread)."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+        self._held: list[list[bytes]] = []  # messages waiting for the end of the turn
+
+    def publish(self, msg: Message) -> bool:
+        """Hold `msg` for the end of the turn; True (a held event is dropped, if ever, when it leaves:
+        the publisher's `dropped` counts it)."""
+        frames = msg.encode()
+        held = self._held
+        last = held[-1] if held else None
+        limit = self.publisher.max_batch
+        if last is not None and last[0] == frames[0] and len(last) <= limit:
+            last.append(frames[1])  # the same topic as the event before it: one more payload
+            full = len(last) > limit
+        else:
+            held.append(frames)
+            full = len(held) >= limit
+        if full:  # a turn that publishes thousands (a re-evaluation) sends them as they fill, not all at its end
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Send what is held, one message per run of one topic (the owner's loop turn ends)."""
+        if self._held:
+            batch, self._held = self._held, []
+            for frames in batch:
+                self.publisher.send_frames(frames)
+
+
 class Publisher:
     """A PUB socket connected to the bus. Thread-safe; never blocks.
 
     A thread that `holds_turns` (an actor's loop thread) does not send at once: what it publishes waits for
-    the end of its loop's turn (`flush`, before the loop sleeps again) and leaves as one bus message per run
-    of one topic, up to MAX_BATCH events each (messages/schema.py, wire version 2): the bus and every
-    subscriber pay per message, not per event. Publishing then only appends to a list — it never blocks and
-    never waits on a timer. Other threads (and a publisher nobody told) send every event at once."""
+    the end of its loop's turn (`flush`, before the loop sleeps again) in a `Batch`. Other threads (and a
+    publisher nobody told) send every event at once, unless they publish through a `batch()` of their own."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, hwm: int = DEFAULT_HWM, max_batch: int = MAX_BATCH) -> None:
         self.sock = ctx.socket(zmq.PUB)
@@ -49,7 +84,7 @@ class Publisher:
         self.sock.connect(endpoint)
         self.max_batch = max_batch
         self._lock = threading.Lock()
-        self._held: dict[int, list[list[bytes]]] = {}  # thread → its messages waiting for the end of the turn
+        self._held: dict[int, Batch] = {}  # thread → what it holds until the end of its loop's turn
         self.sent = 0  # events
         self.messages = 0  # bus messages they left in
         self.dropped = 0
@@ -57,35 +92,26 @@ class Publisher:
     def holds_turns(self) -> Callable[[], None]:
         """From now on hold what the calling thread publishes until its loop's turn ends; returns the flush
         that loop must call at the end of every turn (`Loop.at_turn_end`)."""
-        self._held.setdefault(threading.get_ident(), [])
-        return self.flush
+        return self._held.setdefault(threading.get_ident(), Batch(self)).flush
+
+    def batch(self) -> Batch:
+        """A batch for one thread that runs a loop of its own: publish through it, call its `flush` at the end
+        of each of that loop's turns."""
+        return Batch(self)
 
     def publish(self, msg: Message) -> bool:
         """Fire-and-forget; False when the event was dropped (a held event is dropped, if ever, when it
         leaves: `dropped` counts it)."""
         held = self._held.get(threading.get_ident())
-        frames = msg.encode()
         if held is None:
-            return self.send_frames(frames)
-        last = held[-1] if held else None
-        if last is not None and last[0] == frames[0] and len(last) <= self.max_batch:
-            last.append(frames[1])  # the same topic as the event before it: one more payload
-            full = len(last) > self.max_batch
-        else:
-            held.append(frames)
-            full = len(held) >= self.max_batch
-        if full:  # a turn that publishes thousands (a re-evaluation) sends them as they fill, not all at its end
-            self.flush()
-        return True
+            return self.send_frames(msg.encode())
+        return held.publish(msg)
 
     def flush(self) -> None:
         """Send what the calling thread holds, one message per run of one topic (its loop's turn ends)."""
         held = self._held.get(threading.get_ident())
-        if held:
-            batch = held[:]
-            held.clear()
-            for frames in batch:
-                self.send_frames(frames)
+        if held is not None:
+            held.flush()
 
     def send_frames(self, frames: list[bytes]) -> bool:
         """Send one bus message now (`[topic, payload, …]`)."""

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from runtime.log import LineBudget
+from runtime.loop import Timer
 
 from .config import ProxyConfig
 from .decider import Address, Decider, Refusal, SessionRequest, UpstreamPlan
@@ -41,6 +42,10 @@ class SessionHooks:
 
     def flush(self) -> None:
         """Tell what was held back (the opens of sessions still open)."""
+
+    def end_turn(self) -> None:
+        """A turn of the data loop ended (its handlers ran; it is about to sleep), and once more after the proxy
+        stopped: where events this turn told of leave together (BusHooks: one bus message per run of a topic)."""
 
 
 def parse_address(text: str) -> Address:
@@ -86,6 +91,7 @@ class ProxyBase:
         self._drain_deadline = 0.0
         self._started = False
         self._flush_due = False
+        self._sweeper: Timer | None = None  # runs while there is something to sweep (`_arm_sweep`)
         self.stats: dict[str, int] = {}
         raise_fd_limit()
         self.listeners: list[socket.socket] = []
@@ -142,7 +148,7 @@ class ProxyBase:
         self._started = True
         for sock in self.listeners:
             self._register_listener(sock)
-        self.loop.call_every(self.config.tick(), self._sweep)
+        self.loop.at_turn_end(self.hooks.end_turn)
 
     def _register_listener(self, sock: socket.socket) -> None:
         listen = tuple(sock.getsockname()[:2])
@@ -200,6 +206,7 @@ class ProxyBase:
         for session in self.table.sessions():  # the loop stopped some other way: still close everything
             self._close_session(session, "shutdown")
         self._flush_hooks()
+        self.loop.end_turn()  # what closing them published leaves too
         self._close_listeners()
         self._release()
         self.loop.close()
@@ -209,6 +216,27 @@ class ProxyBase:
         """Free protocol resources (pipes, resolvers)."""
 
     # --- sessions -----------------------------------------------------------------------------------
+
+    def _track(self, session: Session) -> None:
+        """A new live session: into the table, and deadlines are watched from now on."""
+        self.table.add(session)
+        self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        """Check deadlines every `config.tick()` s, on the wall clock's multiples of it (`until_slot`), while
+        there is something to check: an idle proxy has no timer and never wakes."""
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_every_slot(self.config.tick(), self._sweep_tick)
+
+    def _sweep_tick(self) -> None:
+        self._sweep()
+        if self._sweeper is not None and not self._needs_sweep():
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _needs_sweep(self) -> bool:
+        """Whether deadlines are left to check (live sessions; UDP: refusals to forget)."""
+        return bool(self.table.active)
 
     def _announce(self, upstream: socket.socket, remote: Address) -> None:
         """Divert backend: say the upstream is ours before its first packet (its resolver's `announce`)."""

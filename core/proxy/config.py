@@ -19,7 +19,7 @@ class ProxyConfig:
     # default); replies un-NAT through that mapping, so a session must never outlive it. Keep it below.
     udp_idle_timeout: float = 25.0
     udp_revalidate: float = 5.0  # re-check a UDP session's conntrack mapping at most this often
-    first_stats: float = 1.0  # a session's first counters report comes this soon, so tables are live early
+    first_stats: float = 1.0  # a busy session's first counters report comes this soon, so tables are live early
     stats_interval: float = 10.0  # then every interval
     drain_timeout: float = 5.0  # graceful shutdown: wait this long for live sessions, then close them
     backlog: int = 1024

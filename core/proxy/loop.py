@@ -2,7 +2,9 @@
 
 Why not the actor runtime's loop: that one polls ZeroMQ sockets with poll(2), whose cost grows with every
 registered fd, and it must keep heartbeats flowing while bytes move. The proxies run this loop in their
-own thread (and publish from it: the bus publisher is thread-safe).
+own thread and publish from it: what one turn publishes leaves at the turn's end (`at_turn_end`, where the
+owner flushes its `runtime.transport.Batch`), never on a timer. With no timer due the loop sleeps until an
+fd or `call_soon_threadsafe` wakes it: an idle proxy does not wake at all.
 
 On Linux fds are registered once, edge-triggered (EPOLLET): the data path reads and writes until
 EAGAIN and never has to change its interest set (no epoll_ctl per state change). Elsewhere, or when
@@ -52,6 +54,7 @@ class DataLoop:
         self.thread: threading.Thread | None = None
         self.errors = 0
         self._failure_lines = LineBudget(5)
+        self._turn_end: list[Callable[[], Any]] = []
 
     # --- registration -------------------------------------------------------------------------------
 
@@ -102,8 +105,22 @@ class DataLoop:
     def call_every(self, interval: float, callback: Callable[[], Any]) -> Timer:
         return self.timers.call_every(interval, callback)
 
+    def call_every_slot(self, interval: float, callback: Callable[[], Any]) -> Timer:
+        """Every `interval` s on the wall clock's multiples of it (runtime/loop.py `until_slot`)."""
+        return self.timers.call_every_slot(interval, callback)
+
     def call_soon_threadsafe(self, callback: Callable[[], Any]) -> None:
         self.wakeup.call_soon(callback)
+
+    def at_turn_end(self, callback: Callable[[], Any]) -> None:
+        """Call `callback()` at the end of every turn, before the loop sleeps again (and once when it ends):
+        where the owner sends the events this turn's handlers published, together."""
+        self._turn_end.append(callback)
+
+    def end_turn(self) -> None:
+        """Run the turn-end callbacks (the loop does it; also whoever runs handlers after it stopped)."""
+        for callback in self._turn_end:
+            self._call(callback)
 
     # --- running ------------------------------------------------------------------------------------
 
@@ -122,17 +139,26 @@ class DataLoop:
 
     def run(self) -> None:
         self.running = True
+        try:
+            self._run()
+        finally:
+            self.end_turn()
+
+    def _run(self) -> None:
         handlers = self._handlers
         while self.running:
             due_in = self.timers.run_due(self._call)
-            timeout = 1.0 if due_in is None else min(1.0, due_in)
+            self.end_turn()
+            # No cap: stop() and other threads wake the poll through the wakeup fd, so with no timer due the
+            # loop sleeps until something happens (an idle proxy has no timer: its sweep runs with sessions).
+            timeout = due_in
             if not self.running:
                 break
             if self.wakeup.pending:
                 timeout = 0
             if self._epoll is not None:
                 try:
-                    ready = self._epoll.poll(timeout, 1024)
+                    ready = self._epoll.poll(-1 if timeout is None else timeout, 1024)
                 except InterruptedError:
                     continue
                 for fd, events in ready:

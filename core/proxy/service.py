@@ -7,7 +7,9 @@ takes it away from the other.
 
 Threads: the runtime loop (bus, heartbeats, requests) and the proxy's data thread. The data
 thread publishes session events itself (the publisher is thread-safe), so heartbeats keep flowing
-however busy the data path is. Snapshots reach the decider as one atomic swap of the egress set.
+however busy the data path is: through a batch of its own (`Publisher.batch`), flushed at the end of each
+of its loop's turns, so one turn's events leave as one bus message per run of one topic (wire version 2).
+Snapshots reach the decider as one atomic swap of the egress set.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ OPEN_HOLD = 0.1
 
 class BusHooks(SessionHooks):
     """Session events onto the bus (called on the data thread; publishing never blocks). Opens are held back
-    for up to `hold` s: one that closed meanwhile leaves inside its close (schema version 2)."""
+    for up to `hold` s: one that closed meanwhile leaves inside its close (schema version 2). What one turn of
+    the data loop publishes leaves at its end (`end_turn`)."""
 
     hold = OPEN_HOLD
 
@@ -68,6 +71,13 @@ class BusHooks(SessionHooks):
         self.rt = rt
         self.worker = rt.instance
         self._held: dict[str, ProxySessionOpen] = {}  # session id → its open, not published yet
+        self._batch = rt.publisher.batch() if rt.publisher is not None else None
+        self.publish = self._batch.publish if self._batch is not None else rt.publish
+
+    def end_turn(self) -> None:
+        """The data loop's turn ended: send what it published."""
+        if self._batch is not None:
+            self._batch.flush()
 
     def on_open(self, s: Session) -> None:
         dst = s.orig_dst or s.listen
@@ -94,20 +104,20 @@ class BusHooks(SessionHooks):
     def flush(self) -> None:
         held, self._held = self._held, {}
         for opened in held.values():
-            self.rt.publish(opened)
+            self.publish(opened)
 
     def on_stats(self, s: Session) -> None:
         opened = self._held.pop(s.id, None)
         if opened is not None:  # never before its open (stats come seconds later: only if a flush was late)
-            self.rt.publish(opened)
-        self.rt.publish(
+            self.publish(opened)
+        self.publish(
             ProxySessionStats(
                 session_id=s.id, worker=self.worker, split_key=s.split_key, ts=time.time(), counters=_counters(s)
             )
         )
 
     def on_close(self, s: Session) -> None:
-        self.rt.publish(
+        self.publish(
             ProxySessionClose(
                 session_id=s.id,
                 worker=self.worker,
@@ -190,8 +200,9 @@ class ProxyActor(Actor):
             extra["resolver"] = RedirectResolver(RedirectTable(self.rt.run_dir / REDIRECTS_FILE), protocol)
         elif self.proxy_class.protocol == "udp":  # NFQUEUE: the interceptor names each split flow's socket
             extra["owners"] = SplitOwners(self.rt.run_dir / REDIRECTS_FILE)
+        hooks = BusHooks(self.rt)
         self.proxy = self.proxy_class(
-            listen, self.decider, self.config, BusHooks(self.rt), id_prefix=f"{self.rt.instance}-", **extra
+            listen, self.decider, self.config, hooks, id_prefix=f"{self.rt.instance}-", **extra
         )
         self.proxy.start()
         if self.static:

@@ -69,6 +69,7 @@ class Session:
         "packets_up",
         "protocol",
         "remote",
+        "reported",
         "split_key",
         "stats_at",
     )
@@ -97,6 +98,7 @@ class Session:
         self.created = now
         self.last_seen = now
         self.stats_at = now  # when counters were last reported
+        self.reported = 0  # the progress count (`report_due`) at the last report; the open's is 0
         self.bytes_up = 0  # client → remote
         self.bytes_down = 0
         self.packets_up = 0
@@ -107,9 +109,19 @@ class Session:
         dst = orig_dst or listen
         self.split_key = split_key(protocol, self.orig_client, dst)
 
-    def stats_due(self, now: float, first: float, every: float) -> bool:
-        """Time to report counters: `first` seconds after opening, then every `every` seconds."""
-        return now - self.stats_at >= (first if self.stats_at == self.created else every)
+    def report_due(self, now: float, moved: int, busy: bool, first: float, every: float) -> bool:
+        """Whether to report counters now; True records the report. `moved` is the session's progress count
+        (TCP: bytes, UDP: datagrams), `busy` whether it moved since the last sweep. Reports carry news only:
+        none while nothing moved since the last (the open counts as one, of nothing). The first comes `first`
+        s after the open if the session is busy then, so live tables show a busy session early; one quiet by
+        then (a DNS query and its answer) reports after `every` s like the rest, or in its close if sooner."""
+        if moved == self.reported:
+            return False
+        if now - self.stats_at < (first if busy and self.stats_at == self.created else every):
+            return False
+        self.stats_at = now
+        self.reported = moved
+        return True
 
     def close(self, reason: str = "closed") -> None:
         """Ask the proxy to end the session (resets a TCP session); returns at once."""

@@ -495,7 +495,7 @@ class TcpProxy(ProxyBase):
         err = upstream.connect_ex(plan.remote)
         client.setblocking(False)  # TCP_NODELAY came with accept: it is set on the listener
         conn = TcpConn(self, session, client, upstream)
-        self.table.add(session)
+        self._track(session)
         self.conns[session.id] = conn
         session._closer = lambda reason: self.loop.call_soon_threadsafe(lambda: conn.close(reason, rst=True))
         if err not in (0, errno.EINPROGRESS):
@@ -534,7 +534,8 @@ class TcpProxy(ProxyBase):
                     conn.close("dial failed: timed out", rst=True)
                 continue
             moved = s.bytes_up + s.bytes_down
-            if moved != conn.seen:
+            busy = moved != conn.seen
+            if busy:
                 conn.seen = moved
                 s.last_seen = now
             elif now - s.last_seen >= cfg.read_timeout:
@@ -544,8 +545,7 @@ class TcpProxy(ProxyBase):
                 if d.stalled_at and now - d.stalled_at >= cfg.write_timeout:
                     conn.close("write timeout", rst=True)
                     break
-            if conn.state == OPEN and s.stats_due(now, cfg.first_stats, cfg.stats_interval):
-                s.stats_at = now
+            if conn.state == OPEN and s.report_due(now, moved, busy, cfg.first_stats, cfg.stats_interval):
                 conn.packets()
                 self._hook("on_stats", s)
         if self.draining:

@@ -367,6 +367,7 @@ class UdpProxy(ProxyBase):
         if len(self._replaced) > 4 * self.table.max_sessions:
             self._replaced.clear()
         self._replaced[conn.key] = time.monotonic() + _REFUSAL_MEMORY
+        self._arm_sweep()  # to forget it
         self._close_conn(conn, reason)
         forget = getattr(self.resolver, "forget", None)
         if forget is not None:
@@ -469,7 +470,7 @@ class UdpProxy(ProxyBase):
         conn = UdpConn(session, sock, addr, upstream, key)
         if orig_client is not None and orig_dst is not None:
             self.by_orig[(orig_client, orig_dst)] = conn
-        self.table.add(session)
+        self._track(session)
         self.flows[key[0]][addr] = conn
         self.conns[session.id] = conn
         session._closer = lambda reason: self.loop.call_soon_threadsafe(lambda: self._close_conn(conn, reason))
@@ -481,6 +482,7 @@ class UdpProxy(ProxyBase):
         if len(self._refused_recently) > 4 * self.table.max_sessions:
             self._refused_recently.clear()
         self._refused_recently[key] = now + _REFUSAL_MEMORY
+        self._arm_sweep()  # to forget it
         self._refused(session, reason)
 
     # --- upstream → client --------------------------------------------------------------------------
@@ -582,7 +584,8 @@ class UdpProxy(ProxyBase):
         for conn in list(self.conns.values()):
             s = conn.session
             moved = s.packets_up + s.packets_down
-            if moved != conn.seen:
+            busy = moved != conn.seen
+            if busy:
                 conn.seen = moved
                 s.last_seen = now
             elif now - s.last_seen >= cfg.udp_idle_timeout:
@@ -590,8 +593,7 @@ class UdpProxy(ProxyBase):
                 continue
             if self.resolver is not None and now - conn.validated_at >= cfg.udp_revalidate:
                 conn.check = True
-            if s.stats_due(now, cfg.first_stats, cfg.stats_interval):
-                s.stats_at = now
+            if s.report_due(now, moved, busy, cfg.first_stats, cfg.stats_interval):
                 self._hook("on_stats", s)
         for memory in (self._refused_recently, self._replaced):
             for key, until in list(memory.items()):
@@ -599,6 +601,9 @@ class UdpProxy(ProxyBase):
                     del memory[key]
         if self.draining:
             self._check_drained()
+
+    def _needs_sweep(self) -> bool:
+        return bool(self.table.active or self._refused_recently or self._replaced)
 
     def _release(self) -> None:
         for thing in (self.resolver, self.socket_check, self.ct_events, self.owners):

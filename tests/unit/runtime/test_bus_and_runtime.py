@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -417,6 +418,34 @@ def test_a_turn_that_publishes_thousands_sends_full_messages_as_they_fill() -> N
         assert [len(m) - 1 for m in sent] == [MAX_BATCH, MAX_BATCH, 3]
         ids = [msgpack.unpackb(p)["conn_id"] for m in sent for p in m[1:]]
         assert ids == [f"c{i}" for i in range(2 * MAX_BATCH + 3)]
+    finally:
+        pub.close()
+        ctx.term()
+        sock_file.unlink(missing_ok=True)
+
+
+def test_a_batch_holds_what_its_thread_publishes_until_its_flush() -> None:
+    """A thread with a loop of its own (the proxies' data thread) publishes through a batch: nothing leaves
+    before its flush, then one message per run of one topic; the publisher's other threads are unaffected."""
+    sock_file = Path(f"/tmp/st-pub-{os.getpid()}-{time.monotonic_ns()}.sock")
+    ctx = zmq.Context()
+    pub = Publisher(ctx, f"ipc://{sock_file}")
+    sent: list[list[bytes]] = []
+    pub.send_frames = lambda frames: sent.append(frames) or True  # type: ignore[method-assign]
+    try:
+        batch = pub.batch()
+
+        def data_thread() -> None:
+            for i in range(3):
+                batch.publish(ConnEnd(conn_id=f"c{i}", ts=1.0))
+
+        worker = threading.Thread(target=data_thread)
+        worker.start()
+        worker.join()
+        pub.publish(ConnEnd(conn_id="main", ts=1.0))  # this thread holds nothing: sent at once
+        assert [len(m) - 1 for m in sent] == [1]
+        batch.flush()
+        assert [[msgpack.unpackb(p)["conn_id"] for p in m[1:]] for m in sent] == [["main"], ["c0", "c1", "c2"]]
     finally:
         pub.close()
         ctx.term()

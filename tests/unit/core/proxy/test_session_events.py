@@ -6,14 +6,18 @@ from __future__ import annotations
 import socket
 import threading
 
+import zmq
+
 from core.proxy import ProxyConfig, Session, TcpProxy, UpstreamPlan
 from core.proxy.service import BusHooks
 from messages import Message, ProxySessionClose, ProxySessionOpen, ProxySessionStats
-from tests.support.proxy import WAIT, Hooks, Server, echo, recv_all
+from runtime.transport import Publisher
+from tests.support.proxy import WAIT, Hooks, Server, echo, recv_all, wait_until
 
 
 class FakeRuntime:
     instance = "proxy_tcp_00"
+    publisher = None  # BusHooks then publishes each event through `publish`
 
     def __init__(self) -> None:
         self.published: list[Message] = []
@@ -97,3 +101,53 @@ def test_the_proxy_flushes_held_events_soon_after_an_open_on_its_data_thread() -
         proxy.shutdown(0.0)
         server.close()
     assert len(hooks.flushes) == 2  # and once more when it stopped
+
+
+class RecordingRuntime:
+    """A runtime whose publisher records each bus message (with the thread that sent it) instead of sending."""
+
+    instance = "proxy_tcp_00"
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.publisher = Publisher(self.ctx, f"inproc://proxy-events-{id(self)}")
+        self.sent: list[tuple[list[bytes], threading.Thread]] = []
+
+        def send_frames(frames: list[bytes]) -> bool:
+            self.sent.append((frames, threading.current_thread()))
+            return True
+
+        self.publisher.send_frames = send_frames  # type: ignore[method-assign]
+
+    def publish(self, msg: Message) -> bool:
+        raise AssertionError("the data thread publishes through its batch")
+
+    def close(self) -> None:
+        self.publisher.close()
+        self.ctx.term()
+
+
+def test_what_one_turn_of_the_data_loop_publishes_leaves_in_one_message_at_its_end() -> None:
+    rt = RecordingRuntime()
+    hooks = BusHooks(rt)  # type: ignore[arg-type]
+    server = Server("127.0.0.1", echo)
+    proxy = TcpProxy([("127.0.0.1", 0)], lambda _req: UpstreamPlan(server.address), ProxyConfig(), hooks=hooks)
+    proxy.start()
+    try:
+        clients = [socket.create_connection(proxy.addresses[0], timeout=WAIT) for _ in range(3)]
+        for c in clients:
+            c.sendall(b"x")
+            assert c.recv(10) == b"x"
+        assert wait_until(lambda: any(f[0] == b"proxy.session.open" for f, _ in rt.sent))  # left within `hold`
+        before = len(rt.sent)
+        proxy.close_all("test")  # one turn on the data thread closes all three
+        assert wait_until(lambda: any(f[0] == b"proxy.session.close" for f, _ in rt.sent[before:]))
+        closes = [frames for frames, _ in rt.sent[before:] if frames[0] == b"proxy.session.close"]
+        assert [len(frames) - 1 for frames in closes] == [3]  # three events, one bus message
+        assert {thread for _, thread in rt.sent} == {proxy.loop.thread}
+        for c in clients:
+            c.close()
+    finally:
+        proxy.shutdown(0.0)
+        server.close()
+        rt.close()

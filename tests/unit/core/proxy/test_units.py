@@ -264,11 +264,24 @@ def test_session_counters_are_first_reported_early_then_every_interval() -> None
     from core.proxy.session import Session
 
     s = Session("s1", "udp", ("192.0.2.66", 5000), ("127.0.0.17", 719), ("203.0.113.80", 5300), now=100.0)
-    assert not s.stats_due(100.5, first=1.0, every=10.0)
-    assert s.stats_due(101.0, first=1.0, every=10.0)  # first report after 1 s: tables show live bytes
-    s.stats_at = 101.0
-    assert not s.stats_due(105.0, first=1.0, every=10.0)
-    assert s.stats_due(111.0, first=1.0, every=10.0)
+    assert not s.report_due(100.5, moved=4, busy=True, first=1.0, every=10.0)
+    assert s.report_due(101.0, moved=6, busy=True, first=1.0, every=10.0)  # after 1 s: tables show live bytes
+    assert not s.report_due(105.0, moved=9, busy=True, first=1.0, every=10.0)
+    assert s.report_due(111.0, moved=9, busy=False, first=1.0, every=10.0)  # then every interval
+    assert not s.report_due(121.0, moved=9, busy=False, first=1.0, every=10.0)  # nothing new: no report
+    assert s.report_due(123.0, moved=10, busy=True, first=1.0, every=10.0)  # news, once the interval is over
+
+
+def test_a_session_quiet_after_its_first_exchange_is_not_reported_early() -> None:
+    """A DNS query and its answer: its counters wait for the regular interval (or its close), instead of a
+    report one second in that nobody needs; a session that never moved is never reported."""
+    from core.proxy.session import Session
+
+    s = Session("s1", "udp", ("192.0.2.66", 5000), ("127.0.0.17", 719), ("203.0.113.80", 53), now=100.0)
+    assert not s.report_due(101.5, moved=2, busy=False, first=1.0, every=10.0)
+    assert s.report_due(110.0, moved=2, busy=False, first=1.0, every=10.0)
+    idle = Session("s2", "udp", ("192.0.2.66", 5001), ("127.0.0.17", 719), ("203.0.113.80", 53), now=100.0)
+    assert not idle.report_due(130.0, moved=0, busy=False, first=1.0, every=10.0)
 
 
 def test_split_decider_uses_the_interface_the_split_mark_names() -> None:
