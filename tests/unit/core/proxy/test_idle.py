@@ -20,10 +20,16 @@ def wakeups(proxy: TcpProxy) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("voluntary_ctxt_switches")).split()[1])
 
 
-def quiet_wakeups(proxy: TcpProxy) -> int:
-    before = wakeups(proxy)
-    time.sleep(QUIET)
-    return wakeups(proxy) - before
+def goes_quiet(proxy: TcpProxy, within: float = 15.0) -> bool:
+    """Whether a whole QUIET window without a wakeup comes within `within` s. The old loop never had one; a
+    loaded machine may delay the thread's first sleep or last sweep, so one noisy window is not a failure."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        before = wakeups(proxy)
+        time.sleep(QUIET)
+        if wakeups(proxy) == before:
+            return True
+    return False
 
 
 def test_an_idle_proxy_does_not_wake_and_its_sweep_stops_with_the_last_session() -> None:
@@ -33,8 +39,7 @@ def test_an_idle_proxy_does_not_wake_and_its_sweep_stops_with_the_last_session()
     proxy = TcpProxy([("127.0.0.1", 0)], lambda _req: UpstreamPlan(server.address), config, hooks=hooks)
     proxy.start()
     try:
-        time.sleep(0.2)  # started and asleep
-        assert quiet_wakeups(proxy) == 0
+        assert goes_quiet(proxy)
         with socket.create_connection(proxy.addresses[0], timeout=WAIT) as c:
             c.sendall(b"x")
             assert c.recv(10) == b"x"
@@ -44,8 +49,7 @@ def test_an_idle_proxy_does_not_wake_and_its_sweep_stops_with_the_last_session()
             c.shutdown(socket.SHUT_WR)
             assert recv_all(c) == b""
         hooks.wait_closed()
-        time.sleep(2 * config.tick() + 0.2)  # the sweep sees the table empty and stops
-        assert quiet_wakeups(proxy) == 0
+        assert goes_quiet(proxy)  # the sweep saw the table empty and stopped
     finally:
         proxy.shutdown(0.0)
         server.close()
