@@ -122,6 +122,7 @@ class IvpnActor(Actor):
                 notice = preconnect_notice(cancelled, time.time())
                 threading.Thread(target=self._notify, args=(notice,), name="ivpn-notice", daemon=True).start()
         elif self._in_tunnel and snap.state in ("DISCONNECTED", "EXITING"):
+            self._in_tunnel = False  # first: a bypass follow-up still on its way must find it gone
             self._set_bypass(None)
         self._in_tunnel = in_tunnel if snap.state != "UNKNOWN" else self._in_tunnel
         self._snap = snap
@@ -166,9 +167,13 @@ class IvpnActor(Actor):
             raise PreConnectCancelled(plan.reason)
         self._set_bypass(plan)
 
-    def _set_bypass(self, plan: list[HostRoute] | None) -> None:
-        """Install `plan` (None: take ours away). Netlink errors are logged, never raised into the client."""
+    def _set_bypass(self, plan: list[HostRoute] | None, while_in_tunnel: bool = False) -> None:
+        """Install `plan` (None: take ours away). Netlink errors are logged, never raised into the client.
+        `while_in_tunnel`: a follow-up of a policy or network change, started on its own thread while IVPN held
+        its tunnel; if IVPN disconnected meanwhile (the removal may have run first) it installs nothing."""
         with self._bypass_lock:
+            if while_in_tunnel and not self._in_tunnel:
+                return
             if not plan and not self._bypass_installed:
                 self.bypass = ""
                 return
@@ -207,7 +212,7 @@ class IvpnActor(Actor):
                 self.log.warning("ivpn.bypass_refused", reason=plan.reason)
                 self.bypass = f"refused: {plan.reason}"
                 plan = []
-            threading.Thread(target=self._set_bypass, args=(plan,), name="ivpn-bypass", daemon=True).start()
+            threading.Thread(target=self._set_bypass, args=(plan, True), name="ivpn-bypass", daemon=True).start()
 
     def _fetch_snapshots(self) -> None:
         """The policy and the network at start (the bus brings every change after that)."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,3 +212,19 @@ def test_a_refused_pre_connect_hook_is_told_and_shown_in_the_status(running) -> 
             time.sleep(0.01)
         [note] = [args for _, op, args in actor.rt.asked if op == "notify"]
         assert note.id == "ivpn.preconnect" and "bypassHosts: the network is not known yet" in note.message
+
+
+def test_a_bypass_follow_up_that_arrives_after_the_disconnect_installs_nothing(running) -> None:
+    """A network change while IVPN holds its tunnel re-plans the bypass routes on a thread of its own; when that
+    thread runs after the disconnect removed them, the routes must stay gone (the lab saw them come back)."""
+    actor, _bus, _port_file = running
+    applied: list[Any] = []
+    actor.routing = SimpleNamespace(apply=lambda routes: applied.append(list(routes)) or ["changed"])
+    plan = [SimpleNamespace(family=4, destination="203.0.113.81/32")]
+    actor._in_tunnel = True
+    actor._set_bypass(plan, while_in_tunnel=True)  # while connected: followed
+    assert applied == [plan] and actor._bypass_installed
+    actor._on_snapshot(dataclasses.replace(NOT_RUNNING, daemon=True, state="DISCONNECTED"))
+    assert applied[-1] == [] and not actor._bypass_installed  # the disconnect took them out
+    actor._set_bypass(plan, while_in_tunnel=True)  # the follow-up, late
+    assert applied[-1] == [] and not actor._bypass_installed
