@@ -281,8 +281,7 @@ class ProxyBase:
 
     def _refused(self, session: Session, reason: str) -> None:
         self.table.refuse()
-        session.closed = True
-        session.close_reason = f"refused: {reason}"
+        session.ended(f"refused: {reason}")
         self._count("refused")
         self._hook("on_close", session)
 

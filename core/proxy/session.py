@@ -129,6 +129,14 @@ class Session:
         if closer is not None and not self.closed:
             closer(reason)
 
+    def ended(self, reason: str) -> None:
+        """The proxy ended the session (called on its data thread): closed for good, with why. The closer is
+        dropped because it holds the proxy's connection object: without that cycle, refcounting frees the
+        session at once instead of leaving it to the cycle collector."""
+        self.closed = True
+        self.close_reason = reason
+        self._closer = None
+
     def age(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.created
 

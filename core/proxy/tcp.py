@@ -509,9 +509,7 @@ class TcpProxy(ProxyBase):
 
     def _closed(self, conn: TcpConn, reason: str) -> None:
         session = conn.session
-        session.closed = True
-        session.close_reason = reason
-        session._closer = None  # it holds the conn: without this cycle, refcounting frees the session at once
+        session.ended(reason)
         self.conns.pop(session.id, None)
         self.table.remove(session)
         self._count("closed_" + reason.split(":", 1)[0].replace(" ", "_"))

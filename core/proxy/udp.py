@@ -551,9 +551,7 @@ class UdpProxy(ProxyBase):
         s = conn.session
         if s.closed:
             return
-        s.closed = True
-        s.close_reason = reason
-        s._closer = None  # it holds the conn: without this cycle, refcounting frees the session at once
+        s.ended(reason)
         self.loop.remove(conn.upstream.fileno())
         conn.upstream.close()
         lfd, addr = conn.key
